@@ -1,0 +1,116 @@
+"""Run calibration data through a model and collect each linear layer's Hessian.
+
+For a linear layer with inputs X (rows = tokens, padding excluded) the Hessian of its
+squared output error is H = 2·XᵀX / n. Layers that read the same input tensor (q/k/v,
+gate/up) share one accumulator. A forward pass stops as soon as every watched layer has
+seen its input, so collecting the early layers of a deep model costs only those layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from tailor_ui.data import Example, load_image
+from tailor_ui.prompts import encode_with_answers
+
+Batch = dict[str, torch.Tensor]
+StopCheck = Callable[[], bool]
+
+
+class Cancelled(Exception):
+    """The user asked the running job to stop."""
+
+
+class _ForwardDone(Exception):
+    """Raised inside a hook to end a forward pass whose remaining layers are not needed."""
+
+
+def calibration_batches(processor: Any, examples: Sequence[Example], batch_size: int = 8) -> list[Batch]:
+    """Prompt + answer inputs of the target task, as the layers saw them during fine-tuning."""
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        answers = [ex.answers[0] if ex.answers else "" for ex in chunk]
+        batch = encode_with_answers(processor, [load_image(ex.image) for ex in chunk],
+                                    [ex.question for ex in chunk], answers)
+        batch.pop("labels")
+        batches.append(batch)
+    return batches
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_model(batch: Batch, model: torch.nn.Module) -> Batch:
+    """Move a batch to the model's (first) device; images take the model's float dtype."""
+    device = model_device(model)
+    dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+            for k, v in batch.items()}
+
+
+def collect_hessians(model: torch.nn.Module, module_names: Sequence[str], batches: Sequence[Batch],
+                     *, stop_early: bool = True, should_stop: StopCheck | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Hessians (float32, on each layer's device) of the named nn.Linear modules."""
+    modules = dict(model.named_modules())
+    watched = {name: modules[name] for name in module_names}
+    for name, module in watched.items():
+        if not isinstance(module, torch.nn.Linear):
+            raise ValueError(f"{name} is not a linear layer")
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    owner: dict[str, str] = {}  # layer → the layer whose accumulator it shares
+    state: dict[str, Any] = {"mask": None, "seen": {}, "fired": set()}
+
+    def hook(name: str) -> Callable:
+        def pre_hook(_module: torch.nn.Module, args: tuple) -> None:
+            x = args[0]
+            seen = state["seen"]
+            if name not in owner:
+                # keep the tensor referenced so its id cannot be reused within this pass
+                twin = seen.get(id(x))
+                owner[name] = twin[1] if twin is not None and twin[0] is x else name
+            seen.setdefault(id(x), (x, name))
+            state["fired"].add(name)
+            if owner[name] == name:
+                rows = _token_rows(x, state["mask"])
+                acc = sums.get(name)
+                xtx = rows.T @ rows
+                sums[name] = xtx if acc is None else acc + xtx
+                counts[name] = counts.get(name, 0) + rows.shape[0]
+            if stop_early and len(state["fired"]) == len(watched):
+                raise _ForwardDone
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in watched.items()]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                if should_stop is not None and should_stop():
+                    raise Cancelled
+                inputs = to_model(batch, model)
+                state.update(mask=inputs.get("attention_mask"), seen={}, fired=set())
+                try:
+                    model(**inputs)
+                except _ForwardDone:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+        state.clear()
+    missing = [n for n in watched if owner.get(n) not in sums]
+    if missing:
+        raise ValueError(f"calibration never reached: {', '.join(missing[:3])}")
+    return {n: 2.0 * sums[owner[n]] / counts[owner[n]] for n in watched}
+
+
+def _token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Input rows as float32, without the padding positions when the layer sees the text."""
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        x = x[mask.bool()]
+    return x.reshape(-1, x.shape[-1]).float()

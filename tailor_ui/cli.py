@@ -1,0 +1,234 @@
+"""Command line: the same operations as the dashboard, for scripts.
+
+Every user error ends as one line on stderr and a non-zero exit; outputs appear only
+when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from tailor_ui.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (accelerate device_map)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load .bin/.pt checkpoints (pickle can run code: trusted sources only)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run model code shipped with a checkpoint (trusted sources only)")
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tailor_ui",
+                                     description="Model Tailor Studio: undo forgetting in fine-tuned MLLMs.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="what fine-tuning changed, per layer and module")
+    p.add_argument("--base", required=True)
+    p.add_argument("--finetuned", required=True)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _model_options(p)
+
+    p = sub.add_parser("tailor", help="build a patch (and optionally the tailored model)")
+    p.add_argument("--base", required=True)
+    p.add_argument("--finetuned", required=True, action="append",
+                   help="fine-tuned model; repeat for multi-task (one --calib each)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--method", default="tailor")
+    p.add_argument("--keep", type=_unit_interval, default=0.10, help="patch size (fraction)")
+    p.add_argument("--alpha", type=_unit_interval, default=0.8, help="fusion weight of salience")
+    p.add_argument("--scope", default="block", help="block | row | tensor | global")
+    p.add_argument("--calib", action="append", type=Path, default=[],
+                   help="target-task JSONL (one per --finetuned)")
+    p.add_argument("--calib-limit", type=int, default=128, help="examples used per calibration set")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-compensate", action="store_true")
+    p.add_argument("--sign", default="obs", help="compensation sign: obs | released")
+    p.add_argument("--sensitivity", default="change", help="change | weight (authors' code)")
+    p.add_argument("--hessians", default="sequential", help="sequential | one-pass")
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--modules", default=None, help="regex over linear module names")
+    p.add_argument("--others", default="finetuned",
+                   help="non-selected tensors: finetuned | base | linear")
+    p.add_argument("--lam", type=float, default=None, help="λ of wise_ft / task_arithmetic / ties")
+    p.add_argument("--drop", type=float, default=None, help="DARE drop rate (default 1 - keep)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overlap", default="mean", help="multi-task overlap rule: mean | sum | first")
+    p.add_argument("--save-model", action="store_true", help="also write DIR/model/")
+    _model_options(p)
+
+    p = sub.add_parser("apply", help="rebuild the tailored model from base + patch")
+    p.add_argument("--base", required=True)
+    p.add_argument("--patch", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    _model_options(p)
+
+    p = sub.add_parser("demo", help="the built-in demo pair")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("--assets", type=Path, default=None, help="where to write (default: assets/)")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not the user's fault: still one line unless asked
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)",
+                  file=sys.stderr)
+        return 1
+
+
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"dtype": args.dtype, "device": args.device, "allow_pickle": args.allow_pickle,
+            "trust_remote_code": args.trust_remote_code}
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from tailor_ui.pair import load_pair, summarize
+
+    pair = load_pair(args.base, args.finetuned, **_load_options(args))
+    table = summarize(pair.base, pair.finetuned[0])
+    if args.json:
+        print(table.to_json(orient="records"))
+        return 0
+    changed = table[table["changed"] > 0]
+    print(f"{len(table)} tensors, {int(table['numel'].sum()):,} parameters; "
+          f"{len(changed)} tensors changed ({int(changed['changed'].sum()):,} entries)")
+    if not changed.empty:
+        by_layer = (changed.groupby(["component", "layer", "module"], dropna=False)["delta_norm"]
+                    .sum().reset_index())
+        print(by_layer.to_string(index=False))
+    return 0
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse to replace a folder that is not one of our own earlier outputs."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").exists()
+                                              and not (out / "config.json").exists())):
+        raise UserError(f"{out} exists and is not an earlier output: choose a new or empty folder")
+
+
+def _progress_bar():
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_description(stage[:60])
+        bar.refresh()
+
+    return bar, update
+
+
+def _tailor(args: argparse.Namespace) -> int:
+    from tailor_ui.calibration import calibration_batches
+    from tailor_ui.data import read_examples
+    from tailor_ui.engine import run_method
+    from tailor_ui.io import atomic_path
+    from tailor_ui.pair import load_pair
+    from tailor_ui.patch import save_patch
+    from tailor_ui.settings import Settings
+
+    settings = Settings(method=args.method, keep=args.keep, alpha=args.alpha, scope=args.scope,
+                        compensate=not args.no_compensate, sign=args.sign,
+                        sensitivity=args.sensitivity, hessians=args.hessians, damp=args.damp,
+                        modules=args.modules, others=args.others, lam=args.lam, drop=args.drop,
+                        seed=args.seed, overlap=args.overlap)
+    if args.calib and len(args.calib) != len(args.finetuned):
+        raise UserError(f"give one --calib per --finetuned ({len(args.finetuned)}), got {len(args.calib)}")
+    if settings.method == "tailor" and not args.calib:
+        raise UserError("Model Tailor needs target-task calibration data: pass --calib FILE.jsonl")
+    if args.batch_size < 1 or args.calib_limit < 1:
+        raise UserError("--batch-size and --calib-limit must be positive")
+    _check_out_dir(args.out)
+    examples = [read_examples(path)[: args.calib_limit] for path in args.calib]
+    pair = load_pair(args.base, args.finetuned, **_load_options(args))
+    calibration = [calibration_batches(pair.processor, ex, args.batch_size) for ex in examples]
+    bar, update = _progress_bar()
+    try:
+        result = run_method(pair, settings, calibration or None, progress=update)
+    finally:
+        bar.close()
+    with atomic_path(args.out) as tmp:
+        tmp.mkdir()
+        save_patch(result.patch, tmp / "patch.safetensors")
+        if args.save_model:
+            _save_tailored(pair, result.patch, tmp / "model")
+        (tmp / "report.json").write_text(json.dumps(result.report, indent=2))
+    report = result.report
+    print(f"{settings.method}: {report['patch_entries']:,} entries in the patch "
+          f"({100 * report['linear_fraction']:.2f}% of selected linears, "
+          f"{100 * report['model_fraction']:.2f}% of the model) in "
+          f"{report['timings_s']['total']:.1f}s -> {args.out}")
+    return 0
+
+
+def _save_tailored(pair, patch, folder: Path) -> None:
+    from tailor_ui.patch import apply_patch, revert_patch
+
+    applied = apply_patch(pair.base, patch)
+    try:
+        pair.base.save_pretrained(folder, max_shard_size="2GB")
+        pair.processor.save_pretrained(folder)
+    finally:
+        revert_patch(pair.base, applied)
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from tailor_ui.io import atomic_path
+    from tailor_ui.pair import load_model
+    from tailor_ui.patch import apply_patch, load_patch
+
+    _check_out_dir(args.out)
+    patch = load_patch(args.patch)
+    model, processor = load_model(args.base, **_load_options(args))
+    apply_patch(model, patch)
+    with atomic_path(args.out) as tmp:
+        model.save_pretrained(tmp, max_shard_size="2GB")
+        processor.save_pretrained(tmp)
+    print(f"applied {patch.num_entries:,} entries -> {args.out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tailor_ui.demo.build import build_demo
+
+    assets = args.assets or Path(__file__).resolve().parent.parent / "assets"
+    build_demo(assets, seed=args.seed)
+    return 0
+
+
+COMMANDS = {"inspect": _inspect, "tailor": _tailor, "apply": _apply, "demo": _demo}

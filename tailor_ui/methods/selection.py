@@ -1,0 +1,73 @@
+"""Choosing which entries of a weight to keep: scores, z-scores and top-k thresholds."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Scope = Literal["block", "row", "tensor", "global"]
+SCOPES: tuple[Scope, ...] = ("block", "row", "tensor", "global")
+
+
+def column_blocks(cols: int, block_size: int) -> list[tuple[int, int]]:
+    return [(i, min(i + block_size, cols)) for i in range(0, cols, block_size)]
+
+
+def zscore_rows_in_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Standardise each output row within each block of `block_size` input columns.
+
+    Scores of different kinds (salience, sensitivity) only become comparable, and so
+    fusable, on a common scale; a constant segment maps to zeros.
+    """
+    x = x.float()
+    out = torch.empty_like(x)
+    for i1, i2 in column_blocks(x.shape[1], block_size):
+        seg = x[:, i1:i2]
+        mean = seg.mean(dim=1, keepdim=True)
+        std = seg.std(dim=1, keepdim=True, unbiased=False)
+        out[:, i1:i2] = torch.where(std > 0, (seg - mean) / std.clamp(min=1e-30), 0.0)
+    return out
+
+
+def _top_k_mask(scores: torch.Tensor, keep: float) -> torch.Tensor:
+    """Exactly round(keep · n) highest entries of a flat score vector."""
+    k = round(keep * scores.numel())
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.topk(scores.reshape(-1), k, sorted=False).indices] = True
+    return mask
+
+
+def keep_mask(scores: torch.Tensor, keep: float, scope: Scope, block_size: int = 128) -> torch.Tensor:
+    """Boolean mask of the entries to keep from the fine-tuned weight.
+
+    `block`: the top `keep` of each block of `block_size` columns (all rows together), as
+    in the authors' SparseGPT-style code; `row`: of each output row; `tensor`: of the
+    whole tensor. `global` needs every tensor's scores at once: see `global_threshold`.
+    1-D tensors have one row, so `row` and `block` apply to them as to a 1×n matrix.
+    """
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must be in [0, 1], got {keep}")
+    matrix = scores.reshape(1, -1) if scores.dim() == 1 else scores.reshape(scores.shape[0], -1)
+    if scope == "tensor":
+        return _top_k_mask(matrix, keep).reshape(scores.shape)
+    mask = torch.zeros(matrix.shape, dtype=torch.bool, device=scores.device)
+    if scope == "row":
+        for r in range(matrix.shape[0]):
+            mask[r] = _top_k_mask(matrix[r], keep)
+    elif scope == "block":
+        for i1, i2 in column_blocks(matrix.shape[1], block_size):
+            mask[:, i1:i2] = _top_k_mask(matrix[:, i1:i2], keep).reshape(matrix.shape[0], i2 - i1)
+    else:
+        raise ValueError(f"scope {scope!r} is chosen across tensors, not within one")
+    return mask.reshape(scores.shape)
+
+
+def global_threshold(all_scores: list[torch.Tensor], keep: float) -> float:
+    """The score above which the top `keep` of all entries of all tensors lie."""
+    flat = torch.cat([s.reshape(-1).float().cpu() for s in all_scores])
+    k = round(keep * flat.numel())
+    if k <= 0:
+        return float("inf")
+    return float(torch.topk(flat, k, sorted=True).values[-1])

@@ -1,0 +1,97 @@
+"""Model Tailor on one weight matrix (METHODS.md §1, steps 3–8).
+
+Given the pre-trained and fine-tuned weights and the Hessian of the layer's squared
+output error on target-task inputs, score every entry by salience and sensitivity, fuse
+the two, keep the top fraction (the patch) and compensate it with SparseGPT's column-wise
+OBS update so the layer's output stays close to the fine-tuned layer's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from tailor_ui.methods.selection import column_blocks, zscore_rows_in_blocks
+
+Sensitivity = Literal["change", "weight"]
+Sign = Literal["obs", "released"]
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ after fixing dead columns and damping.
+
+    Columns whose input never fired get H_jj = 1 so H stays invertible; the damping
+    `damp · mean(diag H)` keeps the factorisation stable, as in SparseGPT.
+    """
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    try:
+        lower = torch.linalg.cholesky(h)
+    except torch.linalg.LinAlgError:
+        raise ValueError("the Hessian is not positive definite even after damping; "
+                         "raise the damping or use more calibration data") from None
+    inverse = torch.cholesky_inverse(lower)
+    return torch.linalg.cholesky(inverse, upper=True).float()
+
+
+@dataclass
+class TensorScores:
+    """What the fusion needs, cached so new `keep`/`alpha` values cost only a threshold."""
+
+    salience_z: torch.Tensor
+    sensitivity_z: torch.Tensor
+
+    def importance(self, alpha: float) -> torch.Tensor:
+        return alpha * self.salience_z + (1.0 - alpha) * self.sensitivity_z
+
+
+def tensor_scores(w_pre: torch.Tensor, w_ft: torch.Tensor, factor: torch.Tensor,
+                  sensitivity: Sensitivity = "change", block_size: int = 128) -> TensorScores:
+    """Salience |W_ft − W_pre| and OBS sensitivity (Δ² / [H⁻¹]_jj²), z-scored per row-block.
+
+    `sensitivity="weight"` uses W_ft² as the authors' released code does.
+    """
+    delta = w_ft.float() - w_pre.float()
+    salience = delta.abs()
+    numerator = delta.square() if sensitivity == "change" else w_ft.float().square()
+    sens = numerator / torch.diag(factor).square().unsqueeze(0)
+    return TensorScores(salience_z=zscore_rows_in_blocks(salience, block_size),
+                        sensitivity_z=zscore_rows_in_blocks(sens, block_size))
+
+
+def compensate(w_pre: torch.Tensor, w_ft: torch.Tensor, keep: torch.Tensor, factor: torch.Tensor,
+               sign: Sign = "obs", block_size: int = 128) -> torch.Tensor:
+    """Revert the entries outside `keep` to W_pre and push their error onto later columns.
+
+    SparseGPT's lazy-batch loop: column by column, a reverted entry takes W_pre exactly and
+    its scaled error `(w − w_pre)/[H⁻¹]_jj` updates the not-yet-visited columns along row
+    j of the factor. With the OBS sign the update is subtracted (minimising the output
+    error against the fine-tuned layer); the released code adds it (`sign="released"`).
+    Reverted entries end exactly at W_pre; only kept entries carry compensation.
+    """
+    step = 1.0 if sign == "obs" else -1.0
+    w = w_ft.float().clone()
+    pre = w_pre.float()
+    for i1, i2 in column_blocks(w.shape[1], block_size):
+        block = w[:, i1:i2].clone()
+        errors = torch.zeros_like(block)
+        f_block = factor[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = block[:, i]
+            target = torch.where(keep[:, i1 + i], col, pre[:, i1 + i])
+            err = (col - target) / f_block[i, i]
+            block[:, i:] -= step * err.unsqueeze(1) * f_block[i, i:].unsqueeze(0)
+            block[:, i] = target  # exact, whatever rounding the update left
+            errors[:, i] = err
+        w[:, i1:i2] = block
+        w[:, i2:] -= step * errors @ factor[i1:i2, i2:]
+    return w
+
+
+def merge_without_compensation(w_pre: torch.Tensor, w_ft: torch.Tensor,
+                               keep: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep, w_ft.float(), w_pre.float())

@@ -1,0 +1,184 @@
+"""Load a pre-trained and a fine-tuned MLLM, check they match, and describe what changed."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+
+from tailor_ui.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+Device = Literal["cpu", "cuda", "auto"]
+# owner/name as the hub spells it; no "..", no leading dot or dash
+_HUB_ID = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_LAYER = re.compile(r"\.(?:layers|layer|blocks|h)\.(\d+)\.")
+
+
+def resolve_source(spec: str, *, allowed_roots: list[Path] | None = None) -> str:
+    """A local model folder (resolved and checked) or a validated hub id.
+
+    With `allowed_roots`, local folders must lie under one of them (the dashboard's rule).
+    """
+    spec = spec.strip()
+    if not spec:
+        raise UserError("no model given: enter a hub id (owner/name) or a local folder")
+    looks_local = spec.startswith(("/", ".", "~")) or Path(spec).expanduser().exists()
+    if looks_local:
+        path = Path(spec).expanduser().resolve()
+        if allowed_roots is not None and not any(path.is_relative_to(r.resolve()) for r in allowed_roots):
+            raise UserError(f"{spec}: local folders outside the allowed folders are not accepted")
+        if not path.is_dir():
+            raise UserError(f"{spec}: no such model folder")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{spec}: not a model folder (no config.json)")
+        return str(path)
+    if not _HUB_ID.match(spec):
+        raise UserError(f"{spec!r} is neither an existing folder nor a hub id of the form owner/name")
+    return spec
+
+
+def _check_weight_format(source: str, allow_pickle: bool) -> None:
+    path = Path(source)
+    if not path.is_dir():
+        return  # hub ids: from_pretrained(use_safetensors=True) refuses pickle itself
+    files = [p.name for p in path.iterdir()]
+    has_safetensors = any(f.endswith(".safetensors") for f in files)
+    has_pickle = any(f.endswith(_PICKLE_SUFFIXES) for f in files)
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise UserError(f"{path.name} holds only pickle checkpoints, which can run code when "
+                        "loaded; convert it to safetensors or allow pickle explicitly")
+    if not has_safetensors and not has_pickle:
+        raise UserError(f"{path.name} holds no weights (no .safetensors files)")
+
+
+def load_model(spec: str, *, dtype: str = "float32", device: Device = "cpu",
+               allow_pickle: bool = False, trust_remote_code: bool = False,
+               allowed_roots: list[Path] | None = None) -> tuple[torch.nn.Module, Any]:
+    """Load any image-text-to-text model with its processor.
+
+    `device="auto"` hands placement to accelerate (`device_map="auto"`: several GPUs, CPU
+    offload); `cuda` puts everything on the current GPU.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    source = resolve_source(spec, allowed_roots=allowed_roots)
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for but no GPU is available")
+    if device not in ("cpu", "cuda", "auto"):
+        raise UserError(f"unknown device {device!r}; choose cpu, cuda or auto")
+    _check_weight_format(source, allow_pickle)
+    device_map: Any = "auto" if device == "auto" else {"": device}
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            source, dtype=DTYPES[dtype], device_map=device_map,
+            use_safetensors=None if allow_pickle else True, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raise UserError(f"{spec}: out of GPU memory while loading; try bfloat16 or device auto") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load {spec}: {first[:300]}") from None
+    model.eval()
+    return model, processor
+
+
+@dataclass
+class Pair:
+    """A base model, one or more fine-tuned models of it, and the shared processor."""
+
+    base: torch.nn.Module
+    finetuned: list[torch.nn.Module]
+    processor: Any
+    base_id: str = "base"
+    finetuned_ids: list[str] = field(default_factory=lambda: ["finetuned"])
+    # per-tensor scores and Hessian factors, keyed by what they depend on (engine.py)
+    cache: dict = field(default_factory=dict)
+
+    def base_params(self) -> dict[str, torch.Tensor]:
+        return dict(self.base.named_parameters())
+
+
+def load_pair(base: str, finetuned: str | list[str], **load_options: Any) -> Pair:
+    """Load and match a base model with one or several fine-tuned models of it."""
+    specs = [finetuned] if isinstance(finetuned, str) else list(finetuned)
+    if not specs:
+        raise UserError("give at least one fine-tuned model")
+    base_model, processor = load_model(base, **load_options)
+    tuned = []
+    for spec in specs:
+        model, _ = load_model(spec, **load_options)
+        check_match(base_model, model)
+        tuned.append(model)
+    return Pair(base=base_model, finetuned=tuned, processor=processor,
+                base_id=base, finetuned_ids=specs)
+
+
+def check_match(base: torch.nn.Module, finetuned: torch.nn.Module, show: int = 5) -> None:
+    """Same architecture, same parameter names, same shapes; otherwise list the first mismatches."""
+    arch_a, arch_b = type(base).__name__, type(finetuned).__name__
+    if arch_a != arch_b:
+        raise UserError(f"the models differ in architecture: base is {arch_a}, fine-tuned is {arch_b}")
+    a = {n: tuple(p.shape) for n, p in base.named_parameters()}
+    b = {n: tuple(p.shape) for n, p in finetuned.named_parameters()}
+    problems = [f"{n} only in base" for n in a if n not in b]
+    problems += [f"{n} only in fine-tuned" for n in b if n not in a]
+    problems += [f"{n}: base {a[n]} vs fine-tuned {b[n]}" for n in a if n in b and a[n] != b[n]]
+    if problems:
+        more = f" (and {len(problems) - show} more)" if len(problems) > show else ""
+        raise UserError("the models do not match: " + "; ".join(problems[:show]) + more)
+
+
+def component(name: str) -> str:
+    """Which part of an MLLM a parameter belongs to, for grouping in summaries and plots."""
+    lowered = name.lower()
+    if "vision" in lowered or "visual" in lowered or "image_encoder" in lowered:
+        return "vision"
+    if any(k in lowered for k in ("projector", "qformer", "connector", "mm_proj", "merger")):
+        return "bridge"
+    return "language"
+
+
+def layer_index(name: str) -> int | None:
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def module_kind(name: str) -> str:
+    """The short module name (q_proj, fc1, input_layernorm…) of a parameter."""
+    parts = name.split(".")
+    return parts[-2] if len(parts) >= 2 else parts[-1]
+
+
+def summarize(base: torch.nn.Module, finetuned: torch.nn.Module) -> pd.DataFrame:
+    """One row per parameter: where it lives, how much fine-tuning moved it."""
+    ft = dict(finetuned.named_parameters())
+    linears = {f"{n}.weight" for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    rows = []
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            q = ft[name].to(p.device)
+            delta = q.float() - p.float()
+            changed = int((delta != 0).sum())
+            base_norm = float(p.float().norm())
+            delta_norm = float(delta.norm())
+            rows.append({
+                "name": name, "component": component(name), "layer": layer_index(name),
+                "module": module_kind(name), "linear": name in linears,
+                "shape": "x".join(map(str, p.shape)), "numel": p.numel(),
+                "changed": changed, "changed_fraction": changed / max(p.numel(), 1),
+                "delta_norm": delta_norm, "base_norm": base_norm,
+                "relative_change": delta_norm / base_norm if base_norm else 0.0,
+            })
+    return pd.DataFrame(rows)

@@ -1,0 +1,96 @@
+"""The settings of one merge, shared by the engine, the CLI and the dashboard."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from tailor_ui.errors import UserError
+from tailor_ui.methods.selection import SCOPES, Scope
+from tailor_ui.methods.tailor import Sensitivity, Sign
+from tailor_ui.patch import OverlapRule
+
+from tailor_ui.methods import REGISTRY
+
+METHODS = tuple(REGISTRY)
+MULTI_TASK_NATIVE = tuple(name for name, info in REGISTRY.items() if info.multi_task_native)
+Others = Literal["finetuned", "base", "linear"]
+HessianMode = Literal["sequential", "one-pass"]
+_DEFAULT_LAMBDA = {"wise_ft": 0.5, "task_arithmetic": 1.0, "ties": 1.0}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of a merge. Defaults are METHODS.md's defaults.
+
+    keep: fraction of each selection group's entries taken from the fine-tuned model
+      (tailor, magnitude, ties trimming; DARE keeps it in expectation: drop = 1 − keep).
+    alpha: fusion weight of salience against sensitivity (tailor).
+    scope: where the top-`keep` is chosen: per 128-column block, row, tensor, or model.
+    others: tensors outside the selected linears (norms, biases, embeddings, lm_head):
+      keep the fine-tuned values, revert to the base, or merge them like the linears.
+    lam: λ of wise_ft (default 0.5), task_arithmetic and ties (default 1.0).
+    """
+
+    method: str = "tailor"
+    keep: float = 0.10
+    alpha: float = 0.8
+    scope: Scope = "block"
+    compensate: bool = True
+    sign: Sign = "obs"
+    sensitivity: Sensitivity = "change"
+    hessians: HessianMode = "sequential"
+    damp: float = 0.01
+    block_size: int = 128
+    modules: str | None = None
+    others: Others = "finetuned"
+    lam: float | None = None
+    drop: float | None = None
+    seed: int = 0
+    overlap: OverlapRule = "mean"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if not 0.0 <= self.keep <= 1.0:
+            problems.append(f"keep must be between 0 and 1, got {self.keep}")
+        if not 0.0 <= self.alpha <= 1.0:
+            problems.append(f"alpha must be between 0 and 1, got {self.alpha}")
+        if self.scope not in SCOPES:
+            problems.append(f"unknown scope {self.scope!r} (choose from {', '.join(SCOPES)})")
+        if self.sign not in ("obs", "released"):
+            problems.append(f"unknown compensation sign {self.sign!r} (obs or released)")
+        if self.sensitivity not in ("change", "weight"):
+            problems.append(f"unknown sensitivity form {self.sensitivity!r} (change or weight)")
+        if self.hessians not in ("sequential", "one-pass"):
+            problems.append(f"unknown Hessian mode {self.hessians!r} (sequential or one-pass)")
+        if self.others not in ("finetuned", "base", "linear"):
+            problems.append(f"unknown policy for other tensors {self.others!r}")
+        if self.overlap not in ("mean", "sum", "first"):
+            problems.append(f"unknown overlap rule {self.overlap!r} (mean, sum or first)")
+        if not 0.0 <= self.damp <= 10.0:
+            problems.append(f"damping must be between 0 and 10, got {self.damp}")
+        if self.block_size < 1:
+            problems.append(f"block size must be positive, got {self.block_size}")
+        if self.drop is not None and not 0.0 <= self.drop < 1.0:
+            problems.append(f"DARE drop rate must be in [0, 1), got {self.drop}")
+        if self.modules is not None:
+            try:
+                re.compile(self.modules)
+            except re.error as exc:
+                problems.append(f"module pattern {self.modules!r} is not a valid regex ({exc})")
+        if problems:
+            raise UserError("; ".join(problems))
+
+    @property
+    def effective_lambda(self) -> float:
+        return self.lam if self.lam is not None else _DEFAULT_LAMBDA.get(self.method, 1.0)
+
+    @property
+    def effective_drop(self) -> float:
+        return self.drop if self.drop is not None else min(1.0 - self.keep, 0.999)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
