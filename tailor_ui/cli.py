@@ -90,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     _model_options(p)
 
+    p = sub.add_parser("eval", help="score one model on a caption or VQA set")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--task", required=True, choices=["caption", "vqa"])
+    p.add_argument("--out", required=True, type=Path, help="results JSON")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    _model_options(p)
+
     p = sub.add_parser("demo", help="the built-in demo pair")
     p.add_argument("action", choices=["build"])
     p.add_argument("--assets", type=Path, default=None, help="where to write (default: assets/)")
@@ -230,6 +240,23 @@ def _apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from tailor_ui.data import read_examples
+    from tailor_ui.evaluation.evaluate import evaluate, save_result
+    from tailor_ui.pair import load_model
+
+    if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
+        raise UserError("--batch-size, --max-new-tokens and --limit must be positive")
+    examples = read_examples(args.data)[: args.limit]
+    model, processor = load_model(args.model, **_load_options(args))
+    result = evaluate(model, processor, examples, args.task, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, progress=sys.stderr.isatty())
+    save_result(result, args.out)
+    extras = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+    print(f"{args.task} on {result.n} examples: {extras} ({result.seconds:.1f}s) -> {args.out}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tailor_ui.demo.build import build_demo
 
@@ -238,4 +265,4 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"inspect": _inspect, "tailor": _tailor, "apply": _apply, "demo": _demo}
+COMMANDS = {"inspect": _inspect, "tailor": _tailor, "apply": _apply, "eval": _eval, "demo": _demo}
