@@ -1,0 +1,210 @@
+"""Forgetting table: base, fine-tuned and every method x setting on every task, one row each.
+
+Columns (one `score:<set>` column per evaluation set, named by the set):
+
+- `kind` ("base", "finetuned" or "merged"), `method`, `setting` (a readable label),
+  `keep`, `alpha`, `lam` (only where the method uses them; DARE's keep is 1 - drop);
+- `score:<set>`: the set's primary metric (CIDEr-D, or VQA accuracy as a fraction);
+- `original` / `target`: mean score over the original / target sets;
+- `original_retention` = original / the base model's original; `target_retention` =
+  target / the fine-tuned models' target (fine-tuned model k scored on its own target set
+  k, averaged over k); `h_score`: harmonic mean of original and target (the scales of
+  CIDEr-D and VQA accuracy relate as in the paper, where both are x100, so H-scores are
+  the paper's divided by 100);
+- `patch_fraction`: entries the row changes relative to the base / all parameters
+  (the base row has keep 0 and the fine-tuned rows keep 1, placing them on a keep axis);
+  `linear_fraction`: the same over the selected linear layers (merged rows);
+- `seconds`: time to build the patch; `eval_seconds`: time to evaluate the row.
+
+Patched models are made by writing each patch into the base in place and reverting it
+after evaluation, so the sweep never holds a third copy of the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import pandas as pd
+import torch
+
+from tailor_ui.calibration import Batch, Cancelled, StopCheck
+from tailor_ui.data import Example
+from tailor_ui.engine import Progress, run_method
+from tailor_ui.errors import UserError
+from tailor_ui.evaluation.evaluate import Task, evaluate
+from tailor_ui.methods import REGISTRY
+from tailor_ui.pair import Pair
+from tailor_ui.patch import apply_patch, changed_entries, revert_patch
+from tailor_ui.settings import Settings
+
+# Which of keep / alpha / lam each method reads; the others are left blank in its row.
+_KNOBS: dict[str, tuple[str, ...]] = {
+    "tailor": ("keep", "alpha"), "magnitude": ("keep",), "wise_ft": ("lam",),
+    "task_arithmetic": ("lam",), "ties": ("keep", "lam"), "dare": ("keep",),
+}
+# Shown in every label that uses them, so they are not repeated as "non-default" extras.
+_LABELLED = {"method", "keep", "alpha", "lam", "drop"}
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A named evaluation set and how to score it (a counting set is scored as "vqa")."""
+
+    name: str
+    task: Task
+    examples: Sequence[Example]
+    max_new_tokens: int = 32
+
+
+def score_column(name: str) -> str:
+    return f"score:{name}"
+
+
+def _knob_values(s: Settings) -> dict[str, float | None]:
+    values = {"keep": 1.0 - s.effective_drop if s.method == "dare" else s.keep,
+              "alpha": s.alpha, "lam": s.effective_lambda}
+    used = _KNOBS.get(s.method, ("keep",))
+    return {k: (v if k in used else None) for k, v in values.items()}
+
+
+def setting_label(s: Settings) -> str:
+    """A short readable name: the method, its knobs, then any other non-default setting."""
+    knobs = _knob_values(s)
+    parts = [REGISTRY[s.method].label]
+    if s.method == "dare":
+        parts.append(f"drop={s.effective_drop:g}")
+    else:
+        parts += [f"{k}={v:g}" for k, v in knobs.items() if v is not None]
+    defaults = Settings(method=s.method)
+    parts += [f"{f.name}={getattr(s, f.name)}" for f in fields(Settings)
+              if f.name not in _LABELLED and getattr(s, f.name) != getattr(defaults, f.name)]
+    return " ".join(parts)
+
+
+def h_score(original: float, target: float) -> float:
+    """Harmonic mean: high only when neither the old skills nor the new one is lost."""
+    total = original + target
+    return 2 * original * target / total if total > 0 else 0.0
+
+
+def _changed_fraction(base: torch.nn.Module, other: torch.nn.Module) -> float:
+    theirs = dict(other.named_parameters())
+    changed = total = 0
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            changed += changed_entries(p, theirs[name]).numel()
+            total += p.numel()
+    return changed / total
+
+
+class _Evaluator:
+    """Runs every evaluation set on a model, counting evaluations for progress and
+    checking for cancellation between them."""
+
+    def __init__(self, pair: Pair, sets: Sequence[EvalSet], total_models: int, batch_size: int,
+                 progress: Progress, should_stop: StopCheck) -> None:
+        self.pair, self.sets, self.batch_size = pair, sets, batch_size
+        self.progress, self.should_stop = progress, should_stop
+        self.done, self.total = 0, total_models * len(sets)
+
+    def __call__(self, model: torch.nn.Module, label: str) -> dict[str, float]:
+        row: dict[str, float] = {}
+        seconds = 0.0
+        for s in self.sets:
+            if self.should_stop():
+                raise Cancelled
+            self.progress(f"evaluating {label} on {s.name}", self.done, self.total)
+            result = evaluate(model, self.pair.processor, s.examples, s.task,
+                              batch_size=self.batch_size, max_new_tokens=s.max_new_tokens)
+            row[score_column(s.name)] = result.score
+            seconds += result.seconds
+            self.done += 1
+        row["eval_seconds"] = seconds
+        return row
+
+
+def _check_sets(pair: Pair, original: Sequence[EvalSet], target: Sequence[EvalSet]) -> None:
+    if not original or not target:
+        raise UserError("a sweep needs at least one original-task and one target-task set")
+    if len(target) != len(pair.finetuned):
+        raise UserError(f"give one target set per fine-tuned model: {len(pair.finetuned)} "
+                        f"models, {len(target)} target sets")
+    names = [s.name for s in (*original, *target)]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"evaluation set names must be unique; repeated: {', '.join(repeated)}")
+
+
+def sweep(pair: Pair, settings: Sequence[Settings], original: Sequence[EvalSet],
+          target: Sequence[EvalSet], calibration: Sequence[Sequence[Batch]] | None = None, *,
+          batch_size: int = 16, progress: Progress | None = None,
+          should_stop: StopCheck | None = None) -> pd.DataFrame:
+    """Evaluate the base, each fine-tuned model and each setting's merge on every set.
+
+    `target[k]` is the task fine-tuned model k learnt; `calibration[k]` its calibration
+    batches (needed by Model Tailor). Settings that share Hessians and scores reuse them
+    through the pair's cache (with one-pass Hessians, a sweep over keep and alpha computes
+    them once). The pair's models are left exactly as they came.
+    """
+    _check_sets(pair, original, target)
+    report = progress or (lambda *_: None)
+    stop = should_stop or (lambda: False)
+    run_eval = _Evaluator(pair, [*original, *target], 1 + len(pair.finetuned) + len(settings),
+                          batch_size, report, stop)
+    blank = {"alpha": None, "lam": None, "linear_fraction": None, "seconds": math.nan}
+
+    rows = [{"kind": "base", "method": "base", "setting": pair.base_id, **blank, "keep": 0.0,
+             "patch_fraction": 0.0, **run_eval(pair.base, "the base model")}]
+    for k, model in enumerate(pair.finetuned):
+        rows.append({"kind": "finetuned", "method": "finetuned",
+                     "setting": pair.finetuned_ids[k], **blank, "keep": 1.0,
+                     "patch_fraction": _changed_fraction(pair.base, model),
+                     **run_eval(model, pair.finetuned_ids[k])})
+
+    for j, s in enumerate(settings):
+        label = setting_label(s)
+        result = run_method(pair, s, calibration, should_stop=stop,
+                            progress=_prefixed(report, f"[{j + 1}/{len(settings)}] {label}: "))
+        applied = apply_patch(pair.base, result.patch)
+        try:
+            scores = run_eval(pair.base, label)
+        finally:
+            revert_patch(pair.base, applied)
+        rows.append({"kind": "merged", "method": s.method, "setting": label, **_knob_values(s),
+                     "patch_fraction": result.report["model_fraction"],
+                     "linear_fraction": result.report["linear_fraction"],
+                     "seconds": result.report["timings_s"]["total"], **scores})
+    return _summarize(pd.DataFrame(rows), original, target)
+
+
+def _prefixed(report: Progress, prefix: str) -> Progress:
+    def step(stage: str, done: int, total: int) -> None:
+        report(prefix + stage, done, total)
+    return step
+
+
+def _ratio(values: pd.Series, reference: float) -> pd.Series:
+    return values / reference if reference > 0 else values * math.nan
+
+
+def _summarize(table: pd.DataFrame, original: Sequence[EvalSet], target: Sequence[EvalSet]
+               ) -> pd.DataFrame:
+    """Add the mean scores, retentions and H-score, and put the columns in a fixed order."""
+    original_cols = [score_column(s.name) for s in original]
+    target_cols = [score_column(s.name) for s in target]
+    table["original"] = table[original_cols].mean(axis=1)
+    table["target"] = table[target_cols].mean(axis=1)
+    base_original = float(table.loc[table["kind"] == "base", "original"].iloc[0])
+    finetuned = table[table["kind"] == "finetuned"]
+    # fine-tuned model k is the reference on its own target set k
+    finetuned_target = sum(float(finetuned[c].iloc[k]) for k, c in enumerate(target_cols))
+    finetuned_target /= len(target_cols)
+    table["original_retention"] = _ratio(table["original"], base_original)
+    table["target_retention"] = _ratio(table["target"], finetuned_target)
+    table["h_score"] = [h_score(o, t) for o, t in zip(table["original"], table["target"])]
+    order = ["kind", "method", "setting", "keep", "alpha", "lam", *original_cols, *target_cols,
+             "original", "target", "original_retention", "target_retention", "h_score",
+             "patch_fraction", "linear_fraction", "seconds", "eval_seconds"]
+    return table[order]
