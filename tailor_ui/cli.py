@@ -100,6 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     _model_options(p)
 
+    p = sub.add_parser("sweep", help="forgetting table: base, fine-tuned, every method x setting")
+    p.add_argument("--base", required=True)
+    p.add_argument("--finetuned", required=True)
+    p.add_argument("--calib", type=Path, default=None, help="target-task JSONL (for tailor)")
+    p.add_argument("--original", required=True, nargs="+",
+                   help="original-task sets: FILE.jsonl or FILE.jsonl:caption|vqa")
+    p.add_argument("--target", required=True, help="target-task set: FILE.jsonl[:caption|vqa]")
+    p.add_argument("--methods", default="tailor,magnitude,dare,ties,wise_ft")
+    p.add_argument("--keep", default="0.01,0.05,0.1,0.2,0.5", help="comma-separated patch sizes")
+    p.add_argument("--alpha", default="0.8", help="comma-separated fusion weights (tailor)")
+    p.add_argument("--lam", default="0.25,0.5,0.75", help="comma-separated λ (wise_ft, task_arithmetic)")
+    p.add_argument("--hessians", default="sequential", help="sequential | one-pass (one-pass reuses "
+                   "Hessians across keep/alpha)")
+    p.add_argument("--limit", type=int, default=None, help="examples per evaluation set")
+    p.add_argument("--calib-limit", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, type=Path, help="table CSV")
+    _model_options(p)
+
     p = sub.add_parser("demo", help="the built-in demo pair")
     p.add_argument("action", choices=["build"])
     p.add_argument("--assets", type=Path, default=None, help="where to write (default: assets/)")
@@ -257,6 +276,76 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _numbers(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise UserError(f"{flag} values must lie in [0, 1], got {text!r}")
+    return values
+
+
+def _eval_set(spec: str, limit: int | None):
+    from tailor_ui.data import read_examples
+    from tailor_ui.evaluation.sweep import EvalSet
+
+    path, _, task = spec.rpartition(":") if spec.endswith((":caption", ":vqa")) else (spec, "", "")
+    examples = read_examples(path)[:limit]
+    # no question means captioning, as in the data format
+    task = task or ("caption" if all(not ex.question for ex in examples) else "vqa")
+    return EvalSet(name=Path(path).stem, task=task, examples=examples)
+
+
+def sweep_settings(methods: list[str], keeps: list[float], alphas: list[float], lams: list[float],
+                   hessians: str) -> list:
+    """The grid: patch-size methods over keep (tailor also over alpha), λ methods over λ."""
+    from tailor_ui.settings import METHODS, Settings
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
+    grid = []
+    for method in methods:
+        if method in ("wise_ft", "task_arithmetic"):
+            grid += [Settings(method=method, lam=lam) for lam in lams]
+        elif method == "tailor":
+            grid += [Settings(method=method, keep=k, alpha=a, hessians=hessians) for a in alphas for k in keeps]
+        else:
+            grid += [Settings(method=method, keep=k) for k in keeps]
+    return grid
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from tailor_ui.calibration import calibration_batches
+    from tailor_ui.data import read_examples
+    from tailor_ui.evaluation.sweep import sweep
+    from tailor_ui.io import atomic_path
+    from tailor_ui.pair import load_pair
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    grid = sweep_settings(methods, _numbers(args.keep, "--keep"), _numbers(args.alpha, "--alpha"),
+                          _numbers(args.lam, "--lam"), args.hessians)
+    if "tailor" in methods and args.calib is None:
+        raise UserError("the tailor method needs target-task calibration data: pass --calib FILE.jsonl")
+    original = [_eval_set(spec, args.limit) for spec in args.original]
+    target = [_eval_set(args.target, args.limit)]
+    calib = read_examples(args.calib)[: args.calib_limit] if args.calib else None
+    pair = load_pair(args.base, args.finetuned, **_load_options(args))
+    calibration = [calibration_batches(pair.processor, calib)] if calib else None
+    bar, update = _progress_bar()
+    try:
+        table = sweep(pair, grid, original, target, calibration, batch_size=args.batch_size,
+                      progress=update)
+    finally:
+        bar.close()
+    with atomic_path(args.out) as tmp:
+        table.to_csv(tmp, index=False)
+    columns = ["method", "setting", "original", "target", "original_retention", "target_retention", "h_score"]
+    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tailor_ui.demo.build import build_demo
 
@@ -265,4 +354,5 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"inspect": _inspect, "tailor": _tailor, "apply": _apply, "eval": _eval, "demo": _demo}
+COMMANDS = {"inspect": _inspect, "tailor": _tailor, "apply": _apply, "eval": _eval, "sweep": _sweep,
+            "demo": _demo}

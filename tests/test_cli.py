@@ -144,3 +144,41 @@ def test_mismatched_pair_lists_the_differences(disk_pair, tmp_path, capsys):
     assert main(["inspect", "--base", str(disk_pair / "base"), "--finetuned", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert "do not match" in err and "mlp.gate_proj.weight: base (128, 64) vs fine-tuned (96, 64)" in err
+
+
+def test_eval_writes_scored_results(disk_pair, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(disk_pair / "base"), "--data", str(disk_pair / "calib.jsonl"),
+                 "--task", "vqa", "--out", str(out), "--max-new-tokens", "3"]) == 0
+    result = json.loads(out.read_text())
+    assert result["task"] == "vqa" and result["n"] == 6 and len(result["predictions"]) == 6
+    assert 0.0 <= result["score"] <= 1.0
+    assert "vqa_accuracy" in capsys.readouterr().out
+
+
+def test_sweep_writes_the_forgetting_table(disk_pair, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "table.csv"
+    data = str(disk_pair / "calib.jsonl")
+    original = disk_pair / "original.jsonl"  # sets are named by file, so names must differ
+    original.write_text((disk_pair / "calib.jsonl").read_text())
+    assert main(["sweep", "--base", str(disk_pair / "base"), "--finetuned", str(disk_pair / "ft"),
+                 "--calib", data, "--original", f"{original}:vqa", "--target", data,
+                 "--methods", "tailor,magnitude,wise_ft", "--keep", "0.1,0.5", "--lam", "0.5",
+                 "--hessians", "one-pass", "--limit", "4", "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert list(table["method"]) == ["base", "finetuned", "tailor", "tailor", "magnitude", "magnitude", "wise_ft"]
+    for column in ("original", "target", "original_retention", "target_retention", "h_score", "seconds"):
+        assert column in table.columns
+
+
+def test_sweep_refuses_bad_grids(disk_pair, tmp_path, capsys):
+    data = str(disk_pair / "calib.jsonl")
+    base = ["sweep", "--base", str(disk_pair / "base"), "--finetuned", str(disk_pair / "ft"),
+            "--original", data, "--target", data, "--out", str(tmp_path / "t.csv")]
+    assert main([*base, "--methods", "magnitude", "--keep", "0.1,2"]) == 2
+    assert "--keep values must lie in [0, 1]" in capsys.readouterr().err
+    assert main([*base, "--methods", "tailor"]) == 2
+    assert "needs target-task calibration" in capsys.readouterr().err
+    assert not (tmp_path / "t.csv").exists()
