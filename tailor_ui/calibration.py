@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tailor_ui.data import Example, load_image
+from tailor_ui.pair import component
 from tailor_ui.prompts import encode_with_answers
 
 Batch = dict[str, torch.Tensor]
@@ -78,7 +79,9 @@ def collect_hessians(model: torch.nn.Module, module_names: Sequence[str], batche
             seen.setdefault(id(x), (x, name))
             state["fired"].add(name)
             if owner[name] == name:
-                rows = _token_rows(x, state["mask"])
+                # the attention mask describes the text sequence only: a vision or bridge
+                # layer whose input happens to have the same shape must not be masked by it
+                rows = _token_rows(x, state["mask"] if component(name) == "language" else None)
                 acc = sums.get(name)
                 xtx = rows.T @ rows
                 sums[name] = xtx if acc is None else acc + xtx

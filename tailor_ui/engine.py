@@ -149,10 +149,9 @@ def _merge_tensors(pair: Pair, names: Sequence[str], run: _Run, models: list[int
         run.check()
         run.progress(f"merging {name}", i, len(names))
         base = pair.base.get_parameter(name).detach()
-        taus = [pair.finetuned[k].get_parameter(name).detach().to(base.device).float() - base.float()
-                for k in models]
+        tuned = [pair.finetuned[k].get_parameter(name).detach().to(base.device) for k in models]
         with run.timed("merge"):
-            out[name] = tensor_patch(base, _baseline(base, taus, name, run.settings))
+            out[name] = tensor_patch(base, _baseline(base, tuned, name, run.settings))
     return out
 
 
@@ -170,10 +169,12 @@ def _data_free(pair: Pair, linears: Sequence[str], run: _Run, models: list[int])
     return _nonempty(out)
 
 
-def _baseline(base: torch.Tensor, taus: list[torch.Tensor], name: str, s: Settings) -> torch.Tensor:
+def _baseline(base: torch.Tensor, tuned: list[torch.Tensor], name: str, s: Settings) -> torch.Tensor:
     lam = s.effective_lambda
-    if s.method == "magnitude":
-        return baselines.magnitude(base, taus[0], s.keep, _local_scope(s), s.block_size)
+    # magnitude also stands in for tailor on tensors without a Hessian (others "like linears")
+    if s.method in ("magnitude", "tailor"):
+        return baselines.magnitude(base, tuned[0], s.keep, _local_scope(s), s.block_size)
+    taus = [t.float() - base.float() for t in tuned]
     if s.method == "wise_ft":
         return baselines.wise_ft(base, taus[0], lam)
     if s.method == "task_arithmetic":
@@ -182,8 +183,6 @@ def _baseline(base: torch.Tensor, taus: list[torch.Tensor], name: str, s: Settin
         return baselines.ties(base, taus, s.keep, lam)
     if s.method == "dare":
         return baselines.dare(base, taus[0], s.effective_drop, s.seed, name)
-    if s.method == "tailor":  # tensors without a Hessian (others merged "like linears")
-        return baselines.magnitude(base, taus[0], s.keep, _local_scope(s), s.block_size)
     raise UserError(f"unknown method {s.method!r}")
 
 

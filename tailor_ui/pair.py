@@ -58,6 +58,34 @@ def _check_weight_format(source: str, allow_pickle: bool) -> None:
         raise UserError(f"{path.name} holds no weights (no .safetensors files)")
 
 
+class MissingProcessor:
+    """Stands in for a processor that could not be loaded: the model still serves what
+    needs no processor (inspect, data-free merges), and any use says why it is missing."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise UserError(f"this model's processor could not be loaded ({self.reason}), "
+                        "so it cannot read images or prompts")
+
+
+def _load_processor(source: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ImportError as exc:  # e.g. Qwen2-VL's video processor needs torchvision
+        return MissingProcessor(str(exc).strip().splitlines()[0][:200])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return MissingProcessor(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+
+
 def load_model(spec: str, *, dtype: str = "float32", device: Device = "cpu",
                allow_pickle: bool = False, trust_remote_code: bool = False,
                allowed_roots: list[Path] | None = None) -> tuple[torch.nn.Module, Any]:
@@ -66,7 +94,7 @@ def load_model(spec: str, *, dtype: str = "float32", device: Device = "cpu",
     `device="auto"` hands placement to accelerate (`device_map="auto"`: several GPUs, CPU
     offload); `cuda` puts everything on the current GPU.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     source = resolve_source(spec, allowed_roots=allowed_roots)
     if dtype not in DTYPES:
@@ -81,17 +109,14 @@ def load_model(spec: str, *, dtype: str = "float32", device: Device = "cpu",
         model = AutoModelForImageTextToText.from_pretrained(
             source, dtype=DTYPES[dtype], device_map=device_map,
             use_safetensors=None if allow_pickle else True, trust_remote_code=trust_remote_code)
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except UserError:
-        raise
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         raise UserError(f"{spec}: out of GPU memory while loading; try bfloat16 or device auto") from None
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load {spec}: {first[:300]}") from None
     model.eval()
-    return model, processor
+    return model, _load_processor(source, trust_remote_code)
 
 
 @dataclass

@@ -25,13 +25,23 @@ def _messages(question: str, answer: str | None) -> list[dict]:
     return messages
 
 
+def _has_template(processor) -> bool:
+    # InstructBLIP and BLIP-2 ship none: their processors insert the image's query tokens
+    # themselves and take the plain question as the prompt
+    return getattr(processor, "chat_template", None) is not None
+
+
 def prompt_text(processor, question: str) -> str:
     """The text that precedes the answer, up to and including the assistant's cue."""
+    if not _has_template(processor):
+        return question
     return processor.apply_chat_template(_messages(question, None), add_generation_prompt=True)
 
 
 def answer_text(processor, question: str, answer: str) -> str:
     """What the chat template writes after the prompt for this answer (end marker included)."""
+    if not _has_template(processor):
+        return (" " if question else "") + answer + (processor.tokenizer.eos_token or "")
     prompt = prompt_text(processor, question)
     full = processor.apply_chat_template(_messages(question, answer))
     if full.startswith(prompt):

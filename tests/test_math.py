@@ -134,7 +134,7 @@ def test_obs_compensation_lowers_output_error_against_finetuned(seed, keep, gain
 def test_magnitude_keeps_largest_changes():
     w_pre = torch.zeros(1, 5)
     tau = torch.tensor([[0.1, -3.0, 0.2, 2.0, -0.05]])
-    out = baselines.magnitude(w_pre, tau, keep=0.4, scope="tensor")
+    out = baselines.magnitude(w_pre, w_pre + tau, keep=0.4, scope="tensor")
     assert out.tolist() == [[0.0, -3.0, 0.0, 2.0, 0.0]]
 
 

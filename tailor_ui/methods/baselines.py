@@ -13,11 +13,13 @@ import torch
 from tailor_ui.methods.selection import Scope, keep_mask
 
 
-def magnitude(w_pre: torch.Tensor, tau: torch.Tensor, keep: float, scope: Scope = "tensor",
+def magnitude(w_pre: torch.Tensor, w_ft: torch.Tensor, keep: float, scope: Scope = "tensor",
               block_size: int = 128) -> torch.Tensor:
-    """Keep the top `keep` fraction of |τ| (Model Tailor without sensitivity or compensation)."""
-    mask = keep_mask(tau.abs(), keep, scope, block_size)
-    return w_pre.float() + torch.where(mask, tau.float(), 0.0)
+    """Keep the top `keep` fraction of |τ| (Model Tailor without sensitivity or compensation).
+
+    Kept entries take W_ft itself, not W_pre + τ, so they are bit-exact."""
+    mask = keep_mask((w_ft.float() - w_pre.float()).abs(), keep, scope, block_size)
+    return torch.where(mask, w_ft.float(), w_pre.float())
 
 
 def wise_ft(w_pre: torch.Tensor, tau: torch.Tensor, lam: float) -> torch.Tensor:
