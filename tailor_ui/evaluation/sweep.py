@@ -6,9 +6,9 @@ Columns (one `score:<set>` column per evaluation set, named by the set):
   `keep`, `alpha`, `lam` (only where the method uses them; DARE's keep is 1 - drop);
 - `score:<set>`: the set's primary metric (CIDEr-D, or VQA accuracy as a fraction);
 - `original` / `target`: mean score over the original / target sets;
-- `original_retention` = original / the base model's original; `target_retention` =
-  target / the fine-tuned models' target (fine-tuned model k scored on its own target set
-  k, averaged over k); `h_score`: harmonic mean of original and target (the scales of
+- `original_retention`: the mean over original sets of score / the base model's score;
+  `target_retention`: the mean over target sets k of score / fine-tuned model k's score
+  on its own set (per set, so CIDEr-D's 0-10 scale does not drown VQA's 0-1); `h_score`: harmonic mean of original and target (the scales of
   CIDEr-D and VQA accuracy relate as in the paper, where both are x100, so H-scores are
   the paper's divided by 100);
 - `patch_fraction`: entries the row changes relative to the base / all parameters
@@ -196,13 +196,15 @@ def _summarize(table: pd.DataFrame, original: Sequence[EvalSet], target: Sequenc
     target_cols = [score_column(s.name) for s in target]
     table["original"] = table[original_cols].mean(axis=1)
     table["target"] = table[target_cols].mean(axis=1)
-    base_original = float(table.loc[table["kind"] == "base", "original"].iloc[0])
+    base = table[table["kind"] == "base"].iloc[0]
     finetuned = table[table["kind"] == "finetuned"]
+    # retention is averaged per set, so a CIDEr-D scale (0-10) does not drown a VQA one (0-1);
     # fine-tuned model k is the reference on its own target set k
-    finetuned_target = sum(float(finetuned[c].iloc[k]) for k, c in enumerate(target_cols))
-    finetuned_target /= len(target_cols)
-    table["original_retention"] = _ratio(table["original"], base_original)
-    table["target_retention"] = _ratio(table["target"], finetuned_target)
+    table["original_retention"] = pd.concat(
+        [_ratio(table[c], float(base[c])) for c in original_cols], axis=1).mean(axis=1)
+    table["target_retention"] = pd.concat(
+        [_ratio(table[c], float(finetuned[c].iloc[k])) for k, c in enumerate(target_cols)],
+        axis=1).mean(axis=1)
     table["h_score"] = [h_score(o, t) for o, t in zip(table["original"], table["target"])]
     order = ["kind", "method", "setting", "keep", "alpha", "lam", *original_cols, *target_cols,
              "original", "target", "original_retention", "target_retention", "h_score",
