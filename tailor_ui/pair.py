@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 
 from tailor_ui.errors import UserError
 
@@ -112,6 +113,9 @@ def load_model(spec: str, *, dtype: str = "float32", device: Device = "cpu",
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         raise UserError(f"{spec}: out of GPU memory while loading; try bfloat16 or device auto") from None
+    except SafetensorError as exc:
+        raise UserError(f"could not load {spec}: a safetensors file is damaged or truncated "
+                        f"({str(exc).strip()[:200]})") from None
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load {spec}: {first[:300]}") from None

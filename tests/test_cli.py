@@ -110,6 +110,11 @@ def test_bad_inputs_get_one_line_and_nonzero_exit(disk_pair, tmp_path, capsys):
     pickle_only.mkdir()
     (pickle_only / "config.json").write_text((disk_pair / "base" / "config.json").read_text())
     (pickle_only / "pytorch_model.bin").write_bytes(b"not really")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in (disk_pair / "base").iterdir():
+        data = f.read_bytes()
+        (truncated / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text('{"image": "x.png", "question": "q", "answers": []}\n{oops\n')
     cases = [
@@ -117,6 +122,7 @@ def test_bad_inputs_get_one_line_and_nonzero_exit(disk_pair, tmp_path, capsys):
         (["inspect", "--base", "../../etc", "--finetuned", ft], "not a model folder"),
         (["inspect", "--base", "not a hub id!", "--finetuned", ft], "neither an existing folder nor a hub id"),
         (["inspect", "--base", str(pickle_only), "--finetuned", ft], "pickle"),
+        (["inspect", "--base", str(truncated), "--finetuned", ft], "damaged or truncated"),
         (["tailor", "--base", base, "--finetuned", ft, "--out", str(tmp_path / "o"), "--keep", "1.5"], "outside [0, 1]"),
         (["tailor", "--base", base, "--finetuned", ft, "--out", str(tmp_path / "o")], "needs target-task calibration"),
         (["tailor", "--base", base, "--finetuned", ft, "--out", str(tmp_path / "o"), "--calib", str(bad_jsonl)],
