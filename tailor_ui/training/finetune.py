@@ -1,0 +1,435 @@
+"""Fine-tune an MLLM in place: full, Model-Dowser (sparse) or LLaCA / EMA (continual).
+
+What trains, as in the papers' LLaVA runs: the decoder layers of the last N language-model
+layers (default: the last half) — attention q/k/v/o, MLP gate/up/down, their biases and the
+layers' norms. The vision tower, the projector, the embeddings, the final norm and lm_head
+stay frozen.
+
+- `full`: every entry of the trained layers.
+- `dowser`: Model-Dowser (METHODS.md §3). The pre-trained model is probed once (cached by
+  its fingerprint), each linear weight keeps exactly round(ρ·n) lowest-importance entries
+  trainable, a gradient hook zeroes the rest, and weight decay is masked the same way, so
+  the other entries stay bit-identical. Norms and biases of the trained layers train fully.
+- `llaca`: LLaCA (METHODS.md §4): after every optimizer step an EMA copy of each trained
+  tensor follows the live weights with a gradient-chosen weight; at the end the EMA
+  weights replace the live ones. `llaca_form` picks the authors' code form (default) or
+  the paper's equations.
+- `ema`: the same with a fixed β (`ema_beta`), the baseline LLaCA is compared against.
+
+The loop: AdamW, linear warm-up then cosine decay to zero, gradient clipping, decoupled
+weight decay applied by the loop itself (same arithmetic as AdamW's own, but maskable).
+With the same batches it reproduces `tailor_ui.demo.train.train` bit for bit (tested), so
+the demo build can use it. Everything is seeded: the batch order, the reference answer
+drawn for each example, dropout and Model-Dowser's probes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tailor_ui.calibration import Cancelled, StopCheck, to_model
+from tailor_ui.data import load_image, read_examples
+from tailor_ui.errors import UserError
+from tailor_ui.io import atomic_path
+from tailor_ui.pair import component, layer_index, load_model
+from tailor_ui.prompts import encode_with_answers
+from tailor_ui.training.dowser import DowserScores, dowser_masks, dowser_scores
+from tailor_ui.training.llaca import FORMS, EMATracker
+
+Progress = Callable[[str, int, int], None]
+Batch = dict[str, torch.Tensor]
+METHODS = ("full", "dowser", "llaca", "ema")
+Layers = int | Sequence[int] | str | None
+
+
+# ------------------------------------------------------------------ what trains
+
+def decoder_layers(model: torch.nn.Module) -> list[int]:
+    """Indices of the language model's decoder layers (vision tower and projector excluded)."""
+    found = {layer_index(n) for n, _ in model.named_parameters() if component(n) == "language"}
+    found.discard(None)
+    if not found:
+        raise UserError("no numbered language-model decoder layers found in this model")
+    return sorted(found)  # type: ignore[arg-type]
+
+
+def choose_layers(model: torch.nn.Module, layers: Layers = None) -> list[int]:
+    """None: the last half of the decoder; an int N: the last N layers; a list: those
+    layers; "all": every layer; another string: the CLI form (`parse_layers`)."""
+    available = decoder_layers(model)
+    if isinstance(layers, str):
+        layers = parse_layers(layers)
+    if layers is None:
+        return available[len(available) // 2:]
+    if layers == "all":
+        return available
+    if isinstance(layers, bool):
+        raise UserError("layers must be a number of last layers or a list of layer indices")
+    if isinstance(layers, int):
+        if not 1 <= layers <= len(available):
+            raise UserError(f"cannot train the last {layers} layers: the decoder has "
+                            f"{len(available)} (choose 1 to {len(available)})")
+        return available[-layers:]
+    chosen = sorted(set(int(i) for i in layers))
+    missing = [i for i in chosen if i not in available]
+    if not chosen or missing:
+        raise UserError(f"no decoder layer {missing or '(none given)'}; the decoder has layers "
+                        f"{available[0]} to {available[-1]}")
+    return chosen
+
+
+def parse_layers(text: str | None) -> Layers:
+    """CLI form: "" / None → default (last half), "last:N" or "N" → the last N layers,
+    "20-31" or "0,2,5-7" → those layer indices, "all" → every layer."""
+    if text is None or not text.strip():
+        return None
+    text = text.strip().lower()
+    if text == "all":
+        return "all"
+    if text.startswith("last:"):
+        text = text[5:]
+        if not text.isdigit():
+            raise UserError(f"bad layer spec 'last:{text}': expected last:N")
+    if text.isdigit():
+        return int(text)
+    out: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise UserError(f"bad layer spec {text!r}: use N (last N), last:N, A-B, or a list like 0,2,5-7")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if last < first:
+            raise UserError(f"bad layer range {first}-{last}")
+        out.extend(range(first, last + 1))
+    return out
+
+
+def trainable_parameters(model: torch.nn.Module, layers: Sequence[int],
+                         modules: str | None = None) -> list[str]:
+    """Parameter names of the chosen decoder layers (optionally narrowed by a regex)."""
+    wanted = set(layers)
+    regex = re.compile(modules) if modules else None
+    names = [n for n, _ in model.named_parameters()
+             if component(n) == "language" and layer_index(n) in wanted
+             and (regex is None or regex.search(n))]
+    if not names:
+        raise UserError("nothing to train: no parameter of the chosen layers"
+                        + (f" matches {modules!r}" if modules else ""))
+    return names
+
+
+def linear_weights(model: torch.nn.Module, params: Iterable[str]) -> list[str]:
+    """The names among `params` that are the weight of an nn.Linear (what Dowser masks)."""
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return [p for p in params if p in linears]
+
+
+# ------------------------------------------------------------------------ data
+
+def _image(example: Any) -> Image.Image:
+    image = example.image
+    return image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
+
+
+def check_examples(examples: Sequence[Any]) -> None:
+    if not examples:
+        raise UserError("no training examples")
+    for i, ex in enumerate(examples):
+        if not ex.answers or not all(isinstance(a, str) and a for a in ex.answers):
+            raise UserError(f"training example {i + 1} has no answer to learn; every training "
+                            "example needs at least one non-empty answer")
+
+
+def encode_epoch(processor: Any, examples: Sequence[Any], batch_size: int,
+                 rng: np.random.Generator) -> Iterator[Batch]:
+    """One epoch of shuffled batches, encoded lazily; each example trains on one of its
+    answers drawn at random (a caption with five references trains on one of them)."""
+    order = rng.permutation(len(examples))
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start:start + batch_size]]
+        answers = [ex.answers[int(rng.integers(len(ex.answers)))] for ex in chunk]
+        yield encode_with_answers(processor, [_image(ex) for ex in chunk],
+                                  [ex.question for ex in chunk], answers)
+
+
+# ------------------------------------------------------------------------ the loop
+
+@dataclass
+class LoopResult:
+    losses: list[float]
+    epoch_losses: list[float]
+    steps: int
+
+
+def train_loop(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
+               epoch_batches: Callable[[int], Iterable[Batch]], steps_per_epoch: int, *,
+               lr: float, epochs: int, weight_decay: float = 0.0, warmup_steps: int = 0,
+               max_grad_norm: float | None = 1.0, betas: tuple[float, float] = (0.9, 0.999),
+               decay_masks: dict[torch.nn.Parameter, torch.Tensor] | None = None,
+               after_step: Callable[[], None] | None = None, progress: Progress | None = None,
+               should_stop: StopCheck | None = None) -> LoopResult:
+    """AdamW with linear warm-up and cosine decay over `params` (already requires_grad).
+
+    Weight decay is decoupled and applied here before each step, exactly as AdamW does
+    (p ← p·(1 − lr·wd)), but only on the entries `decay_masks` allows. `after_step` runs
+    after every optimizer step, before the gradients are cleared.
+    """
+    report = progress or (lambda *_: None)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0)
+    total = epochs * steps_per_epoch
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total - warmup_steps)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    masks = decay_masks or {}
+    losses: list[float] = []
+    epoch_losses: list[float] = []
+    step = 0
+    model.train()
+    for epoch in range(epochs):
+        epoch_start = len(losses)
+        for batch in epoch_batches(epoch):
+            if should_stop is not None and should_stop():
+                raise Cancelled
+            loss = model(**to_model(batch, model)).loss
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if weight_decay:
+                factor = 1 - optimizer.param_groups[0]["lr"] * weight_decay
+                with torch.no_grad():
+                    for p in params:
+                        mask = masks.get(p)
+                        if mask is None:
+                            p.mul_(factor)
+                        else:
+                            p.copy_(torch.where(mask, p * factor, p))
+            optimizer.step()
+            scheduler.step()
+            if after_step is not None:
+                after_step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            report(f"epoch {epoch + 1}/{epochs}: loss {losses[-1]:.3f}", step, total)
+        epoch_losses.append(float(np.mean(losses[epoch_start:])) if len(losses) > epoch_start
+                            else math.nan)
+    model.eval()
+    return LoopResult(losses=losses, epoch_losses=epoch_losses, steps=step)
+
+
+# ------------------------------------------------------------------------ finetune
+
+@dataclass
+class TrainReport:
+    """What a fine-tuning run did. `losses` has one entry per optimizer step."""
+
+    method: str
+    layers: list[int]
+    trainable_tensors: int
+    trainable_entries: int  # entries allowed to change (Dowser: the masked count)
+    total_entries: int  # every parameter of the model
+    steps: int
+    losses: list[float]
+    epoch_losses: list[float]
+    seconds: float
+    settings: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_entries / self.total_entries if self.total_entries else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "trainable_fraction": self.trainable_fraction}
+
+
+def _check_options(method: str, lr: float, epochs: int, batch_size: int, rho: float,
+                   llaca_form: str, ema_beta: float, weight_decay: float, warmup_steps: int) -> None:
+    problems = []
+    if method not in METHODS:
+        problems.append(f"unknown fine-tuning method {method!r} (choose from {', '.join(METHODS)})")
+    if not (lr > 0 and math.isfinite(lr)):
+        problems.append(f"learning rate must be positive, got {lr}")
+    if epochs < 1:
+        problems.append(f"epochs must be at least 1, got {epochs}")
+    if batch_size < 1:
+        problems.append(f"batch size must be at least 1, got {batch_size}")
+    if not 0.0 <= rho <= 1.0:
+        problems.append(f"rho must be between 0 and 1, got {rho}")
+    if llaca_form not in FORMS or llaca_form == "fixed":
+        problems.append(f"unknown LLaCA form {llaca_form!r} (code or paper)")
+    if not 0.0 <= ema_beta <= 1.0:
+        problems.append(f"EMA beta must be between 0 and 1, got {ema_beta}")
+    if weight_decay < 0:
+        problems.append(f"weight decay must not be negative, got {weight_decay}")
+    if warmup_steps < 0:
+        problems.append(f"warm-up steps must not be negative, got {warmup_steps}")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def finetune(model: torch.nn.Module, processor: Any, examples: Sequence[Any], *,
+             method: str = "full", layers: Layers = None, modules: str | None = None,
+             lr: float = 1e-4, epochs: int = 1, batch_size: int = 8, seed: int = 0,
+             weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float | None = 1.0,
+             betas: tuple[float, float] = (0.9, 0.999), rho: float = 0.1, importance: DowserScores | None = None,
+             importance_cache: str | Path | None = None, probe_prompts: int = 64,
+             probes: int = 8, llaca_form: str = "code", ema_beta: float = 0.99,
+             progress: Progress | None = None, should_stop: StopCheck | None = None) -> TrainReport:
+    """Train `model` in place on `examples` and return the report.
+
+    `examples`: objects with `.image` (a path or a PIL image), `.question` and `.answers`
+    (`tailor_ui.data.Example`, or the demo world's samples). `layers`: None (last half),
+    N (last N decoder layers) or a list of layer indices; `modules` narrows by regex.
+    Model-Dowser: `rho` (trainable fraction per matrix), `importance` (scores computed
+    earlier on the same base), `importance_cache` (folder or file), `probe_prompts` (K),
+    `probes` (M). LLaCA: `llaca_form` ("code" or "paper"); EMA: `ema_beta`.
+    Cancelling (`should_stop`) raises `Cancelled` and leaves the model part-trained.
+    """
+    _check_options(method, lr, epochs, batch_size, rho, llaca_form, ema_beta, weight_decay,
+                   warmup_steps)
+    if not processor:
+        raise UserError("fine-tuning needs the model's processor to read images and prompts")
+    check_examples(examples)
+    report = progress or (lambda *_: None)
+    chosen = choose_layers(model, layers)
+    names = trainable_parameters(model, chosen, modules)
+    settings = {"method": method, "layers": chosen, "modules": modules, "lr": lr, "epochs": epochs,
+                "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay,
+                "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm,
+                "betas": list(betas), "examples": len(examples)}
+    extra: dict[str, Any] = {}
+    start = time.perf_counter()
+    masks: dict[str, torch.Tensor] = {}
+    if method == "dowser":
+        settings.update(rho=rho, probe_prompts=probe_prompts, probes=probes)
+        scores = importance if importance is not None else dowser_scores(
+            model, processor, K=probe_prompts, M=probes, seed=seed, cache=importance_cache,
+            progress=report, should_stop=should_stop)
+        extra["importance"] = {k: scores.meta.get(k) for k in ("key", "seconds", "cached")}
+        masks = dowser_masks(model, scores, linear_weights(model, names), rho)
+    if method in ("llaca", "ema"):
+        settings.update(form="fixed" if method == "ema" else llaca_form,
+                        **({"ema_beta": ema_beta} if method == "ema" else {}))
+
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    chosen_set = set(names)
+    params = []
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in chosen_set)
+        if n in chosen_set:
+            params.append(p)
+    handles = []
+    for n, mask in masks.items():
+        mask = mask.to(model.get_parameter(n).device)
+        masks[n] = mask
+        handles.append(model.get_parameter(n).register_hook(
+            lambda g, m=mask: g.masked_fill(~m, 0)))
+    tracker = None
+    if method in ("llaca", "ema"):
+        tracker = EMATracker([(n, model.get_parameter(n)) for n in names],
+                             form="fixed" if method == "ema" else llaca_form, beta=ema_beta)
+    rng = np.random.default_rng(seed)
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices(model)):
+            torch.manual_seed(seed)
+            result = train_loop(
+                model, params, lambda _epoch: encode_epoch(processor, examples, batch_size, rng),
+                steps_per_epoch, lr=lr, epochs=epochs, weight_decay=weight_decay,
+                warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, betas=tuple(betas),
+                decay_masks={model.get_parameter(n): m for n, m in masks.items()},
+                after_step=tracker.update if tracker else None, progress=report,
+                should_stop=should_stop)
+        if tracker is not None:
+            tracker.swap_in()
+            extra["ema"] = tracker.stats()
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.eval()
+    trainable_entries = sum(int(masks[n].sum()) if n in masks else model.get_parameter(n).numel()
+                            for n in names)
+    if masks:
+        extra["masked_tensors"] = len(masks)
+        extra["kept_fraction"] = (sum(int(m.sum()) for m in masks.values())
+                                  / sum(m.numel() for m in masks.values()))
+    return TrainReport(
+        method=method, layers=chosen, trainable_tensors=len(names),
+        trainable_entries=trainable_entries,
+        total_entries=sum(p.numel() for p in model.parameters()), steps=result.steps,
+        losses=result.losses, epoch_losses=result.epoch_losses,
+        seconds=time.perf_counter() - start, settings=settings, extra=extra)
+
+
+def _cuda_devices(model: torch.nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+# ------------------------------------------------------------------------ save / CLI
+
+def save_checkpoint(model: torch.nn.Module, processor: Any, out: str | Path,
+                    report: TrainReport | None = None) -> Path:
+    """Write model + processor with save_pretrained (safetensors), renamed into place only
+    when complete; the training report goes beside them as training_report.json."""
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if processor:
+            processor.save_pretrained(tmp)
+        if report is not None:
+            (tmp / "training_report.json").write_text(
+                json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def finetune_cli(base: str, data: str | Path, out: str | Path, method: str = "full", *,
+                 layers: Layers = None, limit: int | None = None, dtype: str = "float32",
+                 device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False,
+                 **options: Any) -> TrainReport:
+    """Load `base`, fine-tune it on the JSONL `data`, write the checkpoint to `out`.
+
+    `layers` may be a CLI string (see `parse_layers`); `limit` trains on the first N
+    examples; every other keyword goes to `finetune` (lr, epochs, batch_size, seed, rho,
+    importance_cache, probe_prompts, probes, llaca_form, ema_beta, weight_decay,
+    warmup_steps, modules, progress, should_stop).
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown fine-tuning method {method!r} (choose from {', '.join(METHODS)})")
+    out = Path(out).expanduser()
+    base_path = Path(base).expanduser()
+    if base_path.exists() and out.resolve() == base_path.resolve():
+        raise UserError("--out must not be the base model's folder (it would be replaced)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be at least 1, got {limit}")
+    examples = read_examples(data)
+    if limit is not None:
+        examples = examples[:limit]
+    model, processor = load_model(base, dtype=dtype, device=device,  # type: ignore[arg-type]
+                                  allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if not processor:
+        raise UserError(f"{base}: the processor could not be loaded "
+                        f"({getattr(processor, 'reason', 'unknown reason')}); fine-tuning needs it")
+    report = finetune(model, processor, examples, method=method, layers=layers, **options)
+    report.settings.update(base=str(base), data=str(data))
+    save_checkpoint(model, processor, out, report)
+    return report

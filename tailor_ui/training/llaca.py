@@ -1,0 +1,137 @@
+"""LLaCA: an EMA copy of the trained weights that follows them with a gradient-chosen weight.
+
+METHODS.md §4. After every optimizer step each trainable tensor's EMA copy θ* moves toward
+the live weights θ; at the end of a task the EMA weights replace the live ones. Three
+forms of the step, all reducing each quantity to one number per tensor by its L1 norm:
+
+- `code` (**default**, the authors' released code): a = ‖θ − θ*‖₁, b = ‖g‖₁,
+  c = ‖g − g_prev‖₁, w = 2(1 + b)/(a·c), w = 0.01 when it falls outside (0, 1);
+  θ* ← (1 − w)·θ* + w·θ.
+- `paper` (the paper's equations): β = (L' + 1)/((θ − θ*)·L'') with L' = ‖g‖₁,
+  θ − θ* → ‖θ − θ*‖₁ and L'' ≈ ‖g − g_prev‖₁; β = 0.99 outside (0, 1);
+  θ* ← β·θ* + (1 − β)·θ.
+- `fixed`: the plain EMA baseline, θ* ← β·θ* + (1 − β)·θ with one fixed β.
+
+Conventions this module fixes (the paper leaves them open): g is the gradient the
+optimizer just used (after clipping, and after any gradient masking); on a task's first
+step there is no previous gradient and g_prev = 0; θ* is kept in float32 whatever the
+model's dtype, so a bfloat16 model's EMA does not round every small step away.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+
+Form = Literal["code", "paper", "fixed"]
+FORMS: tuple[Form, ...] = ("code", "paper", "fixed")
+CODE_FALLBACK = 0.01  # weight on the live weights when the code form's w leaves (0, 1)
+PAPER_FALLBACK = 0.99  # β (weight on the EMA) when the paper form's β leaves (0, 1)
+
+
+def _inside_unit(x: float) -> bool:
+    return math.isfinite(x) and 0.0 < x < 1.0
+
+
+def code_weight(a: float, b: float, c: float, fallback: float = CODE_FALLBACK) -> float:
+    """The authors' code: w = 2(1 + b)/(a·c), or `fallback` when a·c = 0 or w ∉ (0, 1).
+
+    w is the weight the *live* weights get: θ* ← (1 − w)·θ* + w·θ.
+    """
+    denominator = a * c
+    if denominator == 0 or not math.isfinite(denominator):
+        return fallback
+    w = 2.0 * (1.0 + b) / denominator
+    return w if _inside_unit(w) else fallback
+
+
+def paper_beta(grad: float, change: float, grad_change: float,
+               fallback: float = PAPER_FALLBACK) -> float:
+    """The paper: β = (L' + 1)/((θ − θ*)·L''), or `fallback` when undefined or β ∉ (0, 1).
+
+    `grad` = L', `change` = θ − θ*, `grad_change` = L'' (each already reduced to a number).
+    β is the weight the *EMA* keeps: θ* ← β·θ* + (1 − β)·θ.
+    """
+    denominator = change * grad_change
+    if denominator == 0 or not math.isfinite(denominator):
+        return fallback
+    beta = (grad + 1.0) / denominator
+    return beta if _inside_unit(beta) else fallback
+
+
+def live_weight(form: Form, a: float, b: float, c: float, beta: float = 0.99) -> float:
+    """The weight the live weights get in θ* ← (1 − w)·θ* + w·θ, for any form.
+
+    a = ‖θ − θ*‖₁, b = ‖g‖₁, c = ‖g − g_prev‖₁; `beta` is the fixed form's β.
+    """
+    if form == "code":
+        return code_weight(a, b, c)
+    if form == "paper":
+        return 1.0 - paper_beta(b, a, c)
+    if form == "fixed":
+        return 1.0 - beta
+    raise ValueError(f"unknown EMA form {form!r}; expected one of {FORMS}")
+
+
+class EMATracker:
+    """EMA copies of a set of parameters, stepped after each optimizer step.
+
+    `update()` must run after `optimizer.step()` and before the gradients are cleared.
+    `swap_in()` writes the EMA weights into the live parameters (the end of a task).
+    `weights` records every per-tensor weight w given to the live weights, and
+    `fallbacks` how many of them were the fallback, for the training report.
+    """
+
+    def __init__(self, params: Iterable[tuple[str, torch.nn.Parameter]], form: Form = "code",
+                 beta: float = 0.99) -> None:
+        if form not in FORMS:
+            raise ValueError(f"unknown EMA form {form!r}; expected one of {FORMS}")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"EMA beta must be in [0, 1], got {beta}")
+        self.form, self.beta = form, beta
+        self.params = dict(params)
+        self.ema = {n: p.detach().float().clone() for n, p in self.params.items()}
+        self.grad_prev: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.weight_sum = 0.0
+        self.updates = 0
+        self.fallbacks = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, p in self.params.items():
+            ema = self.ema[name]
+            theta = p.detach().float()
+            grad = (p.grad.detach().to(torch.float32, copy=True) if p.grad is not None
+                    else torch.zeros_like(theta))
+            prev = self.grad_prev.get(name)
+            a = float((theta - ema).abs().sum())
+            b = float(grad.abs().sum())
+            c = float((grad - prev).abs().sum()) if prev is not None else b
+            if self.form == "paper":
+                beta = paper_beta(b, a, c)
+                self.fallbacks += beta == PAPER_FALLBACK
+                w = 1.0 - beta
+                ema.mul_(beta).add_(theta, alpha=w)
+            else:
+                w = live_weight(self.form, a, b, c, self.beta)
+                self.fallbacks += self.form == "code" and w == CODE_FALLBACK
+                ema.mul_(1.0 - w).add_(theta, alpha=w)
+            self.weight_sum += w
+            self.updates += 1
+            self.grad_prev[name] = grad
+        self.steps += 1
+
+    @torch.no_grad()
+    def swap_in(self) -> None:
+        """Replace the live weights by the EMA weights (in the parameters' dtype)."""
+        for name, p in self.params.items():
+            p.copy_(self.ema[name].to(p.dtype))
+
+    def stats(self) -> dict[str, float]:
+        return {"form": self.form, "steps": self.steps,
+                "mean_live_weight": self.weight_sum / self.updates if self.updates else math.nan,
+                "fallback_fraction": self.fallbacks / self.updates if self.updates else math.nan}

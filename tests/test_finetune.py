@@ -1,0 +1,230 @@
+"""Fine-tuning: which layers train, determinism, the loop against the demo's, the
+checkpoint writer and the CLI-facing function."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tailor_ui.calibration import Cancelled
+from tailor_ui.data import Example, write_examples
+from tailor_ui.demo import world
+from tailor_ui.demo.model import DemoArch, make_model
+from tailor_ui.demo.processor import build_processor
+from tailor_ui.demo.train import encode_batches, train
+from tailor_ui.errors import UserError
+from tailor_ui.pair import load_model
+from tailor_ui.training.finetune import (choose_layers, decoder_layers, finetune, finetune_cli,
+                                         parse_layers, train_loop, trainable_parameters)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(seed: int = 0, layers: int = 4):
+    processor = build_processor(world.vocabulary(), image_size=32, patch_size=16)
+    torch.manual_seed(seed)
+    arch = DemoArch(image_size=32, patch_size=16, vision_hidden=32, vision_layers=1,
+                    text_hidden=32, text_layers=layers, heads=2)
+    return make_model(processor, arch).eval(), processor
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return world.generate("count", 16, 0)
+
+
+def _changed(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
+    theirs = dict(b.named_parameters())
+    return [n for n, p in a.named_parameters() if not torch.equal(p, theirs[n])]
+
+
+# ------------------------------------------------------------------ layer choice
+
+def test_layer_choice():
+    model, _ = tiny()
+    assert decoder_layers(model) == [0, 1, 2, 3]
+    assert choose_layers(model) == [2, 3]  # the last half
+    assert choose_layers(model, 1) == [3]
+    assert choose_layers(model, [0, 2]) == [0, 2]
+    assert choose_layers(model, "all") == [0, 1, 2, 3]
+    assert choose_layers(model, "last:3") == [1, 2, 3]
+    assert choose_layers(model, "0,2-3") == [0, 2, 3]
+    for bad in (0, 5, [7], [], True):
+        with pytest.raises(UserError):
+            choose_layers(model, bad)
+    names = trainable_parameters(model, [3])
+    assert all(".language_model.layers.3." in n for n in names)
+    assert {n.split(".layers.3.")[1] for n in names} == {
+        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+        "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"}
+    assert trainable_parameters(model, [3], modules=r"mlp\.") == [
+        n for n in names if ".mlp." in n]
+    with pytest.raises(UserError, match="nothing to train"):
+        trainable_parameters(model, [3], modules="nothing-matches")
+
+
+def test_parse_layers():
+    assert parse_layers(None) is None and parse_layers(" ") is None
+    assert parse_layers("4") == 4 and parse_layers("last:2") == 2
+    assert parse_layers("20-23,25") == [20, 21, 22, 23, 25]
+    assert parse_layers("ALL") == "all"
+    for bad in ("x", "3-1", "last:x", "1,,2"):
+        with pytest.raises(UserError):
+            parse_layers(bad)
+
+
+# ------------------------------------------------------------------ training
+
+def test_full_finetune_trains_only_the_chosen_layers(samples):
+    base, processor = tiny()
+    model = copy.deepcopy(base)
+    steps = []
+    report = finetune(model, processor, samples, lr=1e-3, batch_size=4, epochs=2,
+                      progress=lambda stage, done, total: steps.append((done, total)))
+    changed = _changed(base, model)
+    assert changed and all(".language_model.layers.2." in n or ".language_model.layers.3." in n
+                           for n in changed)
+    assert len(changed) == 18  # 7 linears + 2 norms, in two layers
+    assert report.layers == [2, 3] and report.steps == 8 and len(report.losses) == 8
+    assert len(report.epoch_losses) == 2 and report.seconds > 0
+    assert steps[-1] == (8, 8)
+    assert report.trainable_entries == sum(base.get_parameter(n).numel()
+                                           for n in trainable_parameters(base, [2, 3]))
+    assert 0 < report.trainable_fraction < 1
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+    assert json.dumps(report.to_dict())  # serialisable
+
+
+def test_finetune_is_deterministic_per_seed(samples):
+    base, processor = tiny()
+    runs = []
+    for seed in (5, 5, 6):
+        model = copy.deepcopy(base)
+        report = finetune(model, processor, samples, lr=1e-3, batch_size=4, seed=seed)
+        runs.append((model, report.losses))
+    assert not _changed(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    assert _changed(runs[0][0], runs[2][0])
+
+
+def _demo_train(monkeypatch, *args, **kwargs) -> tuple[list[float], tuple[float, float]]:
+    """Run the demo's `train`, noting the AdamW betas it chose (the demo's recipe may change
+    them; the loop must match whatever they are)."""
+    seen = {}
+    adamw = torch.optim.AdamW
+
+    def spy(params, **options):
+        seen.update(options)
+        return adamw(params, **options)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim, "AdamW", spy)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            losses = train(*args, **kwargs, progress=lambda _: None)
+    return losses, tuple(seen.get("betas", (0.9, 0.999)))
+
+
+def test_loop_reproduces_the_demo_training_bit_for_bit(samples, monkeypatch):
+    """`train_loop` can replace `tailor_ui.demo.train.train` without changing the demo."""
+    base, processor = tiny(layers=2)
+    batches = encode_batches(processor, samples, 4, np.random.default_rng(0))
+    trainable = lambda name: ".language_model.layers.1." in name  # noqa: E731
+    demo = copy.deepcopy(base)
+    demo_losses, betas = _demo_train(monkeypatch, demo, batches, lr=1e-3, epochs=2,
+                                     trainable=trainable, weight_decay=0.01, warmup_steps=2)
+    ours = copy.deepcopy(base)
+    params = []
+    for name, p in ours.named_parameters():
+        p.requires_grad_(trainable(name))
+        if trainable(name):
+            params.append(p)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        result = train_loop(ours, params, lambda _: batches, len(batches), lr=1e-3, epochs=2,
+                            weight_decay=0.01, warmup_steps=2, betas=betas)
+    assert result.epoch_losses == demo_losses
+    assert not _changed(demo, ours)
+    # and finetune() draws its batches the same way as the demo's encode_batches
+    mine = copy.deepcopy(base)
+    finetune(mine, processor, samples, layers=[1], lr=1e-3, batch_size=4, epochs=1,
+             weight_decay=0.01, warmup_steps=2, seed=0, betas=betas)
+    demo1 = copy.deepcopy(base)
+    _demo_train(monkeypatch, demo1, encode_batches(processor, samples, 4, np.random.default_rng(0)),
+                lr=1e-3, epochs=1, trainable=trainable, weight_decay=0.01, warmup_steps=2)
+    assert not _changed(demo1, mine)
+
+
+def test_cancel_and_bad_input(samples):
+    model, processor = tiny()
+    with pytest.raises(Cancelled):
+        finetune(model, processor, samples, should_stop=lambda: True)
+    bad = [Example(image=samples[0].image, question="how many?", answers=())]  # type: ignore[arg-type]
+    for kwargs, match in [({"method": "lora"}, "unknown fine-tuning method"),
+                          ({"lr": 0}, "learning rate"), ({"epochs": 0}, "epochs"),
+                          ({"batch_size": 0}, "batch size"), ({"layers": 9}, "last 9")]:
+        with pytest.raises(UserError, match=match):
+            finetune(model, processor, samples, **kwargs)
+    with pytest.raises(UserError, match="no answer"):
+        finetune(model, processor, bad)
+    with pytest.raises(UserError, match="no training examples"):
+        finetune(model, processor, [])
+
+
+# ------------------------------------------------------------------ CLI-facing
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ft")
+    model, processor = tiny(layers=2)
+    model.save_pretrained(folder / "base")
+    processor.save_pretrained(folder / "base")
+    rows = []
+    (folder / "images").mkdir()
+    for i, s in enumerate(world.generate("count", 6, 0)):
+        s.image.save(folder / "images" / f"{i}.png")
+        rows.append({"image": f"images/{i}.png", "question": s.question, "answers": list(s.answers)})
+    write_examples(folder / "train.jsonl", rows)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["full", "dowser", "llaca"])
+def test_finetune_cli_writes_a_loadable_checkpoint(saved, method):
+    out = saved / f"out-{method}"
+    report = finetune_cli(str(saved / "base"), saved / "train.jsonl", out, method=method,
+                          layers="1", lr=1e-3, batch_size=3, probe_prompts=2, probes=1)
+    assert report.method == method and report.steps == 2
+    tuned, processor = load_model(str(out))
+    base, _ = load_model(str(saved / "base"))
+    changed = _changed(base, tuned)
+    assert changed and all(".language_model.layers.1." in n for n in changed)
+    assert processor and (out / "training_report.json").is_file()
+    saved_report = json.loads((out / "training_report.json").read_text())
+    assert saved_report["settings"]["method"] == method
+    assert not [p for p in saved.iterdir() if p.name.startswith(f".out-{method}")]  # no leftovers
+
+
+def test_finetune_cli_rejects_bad_input(saved, tmp_path):
+    base = str(saved / "base")
+    data = saved / "train.jsonl"
+    with pytest.raises(UserError, match="not found"):
+        finetune_cli(base, tmp_path / "missing.jsonl", tmp_path / "o")
+    with pytest.raises(UserError, match="must not be the base"):
+        finetune_cli(base, data, saved / "base")
+    with pytest.raises(UserError, match="no such model folder"):
+        finetune_cli(str(tmp_path / "nope"), data, tmp_path / "o")
+    with pytest.raises(UserError, match="unknown fine-tuning method"):
+        finetune_cli(base, data, tmp_path / "o", method="lora")
+    with pytest.raises(UserError, match="bad layer"):
+        finetune_cli(base, data, tmp_path / "o", layers="x")
+    assert not (tmp_path / "o").exists()
