@@ -119,6 +119,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="table CSV")
     _model_options(p)
 
+    p = sub.add_parser("finetune", help="fine-tune a model: full, Model-Dowser or LLaCA")
+    p.add_argument("--base", required=True)
+    p.add_argument("--data", required=True, type=Path, help="training JSONL")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--method", default="full", help="full | dowser | llaca | ema")
+    p.add_argument("--layers", default=None,
+                   help="decoder layers to train: N / last:N (default: last half), 20-31, 0,2,5-7, all")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="train on the first N examples")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--rho", type=_unit_interval, default=0.1, help="Dowser: trainable fraction per matrix")
+    p.add_argument("--importance-cache", type=Path, default=None, help="Dowser: folder caching scores")
+    p.add_argument("--probe-prompts", type=int, default=64, help="Dowser: K self-generated prompts")
+    p.add_argument("--probes", type=int, default=8, help="Dowser: M Rademacher probes per batch")
+    p.add_argument("--llaca-form", default="code", help="LLaCA weight: code (authors') | paper")
+    p.add_argument("--ema-beta", type=float, default=0.99, help="fixed-β EMA baseline")
+    _model_options(p)
+
     p = sub.add_parser("demo", help="the built-in demo pair")
     p.add_argument("action", choices=["build"])
     p.add_argument("--assets", type=Path, default=None, help="where to write (default: assets/)")
@@ -346,6 +368,29 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from tailor_ui.training.finetune import finetune_cli, parse_layers
+
+    if args.epochs < 1 or args.batch_size < 1 or args.probe_prompts < 1 or args.probes < 1:
+        raise UserError("--epochs, --batch-size, --probe-prompts and --probes must be positive")
+    _check_out_dir(args.out)
+    bar, update = _progress_bar()
+    try:
+        report = finetune_cli(
+            args.base, args.data, args.out, args.method, layers=parse_layers(args.layers),
+            limit=args.limit, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+            seed=args.seed, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+            rho=args.rho, importance_cache=args.importance_cache, probe_prompts=args.probe_prompts,
+            probes=args.probes, llaca_form=args.llaca_form, ema_beta=args.ema_beta,
+            progress=update, **_load_options(args))
+    finally:
+        bar.close()
+    losses = report.losses
+    print(f"{args.method}: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+          f"in {report.seconds:.1f}s -> {args.out}" if losses else f"{args.method}: no steps")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from tailor_ui.demo.build import build_demo
 
@@ -355,4 +400,4 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"inspect": _inspect, "tailor": _tailor, "apply": _apply, "eval": _eval, "sweep": _sweep,
-            "demo": _demo}
+            "finetune": _finetune, "demo": _demo}

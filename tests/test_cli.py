@@ -188,3 +188,26 @@ def test_sweep_refuses_bad_grids(disk_pair, tmp_path, capsys):
     assert main([*base, "--methods", "tailor"]) == 2
     assert "needs target-task calibration" in capsys.readouterr().err
     assert not (tmp_path / "t.csv").exists()
+
+
+@pytest.mark.parametrize("method", ["full", "dowser", "llaca"])
+def test_finetune_writes_a_loadable_checkpoint_training_only_the_chosen_layers(disk_pair, tmp_path, method):
+    out = tmp_path / method
+    assert main(["finetune", "--base", str(disk_pair / "base"), "--data", str(disk_pair / "calib.jsonl"),
+                 "--out", str(out), "--method", method, "--layers", "last:1", "--batch-size", "3",
+                 "--lr", "1e-3", "--probe-prompts", "2", "--probes", "2"]) == 0
+    tuned = params(AutoModelForImageTextToText.from_pretrained(out))
+    base = params(AutoModelForImageTextToText.from_pretrained(disk_pair / "base"))
+    moved = {n for n in base if not torch.equal(base[n], tuned[n])}
+    assert moved and all("language_model.layers.1." in n for n in moved)
+
+
+def test_finetune_refuses_bad_layers_and_foreign_out_dirs(disk_pair, tmp_path, capsys):
+    args = ["finetune", "--base", str(disk_pair / "base"), "--data", str(disk_pair / "calib.jsonl")]
+    assert main([*args, "--out", str(tmp_path / "x"), "--layers", "last:zero"]) == 2
+    assert "bad layer spec" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert main([*args, "--out", str(tmp_path / "mine")]) == 2
+    assert "is not an earlier output" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
