@@ -1,0 +1,245 @@
+"""Plotly figures from the engine's pandas tables and reports (no Gradio here).
+
+- `change_map(summary)`: how much fine-tuning moved each linear layer (module x layer);
+- `patch_map(report)`: where a patch lives (fraction of entries kept, module x layer);
+- `tradeoff(table)`: original-task vs target-task score of every method and setting;
+- `scores_vs_keep(table)`: both scores against the patch size;
+- `retention_bars(table)`: retention of the original and the target skills per setting.
+
+Every function accepts an empty input and returns a figure saying what to do instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from tailor_ui.methods import REGISTRY
+from tailor_ui.pair import component, layer_index, module_kind
+
+HEIGHT = 380
+COLOURS = {"tailor": "#d62728", "magnitude": "#1f77b4", "wise_ft": "#2ca02c",
+           "task_arithmetic": "#9467bd", "ties": "#ff7f0e", "dare": "#8c564b",
+           "base": "#444444", "finetuned": "#17becf"}
+_COMPONENT_ORDER = {"vision": 0, "bridge": 1, "language": 2}
+_MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "qkv", "gate_proj", "up_proj",
+                 "down_proj", "fc1", "fc2", "linear_1", "linear_2"]
+
+
+@functools.lru_cache(maxsize=1)
+def template() -> go.layout.Template:
+    """A light white theme. Plotly's built-in templates are deep-copied into every figure
+    (tens of milliseconds each, most of the dashboard's figure cost); this one is tiny."""
+    axis = {"gridcolor": "#ebebeb", "zerolinecolor": "#d9d9d9", "linecolor": "#bbb",
+            "automargin": True}
+    return go.layout.Template(layout={
+        "paper_bgcolor": "white", "plot_bgcolor": "white", "font": {"color": "#2a3f5f"},
+        "xaxis": axis, "yaxis": axis, "hoverlabel": {"align": "left"},
+        "colorway": ["#636efa", "#EF553B", "#00cc96", "#ab63fa", "#FFA15A", "#19d3f3"]})
+
+
+def _figure() -> go.Figure:
+    return go.Figure(layout={"template": template()})
+
+
+def method_label(method: str) -> str:
+    if method in REGISTRY:
+        return REGISTRY[method].label
+    return {"base": "Pre-trained", "finetuned": "Fine-tuned"}.get(method, method)
+
+
+def empty_figure(message: str, title: str = "") -> go.Figure:
+    fig = _figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font={"size": 14, "color": "#777"})
+    fig.update_layout(title=title, height=HEIGHT, xaxis={"visible": False},
+                      yaxis={"visible": False})
+    return fig
+
+
+def _column(comp: str, layer: float | int | None) -> tuple[int, float, str]:
+    """Sort key and label of a heatmap column: component, then layer number."""
+    if layer is None or (isinstance(layer, float) and math.isnan(layer)):
+        return (_COMPONENT_ORDER.get(comp, 3), math.inf, comp if comp == "bridge" else f"{comp[:4]} other")
+    return (_COMPONENT_ORDER.get(comp, 3), float(layer), f"{comp[:4]} {int(layer)}")
+
+
+def module_rank(module: str) -> tuple[int, str]:
+    return (_MODULE_ORDER.index(module) if module in _MODULE_ORDER else len(_MODULE_ORDER), module)
+
+
+def _heatmap(cells: pd.DataFrame, value: str, hover: str, title: str, colorbar: str,
+             zmax: float | None = None) -> go.Figure:
+    """cells: one row per (module, column key) with `value` and a hover text column."""
+    columns = sorted(set(cells["col"]))
+    modules = sorted(set(cells["module"]), key=module_rank)
+    labels = [c[2] for c in columns]
+    grid = cells.pivot_table(index="module", columns="col", values=value, aggfunc="sum")
+    grid = grid.reindex(index=modules, columns=columns)
+    texts = cells.pivot_table(index="module", columns="col", values=hover, aggfunc="first")
+    texts = texts.reindex(index=modules, columns=columns)
+    fig = _figure()
+    fig.add_trace(go.Heatmap(
+        z=grid.values, x=labels, y=modules, text=texts.fillna("").values,
+        hovertemplate="%{y} · %{x}<br>%{text}<extra></extra>", colorscale="Reds",
+        zmin=0, zmax=zmax, colorbar={"title": {"text": colorbar}}, xgap=1, ygap=1))
+    fig.update_layout(title=title, height=HEIGHT, 
+                      xaxis={"title": "layer", "type": "category"},
+                      yaxis={"title": "module", "type": "category", "autorange": "reversed"},
+                      margin={"l": 90, "r": 20, "t": 50, "b": 60})
+    return fig
+
+
+def change_map(summary: pd.DataFrame | None) -> go.Figure:
+    """Relative change ‖W_ft − W_pre‖ / ‖W_pre‖ of every linear weight, module x layer."""
+    title = "What fine-tuning changed (linear layers)"
+    if summary is None or summary.empty:
+        return empty_figure("load a pair to see what fine-tuning changed", title)
+    linear = summary[summary["linear"] & summary["name"].str.endswith(".weight")].copy()
+    if linear.empty:
+        return empty_figure("the pair has no linear layers", title)
+    linear["col"] = [_column(c, l) for c, l in zip(linear["component"], linear["layer"])]
+    linear["base_sq"] = linear["base_norm"] ** 2
+    linear["delta_sq"] = linear["delta_norm"] ** 2
+    cells = (linear.groupby(["module", "col"], sort=False)
+             .agg(delta_sq=("delta_sq", "sum"), base_sq=("base_sq", "sum"),
+                  changed=("changed", "sum"), numel=("numel", "sum"))
+             .reset_index())
+    cells["relative"] = (cells["delta_sq"] ** 0.5) / (cells["base_sq"] ** 0.5).where(cells["base_sq"] > 0)
+    cells["relative"] = cells["relative"].fillna(0.0)
+    cells["hover"] = [f"relative change {r:.4f}<br>{c:,} of {n:,} entries changed"
+                      for r, c, n in zip(cells["relative"], cells["changed"], cells["numel"])]
+    return _heatmap(cells, "relative", "hover", title, "‖Δ‖/‖W‖")
+
+
+def patch_map(report: Mapping | None, label: str = "",
+              summary: pd.DataFrame | None = None) -> go.Figure:
+    """Fraction of each linear weight's entries the patch takes from the fine-tuned model.
+
+    Linear weights are told apart by the pair's `summary` when given; otherwise norm
+    weights are recognised by name (the report does not carry shapes).
+    """
+    title = "Where the patch lives" + (f": {label}" if label else "")
+    tensors = (report or {}).get("tensors") or {}
+    if not tensors:
+        return empty_figure("run a merge to see where its patch lives", title)
+    linear = set(summary.loc[summary["linear"], "name"]) if summary is not None else None
+    rows = []
+    for name, info in tensors.items():
+        if not name.endswith(".weight"):
+            continue
+        if linear is not None and name not in linear:
+            continue
+        if linear is None and "norm" in module_kind(name).lower():
+            continue
+        layer = info.get("layer", layer_index(name))
+        rows.append({"module": module_kind(name), "col": _column(component(name), layer),
+                     "kept": info["kept"], "numel": info["numel"]})
+    if not rows:
+        return empty_figure("the patch holds no linear weights", title)
+    cells = (pd.DataFrame(rows).groupby(["module", "col"], sort=False)[["kept", "numel"]]
+             .sum().reset_index())
+    cells["fraction"] = cells["kept"] / cells["numel"].clip(lower=1)
+    cells["hover"] = [f"{100 * f:.2f}% kept ({k:,} of {n:,})"
+                      for f, k, n in zip(cells["fraction"], cells["kept"], cells["numel"])]
+    return _heatmap(cells, "fraction", "hover", title, "kept", zmax=max(cells["fraction"].max(), 1e-9))
+
+
+def _check_sweep(table: pd.DataFrame | None) -> bool:
+    return table is not None and not table.empty and {"original", "target", "method"} <= set(table.columns)
+
+
+def _pareto(points: pd.DataFrame) -> pd.DataFrame:
+    """The points no other point beats on both scores, by increasing original score."""
+    ordered = points.sort_values(["original", "target"], ascending=[False, False])
+    best, keep = -math.inf, []
+    for idx, row in ordered.iterrows():
+        if row["target"] > best:
+            keep.append(idx)
+            best = row["target"]
+    return points.loc[keep].sort_values("original")
+
+
+def tradeoff(table: pd.DataFrame | None) -> go.Figure:
+    """Original-task score against target-task score: up and to the right is better."""
+    title = "Trade-off: original skills vs the new skill"
+    if not _check_sweep(table):
+        return empty_figure("run a sweep to see the trade-off", title)
+    fig = _figure()
+    data = table.dropna(subset=["original", "target"])
+    front = _pareto(data)
+    if len(front) > 1:
+        fig.add_trace(go.Scatter(x=front["original"], y=front["target"], mode="lines",
+                                 name="frontier", line={"color": "#bbb", "dash": "dot", "width": 2},
+                                 hoverinfo="skip"))
+    for method, group in data.groupby("method", sort=False):
+        sort_by = "keep" if group["keep"].notna().any() else "lam"
+        group = group.sort_values(sort_by) if sort_by in group else group
+        reference = method in ("base", "finetuned")
+        fig.add_trace(go.Scatter(
+            x=group["original"], y=group["target"], mode="markers" if reference else "lines+markers",
+            name=method_label(method), text=group["setting"],
+            marker={"size": 16 if reference else 9, "color": COLOURS.get(method),
+                    "symbol": "star" if reference else "circle"},
+            hovertemplate="%{text}<br>original %{x:.3f}<br>target %{y:.3f}<extra></extra>"))
+    fig.update_layout(title=title, height=HEIGHT, 
+                      xaxis={"title": "original tasks (mean score)"},
+                      yaxis={"title": "target task (score)"})
+    return fig
+
+
+def scores_vs_keep(table: pd.DataFrame | None) -> go.Figure:
+    """Both scores against the patch size (methods with a keep knob)."""
+    title = "Scores against patch size"
+    if not _check_sweep(table):
+        return empty_figure("run a sweep to see scores against patch size", title)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("original tasks", "target task"),
+                        horizontal_spacing=0.12, figure=_figure())
+    merged = table[(table["kind"] == "merged") & table["keep"].notna()] if "kind" in table else table
+    for col, score in enumerate(("original", "target"), start=1):
+        for method, group in merged.groupby("method", sort=False):
+            group = group.sort_values("keep")
+            fig.add_trace(go.Scatter(
+                x=group["keep"], y=group[score], mode="lines+markers", name=method_label(method),
+                legendgroup=method, showlegend=col == 1, text=group["setting"],
+                marker={"color": COLOURS.get(method)}, line={"color": COLOURS.get(method)},
+                hovertemplate="%{text}<br>keep %{x:.3g}<br>score %{y:.3f}<extra></extra>"),
+                row=1, col=col)
+        # reference lines after the traces: plotly leaves empty subplots without them
+        for kind, dash in (("base", "dash"), ("finetuned", "dot")):
+            ref = table[table["method"] == kind]
+            if not ref.empty:
+                fig.add_hline(y=float(ref[score].mean()), line={"dash": dash, "color": COLOURS[kind]},
+                              annotation_text=method_label(kind), annotation_position="top left",
+                              row=1, col=col, exclude_empty_subplots=False)
+        fig.update_xaxes(title_text="patch size (keep)", row=1, col=col)
+    fig.update_layout(title=title, height=HEIGHT)
+    return fig
+
+
+def retention_bars(table: pd.DataFrame | None) -> go.Figure:
+    """How much of each skill every setting keeps: original vs the base, target vs fine-tuned
+    (horizontal bars, so long setting names stay readable)."""
+    title = "Retention (100% = as good as the reference model)"
+    if not _check_sweep(table) or "original_retention" not in table:
+        return empty_figure("run a sweep to see retention", title)
+    rows = table[table["kind"] != "base"] if "kind" in table else table
+    labels = list(rows["setting"])
+    fig = _figure()
+    fig.add_trace(go.Bar(y=labels, x=100 * rows["original_retention"], orientation="h",
+                         name="original tasks (vs base)", marker_color="#1f77b4",
+                         hovertemplate="%{y}<br>%{x:.1f}%<extra></extra>"))
+    fig.add_trace(go.Bar(y=labels, x=100 * rows["target_retention"], orientation="h",
+                         name="target task (vs fine-tuned)", marker_color="#d62728",
+                         hovertemplate="%{y}<br>%{x:.1f}%<extra></extra>"))
+    fig.add_vline(x=100, line={"dash": "dash", "color": "#777"})
+    fig.update_layout(title=title, height=max(HEIGHT, 120 + 34 * len(labels)), 
+                      barmode="group", xaxis={"title": "retention (%)"},
+                      yaxis={"automargin": True, "autorange": "reversed", "type": "category"},
+                      legend={"orientation": "h", "y": 1.08})
+    return fig

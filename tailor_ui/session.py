@@ -1,0 +1,237 @@
+"""Per-visitor state, and the model pairs visitors work on.
+
+A `PairHandle` wraps a loaded pair with its lock: the shared demo pair is loaded once and
+used read-only by everyone (patches are written into its base in place only while its lock
+is held, and always reverted); a pair a visitor loads belongs to their `Session`.
+
+A `Session` is one browser tab (Gradio's session hash) or one API client: its own pair,
+its merge results and sweep tables, and a private folder for the files it downloads.
+`SessionStore` creates them on first use and drops them when the tab closes or after a
+while without activity. Nothing here knows about Gradio.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tailor_ui.data import Example
+from tailor_ui.errors import UserError
+from tailor_ui.pair import Pair
+from tailor_ui.patch import Patch, apply_patch, revert_patch
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """An evaluation set the studio knows: its name, metric family and role."""
+
+    name: str
+    task: str  # "caption" or "vqa" (counting is scored like VQA)
+    examples: tuple[Example, ...]
+    role: str  # "original" or "target"
+
+
+@dataclass
+class PairHandle:
+    """A loaded pair, its lock, and what the dashboard shows and reuses about it."""
+
+    pair: Pair
+    label: str
+    shared: bool
+    lane: str  # the job lane of the device the pair lives on
+    summary: pd.DataFrame
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    calibration: tuple[Example, ...] = ()  # the built-in calibration set, if any
+    eval_sets: tuple[EvalSpec, ...] = ()  # built-in evaluation sets, if any
+    examples: tuple[tuple[str, str], ...] = ()  # (image path, question) for Compare
+    # quick-check scores of base / fine-tuned models, computed once
+    reference_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    default_run: "TailorRun | None" = None  # the warm-up merge (default settings)
+    batches: dict[tuple, list] = field(default_factory=dict, repr=False)
+    loaded_at: float = field(default_factory=time.time)
+
+    @contextmanager
+    def patched(self, patch: Patch | None) -> Iterator[Any]:
+        """The base model with `patch` written into it, under the lock; reverted after."""
+        with self.lock:
+            if patch is None:
+                yield self.pair.base
+                return
+            applied = apply_patch(self.pair.base, patch)
+            try:
+                yield self.pair.base
+            finally:
+                revert_patch(self.pair.base, applied)
+
+    def trim_cache(self, keep: int | None = None) -> None:
+        """Bound the engine's score cache (and ours) to the most recent entries: a few for
+        the small shared demo pair, one for a visitor's (possibly large) pair."""
+        keep = keep if keep is not None else (6 if self.shared else 1)
+        with self.lock:
+            for cache in (self.pair.cache, self.batches):
+                for key in list(cache)[:-keep] if len(cache) > keep else []:
+                    del cache[key]
+
+
+@dataclass
+class TailorRun:
+    """One finished merge of a session: the patch, its report and its files."""
+
+    job_id: str
+    label: str
+    settings: dict
+    patch: Patch | None
+    report: dict
+    handle: PairHandle = field(repr=False)
+    patch_file: Path | None = None
+    report_file: Path | None = None
+    model_zip: Path | None = None
+    quick: pd.DataFrame | None = None  # quick-check scores, when the pair has eval sets
+    seconds: float = 0.0
+
+    def get_patch(self) -> Patch:
+        """The patch, read back from its file when it was dropped from memory."""
+        if self.patch is None:
+            from tailor_ui.patch import load_patch
+
+            if self.patch_file is None:
+                raise UserError("this merge's patch is no longer available; run it again")
+            self.patch = load_patch(self.patch_file)
+        return self.patch
+
+    def offload(self) -> None:
+        """Drop the in-memory patch when it is saved (a large model's patch is gigabytes)."""
+        if self.patch_file is not None and self.patch_file.is_file():
+            self.patch = None
+
+
+@dataclass
+class SweepRun:
+    job_id: str
+    table: pd.DataFrame
+    csv_file: Path
+    heatmap_report: dict | None = None
+    heatmap_label: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Session:
+    id: str
+    folder: Path
+    own: PairHandle | None = None
+    use_demo: bool = True
+    runs: dict[str, TailorRun] = field(default_factory=dict)
+    sweeps: dict[str, SweepRun] = field(default_factory=dict)
+    last_seen: float = field(default_factory=time.time)
+    # what the page was last sent, per output, so polling sends only what changed
+    sent: dict[str, Any] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def touch(self) -> None:
+        self.last_seen = time.time()
+
+    def new_dir(self, name: str) -> Path:
+        path = self.folder / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def latest_run(self, handle: PairHandle | None = None) -> TailorRun | None:
+        runs = [r for r in self.runs.values() if handle is None or r.handle is handle]
+        return runs[-1] if runs else None
+
+    def latest_sweep(self) -> SweepRun | None:
+        return list(self.sweeps.values())[-1] if self.sweeps else None
+
+    def add_run(self, run: TailorRun, keep: int = 12, in_memory: int = 2) -> None:
+        """File a run; keep the files of the last `keep` runs and the patches of the last
+        `in_memory` runs in memory (older ones are read back from disk when needed)."""
+        with self.lock:
+            self.runs[run.job_id] = run
+            for old in list(self.runs.values())[:-in_memory]:
+                old.offload()
+            for job_id in list(self.runs)[:-keep]:
+                old = self.runs.pop(job_id)
+                for f in (old.patch_file, old.report_file, old.model_zip):
+                    if f is not None:
+                        shutil.rmtree(f.parent, ignore_errors=True)
+
+    def add_sweep(self, run: SweepRun, keep: int = 5) -> None:
+        with self.lock:
+            self.sweeps[run.job_id] = run
+            for job_id in list(self.sweeps)[:-keep]:
+                old = self.sweeps.pop(job_id)
+                shutil.rmtree(old.csv_file.parent, ignore_errors=True)
+
+    def forget_handle(self, handle: PairHandle) -> None:
+        """Drop the merges made on `handle` (they keep its models alive) and their files."""
+        with self.lock:
+            for job_id in [j for j, r in self.runs.items() if r.handle is handle]:
+                old = self.runs.pop(job_id)
+                if old.patch_file is not None:
+                    shutil.rmtree(old.patch_file.parent, ignore_errors=True)
+
+    def run(self, job_id: str) -> TailorRun:
+        run = self.runs.get((job_id or "").strip())
+        if run is None:
+            raise UserError(f"no finished merge {job_id!r} in this session")
+        return run
+
+
+class SessionStore:
+    """Sessions by id; each gets a folder under `root`. Thread-safe."""
+
+    def __init__(self, root: Path, *, idle_seconds: float = 3 * 3600) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.idle_seconds = idle_seconds
+        self._lock = threading.Lock()
+        self._sessions: dict[str, Session] = {}
+
+    def get(self, session_id: str | None) -> Session:
+        if not session_id:
+            raise UserError("no session: reload the page")
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                folder = self.root / (_UNSAFE.sub("_", session_id)[:64] or "anonymous")
+                folder.mkdir(parents=True, exist_ok=True)
+                session = self._sessions[session_id] = Session(id=session_id, folder=folder)
+        session.touch()
+        return session
+
+    def peek(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def drop(self, session_id: str) -> Session | None:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is not None:
+            session.own = None
+            session.runs.clear()
+            session.sweeps.clear()
+            shutil.rmtree(session.folder, ignore_errors=True)
+        return session
+
+    def expired(self, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        with self._lock:
+            return [sid for sid, s in self._sessions.items() if now - s.last_seen > self.idle_seconds]
+
+    def owned_pairs(self) -> int:
+        with self._lock:
+            return sum(s.own is not None for s in self._sessions.values())
+
+    def __len__(self) -> int:
+        return len(self._sessions)

@@ -1,0 +1,145 @@
+"""Assemble the tabs into one Gradio app; a timer polls each visitor's jobs.
+
+Named API endpoints (for `gradio_client`): /load_demo, /load_pair, /tailor, /cancel_tailor,
+/compare, /sweep, /cancel_sweep, /sweep_result, /export_patch, /export_report,
+/export_model, and the job endpoints /job_status, /wait_job, /cancel_job, /history.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from tailor_ui.ui.common import history_table, job_result_summary, session_id, user_errors
+from tailor_ui.ui.compare import CompareTab
+from tailor_ui.ui.export import ExportTab
+from tailor_ui.ui.forgetting import ForgettingTab
+from tailor_ui.ui.models import ModelsTab
+from tailor_ui.ui.studio import ROOT, Studio
+
+log = logging.getLogger(__name__)
+CSS_FILE = ROOT / "assets" / "style.css"
+POLL_SECONDS = 1.0
+
+INTRO = ("# Model Tailor Studio\n"
+         "Fine-tuning taught a multimodal model a new skill and made it forget old ones. "
+         "**Model Tailor** (ICML 2024) keeps the pre-trained weights almost everywhere and takes "
+         "a small, compensated *patch* from the fine-tuned model. Pick a pair, tailor it, compare "
+         "the answers and measure the forgetting.")
+
+
+class App:
+    """The tabs of one dashboard and the handlers that span them (polling, job API)."""
+
+    def __init__(self, studio: Studio) -> None:
+        from tailor_ui.ui.tailor import TailorTab
+
+        self.studio = studio
+        self.models = ModelsTab(studio)
+        self.tailor = TailorTab(studio)
+        self.compare = CompareTab(studio)
+        self.forgetting = ForgettingTab(studio)
+        self.export = ExportTab(studio)
+
+    # -- polling -----------------------------------------------------------------------
+
+    def poll(self, request: gr.Request) -> list:
+        """Everything that changed since this page's last poll (gr.skip() for the rest)."""
+        try:
+            session = self.studio.session(session_id(request))
+            self.studio.sync_runs(session)
+            self.studio.sync_sweeps(session)
+            handle, _ = self.models.current(session)
+            return [*self.models.poll(session), *self.tailor.poll(session, handle),
+                    *self.forgetting.poll(session), *self.export.poll(session)]
+        except Exception:  # polling must never pop an error every second
+            log.exception("poll failed")
+            return [gr.skip()] * len(self.outputs)
+
+    def unload(self, request: gr.Request) -> None:
+        try:
+            self.studio.end_session(session_id(request))
+        except Exception:
+            log.exception("ending a session failed")
+
+    # -- job API (also usable from the page's job id boxes) ------------------------------------
+
+    @user_errors
+    def job_status(self, job_id: str, request: gr.Request) -> dict:
+        """State of one of your jobs: status, stage, progress (0-1), error, timings, result."""
+        job = self.studio.runner.get(job_id, session_id(request))
+        return job_result_summary(job)
+
+    @user_errors
+    def wait_job(self, job_id: str, timeout_s: float, request: gr.Request) -> dict:
+        """Wait until one of your jobs ends (at most timeout_s seconds); returns its state."""
+        sid = session_id(request)
+        job = self.studio.runner.wait(job_id, sid, max(0.0, min(float(timeout_s or 0), 600.0)))
+        return job_result_summary(job)
+
+    @user_errors
+    def cancel_job(self, job_id: str, request: gr.Request) -> dict:
+        """Cancel one of your jobs (a running one stops at its next layer or block)."""
+        return job_result_summary(self.studio.runner.cancel(job_id, session_id(request)))
+
+    @user_errors
+    def history(self, request: gr.Request) -> list:
+        """Your jobs, newest first."""
+        table = history_table(self.studio.runner.history(session_id(request)))
+        return table.to_dict(orient="records")
+
+    # -- layout ----------------------------------------------------------------------------
+
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(title="Model Tailor Studio") as demo:
+            gr.Markdown(INTRO, elem_id="intro")
+            self.pair_status = gr.Markdown("⏳ Loading the demo pair…", elem_id="pair-status")
+            with gr.Tabs(elem_id="tabs"):
+                with gr.Tab("Models", id="models", elem_id="tab-models"):
+                    self.models.render()
+                with gr.Tab("Tailor", id="tailor", elem_id="tab-tailor"):
+                    self.tailor.render()
+                with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+                    self.compare.render()
+                with gr.Tab("Forgetting", id="forgetting", elem_id="tab-forgetting"):
+                    self.forgetting.render()
+                with gr.Tab("Export", id="export", elem_id="tab-export"):
+                    self.export.render()
+            self.outputs = [*self.models.poll_outputs(self.pair_status), *self.tailor.poll_outputs(),
+                            *self.forgetting.poll_outputs(), *self.export.poll_outputs()]
+            timer = gr.Timer(POLL_SECONDS)
+            timer.tick(self.poll, None, self.outputs, api_visibility="private", show_progress="hidden",
+                       concurrency_limit=None, trigger_mode="always_last")
+            demo.load(self.poll, None, self.outputs, api_visibility="private", show_progress="hidden",
+                      concurrency_limit=None)
+            demo.unload(self.unload)
+            gr.api(self.job_status, api_name="job_status", concurrency_limit=None)
+            gr.api(self.wait_job, api_name="wait_job", concurrency_limit=None)
+            gr.api(self.cancel_job, api_name="cancel_job", concurrency_limit=None)
+            gr.api(self.history, api_name="history", concurrency_limit=None)
+        self.blocks = demo
+        return demo
+
+
+def build_app(studio: Studio) -> gr.Blocks:
+    return App(studio).build()
+
+
+def launch_options(studio: Studio) -> dict[str, Any]:
+    """What `launch()` needs besides host and port: CSS (Gradio 6 takes it at launch) and
+    the folders the app may serve files from (session files, demo images)."""
+    allowed = []
+    workdir = Path(studio.config.workdir).resolve()
+    if not workdir.is_relative_to(Path(tempfile.gettempdir()).resolve()):
+        # Gradio copies files under the temp folder into its cache by itself; a workdir elsewhere
+        # must be allowed explicitly (session folders are named by unguessable session hashes)
+        allowed.append(str(workdir))
+    if studio.config.demo_dir is not None:
+        allowed.append(str(Path(studio.config.demo_dir)))
+    css = CSS_FILE.read_text(encoding="utf-8") if CSS_FILE.is_file() else None
+    return {"css": css, "allowed_paths": allowed, "max_file_size": "512mb",
+            "theme": gr.themes.Soft(primary_hue="orange")}

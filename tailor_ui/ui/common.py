@@ -1,0 +1,128 @@
+"""Small pieces every tab uses: sessions from requests, errors, progress bars, tables."""
+
+from __future__ import annotations
+
+import functools
+import html
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from tailor_ui.errors import UserError
+from tailor_ui.jobs import CANCELLED, DONE, FAILED, RUNNING, Job
+
+_BAR_COLOURS = {RUNNING: "#f97316", DONE: "#16a34a", FAILED: "#dc2626", CANCELLED: "#6b7280"}
+HISTORY_COLUMNS = ["job", "kind", "what", "status", "stage", "progress", "waited (s)", "ran (s)", "started"]
+
+
+def session_id(request: Any) -> str:
+    """The visitor's session: Gradio's session hash (one per page load or API client)."""
+    sid = getattr(request, "session_hash", None)
+    if not sid:
+        raise UserError("no session: reload the page")
+    return str(sid)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Show a `UserError` to the visitor as a Gradio error message (toast / API error)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+
+    return wrapper
+
+
+def changed(session, key: str, signature: Any) -> bool:
+    """True once per new `signature` of an output: polling sends only what changed."""
+    if session.sent.get(key) == signature:
+        return False
+    session.sent[key] = signature
+    return True
+
+
+def progress_html(job: Job | None, idle: str = "No job yet.") -> str:
+    """A progress bar with the job's stage; `data-status` lets tests wait for an outcome."""
+    if job is None:
+        return (f'<div class="mts-progress" data-status="idle" data-job="">'
+                f'<div class="mts-stage">{html.escape(idle)}</div></div>')
+    percent = 100 * job.fraction
+    colour = _BAR_COLOURS.get(job.status, "#9ca3af")
+    detail = job.stage
+    if job.status == FAILED and job.error:
+        detail = job.error
+    elif job.status == DONE and job.run_seconds is not None:
+        detail = f"done in {job.run_seconds:.1f} s"
+    head = f"{html.escape(job.label)} · {job.status}"
+    if job.status == RUNNING:
+        head += f" · {percent:.0f}%"
+    return (
+        f'<div class="mts-progress" data-status="{job.status}" data-job="{html.escape(job.id)}">'
+        f'<div class="mts-head"><code>{html.escape(job.id)}</code> {head}</div>'
+        f'<div class="mts-bar" style="background:#e5e7eb;border-radius:6px;height:12px;overflow:hidden">'
+        f'<div class="mts-fill" style="width:{percent:.1f}%;background:{colour};height:100%;'
+        f'transition:width .4s"></div></div>'
+        f'<div class="mts-stage">{html.escape(detail)}</div></div>')
+
+
+def job_signature(job: Job | None) -> tuple:
+    if job is None:
+        return ("none",)
+    return (job.id, job.status, job.stage, job.done, job.total, job.error)
+
+
+def history_table(jobs: Sequence[Job]) -> pd.DataFrame:
+    rows = []
+    for job in jobs:
+        run = job.run_seconds
+        rows.append({
+            "job": job.id, "kind": job.kind, "what": job.label, "status": job.status,
+            "stage": job.error if job.status == FAILED and job.error else job.stage,
+            "progress": f"{100 * job.fraction:.0f}%",
+            "waited (s)": round(job.queued_seconds, 1),
+            "ran (s)": None if run is None else round(run, 1),
+            "started": time.strftime("%H:%M:%S", time.localtime(job.submitted)),
+        })
+    return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+
+
+def fmt_table(table: pd.DataFrame | None, digits: int = 3) -> pd.DataFrame:
+    """Round floats for display (the CSV keeps full precision)."""
+    if table is None:
+        return pd.DataFrame()
+    out = table.copy()
+    for col in out.columns:
+        if pd.api.types.is_float_dtype(out[col]):
+            out[col] = out[col].round(digits)
+    return out
+
+
+def job_result_summary(job: Job) -> dict:
+    """What an API client learns about a job: its state and a JSON summary of its result."""
+    from tailor_ui.session import PairHandle, SweepRun, TailorRun
+
+    info = job.to_dict()
+    result = job.result
+    if isinstance(result, TailorRun):
+        report = result.report
+        info["result"] = {
+            "label": result.label, "patch_entries": report.get("patch_entries"),
+            "linear_fraction": report.get("linear_fraction"),
+            "model_fraction": report.get("model_fraction"),
+            "timings_s": report.get("timings_s"), "quick_check": report.get("quick_check"),
+            "settings": result.settings}
+    elif isinstance(result, SweepRun):
+        info["result"] = {"rows": len(result.table), "columns": list(result.table.columns),
+                          "seconds": result.seconds}
+    elif isinstance(result, PairHandle):
+        info["result"] = {"pair": result.label,
+                          "parameters": int(result.summary["numel"].sum())}
+    elif isinstance(result, list):
+        info["result"] = [list(r) if isinstance(r, tuple) else r for r in result]
+    return info

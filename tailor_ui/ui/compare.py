@@ -1,0 +1,63 @@
+"""Compare tab: one image, one prompt, every model's answer side by side."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from tailor_ui.errors import UserError
+from tailor_ui.ui.common import session_id, user_errors
+from tailor_ui.ui.studio import Studio, demo_examples
+
+MODES = [("Caption the image", "caption"), ("Ask a question", "question")]
+
+
+class CompareTab:
+    def __init__(self, studio: Studio) -> None:
+        self.studio = studio
+
+    @user_errors
+    def compare(self, image, mode: str, question: str, request: gr.Request):
+        """Answers of the pre-trained, fine-tuned and tailored models (and any other merge
+        of this session): three text boxes and a table of all."""
+        question = (question or "").strip()
+        if mode == "question" and not question:
+            raise UserError("type a question, or choose 'Caption the image'")
+        session = self.studio.session(session_id(request))
+        answers = self.studio.compare(session, image, question if mode == "question" else "")
+        fine_tuned = [a for name, a in answers if name.startswith("Fine-tuned")]
+        merges = answers[1 + len(self.studio.handle_for(session).pair.finetuned):]
+        tailored = merges[0][1] if merges else "(run a merge in the Tailor tab)"
+        table = pd.DataFrame(answers, columns=["model", "answer"])
+        return answers[0][1], fine_tuned[0] if fine_tuned else "", tailored, table
+
+    def render(self) -> None:
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                self.image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"],
+                                      height=260, elem_id="compare-image")
+                self.mode = gr.Radio(MODES, value="caption", label="Task", elem_id="compare-mode")
+                self.question = gr.Textbox(label="Question", placeholder="how many red shapes are there?",
+                                           elem_id="compare-question")
+                self.button = gr.Button("Compare", variant="primary", elem_id="compare-run")
+            with gr.Column(scale=2):
+                with gr.Row(equal_height=True):
+                    self.base = gr.Textbox(label="Pre-trained", lines=3, interactive=False,
+                                           elem_id="compare-base")
+                    self.finetuned = gr.Textbox(label="Fine-tuned", lines=3, interactive=False,
+                                                elem_id="compare-finetuned")
+                    self.tailored = gr.Textbox(label="Tailored (your latest Model Tailor merge)", lines=3,
+                                               interactive=False,
+                                               elem_id="compare-tailored")
+                self.table = gr.Dataframe(headers=["model", "answer"], label="Every model",
+                                          interactive=False, wrap=True, elem_id="compare-table")
+        outputs = [self.base, self.finetuned, self.tailored, self.table]
+        self.button.click(self.compare, [self.image, self.mode, self.question], outputs,
+                          api_name="compare", concurrency_limit=None)
+        rows = demo_examples(self.studio.config.demo_dir)
+        if rows:
+            gr.Examples([[path, "caption" if not q else "question", q] for path, q in rows],
+                        [self.image, self.mode, self.question], outputs, fn=self.compare,
+                        run_on_click=True, cache_examples=False, examples_per_page=12,
+                        label="Examples (click one)", elem_id="compare-examples",
+                        api_visibility="private")

@@ -1,0 +1,131 @@
+"""Forgetting tab: sweep methods x settings, see the trade-off, download the table."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from tailor_ui import plots
+from tailor_ui.methods import REGISTRY
+from tailor_ui.session import SweepRun
+from tailor_ui.ui.common import (changed, fmt_table, job_signature, progress_html, session_id,
+                                 user_errors)
+from tailor_ui.ui.studio import Studio, parse_numbers
+
+DEFAULT_METHODS = ["tailor", "magnitude", "wise_ft"]
+
+
+def sweep_outputs(run: SweepRun | None) -> list:
+    """Figures, table and CSV of a sweep (empty figures before the first one)."""
+    table = run.table if run is not None else None
+    shown = None
+    if table is not None:  # the one-pass Hessians are the dashboard's default: not worth a label
+        shown = table.assign(setting=table["setting"].str.replace(" hessians=one-pass", "", regex=False))
+    return [plots.tradeoff(shown), plots.scores_vs_keep(shown), plots.retention_bars(shown),
+            plots.patch_map(run.heatmap_report if run else None, run.heatmap_label if run else ""),
+            fmt_table(table) if table is not None else pd.DataFrame(),
+            str(run.csv_file) if run is not None else None]
+
+
+class ForgettingTab:
+    def __init__(self, studio: Studio) -> None:
+        self.studio = studio
+
+    @user_errors
+    def run(self, methods: list[str], keeps: str, lams: str, alpha: float, examples: float,
+            request: gr.Request):
+        """Queue a sweep over methods x settings on the built-in evaluation sets."""
+        session = self.studio.session(session_id(request))
+        job = self.studio.submit_sweep(
+            session, methods or [], parse_numbers(keeps, "keep values"),
+            parse_numbers(lams, "λ values", high=2.0), alpha=float(alpha), examples=int(examples))
+        session.sent.pop("sweep-progress", None)
+        return job.id, progress_html(job)
+
+    @user_errors
+    def cancel(self, job_id: str, request: gr.Request):
+        sid = session_id(request)
+        runner = self.studio.runner
+        active = runner.active(sid, "sweep")
+        chosen = next((j for j in active if j.id == (job_id or "").strip()), None)
+        chosen = chosen or (active[0] if active else None)
+        if chosen is None:
+            return progress_html(None, "Nothing to cancel.")
+        return progress_html(runner.cancel(chosen.id, sid))
+
+    @user_errors
+    def result(self, job_id: str, request: gr.Request):
+        """The table and CSV of a finished sweep (the latest when no id is given)."""
+        session = self.studio.session(session_id(request))
+        self.studio.sync_sweeps(session)
+        job_id = (job_id or "").strip()
+        run = session.sweeps.get(job_id) if job_id else session.latest_sweep()
+        if run is None:
+            job = self.studio.runner.get(job_id, session.id) if job_id else None
+            raise gr.Error(f"sweep {job_id} is {job.status}: {job.error or job.stage}" if job
+                           else "no finished sweep in this session")
+        return fmt_table(run.table), str(run.csv_file)
+
+    def poll(self, session) -> list:
+        jobs = self.studio.runner.history(session.id, "sweep")
+        job = jobs[0] if jobs else None
+        out = [progress_html(job, "Run a sweep: it evaluates every setting in the background.")
+               if changed(session, "sweep-progress", job_signature(job)) else gr.skip()]
+        run = session.latest_sweep()
+        if changed(session, "sweep-result", run.job_id if run else None):
+            out += sweep_outputs(run)
+        else:
+            out += [gr.skip()] * 6
+        return out
+
+    def poll_outputs(self) -> list:
+        return [self.progress, self.tradeoff, self.keep_plot, self.retention, self.heatmap,
+                self.table, self.csv]
+
+    def render(self) -> None:
+        gr.Markdown("Evaluates the pre-trained and fine-tuned models and every method x setting on "
+                    "the original tasks (captioning, attribute questions) and the target task "
+                    "(counting). Scores: CIDEr-D for captions, VQA accuracy for questions.")
+        with gr.Row():
+            self.methods = gr.CheckboxGroup([(info.label, name) for name, info in REGISTRY.items()],
+                                            value=DEFAULT_METHODS, label="Methods", scale=2,
+                                            elem_id="sweep-methods")
+            self.keeps = gr.Textbox("0.02, 0.05, 0.1, 0.2", label="Patch sizes (keep)",
+                                    info="comma-separated, for the patch methods", scale=1,
+                                    elem_id="sweep-keeps")
+            self.lams = gr.Textbox("0.3, 0.5, 0.7", label="λ values", scale=1,
+                                   info="for WiSE-FT and task arithmetic", elem_id="sweep-lams")
+        with gr.Row():
+            self.alpha = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="Fusion weight (alpha)",
+                                   elem_id="sweep-alpha")
+            self.examples = gr.Slider(4, 150, value=24, step=4, label="Examples per evaluation set",
+                                      elem_id="sweep-n")
+            with gr.Column(min_width=200):
+                self.run_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-run")
+                self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel")
+        with gr.Row():
+            self.job_id = gr.Textbox(label="Sweep job id", interactive=False, scale=1,
+                                     elem_id="sweep-job-id")
+            with gr.Column(scale=3):
+                self.progress = gr.HTML(progress_html(None, "Run a sweep: it evaluates every setting "
+                                                            "in the background."),
+                                        elem_id="sweep-progress")
+        empty = sweep_outputs(None)
+        with gr.Row():
+            self.tradeoff = gr.Plot(empty[0], elem_id="sweep-tradeoff", show_label=False)
+            self.keep_plot = gr.Plot(empty[1], elem_id="sweep-keep", show_label=False)
+        with gr.Row():
+            self.retention = gr.Plot(empty[2], elem_id="sweep-retention", show_label=False)
+            self.heatmap = gr.Plot(empty[3], elem_id="sweep-heatmap", show_label=False)
+        self.table = gr.Dataframe(label="Forgetting table", interactive=False, elem_id="sweep-table",
+                                  wrap=True, max_height=360)
+        with gr.Row():
+            self.csv = gr.DownloadButton("Download the table (CSV)", value=None, elem_id="sweep-csv")
+            self.refresh = gr.Button("Show the result of the sweep job id above", size="sm",
+                                     elem_id="sweep-show")
+        self.run_button.click(self.run, [self.methods, self.keeps, self.lams, self.alpha, self.examples],
+                              [self.job_id, self.progress], api_name="sweep", concurrency_limit=None)
+        self.cancel_button.click(self.cancel, [self.job_id], [self.progress], api_name="cancel_sweep",
+                                 concurrency_limit=None)
+        self.refresh.click(self.result, [self.job_id], [self.table, self.csv], api_name="sweep_result",
+                           concurrency_limit=None)

@@ -1,0 +1,196 @@
+"""Models tab: use the demo pair or load your own; see what fine-tuning changed."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from tailor_ui import plots
+from tailor_ui.errors import UserError
+from tailor_ui.pair import DTYPES
+from tailor_ui.session import PairHandle
+from tailor_ui.ui.common import changed, job_signature, progress_html, session_id, user_errors
+from tailor_ui.ui.studio import Studio
+
+DTYPE_CHOICES = [d for d in DTYPES if len(d) > 4]  # float32, bfloat16, float16
+
+
+def _millions(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e5 else f"{int(n):,}"
+
+
+def _layers(values: pd.Series) -> str:
+    layers = sorted({int(v) for v in values.dropna()})
+    if not layers:
+        return ""
+    runs, start, prev = [], layers[0], layers[0]
+    for v in layers[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        runs.append(f"{start}" if start == prev else f"{start}–{prev}")
+        if v is not None:
+            start = prev = v
+    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(runs)
+
+
+def summary_markdown(handle: PairHandle) -> str:
+    """Parameters, and which modules fine-tuning changed, in a few lines."""
+    df = handle.summary
+    total = int(df["numel"].sum())
+    by_component = df.groupby("component")["numel"].sum()
+    changed_rows = df[df["changed"] > 0]
+    entries = int(changed_rows["changed"].sum())
+    lines = [f"### {handle.label}",
+             f"- **Parameters:** {_millions(total)} in {len(df)} tensors ("
+             + ", ".join(f"{c} {_millions(n)}" for c, n in by_component.items()) + ")",
+             f"- **Changed by fine-tuning:** {len(changed_rows)} tensors, {entries:,} entries "
+             f"({100 * entries / max(total, 1):.1f}% of the model)"]
+    for comp, group in changed_rows.groupby("component"):
+        modules = ", ".join(sorted(set(group["module"]), key=plots.module_rank))
+        where = _layers(group["layer"])
+        lines.append(f"- **{comp}** {where}: {modules}")
+    untouched = sorted(set(df["component"]) - set(changed_rows["component"]))
+    if untouched:
+        lines.append(f"- **Unchanged:** {', '.join(untouched)}")
+    if len(handle.pair.finetuned) > 1:
+        lines.append(f"- {len(handle.pair.finetuned)} fine-tuned models; the summary shows the first")
+    return "\n".join(lines)
+
+
+def changed_table(handle: PairHandle) -> pd.DataFrame:
+    """One row per (component, layer, module) that fine-tuning changed."""
+    df = handle.summary
+    rows = df[df["changed"] > 0].copy()
+    if rows.empty:
+        return pd.DataFrame(columns=["component", "layer", "module", "tensors", "changed entries",
+                                     "changed %", "relative change"])
+    rows["layer"] = rows["layer"].astype("Int64")
+    rows["delta_sq"], rows["base_sq"] = rows["delta_norm"] ** 2, rows["base_norm"] ** 2
+    out = (rows.groupby(["component", "layer", "module"], dropna=False)
+           .agg(tensors=("name", "count"), changed=("changed", "sum"), numel=("numel", "sum"),
+                delta_sq=("delta_sq", "sum"), base_sq=("base_sq", "sum"))
+           .reset_index())
+    out["changed %"] = (100 * out["changed"] / out["numel"]).round(2)
+    out["relative change"] = (out["delta_sq"] ** 0.5 / out["base_sq"].where(out["base_sq"] > 0) ** 0.5).round(5)
+    out = out.rename(columns={"changed": "changed entries"})
+    return out[["component", "layer", "module", "tensors", "changed entries", "changed %",
+                "relative change"]]
+
+
+def changed_modules(handle: PairHandle) -> list[str]:
+    """Module kinds (q_proj, fc1…) of the linear weights fine-tuning changed."""
+    df = handle.summary
+    rows = df[(df["changed"] > 0) & df["linear"]]
+    return sorted(set(rows["module"]), key=plots.module_rank)
+
+
+class ModelsTab:
+    def __init__(self, studio: Studio) -> None:
+        self.studio = studio
+
+    # -- handlers ----------------------------------------------------------------------
+
+    @user_errors
+    def use_demo(self, request: gr.Request):
+        """Switch this session to the built-in demo pair; returns its summary."""
+        session = self.studio.session(session_id(request))
+        handle = self.studio.use_demo(session)
+        session.sent["models-summary"] = id(handle)
+        return self._summary(handle)
+
+    @user_errors
+    def load(self, base: str, finetuned: str, dtype: str, device: str, request: gr.Request):
+        """Queue loading a base and a fine-tuned model; returns the job id."""
+        session = self.studio.session(session_id(request))
+        job = self.studio.submit_load(session, base or "", finetuned or "", dtype or "float32",
+                                      device or "cpu")
+        return job.id, progress_html(job)
+
+    def _summary(self, handle: PairHandle):
+        return summary_markdown(handle), plots.change_map(handle.summary), changed_table(handle)
+
+    # -- polling ---------------------------------------------------------------------------
+
+    def current(self, session) -> tuple[PairHandle | None, str]:
+        """The session's pair, or a line saying why there is none yet."""
+        try:
+            if session.own is None and not session.use_demo:
+                loading = self.studio.runner.active(session.id, "load")
+                if loading:
+                    return None, "Loading your models…"
+                return None, "No pair loaded: load your models or use the demo pair."
+            if not self.studio.demo_ready.is_set() and (session.use_demo or session.own is None):
+                return None, "Loading the demo pair…"
+            return self.studio.handle_for(session), ""
+        except UserError as exc:
+            return None, str(exc)
+
+    def poll(self, session) -> list:
+        handle, why = self.current(session)
+        jobs = self.studio.runner.history(session.id, "load")
+        job = jobs[0] if jobs else None
+        out = [progress_html(job, "Loading runs in the background; its progress shows here.")
+               if changed(session, "models-progress", job_signature(job)) else gr.skip()]
+        if handle is None:
+            status = f"⏳ {why}" if "Loading" in why else f"⚠️ {why}"
+        else:
+            status = (f"**Pair:** {handle.label} · {len(handle.pair.finetuned)} fine-tuned · "
+                      f"device {handle.lane}")
+            if handle.shared and self.studio.demo_seconds is not None:
+                status += f" · ready (loaded in {self.studio.demo_seconds:.1f} s)"
+        out.append(status if changed(session, "pair-status", status) else gr.skip())
+        signature = id(handle) if handle is not None else why
+        if changed(session, "models-summary", signature):
+            if handle is None:
+                out += [f"*{why}*", plots.change_map(None), pd.DataFrame()]
+            else:
+                out += list(self._summary(handle))
+        else:
+            out += [gr.skip()] * 3
+        return out
+
+    # -- layout ----------------------------------------------------------------------------
+
+    def render(self) -> None:
+        studio = self.studio
+        gr.Markdown("The **built-in demo pair** is a miniature LLaVA trained on a world of coloured "
+                    "shapes: the base model captions and answers questions about attributes; the "
+                    "fine-tuned model learnt to count and forgot part of the rest. Or load your own "
+                    "pre-trained and fine-tuned model (hub id `owner/name` or a local folder).")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                self.demo_button = gr.Button("Use the demo pair", variant="primary",
+                                             elem_id="models-use-demo")
+                with gr.Group():
+                    self.base = gr.Textbox(label="Pre-trained (base) model", elem_id="models-base",
+                                           placeholder="llava-hf/llava-1.5-7b-hf or /models/base")
+                    self.finetuned = gr.Textbox(label="Fine-tuned model(s), comma-separated",
+                                                elem_id="models-finetuned",
+                                                placeholder="you/llava-1.5-7b-counting")
+                    with gr.Row():
+                        self.dtype = gr.Dropdown(DTYPE_CHOICES, value="float32" if not studio.has_gpu
+                                                 else "bfloat16", label="dtype", elem_id="models-dtype")
+                        devices = ["cpu", "cuda", "auto"] if studio.has_gpu else ["cpu"]
+                        self.device = gr.Dropdown(devices, value=devices[1] if studio.has_gpu else "cpu",
+                                                  label="device", elem_id="models-device")
+                    self.load_button = gr.Button("Load pair", elem_id="models-load")
+                self.job_id = gr.Textbox(label="Load job id", interactive=False, elem_id="models-job-id")
+                self.progress = gr.HTML(progress_html(None, "Loading runs in the background; its "
+                                                            "progress shows here."),
+                                        elem_id="models-progress")
+            with gr.Column(scale=2):
+                self.summary = gr.Markdown("*Loading the demo pair…*", elem_id="models-summary")
+                self.plot = gr.Plot(plots.change_map(None), elem_id="models-change-plot",
+                                    show_label=False)
+        self.table = gr.Dataframe(label="What fine-tuning changed, per layer and module",
+                                  interactive=False, elem_id="models-table", wrap=True, max_height=320)
+
+        self.demo_button.click(self.use_demo, None, [self.summary, self.plot, self.table],
+                               api_name="load_demo", concurrency_limit=None)
+        self.load_button.click(self.load, [self.base, self.finetuned, self.dtype, self.device],
+                               [self.job_id, self.progress], api_name="load_pair",
+                               concurrency_limit=None)
+
+    def poll_outputs(self, pair_status) -> list:
+        return [self.progress, pair_status, self.summary, self.plot, self.table]

@@ -1,0 +1,238 @@
+"""Tailor tab: choose a method and its knobs, run it as a background job, see the patch."""
+
+from __future__ import annotations
+
+import re
+
+import gradio as gr
+import pandas as pd
+
+from tailor_ui import plots
+from tailor_ui.methods import REGISTRY
+from tailor_ui.methods.selection import SCOPES
+from tailor_ui.session import PairHandle, TailorRun
+from tailor_ui.ui.common import (changed, fmt_table, history_table, job_signature, progress_html,
+                                 session_id, user_errors)
+from tailor_ui.ui.models import changed_modules
+from tailor_ui.ui.studio import Studio, default_settings
+
+LAMBDA_METHODS = ("wise_ft", "task_arithmetic", "ties")
+DEFAULT_LAMBDA = {"wise_ft": 0.5, "task_arithmetic": 1.0, "ties": 1.0}
+SCOPE_INFO = {"block": "per 128-column block (authors' code)", "row": "per output row",
+              "tensor": "per weight matrix", "global": "across the whole model"}
+
+
+def build_settings(method: str, keep: float, alpha: float, scope: str, compensate: bool,
+                   modules: list[str] | None, lam: float | None, hessians: str = "one-pass",
+                   sign: str = "obs", sensitivity: str = "change", others: str = "finetuned",
+                   modules_regex: str = ""):
+    """Widget values -> engine Settings (which validates them)."""
+    pattern = (modules_regex or "").strip() or None
+    if pattern is None and modules:
+        pattern = r"\.(?:" + "|".join(re.escape(m) for m in modules) + r")$"
+    lam_value = float(lam) if method in LAMBDA_METHODS and lam is not None else None
+    return default_settings(method=method, keep=float(keep), alpha=float(alpha), scope=scope,
+                            compensate=bool(compensate), sign=sign, sensitivity=sensitivity,
+                            hessians=hessians, modules=pattern, others=others, lam=lam_value)
+
+
+def result_markdown(run: TailorRun | None, default: bool = False) -> str:
+    if run is None:
+        return "*Run a merge to see its patch here.*"
+    r = run.report
+    timings = r.get("timings_s", {})
+    parts = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if k != "total" and v >= 0.01)
+    title = f"### {run.label}" + (" — start-up merge with the default settings" if default
+                                  else f" — `{run.job_id}`")
+    lines = [title,
+             f"**Patch:** {r['patch_entries']:,} entries · {100 * r['linear_fraction']:.2f}% of the "
+             f"{r['selected_linears']} selected linear weights · {100 * r['model_fraction']:.2f}% of "
+             f"the model",
+             f"**Time:** {run.seconds:.2f} s in all (merge {timings.get('total', 0):.2f} s"
+             + (f": {parts}" if parts else "") + ")"]
+    if run.quick is not None and "This merge" in set(run.quick["model"]):
+        row = run.quick[run.quick["model"] == "This merge"].iloc[0]
+        lines.append(f"**Quick check:** original skills kept {100 * row['original retention']:.0f}% · "
+                     f"target skill kept {100 * row['target retention']:.0f}% (few examples; run a "
+                     "sweep in *Forgetting* for the full picture)")
+    return "\n\n".join(lines)
+
+
+class TailorTab:
+    def __init__(self, studio: Studio) -> None:
+        self.studio = studio
+
+    # -- handlers ----------------------------------------------------------------------
+
+    @user_errors
+    def run(self, method: str, keep: float, alpha: float, scope: str, compensate: bool,
+            modules: list[str] | None, lam: float, hessians: str, sign: str, sensitivity: str,
+            others: str, modules_regex: str, calib_source: str, calib_files: list[str] | None,
+            calib_examples: float, request: gr.Request):
+        """Queue a merge with these settings; returns its job id and progress."""
+        session = self.studio.session(session_id(request))
+        settings = build_settings(method, keep, alpha, scope, compensate, modules, lam, hessians,
+                                  sign, sensitivity, others, modules_regex)
+        job = self.studio.submit_tailor(session, settings, calib_source=calib_source,
+                                        calib_files=calib_files or None,
+                                        calib_examples=int(calib_examples))
+        session.sent.pop("tailor-progress", None)
+        return job.id, progress_html(job)
+
+    def rerun(self, auto: bool, method: str, keep: float, alpha: float, scope: str,
+              compensate: bool, modules: list[str] | None, lam: float, hessians: str, sign: str,
+              sensitivity: str, others: str, modules_regex: str, calib_source: str,
+              calib_files: list[str] | None, calib_examples: float, request: gr.Request):
+        """A slider was released: after a first run (the visitor's, or the start-up merge of
+        the demo pair) merge again with the new value; an unfinished earlier merge of the
+        session is superseded. With one-pass Hessians this re-thresholds cached scores."""
+        try:
+            session = self.studio.session(session_id(request))
+            handle = self.studio.handle_for(session)
+            if not auto or (session.latest_run(handle) is None and handle.default_run is None):
+                return gr.skip(), gr.skip()
+            settings = build_settings(method, keep, alpha, scope, compensate, modules, lam,
+                                      hessians, sign, sensitivity, others, modules_regex)
+            job = self.studio.submit_tailor(session, settings, calib_source=calib_source,
+                                            calib_files=calib_files or None,
+                                            calib_examples=int(calib_examples), supersede=True)
+        except Exception as exc:  # a slider move never pops an error: the Run button does
+            gr.Warning(str(exc))
+            return gr.skip(), gr.skip()
+        session.sent.pop("tailor-progress", None)
+        return job.id, progress_html(job)
+
+    @user_errors
+    def cancel(self, job_id: str, request: gr.Request):
+        """Cancel a merge: the given one if it is still unfinished, else this session's
+        latest unfinished merge."""
+        sid = session_id(request)
+        runner = self.studio.runner
+        active = runner.active(sid, "tailor")
+        chosen = next((j for j in active if j.id == (job_id or "").strip()), None)
+        chosen = chosen or (active[0] if active else None)
+        if chosen is None:
+            if (job_id or "").strip():
+                return progress_html(runner.get(job_id, sid))
+            return progress_html(None, "Nothing to cancel.")
+        return progress_html(runner.cancel(chosen.id, sid))
+
+    @staticmethod
+    def method_changed(method: str):
+        info = REGISTRY.get(method)
+        return (gr.update(value=DEFAULT_LAMBDA.get(method, 1.0), interactive=method in LAMBDA_METHODS),
+                f"*{info.summary}*" if info else "")
+
+    # -- polling ---------------------------------------------------------------------------
+
+    def poll(self, session, handle: PairHandle | None) -> list:
+        runner = self.studio.runner
+        jobs = runner.history(session.id, "tailor")
+        job = jobs[0] if jobs else None
+        out = [progress_html(job, "Press Run: the merge runs in the background.")
+               if changed(session, "tailor-progress", job_signature(job)) else gr.skip()]
+        run = session.latest_run(handle) if handle is not None else None
+        default = run is None and handle is not None and handle.default_run is not None
+        if default:
+            run = handle.default_run
+        signature = (id(handle), run.job_id if run else None, id(run))
+        if changed(session, "tailor-result", signature):
+            out += [result_markdown(run, default),
+                    fmt_table(run.quick) if run is not None and run.quick is not None else pd.DataFrame(),
+                    plots.patch_map(run.report if run else None, run.label if run else "",
+                                   run.handle.summary if run else None)]
+        else:
+            out += [gr.skip()] * 3
+        if handle is not None and changed(session, "tailor-modules", id(handle)):
+            out.append(gr.update(choices=changed_modules(handle), value=[]))
+        else:
+            out.append(gr.skip())
+        every = runner.history(session.id)
+        if changed(session, "job-history", tuple(job_signature(j) for j in every)):
+            out.append(history_table(every))
+        else:
+            out.append(gr.skip())
+        return out
+
+    def poll_outputs(self) -> list:
+        return [self.progress, self.result, self.quick, self.heatmap, self.modules, self.history]
+
+    # -- layout ----------------------------------------------------------------------------
+
+    def render(self) -> None:
+        studio = self.studio
+        choices = [(info.label, name) for name, info in REGISTRY.items()]
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                self.method = gr.Dropdown(choices, value="tailor", label="Method", elem_id="tailor-method")
+                self.method_info = gr.Markdown(f"*{REGISTRY['tailor'].summary}*", elem_id="tailor-method-info")
+                self.keep = gr.Slider(0.01, 1.0, value=0.10, step=0.01, label="Patch size (keep)",
+                                      info="fraction of the changed weights taken from the fine-tuned model",
+                                      elem_id="tailor-keep")
+                self.alpha = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="Fusion weight (alpha)",
+                                       info="salience vs sensitivity (Model Tailor)", elem_id="tailor-alpha")
+                self.auto = gr.Checkbox(True, label="Re-run when a slider is released",
+                                        elem_id="tailor-auto")
+                self.scope = gr.Radio([(f"{s}: {SCOPE_INFO.get(s, s)}", s) for s in SCOPES], value="block",
+                                      label="Threshold scope", elem_id="tailor-scope")
+                self.compensate = gr.Checkbox(True, label="Compensate the patch (OBS decoration)",
+                                              elem_id="tailor-compensate")
+                self.modules = gr.Dropdown([], value=[], multiselect=True, label="Modules",
+                                           info="empty: every linear layer fine-tuning changed",
+                                           elem_id="tailor-modules")
+                self.lam = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="λ (WiSE-FT, task arithmetic, TIES)",
+                                     interactive=False, elem_id="tailor-lam")
+                with gr.Accordion("Calibration data (target task)", open=False):
+                    self.calib_source = gr.Radio([("built-in (demo counting set)", "builtin"),
+                                                  ("upload JSONL + images, or a .zip", "upload")],
+                                                 value="builtin", label="Calibration set",
+                                                 elem_id="tailor-calib-source")
+                    self.calib_files = gr.File(file_count="multiple", type="filepath",
+                                               label="JSONL ({image, question, answers} per line) with its images",
+                                               elem_id="tailor-calib-files")
+                    self.calib_n = gr.Slider(8, 512, value=studio.config.calib_examples, step=8,
+                                             label="Calibration examples", elem_id="tailor-calib-n")
+                with gr.Accordion("Advanced", open=False):
+                    self.hessians = gr.Radio(
+                        [("one pass (slider moves re-threshold cached scores: fast)", "one-pass"),
+                         ("sequential (authors' order; every change recomputes)", "sequential")],
+                        value="one-pass", label="Hessians", elem_id="tailor-hessians")
+                    self.sign = gr.Radio([("OBS (subtract; default)", "obs"), ("released code (add)", "released")],
+                                         value="obs", label="Compensation sign", elem_id="tailor-sign")
+                    self.sensitivity = gr.Radio([("change (W_ft − W_pre)", "change"), ("weight (W_ft)", "weight")],
+                                                value="change", label="Sensitivity form",
+                                                elem_id="tailor-sensitivity")
+                    self.others = gr.Radio([("keep fine-tuned", "finetuned"), ("revert to base", "base"),
+                                            ("merge like linears", "linear")], value="finetuned",
+                                           label="Other tensors (norms, biases, embeddings)",
+                                           elem_id="tailor-others")
+                    self.modules_regex = gr.Textbox(label="Module regex (overrides the picker)",
+                                                    placeholder=r"language_model\.layers\.(2|3)\.",
+                                                    elem_id="tailor-modules-regex")
+                with gr.Row():
+                    self.run_button = gr.Button("Run", variant="primary", elem_id="tailor-run")
+                    self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="tailor-cancel")
+            with gr.Column(scale=2):
+                self.job_id = gr.Textbox(label="Job id", interactive=False, elem_id="tailor-job-id")
+                self.progress = gr.HTML(progress_html(None, "Press Run: the merge runs in the background."),
+                                        elem_id="tailor-progress")
+                self.result = gr.Markdown(result_markdown(None), elem_id="tailor-result")
+                self.quick = gr.Dataframe(label="Quick check (scores on a few examples per task)",
+                                          interactive=False, elem_id="tailor-quick")
+                self.heatmap = gr.Plot(plots.patch_map(None), elem_id="tailor-heatmap", show_label=False)
+        self.history = gr.Dataframe(label="Your jobs", interactive=False, elem_id="job-history",
+                                    wrap=True, max_height=300)
+
+        inputs = [self.method, self.keep, self.alpha, self.scope, self.compensate, self.modules,
+                  self.lam, self.hessians, self.sign, self.sensitivity, self.others,
+                  self.modules_regex, self.calib_source, self.calib_files, self.calib_n]
+        self.run_button.click(self.run, inputs, [self.job_id, self.progress], api_name="tailor",
+                              concurrency_limit=None)
+        for slider in (self.keep, self.alpha, self.lam):
+            slider.release(self.rerun, [self.auto, *inputs], [self.job_id, self.progress],
+                           api_visibility="private", concurrency_limit=None, show_progress="hidden",
+                           trigger_mode="always_last")
+        self.cancel_button.click(self.cancel, [self.job_id], [self.progress], api_name="cancel_tailor",
+                                 concurrency_limit=None)
+        self.method.change(self.method_changed, [self.method], [self.lam, self.method_info],
+                           api_visibility="private", queue=False)

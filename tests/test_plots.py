@@ -1,0 +1,121 @@
+"""Plotly figures from the engine's tables: the numbers they show, and empty inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from tailor_ui import plots
+from tailor_ui.pair import summarize
+
+
+class TinyMLLM(torch.nn.Module):
+    """Parameter names laid out like an MLLM's: a vision layer, a projector, two decoder layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vision_tower = torch.nn.ModuleDict({"layers": torch.nn.ModuleList(
+            [torch.nn.ModuleDict({"fc1": torch.nn.Linear(4, 4)})])})
+        self.multi_modal_projector = torch.nn.ModuleDict({"linear_1": torch.nn.Linear(4, 4)})
+        self.language_model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList(
+            [torch.nn.ModuleDict({"q_proj": torch.nn.Linear(4, 4, bias=False),
+                                  "down_proj": torch.nn.Linear(4, 4, bias=False),
+                                  "norm": torch.nn.LayerNorm(4)}) for _ in range(2)])})
+
+
+def test_change_map_shows_relative_change_per_module_and_layer():
+    torch.manual_seed(0)
+    base, tuned = TinyMLLM(), TinyMLLM()
+    tuned.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        tuned.language_model["layers"][1]["q_proj"].weight.mul_(1.5)  # relative change 0.5
+    fig = plots.change_map(summarize(base, tuned))
+    heat = fig.data[0]
+    assert isinstance(heat, go.Heatmap)
+    assert list(heat.x) == ["visi 0", "bridge", "lang 0", "lang 1"]  # vision, bridge, language
+    grid = pd.DataFrame(heat.z, index=list(heat.y), columns=list(heat.x))
+    assert grid.loc["q_proj", "lang 1"] == pytest.approx(0.5, rel=1e-5)
+    assert grid.loc["q_proj", "lang 0"] == 0.0
+    assert math.isnan(grid.loc["q_proj", "visi 0"])  # no such module there
+    assert "norm" not in grid.index  # linear weights only
+    assert list(heat.y).index("q_proj") < list(heat.y).index("down_proj")  # attention first
+    fig.to_json()
+
+
+def test_patch_map_shows_the_kept_fraction():
+    report = {"tensors": {
+        "model.language_model.layers.2.self_attn.q_proj.weight": {"kept": 10, "numel": 100, "layer": 2},
+        "model.language_model.layers.3.self_attn.q_proj.weight": {"kept": 30, "numel": 100, "layer": 3},
+        "model.language_model.layers.3.mlp.down_proj.weight": {"kept": 5, "numel": 200, "layer": 3},
+        "model.language_model.layers.3.input_layernorm.weight": {"kept": 4, "numel": 4, "layer": 3},
+    }}
+    fig = plots.patch_map(report, "Model Tailor keep=0.1")
+    heat = fig.data[0]
+    grid = pd.DataFrame(heat.z, index=list(heat.y), columns=list(heat.x))
+    assert grid.loc["q_proj", "lang 2"] == pytest.approx(0.1)
+    assert grid.loc["q_proj", "lang 3"] == pytest.approx(0.3)
+    assert grid.loc["down_proj", "lang 3"] == pytest.approx(0.025)
+    assert "input_layernorm" not in grid.index
+    assert "keep=0.1" in fig.layout.title.text
+
+
+def sweep_table() -> pd.DataFrame:
+    rows = [
+        {"kind": "base", "method": "base", "setting": "base", "keep": 0.0, "lam": None,
+         "original": 2.0, "target": 0.0},
+        {"kind": "finetuned", "method": "finetuned", "setting": "ft", "keep": 1.0, "lam": None,
+         "original": 1.0, "target": 0.8},
+        {"kind": "merged", "method": "tailor", "setting": "Model Tailor keep=0.1", "keep": 0.1,
+         "lam": None, "original": 1.9, "target": 0.78},
+        {"kind": "merged", "method": "tailor", "setting": "Model Tailor keep=0.05", "keep": 0.05,
+         "lam": None, "original": 1.95, "target": 0.7},
+        {"kind": "merged", "method": "magnitude", "setting": "Magnitude keep=0.1", "keep": 0.1,
+         "lam": None, "original": 1.8, "target": 0.5},
+        {"kind": "merged", "method": "wise_ft", "setting": "WiSE-FT lam=0.5", "keep": np.nan,
+         "lam": 0.5, "original": 1.5, "target": 0.6},
+    ]
+    table = pd.DataFrame(rows)
+    table["original_retention"] = table["original"] / 2.0
+    table["target_retention"] = table["target"] / 0.8
+    return table
+
+
+def test_tradeoff_has_a_trace_per_method_and_the_frontier():
+    fig = plots.tradeoff(sweep_table())
+    names = [t.name for t in fig.data]
+    assert names[0] == "frontier"
+    assert set(names[1:]) == {"Pre-trained", "Fine-tuned", "Model Tailor", "Magnitude patch", "WiSE-FT"}
+    tailor = next(t for t in fig.data if t.name == "Model Tailor")
+    assert list(tailor.x) == [1.95, 1.9]  # ordered by keep
+    frontier = fig.data[0]
+    # magnitude and WiSE-FT are beaten on both axes by Model Tailor
+    assert list(frontier.x) == [1.0, 1.9, 1.95, 2.0]
+    fig.to_json()
+
+
+def test_scores_vs_keep_and_retention():
+    table = sweep_table()
+    fig = plots.scores_vs_keep(table)
+    traces = [t for t in fig.data if t.name == "Model Tailor"]
+    assert len(traces) == 2  # original and target panels
+    assert list(traces[0].x) == [0.05, 0.1] and list(traces[1].y) == [0.7, 0.78]
+    assert not any(t.name == "WiSE-FT" for t in fig.data)  # no keep knob
+    assert len(fig.layout.shapes) == 4  # pre-trained and fine-tuned reference lines per panel
+    bars = plots.retention_bars(table)
+    assert [b.name for b in bars.data] == ["original tasks (vs base)", "target task (vs fine-tuned)"]
+    assert "base" not in list(bars.data[0].y)
+    assert bars.data[1].x[list(bars.data[1].y).index("Model Tailor keep=0.1")] == pytest.approx(97.5)
+
+
+@pytest.mark.parametrize("make", [plots.change_map, plots.patch_map, plots.tradeoff,
+                                  plots.scores_vs_keep, plots.retention_bars])
+def test_empty_inputs_give_a_message_not_an_error(make):
+    for empty in (None, pd.DataFrame()) if make is not plots.patch_map else (None, {}):
+        fig = make(empty)
+        assert fig.layout.annotations and fig.layout.annotations[0].text
+        fig.to_json()
