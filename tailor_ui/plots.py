@@ -4,7 +4,8 @@
 - `patch_map(report)`: where a patch lives (fraction of entries kept, module x layer);
 - `tradeoff(table)`: original-task vs target-task score of every method and setting;
 - `scores_vs_keep(table)`: both scores against the patch size;
-- `retention_bars(table)`: retention of the original and the target skills per setting.
+- `retention_bars(table)`: retention of the original and the target skills per setting;
+- `loss_curve(losses)`: the training loss of a fine-tuning run, one point per step.
 
 Every function accepts an empty input and returns a figure saying what to do instead.
 """
@@ -25,7 +26,9 @@ from tailor_ui.pair import component, layer_index, module_kind
 HEIGHT = 380
 COLOURS = {"tailor": "#d62728", "magnitude": "#1f77b4", "wise_ft": "#2ca02c",
            "task_arithmetic": "#9467bd", "ties": "#ff7f0e", "dare": "#8c564b",
-           "base": "#444444", "finetuned": "#17becf"}
+           "base": "#444444", "finetuned": "#17becf",
+           # models fine-tuned in the dashboard (Fine-tune tab)
+           "full-ft": "#e377c2", "dowser": "#bcbd22", "llaca": "#7f7f7f", "ema": "#aec7e8"}
 _COMPONENT_ORDER = {"vision": 0, "bridge": 1, "language": 2}
 _MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "qkv", "gate_proj", "up_proj",
                  "down_proj", "fc1", "fc2", "linear_1", "linear_2"]
@@ -242,4 +245,26 @@ def retention_bars(table: pd.DataFrame | None) -> go.Figure:
                       barmode="group", xaxis={"title": "retention (%)"},
                       yaxis={"automargin": True, "autorange": "reversed", "type": "category"},
                       legend={"orientation": "h", "y": 1.08})
+    return fig
+
+
+def loss_curve(losses, title: str = "Training loss") -> go.Figure:
+    """The loss of each optimizer step, with a moving average once there are enough steps."""
+    values = [float(v) for v in (losses if losses is not None else []) if v is not None and math.isfinite(float(v))]
+    if not values:
+        return empty_figure("start a fine-tuning run to see its loss", title)
+    steps = list(range(1, len(values) + 1))
+    fig = _figure()
+    fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers" if len(values) <= 60 else "lines",
+                             name="loss", line={"color": "#1f77b4", "width": 1.5},
+                             marker={"size": 5},
+                             hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>"))
+    window = max(2, len(values) // 10)
+    if len(values) >= 2 * window and window > 1:
+        smooth = pd.Series(values).rolling(window, min_periods=1).mean()
+        fig.add_trace(go.Scatter(x=steps, y=smooth, mode="lines", name=f"mean of {window}",
+                                 line={"color": "#d62728", "width": 2.5}, hoverinfo="skip"))
+    fig.update_layout(title=title, height=HEIGHT,
+                      xaxis={"title": "optimizer step", **({"dtick": 1} if len(values) <= 20 else {})},
+                      yaxis={"title": "loss"}, legend={"orientation": "h", "y": 1.08})
     return fig

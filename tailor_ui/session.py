@@ -127,6 +127,27 @@ class SweepRun:
 
 
 @dataclass
+class TrainedModel:
+    """A model fine-tuned in the dashboard (Fine-tune tab): a private copy of the pair's
+    base, trained in place, that joins Compare and the Forgetting sweep as extra models.
+    `models` holds (label, model): the trained model and, when asked, Model Tailor's merge
+    of it into the base."""
+
+    job_id: str
+    label: str
+    method: str  # full, dowser, llaca or ema
+    settings: dict
+    report: dict  # TrainReport.to_dict()
+    models: list[tuple[str, Any]] = field(repr=False)
+    handle: PairHandle = field(repr=False)
+    seconds: float = 0.0
+
+    @property
+    def losses(self) -> list[float]:
+        return list(self.report.get("losses", []))
+
+
+@dataclass
 class Session:
     id: str
     folder: Path
@@ -134,6 +155,8 @@ class Session:
     use_demo: bool = True
     runs: dict[str, TailorRun] = field(default_factory=dict)
     sweeps: dict[str, SweepRun] = field(default_factory=dict)
+    trained: dict[str, TrainedModel] = field(default_factory=dict)  # Fine-tune tab
+    live_losses: dict[str, list[float]] = field(default_factory=dict)  # per fine-tuning job
     last_seen: float = field(default_factory=time.time)
     # what the page was last sent, per output, so polling sends only what changed
     sent: dict[str, Any] = field(default_factory=dict)
@@ -174,9 +197,22 @@ class Session:
                 old = self.sweeps.pop(job_id)
                 shutil.rmtree(old.csv_file.parent, ignore_errors=True)
 
+    def add_trained(self, model: TrainedModel, keep: int = 3) -> None:
+        """File a fine-tuned model; keep only the last `keep` (each is a copy of the model)."""
+        with self.lock:
+            self.trained[model.job_id] = model
+            for job_id in list(self.trained)[:-keep]:
+                del self.trained[job_id]
+
+    def trained_for(self, handle: PairHandle | None) -> list[TrainedModel]:
+        """This session's fine-tuned models of `handle` (oldest first)."""
+        return [t for t in self.trained.values() if handle is None or t.handle is handle]
+
     def forget_handle(self, handle: PairHandle) -> None:
         """Drop the merges made on `handle` (they keep its models alive) and their files."""
         with self.lock:
+            for job_id in [j for j, t in self.trained.items() if t.handle is handle]:
+                del self.trained[job_id]
             for job_id in [j for j, r in self.runs.items() if r.handle is handle]:
                 old = self.runs.pop(job_id)
                 if old.patch_file is not None:
@@ -221,6 +257,7 @@ class SessionStore:
             session.own = None
             session.runs.clear()
             session.sweeps.clear()
+            session.trained.clear()
             shutil.rmtree(session.folder, ignore_errors=True)
         return session
 

@@ -119,3 +119,16 @@ def test_empty_inputs_give_a_message_not_an_error(make):
         fig = make(empty)
         assert fig.layout.annotations and fig.layout.annotations[0].text
         fig.to_json()
+
+
+def test_loss_curve_points_smoothing_and_empty():
+    fig = plots.loss_curve([2.0, 1.5, 1.2, 1.0])
+    assert isinstance(fig, go.Figure)
+    assert list(fig.data[0].x) == [1, 2, 3, 4] and list(fig.data[0].y) == [2.0, 1.5, 1.2, 1.0]
+    assert len(fig.data) == 2 and fig.data[1].y[-1] == pytest.approx(1.1)  # mean of the last 2
+    long = plots.loss_curve(np.linspace(3, 1, 100))
+    assert long.data[0].mode == "lines" and len(long.data[1].y) == 100
+    assert plots.loss_curve([1.0]).data[0].y == (1.0,)
+    for empty in (None, [], [math.nan]):
+        fig = plots.loss_curve(empty)
+        assert not fig.data and "start a fine-tuning run" in fig.layout.annotations[0].text

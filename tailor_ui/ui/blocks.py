@@ -1,8 +1,8 @@
 """Assemble the tabs into one Gradio app; a timer polls each visitor's jobs.
 
 Named API endpoints (for `gradio_client`): /load_demo, /load_pair, /tailor, /cancel_tailor,
-/compare, /sweep, /cancel_sweep, /sweep_result, /export_patch, /export_report,
-/export_model, and the job endpoints /job_status, /wait_job, /cancel_job, /history.
+/compare, /sweep, /cancel_sweep, /sweep_result, /finetune, /cancel_finetune, /export_patch,
+/export_report, /export_model, and the job endpoints /job_status, /wait_job, /cancel_job, /history.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import gradio as gr
 from tailor_ui.ui.common import history_table, job_result_summary, session_id, user_errors
 from tailor_ui.ui.compare import CompareTab
 from tailor_ui.ui.export import ExportTab
+from tailor_ui.ui.finetune import FinetuneTab
 from tailor_ui.ui.forgetting import ForgettingTab
 from tailor_ui.ui.models import ModelsTab
 from tailor_ui.ui.studio import ROOT, Studio
@@ -43,6 +44,7 @@ class App:
         self.tailor = TailorTab(studio)
         self.compare = CompareTab(studio)
         self.forgetting = ForgettingTab(studio)
+        self.finetune = FinetuneTab(studio)
         self.export = ExportTab(studio)
 
     # -- polling -----------------------------------------------------------------------
@@ -55,7 +57,8 @@ class App:
             self.studio.sync_sweeps(session)
             handle, _ = self.models.current(session)
             return [*self.models.poll(session), *self.tailor.poll(session, handle),
-                    *self.forgetting.poll(session), *self.export.poll(session)]
+                    *self.forgetting.poll(session), *self.export.poll(session),
+                    *self.finetune.poll(session)]
         except Exception:  # polling must never pop an error every second
             log.exception("poll failed")
             return [gr.skip()] * len(self.outputs)
@@ -103,6 +106,8 @@ class App:
                     self.models.render()
                 with gr.Tab("Tailor", id="tailor", elem_id="tab-tailor"):
                     self.tailor.render()
+                with gr.Tab("Fine-tune", id="finetune", elem_id="tab-finetune"):
+                    self.finetune.render()
                 with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
                     self.compare.render()
                 with gr.Tab("Forgetting", id="forgetting", elem_id="tab-forgetting"):
@@ -110,7 +115,8 @@ class App:
                 with gr.Tab("Export", id="export", elem_id="tab-export"):
                     self.export.render()
             self.outputs = [*self.models.poll_outputs(self.pair_status), *self.tailor.poll_outputs(),
-                            *self.forgetting.poll_outputs(), *self.export.poll_outputs()]
+                            *self.forgetting.poll_outputs(), *self.export.poll_outputs(),
+                            *self.finetune.poll_outputs()]
             timer = gr.Timer(POLL_SECONDS)
             timer.tick(self.poll, None, self.outputs, api_visibility="private", show_progress="hidden",
                        concurrency_limit=None, trigger_mode="always_last")

@@ -31,6 +31,22 @@ class CompareTab:
         table = pd.DataFrame(answers, columns=["model", "answer"])
         return answers[0][1], fine_tuned[0] if fine_tuned else "", tailored, table
 
+    def trained_answer(self, table, request: gr.Request) -> str:
+        """The answer of the session's latest model fine-tuned in the Fine-tune tab, read from
+        the comparison table (a follow-up step, so /compare keeps its four outputs)."""
+        try:
+            session = self.studio.session(session_id(request))
+            self.studio.sync_trained(session)
+            trained = session.trained_for(self.studio.handle_for(session))
+        except Exception:
+            return ""
+        if not trained:
+            return "(fine-tune a model in the Fine-tune tab)"
+        rows = table.values.tolist() if isinstance(table, pd.DataFrame) else (
+            table.get("data", []) if isinstance(table, dict) else table or [])
+        answers = {str(r[0]): str(r[1]) for r in rows if len(r) >= 2}
+        return answers.get(trained[-1].label, "(press Compare)")
+
     def render(self) -> None:
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
@@ -49,11 +65,15 @@ class CompareTab:
                     self.tailored = gr.Textbox(label="Tailored (your latest Model Tailor merge)", lines=3,
                                                interactive=False,
                                                elem_id="compare-tailored")
+                    self.trained = gr.Textbox(label="Fine-tuned here (your latest Fine-tune run)",
+                                              lines=3, interactive=False, elem_id="compare-trained")
                 self.table = gr.Dataframe(headers=["model", "answer"], label="Every model",
                                           interactive=False, wrap=True, elem_id="compare-table")
         outputs = [self.base, self.finetuned, self.tailored, self.table]
         self.button.click(self.compare, [self.image, self.mode, self.question], outputs,
-                          api_name="compare", concurrency_limit=None)
+                          api_name="compare", concurrency_limit=None).success(
+            self.trained_answer, [self.table], [self.trained], api_visibility="private",
+            queue=False)
         rows = demo_examples(self.studio.config.demo_dir)
         if rows:
             gr.Examples([[path, "caption" if not q else "question", q] for path, q in rows],

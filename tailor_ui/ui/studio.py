@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -28,9 +30,11 @@ from tailor_ui.data import Example, read_examples
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
 from tailor_ui.jobs import DONE, FAILED, Job, JobRunner
-from tailor_ui.session import EvalSpec, PairHandle, Session, SessionStore, SweepRun, TailorRun
+from tailor_ui.session import (EvalSpec, PairHandle, Session, SessionStore, SweepRun, TailorRun,
+                               TrainedModel)
 
 log = logging.getLogger(__name__)
+_LOSS = re.compile(r"loss ([-+0-9.eEinfa]+)$")  # the training loop's stage: "epoch 1/2: loss 1.234"
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_DIR = ROOT / "assets" / "demo"
@@ -40,6 +44,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 DEMO_SETS = {"caption": ("caption", "original"), "vqa": ("vqa", "original"),
              "target": ("vqa", "target")}
 MAX_SWEEP_SETTINGS = 24
+# Fine-tune tab: the shapes world's counting task (the demo's target skill), drawn from its
+# training stream (the evaluation and calibration sets are streams 1 and 2 of build.py)
+FINETUNE_TASK, FINETUNE_STREAM = "count", 0
+MAX_FINETUNE_EXAMPLES = 2000
+FINETUNE_METHOD_NAMES = {"full": "full-ft", "dowser": "dowser", "llaca": "llaca", "ema": "ema"}
+FINETUNE_LABELS = {"full": "Full fine-tune", "dowser": "Model-Dowser", "llaca": "LLaCA",
+                   "ema": "EMA"}
 MAX_UPLOAD_BYTES = 512 * 2**20
 
 
@@ -173,6 +184,8 @@ class Studio:
             self.record_run(session, job)
         elif job.kind == "sweep":
             self.record_sweep(session, job)
+        elif job.kind == "finetune":
+            self.record_trained(session, job)
 
     def end_session(self, session_id: str) -> None:
         self.runner.forget(session_id)
@@ -403,13 +416,15 @@ class Studio:
         handle = self.handle_for(session)
         self.sync_runs(session)
         runs = compare_runs(session, handle)
+        self.sync_trained(session)
+        trained = [m for t in session.trained_for(handle)[-2:][::-1] for m in t.models]
         question = (question or "").strip()
 
         def job(progress, should_stop):
             from tailor_ui.evaluation.generate import answer_one
 
             pair = handle.pair
-            total = 1 + len(pair.finetuned) + len(runs)
+            total = 1 + len(pair.finetuned) + len(runs) + len(trained)
             answers = []
             with handle.lock:
                 progress("answering with the pre-trained model", 0, total)
@@ -425,6 +440,10 @@ class Studio:
                     with handle.patched(run.get_patch()) as model:
                         answers.append((run.label, answer_one(model, pair.processor, image,
                                                               question, max_new_tokens)))
+            for j, (name, model) in enumerate(trained):  # private copies: no lock needed
+                progress(f"answering with {name}", total - len(trained) + j, total)
+                answers.append((name, answer_one(model, pair.processor, image, question,
+                                                 max_new_tokens)))
             return answers
 
         return self._run_and_wait(session, "compare", job, "compare answers", handle.lane, timeout)
@@ -470,6 +489,9 @@ class Studio:
         target = [EvalSet(s.name, s.task, list(s.examples[:n])) for s in handle.eval_sets
                   if s.role == "target"]
         needs_calib = any(REGISTRY[s.method].needs_calibration for s in grid)
+        self.sync_trained(session)
+        trained = [(t.method, name, model) for t in session.trained_for(handle)
+                   for name, model in t.models]
         calib_examples_list, source = ([], "")
         if needs_calib:
             calib_examples_list, source = self._calibration_examples(session, handle, "builtin",
@@ -487,6 +509,9 @@ class Studio:
                     calibration = [batches] * len(handle.pair.finetuned)
                 table = sweep(handle.pair, grid, original, target, calibration,
                               batch_size=max(n, 1), progress=progress, should_stop=should_stop)
+                if trained:
+                    table = trained_rows(handle, table, trained, original, target, n, progress,
+                                         should_stop)
                 shown = next((s for s in grid if s.method == "tailor"), None) or next(
                     (s for s in grid if s.method in ("magnitude", "ties", "dare")), None)
                 report, shown_label = None, ""
@@ -506,6 +531,8 @@ class Studio:
                             heatmap_label=shown_label, seconds=time.perf_counter() - start)
 
         label = f"sweep: {len(grid)} settings x {len(original) + len(target)} sets x {n} examples"
+        if trained:
+            label += f" (+{len(trained)} fine-tuned here)"
         return self.runner.submit(session.id, "sweep", job, label=label, lane=handle.lane)
 
     def record_sweep(self, session: Session, job: Job) -> SweepRun | None:
@@ -521,6 +548,120 @@ class Studio:
         for job in reversed(self.runner.history(session.id, "sweep")):
             if job.status == DONE and job.id not in session.sweeps:
                 self.record_sweep(session, job)
+
+    # -- fine-tuning ----------------------------------------------------------------------
+
+    def submit_finetune(self, session: Session, method: str = "full", *, examples: int = 32,
+                        lr: float = 1e-3, epochs: int = 1, layers: str | int | None = None,
+                        rho: float = 0.1, batch_size: int = 8, seed: int = 0,
+                        tailor_after: bool = False) -> Job:
+        """Queue a fine-tuning run on a private copy of the pair's base model: the demo's
+        target task (counting), freshly drawn training samples. The trained model (and,
+        with `tailor_after`, Model Tailor's merge of it) joins the session's models."""
+        from tailor_ui.training.finetune import METHODS, _check_options, parse_layers
+
+        handle = self.handle_for(session)
+        if method not in METHODS:
+            raise UserError(f"unknown fine-tuning method {method!r} (choose from {', '.join(METHODS)})")
+        if not handle.shared or not handle.eval_sets:
+            raise UserError("the Fine-tune tab trains on the demo's counting task: use the demo pair "
+                            "(Models tab)")
+        n, epochs, batch_size = int(examples), int(epochs), int(batch_size)
+        if not 1 <= n <= MAX_FINETUNE_EXAMPLES:
+            raise UserError(f"use between 1 and {MAX_FINETUNE_EXAMPLES} training examples")
+        _check_options(method, float(lr), epochs, batch_size, float(rho), "code", 0.99, 0.0, 0)
+        layer_spec = parse_layers(str(layers).strip()) if layers not in (None, "") else None
+        if tailor_after and not handle.calibration:
+            raise UserError("Model Tailor needs the pair's calibration set, which it lacks")
+        settings = {"method": method, "examples": n, "lr": float(lr), "epochs": epochs,
+                    "layers": layers or "last half", "batch_size": batch_size, "seed": int(seed),
+                    **({"rho": float(rho)} if method == "dowser" else {})}
+        label = (f"{FINETUNE_LABELS[method]} lr={float(lr):g} epochs={epochs} n={n}"
+                 + (f" rho={float(rho):g}" if method == "dowser" else ""))
+        live: list[float] = []
+        calib = list(handle.calibration[: self.config.calib_examples]) if tailor_after else []
+
+        def job(progress, should_stop):
+            import copy
+
+            from tailor_ui.demo import world
+            from tailor_ui.training.finetune import finetune
+
+            start = time.perf_counter()
+            progress(f"drawing {n} counting examples", 0, 1)
+            # the training stream, with a seed offset so the draw is not the demo's own
+            # fine-tuning set (built from seed 0) either
+            samples = world.generate(FINETUNE_TASK, n, int(seed) + 1000, FINETUNE_STREAM)
+            with handle.lock:  # the shared base is only ever patched under its lock
+                model = copy.deepcopy(handle.pair.base)
+
+            def report(stage: str, done: int, total: int) -> None:
+                match = _LOSS.search(stage)
+                if match:
+                    live.append(float(match.group(1)))
+                progress(stage, done, total)
+
+            result = finetune(model, handle.pair.processor, samples, method=method,
+                              layers=layer_spec, lr=float(lr), epochs=epochs,
+                              batch_size=batch_size, seed=int(seed), rho=float(rho),
+                              progress=report, should_stop=should_stop)
+            live[:] = result.losses
+            models = [(label, model)]
+            if tailor_after:
+                models.append((f"Model Tailor on {label}",
+                               self._tailor_trained(handle, model, label, calib, progress,
+                                                    should_stop)))
+            return TrainedModel(job_id="", label=label, method=method, settings=settings,
+                                report=result.to_dict(), models=models, handle=handle,
+                                seconds=time.perf_counter() - start)
+
+        job_ = self.runner.submit(session.id, "finetune", job, label=f"fine-tune: {label}",
+                                  lane=handle.lane)
+        session.live_losses[job_.id] = live
+        return job_
+
+    def _tailor_trained(self, handle: PairHandle, model, label: str, examples: list[Example],
+                        progress, should_stop):
+        """Model Tailor's merge of a model fine-tuned here into the base (a new copy)."""
+        import copy
+
+        from tailor_ui.engine import run_method
+        from tailor_ui.pair import Pair
+        from tailor_ui.patch import apply_patch
+
+        with handle.lock:
+            progress("Model Tailor on the fine-tuned model: calibration data", 0, 1)
+            batches = self._batches(handle, examples, "builtin")
+            pair = Pair(base=handle.pair.base, finetuned=[model], processor=handle.pair.processor,
+                        base_id=handle.pair.base_id, finetuned_ids=[label])
+            result = run_method(pair, default_settings(), [batches], progress=progress,
+                                should_stop=should_stop)
+            tailored = copy.deepcopy(handle.pair.base)
+        apply_patch(tailored, result.patch)
+        return tailored
+
+    def record_trained(self, session: Session, job: Job) -> TrainedModel | None:
+        if job.status != DONE or not isinstance(job.result, TrainedModel):
+            return None
+        with session.lock:
+            if job.id not in session.trained:
+                job.result.job_id = job.id
+                session.add_trained(job.result)
+                session.live_losses.pop(job.id, None)
+                job.result = None  # the session keeps the models; the history only the state
+            return session.trained.get(job.id)
+
+    def sync_trained(self, session: Session) -> None:
+        for job in reversed(self.runner.history(session.id, "finetune")):
+            if job.status == DONE and job.id not in session.trained:
+                self.record_trained(session, job)
+
+    def finetune_losses(self, session: Session, job_id: str) -> list[float]:
+        """The losses of a fine-tuning job so far (all of them once it is done)."""
+        trained = session.trained.get(job_id)
+        if trained is not None:
+            return trained.losses
+        return list(session.live_losses.get(job_id, []))
 
     # -- export ---------------------------------------------------------------------------
 
@@ -648,6 +789,36 @@ def compare_runs(session: Session, handle: PairHandle, limit: int = 4) -> list[T
     # Model Tailor first: it is the "tailored" column
     runs.sort(key=lambda r: r.settings.get("method") != "tailor")
     return runs[:limit]
+
+
+def trained_rows(handle: PairHandle, table: pd.DataFrame, trained, original, target, n: int,
+                 progress, should_stop) -> pd.DataFrame:
+    """The sweep's table with a row per model fine-tuned in the session, scored on the same
+    sets and examples (retention and H-score recomputed against the same references)."""
+    from tailor_ui.calibration import Cancelled
+    from tailor_ui.evaluation.evaluate import evaluate
+    from tailor_ui.evaluation.sweep import _changed_fraction, _summarize, score_column
+
+    rows = []
+    sets = [*original, *target]
+    for i, (method, name, model) in enumerate(trained):
+        row = {"kind": "trained", "setting": name, "keep": None, "alpha": None, "lam": None,
+               "method": ("tailor-ft" if name.startswith("Model Tailor on ")
+                          else FINETUNE_METHOD_NAMES.get(method, method)),
+               "patch_fraction": _changed_fraction(handle.pair.base, model),
+               "linear_fraction": None, "seconds": math.nan}
+        seconds = 0.0
+        for s in sets:
+            if should_stop():
+                raise Cancelled
+            progress(f"evaluating {name} on {s.name}", i, len(trained))
+            result = evaluate(model, handle.pair.processor, s.examples, s.task,
+                              batch_size=max(n, 1), max_new_tokens=s.max_new_tokens)
+            row[score_column(s.name)] = result.score
+            seconds += result.seconds
+        row["eval_seconds"] = seconds
+        rows.append(row)
+    return _summarize(pd.concat([table, pd.DataFrame(rows)], ignore_index=True), original, target)
 
 
 def sweep_settings(methods: Sequence[str], keeps: Sequence[float], lams: Sequence[float], *,
