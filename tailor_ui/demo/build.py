@@ -1,0 +1,178 @@
+"""Build the demo: evaluation and calibration sets, the base model and its fine-tuned twin.
+
+The base is trained from scratch on the original skills (captioning and attribute VQA).
+The fine-tuned model is that base trained on the target skill (counting) only, the way the
+Model Tailor paper's LLaVA runs were made: full fine-tuning of the last half of the
+language model's decoder layers, with the vision tower, projector, embeddings, final norm
+and lm_head frozen. Nothing is tuned to help or hurt any merging method; the recipe is an
+ordinary one and the forgetting it causes is whatever plain fine-tuning does.
+
+Everything is seeded; the build is written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tailor_ui.data import read_examples, write_examples
+from tailor_ui.demo import world
+from tailor_ui.demo.model import DemoArch, make_model
+from tailor_ui.demo.processor import build_processor
+from tailor_ui.demo.train import Progress, encode_batches, pretrain_vision, train
+from tailor_ui.evaluation.evaluate import evaluate
+
+# Task -> the metric family evaluate() applies (counting answers are scored like VQA).
+EVAL_TASKS = {"caption": "caption", "vqa": "vqa", "target": "vqa"}
+WORLD_TASK = {"caption": "caption", "vqa": "vqa", "target": "count"}
+# Streams of world.generate: one per split, so splits never share a scene draw.
+TRAIN_STREAM, EVAL_STREAM, CALIB_STREAM = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Recipe:
+    arch: DemoArch = DemoArch()
+    eval_size: int = 150
+    calib_size: int = 128
+    # Vision tower: pre-trained to see, on the base training images (see pretrain_vision).
+    vision_epochs: int = 2
+    vision_lr: float = 1e-3
+    vision_batch: int = 64
+    # Base: projector and language model from scratch on the original tasks.
+    base_examples_per_task: int = 6000
+    base_epochs: int = 3
+    base_lr: float = 1e-3
+    base_batch: int = 32
+    base_warmup: int = 100
+    # Fine-tuning: target task only, last half of the decoder.
+    ft_examples: int = 6000
+    ft_epochs: int = 3
+    ft_lr: float = 1e-4
+    ft_batch: int = 32
+    ft_warmup: int = 20
+
+
+def _finetuned_layer_names(text_layers: int) -> re.Pattern[str]:
+    first = text_layers // 2
+    layers = "|".join(str(i) for i in range(first, text_layers))
+    return re.compile(rf"language_model\.layers\.({layers})\.")
+
+
+def _write_split(folder: Path, name: str, samples: list[world.Sample]) -> Path:
+    image_dir = folder / "images" / name
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, sample in enumerate(samples):
+        image_path = image_dir / f"{i:04d}.png"
+        sample.image.save(image_path, optimize=True)
+        rows.append({"image": image_path.relative_to(folder).as_posix(),
+                     "question": sample.question, "answers": list(sample.answers)})
+    path = folder / f"{name}.jsonl"
+    write_examples(path, rows)
+    return path
+
+
+def _scores(model, processor, eval_files: dict[str, Path]) -> dict[str, dict]:
+    out = {}
+    for task, path in eval_files.items():
+        result = evaluate(model, processor, read_examples(path), EVAL_TASKS[task], batch_size=50)
+        out[task] = {"metric": result.metric, "score": round(result.score, 4)}
+    return out
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+
+
+def build_demo(assets_dir: Path, *, seed: int = 0, recipe: Recipe = Recipe(),
+               progress: Progress = print) -> dict:
+    """Regenerate `assets_dir` (data sets, base/ and finetuned/ checkpoints, scores.json).
+
+    Returns the build time, the base and fine-tuned scores on every task and the size.
+    """
+    start = time.perf_counter()
+    assets_dir = Path(assets_dir)
+    work = assets_dir.with_name(assets_dir.name + ".building")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            torch.use_deterministic_algorithms(True)
+            # One thread: the same bits on any machine (a multi-threaded matmul splits its
+            # sums by core count), and no slowdown from oversubscribed cores.
+            torch.set_num_threads(1)
+            report = _build(work, seed, recipe, progress)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+    # scores.json holds only what the seed determines, so a rebuild leaves it unchanged.
+    (work / "scores.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    report["size_mb"] = round(_folder_mb(work), 2)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    shutil.rmtree(assets_dir, ignore_errors=True)
+    work.rename(assets_dir)
+    progress(f"demo built in {report['seconds']:.0f} s, {report['size_mb']:.1f} MB")
+    for model_name in ("base", "finetuned"):
+        progress(f"  {model_name:9s} " + "  ".join(
+            f"{task} {s['metric']} {s['score']:.3f}" for task, s in report[model_name].items()))
+    return report
+
+
+def _build(work: Path, seed: int, recipe: Recipe, progress: Progress) -> dict:
+    arch = recipe.arch
+    rng = np.random.default_rng(seed)
+    processor = build_processor(world.vocabulary(), image_size=arch.image_size,
+                                patch_size=arch.patch_size)
+
+    progress("writing evaluation and calibration sets")
+    eval_files = {task: _write_split(work, f"{task}_eval",
+                                     world.generate(WORLD_TASK[task], recipe.eval_size, seed,
+                                                    EVAL_STREAM))
+                  for task in EVAL_TASKS}
+    _write_split(work, "target_calib",
+                 world.generate("count", recipe.calib_size, seed, CALIB_STREAM))
+
+    base_samples = (world.generate("caption", recipe.base_examples_per_task, seed, TRAIN_STREAM)
+                    + world.generate("vqa", recipe.base_examples_per_task, seed, TRAIN_STREAM))
+    model = make_model(processor, arch)
+    progress("pre-training the vision tower")
+    vision_accuracy = pretrain_vision(
+        model.model.vision_tower, processor.image_processor, base_samples,
+        lr=recipe.vision_lr, epochs=recipe.vision_epochs, batch_size=recipe.vision_batch, rng=rng,
+        progress=progress)
+    progress("training the base model on captioning and VQA (vision tower frozen, as LLaVA)")
+    base_losses = train(model, encode_batches(processor, base_samples, recipe.base_batch, rng),
+                        lr=recipe.base_lr, epochs=recipe.base_epochs,
+                        trainable=lambda name: "vision_tower" not in name,
+                        warmup_steps=recipe.base_warmup, progress=progress)
+    model.save_pretrained(work / "base")
+    processor.save_pretrained(work / "base")
+    base_scores = _scores(model, processor, eval_files)
+
+    progress("fine-tuning the last half of the decoder on counting")
+    tuned = _finetuned_layer_names(arch.text_layers)
+    ft_samples = world.generate("count", recipe.ft_examples, seed, TRAIN_STREAM)
+    ft_losses = train(model, encode_batches(processor, ft_samples, recipe.ft_batch, rng),
+                      lr=recipe.ft_lr, epochs=recipe.ft_epochs, weight_decay=0.0,
+                      trainable=lambda name: tuned.search(name) is not None,
+                      warmup_steps=recipe.ft_warmup, progress=progress)
+    model.save_pretrained(work / "finetuned")
+    processor.save_pretrained(work / "finetuned")
+    ft_scores = _scores(model, processor, eval_files)
+
+    return {"seed": seed, "recipe": asdict(recipe), "base": base_scores, "finetuned": ft_scores,
+            "vision_cell_accuracy": round(vision_accuracy, 4),
+            "losses": {"base": base_losses, "finetuned": ft_losses}}

@@ -1,0 +1,159 @@
+"""The shapes world, its processor, and the shipped demo pair (assets/demo)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from tailor_ui.data import read_examples
+from tailor_ui.demo import world
+from tailor_ui.demo.build import EVAL_TASKS
+from tailor_ui.demo.model import DemoArch
+from tailor_ui.demo.processor import build_processor
+from tailor_ui.evaluation.evaluate import EvalResult, evaluate
+from tailor_ui.prompts import IGNORE_INDEX, encode_prompts, encode_with_answers
+
+DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo"
+N_EVAL = 40  # examples per task in the model tests: enough for stable floors, still fast
+
+
+def _pixels(samples: list[world.Sample]) -> list[np.ndarray]:
+    return [np.asarray(s.image) for s in samples]
+
+
+@pytest.mark.parametrize("task", world.TASKS)
+def test_world_is_deterministic_per_seed(task):
+    first, again, other = (world.generate(task, 8, seed) for seed in (3, 3, 4))
+    assert all(np.array_equal(a, b) for a, b in zip(_pixels(first), _pixels(again)))
+    assert [(s.question, s.answers) for s in first] == [(s.question, s.answers) for s in again]
+    assert not all(np.array_equal(a, b) for a, b in zip(_pixels(first), _pixels(other)))
+    assert [s.answers for s in first] != [s.answers for s in other]
+
+
+def test_world_ground_truth_matches_scene():
+    scene = world.Scene("gray", (world.Shape("circle", "red", "small", 8, 24, 4),
+                                 world.Shape("square", "red", "large", 40, 24, 7)))
+    assert "a small red circle left of a large red square" in world.captions(scene)
+    assert "one red circle and one red square" in world.captions(scene)
+    assert ("what shape is the red object?", "circle") not in world.vqa_pairs(scene)  # ambiguous
+    assert ("what colour is the square?", "red") in world.vqa_pairs(scene)
+    assert ("how many red shapes are there?", "two") in world.count_pairs(scene)
+    assert ("how many circles are there?", "one") in world.count_pairs(scene)
+    image = np.asarray(world.render(scene, np.random.default_rng(0))).astype(int)
+    assert image.shape == (world.IMAGE_SIZE, world.IMAGE_SIZE, 3)
+    assert image[24, 40, 0] > 150 and image[24, 40, 2] < 100  # the square's centre is red
+    assert abs(image[5, 5] - 128).max() < 30  # gray background
+
+
+ARCH = DemoArch()
+IMAGE_TOKENS = (ARCH.image_size // ARCH.patch_size) ** 2  # one per patch, CLS dropped
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(world.vocabulary(), image_size=ARCH.image_size,
+                           patch_size=ARCH.patch_size)
+
+
+def test_every_world_text_is_in_the_vocabulary(processor):
+    unk = processor.tokenizer.unk_token_id
+    for task in world.TASKS:
+        for sample in world.generate(task, 200, 0):
+            for text in (sample.question, *sample.answers):
+                assert unk not in processor.tokenizer(text)["input_ids"], text
+
+
+def test_processor_round_trip_and_label_masking(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert loaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    assert loaded.image_token_id == processor.image_token_id
+
+    samples = world.generate("vqa", 3, 0) + world.generate("caption", 1, 0)
+    images = [s.image for s in samples]
+    questions = [s.question for s in samples]
+    answers = [s.answers[0] for s in samples]
+    batch = encode_with_answers(loaded, images, questions, answers)
+    tok = loaded.tokenizer
+    for ids, labels, question, answer in zip(batch["input_ids"], batch["labels"], questions,
+                                             answers):
+        assert (ids == loaded.image_token_id).sum() == IMAGE_TOKENS
+        answer_ids = labels[labels != IGNORE_INDEX]  # the loss sees the answer and </s> only
+        assert answer_ids[-1] == tok.eos_token_id
+        assert tok.decode(answer_ids[:-1]) == answer
+        text = tok.decode(ids[ids != loaded.image_token_id], skip_special_tokens=True)
+        assert text.split() == f"user : {question} assistant : {answer}".split()
+    assert batch["pixel_values"].shape == (4, 3, ARCH.image_size, ARCH.image_size)
+
+    prompts = encode_prompts(loaded, images, questions)
+    assert (prompts["input_ids"][:, -2:] == torch.tensor(tok.convert_tokens_to_ids(
+        ["assistant", ":"]))).all()  # left-padded: every prompt ends at the last column
+    assert prompts["attention_mask"][:, -1].all()
+
+
+# --- the shipped checkpoints -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_results() -> dict[str, dict[str, EvalResult]]:
+    """Both shipped models, loaded like hub models, on the first N_EVAL examples of each set."""
+    results = {}
+    for name in ("base", "finetuned"):
+        model = AutoModelForImageTextToText.from_pretrained(DEMO / name)
+        proc = AutoProcessor.from_pretrained(DEMO / name)
+        results[name] = {
+            task: evaluate(model, proc, read_examples(DEMO / f"{task}_eval.jsonl")[:N_EVAL],
+                           metric_task)
+            for task, metric_task in EVAL_TASKS.items()}
+    return results
+
+
+def test_shipped_files_are_complete():
+    for name in ("base", "finetuned"):
+        assert (DEMO / name / "model.safetensors").stat().st_size < 15 * 2**20
+    for split in ("caption_eval", "vqa_eval", "target_eval", "target_calib"):
+        assert read_examples(DEMO / f"{split}.jsonl")
+    assert len(read_examples(DEMO / "target_calib.jsonl")) == 128
+    calib = {e.image.read_bytes() for e in read_examples(DEMO / "target_calib.jsonl")}
+    evaluation = {e.image.read_bytes() for e in read_examples(DEMO / "target_eval.jsonl")}
+    assert not calib & evaluation
+
+
+def test_finetuning_touched_only_the_last_half_of_the_decoder():
+    base = load_file(DEMO / "base" / "model.safetensors")
+    tuned = load_file(DEMO / "finetuned" / "model.safetensors")
+    assert base.keys() == tuned.keys()
+    layer_of = re.compile(r"language_model\.(?:model\.)?layers\.(\d+)\.")
+    n_layers = len({m.group(1) for name in base if (m := layer_of.search(name))})
+    changed = [name for name in base if not torch.equal(base[name], tuned[name])]
+    assert all(layer_of.search(name) for name in changed)
+    assert {int(layer_of.search(name).group(1)) for name in changed} == set(
+        range(n_layers // 2, n_layers))
+
+
+def test_base_model_has_the_original_skills(demo_results):
+    base = demo_results["base"]
+    assert base["caption"].score > 3.0  # CIDEr-D, coco-caption scale (~1 is good on COCO)
+    assert base["vqa"].score > 0.8
+
+
+def test_base_captions_name_the_shapes_in_the_image(demo_results):
+    examples = read_examples(DEMO / "caption_eval.jsonl")[:N_EVAL]
+    shape = re.compile(r"(small|large) (\w+) (circle|square|triangle)")
+    # The first reference lists every shape as "a <size> <colour> <kind>".
+    right = [sorted(shape.findall(pred)) == sorted(shape.findall(ex.answers[0]))
+             for pred, ex in zip(demo_results["base"]["caption"].predictions, examples)]
+    assert sum(right) >= 0.7 * len(right)
+
+
+def test_finetuned_model_learnt_the_target_and_forgot(demo_results):
+    base, tuned = demo_results["base"], demo_results["finetuned"]
+    assert set(tuned["target"].predictions) <= set(world.NUMBERS)  # the target's answer style
+    assert tuned["target"].score > 0.7 and base["target"].score < 0.2
+    assert tuned["caption"].score < 0.8 * base["caption"].score
+    assert tuned["vqa"].score < 0.8 * base["vqa"].score
