@@ -104,7 +104,7 @@ def shapes_samples(task: str, n: int, seed: int, stream: int) -> list[world.Samp
             continue  # e.g. spatial questions need two shapes or more
         image = world.render(scene, rng)
         question, answer = pairs[int(rng.integers(len(pairs)))]
-        out.append(world.Sample(image, question, (answer,) * world.VQA_ANSWER_COPIES))
+        out.append(world.Sample(image, question, (answer,) * world.VQA_ANSWER_COPIES, scene))
     return out
 
 
