@@ -119,7 +119,7 @@ def test_bad_inputs_get_one_line_and_nonzero_exit(disk_pair, tmp_path, capsys):
     bad_jsonl.write_text('{"image": "x.png", "question": "q", "answers": []}\n{oops\n')
     cases = [
         (["inspect", "--base", str(tmp_path / "nope"), "--finetuned", ft], "no such model folder"),
-        (["inspect", "--base", "../../etc", "--finetuned", ft], "not a model folder"),
+        (["inspect", "--base", f"{tmp_path}/../..", "--finetuned", ft], "not a model folder"),
         (["inspect", "--base", "not a hub id!", "--finetuned", ft], "neither an existing folder nor a hub id"),
         (["inspect", "--base", str(pickle_only), "--finetuned", ft], "pickle"),
         (["inspect", "--base", str(truncated), "--finetuned", ft], "damaged or truncated"),
