@@ -151,7 +151,7 @@ def _merge_tensors(pair: Pair, names: Sequence[str], run: _Run, models: list[int
         base = pair.base.get_parameter(name).detach()
         tuned = [pair.finetuned[k].get_parameter(name).detach().to(base.device) for k in models]
         with run.timed("merge"):
-            out[name] = tensor_patch(base, _baseline(base, tuned, name, run.settings))
+            out[name] = tensor_patch(base, merge_tensor(base, tuned, name, run.settings))
     return out
 
 
@@ -169,7 +169,8 @@ def _data_free(pair: Pair, linears: Sequence[str], run: _Run, models: list[int])
     return _nonempty(out)
 
 
-def _baseline(base: torch.Tensor, tuned: list[torch.Tensor], name: str, s: Settings) -> torch.Tensor:
+def merge_tensor(base: torch.Tensor, tuned: list[torch.Tensor], name: str, s: Settings) -> torch.Tensor:
+    """One tensor merged by a data-free method (float32); shared with the streaming merge."""
     lam = s.effective_lambda
     # magnitude also stands in for tailor on tensors without a Hessian (others "like linears")
     if s.method in ("magnitude", "tailor"):

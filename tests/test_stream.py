@@ -1,0 +1,330 @@
+"""Streaming merges and patch application over safetensors shards (tailor_ui.stream).
+
+The reference is the in-memory engine: load the pair, `run_method`, `apply_patch`. The
+streamed output must equal it bit for bit, on a tiny LLaVA whose checkpoint keys (legacy
+`language_model.model.…`) differ from its parameter names (`model.language_model.…`),
+saved in several shards with a different shard layout per model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText
+
+from families import FAMILIES, build_llava, finetune_like, llava_batches
+from tailor_ui.calibration import Cancelled
+from tailor_ui.engine import run_method
+from tailor_ui.errors import UserError
+from tailor_ui.pair import load_pair
+from tailor_ui.patch import Patch, TensorPatch, apply_patch, load_patch, revert_patch, save_patch
+from tailor_ui.settings import Settings
+from tailor_ui.stream import (INDEX_NAME, Checkpoint, ShardedWriter, key_map, stream_apply_patch,
+                              stream_merge)
+
+LAST_LAYER = r"^model\.language_model\.layers\.1\."
+MLPS = r"^model\.language_model\.layers\.\d\.mlp\."
+
+
+def _edges(base, tuned):
+    """Entries that test the routing: a tensor differing only by the sign of a zero (equal
+    values: unchanged, as the engine sees it) and a NaN (changed)."""
+    b, t = dict(base.named_parameters()), dict(tuned.named_parameters())
+    with torch.no_grad():
+        bias = "model.multi_modal_projector.linear_1.bias"
+        b[bias][0] = 0.0
+        t[bias].copy_(b[bias])
+        t[bias][0] = -0.0
+        t["model.language_model.norm.weight"].copy_(b["model.language_model.norm.weight"])
+        t["model.language_model.norm.weight"][3] = float("nan")
+
+
+@pytest.fixture(scope="module")
+def disk_models(tmp_path_factory):
+    """base (4 shards), ft_a (one file), ft_b (other shards): float32 LLaVAs on disk."""
+    root = tmp_path_factory.mktemp("stream")
+    base = build_llava(seed=0)
+    ft_a = finetune_like(base, LAST_LAYER, seed=1)
+    ft_b = finetune_like(base, MLPS, seed=2)  # overlaps ft_a on layer 1's MLP
+    _edges(base, ft_a)
+    dirs = {}
+    for name, model, shard in (("base", base, "40KB"), ("ft_a", ft_a, "50GB"), ("ft_b", ft_b, "70KB")):
+        dirs[name] = root / name
+        model.save_pretrained(dirs[name], max_shard_size=shard)
+    assert (dirs["base"] / INDEX_NAME).exists() and not (dirs["ft_a"] / INDEX_NAME).exists()
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def pairs(disk_models):
+    d = disk_models
+    return {1: load_pair(str(d["base"]), [str(d["ft_a"])]),
+            2: load_pair(str(d["base"]), [str(d["ft_a"]), str(d["ft_b"])])}
+
+
+def _bits(t):
+    return t.contiguous().view(torch.uint8) if t.dtype != torch.bool else t
+
+
+def _streamed_params(folder, base_dir):
+    """The streamed output read back by parameter name (through transformers' key mapping)."""
+    ckpt = Checkpoint(folder)
+    names = key_map(base_dir, ckpt.keys)
+    with ckpt:
+        return {names.param_of[k]: ckpt.read(k) for k in ckpt.keys if k in names.param_of}
+
+
+def _assert_bit_equal(expected: dict, got: dict):
+    assert set(expected) == set(got)
+    bad = [n for n in expected if expected[n].dtype != got[n].dtype
+           or not torch.equal(_bits(expected[n]), _bits(got[n]))]
+    assert not bad, f"differ: {bad[:5]}"
+
+
+def _in_memory(pair, settings):
+    result = run_method(pair, settings)
+    applied = apply_patch(pair.base, result.patch)
+    try:
+        return {n: p.detach().clone() for n, p in pair.base.named_parameters()}, result
+    finally:
+        revert_patch(pair.base, applied)
+
+
+CASES = [
+    (1, Settings(method="magnitude", keep=0.2)),
+    (1, Settings(method="magnitude", keep=0.3, scope="row", others="linear")),
+    (1, Settings(method="wise_ft", lam=0.3)),
+    (1, Settings(method="dare", keep=0.4, seed=3)),
+    (1, Settings(method="task_arithmetic", lam=0.7, others="base")),
+    (1, Settings(method="ties", keep=0.25, lam=0.9)),
+    (1, Settings(method="magnitude", keep=0.1, modules=r"mlp\.(up|down)_proj")),
+    (2, Settings(method="task_arithmetic", lam=0.5)),
+    (2, Settings(method="task_arithmetic", others="linear")),
+    (2, Settings(method="ties", keep=0.3, others="linear")),
+    (2, Settings(method="ties", keep=0.2, others="finetuned")),
+    (2, Settings(method="magnitude", keep=0.2, overlap="mean")),
+    (2, Settings(method="dare", keep=0.5, overlap="sum")),
+    (2, Settings(method="wise_ft", lam=0.6, overlap="first", others="linear")),
+]
+
+
+@pytest.mark.parametrize("n_models,settings", CASES,
+                         ids=[f"{n}x-{s.method}-{s.others}-{s.overlap}-{s.modules or 'all'}"
+                              for n, s in CASES])
+def test_streaming_merge_equals_in_memory_merge_bit_exactly(disk_models, pairs, tmp_path,
+                                                           n_models, settings):
+    d = disk_models
+    tuned = [d["ft_a"], d["ft_b"]][:n_models]
+    # small chunks, so element-wise merges run in several pieces per tensor
+    report = stream_merge(d["base"], tuned, settings, tmp_path / "out", max_shard_bytes=60_000,
+                          chunk_elems=1000)
+    expected, result = _in_memory(pairs[n_models], settings)
+    _assert_bit_equal(expected, _streamed_params(tmp_path / "out", d["base"]))
+    # the report counts what changed like the patch does
+    assert report["patch_entries"] == result.patch.num_entries
+    assert {n: t["changed"] for n, t in report["tensors"].items()} == result.patch.counts()
+
+
+def test_streamed_folder_is_a_loadable_model_with_the_base_layout(disk_models, tmp_path):
+    d = disk_models
+    report = stream_merge(d["base"], d["ft_a"], Settings(method="task_arithmetic"), tmp_path / "out",
+                          max_shard_bytes=50_000)
+    out = tmp_path / "out"
+    index = json.loads((out / INDEX_NAME).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and set(report["files"]) >= set(shards) | {INDEX_NAME, "config.json"}
+    base = Checkpoint(d["base"])
+    assert set(index["weight_map"]) == set(base.tensors)  # the base's legacy keys, as saved
+    size = 0
+    for shard in shards:
+        with safe_open(str(out / shard), "pt") as handle:  # the reference reader accepts it
+            assert handle.metadata() == {"format": "pt"}
+            for key in handle.keys():
+                t = handle.get_tensor(key)
+                assert t.dtype == base.tensors[key].dtype and tuple(t.shape) == base.tensors[key].shape
+                size += t.numel() * t.element_size()
+    assert index["metadata"]["total_size"] == size
+    assert (out / "config.json").read_text() == (d["base"] / "config.json").read_text()
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    _assert_bit_equal({n: p.detach() for n, p in model.named_parameters()},
+                      _streamed_params(out, d["base"]))
+
+
+def test_peak_memory_accounting_is_in_the_report(disk_models, tmp_path):
+    d = disk_models
+    report = stream_merge(d["base"], [d["ft_a"], d["ft_b"]], Settings(method="ties"), tmp_path / "o")
+    memory = report["memory"]
+    assert memory["cpu_peak_rss_mb"] > 0 and memory["peak_measured_from"] in ("run start", "process start")
+    largest = max(i.nbytes for i in Checkpoint(d["base"]).tensors.values())
+    assert memory["largest_tensor_mb"] == pytest.approx(largest / 2**20)
+    assert memory["one_tensor_bound_mb"] > memory["largest_tensor_mb"]
+    assert set(report["timings_s"]) >= {"read", "merge", "write", "total"}
+    assert "gpu_peak_allocated_mb" not in memory or torch.cuda.is_available()
+    applied = stream_apply_patch(d["base"], Patch(tensors={}), tmp_path / "p")
+    assert applied["memory"]["cpu_peak_rss_mb"] > 0
+
+
+def test_key_map_follows_transformers_for_every_family(tmp_path):
+    """Every checkpoint key maps to exactly one parameter, however the family saves it."""
+    for name, family in FAMILIES.items():
+        model = family.build()
+        model.save_pretrained(tmp_path / name, max_shard_size="60KB")
+        ckpt = Checkpoint(tmp_path / name)
+        names = key_map(tmp_path / name, ckpt.keys)
+        params = dict(model.named_parameters())
+        assert set(names.param_of.values()) == set(params), name
+        assert not names.converted
+        for key, param in names.param_of.items():
+            assert ckpt.tensors[key].shape == tuple(params[param].shape)
+        output = model.get_output_embeddings()
+        linears = {f"{n}.weight" for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not output}
+        assert names.linears == linears & set(params), name
+    llava = key_map(tmp_path / "llava", Checkpoint(tmp_path / "llava").keys)
+    assert llava.key_of["model.language_model.layers.0.self_attn.q_proj.weight"] == \
+        "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert llava.key_of["lm_head.weight"] == "language_model.lm_head.weight"
+
+
+def test_stream_apply_patch_equals_apply_patch(disk_models, pairs, tmp_path):
+    d = disk_models
+    pair = pairs[2]
+    result = run_method(pair, Settings(method="magnitude", keep=0.15))
+    save_patch(result.patch, tmp_path / "patch.safetensors")
+    patch = load_patch(tmp_path / "patch.safetensors")  # int32 indices, parameter names
+    assert any(not Checkpoint(d["base"]).tensors.get(n) for n in patch.tensors)  # names ≠ keys
+    report = stream_apply_patch(d["base"], patch, tmp_path / "out", max_shard_bytes=80_000)
+    applied = apply_patch(pair.base, patch)
+    try:
+        expected = {n: p.detach().clone() for n, p in pair.base.named_parameters()}
+    finally:
+        revert_patch(pair.base, applied)
+    _assert_bit_equal(expected, _streamed_params(tmp_path / "out", d["base"]))
+    assert report["patch_entries"] == patch.num_entries
+
+
+def test_stream_apply_patch_refuses_a_patch_for_another_model(disk_models, tmp_path):
+    d = disk_models
+    stranger = Patch(tensors={"model.nowhere.weight": TensorPatch(torch.tensor([0]), torch.tensor([1.0]), (2,))})
+    with pytest.raises(UserError, match="lacks"):
+        stream_apply_patch(d["base"], stranger, tmp_path / "a")
+    name = "model.language_model.norm.weight"
+    wrong = Patch(tensors={name: TensorPatch(torch.tensor([0]), torch.tensor([1.0]), (7,))})
+    with pytest.raises(UserError, match="shape"):
+        stream_apply_patch(d["base"], wrong, tmp_path / "b")
+    outside = Patch(tensors={name: TensorPatch(torch.tensor([10**6]), torch.tensor([1.0]), (32,))})
+    with pytest.raises(UserError, match="outside"):
+        stream_apply_patch(d["base"], outside, tmp_path / "c")
+    assert not any(tmp_path.iterdir())
+
+
+def test_mismatched_checkpoints_are_listed(disk_models, tmp_path):
+    d = disk_models
+    build_llava(seed=0, layers=3).save_pretrained(tmp_path / "deeper")
+    with pytest.raises(UserError, match=r"do not match: .*only in deeper"):
+        stream_merge(d["base"], tmp_path / "deeper", Settings(method="wise_ft"), tmp_path / "o1")
+    build_llava(seed=0, intermediate=48).save_pretrained(tmp_path / "narrower")
+    with pytest.raises(UserError, match=r"mlp\.\w+_proj\.weight: base \(\d+, \d+\) vs narrower"):
+        stream_merge(d["base"], tmp_path / "narrower", Settings(method="wise_ft"), tmp_path / "o2")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no safetensors"):
+        stream_merge(d["base"], tmp_path / "empty", Settings(method="wise_ft"), tmp_path / "o3")
+    assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
+
+
+def test_bad_requests_write_nothing(disk_models, tmp_path):
+    d = disk_models
+    with pytest.raises(UserError, match="calibration"):
+        stream_merge(d["base"], d["ft_a"], Settings(method="tailor"), tmp_path / "o")
+    with pytest.raises(UserError, match="no changed linear layer matches"):
+        stream_merge(d["base"], d["ft_a"], Settings(method="magnitude", modules="vision_tower"),
+                     tmp_path / "o")
+    calls = []
+    with pytest.raises(Cancelled):
+        stream_merge(d["base"], d["ft_a"], Settings(method="wise_ft"), tmp_path / "o",
+                     progress=lambda *a: calls.append(a), should_stop=lambda: len(calls) > 5)
+    with pytest.raises(UserError, match="no GPU") if not torch.cuda.is_available() else \
+            pytest.raises(UserError, match="unknown device"):
+        stream_merge(d["base"], d["ft_a"], Settings(method="wise_ft"), tmp_path / "o",
+                     device="cuda" if not torch.cuda.is_available() else "tpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_checks_order_and_completeness(tmp_path):
+    layout = [("a", torch.float16, (3, 4)), ("b", torch.bfloat16, (5,)), ("c", torch.int64, ()),
+              ("d", torch.bool, (2, 2)), ("e", torch.float32, (0, 3))]
+    tensors = {"a": torch.randn(3, 4).half(), "b": torch.randn(5).bfloat16(), "c": torch.tensor(7),
+               "d": torch.tensor([[True, False], [False, True]]), "e": torch.empty(0, 3)}
+    writer = ShardedWriter(tmp_path / "w", layout, max_shard_bytes=30)
+    with pytest.raises(ValueError, match="expected a"):
+        writer.write("b", tensors["b"])
+    for key in "abcd":
+        writer.write(key, tensors[key])
+    with pytest.raises(ValueError, match="never written"):
+        writer.close()
+    writer.write("e", tensors["e"])
+    writer.close()
+    ckpt = Checkpoint(tmp_path / "w")
+    assert len(writer.files) > 1 and ckpt.keys == list("abcde")
+    with ckpt:
+        for key, t in tensors.items():
+            got = ckpt.read(key)
+            assert got.dtype == t.dtype and torch.equal(got, t)
+    for name in writer.files:
+        with open(tmp_path / "w" / name, "rb") as handle:
+            assert (8 + int.from_bytes(handle.read(8), "little")) % 8 == 0
+
+
+def test_streamed_model_runs_through_accelerate_device_maps(disk_models, pairs, tmp_path):
+    """The streamed output loads and computes the same on the CPU and with a layer offloaded
+    to disk through accelerate; the engine's `device="auto"` path runs on the CPU too."""
+    d = disk_models
+    settings = Settings(method="dare", keep=0.5)
+    stream_merge(d["base"], d["ft_b"], settings, tmp_path / "out")  # ft_b: no NaN to spread
+    batch = llava_batches(pairs[1].base.config, 1)[0]
+    on_cpu = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", device_map={"": "cpu"})
+    offload = {"model.vision_tower": "cpu", "model.multi_modal_projector": "cpu",
+               "model.language_model.embed_tokens": "cpu", "model.language_model.layers.0": "cpu",
+               "model.language_model.layers.1": "disk", "model.language_model.norm": "cpu",
+               "model.language_model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "out", device_map=offload, offload_folder=str(tmp_path / "offload"))
+    assert offloaded.hf_device_map["model.language_model.layers.1"] == "disk"
+    with torch.no_grad():
+        logits = on_cpu(**batch).logits
+        assert torch.isfinite(logits).all() and torch.equal(logits, offloaded(**batch).logits)
+    auto = load_pair(str(d["base"]), [str(d["ft_b"])], device="auto")
+    expected, _ = _in_memory(auto, settings)
+    _assert_bit_equal(expected, _streamed_params(tmp_path / "out", d["base"]))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoints_stream_in_their_dtype(tmp_path, dtype):
+    base = build_llava(seed=4).to(getattr(torch, dtype))
+    tuned = finetune_like(base, MLPS, scale=0.05, seed=5)
+    base.save_pretrained(tmp_path / "base", max_shard_size="30KB")
+    tuned.save_pretrained(tmp_path / "ft")
+    pair = load_pair(str(tmp_path / "base"), [str(tmp_path / "ft")], dtype=dtype)
+    for settings in (Settings(method="ties", keep=0.3, others="linear"),
+                     Settings(method="task_arithmetic", lam=0.7, others="linear")):
+        out = tmp_path / settings.method
+        stream_merge(tmp_path / "base", tmp_path / "ft", settings, out, chunk_elems=500)
+        expected, _ = _in_memory(pair, settings)
+        got = _streamed_params(out, tmp_path / "base")
+        assert all(t.dtype == getattr(torch, dtype) for t in got.values())
+        _assert_bit_equal(expected, got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_compute_matches_cpu(disk_models, tmp_path):
+    d = disk_models
+    for method in ("task_arithmetic", "wise_ft", "dare"):  # elementwise: the same on both
+        settings = Settings(method=method)
+        cpu = stream_merge(d["base"], d["ft_a"], settings, tmp_path / f"{method}-cpu")
+        gpu = stream_merge(d["base"], d["ft_a"], settings, tmp_path / f"{method}-gpu", device="cuda")
+        assert "gpu_peak_allocated_mb" in gpu["memory"] and cpu["patch_entries"] == gpu["patch_entries"]
+        _assert_bit_equal(_streamed_params(tmp_path / f"{method}-cpu", d["base"]),
+                          _streamed_params(tmp_path / f"{method}-gpu", d["base"]))
