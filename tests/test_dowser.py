@@ -23,14 +23,6 @@ PROJECTOR = "model.multi_modal_projector.linear_1"
 Q = "model.language_model.layers.1.self_attn.q_proj"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(seed: int = 0):
     processor = build_processor(world.vocabulary(), image_size=32, patch_size=16)
     torch.manual_seed(seed)

@@ -25,15 +25,6 @@ from tailor_ui.settings import Settings
 KEEP = 0.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: threads only add overhead (and thrash on a shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------ helpers
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

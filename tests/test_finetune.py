@@ -22,14 +22,6 @@ from tailor_ui.training.finetune import (choose_layers, decoder_layers, finetune
                                          parse_layers, train_loop, trainable_parameters)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(seed: int = 0, layers: int = 4):
     processor = build_processor(world.vocabulary(), image_size=32, patch_size=16)
     torch.manual_seed(seed)

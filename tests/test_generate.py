@@ -22,16 +22,6 @@ QUESTIONS = ["", "what colour is the shape ?", "how many ?", "what is the red sh
 MAX_NEW = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a busy machine thread hand-offs cost
-    ~100x the arithmetic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def processor():
     return build_processor(WORDS, image_size=32, patch_size=8)

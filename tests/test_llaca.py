@@ -20,14 +20,6 @@ from tailor_ui.training.llaca import (CODE_FALLBACK, PAPER_FALLBACK, EMATracker,
                                       live_weight, paper_beta)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(seed: int = 0):
     processor = build_processor(world.vocabulary(), image_size=32, patch_size=16)
     torch.manual_seed(seed)
