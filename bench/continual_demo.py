@@ -38,9 +38,9 @@ from tailor_ui.data import read_examples  # noqa: E402
 from tailor_ui.demo import world  # noqa: E402
 from tailor_ui.engine import run_method  # noqa: E402
 from tailor_ui.evaluation.evaluate import evaluate  # noqa: E402
-from tailor_ui.evaluation.sweep import h_score  # noqa: E402
+from tailor_ui.evaluation.sweep import changed_fraction, h_score  # noqa: E402
 from tailor_ui.pair import Pair, load_model  # noqa: E402
-from tailor_ui.patch import apply_patch, changed_entries, revert_patch  # noqa: E402
+from tailor_ui.patch import apply_patch, revert_patch  # noqa: E402
 from tailor_ui.settings import Settings  # noqa: E402
 from tailor_ui.training.continual import (acc_column, run_continual, shapes_sequence,  # noqa: E402
                                           summary)
@@ -63,16 +63,6 @@ def markdown(table: pd.DataFrame, digits: int = 3) -> str:
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
     rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join([head, rule, *rows])
-
-
-def changed_fraction(base: torch.nn.Module, model: torch.nn.Module) -> float:
-    theirs = dict(model.named_parameters())
-    changed = total = 0
-    with torch.no_grad():
-        for name, p in base.named_parameters():
-            changed += changed_entries(p, theirs[name]).numel()
-            total += p.numel()
-    return changed / total
 
 
 def part_a(base, processor, args) -> pd.DataFrame:

@@ -428,3 +428,16 @@ def finetune_like(model: torch.nn.Module, pattern: str, scale: float = 0.02, see
             new = torch.where(new == p, torch.nextafter(p, torch.full_like(p, float("inf"))), new)
             p.copy_(new)
     return tuned
+
+
+def tiny_demo_model(seed: int = 0):
+    """The demo's own LLaVA recipe and processor at test size (training tests use it)."""
+    from tailor_ui.demo import world
+    from tailor_ui.demo.model import DemoArch, make_model
+    from tailor_ui.demo.processor import build_processor
+
+    processor = build_processor(world.vocabulary(), image_size=32, patch_size=16)
+    torch.manual_seed(seed)
+    arch = DemoArch(image_size=32, patch_size=16, vision_hidden=32, vision_layers=1,
+                    text_hidden=32, text_layers=2, heads=2)
+    return make_model(processor, arch).eval(), processor

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tailor_ui.demo import world
-from tailor_ui.demo.model import DemoArch, make_model
-from tailor_ui.demo.processor import build_processor
+from families import tiny_demo_model as tiny
+
 from tailor_ui.errors import UserError
 from tailor_ui.training.dowser import (DowserScores, dowser_importance, dowser_scores,
                                        keep_lowest, model_fingerprint, probe_statistics,
@@ -21,14 +21,6 @@ from tailor_ui.training.finetune import finetune
 
 PROJECTOR = "model.multi_modal_projector.linear_1"
 Q = "model.language_model.layers.1.self_attn.q_proj"
-
-
-def tiny(seed: int = 0):
-    processor = build_processor(world.vocabulary(), image_size=32, patch_size=16)
-    torch.manual_seed(seed)
-    arch = DemoArch(image_size=32, patch_size=16, vision_hidden=32, vision_layers=1,
-                    text_hidden=32, text_layers=2, heads=2)
-    return make_model(processor, arch).eval(), processor
 
 
 # ------------------------------------------------------------ the probe, checked directly

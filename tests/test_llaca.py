@@ -10,22 +10,14 @@ import pytest
 import torch
 
 from tailor_ui.demo import world
-from tailor_ui.demo.model import DemoArch, make_model
-from tailor_ui.demo.processor import build_processor
+from families import tiny_demo_model as tiny
+
 from tailor_ui.errors import UserError
 from tailor_ui.training.continual import (acc_column, continual_metrics, run_continual,
                                           shapes_samples, shapes_sequence, spatial_pairs, summary)
 from tailor_ui.training.finetune import finetune
 from tailor_ui.training.llaca import (CODE_FALLBACK, PAPER_FALLBACK, EMATracker, code_weight,
                                       live_weight, paper_beta)
-
-
-def tiny(seed: int = 0):
-    processor = build_processor(world.vocabulary(), image_size=32, patch_size=16)
-    torch.manual_seed(seed)
-    arch = DemoArch(image_size=32, patch_size=16, vision_hidden=32, vision_layers=1,
-                    text_hidden=32, text_layers=2, heads=2)
-    return make_model(processor, arch).eval(), processor
 
 
 # ------------------------------------------------------------------ pure formulas

@@ -89,7 +89,8 @@ def h_score(original: float, target: float) -> float:
     return 2 * original * target / total if total > 0 else 0.0
 
 
-def _changed_fraction(base: torch.nn.Module, other: torch.nn.Module) -> float:
+def changed_fraction(base: torch.nn.Module, other: torch.nn.Module) -> float:
+    """Entries of `other` that differ from `base` (bitwise), over all parameters."""
     theirs = dict(other.named_parameters())
     changed = total = 0
     with torch.no_grad():
@@ -160,7 +161,7 @@ def sweep(pair: Pair, settings: Sequence[Settings], original: Sequence[EvalSet],
     for k, model in enumerate(pair.finetuned):
         rows.append({"kind": "finetuned", "method": "finetuned",
                      "setting": pair.finetuned_ids[k], **blank, "keep": 1.0,
-                     "patch_fraction": _changed_fraction(pair.base, model),
+                     "patch_fraction": changed_fraction(pair.base, model),
                      **run_eval(model, pair.finetuned_ids[k])})
 
     for j, s in enumerate(settings):

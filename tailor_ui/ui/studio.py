@@ -797,7 +797,7 @@ def trained_rows(handle: PairHandle, table: pd.DataFrame, trained, original, tar
     sets and examples (retention and H-score recomputed against the same references)."""
     from tailor_ui.calibration import Cancelled
     from tailor_ui.evaluation.evaluate import evaluate
-    from tailor_ui.evaluation.sweep import _changed_fraction, _summarize, score_column
+    from tailor_ui.evaluation.sweep import _summarize, changed_fraction, score_column
 
     rows = []
     sets = [*original, *target]
@@ -805,7 +805,7 @@ def trained_rows(handle: PairHandle, table: pd.DataFrame, trained, original, tar
         row = {"kind": "trained", "setting": name, "keep": None, "alpha": None, "lam": None,
                "method": ("tailor-ft" if name.startswith("Model Tailor on ")
                           else FINETUNE_METHOD_NAMES.get(method, method)),
-               "patch_fraction": _changed_fraction(handle.pair.base, model),
+               "patch_fraction": changed_fraction(handle.pair.base, model),
                "linear_fraction": None, "seconds": math.nan}
         seconds = 0.0
         for s in sets:
