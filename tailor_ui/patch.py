@@ -89,7 +89,7 @@ def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def apply_patch(model: torch.nn.Module, patch: Patch) -> AppliedPatch:
     """Write the patch into the model in place; return what is needed to revert it."""
     params = _parameters(model)
-    _check_fits(params, patch)
+    check_fits({n: tuple(p.shape) for n, p in params.items()}, patch)
     originals: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, tp in patch.tensors.items():
@@ -109,15 +109,14 @@ def revert_patch(model: torch.nn.Module, applied: AppliedPatch) -> None:
             flat[applied.patch.tensors[name].index.to(flat.device)] = values.to(flat.device)
 
 
-def _check_fits(params: Mapping[str, torch.Tensor], patch: Patch) -> None:
-    missing = [n for n in patch.tensors if n not in params]
+def check_fits(shapes: Mapping[str, tuple[int, ...]], patch: Patch) -> None:
+    """Every patched tensor exists with the patch's shape and every index lies inside it."""
+    missing = [n for n in patch.tensors if n not in shapes]
     if missing:
         raise UserError(f"the patch names tensors the model lacks: {', '.join(missing[:5])}")
     for name, tp in patch.tensors.items():
-        if tuple(params[name].shape) != tp.shape:
-            raise UserError(
-                f"patch tensor {name} has shape {tp.shape}, model has {tuple(params[name].shape)}"
-            )
+        if tuple(shapes[name]) != tuple(tp.shape):
+            raise UserError(f"patch tensor {name} has shape {tuple(tp.shape)}, model has {tuple(shapes[name])}")
         if tp.index.numel() and (int(tp.index.max()) >= tp.numel or int(tp.index.min()) < 0):
             raise UserError(f"patch tensor {name} has indices outside the tensor")
 

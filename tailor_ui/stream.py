@@ -38,7 +38,7 @@ import torch
 
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
-from tailor_ui.patch import Patch, TensorPatch, tensor_patch, union
+from tailor_ui.patch import Patch, TensorPatch, check_fits, tensor_patch, union
 from tailor_ui.settings import MULTI_TASK_NATIVE, Settings
 
 from tailor_ui.engine import merge_tensor  # the engine's own per-tensor dispatch
@@ -636,16 +636,8 @@ def stream_apply_patch(base_dir: str | Path, patch: Patch, out_dir: str | Path, 
         key_of = {name: name for name in patch.tensors}
     else:
         key_of = key_map(base.folder, keys).key_of
-    missing = [n for n in patch.tensors if n not in key_of]
-    if missing:
-        raise UserError(f"the patch names tensors the model lacks: {', '.join(missing[:5])}")
+    check_fits({n: tuple(base.tensors[k].shape) for n, k in key_of.items()}, patch)
     by_key = {key_of[n]: (n, tp) for n, tp in patch.tensors.items()}
-    for key, (name, tp) in by_key.items():
-        shape = base.tensors[key].shape
-        if shape != tuple(tp.shape):
-            raise UserError(f"patch tensor {name} has shape {tuple(tp.shape)}, model has {shape}")
-        if tp.index.numel() and (int(tp.index.max()) >= tp.numel or int(tp.index.min()) < 0):
-            raise UserError(f"patch tensor {name} has indices outside the tensor")
     layout = [(k, base.tensors[k].dtype, base.tensors[k].shape) for k in keys]
     try:
         with atomic_path(out_dir) as tmp:
