@@ -153,6 +153,30 @@ def test_export_the_patch(page, screenshots):
     page.screenshot(path=screenshots / "export.png", full_page=True)
 
 
+def test_finetune_with_model_dowser_shows_the_loss_and_joins_compare(page, screenshots):
+    open_tab(page, "Fine-tune")
+    rho = page.locator("#finetune-rho input[type=number]")
+    expect(rho).to_be_disabled()  # ρ only means something for Model-Dowser
+    page.locator("#finetune-method").get_by_text("Model-Dowser").click()
+    expect(rho).to_be_enabled()
+    expect(page.locator("#finetune-method-info")).to_contain_text("least important")
+    set_number(page, "finetune-n", 8)
+    page.locator("#finetune-layers textarea").fill("1")
+    page.locator("#finetune-run").click()
+    progress = page.locator("#finetune-progress .mts-progress")
+    expect(page.locator("#finetune-job-id textarea")).to_have_value(re.compile(r"^job-"))
+    expect(progress).to_have_attribute("data-status", "done", timeout=LONG)
+    expect(plot_rendered(page, "finetune-loss")).to_be_visible()
+    result = page.locator("#finetune-result")
+    expect(result).to_contain_text("Model-Dowser")
+    expect(result).to_contain_text(re.compile(r"Loss: [\d.]+ → [\d.]+"))
+    page.screenshot(path=screenshots / "finetune.png", full_page=True)
+    open_tab(page, "Compare")  # the trained model answers next to the others
+    page.locator("#compare-examples tbody tr").filter(has_text="how many").first.click()
+    expect(page.locator("#compare-table")).to_contain_text("Model-Dowser", timeout=LONG)
+    expect(page.locator("#compare-trained textarea")).not_to_have_value(re.compile(r"^$|press Compare"))
+
+
 def test_closing_the_tab_ends_the_session(browser, app):
     sessions = app.studio.sessions
     context = browser.new_context()

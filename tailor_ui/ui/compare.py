@@ -71,9 +71,10 @@ class CompareTab:
                                           interactive=False, wrap=True, elem_id="compare-table")
         outputs = [self.base, self.finetuned, self.tailored, self.table]
         self.button.click(self.compare, [self.image, self.mode, self.question], outputs,
-                          api_name="compare", concurrency_limit=None).success(
-            self.trained_answer, [self.table], [self.trained], api_visibility="private",
-            queue=False)
+                          api_name="compare", concurrency_limit=None)
+        # on the table's change, not chained to the button: a clicked example fills it too
+        self.table.change(self.trained_answer, [self.table], [self.trained], api_visibility="private",
+                          queue=False)
         rows = demo_examples(self.studio.config.demo_dir)
         if rows:
             gr.Examples([[path, "caption" if not q else "question", q] for path, q in rows],
