@@ -8,7 +8,11 @@ are random LLaVA-shaped pairs from make_random_model.py (CLIP tower + Llama deco
 as in the demo recipe), with synthetic calibration batches of the same token layout.
 Each size runs in a fresh subprocess, so its peak RSS (os.wait4's ru_maxrss) is its own.
 
-Stages (seconds): load (both models, float32), forward (one plain pass over the
+Loading (`--loading`): `lazy` loads the base only and reads the fine-tuned weights from
+their shards when a block needs them (what `python -m tailor_ui tailor` does); `memory`
+loads both models (the dashboard's pair, `--in-memory`); `both` runs each.
+
+Stages (seconds): load (the loaded models, float32), forward (one plain pass over the
 calibration batches, no hooks), calibration (the engine's hooked passes: forward + Hessian
 accumulation; Hessians ~= calibration - forward in one-pass mode), scores (damped Cholesky
 inverse factor + z-scored salience/sensitivity), selection, compensation, writing (the patch
@@ -16,10 +20,17 @@ file, then the tailored model streamed from base + patch).
 
 Memory bound (bytes), checked against the measured peak for every size:
 
-    M0 + (1 + n)·P·b + Σ_lin (8·d_out·d_in + 4·d_in²) + 4·Σ_H d_in² + keep·P_lin·(8 + b) + A
+    M0 + W + Σ_lin (8·d_out·d_in + 4·d_in²) + 4·Σ_H d_in² + keep·P_lin·(8 + b) + A
+
+    W = (1 + n)·P·b                      both models loaded (memory)
+    W = P·b + C·b                         lazy, one-pass: the base holds the fine-tuned values
+                                          of the C changed entries, their base values wait
+    W = P·b + 2·B·b                       lazy, sequential: one block's B linear entries read,
+                                          and their base values parked while it calibrates
 
 M0 the software stack (peak RSS up to the end of loading, less the loaded weights), P
-parameters, b bytes per parameter as loaded, n fine-tuned models, Σ_lin over the tailored linears (cached
+parameters, b bytes per parameter as loaded, n fine-tuned models, C entries of the changed
+tensors, B entries of the largest block's tailored linears, Σ_lin over the tailored linears (cached
 float32 salience and sensitivity z-scores, float32 inverse-Hessian factor), Σ_H over the
 distinct layer inputs whose Hessians are alive at once (one-pass: all of them; sequential:
 one block's), the patch (int64 index + value per kept entry), and A one batch's
@@ -81,15 +92,17 @@ def child(args: argparse.Namespace) -> None:
     from tailor_ui.pair import load_pair
     from tailor_ui.patch import save_patch
     from tailor_ui.settings import Settings
-    from tailor_ui.stream import current_rss_mb, peak_rss_mb, stream_apply_patch
+    from tailor_ui.memory import current_rss_mb, peak_rss_mb
+    from tailor_ui.stream import stream_apply_patch
 
     torch.set_num_threads(args.threads)
-    out: dict = {"size": args.size, "hessians": args.hessians, "rss_before_load_mb": current_rss_mb()}
+    out: dict = {"size": args.size, "hessians": args.hessians, "loading": args.loading,
+                 "rss_before_load_mb": current_rss_mb()}
     start = time.perf_counter()
-    pair = load_pair(str(args.base), str(args.ft), dtype="float32")
+    pair = load_pair(str(args.base), str(args.ft), dtype="float32", lazy=args.loading == "lazy")
     out["load_s"] = time.perf_counter() - start
-    held = sum(t.numel() * t.element_size() for m in (pair.base, *pair.finetuned)
-               for t in (*m.parameters(), *m.buffers()))
+    loaded = [m for m in (pair.base, *pair.finetuned) if isinstance(m, torch.nn.Module)]
+    held = sum(t.numel() * t.element_size() for m in loaded for t in (*m.parameters(), *m.buffers()))
     # the software stack: the peak so far (loading's transients included) less the weights
     m0 = peak_rss_mb() - held / 2**20
     out["rss_after_load_mb"] = current_rss_mb()
@@ -101,9 +114,9 @@ def child(args: argparse.Namespace) -> None:
     out["calibration_examples"] = sum(int(b["input_ids"].shape[0]) for b in batches)
     out["calibration_tokens"] = sum(int(b["attention_mask"].sum()) for b in batches)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode():  # the base: the same architecture, so the same cost
         for b in batches:
-            pair.finetuned[0](**to_model(b, pair.finetuned[0]))
+            pair.base(**to_model(b, pair.base))
     out["forward_s"] = time.perf_counter() - start
     settings = Settings(method="tailor", keep=0.1, hessians=args.hessians)
     result = run_method(pair, settings, [batches])
@@ -141,7 +154,15 @@ def child(args: argparse.Namespace) -> None:
     heads = text.num_attention_heads
     activations = 4 * (2 * rows * text.vocab_size + 3 * rows * text.intermediate_size
                        + rows * width * heads)
-    terms = {"M0": m0 * 2**20, "models": 2 * P * b, "cache": cache, "hessians": hess,
+    if args.loading == "memory":
+        weights = 2 * P * b
+    elif args.hessians == "sequential":
+        from tailor_ui.engine import layer_groups
+
+        weights = P * b + 2 * b * max(sum(params[f"{n}.weight"].numel() for n in g) for g in layer_groups(linears))
+    else:
+        weights = P * b + b * sum(params[n].numel() for n in pair.changed())
+    terms = {"M0": m0 * 2**20, "models": weights, "cache": cache, "hessians": hess,
              "patch": 0.1 * p_lin * (8 + b), "activations": activations}
     out.update(parameters=P, tailored_linears=len(linears), tailored_parameters=p_lin,
                bound_terms_mb={k: round(v / 2**20, 1) for k, v in terms.items()},
@@ -167,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="demo,tiny,s,m,1b")
     p.add_argument("--hessians", default="one-pass", help="one-pass | sequential | both")
+    p.add_argument("--loading", default="lazy", help="lazy | memory | both (see above)")
     p.add_argument("--models", type=Path, default=Path("/tmp/bench/scaling"))
     p.add_argument("--calib", type=int, default=8, help="calibration examples")
     p.add_argument("--batch-size", type=int, default=4)
@@ -186,16 +208,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         return child(args)
     modes = ["one-pass", "sequential"] if args.hessians == "both" else [args.hessians]
+    loadings = ["memory", "lazy"] if args.loading == "both" else [args.loading]
     rows = []
     for size in args.sizes.split(","):
         base, ft, calib_jsonl = ensure_model(size, args.models)
-        for mode in modes:
-            work = args.models / f"work-{size}-{mode}"
+        for mode, loading in [(m, lo) for m in modes for lo in loadings]:
+            work = args.models / f"work-{size}-{mode}-{loading}"
             subprocess.run(["rm", "-rf", str(work)], check=True)
             cmd = [sys.executable, __file__, "--child", "--size", size, "--base", str(base), "--ft", str(ft),
                    "--work", str(work), "--hessians", mode, "--calib", str(args.calib if size != "demo" else 128),
                    "--batch-size", str(args.batch_size), "--text-tokens", str(args.text_tokens),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--loading", loading]
             if calib_jsonl:
                 cmd += ["--calib-jsonl", str(calib_jsonl)]
             load = os.getloadavg()
@@ -204,18 +227,19 @@ def main(argv: list[str] | None = None) -> None:
             text = proc.stdout.read().decode(errors="replace")
             _, status, usage = os.wait4(proc.pid, 0)
             if os.waitstatus_to_exitcode(status) != 0:
-                raise SystemExit(f"{size} {mode} failed:\n{text[-3000:]}")
+                raise SystemExit(f"{size} {mode} {loading} failed:\n{text[-3000:]}")
             row = json.loads(next(l for l in text.splitlines() if l.startswith("RESULT "))[7:])
             row.update(wall_s=round(time.perf_counter() - start, 1), load_avg_before=load,
                        peak_rss_mb=round(usage.ru_maxrss / 1024, 1))
             row["within_bound"] = row["peak_rss_mb"] <= row["bound_mb"]
             rows.append(row)
             t = row["engine_timings_s"]
-            print(json.dumps({"size": size, "mode": mode, "P": row["parameters"], "load": round(row["load_s"], 1),
+            print(json.dumps({"size": size, "mode": mode, "loading": loading, "P": row["parameters"], "load": round(row["load_s"], 1),
                               "forward": round(row["forward_s"], 2),
                               **{k: round(v, 2) for k, v in t.items()},
                               "write": round(row["write_patch_s"] + row["write_model_s"], 2),
-                              "peak_rss_mb": row["peak_rss_mb"], "bound_mb": row["bound_mb"]}), flush=True)
+                              "peak_rss_mb": row["peak_rss_mb"], "bound_mb": row["bound_mb"],
+                              "engine_peak_mb": round(row["engine_memory"]["cpu_peak_rss_mb"], 1)}), flush=True)
             subprocess.run(["rm", "-rf", str(work)], check=True)
         if not args.keep_models and size != "demo":
             subprocess.run(["rm", "-rf", str(args.models / f"llava-{size}")], check=True)

@@ -43,7 +43,8 @@ def calibration_batches(processor: Any, examples: Sequence[Example], batch_size:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    # accelerate leaves offloaded parameters on the meta device; its hooks move inputs on
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
 def to_model(batch: Batch, model: torch.nn.Module) -> Batch:
@@ -109,7 +110,11 @@ def collect_hessians(model: torch.nn.Module, module_names: Sequence[str], batche
     missing = [n for n in watched if owner.get(n) not in sums]
     if missing:
         raise ValueError(f"calibration never reached: {', '.join(missing[:3])}")
-    return {n: 2.0 * sums[owner[n]] / counts[owner[n]] for n in watched}
+    # in place, and one tensor for the layers sharing an input: the sums are the only copy
+    with torch.inference_mode():  # they were made in it
+        for name, total in sums.items():
+            total.mul_(2.0).div_(counts[name])
+    return {n: sums[owner[n]] for n in watched}
 
 
 def _token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

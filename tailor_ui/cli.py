@@ -19,12 +19,19 @@ EXIT_USER_ERROR = 2
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 where a "
+                   "model is loaded; streamed outputs keep the checkpoint's dtypes)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (accelerate device_map)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.pt checkpoints (pickle can run code: trusted sources only)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run model code shipped with a checkpoint (trusted sources only)")
+
+
+def _in_memory_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--in-memory", action="store_true",
+                   help="load every model in full instead of streaming tensor by tensor (data-free "
+                        "methods, apply) or reading the fine-tuned weights lazily (tailor)")
 
 
 def _unit_interval(text: str) -> float:
@@ -82,12 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overlap", default="mean", help="multi-task overlap rule: mean | sum | first")
     p.add_argument("--save-model", action="store_true", help="also write DIR/model/")
+    _in_memory_option(p)
     _model_options(p)
 
     p = sub.add_parser("apply", help="rebuild the tailored model from base + patch")
     p.add_argument("--base", required=True)
     p.add_argument("--patch", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
+    _in_memory_option(p)
     _model_options(p)
 
     p = sub.add_parser("eval", help="score one model on a caption or VQA set")
@@ -151,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if not args.debug:
+            _quiet_libraries()
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -167,9 +178,42 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _quiet_libraries() -> None:
+    """transformers' warnings and its "Loading weights" bar would come before our one error
+    line on stderr; like our own bars, its bar shows only on a terminal."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+
+
 def _load_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"dtype": args.dtype, "device": args.device, "allow_pickle": args.allow_pickle,
+    return {"dtype": args.dtype or "float32", "device": args.device, "allow_pickle": args.allow_pickle,
             "trust_remote_code": args.trust_remote_code}
+
+
+def _stream_sources(args: argparse.Namespace, specs: list[str]) -> list[str] | None:
+    """The model folders to stream from, or None where the models must be loaded: asked
+    for (--in-memory), a dtype to convert to (--dtype), or not all local safetensors folders."""
+    from tailor_ui.pair import check_local_pair, has_safetensors, resolve_source
+
+    if args.in_memory or args.dtype is not None:
+        return None
+    sources = [resolve_source(spec) for spec in specs]
+    if not all(has_safetensors(s) for s in sources):
+        return None
+    # as loading does: a damaged file or a mismatched pair is refused before any tensor is
+    # read, not halfway through the stream
+    check_local_pair(sources[0], sources[1:], allow_pickle=args.allow_pickle)
+    return sources
+
+
+def _stream_device(device: str) -> str:
+    import torch
+
+    # streaming computes on one device; "auto" (accelerate's placement) means the GPU if any
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -233,25 +277,54 @@ def _tailor(args: argparse.Namespace) -> int:
         raise UserError("--batch-size and --calib-limit must be positive")
     _check_out_dir(args.out)
     examples = [read_examples(path)[: args.calib_limit] for path in args.calib]
-    pair = load_pair(args.base, args.finetuned, **_load_options(args))
-    calibration = [calibration_batches(pair.processor, ex, args.batch_size) for ex in examples]
-    bar, update = _progress_bar()
-    try:
-        result = run_method(pair, settings, calibration or None, progress=update)
-    finally:
-        bar.close()
-    with atomic_path(args.out) as tmp:
-        tmp.mkdir()
-        save_patch(result.patch, tmp / "patch.safetensors")
-        if args.save_model:
-            _save_tailored(pair, result.patch, tmp / "model")
-        (tmp / "report.json").write_text(json.dumps(result.report, indent=2))
-    report = result.report
+    sources = None if settings.method == "tailor" else _stream_sources(args, [args.base, *args.finetuned])
+    if sources is not None:
+        report = _tailor_streamed(args, settings, sources)
+    else:
+        # Model Tailor runs calibration forwards on the base; the fine-tuned weights are read
+        # from their checkpoint block by block (lazy), unless --in-memory
+        pair = load_pair(args.base, args.finetuned, lazy=not args.in_memory, **_load_options(args))
+        calibration = [calibration_batches(pair.processor, ex, args.batch_size) for ex in examples]
+        bar, update = _progress_bar()
+        try:
+            result = run_method(pair, settings, calibration or None, progress=update)
+        finally:
+            bar.close()
+        with atomic_path(args.out) as tmp:
+            tmp.mkdir()
+            save_patch(result.patch, tmp / "patch.safetensors")
+            if args.save_model:
+                _save_tailored(pair, result.patch, tmp / "model")
+            (tmp / "report.json").write_text(json.dumps(result.report, indent=2))
+        report = result.report
     print(f"{settings.method}: {report['patch_entries']:,} entries in the patch "
           f"({100 * report['linear_fraction']:.2f}% of selected linears, "
           f"{100 * report['model_fraction']:.2f}% of the model) in "
           f"{report['timings_s']['total']:.1f}s -> {args.out}")
     return 0
+
+
+def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> dict:
+    """A data-free merge streamed from the checkpoints: the same patch (and model) as in
+    memory, holding one tensor at a time plus the patch."""
+    from tailor_ui.io import atomic_path
+    from tailor_ui.patch import Patch, save_patch
+    from tailor_ui.stream import stream_merge
+
+    patch = Patch(tensors={})
+    bar, update = _progress_bar()
+    try:
+        with atomic_path(args.out) as tmp:
+            tmp.mkdir()
+            report = stream_merge(sources[0], sources[1:], settings,
+                                  tmp / "model" if args.save_model else None, _stream_device(args.device),
+                                  patch=patch, progress=update)
+            patch.metadata.update(base=args.base, finetuned=args.finetuned)  # as the user named them
+            save_patch(patch, tmp / "patch.safetensors")
+            (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    finally:
+        bar.close()
+    return report
 
 
 def _save_tailored(pair, patch, folder: Path) -> None:
@@ -272,11 +345,17 @@ def _apply(args: argparse.Namespace) -> int:
 
     _check_out_dir(args.out)
     patch = load_patch(args.patch)
-    model, processor = load_model(args.base, **_load_options(args))
-    apply_patch(model, patch)
-    with atomic_path(args.out) as tmp:
-        model.save_pretrained(tmp, max_shard_size="2GB")
-        processor.save_pretrained(tmp)
+    sources = _stream_sources(args, [args.base])
+    if sources is not None:  # tensor by tensor, in the checkpoint's dtypes
+        from tailor_ui.stream import stream_apply_patch
+
+        stream_apply_patch(sources[0], patch, args.out)
+    else:
+        model, processor = load_model(args.base, **_load_options(args))
+        apply_patch(model, patch)
+        with atomic_path(args.out) as tmp:
+            model.save_pretrained(tmp, max_shard_size="2GB")
+            processor.save_pretrained(tmp)
     print(f"applied {patch.num_entries:,} entries -> {args.out}")
     return 0
 

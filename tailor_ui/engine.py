@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-import resource
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +19,7 @@ import torch
 
 from tailor_ui.calibration import Batch, Cancelled, StopCheck, collect_hessians
 from tailor_ui.errors import UserError
+from tailor_ui.memory import PeakMemory
 from tailor_ui.methods import baselines
 from tailor_ui.methods.selection import global_threshold, keep_mask
 from tailor_ui.methods.tailor import (TensorScores, compensate, inverse_hessian_factor,
@@ -26,6 +27,7 @@ from tailor_ui.methods.tailor import (TensorScores, compensate, inverse_hessian_
 from tailor_ui.pair import Pair, layer_index
 from tailor_ui.patch import Patch, TensorPatch, apply_patch, revert_patch, tensor_patch, union
 from tailor_ui.settings import MULTI_TASK_NATIVE, Settings
+from tailor_ui.weights import compute_device, release, writable_param
 
 Progress = Callable[[str, int, int], None]
 _GROUP = re.compile(r"^(.*?\.(?:layers|layer|blocks|h)\.\d+)\.")
@@ -67,20 +69,16 @@ def selected_linears(pair: Pair, pattern: str | None = None) -> list[str]:
     """
     output = pair.base.get_output_embeddings() if hasattr(pair.base, "get_output_embeddings") else None
     regex = re.compile(pattern) if pattern else None
+    changed = set(pair.changed())
     names = []
     for name, module in pair.base.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is output:
             continue
         if regex is not None and not regex.search(name):
             continue
-        if _changed(pair, f"{name}.weight"):
+        if f"{name}.weight" in changed:
             names.append(name)
     return names
-
-
-def _changed(pair: Pair, param: str) -> bool:
-    base = pair.base.get_parameter(param)
-    return any(not torch.equal(base, ft.get_parameter(param).to(base.device)) for ft in pair.finetuned)
 
 
 def layer_groups(linears: Sequence[str]) -> list[list[str]]:
@@ -90,6 +88,12 @@ def layer_groups(linears: Sequence[str]) -> list[list[str]]:
         match = _GROUP.match(name)
         groups.setdefault(match.group(1) if match else name, []).append(name)
     return list(groups.values())
+
+
+def patch_metadata(settings: Settings, base_id: str, finetuned_ids: Sequence[str], patch: Patch) -> dict:
+    """What a patch file records about how it was made (shared with the streaming merge)."""
+    return {"method": settings.method, "settings": settings.to_dict(), "base": base_id,
+            "finetuned": list(finetuned_ids), "counts": patch.counts()}
 
 
 def run_method(pair: Pair, settings: Settings, calibration: Sequence[Sequence[Batch]] | None = None,
@@ -103,31 +107,56 @@ def run_method(pair: Pair, settings: Settings, calibration: Sequence[Sequence[Ba
     if settings.method == "tailor":
         if not calibration or len(calibration) != len(pair.finetuned) or not all(calibration):
             raise UserError("Model Tailor needs calibration data for every fine-tuned model")
-    linears = selected_linears(pair, settings.modules)
-    if not linears and settings.modules:
-        raise UserError(f"no changed linear layer matches {settings.modules!r}")
-    _reset_peak_memory()
+    reads_before = _lazy_reads(pair)
     start = time.perf_counter()
-    if settings.method in MULTI_TASK_NATIVE:
-        patch = _data_free(pair, linears, run, models=list(range(len(pair.finetuned))))
-    else:
-        patches = []
-        for k in range(len(pair.finetuned)):
-            if settings.method == "tailor":
-                patches.append(_tailor(pair, k, linears, calibration[k], run))
+    try:
+        with PeakMemory() as meter:
+            linears = selected_linears(pair, settings.modules)
+            if not linears and settings.modules:
+                raise UserError(f"no changed linear layer matches {settings.modules!r}")
+            if settings.method in MULTI_TASK_NATIVE:
+                patch = _data_free(pair, linears, run, models=list(range(len(pair.finetuned))))
             else:
-                patches.append(_data_free(pair, linears, run, models=[k]))
-        patch = patches[0] if len(patches) == 1 else union(patches, pair.base_params(), settings.overlap)
+                patches = []
+                for k in range(len(pair.finetuned)):
+                    if settings.method == "tailor":
+                        patches.append(_tailor(pair, k, linears, calibration[k], run))
+                    else:
+                        patches.append(_data_free(pair, linears, run, models=[k]))
+                patch = patches[0] if len(patches) == 1 else union(
+                    patches, _overlapping_base_values(pair, patches), settings.overlap)
+    finally:
+        release(pair.base)  # every value written into the base is reverted by now
     seconds = time.perf_counter() - start
-    patch.metadata = {"method": settings.method, "settings": settings.to_dict(),
-                      "base": pair.base_id, "finetuned": pair.finetuned_ids,
-                      "counts": patch.counts()}
-    return Result(patch=patch, report=_report(pair, patch, linears, run, seconds))
+    patch.metadata = patch_metadata(settings, pair.base_id, pair.finetuned_ids, patch)
+    report = _report(pair, patch, linears, run, seconds)
+    report["memory"] = meter.report()
+    if reads_before is not None:
+        report["finetuned_reads"] = _lazy_reads(pair) - reads_before
+    return Result(patch=patch, report=report)
+
+
+def _lazy_reads(pair: Pair) -> int | None:
+    """Tensors read so far from fine-tuned checkpoints that are not loaded (None: all loaded)."""
+    lazy = [ft for ft in pair.finetuned if not isinstance(ft, torch.nn.Module)]
+    return sum(sum(ft.reads.values()) for ft in lazy) if lazy else None
+
+
+def _overlapping_base_values(pair: Pair, patches: Sequence[Patch]) -> dict[str, torch.Tensor]:
+    """The base values `union` needs: those of tensors that several patches touch."""
+    counts = Counter(name for p in patches for name in p.tensors)
+    return {name: pair.base_value(name) for name, n in counts.items() if n > 1}
+
+
+def _values(pair: Pair, name: str, models: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A parameter's base and fine-tuned values, on the device its layer computes on."""
+    device = compute_device(pair.base, name)
+    return pair.base_value(name).to(device), [pair.finetuned_value(k, name, device) for k in models]
 
 
 def _others(pair: Pair, linears: Sequence[str]) -> list[str]:
     chosen = {f"{n}.weight" for n in linears}
-    return [n for n, _ in pair.base.named_parameters() if n not in chosen and _changed(pair, n)]
+    return [n for n in pair.changed() if n not in chosen]
 
 
 def _finetuned_values(pair: Pair, names: Sequence[str], models: list[int]) -> dict[str, TensorPatch]:
@@ -135,10 +164,8 @@ def _finetuned_values(pair: Pair, names: Sequence[str], models: list[int]) -> di
     all be kept)."""
     out = {}
     for name in names:
-        base = pair.base.get_parameter(name)
-        values = torch.stack([pair.finetuned[k].get_parameter(name).detach().to(base.device).float()
-                              for k in models]).mean(dim=0)
-        out[name] = tensor_patch(base, values)
+        base, tuned = _values(pair, name, models)
+        out[name] = tensor_patch(base, torch.stack([t.float() for t in tuned]).mean(dim=0))
     return out
 
 
@@ -148,8 +175,7 @@ def _merge_tensors(pair: Pair, names: Sequence[str], run: _Run, models: list[int
     for i, name in enumerate(names):
         run.check()
         run.progress(f"merging {name}", i, len(names))
-        base = pair.base.get_parameter(name).detach()
-        tuned = [pair.finetuned[k].get_parameter(name).detach().to(base.device) for k in models]
+        base, tuned = _values(pair, name, models)
         with run.timed("merge"):
             out[name] = tensor_patch(base, merge_tensor(base, tuned, name, run.settings))
     return out
@@ -193,12 +219,13 @@ def _local_scope(s: Settings) -> str:
 
 
 def _cache_key(s: Settings, k: int, calib: Sequence[Batch], sequential: bool) -> tuple:
-    """What the Hessians and scores depend on. In sequential mode a layer's inputs come from
-    the already tailored earlier layers, so every setting that shapes them is part of it."""
-    key: tuple = ("scores", k, _fingerprint(calib), s.damp, s.block_size, s.sensitivity,
-                  s.modules, s.others, sequential)
+    """What the Hessians and scores depend on (entries are per linear). One-pass Hessians
+    come from the fine-tuned model alone. In sequential mode a layer's inputs come from the
+    already tailored earlier layers, so every setting that shapes them is part of it: which
+    linears are tailored and how, and what the other tensors hold."""
+    key: tuple = ("scores", k, _fingerprint(calib), s.damp, s.block_size, s.sensitivity, sequential)
     if sequential:
-        key += (s.keep, s.alpha, s.scope, s.compensate, s.sign)
+        key += (s.modules, s.others, s.keep, s.alpha, s.scope, s.compensate, s.sign)
     return key
 
 
@@ -230,27 +257,66 @@ def _tailor(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch], 
     return _nonempty(patch)
 
 
+@contextmanager
+def _holding(model: torch.nn.Module, names: Sequence[str], value_of: Callable[[str], torch.Tensor]
+             ) -> Iterator[torch.nn.Module]:
+    """`model` with the named parameters set to `value_of(name)`; the values they held are
+    parked on the CPU meanwhile and written back at the end, bit for bit."""
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name in names:
+                storage = writable_param(model, name)
+                saved[name] = storage.to("cpu", copy=True)
+                storage.copy_(value_of(name))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                writable_param(model, name).copy_(original)
+
+
+@contextmanager
+def _finetuned_model(pair: Pair, k: int) -> Iterator[torch.nn.Module]:
+    """A model that computes as fine-tuned model k does: the loaded model, or, for one read
+    lazily, the base holding fine-tuned values in every changed tensor (one read each)."""
+    tuned = pair.finetuned[k]
+    if isinstance(tuned, torch.nn.Module):
+        yield tuned
+        return
+    with _holding(pair.base, pair.changed(), lambda name: pair.finetuned_value(k, name)) as model:
+        yield model
+
+
 def _tailor_one_pass(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch],
                      cache: dict, run: _Run) -> dict[str, TensorPatch]:
-    """Hessians from the fine-tuned model in one pass over the calibration data."""
+    """Hessians from the fine-tuned model in one pass over the calibration data; then each
+    linear is read once, scored (unless cached) and, unless the threshold is model-wide
+    (which needs every score first), tailored."""
     s = run.settings
     missing = [n for n in linears if n not in cache]
+    hessians: dict[str, torch.Tensor] = {}
     if missing:
         run.progress("collecting Hessians (one pass)", 0, 1)
-        with run.timed("calibration"):
-            hessians = collect_hessians(pair.finetuned[k], missing, calib, should_stop=run.should_stop)
-        for i, name in enumerate(missing):
-            run.check()
-            run.progress(f"scoring {name}", i, len(missing))
-            cache[name] = _score(pair, k, name, hessians.pop(name), run)
-    threshold = None
-    if s.scope == "global":
-        threshold = global_threshold([cache[n][1].importance(s.alpha) for n in linears], s.keep)
+        with run.timed("calibration"), _finetuned_model(pair, k) as model:
+            hessians = collect_hessians(model, missing, calib, should_stop=run.should_stop)
+    model_wide = s.scope == "global"
     out = {}
     for i, name in enumerate(linears):
         run.check()
         run.progress(f"tailoring {name}", i, len(linears))
-        out[f"{name}.weight"] = _tailor_tensor(pair, k, name, cache[name], threshold, run)
+        w_pre, [w_ft] = _values(pair, f"{name}.weight", [k])
+        if name in hessians:
+            cache[name] = _score(w_pre, w_ft, hessians.pop(name), run)
+        if not model_wide:
+            out[f"{name}.weight"] = _tailor_tensor(w_pre, w_ft, cache[name], None, run)
+    if model_wide:
+        threshold = global_threshold([cache[n][1].importance(s.alpha) for n in linears], s.keep)
+        for i, name in enumerate(linears):
+            run.check()
+            run.progress(f"tailoring {name}", i, len(linears))
+            w_pre, [w_ft] = _values(pair, f"{name}.weight", [k])
+            out[f"{name}.weight"] = _tailor_tensor(w_pre, w_ft, cache[name], threshold, run)
     return out
 
 
@@ -260,34 +326,32 @@ def _tailor_sequential(pair: Pair, k: int, linears: Sequence[str], calib: Sequen
     already tailored, while the block itself still holds the fine-tuned weights.
 
     The base model is the working copy: patches are applied to it in place as blocks are
-    done and all reverted at the end, so it leaves exactly as it came.
+    done and all reverted at the end, so it leaves exactly as it came. Of the fine-tuned
+    model only the current block's linears are held (read once each), and that block's
+    Hessians only until they are scored.
     """
-    base, ft = pair.base, pair.finetuned[k]
+    base = pair.base
     applied = [apply_patch(base, Patch(tensors=dict(before)))]
     out: dict[str, TensorPatch] = {}
     groups = layer_groups(linears)
     try:
         for g, group in enumerate(groups):
             run.check()
+            tuned = {n: _values(pair, f"{n}.weight", [k]) for n in group}  # (w_pre, [w_ft])
             todo = [n for n in group if n not in cache]
             if todo:
                 run.progress(f"collecting Hessians, block {g + 1}/{len(groups)}", g, len(groups))
-                saved = {n: base.get_parameter(f"{n}.weight").detach().clone() for n in todo}
-                try:
-                    with torch.no_grad():
-                        for n in todo:
-                            w = base.get_parameter(f"{n}.weight")
-                            w.copy_(ft.get_parameter(f"{n}.weight").to(w.device))
-                    with run.timed("calibration"):
-                        hessians = collect_hessians(base, todo, calib, should_stop=run.should_stop)
-                finally:
-                    with torch.no_grad():
-                        for n, original in saved.items():
-                            base.get_parameter(f"{n}.weight").copy_(original)
+                fine = {f"{n}.weight": tuned[n][1][0] for n in todo}
+                with run.timed("calibration"), _holding(base, list(fine), fine.__getitem__):
+                    hessians = collect_hessians(base, todo, calib, should_stop=run.should_stop)
+                del fine
                 for n in todo:
-                    cache[n] = _score(pair, k, n, hessians.pop(n), run)
+                    cache[n] = _score(tuned[n][0], tuned[n][1][0], hessians.pop(n), run)
+                del hessians
             run.progress(f"tailoring block {g + 1}/{len(groups)}", g, len(groups))
-            done = {f"{n}.weight": _tailor_tensor(pair, k, n, cache[n], None, run) for n in group}
+            done = {f"{n}.weight": _tailor_tensor(tuned[n][0], tuned[n][1][0], cache[n], None, run)
+                    for n in group}
+            del tuned  # this block's fine-tuned weights go before the next block's are read
             out.update(done)
             applied.append(apply_patch(base, Patch(tensors=done)))
     finally:
@@ -296,22 +360,25 @@ def _tailor_sequential(pair: Pair, k: int, linears: Sequence[str], calib: Sequen
     return out
 
 
-def _score(pair: Pair, k: int, name: str, hessian: torch.Tensor, run: _Run
-           ) -> tuple[torch.Tensor, TensorScores]:
+Cached = tuple[torch.Tensor, TensorScores]
+
+
+def _score(w_pre: torch.Tensor, w_ft: torch.Tensor, hessian: torch.Tensor, run: _Run) -> Cached:
+    """Inverse-Hessian factor and z-scores of one weight, computed on its device and parked
+    on the CPU (the cache outlives the run; a GPU keeps room for the model)."""
     s = run.settings
-    w_pre = pair.base.get_parameter(f"{name}.weight").detach()
-    w_ft = pair.finetuned[k].get_parameter(f"{name}.weight").detach().to(w_pre.device)
     with run.timed("scores"):
         factor = inverse_hessian_factor(hessian.to(w_pre.device), s.damp)
-        return factor, tensor_scores(w_pre, w_ft, factor, s.sensitivity, s.block_size)
+        scores = tensor_scores(w_pre, w_ft, factor, s.sensitivity, s.block_size)
+        return factor.cpu(), TensorScores(scores.salience_z.cpu(), scores.sensitivity_z.cpu())
 
 
-def _tailor_tensor(pair: Pair, k: int, name: str, cached: tuple[torch.Tensor, TensorScores],
+def _tailor_tensor(w_pre: torch.Tensor, w_ft: torch.Tensor, cached: Cached,
                    threshold: float | None, run: _Run) -> TensorPatch:
     s = run.settings
-    factor, scores = cached
-    w_pre = pair.base.get_parameter(f"{name}.weight").detach()
-    w_ft = pair.finetuned[k].get_parameter(f"{name}.weight").detach().to(w_pre.device)
+    device = w_pre.device
+    factor = cached[0].to(device)
+    scores = TensorScores(cached[1].salience_z.to(device), cached[1].sensitivity_z.to(device))
     with run.timed("selection"):
         importance = scores.importance(s.alpha)
         keep = importance >= threshold if threshold is not None else keep_mask(
@@ -324,11 +391,6 @@ def _tailor_tensor(pair: Pair, k: int, name: str, cached: tuple[torch.Tensor, Te
     return tensor_patch(w_pre, new)
 
 
-def _reset_peak_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
 def _report(pair: Pair, patch: Patch, linears: Sequence[str], run: _Run, seconds: float) -> dict:
     params = pair.base_params()
     per_tensor = {n: {"kept": t.index.numel(), "numel": t.numel, "fraction": t.fraction,
@@ -336,13 +398,12 @@ def _report(pair: Pair, patch: Patch, linears: Sequence[str], run: _Run, seconds
     linear_numel = sum(params[f"{n}.weight"].numel() for n in linears)
     linear_kept = sum(patch.tensors[f"{n}.weight"].index.numel() for n in linears
                       if f"{n}.weight" in patch.tensors)
-    memory = {"cpu_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        memory["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return {
         "settings": run.settings.to_dict(), "base": pair.base_id, "finetuned": pair.finetuned_ids,
+        "finetuned_loading": ["in memory" if isinstance(ft, torch.nn.Module) else "lazy"
+                              for ft in pair.finetuned],
         "selected_linears": len(linears), "patch_entries": patch.num_entries,
         "linear_fraction": linear_kept / linear_numel if linear_numel else 0.0,
         "model_fraction": patch.num_entries / sum(p.numel() for p in params.values()),
-        "tensors": per_tensor, "timings_s": {**run.timings, "total": seconds}, "memory": memory,
+        "tensors": per_tensor, "timings_s": {**run.timings, "total": seconds},
     }

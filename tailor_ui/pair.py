@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,9 +10,10 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from tailor_ui.errors import UserError
+from tailor_ui.weights import compute_device, read_param
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -25,24 +27,42 @@ _LAYER = re.compile(r"\.(?:layers|layer|blocks|h)\.(\d+)\.")
 def resolve_source(spec: str, *, allowed_roots: list[Path] | None = None) -> str:
     """A local model folder (resolved and checked) or a validated hub id.
 
-    With `allowed_roots`, local folders must lie under one of them (the dashboard's rule).
+    With `allowed_roots`, local folders must lie under one of them (the dashboard's rule),
+    and a relative name means a folder under a root: the server's working folder is never
+    probed, so a visitor cannot learn what exists there.
     """
     spec = spec.strip()
     if not spec:
         raise UserError("no model given: enter a hub id (owner/name) or a local folder")
-    looks_local = spec.startswith(("/", ".", "~")) or Path(spec).expanduser().exists()
-    if looks_local:
-        path = Path(spec).expanduser().resolve()
-        if allowed_roots is not None and not any(path.is_relative_to(r.resolve()) for r in allowed_roots):
-            raise UserError(f"{spec}: local folders outside the allowed folders are not accepted")
-        if not path.is_dir():
-            raise UserError(f"{spec}: no such model folder")
-        if not (path / "config.json").is_file():
-            raise UserError(f"{spec}: not a model folder (no config.json)")
-        return str(path)
+    shown = spec if len(spec) <= 120 else spec[:100] + "…"  # a pasted blob stays one short line
+    try:
+        if allowed_roots is not None and not spec.startswith(("/", ".", "~")):
+            under = next((r / spec for r in allowed_roots  # never a probe outside a root ("../")
+                          if (r / spec).resolve().is_relative_to(r.resolve())
+                          and (r / spec / "config.json").is_file()), None)
+            spec = str(under) if under is not None else spec
+        looks_local = spec.startswith(("/", ".", "~")) or (
+            allowed_roots is None and Path(spec).expanduser().exists())
+        if looks_local:
+            path = Path(spec).expanduser().resolve()
+            if allowed_roots is not None and not any(path.is_relative_to(r.resolve()) for r in allowed_roots):
+                raise UserError(f"{shown}: local folders outside the allowed folders are not accepted")
+            if not path.is_dir():
+                raise UserError(f"{shown}: no such model folder")
+            if not (path / "config.json").is_file():
+                raise UserError(f"{shown}: not a model folder (no config.json)")
+            return str(path)
+    except (OSError, RuntimeError) as exc:  # a name too long for the file system, an unknown ~user
+        raise UserError(f"{shown}: not a usable folder name ({getattr(exc, 'strerror', None) or exc})") from None
     if not _HUB_ID.match(spec):
-        raise UserError(f"{spec!r} is neither an existing folder nor a hub id of the form owner/name")
+        raise UserError(f"{shown!r} is neither an existing folder nor a hub id of the form owner/name")
     return spec
+
+
+def has_safetensors(source: str) -> bool:
+    """A local folder holding safetensors weights (what streaming and lazy reading need)."""
+    path = Path(source)
+    return path.is_dir() and any(p.name.endswith(".safetensors") for p in path.iterdir())
 
 
 def _check_weight_format(source: str, allow_pickle: bool) -> None:
@@ -57,6 +77,59 @@ def _check_weight_format(source: str, allow_pickle: bool) -> None:
                         "loaded; convert it to safetensors or allow pickle explicitly")
     if not has_safetensors and not has_pickle:
         raise UserError(f"{path.name} holds no weights (no .safetensors files)")
+    for name in sorted(f for f in files if f.endswith(".safetensors")):
+        try:  # the header and the file's length: cheap, and before gigabytes are read
+            with safe_open(str(path / name), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{path.name}/{name} is damaged or truncated "
+                            f"({_first_line(exc)[:200]})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_local_pair(base: str, finetuned: list[str], *, allowed_roots: list[Path] | None = None,
+                     allow_pickle: bool = False) -> None:
+    """What can be checked without loading a model, so that a bad pair is refused at once
+    (the dashboard: before it lets go of the visitor's current pair; the CLI: before
+    loading gigabytes): every local folder holds readable weights, and each fine-tuned
+    model has the base's model type and, for the checkpoint keys both hold, its tensor
+    shapes. Hub ids are checked when they are loaded."""
+    sources = [resolve_source(s, allowed_roots=allowed_roots) for s in [base, *finetuned]]
+    for source in sources:
+        _check_weight_format(source, allow_pickle)
+    base_type, base_shapes = _checkpoint_info(sources[0])
+    for source in sources[1:]:
+        model_type, shapes = _checkpoint_info(source)
+        if base_type and model_type and base_type != model_type:
+            raise UserError(f"the models differ in architecture: base is {base_type}, "
+                            f"fine-tuned is {model_type}")
+        # a key only one checkpoint holds may be another spelling of the same parameter
+        # (checkpoints saved by different transformers versions): check_match sees it after loading
+        check_shapes({k: v for k, v in base_shapes.items() if k in shapes},
+                     {k: v for k, v in shapes.items() if k in base_shapes})
+
+
+def _checkpoint_info(source: str) -> tuple[str | None, dict[str, tuple[int, ...]]]:
+    """A local folder's model type (config.json) and tensor shapes (safetensors headers);
+    nothing for a hub id."""
+    path = Path(source)
+    if not path.is_dir():
+        return None, {}
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path.name}/config.json is not valid JSON ({_first_line(exc)[:200]})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not has_safetensors(source):
+        return model_type, {}
+    from tailor_ui.stream import Checkpoint  # stream imports the engine, which imports this module
+
+    with Checkpoint(path) as checkpoint:
+        return model_type, {k: tuple(t.shape) for k, t in checkpoint.tensors.items()}
 
 
 class MissingProcessor:
@@ -117,7 +190,8 @@ def load_model(spec: str, *, dtype: str = "float32", device: Device = "cpu",
         raise UserError(f"could not load {spec}: a safetensors file is damaged or truncated "
                         f"({str(exc).strip()[:200]})") from None
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # transformers names the resolved folder: say it as the user did
+        first = _first_line(exc).replace(source, spec.strip())
         raise UserError(f"could not load {spec}: {first[:300]}") from None
     model.eval()
     return model, _load_processor(source, trust_remote_code)
@@ -128,25 +202,69 @@ class Pair:
     """A base model, one or more fine-tuned models of it, and the shared processor."""
 
     base: torch.nn.Module
-    finetuned: list[torch.nn.Module]
+    # loaded models, or `tailor_ui.lazy.LazyWeights` reading a checkpoint tensor by tensor;
+    # the engine reads them only through `finetuned_value`
+    finetuned: list[Any]
     processor: Any
     base_id: str = "base"
     finetuned_ids: list[str] = field(default_factory=lambda: ["finetuned"])
     # per-tensor scores and Hessian factors, keyed by what they depend on (engine.py)
     cache: dict = field(default_factory=dict)
+    _changed: list[str] | None = field(default=None, init=False, repr=False)
 
     def base_params(self) -> dict[str, torch.Tensor]:
         return dict(self.base.named_parameters())
 
+    def base_value(self, name: str) -> torch.Tensor:
+        """The base's value of a parameter (accelerate-offloaded ones included)."""
+        return read_param(self.base, name)
 
-def load_pair(base: str, finetuned: str | list[str], **load_options: Any) -> Pair:
-    """Load and match a base model with one or several fine-tuned models of it."""
+    def finetuned_value(self, k: int, name: str, device: torch.device | None = None) -> torch.Tensor:
+        """Fine-tuned model k's value of a base parameter, on `device` (default: where the
+        base computes with it); a lazy model reads it from disk in the base's dtype."""
+        device = device if device is not None else compute_device(self.base, name)
+        tuned = self.finetuned[k]
+        if isinstance(tuned, torch.nn.Module):
+            return read_param(tuned, name).to(device)
+        return tuned.read(name, dtype=self.base.get_parameter(name).dtype, device=device)
+
+    def changed(self) -> list[str]:
+        """Base parameters that some fine-tuned model changed (torch.equal: a NaN counts as
+        a change, a zero's sign does not), in model order. Computed once per pair (with lazy
+        models it reads every tensor once): paired models are fixed, as the score cache assumes."""
+        if self._changed is None:
+            out = []
+            for name, _ in self.base.named_parameters():
+                device = compute_device(self.base, name)
+                base = self.base_value(name).to(device)
+                if any(not torch.equal(base, self.finetuned_value(k, name, device))
+                       for k in range(len(self.finetuned))):
+                    out.append(name)
+            self._changed = out
+        return self._changed
+
+
+def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False, **load_options: Any) -> Pair:
+    """Load and match a base model with one or several fine-tuned models of it.
+
+    `lazy`: a fine-tuned model in a local folder with safetensors weights is not loaded but
+    read tensor by tensor when the engine needs it (`tailor_ui.lazy.LazyWeights`); others
+    (hub ids, pickle checkpoints) are loaded as usual.
+    """
     specs = [finetuned] if isinstance(finetuned, str) else list(finetuned)
     if not specs:
         raise UserError("give at least one fine-tuned model")
+    check_local_pair(base, specs, allowed_roots=load_options.get("allowed_roots"),
+                     allow_pickle=load_options.get("allow_pickle", False))
     base_model, processor = load_model(base, **load_options)
     tuned = []
     for spec in specs:
+        source = resolve_source(spec, allowed_roots=load_options.get("allowed_roots")) if lazy else ""
+        if lazy and has_safetensors(source):
+            from tailor_ui.lazy import LazyWeights  # it needs transformers' key mapping (stream.py)
+
+            tuned.append(LazyWeights(source, base_model))
+            continue
         model, _ = load_model(spec, **load_options)
         check_match(base_model, model)
         tuned.append(model)
@@ -159,8 +277,12 @@ def check_match(base: torch.nn.Module, finetuned: torch.nn.Module, show: int = 5
     arch_a, arch_b = type(base).__name__, type(finetuned).__name__
     if arch_a != arch_b:
         raise UserError(f"the models differ in architecture: base is {arch_a}, fine-tuned is {arch_b}")
-    a = {n: tuple(p.shape) for n, p in base.named_parameters()}
-    b = {n: tuple(p.shape) for n, p in finetuned.named_parameters()}
+    check_shapes({n: tuple(p.shape) for n, p in base.named_parameters()},
+                 {n: tuple(p.shape) for n, p in finetuned.named_parameters()}, show)
+
+
+def check_shapes(a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, ...]], show: int = 5) -> None:
+    """Base parameter shapes `a` against fine-tuned `b`: list the first names or shapes that differ."""
     problems = [f"{n} only in base" for n in a if n not in b]
     problems += [f"{n} only in fine-tuned" for n in b if n not in a]
     problems += [f"{n}: base {a[n]} vs fine-tuned {b[n]}" for n in a if n in b and a[n] != b[n]]

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
+from tailor_ui.weights import writable_param
 
 FORMAT = "tailor_ui.patch/1"
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -93,7 +94,7 @@ def apply_patch(model: torch.nn.Module, patch: Patch) -> AppliedPatch:
     originals: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, tp in patch.tensors.items():
-            flat = params[name].data.view(-1)
+            flat = writable_param(model, name).view(-1)  # offloaded modules too
             index = tp.index.to(flat.device)
             originals[name] = flat[index].cpu()
             flat[index] = tp.values.to(device=flat.device, dtype=flat.dtype)
@@ -102,10 +103,9 @@ def apply_patch(model: torch.nn.Module, patch: Patch) -> AppliedPatch:
 
 def revert_patch(model: torch.nn.Module, applied: AppliedPatch) -> None:
     """Put back the values an `apply_patch` overwrote (bit-exact)."""
-    params = _parameters(model)
     with torch.no_grad():
         for name, values in applied.originals.items():
-            flat = params[name].data.view(-1)
+            flat = writable_param(model, name).view(-1)
             flat[applied.patch.tensors[name].index.to(flat.device)] = values.to(flat.device)
 
 

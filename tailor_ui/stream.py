@@ -23,13 +23,12 @@ the meta device and runs the same renaming `from_pretrained` runs.
 from __future__ import annotations
 
 import json
-import os
 import re
-import resource
 import shutil
 import struct
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,10 +37,11 @@ import torch
 
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
+from tailor_ui.memory import PeakMemory
 from tailor_ui.patch import Patch, TensorPatch, check_fits, tensor_patch, union
 from tailor_ui.settings import MULTI_TASK_NATIVE, Settings
 
-from tailor_ui.engine import merge_tensor  # the engine's own per-tensor dispatch
+from tailor_ui.engine import merge_tensor, patch_metadata  # the engine's own per-tensor dispatch
 
 Progress = Callable[[str, int, int], None]
 StopCheck = Callable[[], bool]
@@ -366,37 +366,6 @@ def key_map(folder: str | Path, keys: Sequence[str]) -> KeyMap:
 
 # ------------------------------------------------------------------------------- memory
 
-def reset_peak_rss() -> bool:
-    """Reset this process's peak resident memory (Linux: /proc/self/clear_refs), so the
-    next `peak_rss_mb` covers only what follows. False where the system does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (since start or the last reset)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        return float("nan")
-
-
 def memory_bound_bytes(numel: int, base_bytes: int, n_models: int, method: str,
                        chunk_elems: int | None = None) -> int:
     """Working set of merging one tensor of `numel` entries (`base_bytes` each in storage).
@@ -507,15 +476,17 @@ class _Clock:
 
 
 def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str | Path],
-                 settings: Settings, out_dir: str | Path, device: str = "cpu", *,
+                 settings: Settings, out_dir: str | Path | None, device: str = "cpu", *,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_elems: int = CHUNK_ELEMS,
-                 progress: Progress | None = None, should_stop: StopCheck | None = None
-                 ) -> dict[str, Any]:
+                 patch: Patch | None = None, progress: Progress | None = None,
+                 should_stop: StopCheck | None = None) -> dict[str, Any]:
     """Merge fine-tuned checkpoints into their base with a data-free method, streaming.
 
     Writes a loadable model folder at `out_dir` (base's config and processor files, the
     merged weights in the base's names and dtypes), atomically. Equal, tensor for tensor,
-    to `run_method(pair, settings)` applied to the base and saved. Returns a report with
+    to `run_method(pair, settings)` applied to the base and saved. With `patch`, the
+    changed entries are also collected into it, by parameter name, with its metadata: the
+    patch `run_method` returns (`out_dir=None` makes only the patch). Returns a report with
     timings and peak memory. Compute runs on `device`; results are parked on the CPU.
     """
     from tailor_ui.calibration import Cancelled
@@ -530,10 +501,6 @@ def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str
     progress = progress or (lambda *_: None)
     should_stop = should_stop or (lambda: False)
     regex = re.compile(settings.modules) if settings.modules else None
-    reset = reset_peak_rss()
-    rss_start = current_rss_mb()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     start = time.perf_counter()
     clock = _Clock()
     base = Checkpoint(base_dir)
@@ -547,12 +514,14 @@ def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str
                         "fine-tuned model changed it; merge this model in memory instead")
     layout = [(k, base.tensors[k].dtype, base.tensors[k].shape) for k in keys]
     per_tensor: dict[str, dict[str, Any]] = {}
-    selected_changed = 0
+    selected_changed = selected_numel = selected_kept = 0
+    copied: list[str] = []
     largest = max((base.tensors[k].shape for k in keys), key=lambda s: torch.Size(s).numel(), default=())
     clock.add("plan", start)
+    meter = PeakMemory([dev]).start()  # stopped in `finally`; planning holds no tensors
     try:
-        with atomic_path(out_dir) as tmp:
-            writer = ShardedWriter(tmp, layout, max_shard_bytes)
+        with atomic_path(out_dir) if out_dir is not None else nullcontext() as tmp:
+            writer = ShardedWriter(tmp, layout, max_shard_bytes) if tmp is not None else None
             for i, key in enumerate(keys):
                 if should_stop():
                     raise Cancelled
@@ -573,16 +542,22 @@ def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str
                         if changed:
                             per_tensor[name] = {"key": key, "changed": changed, "numel": b.numel(),
                                                 "fraction": changed / max(b.numel(), 1)}
+                            if patch is not None:
+                                patch.tensors[name] = tensor_patch(b, new)
                         if selected:
                             selected_changed += 1
+                            selected_numel += b.numel()
+                            selected_kept += changed
                     del bd, tsd
                 t0 = clock.add("merge", t0)
-                writer.write(key, new if new is not None else b)
+                if writer is not None:
+                    writer.write(key, new if new is not None else b)
                 del b, ts, new
                 clock.add("write", t0)
             t0 = time.perf_counter()
-            writer.close()
-            copied = copy_side_files(base.folder, tmp)
+            if writer is not None:
+                writer.close()
+                copied = copy_side_files(base.folder, tmp)
             if regex is not None and not selected_changed:
                 raise UserError(f"no changed linear layer matches {settings.modules!r}")
             clock.add("write", t0)
@@ -590,6 +565,7 @@ def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str
         base.close()
         for c in tuned:
             c.close()
+        meter.stop()
     seconds = time.perf_counter() - start
     numel = sum(torch.Size(base.tensors[k].shape).numel() for k in keys)
     entries = sum(t["changed"] for t in per_tensor.values())
@@ -597,18 +573,24 @@ def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str
     largest_bytes = max((base.tensors[k].nbytes for k in keys), default=0)
     bound = memory_bound_bytes(largest_numel, largest_bytes // max(largest_numel, 1), len(tuned),
                                settings.method, chunk_elems) / 2**20
-    memory = {"cpu_peak_rss_mb": peak_rss_mb(), "rss_at_start_mb": rss_start,
-              "peak_measured_from": "run start" if reset else "process start",
-              "largest_tensor_mb": largest_bytes / 2**20, "one_tensor_bound_mb": bound,
+    memory = {**meter.report(), "largest_tensor_mb": largest_bytes / 2**20, "one_tensor_bound_mb": bound,
               # the stack (torch, transformers) at start, plus one tensor's working set
-              "predicted_peak_mb": rss_start + bound}
-    if dev.type == "cuda":
-        memory["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+              "predicted_peak_mb": meter.rss_at_start_mb + bound}
+    if patch is not None:
+        patch.metadata = patch_metadata(settings, str(base_dir), [str(d) for d in dirs], patch)
     return {"settings": settings.to_dict(), "base": str(base_dir), "finetuned": [str(d) for d in dirs],
             "streamed": True, "device": str(dev), "tensors_total": len(keys),
-            "patch_entries": entries, "model_fraction": entries / max(numel, 1),
-            "tensors": per_tensor, "files": writer.files + ([INDEX_NAME] if len(writer.files) > 1 else [])
-            + copied, "timings_s": {**clock.timings, "total": seconds}, "memory": memory}
+            "selected_linears": selected_changed, "patch_entries": entries,
+            "linear_fraction": selected_kept / selected_numel if selected_numel else 0.0,
+            "model_fraction": entries / max(numel, 1), "tensors": per_tensor,
+            "files": _files(writer) + copied, "timings_s": {**clock.timings, "total": seconds},
+            "memory": memory}
+
+
+def _files(writer: ShardedWriter | None) -> list[str]:
+    if writer is None:
+        return []
+    return writer.files + ([INDEX_NAME] if len(writer.files) > 1 else [])
 
 
 def _same_bytes(a: Checkpoint, b: Checkpoint, key: str) -> bool:
@@ -628,7 +610,6 @@ def stream_apply_patch(base_dir: str | Path, patch: Patch, out_dir: str | Path, 
 
     progress = progress or (lambda *_: None)
     should_stop = should_stop or (lambda: False)
-    reset = reset_peak_rss()
     start = time.perf_counter()
     base = Checkpoint(base_dir)
     keys = base.keys
@@ -639,6 +620,7 @@ def stream_apply_patch(base_dir: str | Path, patch: Patch, out_dir: str | Path, 
     check_fits({n: tuple(base.tensors[k].shape) for n, k in key_of.items()}, patch)
     by_key = {key_of[n]: (n, tp) for n, tp in patch.tensors.items()}
     layout = [(k, base.tensors[k].dtype, base.tensors[k].shape) for k in keys]
+    meter = PeakMemory().start()
     try:
         with atomic_path(out_dir) as tmp:
             writer = ShardedWriter(tmp, layout, max_shard_bytes)
@@ -654,8 +636,7 @@ def stream_apply_patch(base_dir: str | Path, patch: Patch, out_dir: str | Path, 
             copied = copy_side_files(base.folder, tmp)
     finally:
         base.close()
+        meter.stop()
     return {"base": str(base_dir), "patch_entries": patch.num_entries, "streamed": True,
-            "files": writer.files + ([INDEX_NAME] if len(writer.files) > 1 else []) + copied,
-            "timings_s": {"total": time.perf_counter() - start},
-            "memory": {"cpu_peak_rss_mb": peak_rss_mb(),
-                       "peak_measured_from": "run start" if reset else "process start"}}
+            "files": _files(writer) + copied, "timings_s": {"total": time.perf_counter() - start},
+            "memory": meter.report()}

@@ -1,0 +1,124 @@
+"""Peak memory of one run: the process's resident memory and, with CUDA, the GPU allocator's.
+
+`PeakMemory` is what the engine, the streaming functions and the benchmarks report. The
+CPU peak is this run's, not the process's, and measuring it changes nothing for other
+tools: the kernel's high-water mark (VmHWM) is read, never reset. (Resetting it through
+/proc/self/clear_refs works on Linux but also resets the ru_maxrss that `time -v`,
+`wait4` and benchmark harnesses read, so they would under-report the process.) If the
+mark rose during the run, the run set the process's peak and the new mark is exact;
+otherwise the peak comes from a background thread sampling the resident size every few
+milliseconds (a spike shorter than that can be missed).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+SAMPLE_SECONDS = 0.01
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (since start or the last reset)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now, in MiB (nan where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return float("nan")
+
+
+def _gpus(devices: Sequence[torch.device | str] | None) -> list[torch.device]:
+    if not torch.cuda.is_available():
+        return []
+    if devices is None:
+        # querying a device that was never used would create a CUDA context on it
+        if not torch.cuda.is_initialized():
+            return []
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    out = []
+    for device in map(torch.device, devices):
+        if device.type == "cuda":
+            device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+            if device not in out:
+                out.append(device)
+    return out
+
+
+class PeakMemory:
+    """`with PeakMemory() as meter: ...` (or `start()` ... `stop()`) then `meter.report()`:
+    the peak CPU resident memory of what ran inside, and GPU peaks summed over `gpus`
+    (default: every GPU when CUDA is in use already; pass the devices a run computes on
+    when it has not started CUDA yet)."""
+
+    def __init__(self, gpus: Sequence[torch.device | str] | None = None) -> None:
+        self._gpu_request = gpus
+        self._gpus: list[torch.device] = []
+        self._done = threading.Event()
+        self._sampler: threading.Thread | None = None
+        self._mark_at_start_mb = 0.0
+        self.rss_at_start_mb = 0.0
+        self.sampled_peak_mb = 0.0
+        self._report: dict[str, Any] | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        return self.start()
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop()
+
+    def start(self) -> "PeakMemory":
+        self._mark_at_start_mb = peak_rss_mb()
+        self.rss_at_start_mb = self.sampled_peak_mb = current_rss_mb()
+        self._gpus = _gpus(self._gpu_request)
+        for device in self._gpus:
+            torch.cuda.reset_peak_memory_stats(device)
+        self._sampler = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
+        self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(SAMPLE_SECONDS):
+            self.sampled_peak_mb = max(self.sampled_peak_mb, current_rss_mb())
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._sampler is not None:
+            self._sampler.join()
+        self.sampled_peak_mb = max(self.sampled_peak_mb, current_rss_mb())
+        # taken here, so what runs between the end of the run and `report` does not count
+        mark = peak_rss_mb()
+        exact = mark > self._mark_at_start_mb  # the run raised the process's peak: the mark is its own
+        self._report = {
+            "cpu_peak_rss_mb": max(mark, self.sampled_peak_mb) if exact else self.sampled_peak_mb,
+            "rss_at_start_mb": self.rss_at_start_mb, "peak_measured_from": "run start",
+            "cpu_peak_source": "kernel high-water mark" if exact
+            else f"resident size sampled every {SAMPLE_SECONDS * 1000:.0f} ms"}
+        if self._gpus:
+            self._report.update(
+                gpu_peak_allocated_mb=sum(torch.cuda.max_memory_allocated(d) for d in self._gpus) / 2**20,
+                gpu_peak_reserved_mb=sum(torch.cuda.max_memory_reserved(d) for d in self._gpus) / 2**20,
+                gpus=[str(d) for d in self._gpus])
+
+    def report(self) -> dict[str, Any]:
+        """Peaks in MiB, as they stood at `stop`; `cpu_peak_source` says how the CPU peak
+        was taken."""
+        if self._report is None:
+            raise RuntimeError("PeakMemory.report() before stop()")
+        return dict(self._report)

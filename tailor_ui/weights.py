@@ -1,0 +1,103 @@
+"""Read and write a model's parameters wherever accelerate keeps them.
+
+A model loaded with a `device_map` may have modules that accelerate offloads (to the CPU
+when GPUs run the model, or to disk): their parameters sit on the meta device, and a hook
+copies the real values from its weights map to the execution device before each forward.
+The engine reads base weights, writes fine-tuned values and patches into the base in
+place, and computes where the layer runs; these functions make that work for resident
+and offloaded parameters alike.
+
+Writing to a disk-offloaded parameter first holds its value in memory, in the weights
+map's in-memory dict (which accelerate reads before the disk); `release` drops those
+copies again, so the model reads its (unchanged) disk weights once more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import torch
+
+from tailor_ui.errors import UserError
+
+_HELD = "_tailor_ui_held"  # attribute of an accelerate weights loader: keys we hold in memory
+
+
+def _hooks(module: torch.nn.Module) -> list[Any]:
+    hook = getattr(module, "_hf_hook", None)
+    return list(getattr(hook, "hooks", None) or ([hook] if hook is not None else []))
+
+
+def _offload_hook(model: torch.nn.Module, name: str) -> tuple[Any, str]:
+    """The accelerate hook that holds an offloaded parameter, and the name it is kept under
+    in the hook's weights map (the parameter's own module, or a parent placing its
+    submodules)."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:cut]))
+        for hook in _hooks(module):
+            if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
+                return hook, ".".join(parts[cut:])
+    raise UserError(f"{name} is on the meta device and no accelerate hook holds its weights")
+
+
+def _store(weights_map: Mapping, key: str) -> tuple[Mapping, str]:
+    """The mapping that finally holds `key` behind accelerate's prefixed views."""
+    while hasattr(weights_map, "dataset") and hasattr(weights_map, "prefix"):  # PrefixedDataset
+        weights_map, key = weights_map.dataset, weights_map.prefix + key
+    return weights_map, key
+
+
+def read_param(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """A parameter's value (no copy where it is resident; offloaded: accelerate's copy)."""
+    param = model.get_parameter(name)
+    if param.device.type != "meta":
+        return param.detach()
+    hook, key = _offload_hook(model, name)
+    return hook.weights_map[key].detach()
+
+
+def writable_param(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The tensor holding a parameter's value, to write into in place: the parameter itself,
+    or the offloaded copy its hook loads before each forward (disk: held in memory until
+    `release`)."""
+    param = model.get_parameter(name)
+    if param.device.type != "meta":
+        return param.data
+    hook, key = _offload_hook(model, name)
+    loader, full = _store(hook.weights_map, key)
+    memory = getattr(loader, "state_dict", loader)  # OffloadedWeightsLoader: its dict comes first
+    if not isinstance(memory, MutableMapping):
+        raise UserError(f"{name} is offloaded in a way that cannot be written to ({type(loader).__name__})")
+    if full not in memory:
+        memory[full] = loader[full].detach().clone()
+        if not hasattr(loader, _HELD):
+            setattr(loader, _HELD, set())
+        getattr(loader, _HELD).add(full)
+    return memory[full]
+
+
+def release(model: torch.nn.Module) -> None:
+    """Drop the in-memory copies `writable_param` made of disk-offloaded parameters; call
+    only once they hold their disk values again (the engine calls it after reverting)."""
+    for module in model.modules():
+        for hook in _hooks(module):
+            weights_map = getattr(hook, "weights_map", None)
+            if weights_map is None:
+                continue
+            loader, _ = _store(weights_map, "")
+            for key in getattr(loader, _HELD, set()):
+                loader.state_dict.pop(key, None)
+            if hasattr(loader, _HELD):
+                getattr(loader, _HELD).clear()
+
+
+def compute_device(model: torch.nn.Module, name: str) -> torch.device:
+    """Where the layer owning a parameter computes: its device, or for an offloaded one the
+    hook's execution device."""
+    param = model.get_parameter(name)
+    if param.device.type != "meta":
+        return param.device
+    device = _offload_hook(model, name)[0].execution_device
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
