@@ -1,12 +1,15 @@
 """Model Tailor Studio: `python app.py` serves the dashboard at http://localhost:7860.
 
-The built-in demo pair starts loading at once, in a background thread, while the web
-framework imports and the page is built, so the page opens with the pair (nearly) ready.
+The built-in demo pair loads first (in a thread, so a slow load cannot hold the page back
+longer than MTS_DEMO_WAIT seconds), then Gradio is imported and the page built, so the
+first page opens with the pair ready: under 10 s on 2 CPU cores (bench/startup.py).
 
 Environment: MTS_HOST / MTS_PORT (or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT),
 MTS_DEVICE (auto | cpu | cuda), MTS_DEMO_DIR, MTS_WORKDIR (session files),
 MTS_MODEL_ROOTS (local folders visitors may load models from, separated by ':'),
-MTS_MAX_USER_PAIRS, MTS_CALIB_EXAMPLES, MTS_QUICK_EXAMPLES, MTS_WARM_UP=0.
+MTS_MAX_USER_PAIRS, MTS_MAX_UPLOAD_MB, MTS_CALIB_EXAMPLES, MTS_QUICK_EXAMPLES, MTS_WARM_UP=0,
+MTS_DEMO_WAIT, MTS_WARM_DELAY, MTS_GPU_SECONDS (a GPU job's ZeroGPU duration).
+GET /healthz answers JSON for health checks.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -21,9 +25,10 @@ import time
 START = time.perf_counter()
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-if __name__ == "__main__" and "IPython" not in sys.modules and not os.environ.get("MTS_KEEP_IPYTHON"):
-    # Gradio imports IPython (about a second) only for its notebook magics; a server has none.
-    sys.modules["IPython"] = None  # type: ignore[assignment]
+if __name__ == "__main__":
+    from tailor_ui.ui import lean_import
+
+    lean_import.prepare(keep_ipython=bool(os.environ.get("MTS_KEEP_IPYTHON")))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,14 +45,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # `docker stop` sends SIGTERM, which a process running as PID 1 otherwise ignores:
+    # leave through the `finally` below (jobs cancelled, server closed) within seconds
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    from tailor_ui import gpu
+
+    gpu.mode()  # on a ZeroGPU Space `spaces` must be imported before torch touches CUDA
     from tailor_ui.ui.studio import Studio, env_config
 
     config = env_config()
     if args.no_warm_up:
         config.warm_up = False
     studio = Studio(config)
-    studio.warm_gate.clear()  # the start-up merge waits until the server is up
+    studio.warm_gate.clear()  # the start-up merge waits for a first page (see below)
     studio.start()  # the demo pair loads in the background from here on
+    # ...but Gradio is imported only once it is loaded (or after MTS_DEMO_WAIT seconds): both
+    # are pure-Python imports under one GIL, and interleaved they cost 1.5–3 s more CPU than
+    # one after the other (measured on 2 cores: demo ready 11.9 s interleaved, 9.6 s in turn).
+    studio.demo_ready.wait(float(os.environ.get("MTS_DEMO_WAIT", "30")))
 
     def announce() -> None:
         studio.demo_ready.wait()
@@ -65,7 +80,11 @@ def main(argv: list[str] | None = None) -> None:
                     **launch_options(studio))
         print(f"serving {time.perf_counter() - START:.1f} s after start "
               f"(process CPU {time.process_time():.1f} s)", flush=True)
-        studio.warm_gate.set()
+        # the start-up merge waits for the first page to load (App.poll opens the gate), so it
+        # does not slow that page down, or for MTS_WARM_DELAY seconds if nobody comes
+        opener = threading.Timer(float(os.environ.get("MTS_WARM_DELAY", "20")), studio.warm_gate.set)
+        opener.daemon = True
+        opener.start()
         demo.block_thread()
     finally:
         studio.close()

@@ -79,7 +79,11 @@ def _check_image(path: Path, where: str) -> None:
             if width * height > MAX_IMAGE_PIXELS:
                 raise UserError(f"{where}: image too large ({width}x{height} pixels)")
             img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError):
+    except UserError:
+        raise
+    except Image.DecompressionBombError:  # PIL's own limit, past twice its 89M-pixel warning
+        raise UserError(f"{where}: image too large: {path.name}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise UserError(f"{where}: not a readable image: {path.name}") from None
 
 

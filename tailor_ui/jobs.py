@@ -12,10 +12,14 @@ so a job stops at its next check (the engine checks between layers and blocks).
 
 Jobs belong to an owner (a browser session): one owner never sees, waits on or cancels
 another's jobs. Nothing here knows about Gradio.
+
+A job that fails, runs out of memory included, ends FAILED with a one-line message; its
+memory is collected (and the CUDA cache emptied) before the lane takes the next job.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import secrets
@@ -100,16 +104,19 @@ class JobRunner:
     uses. `max_queued` bounds the jobs waiting over all owners, `max_queued_per_owner` the
     jobs one owner may have waiting; `keep_finished` is how many finished jobs (with their
     results) each owner's history keeps. `on_finish(job)` runs in the worker after a job
-    ends, whatever the outcome.
+    ends, whatever the outcome. `gpu_call(fn, kind)` is how a job on a GPU lane is called
+    (tailor_ui.gpu.on_gpu: unchanged, or inside ZeroGPU's `@spaces.GPU`).
     """
 
     def __init__(self, lanes: Iterable[str] = ("cpu",), *, max_queued: int = 32,
                  max_queued_per_owner: int = 4, keep_finished: int = 30,
-                 on_finish: Callable[[Job], None] | None = None) -> None:
+                 on_finish: Callable[[Job], None] | None = None,
+                 gpu_call: Callable[[JobFn, str], JobFn] | None = None) -> None:
         self.max_queued = max_queued
         self.max_queued_per_owner = max_queued_per_owner
         self.keep_finished = keep_finished
         self.on_finish = on_finish
+        self.gpu_call = gpu_call
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
         self._count = 0
@@ -189,6 +196,16 @@ class JobRunner:
     def active(self, owner: str, kind: str | None = None) -> list[Job]:
         return [j for j in self.history(owner, kind) if not j.is_finished]
 
+    def counts(self) -> dict[str, int]:
+        """Jobs queued and running over all owners (the health check's numbers)."""
+        with self._lock:
+            statuses = [j.status for j in self._jobs.values()]
+        return {"queued": statuses.count(QUEUED), "running": statuses.count(RUNNING)}
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def forget(self, owner: str) -> None:
         """Cancel the owner's jobs and drop their history (the session ended)."""
         for job in self.active(owner):
@@ -237,8 +254,10 @@ class JobRunner:
         with self._lock:
             job.status, job.started, job.stage = RUNNING, time.time(), "starting"
         outcome, stage, error, result = DONE, "done", None, None
+        gpu = job.lane.startswith("cuda")
         try:
-            result = fn(progress, job._stop.is_set)
+            call = self.gpu_call(fn, job.kind) if gpu and self.gpu_call is not None else fn
+            result = call(progress, job._stop.is_set)
             if job._stop.is_set() and result is None:
                 outcome, stage = CANCELLED, "cancelled"
         except Cancelled:
@@ -246,10 +265,23 @@ class JobRunner:
         except UserError as exc:
             outcome, stage, error = FAILED, "failed", str(exc)
         except Exception as exc:  # a bug or a resource problem: short message, full log
-            log.exception("job %s (%s) failed", job.id, job.kind)
-            outcome, stage, error = FAILED, "failed", short_error(exc)
+            device = out_of_memory_device(exc, job.lane)
+            if device is not None:
+                # the text only: a log record holding the exception would keep its frames,
+                # and the tensors in them, alive
+                log.warning("job %s (%s) ran out of memory on %s: %s", job.id, job.kind, device,
+                            str(exc))
+                error = out_of_memory_message(device)
+            else:
+                log.exception("job %s (%s) failed", job.id, job.kind)
+                error = short_error(exc)
+            outcome, stage = FAILED, "failed"
         finally:
-            if job.lane.startswith("cuda"):
+            if outcome == FAILED:
+                # the failed job's tensors may sit in reference cycles (frames of the
+                # traceback, which is gone by now): free them before the next job starts
+                gc.collect()
+            if gpu:
                 _empty_cuda_cache()
         with self._lock:
             job.result = result
@@ -271,12 +303,33 @@ class JobRunner:
             del self._jobs[job.id]
 
 
+def out_of_memory_device(exc: BaseException, lane: str = "cpu") -> str | None:
+    """The device whose memory ran out ("cpu", "cuda"), or None when `exc` is no
+    out-of-memory error. Torch raises OutOfMemoryError on a GPU and a RuntimeError from its
+    CPU allocator on the host; Python raises MemoryError."""
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or "can't allocate memory" in text:
+        return "cpu"
+    if "OutOfMemoryError" in type(exc).__name__ or "out of memory" in text:
+        return "cuda" if "cuda" in text else lane.split(":")[0]
+    return None
+
+
+def out_of_memory_message(device: str) -> str:
+    if device == "cpu":
+        return ("out of memory on cpu: the model needs more memory than this server has; "
+                "try a smaller model or dtype (bfloat16), or fewer calibration examples")
+    return (f"out of memory on {device}: the model needs more memory than the device has; "
+            "try a smaller dtype (bfloat16), device cpu, or fewer calibration examples")
+
+
 def short_error(exc: BaseException) -> str:
     """One line a user can read for an unexpected exception."""
+    device = out_of_memory_device(exc)
+    if device is not None:
+        return out_of_memory_message(device)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__
-    if "OutOfMemoryError" in name or "out of memory" in text.lower():
-        return "out of memory: try a smaller model, bfloat16, fewer calibration examples or device auto"
     return f"unexpected {name}: {text[:200]}" if text else f"unexpected {name}"
 
 

@@ -2,7 +2,9 @@
 
 A `PairHandle` wraps a loaded pair with its lock: the shared demo pair is loaded once and
 used read-only by everyone (patches are written into its base in place only while its lock
-is held, and always reverted); a pair a visitor loads belongs to their `Session`.
+is held, and always reverted); a pair a visitor loads belongs to their `Session`. A handle
+pickles by reference (a key into this process's registry), so a result sent back from
+ZeroGPU's forked GPU worker (tailor_ui/gpu.py) points at the main process's own pair.
 
 A `Session` is one browser tab (Gradio's session hash) or one API client: its own pair,
 its merge results and sweep tables, and a private folder for the files it downloads.
@@ -12,10 +14,15 @@ while without activity. Nothing here knows about Gradio.
 
 from __future__ import annotations
 
+import copy
+import itertools
+import os
+import pickle
 import re
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +37,22 @@ from tailor_ui.pair import Pair
 from tailor_ui.patch import Patch, apply_patch, revert_patch
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+# every live PairHandle of this process by its key (process id, number); a fork inherits it
+_HANDLES: weakref.WeakValueDictionary[tuple[int, int], PairHandle] = weakref.WeakValueDictionary()
+_HANDLE_NUMBERS = itertools.count(1)
+
+
+def handle_by_key(key: tuple[int, int]) -> PairHandle:
+    """The live handle with this key: how a pickled PairHandle is read back."""
+    handle = _HANDLES.get(tuple(key))
+    if handle is not None:
+        return handle
+    if key[0] != os.getpid():
+        raise LookupError(f"pair handle {key} was made in another process (pid {key[0]}), not in "
+                          f"this one (pid {os.getpid()}): a job run in ZeroGPU's forked GPU worker "
+                          "cannot send back a pair it loaded; load pairs in the main process "
+                          "(tailor_ui/gpu.py: IN_GPU_WORKER)")
+    raise LookupError(f"pair handle {key} is gone: its pair was released")
 
 
 @dataclass(frozen=True)
@@ -60,6 +83,15 @@ class PairHandle:
     default_run: "TailorRun | None" = None  # the warm-up merge (default settings)
     batches: dict[tuple, list] = field(default_factory=dict, repr=False)
     loaded_at: float = field(default_factory=time.time)
+    key: tuple[int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.key = (os.getpid(), next(_HANDLE_NUMBERS))
+        _HANDLES[self.key] = self
+
+    def __reduce__(self):
+        # by reference: the models and the lock stay where they are
+        return handle_by_key, (self.key,)
 
     @contextmanager
     def patched(self, patch: Patch | None) -> Iterator[Any]:
@@ -98,6 +130,8 @@ class TailorRun:
     report_file: Path | None = None
     model_zip: Path | None = None
     quick: pd.DataFrame | None = None  # quick-check scores, when the pair has eval sets
+    # the quick check's base / fine-tuned scores, filed on the handle by the main process
+    references: dict[str, dict[str, float]] = field(default_factory=dict, repr=False)
     seconds: float = 0.0
 
     def get_patch(self) -> Patch:
@@ -145,6 +179,20 @@ class TrainedModel:
     @property
     def losses(self) -> list[float]:
         return list(self.report.get("losses", []))
+
+    def summary(self) -> dict:
+        """What was trained and how the loss went, without the models (the job history
+        keeps this; the session keeps the models)."""
+        losses = self.losses
+        return {"label": self.label, "method": self.method, "settings": self.settings,
+                "layers": self.report.get("layers"), "steps": self.report.get("steps"),
+                "trainable_fraction": self.report.get("trainable_fraction"),
+                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+                "models": [name for name, _ in self.models], "seconds": self.seconds}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickled (sent from ZeroGPU's GPU worker to the main process): see _portable
+        return {**self.__dict__, "models": [(label, _portable(model)) for label, model in self.models]}
 
 
 @dataclass
@@ -223,6 +271,28 @@ class Session:
         if run is None:
             raise UserError(f"no finished merge {job_id!r} in this session")
         return run
+
+
+def _portable(model):
+    """A copy of `model` that pickles and can be rebuilt in a main process without a GPU
+    of its own: on the CPU, and without the forward hooks that can not be pickled (those
+    transformers installs on a first forward are local functions; unmarked, the model
+    installs them again on its next forward)."""
+    model = copy.deepcopy(model).to("cpu")
+    dropped = False
+    for module in model.modules():
+        for hook_id, hook in list(module._forward_hooks.items()):
+            try:
+                pickle.dumps(hook)
+            except Exception:
+                for hooks in (module._forward_hooks, module._forward_hooks_with_kwargs,
+                              module._forward_hooks_always_called):
+                    hooks.pop(hook_id, None)
+                dropped = True
+    if dropped:  # the mark sits on the (sub)models that installed them
+        for module in model.modules():
+            module.__dict__.pop("_output_capturing_hooks_installed", None)
+    return model
 
 
 class SessionStore:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo"
 SCREENSHOTS = ROOT / "test-output" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
+MAX_UPLOAD_MB = 2  # the test app's upload limit: small, so going over it is cheap to test
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -49,8 +51,83 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tailor(client, keep: float = 0.1, method: str = "tailor", **extra) -> str:
+    """Start a merge through the launched app's /tailor endpoint; returns the job id."""
+    values = dict(method=method, keep=keep, alpha=0.8, scope="block", compensate=True, modules=[],
+                  lam=1.0, hessians="one-pass", sign="obs", sensitivity="change", others="finetuned",
+                  modules_regex="", calib_source="builtin", calib_files=None, calib_examples=32)
+    values.update(extra)
+    job_id, progress = client.predict(*values.values(), api_name="/tailor")
+    assert job_id.startswith("job-") and job_id in progress  # the id comes back in a component
+    return job_id
+
+
+def wait(client, job_id: str, timeout: float = 120) -> dict:
+    """/wait_job until the job is done (asserting it succeeded); returns its state."""
+    info = client.predict(job_id, timeout, api_name="/wait_job")
+    assert info["status"] == "done", info
+    return info
+
+
+@contextmanager
+def hold_lane(studio, owner: str = "someone-else"):
+    """Keep the demo pair's lane busy with another owner's job until the block ends, so
+    jobs submitted meanwhile wait in the queue."""
+    release, started = threading.Event(), threading.Event()
+
+    def block(progress, should_stop):
+        started.set()
+        release.wait(60)
+
+    job = studio.runner.submit(owner, "hold", block, lane=studio.demo.lane)
+    try:
+        assert started.wait(60), "the lane did not become free"
+        yield job
+    finally:
+        release.set()
+        studio.runner.wait(job.id, owner, 10)
+
+
 @pytest.fixture(scope="session")
-def studio(tmp_path_factory):
+def model_root(tmp_path_factory) -> Path:
+    """A folder the session's studio lets visitors load models from: tests save theirs here."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def disk_pair(model_root):
+    """A tiny LLaVA base and its "fine-tuned" copy (last decoder layer moved) saved with the
+    demo's processor as `base/` and `ft/`, plus `calib.jsonl` with six images under `img/`.
+    Read-only for tests: several modules share it."""
+    from PIL import Image
+
+    from families import tiny_llava
+    from tailor_ui.data import write_examples
+    from tailor_ui.demo.processor import build_processor
+    from tailor_ui.demo.world import vocabulary
+
+    root = model_root / "pair"
+    processor = build_processor(vocabulary(), image_size=32, patch_size=8)
+    base = tiny_llava(processor, 0)
+    tuned = tiny_llava(processor, 0)
+    with torch.no_grad():  # "fine-tune" the last decoder layer
+        for name, p in tuned.named_parameters():
+            if "language_model.layers.1." in name:
+                p.add_(0.05 * torch.randn_like(p))
+    for name, model in (("base", base), ("ft", tuned)):
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+    (root / "img").mkdir()
+    rows = []
+    for i in range(6):
+        Image.new("RGB", (32, 32), (40 * i, 255 - 30 * i, 90)).save(root / "img" / f"{i}.png")
+        rows.append({"image": f"img/{i}.png", "question": "how many shapes are there?", "answers": ["two"]})
+    write_examples(root / "calib.jsonl", rows)
+    return root
+
+
+@pytest.fixture(scope="session")
+def studio(tmp_path_factory, model_root):
     """One Studio for the whole run: the demo pair on the CPU, warmed up."""
     if not demo_available():
         pytest.skip("the demo pair is not built (python -m tailor_ui demo build)")
@@ -58,7 +135,8 @@ def studio(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("studio")
     config = StudioConfig(workdir=root / "work", demo_dir=DEMO, device="cpu",
-                          model_roots=[ROOT / "assets", root], calib_examples=32, quick_examples=8)
+                          model_roots=[ROOT / "assets", model_root, root], calib_examples=32,
+                          quick_examples=8, max_upload_mb=MAX_UPLOAD_MB)
     studio = Studio(config)
     studio.start(background=False)
     assert studio.demo is not None, studio.demo_error
@@ -70,8 +148,9 @@ def studio(tmp_path_factory):
 @pytest.fixture(scope="session")
 def app(studio):
     """The dashboard, launched on a free port (shared by the API and browser tests)."""
-    if "IPython" not in sys.modules:
-        sys.modules["IPython"] = None  # gradio's notebook magics: not needed, a second to import
+    from tailor_ui.ui import lean_import
+
+    lean_import.prepare()  # as app.py does: no IPython, no stub writing
     from tailor_ui.ui.blocks import App, launch_options
 
     app = App(studio)

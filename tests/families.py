@@ -441,3 +441,20 @@ def tiny_demo_model(seed: int = 0):
     arch = DemoArch(image_size=32, patch_size=16, vision_hidden=32, vision_layers=1,
                     text_hidden=32, text_layers=2, heads=2)
     return make_model(processor, arch).eval(), processor
+
+
+def tiny_llava(processor: Any, seed: int = 0, *, intermediate: int = 128) -> torch.nn.Module:
+    """A tiny LLaVA (CLIP + Llama) whose token ids and image geometry fit `processor` (the
+    demo's offline processor at 32 px, patch 8): saved with it, a loadable model folder."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=32, patch_size=8)
+    text = LlamaConfig(hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2,
+                       vocab_size=len(processor.tokenizer), max_position_embeddings=128,
+                       pad_token_id=processor.tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_select_strategy="default",
+                         image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"))
+    return LlavaForConditionalGeneration(config).eval()

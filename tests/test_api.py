@@ -12,28 +12,12 @@ import pytest
 import torch
 from gradio_client import Client, handle_file
 
-from conftest import DEMO
+from conftest import DEMO, tailor, wait
 from tailor_ui.patch import apply_patch, load_patch
 
 ENDPOINTS = {"/load_demo", "/load_pair", "/tailor", "/cancel_tailor", "/compare", "/sweep",
              "/cancel_sweep", "/sweep_result", "/export_patch", "/export_report", "/export_model",
              "/job_status", "/wait_job", "/cancel_job", "/history"}
-
-
-def tailor(client: Client, keep: float = 0.1, method: str = "tailor", **extra) -> str:
-    values = dict(method=method, keep=keep, alpha=0.8, scope="block", compensate=True, modules=[],
-                  lam=1.0, hessians="one-pass", sign="obs", sensitivity="change", others="finetuned",
-                  modules_regex="", calib_source="builtin", calib_files=None, calib_examples=32)
-    values.update(extra)
-    job_id, progress = client.predict(*values.values(), api_name="/tailor")
-    assert job_id.startswith("job-") and job_id in progress  # the id comes back in a component
-    return job_id
-
-
-def wait(client: Client, job_id: str, timeout: float = 120) -> dict:
-    info = client.predict(job_id, timeout, api_name="/wait_job")
-    assert info["status"] == "done", info
-    return info
 
 
 def test_named_endpoints(client):

@@ -179,13 +179,18 @@ def test_finetune_with_model_dowser_shows_the_loss_and_joins_compare(page, scree
 
 def test_closing_the_tab_ends_the_session(browser, app):
     sessions = app.studio.sessions
+    before = len(sessions)
     context = browser.new_context()
     page = context.new_page()
     page.goto(app.url)
     expect(page.locator("#pair-status")).to_contain_text("ready", timeout=60_000)
-    before = len(sessions)
+
+    def settle(count: int) -> int:
+        deadline = time.time() + 10
+        while len(sessions) != count and time.time() < deadline:
+            time.sleep(0.1)
+        return len(sessions)
+
+    assert settle(before + 1) == before + 1  # the page's first poll opened its session
     context.close()
-    deadline = time.time() + 10
-    while len(sessions) >= before and time.time() < deadline:
-        time.sleep(0.1)
-    assert len(sessions) == before - 1
+    assert settle(before) == before

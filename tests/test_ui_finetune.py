@@ -107,3 +107,17 @@ def test_finetune_endpoint_returns_the_job_id(client, studio):
     assert job_id.startswith("job-") and job_id in progress
     info = client.predict(job_id, 120, api_name="/wait_job")
     assert info["status"] == "done" and info["kind"] == "finetune", info
+    result = info["result"]  # what was trained, and how the loss went, without the page
+    assert result["method"] == "full" and result["layers"] and result["steps"] >= 1
+    assert result["first_loss"] > 0 and result["last_loss"] > 0 and result["models"] == [result["label"]]
+
+
+@pytest.mark.parametrize("args, words", [
+    (("full", 0.1, 1e-3, 50, "1", 8, False), "Epochs: Value 50 is greater than maximum value 10"),
+    (("full", 0.1, 5.0, 1, "1", 8, False), "Learning rate: Value 5"),
+])
+def test_finetune_endpoint_names_the_input_out_of_range(client, args, words):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=words):
+        client.predict(*args, api_name="/finetune")

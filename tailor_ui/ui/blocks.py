@@ -3,6 +3,7 @@
 Named API endpoints (for `gradio_client`): /load_demo, /load_pair, /tailor, /cancel_tailor,
 /compare, /sweep, /cancel_sweep, /sweep_result, /finetune, /cancel_finetune, /export_patch,
 /export_report, /export_model, and the job endpoints /job_status, /wait_job, /cancel_job, /history.
+Plain HTTP: GET /healthz (Studio.health as JSON) for container health checks.
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ class App:
             self.studio.sync_runs(session)
             self.studio.sync_sweeps(session)
             handle, _ = self.models.current(session)
-            return [*self.models.poll(session), *self.tailor.poll(session, handle),
-                    *self.forgetting.poll(session), *self.export.poll(session),
-                    *self.finetune.poll(session)]
+            outputs = [*self.models.poll(session), *self.tailor.poll(session, handle),
+                       *self.forgetting.poll(session), *self.export.poll(session),
+                       *self.finetune.poll(session)]
+            self.studio.warm_gate.set()  # a first page is up: the start-up merge may use the CPU now
+            return outputs
         except Exception:  # polling must never pop an error every second
             log.exception("poll failed")
             return [gr.skip()] * len(self.outputs)
@@ -100,7 +103,7 @@ class App:
     def build(self) -> gr.Blocks:
         with gr.Blocks(title="Model Tailor Studio") as demo:
             gr.Markdown(INTRO, elem_id="intro")
-            self.pair_status = gr.Markdown("⏳ Loading the demo pair…", elem_id="pair-status")
+            self.pair_status = gr.Markdown(self.models.initial_status(), elem_id="pair-status")
             with gr.Tabs(elem_id="tabs"):
                 with gr.Tab("Models", id="models", elem_id="tab-models"):
                     self.models.render()
@@ -147,5 +150,20 @@ def launch_options(studio: Studio) -> dict[str, Any]:
     if studio.config.demo_dir is not None:
         allowed.append(str(Path(studio.config.demo_dir)))
     css = CSS_FILE.read_text(encoding="utf-8") if CSS_FILE.is_file() else None
-    return {"css": css, "allowed_paths": allowed, "max_file_size": "512mb",
-            "theme": gr.themes.Soft(primary_hue="orange")}
+    return {"css": css, "allowed_paths": allowed,
+            "max_file_size": studio.config.max_upload_mb * 2**20,
+            "theme": gr.themes.Soft(primary_hue="orange"),
+            # launch() hands app_kwargs to its FastAPI app: routes given here exist from the
+            # server's first request on
+            "app_kwargs": {"routes": [health_route(studio)]}}
+
+
+def health_route(studio: Studio):
+    """GET /healthz. Async, so it runs on the event loop and answers even when every
+    worker thread is busy (long /wait_job calls hold threads)."""
+    from fastapi.routing import APIRoute
+
+    async def healthz() -> dict[str, Any]:
+        return studio.health()
+
+    return APIRoute("/healthz", healthz, methods=["GET"], include_in_schema=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import html
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,6 +16,8 @@ from tailor_ui.errors import UserError
 from tailor_ui.jobs import CANCELLED, DONE, FAILED, RUNNING, Job
 
 _BAR_COLOURS = {RUNNING: "#f97316", DONE: "#16a34a", FAILED: "#dc2626", CANCELLED: "#6b7280"}
+# an absolute path on the server: not a URL (://), not owner/name, not 1/2
+_SERVER_PATH = re.compile(r"(?<![\w.:/~-])~?/[^\s'\"`,:;()<>\[\]{}]+")
 HISTORY_COLUMNS = ["job", "kind", "what", "status", "stage", "progress", "waited (s)", "ran (s)", "started"]
 
 
@@ -26,6 +29,18 @@ def session_id(request: Any) -> str:
     return str(sid)
 
 
+def public_text(text: str) -> str:
+    """A message as a visitor may see it: server paths cut to their last part (what the
+    visitor typed or uploaded is named by its file or folder name)."""
+
+    def short(match: re.Match) -> str:
+        path = match.group(0)
+        stem = path.rstrip(".")  # a sentence's full stop is not part of the name
+        return (stem.rstrip("/").rsplit("/", 1)[-1] or path) + path[len(stem):]
+
+    return _SERVER_PATH.sub(short, text)
+
+
 def user_errors(fn: Callable) -> Callable:
     """Show a `UserError` to the visitor as a Gradio error message (toast / API error)."""
 
@@ -34,9 +49,34 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+            raise gr.Error(public_text(str(exc)), print_exception=False) from None
 
     return wrapper
+
+
+def named_errors(component: Any) -> Any:
+    """The component with its input errors prefixed by its label: Gradio's own ("Value 3
+    is greater than maximum value 1") does not say which of an endpoint's inputs it means.
+    (Wrapped, not subclassed: Gradio writes a .pyi stub beside every module defining a
+    component.)"""
+    check = component.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return check(payload)
+        except gr.Error as exc:
+            raise gr.Error(f"{component.label}: {exc.message}", print_exception=False) from None
+
+    component.preprocess = preprocess
+    return component
+
+
+def Slider(*args: Any, **kwargs: Any) -> gr.Slider:
+    return named_errors(gr.Slider(*args, **kwargs))
+
+
+def Number(*args: Any, **kwargs: Any) -> gr.Number:
+    return named_errors(gr.Number(*args, **kwargs))
 
 
 def changed(session, key: str, signature: Any) -> bool:
@@ -56,7 +96,7 @@ def progress_html(job: Job | None, idle: str = "No job yet.") -> str:
     colour = _BAR_COLOURS.get(job.status, "#9ca3af")
     detail = job.stage
     if job.status == FAILED and job.error:
-        detail = job.error
+        detail = public_text(job.error)
     elif job.status == DONE and job.run_seconds is not None:
         detail = f"done in {job.run_seconds:.1f} s"
     head = f"{html.escape(job.label)} · {job.status}"
@@ -83,7 +123,7 @@ def history_table(jobs: Sequence[Job]) -> pd.DataFrame:
         run = job.run_seconds
         rows.append({
             "job": job.id, "kind": job.kind, "what": job.label, "status": job.status,
-            "stage": job.error if job.status == FAILED and job.error else job.stage,
+            "stage": public_text(job.error) if job.status == FAILED and job.error else job.stage,
             "progress": f"{100 * job.fraction:.0f}%",
             "waited (s)": round(job.queued_seconds, 1),
             "ran (s)": None if run is None else round(run, 1),
@@ -105,9 +145,11 @@ def fmt_table(table: pd.DataFrame | None, digits: int = 3) -> pd.DataFrame:
 
 def job_result_summary(job: Job) -> dict:
     """What an API client learns about a job: its state and a JSON summary of its result."""
-    from tailor_ui.session import PairHandle, SweepRun, TailorRun
+    from tailor_ui.session import PairHandle, SweepRun, TailorRun, TrainedModel
 
     info = job.to_dict()
+    if info.get("error"):
+        info["error"] = public_text(info["error"])
     result = job.result
     if isinstance(result, TailorRun):
         report = result.report
@@ -120,6 +162,10 @@ def job_result_summary(job: Job) -> dict:
     elif isinstance(result, SweepRun):
         info["result"] = {"rows": len(result.table), "columns": list(result.table.columns),
                           "seconds": result.seconds}
+    elif isinstance(result, TrainedModel):
+        info["result"] = result.summary()
+    elif isinstance(result, dict):  # a fine-tune once its models moved to the session
+        info["result"] = result
     elif isinstance(result, PairHandle):
         info["result"] = {"pair": result.label,
                           "parameters": int(result.summary["numel"].sum())}

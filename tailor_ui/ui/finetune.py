@@ -8,7 +8,8 @@ import gradio as gr
 
 from tailor_ui import plots
 from tailor_ui.session import TrainedModel
-from tailor_ui.ui.common import changed, job_signature, progress_html, session_id, user_errors
+from tailor_ui.ui.common import (Number, Slider, changed, job_signature, progress_html, session_id,
+                                 user_errors)
 from tailor_ui.ui.studio import FINETUNE_LABELS, Studio
 
 METHOD_CHOICES = [("Full fine-tuning", "full"), ("Model-Dowser (sparse)", "dowser"),
@@ -112,17 +113,17 @@ class FinetuneTab:
                                        elem_id="finetune-method")
                 self.method_info = gr.Markdown(f"*{FINETUNE_LABELS['full']}: {METHOD_INFO['full']}*",
                                                elem_id="finetune-method-info")
-                self.rho = gr.Slider(0.01, 1.0, value=0.1, step=0.01, interactive=False,
+                self.rho = Slider(0.01, 1.0, value=0.1, step=0.01, interactive=False,
                                      label="ρ (Model-Dowser: trainable fraction per matrix)",
                                      elem_id="finetune-rho")
-                self.lr = gr.Number(1e-3, label="Learning rate", minimum=1e-7, maximum=1.0,
+                self.lr = Number(1e-3, label="Learning rate", minimum=1e-7, maximum=1.0,
                                     elem_id="finetune-lr")
-                self.epochs = gr.Slider(1, 10, value=1, step=1, label="Epochs",
+                self.epochs = Slider(1, 10, value=1, step=1, label="Epochs",
                                         elem_id="finetune-epochs")
                 self.layers = gr.Textbox("", label="Layers",
                                          placeholder="empty = last half; 2 = last two; 1,3; all",
                                          elem_id="finetune-layers")
-                self.examples = gr.Slider(8, 512, value=32, step=8, label="Training examples",
+                self.examples = Slider(8, 512, value=32, step=8, label="Training examples",
                                           info="a few dozen train in seconds on a CPU",
                                           elem_id="finetune-n")
                 self.tailor_after = gr.Checkbox(False, label="Also run Model Tailor on the result "

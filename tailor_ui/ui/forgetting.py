@@ -8,7 +8,7 @@ import pandas as pd
 from tailor_ui import plots
 from tailor_ui.methods import REGISTRY
 from tailor_ui.session import SweepRun
-from tailor_ui.ui.common import (changed, fmt_table, job_signature, progress_html, session_id,
+from tailor_ui.ui.common import (Slider, changed, fmt_table, job_signature, progress_html, session_id,
                                  user_errors)
 from tailor_ui.ui.studio import Studio, parse_numbers
 
@@ -97,9 +97,9 @@ class ForgettingTab:
             self.lams = gr.Textbox("0.3, 0.5, 0.7", label="λ values", scale=1,
                                    info="for WiSE-FT and task arithmetic", elem_id="sweep-lams")
         with gr.Row():
-            self.alpha = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="Fusion weight (alpha)",
+            self.alpha = Slider(0.0, 1.0, value=0.8, step=0.05, label="Fusion weight (alpha)",
                                    elem_id="sweep-alpha")
-            self.examples = gr.Slider(4, 150, value=24, step=4, label="Examples per evaluation set",
+            self.examples = Slider(4, 150, value=24, step=4, label="Examples per evaluation set",
                                       elem_id="sweep-n")
             with gr.Column(min_width=200):
                 self.run_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-run")

@@ -9,10 +9,12 @@ from tailor_ui import plots
 from tailor_ui.errors import UserError
 from tailor_ui.pair import DTYPES
 from tailor_ui.session import PairHandle
-from tailor_ui.ui.common import changed, job_signature, progress_html, session_id, user_errors
+from tailor_ui.ui.common import (changed, job_signature, progress_html, public_text, session_id,
+                                 user_errors)
 from tailor_ui.ui.studio import Studio
 
 DTYPE_CHOICES = [d for d in DTYPES if len(d) > 4]  # float32, bfloat16, float16
+LOADING_DEMO = "Loading the demo pair…"
 
 
 def _millions(n: float) -> str:
@@ -121,10 +123,31 @@ class ModelsTab:
                     return None, "Loading your models…"
                 return None, "No pair loaded: load your models or use the demo pair."
             if not self.studio.demo_ready.is_set() and (session.use_demo or session.own is None):
-                return None, "Loading the demo pair…"
+                return None, LOADING_DEMO
             return self.studio.handle_for(session), ""
         except UserError as exc:
-            return None, str(exc)
+            return None, public_text(str(exc))
+
+    def _status(self, handle: PairHandle | None, why: str) -> str:
+        if handle is None:
+            return f"⏳ {why}" if "Loading" in why else f"⚠️ {why}"
+        status = f"**Pair:** {handle.label} · {len(handle.pair.finetuned)} fine-tuned · device {handle.lane}"
+        if handle.shared and self.studio.demo_seconds is not None:
+            status += f" · ready (loaded in {self.studio.demo_seconds:.1f} s)"
+        return status
+
+    def initial_status(self) -> str:
+        """The pair status as the page is first served: every visitor starts on the demo
+        pair, and app.py builds the page once it is loaded, so the first page shows it at
+        once instead of after its first poll (a second on a busy CPU)."""
+        demo = self.studio.demo
+        return self._status(demo, "") if demo is not None else self._status(None, LOADING_DEMO)
+
+    def initial_summary(self) -> tuple:
+        """Summary, chart and table as the page is first served (see initial_status)."""
+        if self.studio.demo is None:
+            return f"*{LOADING_DEMO}*", plots.change_map(None), None
+        return self._summary(self.studio.demo)
 
     def poll(self, session) -> list:
         handle, why = self.current(session)
@@ -132,13 +155,7 @@ class ModelsTab:
         job = jobs[0] if jobs else None
         out = [progress_html(job, "Loading runs in the background; its progress shows here.")
                if changed(session, "models-progress", job_signature(job)) else gr.skip()]
-        if handle is None:
-            status = f"⏳ {why}" if "Loading" in why else f"⚠️ {why}"
-        else:
-            status = (f"**Pair:** {handle.label} · {len(handle.pair.finetuned)} fine-tuned · "
-                      f"device {handle.lane}")
-            if handle.shared and self.studio.demo_seconds is not None:
-                status += f" · ready (loaded in {self.studio.demo_seconds:.1f} s)"
+        status = self._status(handle, why)
         out.append(status if changed(session, "pair-status", status) else gr.skip())
         signature = id(handle) if handle is not None else why
         if changed(session, "models-summary", signature):
@@ -179,11 +196,11 @@ class ModelsTab:
                 self.progress = gr.HTML(progress_html(None, "Loading runs in the background; its "
                                                             "progress shows here."),
                                         elem_id="models-progress")
+            summary, plot, table = self.initial_summary()
             with gr.Column(scale=2):
-                self.summary = gr.Markdown("*Loading the demo pair…*", elem_id="models-summary")
-                self.plot = gr.Plot(plots.change_map(None), elem_id="models-change-plot",
-                                    show_label=False)
-        self.table = gr.Dataframe(label="What fine-tuning changed, per layer and module",
+                self.summary = gr.Markdown(summary, elem_id="models-summary")
+                self.plot = gr.Plot(plot, elem_id="models-change-plot", show_label=False)
+        self.table = gr.Dataframe(table, label="What fine-tuning changed, per layer and module",
                                   interactive=False, elem_id="models-table", wrap=True, max_height=320)
 
         self.demo_button.click(self.use_demo, None, [self.summary, self.plot, self.table],

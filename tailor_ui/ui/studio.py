@@ -16,16 +16,18 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from tailor_ui import gpu
 from tailor_ui.data import Example, read_examples
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
@@ -65,9 +67,15 @@ class StudioConfig:
     max_user_pairs: int = 2  # pairs visitors may hold at once (memory)
     calib_examples: int = 64  # built-in calibration examples per run (default)
     calib_batch: int = 16
+    max_upload_mb: int = 512  # per uploaded file (Gradio refuses more) and per calibration set
     quick_examples: int = 16  # examples per set in a merge's quick check (0 = off)
     warm_up: bool = True  # compute the default merge at start, so the first run is fast
     idle_seconds: float = 3 * 3600
+    # the job runner's "cuda" lane and how its jobs are called (None: a cuda lane when torch
+    # sees a GPU, called through gpu.on_gpu). tests/test_zerogpu.py gives a CPU machine a
+    # cuda lane whose jobs run in a fork, as on ZeroGPU, with device "auto" for the demo
+    gpu_lane: bool | None = None
+    gpu_call: Callable | None = None
 
 
 def default_settings(**overrides: Any):
@@ -100,8 +108,9 @@ class Studio:
         if device == "auto":
             device = "cuda" if self.has_gpu else "cpu"
         self.demo_device = device
-        self.runner = JobRunner(["cpu", "cuda"] if self.has_gpu else ["cpu"],
-                                on_finish=self._on_finish)
+        gpu_lane = self.has_gpu if config.gpu_lane is None else config.gpu_lane
+        self.runner = JobRunner(["cpu", "cuda"] if gpu_lane else ["cpu"],
+                                on_finish=self._on_finish, gpu_call=config.gpu_call or gpu.on_gpu)
         self.sessions = SessionStore(config.workdir / "sessions", idle_seconds=config.idle_seconds)
         self.demo: PairHandle | None = None
         self.demo_error: str | None = None
@@ -127,8 +136,10 @@ class Studio:
     def _load_demo(self) -> None:
         start = time.perf_counter()
         try:
+            gpu.emulate_cuda()  # this may be a thread of its own
+            # the lane of the configured device: "auto" takes the cuda lane when there is one
             self.demo = load_demo_handle(self.config.demo_dir, self.demo_device,
-                                         self.lane_for(self.demo_device))
+                                         self.lane_for(self.config.device))
             self.demo_seconds = time.perf_counter() - start
             log.info("demo pair loaded in %.1f s", self.demo_seconds)
         except UserError as exc:
@@ -149,22 +160,29 @@ class Studio:
             self.warm.set()
 
     def _submit_warm_up(self, handle: PairHandle) -> None:
+        """Queue the default merge; _on_finish files it as the pair's default run."""
         settings = default_settings()
         examples = list(handle.calibration[: self.config.calib_examples])
 
         def job(progress, should_stop):
-            try:
-                run = self._tailor_job(handle, settings, examples, "builtin", "warm-up", None,
-                                       progress, should_stop)
-                handle.default_run = run
-                return run
-            finally:
-                self.warm.set()
+            return self._tailor_job(handle, settings, examples, "builtin", "warm-up", None,
+                                    progress, should_stop)
 
         self.runner.submit(SYSTEM, "tailor", job, label="warm-up: default merge", lane=handle.lane)
 
     def lane_for(self, device: str) -> str:
         return "cuda" if device in ("cuda", "auto") and "cuda" in self.runner.lanes else "cpu"
+
+    def health(self) -> dict[str, Any]:
+        """What GET /healthz answers (container health checks, load balancers): cheap and
+        never blocking, so it answers while a job runs or the demo pair loads."""
+        if not self.demo_ready.is_set():
+            demo = "loading"
+        else:
+            demo = "ready" if self.demo is not None else "unavailable"
+        return {"status": "stopping" if self.runner.closed else "ok", "demo": demo,
+                "jobs": self.runner.counts(), "device": self.demo_device,
+                "lanes": list(self.runner.lanes), "gpu_mode": gpu.mode()}
 
     def close(self) -> None:
         self._stop_reaper.set()
@@ -176,7 +194,17 @@ class Studio:
                 self.end_session(sid)
 
     def _on_finish(self, job: Job) -> None:
-        """File a finished merge or sweep under its session."""
+        """File what a finished job found on its pair, and its merge, sweep or fine-tuned
+        model under its session. This runs in the main process: on ZeroGPU the job itself
+        ran in a fork, where whatever it set on shared objects stayed (gpu.py)."""
+        run = job.result if job.status == DONE and isinstance(job.result, TailorRun) else None
+        if run is not None and not run.handle.reference_scores:
+            run.handle.reference_scores = run.references
+        if job.owner == SYSTEM:  # the start-up merge, the only system job
+            if run is not None:
+                run.handle.default_run = run
+            self.warm.set()
+            return
         session = self.sessions.peek(job.owner)
         if session is None:
             return
@@ -234,11 +262,15 @@ class Studio:
 
     def submit_load(self, session: Session, base: str, finetuned: str, dtype: str = "float32",
                     device: str = "cpu") -> Job:
-        from tailor_ui.pair import DTYPES, resolve_source
+        from tailor_ui.pair import DTYPES, check_local_pair, resolve_source
 
         roots = self.config.model_roots
         base_src = resolve_source(base, allowed_roots=roots)
         tuned_src = [resolve_source(s, allowed_roots=roots) for s in _split_models(finetuned)]
+        if not tuned_src:
+            raise UserError("no fine-tuned model given: enter a hub id (owner/name) or a local folder")
+        # refuse a bad local pair now, while the session still has its current pair
+        check_local_pair(base, _split_models(finetuned), allowed_roots=roots)
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}")
         if device == "cuda" and not self.has_gpu:
@@ -318,8 +350,13 @@ class Studio:
             if not files:
                 raise UserError("upload a calibration JSONL file (with its images, or a .zip)")
             folder = session.new_dir(f"calibration-{_digest(files)}")
-            path = import_examples(files, folder)
-            return read_examples(path)[:n], f"upload:{folder.name}"  # named by the files' digest
+            try:
+                path = import_examples(files, folder, self.config.max_upload_mb * 2**20)
+                examples = read_examples(path)[:n]
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)  # a refused upload leaves nothing behind
+                raise
+            return examples, f"upload:{folder.name}"  # named by the files' digest
         if not handle.calibration:
             raise UserError("this pair has no built-in calibration set: upload a target-task JSONL")
         return list(handle.calibration[:n]), "builtin"
@@ -348,14 +385,15 @@ class Studio:
                 calibration = [batches] * len(handle.pair.finetuned)
             result = run_method(handle.pair, settings, calibration, progress=progress,
                                 should_stop=should_stop)
-            quick = self._quick_check(handle, result.patch, progress, should_stop)
+            quick, references = self._quick_check(handle, result.patch, progress, should_stop)
         seconds = time.perf_counter() - start
         report = dict(result.report)
         report["calibration"] = {"source": source, "examples": len(examples)}
         if quick is not None:
             report["quick_check"] = quick.to_dict(orient="records")
         run = TailorRun(job_id="", label=label, settings=settings.to_dict(), patch=result.patch,
-                        report=report, handle=handle, quick=quick, seconds=seconds)
+                        report=report, handle=handle, quick=quick, references=references,
+                        seconds=seconds)
         if session is not None:
             folder = session.new_dir(f"run-{hashlib.sha1(f'{time.time()}{label}'.encode()).hexdigest()[:10]}")
             run.patch_file = folder / "patch.safetensors"
@@ -365,11 +403,13 @@ class Studio:
                 tmp.write_text(json.dumps(_jsonable(report), indent=2), encoding="utf-8")
         return run
 
-    def _quick_check(self, handle: PairHandle, patch, progress, should_stop) -> pd.DataFrame | None:
-        """Score base, fine-tuned and the merge on a few examples of each built-in set."""
+    def _quick_check(self, handle: PairHandle, patch, progress, should_stop
+                     ) -> tuple[pd.DataFrame | None, dict[str, dict[str, float]]]:
+        """Score base, fine-tuned and the merge on a few examples of each built-in set; the
+        table and the base / fine-tuned scores (computed once per pair: see _on_finish)."""
         n = self.config.quick_examples
         if not n or not handle.eval_sets:
-            return None
+            return None, {}
         from tailor_ui.evaluation.evaluate import evaluate
 
         sets = [(s, list(s.examples[:n])) for s in handle.eval_sets]
@@ -387,12 +427,11 @@ class Studio:
 
         progress(f"quick check on {n} examples per task", 0, 1)
         with handle.lock:
-            if not handle.reference_scores:
-                handle.reference_scores = {"Pre-trained": scores(handle.pair.base),
-                                           "Fine-tuned": scores(handle.pair.finetuned[0])}
+            references = handle.reference_scores or {
+                "Pre-trained": scores(handle.pair.base), "Fine-tuned": scores(handle.pair.finetuned[0])}
             with handle.patched(patch) as model:
                 merged = scores(model)
-        return quick_table(handle, merged)
+        return quick_table(handle, references, merged), references
 
     def record_run(self, session: Session, job: Job) -> TailorRun | None:
         """File a finished merge under the session (called once per job by the poller or
@@ -648,7 +687,7 @@ class Studio:
                 job.result.job_id = job.id
                 session.add_trained(job.result)
                 session.live_losses.pop(job.id, None)
-                job.result = None  # the session keeps the models; the history only the state
+                job.result = job.result.summary()  # the session keeps the models, the history a summary
             return session.trained.get(job.id)
 
     def sync_trained(self, session: Session) -> None:
@@ -685,7 +724,9 @@ class Studio:
         def job(progress, should_stop):
             folder = run.patch_file.parent
             target = folder / "tailored-model.zip"
-            with atomic_path(folder / "model") as model_dir:
+            # the folder is only the zip's source: a scratch folder, gone however the job ends
+            with tempfile.TemporaryDirectory(prefix=".model-", dir=folder) as scratch:
+                model_dir = Path(scratch)
                 progress("writing the tailored model", 0, 2)
                 with handle.patched(run.get_patch()) as model:
                     model.save_pretrained(model_dir, max_shard_size="2GB")
@@ -697,12 +738,12 @@ class Studio:
                 progress("zipping", 1, 2)
                 with atomic_path(target) as tmp:
                     zip_folder(model_dir, tmp, "tailored-model")
-            shutil.rmtree(folder / "model", ignore_errors=True)
-            run.model_zip = target
             return target
 
-        return self._run_and_wait(session, "export", job, f"export model of {run.label}",
-                                  handle.lane, timeout)
+        # filed here, not in the job: on ZeroGPU the job runs in a fork (gpu.py)
+        run.model_zip = self._run_and_wait(session, "export", job, f"export model of {run.label}",
+                                           handle.lane, timeout)
+        return run.model_zip
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -757,11 +798,12 @@ def demo_examples(demo_dir: Path | None) -> list[tuple[str, str]]:
         return []
 
 
-def quick_table(handle: PairHandle, merged: dict[str, float]) -> pd.DataFrame:
-    rows = [{"model": name, **scores} for name, scores in handle.reference_scores.items()]
+def quick_table(handle: PairHandle, references: dict[str, dict[str, float]],
+                merged: dict[str, float]) -> pd.DataFrame:
+    rows = [{"model": name, **scores} for name, scores in references.items()]
     rows.append({"model": "This merge", **merged})
     table = pd.DataFrame(rows)
-    base, tuned = handle.reference_scores["Pre-trained"], handle.reference_scores["Fine-tuned"]
+    base, tuned = references["Pre-trained"], references["Fine-tuned"]
     originals = [s.name for s in handle.eval_sets if s.role == "original"]
     targets = [s.name for s in handle.eval_sets if s.role == "target"]
 
@@ -868,21 +910,22 @@ def parse_numbers(text: str | Sequence[float] | None, name: str, *, low: float =
     return list(dict.fromkeys(values))
 
 
-def import_examples(files: Sequence[str], folder: Path) -> Path:
+def import_examples(files: Sequence[str], folder: Path, max_bytes: int = MAX_UPLOAD_BYTES) -> Path:
     """Bring an uploaded data set (a .zip, or a JSONL with its images) into `folder`.
 
     Images are matched to the JSONL's `image` fields by their relative path or, failing
     that, by file name, so uploading `data.jsonl` with `img1.png`, `img2.png` works.
-    Returns the path of the JSONL to read (every problem is a `UserError`).
+    Returns the path of the JSONL to read (every problem is a `UserError`); it keeps the
+    uploaded file's name and line numbers, so that read_examples' messages point into it.
     """
     paths = [Path(f) for f in files if f]
     total = sum(p.stat().st_size for p in paths if p.is_file())
-    if total > MAX_UPLOAD_BYTES:
-        raise UserError(f"the upload is too large ({total / 2**20:.0f} MB; at most "
-                        f"{MAX_UPLOAD_BYTES // 2**20} MB)")
+    if total > max_bytes:
+        raise UserError(f"the upload is too large ({total / 2**20:.1f} MB; at most "
+                        f"{max_bytes / 2**20:g} MB)")
     zips = [p for p in paths if p.suffix.lower() == ".zip"]
     if zips:
-        _extract_zip(zips[0], folder)
+        _extract_zip(zips[0], folder, max_bytes)
         found = sorted(folder.rglob("*.jsonl"))
         if not found:
             raise UserError(f"{zips[0].name} holds no .jsonl file")
@@ -891,33 +934,32 @@ def import_examples(files: Sequence[str], folder: Path) -> Path:
     if len(jsonl) != 1:
         raise UserError("upload exactly one .jsonl file with its images (or one .zip)")
     images = {p.name: p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES}
-    rows = []
-    for lineno, line in enumerate(jsonl[0].read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
+    source, lines = jsonl[0], []
+    for lineno, line in enumerate(source.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         try:
-            row = json.loads(line)
+            row = json.loads(line) if line.strip() else None
         except json.JSONDecodeError as exc:
-            raise UserError(f"{jsonl[0].name} line {lineno}: not valid JSON ({exc.msg})") from None
-        if isinstance(row, dict) and isinstance(row.get("image"), str):
+            raise UserError(f"{source.name} line {lineno}: not valid JSON ({exc.msg})") from None
+        if isinstance(row, dict) and isinstance(row.get("image"), str) and row["image"]:
             name = Path(row["image"]).name
             if name not in images:
-                raise UserError(f"{jsonl[0].name} line {lineno}: image {row['image']!r} was not uploaded")
+                raise UserError(f"{source.name} line {lineno}: image not found: {row['image']} "
+                                "(it was not uploaded)")
             shutil.copyfile(images[name], folder / name)
-            row["image"] = name
-        rows.append(row)
-    target = folder / "data.jsonl"
-    target.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            line = json.dumps({**row, "image": name})
+        lines.append(line)  # every line, blank ones too: line numbers stay the user's
+    target = folder / source.name
+    target.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return target
 
 
-def _extract_zip(path: Path, folder: Path) -> None:
+def _extract_zip(path: Path, folder: Path, max_bytes: int = MAX_UPLOAD_BYTES) -> None:
     root = folder.resolve()
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
-            if sum(m.file_size for m in members) > MAX_UPLOAD_BYTES:
-                raise UserError(f"{path.name} unpacks to more than {MAX_UPLOAD_BYTES // 2**20} MB")
+            if sum(m.file_size for m in members) > max_bytes:
+                raise UserError(f"{path.name} unpacks to more than {max_bytes / 2**20:g} MB")
             for member in members:
                 target = (root / member.filename).resolve()
                 if not target.is_relative_to(root):
@@ -985,6 +1027,7 @@ def env_config(workdir: Path | None = None) -> StudioConfig:
         max_user_pairs=int(env.get("MTS_MAX_USER_PAIRS", "2")),
         calib_examples=int(env.get("MTS_CALIB_EXAMPLES", "64")),
         quick_examples=int(env.get("MTS_QUICK_EXAMPLES", "16")),
+        max_upload_mb=int(env.get("MTS_MAX_UPLOAD_MB", "512")),
         warm_up=env.get("MTS_WARM_UP", "1") not in ("0", "false", "no"),
     )
 

@@ -11,8 +11,8 @@ from tailor_ui import plots
 from tailor_ui.methods import REGISTRY
 from tailor_ui.methods.selection import SCOPES
 from tailor_ui.session import PairHandle, TailorRun
-from tailor_ui.ui.common import (changed, fmt_table, history_table, job_signature, progress_html,
-                                 session_id, user_errors)
+from tailor_ui.ui.common import (Slider, changed, fmt_table, history_table, job_signature,
+                                 progress_html, public_text, session_id, user_errors)
 from tailor_ui.ui.models import changed_modules
 from tailor_ui.ui.studio import Studio, default_settings
 
@@ -97,7 +97,7 @@ class TailorTab:
                                             calib_files=calib_files or None,
                                             calib_examples=int(calib_examples), supersede=True)
         except Exception as exc:  # a slider move never pops an error: the Run button does
-            gr.Warning(str(exc))
+            gr.Warning(public_text(str(exc)))
             return gr.skip(), gr.skip()
         session.sent.pop("tailor-progress", None)
         return job.id, progress_html(job)
@@ -166,11 +166,11 @@ class TailorTab:
             with gr.Column(scale=1, min_width=300):
                 self.method = gr.Dropdown(choices, value="tailor", label="Method", elem_id="tailor-method")
                 self.method_info = gr.Markdown(f"*{REGISTRY['tailor'].summary}*", elem_id="tailor-method-info")
-                self.keep = gr.Slider(0.01, 1.0, value=0.10, step=0.01, label="Patch size (keep)",
-                                      info="fraction of the changed weights taken from the fine-tuned model",
-                                      elem_id="tailor-keep")
-                self.alpha = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="Fusion weight (alpha)",
-                                       info="salience vs sensitivity (Model Tailor)", elem_id="tailor-alpha")
+                self.keep = Slider(0.01, 1.0, value=0.10, step=0.01, label="Patch size (keep)",
+                                   info="fraction of the changed weights taken from the fine-tuned model",
+                                   elem_id="tailor-keep")
+                self.alpha = Slider(0.0, 1.0, value=0.8, step=0.05, label="Fusion weight (alpha)",
+                                    info="salience vs sensitivity (Model Tailor)", elem_id="tailor-alpha")
                 self.auto = gr.Checkbox(True, label="Re-run when a slider is released",
                                         elem_id="tailor-auto")
                 self.scope = gr.Radio([(f"{s}: {SCOPE_INFO.get(s, s)}", s) for s in SCOPES], value="block",
@@ -180,8 +180,8 @@ class TailorTab:
                 self.modules = gr.Dropdown([], value=[], multiselect=True, label="Modules",
                                            info="empty: every linear layer fine-tuning changed",
                                            elem_id="tailor-modules")
-                self.lam = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="λ (WiSE-FT, task arithmetic, TIES)",
-                                     interactive=False, elem_id="tailor-lam")
+                self.lam = Slider(0.0, 2.0, value=1.0, step=0.05, label="λ (WiSE-FT, task arithmetic, TIES)",
+                                  interactive=False, elem_id="tailor-lam")
                 with gr.Accordion("Calibration data (target task)", open=False):
                     self.calib_source = gr.Radio([("built-in (demo counting set)", "builtin"),
                                                   ("upload JSONL + images, or a .zip", "upload")],
@@ -190,8 +190,8 @@ class TailorTab:
                     self.calib_files = gr.File(file_count="multiple", type="filepath",
                                                label="JSONL ({image, question, answers} per line) with its images",
                                                elem_id="tailor-calib-files")
-                    self.calib_n = gr.Slider(8, 512, value=studio.config.calib_examples, step=8,
-                                             label="Calibration examples", elem_id="tailor-calib-n")
+                    self.calib_n = Slider(8, 512, value=studio.config.calib_examples, step=8,
+                                          label="Calibration examples", elem_id="tailor-calib-n")
                 with gr.Accordion("Advanced", open=False):
                     self.hessians = gr.Radio(
                         [("one pass (slider moves re-threshold cached scores: fast)", "one-pass"),
