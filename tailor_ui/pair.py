@@ -160,6 +160,21 @@ def _load_processor(source: str, trust_remote_code: bool) -> Any:
         return MissingProcessor(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
 
 
+def model_type(spec: str, *, trust_remote_code: bool = False,
+               allowed_roots: list[Path] | None = None) -> str:
+    """The model type from the config alone (a hub id: config.json is all that is fetched),
+    so a model that cannot be reached or read is refused before anything is given up for it."""
+    from transformers import AutoConfig
+
+    source = resolve_source(spec, allowed_roots=allowed_roots)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        first = _first_line(exc).replace(source, spec.strip())
+        raise UserError(f"could not load {spec}: {first[:300]}") from None
+    return str(getattr(config, "model_type", ""))
+
+
 def load_model(spec: str, *, dtype: str = "float32", device: Device = "cpu",
                allow_pickle: bool = False, trust_remote_code: bool = False,
                allowed_roots: list[Path] | None = None) -> tuple[torch.nn.Module, Any]:

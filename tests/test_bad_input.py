@@ -318,3 +318,15 @@ def test_relative_names_mean_folders_under_the_allowed_roots(disk_pair, model_ro
     assert resolve_source("pair/base", allowed_roots=[model_root]) == str((disk_pair / "base").resolve())
     # not under a root: a hub id of that name, never the server's own folder of that name
     assert resolve_source("tailor_ui/ui", allowed_roots=[model_root]) == "tailor_ui/ui"
+
+
+def test_a_hub_model_that_cannot_be_reached_leaves_the_visitors_pair(visitor, studio, disk_pair):
+    """Refused in the load job (the hub is asked for config.json only; offline here), before
+    the visitor's current pair is let go."""
+    session = studio.sessions.peek(visitor.session_hash)
+    own = session.own
+    job_id, _ = visitor.predict("nobody/no-such-model", str(disk_pair / "ft"), "float32", "cpu",
+                                api_name="/load_pair")
+    info = visitor.predict(job_id, 60, api_name="/wait_job")
+    assert info["status"] == "failed" and "could not load nobody/no-such-model" in info["error"], info
+    assert session.own is own and own is not None and not session.use_demo

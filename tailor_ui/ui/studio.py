@@ -282,21 +282,35 @@ class Studio:
         options = {"dtype": dtype, "device": device, "allowed_roots": roots}
         lane = self.lane_for(device)
 
+        released = threading.Event()
+
         def job(progress, should_stop):
             try:
                 return load(progress, should_stop)
             except BaseException:
-                session.use_demo = True  # back to the demo pair rather than to nothing
+                if released.is_set():
+                    session.use_demo = True  # back to the demo pair rather than to nothing
                 raise
 
         def load(progress, should_stop):
-            from tailor_ui.pair import Pair, check_match, load_model, summarize
+            from tailor_ui.pair import Pair, check_match, load_model, model_type, summarize
 
-            steps = 2 + len(tuned_src)
-            progress(f"loading the base model {base}", 0, steps)
+            steps = 3 + len(tuned_src)
+            progress("reading the models' configs", 0, steps)
+            types = {spec: model_type(src, allowed_roots=roots)
+                     for spec, src in zip([base, *_split_models(finetuned)], [base_src, *tuned_src])}
+            if len(set(types.values())) > 1:
+                raise UserError("the models differ in architecture: " +
+                                ", ".join(f"{spec.strip()} is {kind}" for spec, kind in types.items()))
+            # a model that cannot be reached or read has been refused by now, with the
+            # visitor's pair still in place; from here on it makes room for the new one
+            self._release_own(session)
+            session.use_demo = False
+            released.set()
+            progress(f"loading the base model {base}", 1, steps)
             base_model, processor = load_model(base_src, **options)
             tuned = []
-            for i, (spec, src) in enumerate(zip(_split_models(finetuned), tuned_src), start=1):
+            for i, (spec, src) in enumerate(zip(_split_models(finetuned), tuned_src), start=2):
                 progress(f"loading the fine-tuned model {spec}", i, steps)
                 model, _ = load_model(src, **options)
                 check_match(base_model, model)
@@ -309,8 +323,6 @@ class Studio:
             session.own, session.use_demo = handle, False
             return handle
 
-        self._release_own(session)  # free the old pair before loading the new one
-        session.use_demo = False
         return self.runner.submit(session.id, "load", job, label=f"load {base} + {finetuned}",
                                   lane=lane)
 
