@@ -151,7 +151,7 @@ def finished_merge(studio, session):
 
     job = studio.submit_tailor(session, default_settings(keep=0.05), calib_examples=32)
     assert studio.runner.wait(job.id, session.id, 120).status == DONE
-    studio.sync_runs(session)
+    studio.sync(session, "tailor")
     return session.run(job.id)
 
 

@@ -54,8 +54,8 @@ class App:
         """Everything that changed since this page's last poll (gr.skip() for the rest)."""
         try:
             session = self.studio.session(session_id(request))
-            self.studio.sync_runs(session)
-            self.studio.sync_sweeps(session)
+            self.studio.sync(session, "tailor")
+            self.studio.sync(session, "sweep")
             handle, _ = self.models.current(session)
             outputs = [*self.models.poll(session), *self.tailor.poll(session, handle),
                        *self.forgetting.poll(session), *self.export.poll(session),

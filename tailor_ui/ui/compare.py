@@ -36,7 +36,7 @@ class CompareTab:
         the comparison table (a follow-up step, so /compare keeps its four outputs)."""
         try:
             session = self.studio.session(session_id(request))
-            self.studio.sync_trained(session)
+            self.studio.sync(session, "finetune")
             trained = session.trained_for(self.studio.handle_for(session))
         except Exception:
             return ""

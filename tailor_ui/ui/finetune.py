@@ -80,7 +80,7 @@ class FinetuneTab:
 
     def poll(self, session) -> list:
         """Progress bar, live loss curve and the result of the session's latest run."""
-        self.studio.sync_trained(session)
+        self.studio.sync(session, "finetune")
         jobs = self.studio.runner.history(session.id, "finetune")
         job = jobs[0] if jobs else None
         out = [progress_html(job, IDLE) if changed(session, "finetune-progress", job_signature(job))

@@ -57,7 +57,7 @@ class ForgettingTab:
     def result(self, job_id: str, request: gr.Request):
         """The table and CSV of a finished sweep (the latest when no id is given)."""
         session = self.studio.session(session_id(request))
-        self.studio.sync_sweeps(session)
+        self.studio.sync(session, "sweep")
         job_id = (job_id or "").strip()
         run = session.sweeps.get(job_id) if job_id else session.latest_sweep()
         if run is None:

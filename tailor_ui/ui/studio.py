@@ -208,12 +208,7 @@ class Studio:
         session = self.sessions.peek(job.owner)
         if session is None:
             return
-        if job.kind == "tailor":
-            self.record_run(session, job)
-        elif job.kind == "sweep":
-            self.record_sweep(session, job)
-        elif job.kind == "finetune":
-            self.record_trained(session, job)
+        self.record(session, job)
 
     def end_session(self, session_id: str) -> None:
         self.runner.forget(session_id)
@@ -445,16 +440,29 @@ class Studio:
                 merged = scores(model)
         return quick_table(handle, references, merged), references
 
-    def record_run(self, session: Session, job: Job) -> TailorRun | None:
-        """File a finished merge under the session (called once per job by the poller or
-        by API clients asking for the result)."""
-        if job.status != DONE or not isinstance(job.result, TailorRun):
-            return None
+    def record(self, session: Session, job: Job) -> None:
+        """File a finished job's merge, sweep or fine-tuned model under its session, once.
+        The runner's on_finish does it; `sync` repeats it for a job a poller or an API
+        client sees done in the moment before on_finish ran."""
+        filed = {"tailor": (TailorRun, session.runs, session.add_run),
+                 "sweep": (SweepRun, session.sweeps, session.add_sweep),
+                 "finetune": (TrainedModel, session.trained, session.add_trained)}.get(job.kind)
+        if filed is None or job.status != DONE:
+            return
+        kind, done, add = filed
         with session.lock:
-            if job.id not in session.runs:
-                job.result.job_id = job.id
-                session.add_run(job.result)
-            return session.runs.get(job.id)
+            if job.id in done or not isinstance(job.result, kind):
+                return
+            job.result.job_id = job.id
+            add(job.result)
+            if isinstance(job.result, TrainedModel):
+                session.live_losses.pop(job.id, None)
+                job.result = job.result.summary()  # the session keeps the models, the history a summary
+
+    def sync(self, session: Session, kind: str) -> None:
+        """File every finished job of `kind` ("tailor", "sweep", "finetune") of the session."""
+        for job in reversed(self.runner.history(session.id, kind)):
+            self.record(session, job)
 
     # -- comparing ------------------------------------------------------------------------
 
@@ -465,9 +473,9 @@ class Studio:
         if image is None:
             raise UserError("pick an example image or upload one")
         handle = self.handle_for(session)
-        self.sync_runs(session)
+        self.sync(session, "tailor")
         runs = compare_runs(session, handle)
-        self.sync_trained(session)
+        self.sync(session, "finetune")
         trained = [m for t in session.trained_for(handle)[-2:][::-1] for m in t.models]
         question = (question or "").strip()
 
@@ -511,12 +519,6 @@ class Studio:
             raise UserError(f"{kind} is still waiting behind other jobs ({job.stage}); see the history")
         raise UserError(f"{kind} was cancelled")
 
-    def sync_runs(self, session: Session) -> None:
-        """File every finished merge job of the session that is not filed yet."""
-        for job in reversed(self.runner.history(session.id, "tailor")):
-            if job.status == DONE and job.id not in session.runs:
-                self.record_run(session, job)
-
     # -- sweeps ---------------------------------------------------------------------------
 
     def submit_sweep(self, session: Session, methods: Sequence[str], keeps: Sequence[float],
@@ -540,7 +542,7 @@ class Studio:
         target = [EvalSet(s.name, s.task, list(s.examples[:n])) for s in handle.eval_sets
                   if s.role == "target"]
         needs_calib = any(REGISTRY[s.method].needs_calibration for s in grid)
-        self.sync_trained(session)
+        self.sync(session, "finetune")
         trained = [(t.method, name, model) for t in session.trained_for(handle)
                    for name, model in t.models]
         calib_examples_list, source = ([], "")
@@ -585,20 +587,6 @@ class Studio:
         if trained:
             label += f" (+{len(trained)} fine-tuned here)"
         return self.runner.submit(session.id, "sweep", job, label=label, lane=handle.lane)
-
-    def record_sweep(self, session: Session, job: Job) -> SweepRun | None:
-        if job.status != DONE or not isinstance(job.result, SweepRun):
-            return None
-        with session.lock:
-            if job.id not in session.sweeps:
-                job.result.job_id = job.id
-                session.add_sweep(job.result)
-            return session.sweeps.get(job.id)
-
-    def sync_sweeps(self, session: Session) -> None:
-        for job in reversed(self.runner.history(session.id, "sweep")):
-            if job.status == DONE and job.id not in session.sweeps:
-                self.record_sweep(session, job)
 
     # -- fine-tuning ----------------------------------------------------------------------
 
@@ -691,22 +679,6 @@ class Studio:
         apply_patch(tailored, result.patch)
         return tailored
 
-    def record_trained(self, session: Session, job: Job) -> TrainedModel | None:
-        if job.status != DONE or not isinstance(job.result, TrainedModel):
-            return None
-        with session.lock:
-            if job.id not in session.trained:
-                job.result.job_id = job.id
-                session.add_trained(job.result)
-                session.live_losses.pop(job.id, None)
-                job.result = job.result.summary()  # the session keeps the models, the history a summary
-            return session.trained.get(job.id)
-
-    def sync_trained(self, session: Session) -> None:
-        for job in reversed(self.runner.history(session.id, "finetune")):
-            if job.status == DONE and job.id not in session.trained:
-                self.record_trained(session, job)
-
     def finetune_losses(self, session: Session, job_id: str) -> list[float]:
         """The losses of a fine-tuning job so far (all of them once it is done)."""
         trained = session.trained.get(job_id)
@@ -719,7 +691,7 @@ class Studio:
     def export(self, session: Session, job_id: str | None, what: str, *,
                timeout: float = 600) -> Path:
         """The file for one of the session's merges: patch, report or model (zip)."""
-        self.sync_runs(session)
+        self.sync(session, "tailor")
         run = session.run(job_id) if job_id else session.latest_run()
         if run is None:
             raise UserError("run a merge first (Tailor tab)")
