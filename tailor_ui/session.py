@@ -205,6 +205,8 @@ class Session:
     sweeps: dict[str, SweepRun] = field(default_factory=dict)
     trained: dict[str, TrainedModel] = field(default_factory=dict)  # Fine-tune tab
     live_losses: dict[str, list[float]] = field(default_factory=dict)  # per fine-tuning job
+    # jobs whose result was filed above: filed once, even after it was pruned from there
+    filed: set[str] = field(default_factory=set)
     last_seen: float = field(default_factory=time.time)
     # what the page was last sent, per output, so polling sends only what changed
     sent: dict[str, Any] = field(default_factory=dict)

@@ -448,3 +448,31 @@ def test_without_a_demo_pair_the_app_still_serves(tmp_path):
             app.models.use_demo(request=request)
     finally:
         studio.close()
+
+
+def test_filing_a_merge_once_survives_the_session_pruning_old_ones(studio):
+    """More merges than a session keeps: the oldest is pruned with its files, and later
+    polls (sync) must not file it again, which would prune a kept one and delete its files."""
+    from tailor_ui.session import TailorRun
+
+    session = studio.session(f"prune-{uuid.uuid4().hex}")
+
+    def merge(i):
+        def job(progress, should_stop):
+            folder = session.folder / f"run-{i}"
+            folder.mkdir(parents=True)
+            (folder / "patch.safetensors").write_bytes(b"patch")
+            return TailorRun(job_id="", label=f"merge {i}", settings={}, patch=None, report={},
+                             handle=studio.demo, patch_file=folder / "patch.safetensors")
+        return job
+
+    jobs = []
+    for i in range(14):  # the session keeps 12
+        jobs.append(studio.runner.submit(session.id, "tailor", merge(i), label=f"merge {i}"))
+        studio.runner.wait(jobs[-1].id, session.id, timeout=30)
+    for _ in range(2):
+        studio.sync(session, "tailor")
+    kept = [j.id for j in jobs[2:]]
+    assert list(session.runs) == kept
+    assert all(session.runs[j].patch_file.is_file() for j in kept)
+    assert not (session.folder / "run-0").exists() and not (session.folder / "run-1").exists()

@@ -444,15 +444,15 @@ class Studio:
         """File a finished job's merge, sweep or fine-tuned model under its session, once.
         The runner's on_finish does it; `sync` repeats it for a job a poller or an API
         client sees done in the moment before on_finish ran."""
-        filed = {"tailor": (TailorRun, session.runs, session.add_run),
-                 "sweep": (SweepRun, session.sweeps, session.add_sweep),
-                 "finetune": (TrainedModel, session.trained, session.add_trained)}.get(job.kind)
-        if filed is None or job.status != DONE:
+        filing = {"tailor": (TailorRun, session.add_run), "sweep": (SweepRun, session.add_sweep),
+                  "finetune": (TrainedModel, session.add_trained)}.get(job.kind)
+        if filing is None or job.status != DONE:
             return
-        kind, done, add = filed
+        kind, add = filing
         with session.lock:
-            if job.id in done or not isinstance(job.result, kind):
+            if job.id in session.filed or not isinstance(job.result, kind):
                 return
+            session.filed.add(job.id)
             job.result.job_id = job.id
             add(job.result)
             if isinstance(job.result, TrainedModel):
