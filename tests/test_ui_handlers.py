@@ -476,3 +476,28 @@ def test_filing_a_merge_once_survives_the_session_pruning_old_ones(studio):
     assert list(session.runs) == kept
     assert all(session.runs[j].patch_file.is_file() for j in kept)
     assert not (session.folder / "run-0").exists() and not (session.folder / "run-1").exists()
+
+
+@pytest.mark.parametrize("tab, kind", [("tailor", "tailor"), ("forgetting", "sweep"), ("finetune", "finetune")])
+def test_cancel_buttons_stop_the_given_or_latest_unfinished_job(app, studio, tab, kind):
+    cancel = getattr(app, tab).cancel
+    request = new_request()
+    sid = request.session_hash
+    assert 'data-status="idle"' in cancel("", request) and "Nothing to cancel." in cancel("", request)
+
+    def wait_for_cancel(progress, should_stop):
+        while not should_stop():
+            threading.Event().wait(0.01)
+        return None
+
+    job = studio.runner.submit(sid, kind, wait_for_cancel, label="waits")
+    assert f'data-job="{job.id}"' in cancel("", request)  # none given: the latest unfinished
+    assert studio.runner.wait(job.id, sid, timeout=30).status == CANCELLED
+    again = studio.runner.submit(sid, kind, wait_for_cancel, label="waits")
+    assert f'data-job="{again.id}"' in cancel(f" {again.id} ", request)
+    assert studio.runner.wait(again.id, sid, timeout=30).status == CANCELLED
+    finished = cancel(job.id, request)  # a finished job given, nothing running
+    if tab == "tailor":  # the merge tab shows that job's state
+        assert f'data-job="{job.id}"' in finished and 'data-status="cancelled"' in finished
+    else:
+        assert "Nothing to cancel." in finished

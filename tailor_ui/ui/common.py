@@ -79,6 +79,16 @@ def Number(*args: Any, **kwargs: Any) -> gr.Number:
     return named_errors(gr.Number(*args, **kwargs))
 
 
+def cancel_unfinished(runner: Any, owner: str, kind: str, job_id: str | None) -> Job | None:
+    """Cancel the given job of `kind` if it is still unfinished, else the owner's latest
+    unfinished one; the job cancelled, or None when there was none (a Cancel button's
+    job id box may hold a finished job, or nothing)."""
+    active = runner.active(owner, kind)
+    wanted = (job_id or "").strip()
+    chosen = next((j for j in active if j.id == wanted), None) or (active[0] if active else None)
+    return runner.cancel(chosen.id, owner) if chosen is not None else None
+
+
 def changed(session, key: str, signature: Any) -> bool:
     """True once per new `signature` of an output: polling sends only what changed."""
     if session.sent.get(key) == signature:

@@ -8,8 +8,8 @@ import gradio as gr
 
 from tailor_ui import plots
 from tailor_ui.session import TrainedModel
-from tailor_ui.ui.common import (Number, Slider, changed, job_signature, progress_html, session_id,
-                                 user_errors)
+from tailor_ui.ui.common import (Number, Slider, cancel_unfinished, changed, job_signature, progress_html,
+                                 session_id, user_errors)
 from tailor_ui.ui.studio import FINETUNE_LABELS, Studio
 
 METHOD_CHOICES = [("Full fine-tuning", "full"), ("Model-Dowser (sparse)", "dowser"),
@@ -62,14 +62,8 @@ class FinetuneTab:
     @user_errors
     def cancel(self, job_id: str, request: gr.Request):
         """Cancel a fine-tuning run: the given one if unfinished, else the latest unfinished."""
-        sid = session_id(request)
-        runner = self.studio.runner
-        active = runner.active(sid, "finetune")
-        chosen = next((j for j in active if j.id == (job_id or "").strip()), None)
-        chosen = chosen or (active[0] if active else None)
-        if chosen is None:
-            return progress_html(None, "Nothing to cancel.")
-        return progress_html(runner.cancel(chosen.id, sid))
+        cancelled = cancel_unfinished(self.studio.runner, session_id(request), "finetune", job_id)
+        return progress_html(cancelled, "Nothing to cancel.")
 
     @staticmethod
     def method_changed(method: str):

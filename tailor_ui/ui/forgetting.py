@@ -8,8 +8,8 @@ import pandas as pd
 from tailor_ui import plots
 from tailor_ui.methods import REGISTRY
 from tailor_ui.session import SweepRun
-from tailor_ui.ui.common import (Slider, changed, fmt_table, job_signature, progress_html, session_id,
-                                 user_errors)
+from tailor_ui.ui.common import (Slider, cancel_unfinished, changed, fmt_table, job_signature, progress_html,
+                                 session_id, user_errors)
 from tailor_ui.ui.studio import Studio, parse_numbers
 
 DEFAULT_METHODS = ["tailor", "magnitude", "wise_ft"]
@@ -44,14 +44,8 @@ class ForgettingTab:
 
     @user_errors
     def cancel(self, job_id: str, request: gr.Request):
-        sid = session_id(request)
-        runner = self.studio.runner
-        active = runner.active(sid, "sweep")
-        chosen = next((j for j in active if j.id == (job_id or "").strip()), None)
-        chosen = chosen or (active[0] if active else None)
-        if chosen is None:
-            return progress_html(None, "Nothing to cancel.")
-        return progress_html(runner.cancel(chosen.id, sid))
+        cancelled = cancel_unfinished(self.studio.runner, session_id(request), "sweep", job_id)
+        return progress_html(cancelled, "Nothing to cancel.")
 
     @user_errors
     def result(self, job_id: str, request: gr.Request):

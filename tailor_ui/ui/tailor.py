@@ -11,8 +11,8 @@ from tailor_ui import plots
 from tailor_ui.methods import REGISTRY
 from tailor_ui.methods.selection import SCOPES
 from tailor_ui.session import PairHandle, TailorRun
-from tailor_ui.ui.common import (Slider, changed, fmt_table, history_table, job_signature,
-                                 progress_html, public_text, session_id, user_errors)
+from tailor_ui.ui.common import (Slider, cancel_unfinished, changed, fmt_table, history_table,
+                                 job_signature, progress_html, public_text, session_id, user_errors)
 from tailor_ui.ui.models import changed_modules
 from tailor_ui.ui.studio import Studio, default_settings
 
@@ -107,15 +107,10 @@ class TailorTab:
         """Cancel a merge: the given one if it is still unfinished, else this session's
         latest unfinished merge."""
         sid = session_id(request)
-        runner = self.studio.runner
-        active = runner.active(sid, "tailor")
-        chosen = next((j for j in active if j.id == (job_id or "").strip()), None)
-        chosen = chosen or (active[0] if active else None)
-        if chosen is None:
-            if (job_id or "").strip():
-                return progress_html(runner.get(job_id, sid))
-            return progress_html(None, "Nothing to cancel.")
-        return progress_html(runner.cancel(chosen.id, sid))
+        cancelled = cancel_unfinished(self.studio.runner, sid, "tailor", job_id)
+        if cancelled is None and (job_id or "").strip():
+            return progress_html(self.studio.runner.get(job_id, sid))
+        return progress_html(cancelled, "Nothing to cancel.")
 
     @staticmethod
     def method_changed(method: str):
