@@ -104,13 +104,18 @@ def check_local_pair(base: str, finetuned: list[str], *, allowed_roots: list[Pat
     base_type, base_shapes = _checkpoint_info(sources[0])
     for source in sources[1:]:
         model_type, shapes = _checkpoint_info(source)
-        if base_type and model_type and base_type != model_type:
-            raise UserError(f"the models differ in architecture: base is {base_type}, "
-                            f"fine-tuned is {model_type}")
+        check_same_architecture(base_type, model_type)
         # a key only one checkpoint holds may be another spelling of the same parameter
         # (checkpoints saved by different transformers versions): check_match sees it after loading
         check_shapes({k: v for k, v in base_shapes.items() if k in shapes},
                      {k: v for k, v in shapes.items() if k in base_shapes})
+
+
+def check_same_architecture(base: str | None, finetuned: str | None) -> None:
+    """Refuse a fine-tuned model of another architecture (model types or classes; an
+    unknown one, e.g. a hub id not read yet, passes)."""
+    if base and finetuned and base != finetuned:
+        raise UserError(f"the models differ in architecture: base is {base}, fine-tuned is {finetuned}")
 
 
 def _checkpoint_info(source: str) -> tuple[str | None, dict[str, tuple[int, ...]]]:
@@ -289,9 +294,7 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False, **lo
 
 def check_match(base: torch.nn.Module, finetuned: torch.nn.Module, show: int = 5) -> None:
     """Same architecture, same parameter names, same shapes; otherwise list the first mismatches."""
-    arch_a, arch_b = type(base).__name__, type(finetuned).__name__
-    if arch_a != arch_b:
-        raise UserError(f"the models differ in architecture: base is {arch_a}, fine-tuned is {arch_b}")
+    check_same_architecture(type(base).__name__, type(finetuned).__name__)
     check_shapes({n: tuple(p.shape) for n, p in base.named_parameters()},
                  {n: tuple(p.shape) for n, p in finetuned.named_parameters()}, show)
 

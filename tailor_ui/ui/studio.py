@@ -288,15 +288,14 @@ class Studio:
                 raise
 
         def load(progress, should_stop):
-            from tailor_ui.pair import Pair, check_match, load_model, model_type, summarize
+            from tailor_ui.pair import (Pair, check_match, check_same_architecture, load_model,
+                                        model_type, summarize)
 
             steps = 3 + len(tuned_src)
             progress("reading the models' configs", 0, steps)
-            types = {spec: model_type(src, allowed_roots=roots)
-                     for spec, src in zip([base, *_split_models(finetuned)], [base_src, *tuned_src])}
-            if len(set(types.values())) > 1:
-                raise UserError("the models differ in architecture: " +
-                                ", ".join(f"{spec.strip()} is {kind}" for spec, kind in types.items()))
+            base_type = model_type(base_src, allowed_roots=roots)
+            for src in tuned_src:
+                check_same_architecture(base_type, model_type(src, allowed_roots=roots))
             # a model that cannot be reached or read has been refused by now, with the
             # visitor's pair still in place; from here on it makes room for the new one
             self._release_own(session)
