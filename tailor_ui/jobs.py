@@ -271,10 +271,9 @@ class JobRunner:
                 # and the tensors in them, alive
                 log.warning("job %s (%s) ran out of memory on %s: %s", job.id, job.kind, device,
                             str(exc))
-                error = out_of_memory_message(device)
             else:
                 log.exception("job %s (%s) failed", job.id, job.kind)
-                error = short_error(exc)
+            error = short_error(exc, job.lane)
             outcome, stage = FAILED, "failed"
         finally:
             if outcome == FAILED:
@@ -323,9 +322,9 @@ def out_of_memory_message(device: str) -> str:
             "try a smaller dtype (bfloat16), device cpu, or fewer calibration examples")
 
 
-def short_error(exc: BaseException) -> str:
-    """One line a user can read for an unexpected exception."""
-    device = out_of_memory_device(exc)
+def short_error(exc: BaseException, lane: str = "cpu") -> str:
+    """One line a user can read for an unexpected exception (of a job on `lane`)."""
+    device = out_of_memory_device(exc, lane)
     if device is not None:
         return out_of_memory_message(device)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
