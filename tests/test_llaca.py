@@ -60,7 +60,7 @@ def test_live_weight_forms():
 # ------------------------------------------------------------------ the tracker
 
 def _steps(form: str, beta: float = 0.99) -> tuple[EMATracker, torch.nn.Parameter]:
-    """Two hand-made optimizer steps on θ* = θ0 = 0:
+    """Hand-made optimizer steps on θ* = θ0 = 0; this takes step 1, `_second_step` step 2:
     step 1: θ = [1, −1], g = [0.5, −0.5] → a = 2, b = 1, c = ‖g − 0‖₁ = 1;
     step 2: θ = [2, −2], g = [0.25, 0.25] → a = ‖θ − θ*₁‖₁, b = 0.5, c = 1."""
     p = torch.nn.Parameter(torch.zeros(2))
@@ -72,16 +72,22 @@ def _steps(form: str, beta: float = 0.99) -> tuple[EMATracker, torch.nn.Paramete
     return tracker, p
 
 
-def test_tracker_code_form_by_hand():
-    tracker, p = _steps("code")
-    # step 1: w = 2(1 + 1)/(2·1) = 2 ≥ 1 → fallback 0.01
+def _second_step(tracker: EMATracker, p: torch.nn.Parameter) -> tuple[torch.Tensor, float]:
+    """Check the EMA after step 1 (both forms fell back to weight 0.01 on θ1), take step 2;
+    returns that first EMA θ*₁ and a = ‖θ2 − θ*₁‖₁ (3.98)."""
     first = 0.99 * torch.zeros(2) + 0.01 * torch.tensor([1.0, -1.0])
     assert torch.allclose(tracker.ema["w"], first)
     with torch.no_grad():
         p.copy_(torch.tensor([2.0, -2.0]))
     p.grad = torch.tensor([0.25, 0.25])
     tracker.update()
-    a = float((torch.tensor([2.0, -2.0]) - first).abs().sum())  # 3.98
+    return first, float((torch.tensor([2.0, -2.0]) - first).abs().sum())
+
+
+def test_tracker_code_form_by_hand():
+    tracker, p = _steps("code")
+    # step 1: w = 2(1 + 1)/(2·1) = 2 ≥ 1 → fallback 0.01
+    first, a = _second_step(tracker, p)
     w = 2 * (1 + 0.5) / (a * 1.0)  # c = |0.25 − 0.5| + |0.25 + 0.5| = 1
     assert 0 < w < 1
     expected = (1 - w) * first + w * torch.tensor([2.0, -2.0])
@@ -96,13 +102,7 @@ def test_tracker_code_form_by_hand():
 def test_tracker_paper_form_by_hand():
     tracker, p = _steps("paper")
     # step 1: β = (1 + 1)/(2·1) = 1 → fallback 0.99
-    first = 0.99 * torch.zeros(2) + 0.01 * torch.tensor([1.0, -1.0])
-    assert torch.allclose(tracker.ema["w"], first)
-    with torch.no_grad():
-        p.copy_(torch.tensor([2.0, -2.0]))
-    p.grad = torch.tensor([0.25, 0.25])
-    tracker.update()
-    a = float((torch.tensor([2.0, -2.0]) - first).abs().sum())
+    first, a = _second_step(tracker, p)
     beta = (0.5 + 1) / (a * 1.0)
     assert 0 < beta < 1
     assert torch.allclose(tracker.ema["w"], beta * first + (1 - beta) * torch.tensor([2.0, -2.0]))
