@@ -6,9 +6,10 @@ says the pair is ready), then opens the page in Debian's chromium (launched befo
 its own start is not counted) and waits until the pair status shows "ready". Reports per
 run: first HTTP 200, page rendered with the pair ready (the browser shares the machine's
 cores with the server), and the app's own "demo pair ready" / "serving" lines; then the
-median over runs.
+median over runs. With --cold, the kernel's page cache is dropped before each run (root
+only), as on a first start after installing: every library file is read from disk again.
 
-    python bench/startup.py --runs 5 [--python /path/to/venv/bin/python] [--out bench/results/startup.json]
+    python bench/startup.py --runs 5 [--cold] [--python /path/to/venv/bin/python] [--out bench/results/startup.json]
 """
 
 from __future__ import annotations
@@ -58,7 +59,21 @@ def pair_status_served(url: str) -> str:
     return ""
 
 
-def one_run(python: str, browser) -> dict:
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def one_run(python: str, browser, cold: bool) -> dict:
+    if cold:
+        drop_page_cache()
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
@@ -97,20 +112,27 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--python", default=sys.executable, help="interpreter of the environment to time")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each run (root)")
     args = parser.parse_args()
+    if args.cold:
+        try:
+            drop_page_cache()
+        except OSError as exc:
+            sys.exit(f"startup.py: --cold needs to write /proc/sys/vm/drop_caches (root): {exc.strerror}")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         runs = []
         for i in range(args.runs):
-            runs.append(one_run(args.python, browser))
+            runs.append(one_run(args.python, browser, args.cold))
             print(f"run {i + 1}: {runs[-1]}", flush=True)
         browser.close()
     summary = {key: statistics.median(r[key] for r in runs if r[key] is not None)
                for key in runs[0] if any(isinstance(r[key], float) for r in runs)}
     summary["served_page_says_ready"] = all(r["served_page_says_ready"] for r in runs)
-    result = {"python": args.python, "cores": os.cpu_count(), "load_avg_before": os.getloadavg(),
+    result = {"python": args.python, "cpu": cpu_model(), "cores": os.cpu_count(), "cold": args.cold,
+              "load_avg_before": os.getloadavg(),
               "runs": runs, "median": summary}
     print("median:", json.dumps(summary))
     if args.out:
