@@ -400,16 +400,38 @@ def test_sessions_are_isolated(app):
     assert not a.folder.exists() and app.studio.sessions.peek(alice.session_hash) is None
 
 
-def test_poll_sends_everything_once_then_only_changes(app):
+def test_poll_sends_what_differs_from_the_served_page_then_only_changes(app):
     request = new_request()
+    assert "ready" in app.pair_status.value  # the page as served already shows the demo pair
     first = app.poll(request=request)
     assert len(first) == len(app.outputs)
-    assert "ready" in first[1]  # the pair status line
+    # progress, pair status, summary, chart and table: already on the page, not sent again
+    assert first[:5] == [gr.skip()] * 5
+    assert any(value != gr.skip() for value in first[5:])  # the other tabs' first state
     again = app.poll(request=request)
     assert all(value == gr.skip() for value in again)
     job = run_tailor(app, request, keep=0.13)
     after = app.poll(request=request)
     assert after != again and job.id in after[5]  # the Tailor tab's progress bar
+
+
+def test_a_page_served_before_the_demo_loaded_gets_it_with_a_poll(tmp_path):
+    from tailor_ui.ui.studio import Studio, StudioConfig
+
+    studio = Studio(StudioConfig(workdir=tmp_path / "work", demo_dir=DEMO, warm_up=False))
+    try:
+        app = App(studio)
+        app.build()  # as app.py does after MTS_DEMO_WAIT: the page says the pair is loading
+        assert "Loading the demo pair" in app.pair_status.value
+        request = new_request()
+        loading = app.poll(request=request)
+        assert loading[1:5] == [gr.skip()] * 4
+        studio.start(background=False)
+        ready = app.poll(request=request)
+        assert "ready" in ready[1] and "Changed by fine-tuning" in ready[2]
+        assert isinstance(ready[3], go.Figure) and not ready[4].empty
+    finally:
+        studio.close()
 
 
 def test_failed_job_shows_its_message(app):

@@ -90,6 +90,9 @@ def changed_modules(handle: PairHandle) -> list[str]:
 class ModelsTab:
     def __init__(self, studio: Studio) -> None:
         self.studio = studio
+        # the pair every page is first served with (app.py builds the page once the demo
+        # has loaded, or after MTS_DEMO_WAIT with none); one snapshot for status and summary
+        self.first_pair: PairHandle | None = studio.demo
 
     # -- handlers ----------------------------------------------------------------------
 
@@ -138,18 +141,27 @@ class ModelsTab:
 
     def initial_status(self) -> str:
         """The pair status as the page is first served: every visitor starts on the demo
-        pair, and app.py builds the page once it is loaded, so the first page shows it at
-        once instead of after its first poll (a second on a busy CPU)."""
-        demo = self.studio.demo
+        pair, so the first page shows it at once instead of after its first poll (a second
+        on a busy CPU)."""
+        demo = self.first_pair
         return self._status(demo, "") if demo is not None else self._status(None, LOADING_DEMO)
 
     def initial_summary(self) -> tuple:
         """Summary, chart and table as the page is first served (see initial_status)."""
-        if self.studio.demo is None:
+        if self.first_pair is None:
             return f"*{LOADING_DEMO}*", plots.change_map(None), None
-        return self._summary(self.studio.demo)
+        return self._summary(self.first_pair)
+
+    def _as_served(self, session) -> None:
+        """Record a new page's first content as sent, so its first poll sends only what
+        differs: not the demo's summary again (a chart rebuilt and redrawn per visitor)."""
+        served = {"models-progress": job_signature(None), "pair-status": self.initial_status(),
+                  "models-summary": id(self.first_pair) if self.first_pair is not None else LOADING_DEMO}
+        for key, signature in served.items():
+            session.sent.setdefault(key, signature)
 
     def poll(self, session) -> list:
+        self._as_served(session)
         handle, why = self.current(session)
         jobs = self.studio.runner.history(session.id, "load")
         job = jobs[0] if jobs else None
