@@ -3,6 +3,7 @@ job runs), the Spaces front matter, and the one place that picks ZeroGPU or the 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shlex
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
+import weakref
 from importlib.metadata import version
 
 import pytest
@@ -97,6 +99,34 @@ def test_docker_command_starts_the_app_and_stops_on_sigterm(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_the_collector_comes_back_after_the_first_page():
+    """app.py starts with the cyclic collector off (start-up speed); once the first page is
+    up, garbage cycles of start-up are collected, the survivors frozen, collection back on."""
+    import app
+
+    class Node:
+        pass
+
+    gate = threading.Event()
+    gc.disable()
+    try:
+        waiter = threading.Thread(target=app.collect_after_first_page, args=(gate,), daemon=True)
+        waiter.start()
+        node = Node()
+        node.me = node  # a cycle: only the collector frees it
+        alive = weakref.ref(node)
+        del node
+        waiter.join(0.2)
+        assert waiter.is_alive() and not gc.isenabled() and alive() is not None
+        gate.set()  # the first page polled
+        waiter.join(10)
+        assert not waiter.is_alive() and gc.isenabled()
+        assert alive() is None and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
 
 
 def test_spaces_front_matter():
