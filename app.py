@@ -29,7 +29,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 if __name__ == "__main__":
     # Start-up allocates hundreds of thousands of long-lived objects (module code, classes);
-    # the cyclic collector would traverse them all again and again: 30 % of the start-up's
+    # the cyclic collector would traverse them all again and again: a quarter of the start-up's
     # CPU (bench/startup.py). It resumes after the first page (collect_after_first_page).
     gc.disable()
     from tailor_ui.ui import lean_import
