@@ -87,12 +87,20 @@ def changed_modules(handle: PairHandle) -> list[str]:
     return sorted(set(rows["module"]), key=plots.module_rank)
 
 
+def _summary_signature(handle: PairHandle | None, why: str) -> object:
+    """What the summary, chart and table show: a pair, or the line saying why there is none."""
+    return id(handle) if handle is not None else why
+
+
 class ModelsTab:
     def __init__(self, studio: Studio) -> None:
         self.studio = studio
         # the pair every page is first served with (app.py builds the page once the demo
         # has loaded, or after MTS_DEMO_WAIT with none); one snapshot for status and summary
         self.first_pair: PairHandle | None = studio.demo
+        # what such a page shows before its first poll, as poll's signatures (see _as_served)
+        self.served = {"models-progress": job_signature(None), "pair-status": self.initial_status(),
+                       "models-summary": _summary_signature(self.first_pair, LOADING_DEMO)}
 
     # -- handlers ----------------------------------------------------------------------
 
@@ -155,9 +163,7 @@ class ModelsTab:
     def _as_served(self, session) -> None:
         """Record a new page's first content as sent, so its first poll sends only what
         differs: not the demo's summary again (a chart rebuilt and redrawn per visitor)."""
-        served = {"models-progress": job_signature(None), "pair-status": self.initial_status(),
-                  "models-summary": id(self.first_pair) if self.first_pair is not None else LOADING_DEMO}
-        for key, signature in served.items():
+        for key, signature in self.served.items():
             session.sent.setdefault(key, signature)
 
     def poll(self, session) -> list:
@@ -169,8 +175,7 @@ class ModelsTab:
                if changed(session, "models-progress", job_signature(job)) else gr.skip()]
         status = self._status(handle, why)
         out.append(status if changed(session, "pair-status", status) else gr.skip())
-        signature = id(handle) if handle is not None else why
-        if changed(session, "models-summary", signature):
+        if changed(session, "models-summary", _summary_signature(handle, why)):
             if handle is None:
                 out += [f"*{why}*", plots.change_map(None), pd.DataFrame()]
             else:
