@@ -42,8 +42,8 @@ from tailor_ui.evaluation.sweep import changed_fraction, h_score  # noqa: E402
 from tailor_ui.pair import Pair, load_model  # noqa: E402
 from tailor_ui.patch import apply_patch, revert_patch  # noqa: E402
 from tailor_ui.settings import Settings  # noqa: E402
-from tailor_ui.training.continual import (acc_column, run_continual, shapes_sequence,  # noqa: E402
-                                          summary)
+from tailor_ui.demo.tasks import shapes_sequence  # noqa: E402
+from tailor_ui.training.continual import acc_column, run_continual, summary  # noqa: E402
 from tailor_ui.training.dowser import dowser_scores  # noqa: E402
 from tailor_ui.training.finetune import finetune  # noqa: E402
 

@@ -9,7 +9,7 @@ transformers' own `revert_weight_conversion` on a meta-device skeleton. A fine-t
 is the base plus `--delta`·N(0, 1) noise on every tensor whose parameter name matches
 `--changed` (default: everything of the language model), every entry moved.
 
-Tensors are written one at a time with `tailor_ui.stream.ShardedWriter`; each value is
+Tensors are written one at a time with `tailor_ui.checkpoint.ShardedWriter`; each value is
 derived from a per-tensor seed, so runs are reproducible and the base is never re-read.
 """
 
@@ -97,7 +97,7 @@ def checkpoint_layout(config) -> list[tuple[str, str, tuple[int, ...]]]:
 def _param_names(config, keys: list[str]) -> dict[str, str]:
     import tempfile
 
-    from tailor_ui.stream import key_map
+    from tailor_ui.checkpoint import key_map
 
     with tempfile.TemporaryDirectory() as tmp:
         config.save_pretrained(tmp)

@@ -118,7 +118,7 @@ def run_ours(args: argparse.Namespace) -> None:
 
 def compare(ours: Path, theirs: Path) -> dict:
     """Tensor by tensor: bit-equal entries, differing entries, largest absolute difference."""
-    from tailor_ui.stream import Checkpoint
+    from tailor_ui.checkpoint import Checkpoint
 
     a, b = Checkpoint(ours), Checkpoint(theirs)
     only = sorted(set(a.tensors) ^ set(b.tensors))

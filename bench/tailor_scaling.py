@@ -86,7 +86,8 @@ def _distinct_inputs(linears: list[str]) -> list[str]:
 
 
 def child(args: argparse.Namespace) -> None:
-    from tailor_ui.calibration import calibration_batches, to_model
+    from tailor_ui.calibration import calibration_batches
+    from tailor_ui.weights import to_model
     from tailor_ui.data import read_examples
     from tailor_ui.engine import run_method, selected_linears
     from tailor_ui.pair import load_pair
@@ -140,7 +141,7 @@ def child(args: argparse.Namespace) -> None:
     owners = _distinct_inputs(linears)
     hess_all = sum(4 * params[f"{n}.weight"].shape[1] ** 2 for n in owners)
     if args.hessians == "sequential":
-        from tailor_ui.engine import layer_groups
+        from tailor_ui.names import layer_groups
 
         hess = max(sum(4 * params[f"{n}.weight"].shape[1] ** 2 for n in _distinct_inputs(g))
                    for g in layer_groups(linears))
@@ -157,7 +158,7 @@ def child(args: argparse.Namespace) -> None:
     if args.loading == "memory":
         weights = 2 * P * b
     elif args.hessians == "sequential":
-        from tailor_ui.engine import layer_groups
+        from tailor_ui.names import layer_groups
 
         weights = P * b + 2 * b * max(sum(params[f"{n}.weight"].numel() for n in g) for g in layer_groups(linears))
     else:

@@ -13,16 +13,11 @@ from typing import Any
 
 import torch
 
+from tailor_ui.control import Cancelled, StopCheck
 from tailor_ui.data import Example, load_image
-from tailor_ui.pair import component
-from tailor_ui.prompts import encode_with_answers
-
-Batch = dict[str, torch.Tensor]
-StopCheck = Callable[[], bool]
-
-
-class Cancelled(Exception):
-    """The user asked the running job to stop."""
+from tailor_ui.names import component
+from tailor_ui.prompts import Batch, encode_with_answers
+from tailor_ui.weights import to_model
 
 
 class _ForwardDone(Exception):
@@ -40,19 +35,6 @@ def calibration_batches(processor: Any, examples: Sequence[Example], batch_size:
         batch.pop("labels")
         batches.append(batch)
     return batches
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    # accelerate leaves offloaded parameters on the meta device; its hooks move inputs on
-    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-
-
-def to_model(batch: Batch, model: torch.nn.Module) -> Batch:
-    """Move a batch to the model's (first) device; images take the model's float dtype."""
-    device = model_device(model)
-    dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
-    return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
-            for k, v in batch.items()}
 
 
 def collect_hessians(model: torch.nn.Module, module_names: Sequence[str], batches: Sequence[Batch],

@@ -17,20 +17,21 @@ from typing import Any, Iterator
 
 import torch
 
-from tailor_ui.calibration import Batch, Cancelled, StopCheck, collect_hessians
+from tailor_ui.calibration import collect_hessians
+from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_progress
 from tailor_ui.errors import UserError
 from tailor_ui.memory import PeakMemory
 from tailor_ui.methods import baselines
 from tailor_ui.methods.selection import global_threshold, keep_mask
 from tailor_ui.methods.tailor import (TensorScores, compensate, inverse_hessian_factor,
                                       merge_without_compensation, tensor_scores)
-from tailor_ui.pair import Pair, layer_index
+from tailor_ui.names import layer_groups, layer_index
+from tailor_ui.pair import Pair
 from tailor_ui.patch import Patch, TensorPatch, apply_patch, revert_patch, tensor_patch, union
+from tailor_ui.prompts import Batch
 from tailor_ui.settings import MULTI_TASK_NATIVE, Settings
 from tailor_ui.weights import compute_device, release, writable_param
 
-Progress = Callable[[str, int, int], None]
-_GROUP = re.compile(r"^(.*?\.(?:layers|layer|blocks|h)\.\d+)\.")
 
 
 @dataclass
@@ -81,15 +82,6 @@ def selected_linears(pair: Pair, pattern: str | None = None) -> list[str]:
     return names
 
 
-def layer_groups(linears: Sequence[str]) -> list[list[str]]:
-    """Linears grouped by the numbered block they live in, blocks in model order."""
-    groups: dict[str, list[str]] = {}
-    for name in linears:
-        match = _GROUP.match(name)
-        groups.setdefault(match.group(1) if match else name, []).append(name)
-    return list(groups.values())
-
-
 def patch_metadata(settings: Settings, base_id: str, finetuned_ids: Sequence[str], patch: Patch) -> dict:
     """What a patch file records about how it was made (shared with the streaming merge)."""
     return {"method": settings.method, "settings": settings.to_dict(), "base": base_id,
@@ -103,7 +95,7 @@ def run_method(pair: Pair, settings: Settings, calibration: Sequence[Sequence[Ba
     `calibration[k]` holds the target-task batches of fine-tuned model k (Model Tailor
     needs them; the baselines do not).
     """
-    run = _Run(settings, progress or (lambda *_: None), should_stop or (lambda: False))
+    run = _Run(settings, progress or no_progress, should_stop or never_stop)
     if settings.method == "tailor":
         if not calibration or len(calibration) != len(pair.finetuned) or not all(calibration):
             raise UserError("Model Tailor needs calibration data for every fine-tuned model")

@@ -119,7 +119,7 @@ def on_gpu(fn: JobFn, kind: str, *, seconds: int = GPU_SECONDS,
         if isinstance(outcome, _Raised):
             raise outcome.error
         if should_stop():  # the cancel could not reach the fork: drop what it returned
-            from tailor_ui.calibration import Cancelled
+            from tailor_ui.control import Cancelled
 
             raise Cancelled
         return outcome
@@ -137,7 +137,7 @@ class _Raised:
 
 def _returning_errors(fn: JobFn, progress, should_stop) -> Any:
     """In the worker: the job's result, or its exception as a `_Raised`."""
-    from tailor_ui.calibration import Cancelled
+    from tailor_ui.control import Cancelled
     from tailor_ui.errors import UserError
 
     try:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tailor_ui.calibration import Cancelled
+from tailor_ui.control import Cancelled, Progress, StopCheck
 from tailor_ui.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = frozenset({DONE, FAILED, CANCELLED})
 
-Progress = Callable[[str, int, int], None]
-StopCheck = Callable[[], bool]
 JobFn = Callable[[Progress, StopCheck], Any]
 
 

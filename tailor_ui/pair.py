@@ -12,7 +12,9 @@ import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
 
+from tailor_ui.checkpoint import Checkpoint, LazyWeights, check_shapes
 from tailor_ui.errors import UserError
+from tailor_ui.names import component, layer_index, module_kind
 from tailor_ui.weights import compute_device, read_param
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -21,7 +23,6 @@ Device = Literal["cpu", "cuda", "auto"]
 # owner/name as the hub spells it; no "..", no leading dot or dash
 _HUB_ID = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_LAYER = re.compile(r"\.(?:layers|layer|blocks|h)\.(\d+)\.")
 
 
 def resolve_source(spec: str, *, allowed_roots: list[Path] | None = None) -> str:
@@ -131,8 +132,6 @@ def _checkpoint_info(source: str) -> tuple[str | None, dict[str, tuple[int, ...]
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if not has_safetensors(source):
         return model_type, {}
-    from tailor_ui.stream import Checkpoint  # stream imports the engine, which imports this module
-
     with Checkpoint(path) as checkpoint:
         return model_type, {k: tuple(t.shape) for k, t in checkpoint.tensors.items()}
 
@@ -222,7 +221,7 @@ class Pair:
     """A base model, one or more fine-tuned models of it, and the shared processor."""
 
     base: torch.nn.Module
-    # loaded models, or `tailor_ui.lazy.LazyWeights` reading a checkpoint tensor by tensor;
+    # loaded models, or `tailor_ui.checkpoint.LazyWeights` reading a checkpoint tensor by tensor;
     # the engine reads them only through `finetuned_value`
     finetuned: list[Any]
     processor: Any
@@ -268,7 +267,7 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False, **lo
     """Load and match a base model with one or several fine-tuned models of it.
 
     `lazy`: a fine-tuned model in a local folder with safetensors weights is not loaded but
-    read tensor by tensor when the engine needs it (`tailor_ui.lazy.LazyWeights`); others
+    read tensor by tensor when the engine needs it (`tailor_ui.checkpoint.LazyWeights`); others
     (hub ids, pickle checkpoints) are loaded as usual.
     """
     specs = [finetuned] if isinstance(finetuned, str) else list(finetuned)
@@ -281,8 +280,6 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False, **lo
     for spec in specs:
         source = resolve_source(spec, allowed_roots=load_options.get("allowed_roots")) if lazy else ""
         if lazy and has_safetensors(source):
-            from tailor_ui.lazy import LazyWeights  # it needs transformers' key mapping (stream.py)
-
             tuned.append(LazyWeights(source, base_model))
             continue
         model, _ = load_model(spec, **load_options)
@@ -297,37 +294,6 @@ def check_match(base: torch.nn.Module, finetuned: torch.nn.Module, show: int = 5
     check_same_architecture(type(base).__name__, type(finetuned).__name__)
     check_shapes({n: tuple(p.shape) for n, p in base.named_parameters()},
                  {n: tuple(p.shape) for n, p in finetuned.named_parameters()}, show)
-
-
-def check_shapes(a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, ...]], show: int = 5) -> None:
-    """Base parameter shapes `a` against fine-tuned `b`: list the first names or shapes that differ."""
-    problems = [f"{n} only in base" for n in a if n not in b]
-    problems += [f"{n} only in fine-tuned" for n in b if n not in a]
-    problems += [f"{n}: base {a[n]} vs fine-tuned {b[n]}" for n in a if n in b and a[n] != b[n]]
-    if problems:
-        more = f" (and {len(problems) - show} more)" if len(problems) > show else ""
-        raise UserError("the models do not match: " + "; ".join(problems[:show]) + more)
-
-
-def component(name: str) -> str:
-    """Which part of an MLLM a parameter belongs to, for grouping in summaries and plots."""
-    lowered = name.lower()
-    if "vision" in lowered or "visual" in lowered or "image_encoder" in lowered:
-        return "vision"
-    if any(k in lowered for k in ("projector", "qformer", "connector", "mm_proj", "merger")):
-        return "bridge"
-    return "language"
-
-
-def layer_index(name: str) -> int | None:
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
-
-
-def module_kind(name: str) -> str:
-    """The short module name (q_proj, fc1, input_layernorm…) of a parameter."""
-    parts = name.split(".")
-    return parts[-2] if len(parts) >= 2 else parts[-1]
 
 
 def summarize(base: torch.nn.Module, finetuned: torch.nn.Module) -> pd.DataFrame:

@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from tailor_ui.methods import REGISTRY
-from tailor_ui.pair import component, layer_index, module_kind
+from tailor_ui.names import component, layer_index, module_kind
 
 HEIGHT = 380
 COLOURS = {"tailor": "#d62728", "magnitude": "#1f77b4", "wise_ft": "#2ca02c",

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 IGNORE_INDEX = -100  # label value that the loss skips (prompt and padding tokens)
+Batch = dict[str, torch.Tensor]  # a processor's output: input ids, pixel values, masks…
 
 
 def _messages(question: str, answer: str | None) -> list[dict]:

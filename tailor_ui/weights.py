@@ -101,3 +101,25 @@ def compute_device(model: torch.nn.Module, name: str) -> torch.device:
         return param.device
     device = _offload_hook(model, name)[0].execution_device
     return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+
+
+def parse_device(device: str) -> torch.device:
+    """A device the user named for computing on: cpu, cuda or cuda:N, and only a GPU that exists."""
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"unknown device {device!r}; choose cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for but no GPU is available")
+    return torch.device(device)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    # accelerate leaves offloaded parameters on the meta device; its hooks move inputs on
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+def to_model(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Move a batch to the model's (first) device; images take the model's float dtype."""
+    device = model_device(model)
+    dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+            for k, v in batch.items()}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tailor_ui.calibration import Cancelled
+from tailor_ui.control import Cancelled
 from tailor_ui.data import Example, write_examples
 from tailor_ui.demo import world
 from tailor_ui.demo.model import DemoArch, make_model

@@ -91,7 +91,7 @@ def test_should_stop_turns_true_on_cancel(runner):
         while not should_stop():
             time.sleep(0.005)
         observed.set()
-        from tailor_ui.calibration import Cancelled
+        from tailor_ui.control import Cancelled
 
         raise Cancelled
 

@@ -1,4 +1,4 @@
-"""One model loaded, the other read lazily (tailor_ui.lazy), accelerate device maps, per-run
+"""One model loaded, the other read lazily (tailor_ui.checkpoint.LazyWeights), accelerate device maps, per-run
 peak memory (tailor_ui.memory) and the CLI's defaults: lazy `tailor`, streamed data-free
 merges and `apply`.
 
@@ -20,14 +20,15 @@ from transformers import AutoModelForImageTextToText
 
 from families import build_llava, build_qwen2_vl, finetune_like, llava_batches
 from tailor_ui.cli import main
-from tailor_ui.engine import layer_groups, run_method, selected_linears
+from tailor_ui.engine import run_method, selected_linears
+from tailor_ui.names import layer_groups
 from tailor_ui.errors import UserError
-from tailor_ui.lazy import LazyWeights
+from tailor_ui.checkpoint import LazyWeights
 from tailor_ui.memory import PeakMemory, current_rss_mb, peak_rss_mb
 from tailor_ui.pair import Pair, load_pair
 from tailor_ui.patch import load_patch
 from tailor_ui.settings import Settings
-from tailor_ui.stream import Checkpoint
+from tailor_ui.checkpoint import Checkpoint
 from tailor_ui.weights import read_param
 
 # both decoder blocks and the projector: linears in three groups, norms and biases as "others"

@@ -13,8 +13,8 @@ from tailor_ui.demo import world
 from families import tiny_demo_model as tiny
 
 from tailor_ui.errors import UserError
-from tailor_ui.training.continual import (acc_column, continual_metrics, run_continual,
-                                          shapes_samples, shapes_sequence, spatial_pairs, summary)
+from tailor_ui.demo.tasks import shapes_samples, shapes_sequence, spatial_pairs
+from tailor_ui.training.continual import acc_column, continual_metrics, run_continual, summary
 from tailor_ui.training.finetune import finetune
 from tailor_ui.training.llaca import (CODE_FALLBACK, PAPER_FALLBACK, EMATracker, code_weight,
                                       live_weight, paper_beta)

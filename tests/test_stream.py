@@ -16,14 +16,14 @@ from safetensors import safe_open
 from transformers import AutoModelForImageTextToText
 
 from families import FAMILIES, build_llava, finetune_like, llava_batches
-from tailor_ui.calibration import Cancelled
+from tailor_ui.control import Cancelled
 from tailor_ui.engine import run_method
 from tailor_ui.errors import UserError
 from tailor_ui.pair import load_pair
 from tailor_ui.patch import Patch, TensorPatch, apply_patch, load_patch, revert_patch, save_patch
 from tailor_ui.settings import Settings
-from tailor_ui.stream import (INDEX_NAME, Checkpoint, ShardedWriter, key_map, stream_apply_patch,
-                              stream_merge)
+from tailor_ui.stream import stream_apply_patch, stream_merge
+from tailor_ui.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter, key_map
 
 LAST_LAYER = r"^model\.language_model\.layers\.1\."
 MLPS = r"^model\.language_model\.layers\.\d\.mlp\."

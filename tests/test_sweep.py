@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tailor_ui.calibration import Cancelled, calibration_batches
+from tailor_ui.calibration import calibration_batches
+from tailor_ui.control import Cancelled
 from tailor_ui.data import Example
 from tailor_ui.demo.model import DemoArch, make_model
 from tailor_ui.demo.processor import build_processor

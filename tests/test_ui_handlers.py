@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import DEMO, request_for
-from tailor_ui.calibration import Cancelled
+from tailor_ui.control import Cancelled
 from tailor_ui.errors import UserError
 from tailor_ui.jobs import CANCELLED, DONE, FAILED
 from tailor_ui.patch import apply_patch, load_patch, revert_patch

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from tailor_ui.calibration import to_model
+from tailor_ui.weights import to_model
 from tailor_ui.data import Example, load_image
 from tailor_ui.prompts import encode_prompts
 

@@ -29,9 +29,10 @@ from dataclasses import dataclass, fields
 import pandas as pd
 import torch
 
-from tailor_ui.calibration import Batch, Cancelled, StopCheck
+from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_progress
+from tailor_ui.prompts import Batch
 from tailor_ui.data import Example
-from tailor_ui.engine import Progress, run_method
+from tailor_ui.engine import run_method
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.evaluate import Task, evaluate
 from tailor_ui.methods import REGISTRY
@@ -150,8 +151,8 @@ def sweep(pair: Pair, settings: Sequence[Settings], original: Sequence[EvalSet],
     them once). The pair's models are left exactly as they came.
     """
     _check_sets(pair, original, target)
-    report = progress or (lambda *_: None)
-    stop = should_stop or (lambda: False)
+    report = progress or no_progress
+    stop = should_stop or never_stop
     run_eval = _Evaluator(pair, [*original, *target], 1 + len(pair.finetuned) + len(settings),
                           batch_size, report, stop)
     blank = {"alpha": None, "lam": None, "linear_fraction": None, "seconds": math.nan}

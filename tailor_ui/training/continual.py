@@ -12,32 +12,27 @@ a fixed-β EMA, or LLaCA, and returns the accuracy table (METHODS.md §5):
   this is the headline "forgetting". Stage 0 (before training) is not an "earlier stage":
   forgetting counts what the sequence itself taught and then lost.
 
-`shapes_sequence` builds a sequence from the demo's shapes world: colour questions →
-counting → spatial questions (which shape / colour is on the left, right or in the middle),
-each with its own training samples and a scored evaluation set written to disk.
+`tailor_ui.demo.tasks.shapes_sequence` builds such a sequence from the demo's shapes world.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from tailor_ui.calibration import Cancelled, StopCheck
-from tailor_ui.data import Example, write_examples
-from tailor_ui.demo import world
+from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_progress
+from tailor_ui.data import Example
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.evaluate import Task, evaluate
 from tailor_ui.training.finetune import finetune
 
-Progress = Callable[[str, int, int], None]
 CONTINUAL_METHODS = ("sequential", "ema", "llaca")
 _FINETUNE_METHOD = {"sequential": "full", "ema": "ema", "llaca": "llaca"}
 
@@ -54,85 +49,6 @@ class ContinualTask:
 
 def acc_column(name: str) -> str:
     return f"acc:{name}"
-
-
-# ------------------------------------------------------------------ shapes world
-
-SHAPES_TASKS = ("colour", "count", "spatial", "shape", "size")
-DEFAULT_SEQUENCE = ("colour", "count", "spatial")
-TRAIN_STREAM, EVAL_STREAM = 10, 11  # away from the demo build's streams 0-2
-
-
-def _positions(scene: world.Scene) -> list[tuple[str, world.Shape]]:
-    shapes = scene.shapes
-    if len(shapes) == 2:
-        return [("on the left", shapes[0]), ("on the right", shapes[1])]
-    return [("on the left", shapes[0]), ("in the middle", shapes[1]), ("on the right", shapes[2])]
-
-
-def spatial_pairs(scene: world.Scene) -> list[tuple[str, str]]:
-    """Which shape, or which colour, is on the left / in the middle / on the right (scenes of
-    two or three shapes; the world places each shape in its own horizontal slot)."""
-    if len(scene.shapes) < 2:
-        return []
-    pairs = []
-    for where, s in _positions(scene):
-        pairs.append((f"what shape is {where}?", s.kind))
-        pairs.append((f"what colour is the shape {where}?", s.colour))
-    return pairs
-
-
-def _question_pairs(task: str, scene: world.Scene) -> list[tuple[str, str]]:
-    if task == "count":
-        return world.count_pairs(scene)
-    if task == "spatial":
-        return spatial_pairs(scene)
-    prefix = {"colour": "what colour", "shape": "what shape", "size": "what size"}[task]
-    return [(q, a) for q, a in world.vqa_pairs(scene) if q.startswith(prefix)]
-
-
-def shapes_samples(task: str, n: int, seed: int, stream: int) -> list[world.Sample]:
-    """`n` question/answer samples of one continual task, drawn like `world.generate`."""
-    if task not in SHAPES_TASKS:
-        raise UserError(f"unknown shapes task {task!r}; expected one of {', '.join(SHAPES_TASKS)}")
-    rng = np.random.default_rng([seed, stream, SHAPES_TASKS.index(task)])
-    out = []
-    while len(out) < n:
-        scene = world.make_scene(rng)
-        pairs = _question_pairs(task, scene)
-        if not pairs:
-            continue  # e.g. spatial questions need two shapes or more
-        image = world.render(scene, rng)
-        question, answer = pairs[int(rng.integers(len(pairs)))]
-        out.append(world.Sample(image, question, (answer,) * world.VQA_ANSWER_COPIES, scene))
-    return out
-
-
-def _write_eval(folder: Path, name: str, samples: Sequence[world.Sample]) -> list[Example]:
-    image_dir = folder / "images" / name
-    image_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, sample in enumerate(samples):
-        path = image_dir / f"{i:04d}.png"
-        sample.image.save(path)
-        rows.append({"image": path.relative_to(folder).as_posix(), "question": sample.question,
-                     "answers": list(sample.answers)})
-    write_examples(folder / f"{name}_eval.jsonl", rows)
-    return [Example(image=(folder / r["image"]).resolve(), question=r["question"],
-                    answers=tuple(r["answers"])) for r in rows]
-
-
-def shapes_sequence(folder: str | Path, tasks: Sequence[str] = DEFAULT_SEQUENCE, *,
-                    n_train: int = 1000, n_eval: int = 100, seed: int = 0) -> list[ContinualTask]:
-    """A continual sequence over the shapes world; evaluation sets are written to `folder`
-    (JSONL + PNG, so `evaluate` and the CLI can read them), training samples stay in memory."""
-    if len(set(tasks)) != len(tasks):
-        raise UserError("a task may appear only once in a sequence")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return [ContinualTask(name=t, train=shapes_samples(t, n_train, seed, TRAIN_STREAM),
-                          eval=_write_eval(folder, t, shapes_samples(t, n_eval, seed, EVAL_STREAM)))
-            for t in tasks]
 
 
 # ------------------------------------------------------------------ the run
@@ -198,8 +114,8 @@ def run_continual(model: torch.nn.Module, processor: Any, tasks: Sequence[Contin
         raise UserError("task names must be unique")
     for key in ("method", "progress", "should_stop"):
         finetune_options.pop(key, None)
-    report = progress or (lambda *_: None)
-    stop = should_stop or (lambda: False)
+    report = progress or no_progress
+    stop = should_stop or never_stop
     seed = int(finetune_options.pop("seed", 0))
     total = len(tasks) + 1
     rows = [{"stage": 0, "after": "base", "method": method, "train_seconds": 0.0,

@@ -39,12 +39,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tailor_ui.calibration import Cancelled, StopCheck, to_model
+from tailor_ui.control import Cancelled, Progress, StopCheck, no_progress
+from tailor_ui.weights import to_model
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
-from tailor_ui.pair import component
+from tailor_ui.names import component
 
-Progress = Callable[[str, int, int], None]
 Batch = dict[str, torch.Tensor]
 FORMAT = "tailor_ui.dowser/1"
 
@@ -325,7 +325,7 @@ def dowser_scores(model: torch.nn.Module, processor: Any, *, K: int = 64, M: int
     if K < 1 or M < 1 or batch_size < 1 or start_tokens < 1 or prompt_length <= start_tokens:
         raise UserError("Model-Dowser needs K ≥ 1 prompts, M ≥ 1 probes, batch size ≥ 1 and "
                         "a prompt length above the number of start tokens")
-    report = progress or (lambda *_: None)
+    report = progress or no_progress
     settings = {"K": K, "M": M, "seed": seed, "start_tokens": start_tokens,
                 "prompt_length": prompt_length, "batch_size": batch_size}
     key = None

@@ -38,16 +38,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tailor_ui.calibration import Cancelled, StopCheck, to_model
+from tailor_ui.control import Cancelled, Progress, StopCheck, no_progress
+from tailor_ui.weights import to_model
 from tailor_ui.data import load_image, read_examples
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
-from tailor_ui.pair import component, layer_index, load_model
+from tailor_ui.pair import load_model
+from tailor_ui.names import component, layer_index
 from tailor_ui.prompts import encode_with_answers
 from tailor_ui.training.dowser import DowserScores, dowser_masks, dowser_scores
 from tailor_ui.training.llaca import FORMS, EMATracker
 
-Progress = Callable[[str, int, int], None]
 Batch = dict[str, torch.Tensor]
 METHODS = ("full", "dowser", "llaca", "ema")
 Layers = int | Sequence[int] | str | None
@@ -185,7 +186,7 @@ def train_loop(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
     (p ← p·(1 − lr·wd)), but only on the entries `decay_masks` allows. `after_step` runs
     after every optimizer step, before the gradients are cleared.
     """
-    report = progress or (lambda *_: None)
+    report = progress or no_progress
     optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0)
     total = epochs * steps_per_epoch
 
@@ -306,7 +307,7 @@ def finetune(model: torch.nn.Module, processor: Any, examples: Sequence[Any], *,
     if not processor:
         raise UserError("fine-tuning needs the model's processor to read images and prompts")
     check_examples(examples)
-    report = progress or (lambda *_: None)
+    report = progress or no_progress
     chosen = choose_layers(model, layers)
     names = trainable_parameters(model, chosen, modules)
     settings = {"method": method, "layers": chosen, "modules": modules, "lr": lr, "epochs": epochs,

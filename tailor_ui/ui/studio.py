@@ -424,7 +424,7 @@ class Studio:
             out = {}
             for spec, examples in sets:
                 if should_stop():
-                    from tailor_ui.calibration import Cancelled
+                    from tailor_ui.control import Cancelled
 
                     raise Cancelled
                 out[spec.name] = evaluate(model, handle.pair.processor, examples, spec.task,
@@ -820,7 +820,7 @@ def trained_rows(handle: PairHandle, table: pd.DataFrame, trained, original, tar
                  progress, should_stop) -> pd.DataFrame:
     """The sweep's table with a row per model fine-tuned in the session, scored on the same
     sets and examples (retention and H-score recomputed against the same references)."""
-    from tailor_ui.calibration import Cancelled
+    from tailor_ui.control import Cancelled
     from tailor_ui.evaluation.evaluate import evaluate
     from tailor_ui.evaluation.sweep import _summarize, changed_fraction, score_column
 
