@@ -46,41 +46,15 @@ def collect_hessians(model: torch.nn.Module, module_names: Sequence[str], batche
     for name, module in watched.items():
         if not isinstance(module, torch.nn.Linear):
             raise ValueError(f"{name} is not a linear layer")
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    owner: dict[str, str] = {}  # layer → the layer whose accumulator it shares
-    state: dict[str, Any] = {"mask": None, "seen": {}, "fired": set()}
-
-    def hook(name: str) -> Callable:
-        def pre_hook(_module: torch.nn.Module, args: tuple) -> None:
-            x = args[0]
-            seen = state["seen"]
-            if name not in owner:
-                # keep the tensor referenced so its id cannot be reused within this pass
-                twin = seen.get(id(x))
-                owner[name] = twin[1] if twin is not None and twin[0] is x else name
-            seen.setdefault(id(x), (x, name))
-            state["fired"].add(name)
-            if owner[name] == name:
-                # the attention mask describes the text sequence only: a vision or bridge
-                # layer whose input happens to have the same shape must not be masked by it
-                rows = _token_rows(x, state["mask"] if component(name) == "language" else None)
-                acc = sums.get(name)
-                xtx = rows.T @ rows
-                sums[name] = xtx if acc is None else acc + xtx
-                counts[name] = counts.get(name, 0) + rows.shape[0]
-            if stop_early and len(state["fired"]) == len(watched):
-                raise _ForwardDone
-        return pre_hook
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in watched.items()]
+    sums = _InputSums(list(watched), stop_early)
+    handles = [m.register_forward_pre_hook(sums.hook(n)) for n, m in watched.items()]
     try:
         with torch.inference_mode():
             for batch in batches:
                 if should_stop is not None and should_stop():
                     raise Cancelled
                 inputs = to_model(batch, model)
-                state.update(mask=inputs.get("attention_mask"), seen={}, fired=set())
+                sums.new_pass(inputs.get("attention_mask"))
                 try:
                     model(**inputs)
                 except _ForwardDone:
@@ -88,15 +62,60 @@ def collect_hessians(model: torch.nn.Module, module_names: Sequence[str], batche
     finally:
         for h in handles:
             h.remove()
-        state.clear()
-    missing = [n for n in watched if owner.get(n) not in sums]
-    if missing:
-        raise ValueError(f"calibration never reached: {', '.join(missing[:3])}")
-    # in place, and one tensor for the layers sharing an input: the sums are the only copy
-    with torch.inference_mode():  # they were made in it
-        for name, total in sums.items():
-            total.mul_(2.0).div_(counts[name])
-    return {n: sums[owner[n]] for n in watched}
+        sums.new_pass(None)  # drop the last pass's inputs, also when a pass failed
+    return sums.hessians()
+
+
+class _InputSums:
+    """XᵀX and row counts per accumulator while batches pass; one accumulator per input."""
+
+    def __init__(self, watched: list[str], stop_early: bool) -> None:
+        self.watched = watched
+        self.stop_early = stop_early
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.owner: dict[str, str] = {}  # layer → the layer whose accumulator it shares
+        self.new_pass(None)
+
+    def new_pass(self, mask: torch.Tensor | None) -> None:
+        self.mask = mask
+        self.seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) → (input, first reader)
+        self.fired: set[str] = set()
+
+    def hook(self, name: str) -> Callable:
+        def pre_hook(_module: torch.nn.Module, args: tuple) -> None:
+            self.add(name, args[0])
+            if self.stop_early and len(self.fired) == len(self.watched):
+                raise _ForwardDone
+        return pre_hook
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        if name not in self.owner:
+            # the tensor stays referenced in `seen` so its id cannot be reused within this pass
+            twin = self.seen.get(id(x))
+            self.owner[name] = twin[1] if twin is not None and twin[0] is x else name
+        self.seen.setdefault(id(x), (x, name))
+        self.fired.add(name)
+        if self.owner[name] != name:
+            return
+        # the attention mask describes the text sequence only: a vision or bridge layer
+        # whose input happens to have the same shape must not be masked by it
+        rows = _token_rows(x, self.mask if component(name) == "language" else None)
+        acc = self.sums.get(name)
+        xtx = rows.T @ rows
+        self.sums[name] = xtx if acc is None else acc + xtx
+        self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        """2·XᵀX/n per watched layer; layers sharing an input share one tensor."""
+        missing = [n for n in self.watched if self.owner.get(n) not in self.sums]
+        if missing:
+            raise ValueError(f"calibration never reached: {', '.join(missing[:3])}")
+        # in place: the sums are the only copy
+        with torch.inference_mode():  # they were made in it
+            for name, total in self.sums.items():
+                total.mul_(2.0).div_(self.counts[name])
+        return {n: self.sums[self.owner[n]] for n in self.watched}
 
 
 def _token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
