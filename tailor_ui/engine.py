@@ -42,12 +42,14 @@ class Result:
 
 @dataclass
 class _Run:
-    """What one run carries around: settings, callbacks, timings."""
+    """What one run carries around: settings, callbacks, timings, score-cache lookups."""
 
     settings: Settings
     progress: Progress
     should_stop: StopCheck
     timings: dict[str, float] = field(default_factory=dict)
+    # per linear: its scores were cached (hit) or computed by this run (miss)
+    score_cache: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -242,6 +244,9 @@ def _tailor(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch], 
     # a model-wide threshold needs every score before the first layer is compensated
     sequential = s.hessians == "sequential" and s.scope != "global"
     cache = pair.cache.setdefault(_cache_key(s, k, calib, sequential), {})
+    hits = sum(n in cache for n in linears)
+    run.score_cache["hits"] += hits
+    run.score_cache["misses"] += len(linears) - hits
     if sequential:
         patch.update(_tailor_sequential(pair, k, linears, calib, patch, cache, run))
     else:
@@ -398,4 +403,5 @@ def _report(pair: Pair, patch: Patch, linears: Sequence[str], run: _Run, seconds
         "linear_fraction": linear_kept / linear_numel if linear_numel else 0.0,
         "model_fraction": patch.num_entries / sum(p.numel() for p in params.values()),
         "tensors": per_tensor, "timings_s": {**run.timings, "total": seconds},
+        "score_cache": dict(run.score_cache),
     }

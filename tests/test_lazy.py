@@ -180,21 +180,29 @@ def test_cached_scores_serve_new_settings_exactly_as_documented(disk, batches, i
     recompute; in sequential mode a new keep recomputes. Cached runs equal fresh ones."""
     lazy = load_pair(str(disk / "base"), [str(disk / "ft")], lazy=True)
     first = Settings(method="tailor", hessians="one-pass", keep=0.1)
-    assert {"calibration", "scores"} <= set(run_method(lazy, first, [batches]).report["timings_s"])
+    assert_computed(run_method(lazy, first, [batches]).report)
     for change in (dict(keep=0.3, alpha=0.5), dict(scope="row", sign="released"),
                    dict(compensate=False), dict(modules=r"mlp\."), dict(others="base")):
         settings = replace(first, **change)
         got = run_method(lazy, settings, [batches])
-        assert not {"calibration", "scores"} & set(got.report["timings_s"]), change
+        assert got.report["score_cache"] == {"hits": got.report["selected_linears"], "misses": 0}, change
+        assert "calibration" not in got.report["timings_s"], change
         _assert_same_patch(run_method(_one(in_memory), settings, [batches]).patch, got.patch)
     other_batches = llava_batches(build_llava(seed=0).config, 2, seed=1)
     for settings, calib in ((replace(first, damp=0.05), batches), (replace(first, sensitivity="weight"), batches),
                             (first, other_batches)):
-        assert {"calibration", "scores"} <= set(run_method(lazy, settings, [calib]).report["timings_s"])
+        assert_computed(run_method(lazy, settings, [calib]).report)
     sequential = replace(first, hessians="sequential")
-    run_method(lazy, sequential, [batches])
-    assert "calibration" not in run_method(lazy, sequential, [batches]).report["timings_s"]
-    assert "calibration" in run_method(lazy, replace(sequential, keep=0.3), [batches]).report["timings_s"]
+    assert_computed(run_method(lazy, sequential, [batches]).report)
+    again = run_method(lazy, sequential, [batches]).report
+    assert again["score_cache"] == {"hits": again["selected_linears"], "misses": 0}
+    assert_computed(run_method(lazy, replace(sequential, keep=0.3), [batches]).report)
+
+
+def assert_computed(report: dict) -> None:
+    """Every linear's scores were computed by this run, from a calibration pass."""
+    assert report["score_cache"] == {"hits": 0, "misses": report["selected_linears"]}
+    assert report["selected_linears"] > 0 and "calibration" in report["timings_s"]
 
 
 def test_lazy_weights_refuse_a_different_model(disk, tmp_path):

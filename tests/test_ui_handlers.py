@@ -133,8 +133,9 @@ def test_tailor_job_then_slider_rethreshold_is_fast_and_cached(app):
     job_id, _ = app.tailor.rerun(True, **tailor_inputs(keep=0.2), request=request)
     second = studio.runner.wait(job_id, request.session_hash, 60)
     assert second.status == DONE
-    timings = second.result.report["timings_s"]
-    assert "calibration" not in timings and "scores" not in timings
+    report = second.result.report
+    assert report["score_cache"] == {"hits": report["selected_linears"], "misses": 0}
+    assert "calibration" not in report["timings_s"]
     assert second.result.report["patch_entries"] > run.report["patch_entries"]
     session = studio.session(request.session_hash)
     assert list(session.runs) == [first.id, second.id]
@@ -147,7 +148,8 @@ def test_slider_release_reruns_from_the_start_up_merge_unless_switched_off(app):
     # the demo pair's start-up merge counts as a first run: a new visitor's slider works at once
     job_id, _ = app.tailor.rerun(True, **tailor_inputs(keep=0.3), request=request)
     job = app.studio.runner.wait(job_id, request.session_hash, 60)
-    assert job.status == DONE and "calibration" not in job.result.report["timings_s"]
+    assert job.status == DONE and job.result.report["score_cache"]["misses"] == 0 \
+        < job.result.report["score_cache"]["hits"]
     # a newer release supersedes an unfinished one
     release = threading.Event()
     app.studio.runner.submit(request.session_hash, "block", lambda p, s: release.wait(10),
