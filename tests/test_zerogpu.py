@@ -36,11 +36,7 @@ from tailor_ui.session import PairHandle, SweepRun, TailorRun, TrainedModel
 
 FORK = multiprocessing.get_context("fork")
 
-pytestmark = [
-    pytest.mark.skipif(not demo_available(), reason="the demo pair is not built"),
-    # ZeroGPU's main process never initialises CUDA; one that did could not use it in a fork
-    pytest.mark.skipif(torch.cuda.is_available(), reason="forks a process that may hold CUDA"),
-]
+pytestmark = pytest.mark.skipif(not demo_available(), reason="the demo pair is not built")
 
 
 class ZeroGPUWorkerError(Exception):
@@ -92,7 +88,21 @@ def wait_done(studio, job, timeout=120):
 @pytest.fixture(scope="module")
 def zero(tmp_path_factory, model_root):
     """A CPU Studio whose demo pair sits on a "cuda" lane run through the fork, warmed up,
-    and one result of every kind that runs in the GPU worker."""
+    and one result of every kind that runs in the GPU worker.
+
+    On a machine with a GPU too: ZeroGPU's main process never holds a real CUDA context
+    (spaces patches torch there: "cuda" tensors stay in host memory, a CUDA init raises),
+    and a fork of a process that does could not use CUDA. So this module hides the GPU
+    from the main process, as on a CPU machine, and the forks inherit that. `spaces`
+    itself acts only where SPACES_ZERO_GPU is set: GPU() returns the function unchanged
+    elsewhere and torch is not patched, with or without CUDA; what this file takes from
+    it (SimpleQueue, OkResult, ExceptionResult) does not depend on the device."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        yield from _zero_studio(tmp_path_factory, model_root)
+
+
+def _zero_studio(tmp_path_factory, model_root):
     from tailor_ui.ui.studio import Studio, StudioConfig, default_settings
 
     root = tmp_path_factory.mktemp("zerogpu")
