@@ -118,19 +118,29 @@ def test_exact_never_worse_than_greedy():
 
 def test_chunked_equals_unchunked_and_budget_falls_back_to_greedy():
     w_pre, w_ft, x = correlated_layer(rows=30, cols=64, tokens=200, seed=7)
-    keep = mixed_mask(30, 64, 7)
+    keep = keep_mask(torch.randn(30, 64), 0.3, "row")  # 19 unknowns in every row
     h = hessian_of(x)
     f64 = torch.float64
     whole, info = compensate_exact(w_pre, w_ft, keep, h, dtype=f64)
-    assert info.method == "exact" and info.chunks == 2  # one chunk per form
-    largest = int(torch.minimum(keep.sum(1), 64 - keep.sum(1)).max())  # unknowns of the largest system
-    budget = solve_bytes(3, largest, 64, f64)  # a few rows of the largest size at a time
+    assert info.method == "exact" and info.chunks == 1
+    budget = solve_bytes(3, 19, 64, f64)  # three rows at a time
     chunked, small = compensate_exact(w_pre, w_ft, keep, h, max_bytes=budget, dtype=f64)
-    assert small.method == "exact" and small.chunks > 4 and small.largest_chunk_bytes <= budget
+    assert small.method == "exact" and small.chunks == 10 and small.largest_chunk_bytes <= budget
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
-    fallback, why = compensate_exact(w_pre, w_ft, keep, h, max_bytes=solve_bytes(1, largest, 64) - 1)
+    fallback, why = compensate_exact(w_pre, w_ft, keep, h, max_bytes=solve_bytes(1, 19, 64) - 1)
     assert why.method == "greedy" and "budget" in why.reason
     assert torch.equal(fallback, compensate(w_pre, w_ft, keep, inverse_hessian_factor(h)))
+
+
+def test_rows_are_chunked_by_size_class():
+    """Rows of very different system sizes are not padded to one size."""
+    w_pre, w_ft, x = correlated_layer(rows=3, cols=200, tokens=400, seed=8)
+    keep = torch.zeros(3, 200, dtype=torch.bool)
+    keep[0, :80] = True
+    keep[1, :10] = True
+    keep[2, :79] = True
+    _, info = compensate_exact(w_pre, w_ft, keep, hessian_of(x), dtype=torch.float64)
+    assert info.chunks == 2 and info.largest_chunk_bytes == solve_bytes(2, 80, 200, torch.float64)
 
 
 def test_sparsegpt_order_with_fixed_scores_equals_mask_first():

@@ -30,7 +30,6 @@ from tailor_ui.methods.tailor import (Sensitivity, Sign, compensate, compensate_
                                       inverse_hessian_factor, tensor_scores)
 
 DEFAULT_SOLVE_BYTES = 1 << 30
-_INDEX_BYTES = 8  # the int64 flat index that gathers each padded system
 
 
 @dataclass(frozen=True)
@@ -46,10 +45,10 @@ class CompensationInfo:
 
 def solve_bytes(rows: int, size: int, cols: int, dtype: torch.dtype = torch.float32) -> int:
     """Estimated bytes of one batched solve of `rows` padded systems of `size` unknowns in a
-    weight of `cols` columns: the gathered matrices, their Cholesky factors and the gather
-    index (size² each), right-hand sides (size) and the row-wide temporaries (cols)."""
+    weight of `cols` columns: the gathered matrices and their Cholesky factors (size² each),
+    right-hand sides and solutions (size), and the row-wide temporaries (cols)."""
     item = torch.empty((), dtype=dtype).element_size()
-    return rows * (size * size * (2 * item + _INDEX_BYTES) + 3 * size * item + 4 * cols * item)
+    return rows * item * (2 * size * size + 3 * size + 4 * cols)
 
 
 def compensate_exact(w_pre: torch.Tensor, w_ft: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor,
@@ -83,10 +82,11 @@ def compensate_exact(w_pre: torch.Tensor, w_ft: torch.Tensor, keep: torch.Tensor
         if rows.numel() == 0:
             continue
         matrix64 = h64 if use_kept else torch.cholesky_inverse(torch.linalg.cholesky(h64))
+        matrices = (matrix64.to(dtype), matrix64)
         for chunk, size in _chunks(rows, sizes, cols, max_bytes, dtype):
             chunks += 1
             peak = max(peak, solve_bytes(chunk.numel(), size, cols, dtype))
-            out[chunk] += _chunk_correction(pre[chunk], ft[chunk], keep[chunk], matrix64, size, use_kept)
+            out[chunk] += _chunk_correction(pre[chunk], ft[chunk], keep[chunk], matrices, size, use_kept)
     out = torch.where(keep, out, pre)  # reverted entries exactly W_pre, whatever the rounding
     return out, CompensationInfo("exact", chunks, peak)
 
@@ -94,45 +94,52 @@ def compensate_exact(w_pre: torch.Tensor, w_ft: torch.Tensor, keep: torch.Tensor
 def _chunks(rows: torch.Tensor, sizes: torch.Tensor, cols: int, max_bytes: int,
             dtype: torch.dtype) -> list[tuple[torch.Tensor, int]]:
     """Rows sorted by system size (largest first) and cut so each chunk, padded to its
-    first row's size, fits `max_bytes`; rows with nothing to solve are left out."""
+    first row's size, fits `max_bytes` and wastes little on padding (its rows have at
+    least 3/4 of that size); rows with nothing to solve are left out."""
     row_sizes = sizes[rows]
     order = torch.argsort(row_sizes, descending=True, stable=True)
     rows, row_sizes = rows[order], row_sizes[order].tolist()
     out, start = [], 0
     while start < len(row_sizes) and row_sizes[start] > 0:
         size = row_sizes[start]
-        count = max(1, max_bytes // solve_bytes(1, size, cols, dtype))
-        stop = min(start + count, len(row_sizes))
+        limit = min(start + max(1, max_bytes // solve_bytes(1, size, cols, dtype)), len(row_sizes))
+        stop = start + 1
+        while stop < limit and 4 * row_sizes[stop] >= 3 * size:
+            stop += 1
         out.append((rows[start:stop], size))
         start = stop
     return out
 
 
-def _chunk_correction(pre: torch.Tensor, ft: torch.Tensor, keep: torch.Tensor, matrix64: torch.Tensor,
-                      size: int, use_kept: bool) -> torch.Tensor:
-    """d_K scattered into the rows (kept form, matrix H), or G[:, R] y (reverted form, matrix G),
-    in the weights' dtype; `matrix64` is H or G in float64."""
+def _chunk_correction(pre: torch.Tensor, ft: torch.Tensor, keep: torch.Tensor,
+                      matrices: tuple[torch.Tensor, torch.Tensor], size: int,
+                      use_kept: bool) -> torch.Tensor:
+    """d_K scattered into the rows (kept form, matrices H), or G[:, R] y (reverted form,
+    matrices G); `matrices` holds the matrix in the weights' dtype and in float64."""
     delta = ft - pre
-    matrix = matrix64.to(delta.dtype)
+    matrix = matrices[0]
     chosen = keep if use_kept else ~keep
     # the chosen columns first, in order: their positions, padded to `size`
     index = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :size]
     valid = torch.arange(size, device=keep.device).unsqueeze(0) < chosen.sum(dim=1, keepdim=True)
-    cols = matrix.shape[0]
-    flat = index.unsqueeze(2) * cols + index.unsqueeze(1)
-    pair_valid = valid.unsqueeze(2) & valid.unsqueeze(1)
-    eye = torch.eye(size, dtype=torch.float64, device=matrix.device)
 
     def systems_in(source: torch.Tensor, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        return torch.where(pair_valid[rows], source.reshape(-1)[flat[rows]], eye.to(source.dtype))
+        """The padded systems: the chosen block of `source`, the identity on the padding."""
+        i, v = index[rows], valid[rows].to(source.dtype)
+        systems = source[i.unsqueeze(2), i.unsqueeze(1)]  # broadcast: no n·size² index
+        systems *= v.unsqueeze(2)
+        systems *= v.unsqueeze(1)
+        systems.diagonal(dim1=1, dim2=2).add_(1 - v)
+        return systems
 
     if use_kept:
         rhs = ((delta * ~keep) @ matrix).gather(1, index)  # H_KR Δ_R
     else:
         rhs = -delta.gather(1, index)  # d_R = −Δ_R
+    # zero right-hand sides on the padding give exactly zero solutions there
     solution = _solve_spd(systems_in(matrix), torch.where(valid, rhs, 0.0),
-                          lambda failed: systems_in(matrix64, failed))
-    full = torch.zeros_like(delta).scatter_add_(1, index, torch.where(valid, solution, 0.0))
+                          lambda failed: systems_in(matrices[1], failed))
+    full = torch.zeros_like(delta).scatter_add_(1, index, solution)
     return full if use_kept else full @ matrix
 
 
@@ -141,6 +148,7 @@ def _solve_spd(systems: torch.Tensor, rhs: torch.Tensor,
     """Batched Cholesky solve; the systems that fail in their dtype (too ill-conditioned
     for float32) are rebuilt from the float64 matrix by `systems64` and solved again."""
     lower, info = torch.linalg.cholesky_ex(systems)
+    del systems
     solution = torch.cholesky_solve(rhs.unsqueeze(-1), lower).squeeze(-1)
     failed = info != 0
     if failed.any():
