@@ -58,8 +58,10 @@ def compensate_exact(w_pre: torch.Tensor, w_ft: torch.Tensor, keep: torch.Tensor
     """The least-squares patch: reverted entries at W_pre, kept entries minimising the
     layer-output error (w − w_ft) H (w − w_ft)ᵀ row by row, H damped as for the greedy loop.
 
-    Works on the weight's device in `dtype`. Falls back to the greedy loop (`block_size`
-    columns per lazy batch) when a single row's system exceeds `max_bytes`.
+    Works on the weight's device in `dtype`. `max_bytes` bounds each batched solve (see
+    `solve_bytes`); H, and G = H⁻¹ when some row keeps more than half its entries, come on
+    top (cols² in float64 and in `dtype`). Falls back to the greedy loop (`block_size`
+    columns per lazy batch, the OBS sign) when a single row's system exceeds `max_bytes`.
     """
     device = w_ft.device
     pre, ft, keep = w_pre.to(device, dtype), w_ft.to(device, dtype), keep.to(device)
@@ -148,7 +150,6 @@ def _solve_spd(systems: torch.Tensor, rhs: torch.Tensor,
     """Batched Cholesky solve; the systems that fail in their dtype (too ill-conditioned
     for float32) are rebuilt from the float64 matrix by `systems64` and solved again."""
     lower, info = torch.linalg.cholesky_ex(systems)
-    del systems
     solution = torch.cholesky_solve(rhs.unsqueeze(-1), lower).squeeze(-1)
     failed = info != 0
     if failed.any():
