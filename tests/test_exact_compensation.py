@@ -132,15 +132,15 @@ def test_chunked_equals_unchunked_and_budget_falls_back_to_greedy():
     assert torch.equal(fallback, compensate(w_pre, w_ft, keep, inverse_hessian_factor(h)))
 
 
-def test_rows_are_chunked_by_size_class():
-    """Rows of very different system sizes are not padded to one size."""
-    w_pre, w_ft, x = correlated_layer(rows=3, cols=200, tokens=400, seed=8)
-    keep = torch.zeros(3, 200, dtype=torch.bool)
-    keep[0, :80] = True
-    keep[1, :10] = True
-    keep[2, :79] = True
+def test_each_row_solves_its_smaller_system_and_chunks_follow_size_classes():
+    """A row keeping 195 of 200 entries solves 5 unknowns (the reverted form), not 195;
+    rows of very different sizes are not padded to one size."""
+    w_pre, w_ft, x = correlated_layer(rows=4, cols=200, tokens=400, seed=8)
+    keep = torch.zeros(4, 200, dtype=torch.bool)
+    for row, kept in enumerate((80, 10, 79, 195)):
+        keep[row, :kept] = True
     _, info = compensate_exact(w_pre, w_ft, keep, hessian_of(x), dtype=torch.float64)
-    assert info.chunks == 2 and info.largest_chunk_bytes == solve_bytes(2, 80, 200, torch.float64)
+    assert info.chunks == 3 and info.largest_chunk_bytes == solve_bytes(2, 80, 200, torch.float64)
 
 
 def test_sparsegpt_order_with_fixed_scores_equals_mask_first():
