@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -71,3 +72,50 @@ def global_threshold(all_scores: list[torch.Tensor], keep: float) -> float:
     if k <= 0:
         return float("inf")
     return float(torch.topk(flat, k, sorted=True).values[-1])
+
+
+def layer_keep_budget(scores: Sequence[torch.Tensor], keep: float) -> list[float]:
+    """Per-layer keep fractions that share one patch budget by each layer's score mass.
+
+    The model keeps round(keep · all entries) in total; layer l gets a share proportional
+    to its mass Σ (s − m), with m the lowest score of all layers: shifting by one common
+    constant makes every entry count non-negatively while keeping the ranking across
+    layers. A layer's share above its size goes to the others (water-filling), so each
+    fraction lies in [0, 1]; counts are whole numbers (largest remainders) and sum exactly
+    to the total. All-equal scores share by size, i.e. uniformly.
+
+    Scores must be comparable across layers for the shares to mean anything: fused
+    importances z-scored per row-block are centred in every block, so their shifted mass
+    is about proportional to size and the budget comes out about uniform.
+    """
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must be in [0, 1], got {keep}")
+    sizes = [s.numel() for s in scores]
+    lowest = min((float(s.min()) for s in scores if s.numel()), default=0.0)
+    masses = [float((s.double() - lowest).sum()) for s in scores]
+    counts = _share_out(round(keep * sum(sizes)), masses, sizes)
+    return [c / n if n else 0.0 for c, n in zip(counts, sizes)]
+
+
+def _share_out(total: int, masses: list[float], sizes: list[int]) -> list[int]:
+    """`total` split in proportion to `masses` (to `sizes` where the mass left is zero),
+    no part above its size, in whole numbers."""
+    capped: set[int] = set()
+    while True:
+        open_ = [i for i in range(len(sizes)) if i not in capped and sizes[i] > 0]
+        rest = total - sum(sizes[i] for i in capped)
+        weights = {i: masses[i] for i in open_}
+        if sum(weights.values()) <= 0:
+            weights = {i: float(sizes[i]) for i in open_}
+        norm = sum(weights.values())
+        share = {i: rest * weights[i] / norm for i in open_} if norm > 0 else {}
+        over = [i for i in open_ if share[i] > sizes[i]]
+        if not over:
+            break
+        capped.update(over)
+    exact = [float(sizes[i]) if i in capped else share.get(i, 0.0) for i in range(len(sizes))]
+    counts = [min(int(x), n) for x, n in zip(exact, sizes)]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in by_remainder[:total - sum(counts)]:
+        counts[i] += 1
+    return counts

@@ -19,16 +19,22 @@ Sensitivity = Literal["change", "weight"]
 Sign = Literal["obs", "released"]
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ after fixing dead columns and damping.
+def damped_hessian(hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """H in float64 with dead columns fixed and damping added, as SparseGPT does.
 
     Columns whose input never fired get H_jj = 1 so H stays invertible; the damping
-    `damp · mean(diag H)` keeps the factorisation stable, as in SparseGPT.
+    `damp · mean(diag H)` keeps the factorisation stable.
     """
     h = hessian.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return h
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ of the damped Hessian (`damped_hessian`)."""
+    h = damped_hessian(hessian, damp)
     try:
         lower = torch.linalg.cholesky(h)
     except torch.linalg.LinAlgError:
@@ -73,23 +79,30 @@ def compensate(w_pre: torch.Tensor, w_ft: torch.Tensor, keep: torch.Tensor, fact
     error against the fine-tuned layer); the released code adds it (`sign="released"`).
     Reverted entries end exactly at W_pre; only kept entries carry compensation.
     """
-    step = 1.0 if sign == "obs" else -1.0
     w = w_ft.float().clone()
     pre = w_pre.float()
     for i1, i2 in column_blocks(w.shape[1], block_size):
-        block = w[:, i1:i2].clone()
-        errors = torch.zeros_like(block)
-        f_block = factor[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = block[:, i]
-            target = torch.where(keep[:, i1 + i], col, pre[:, i1 + i])
-            err = (col - target) / f_block[i, i]
-            block[:, i:] -= step * err.unsqueeze(1) * f_block[i, i:].unsqueeze(0)
-            block[:, i] = target  # exact, whatever rounding the update left
-            errors[:, i] = err
-        w[:, i1:i2] = block
-        w[:, i2:] -= step * errors @ factor[i1:i2, i2:]
+        compensate_block(w, pre, keep, factor, i1, i2, sign)
     return w
+
+
+def compensate_block(w: torch.Tensor, pre: torch.Tensor, keep: torch.Tensor, factor: torch.Tensor,
+                     i1: int, i2: int, sign: Sign = "obs") -> None:
+    """One lazy batch of `compensate`, in place: columns i1..i2 of `w` (float32, earlier
+    blocks done) take their reverted entries and push the errors onto columns from i2 on."""
+    step = 1.0 if sign == "obs" else -1.0
+    block = w[:, i1:i2].clone()
+    errors = torch.zeros_like(block)
+    f_block = factor[i1:i2, i1:i2]
+    for i in range(i2 - i1):
+        col = block[:, i]
+        target = torch.where(keep[:, i1 + i], col, pre[:, i1 + i])
+        err = (col - target) / f_block[i, i]
+        block[:, i:] -= step * err.unsqueeze(1) * f_block[i, i:].unsqueeze(0)
+        block[:, i] = target  # exact, whatever rounding the update left
+        errors[:, i] = err
+    w[:, i1:i2] = block
+    w[:, i2:] -= step * errors @ factor[i1:i2, i2:]
 
 
 def merge_without_compensation(w_pre: torch.Tensor, w_ft: torch.Tensor,
