@@ -39,7 +39,7 @@ _TAILOR_KNOBS = ("keep", "alpha", "scope", "compensate", "sign", "sensitivity", 
 REGISTRY: dict[str, Method] = {
     # tensors without a Hessian (others merged "like linears") take the magnitude patch
     "tailor": Method("Model Tailor", "salience + sensitivity patch, OBS-compensated", _magnitude,
-                     knobs=_TAILOR_KNOBS, sweep=("keep", "alpha"), needs_calibration=True,
+                     knobs=_TAILOR_KNOBS, sweep=("alpha", "keep"), needs_calibration=True,
                      temporaries=4),
     "magnitude": Method("Magnitude patch", "top-keep of |W_ft - W_pre|, no compensation", _magnitude,
                         knobs=("keep", "scope", "block_size"), temporaries=4),
