@@ -434,7 +434,8 @@ def _sweep(args: argparse.Namespace) -> int:
                           _numbers(args.lam, "--lam"), args.hessians)
     calibrated = [m for m in methods if REGISTRY[m].needs_calibration]
     if calibrated and args.calib is None:
-        raise UserError(f"the {calibrated[0]} method needs target-task calibration data: pass --calib FILE.jsonl")
+        raise UserError(f"the {calibrated[0]} method needs target-task calibration data: "
+                        "pass --calib FILE.jsonl")
     original = [_eval_set(spec, args.limit) for spec in args.original]
     target = [_eval_set(args.target, args.limit)]
     calib = read_examples(args.calib)[: args.calib_limit] if args.calib else None

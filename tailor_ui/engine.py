@@ -107,7 +107,8 @@ def run_method(pair: Pair, settings: Settings, calibration: Sequence[Sequence[Ba
             if not linears and settings.modules:
                 raise UserError(f"no changed linear layer matches {settings.modules!r}")
             if not method.needs_calibration:  # routing runs per model and unites where it must
-                patch = _nonempty(_routed(pair, pair.changed(), linears, run, list(range(len(pair.finetuned)))))
+                models = list(range(len(pair.finetuned)))
+                patch = _nonempty(_routed(pair, pair.changed(), linears, run, models))
             else:
                 patches = [_tailor(pair, k, linears, calibration[k], run) for k in range(len(pair.finetuned))]
                 patch = patches[0] if len(patches) == 1 else union(

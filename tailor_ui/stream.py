@@ -8,7 +8,8 @@ memory is one tensor's working set, not the model's.
 
 Each tensor goes through `tailor_ui.routing.route_tensor`, the routing `run_method` uses
 too (the method's per-tensor merge from the registry, the `others` policy, `union` of
-per-model patches), so a streamed merge equals the in-memory merge bit for bit. Checkpoint keys are mapped to parameter names by `checkpoint.key_map`.
+per-model patches), so a streamed merge equals the in-memory merge bit for bit.
+Checkpoint keys are mapped to parameter names by `checkpoint.key_map`.
 """
 
 from __future__ import annotations
