@@ -51,7 +51,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"error: {message} (see --help)\n")
 
 
+def _readers(knob: str) -> str:
+    """The methods that read a knob, for its --help."""
+    from tailor_ui.methods import REGISTRY
+
+    return " / ".join(name for name, m in REGISTRY.items() if knob in m.knobs)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from tailor_ui.methods import REGISTRY
+
     parser = _Parser(prog="python -m tailor_ui",
                                      description="Model Tailor Studio: undo forgetting in fine-tuned MLLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
@@ -68,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned", required=True, action="append",
                    help="fine-tuned model; repeat for multi-task (one --calib each)")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--method", default="tailor")
+    p.add_argument("--method", default="tailor", help=" | ".join(REGISTRY))
     p.add_argument("--keep", type=_unit_interval, default=0.10, help="patch size (fraction)")
     p.add_argument("--alpha", type=_unit_interval, default=0.8, help="fusion weight of salience")
     p.add_argument("--scope", default="block", help="block | row | tensor | global")
@@ -84,9 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modules", default=None, help="regex over linear module names")
     p.add_argument("--others", default="finetuned",
                    help="non-selected tensors: finetuned | base | linear")
-    p.add_argument("--lam", type=float, default=None, help="λ of wise_ft / task_arithmetic / ties")
+    p.add_argument("--lam", type=float, default=None, help=f"λ of {_readers('lam')} (mergekit's lambda)")
     p.add_argument("--drop", type=float, default=None, help="DARE drop rate (default 1 - keep)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gamma", type=float, default=0.01,
+                   help=f"fraction of the largest |τ| removed ({_readers('gamma')}; --keep is the density)")
+    p.add_argument("--epsilon", type=float, default=0.1,
+                   help=f"window of keep probabilities around --keep ({_readers('epsilon')})")
+    p.add_argument("--seed", type=int, default=0, help=f"random seed ({_readers('seed')})")
     p.add_argument("--overlap", default="mean", help="multi-task overlap rule: mean | sum | first")
     p.add_argument("--save-model", action="store_true", help="also write DIR/model/")
     _in_memory_option(p)
@@ -260,6 +273,7 @@ def _tailor(args: argparse.Namespace) -> int:
     from tailor_ui.data import read_examples
     from tailor_ui.engine import run_method
     from tailor_ui.io import atomic_path
+    from tailor_ui.methods import REGISTRY
     from tailor_ui.pair import load_pair
     from tailor_ui.patch import save_patch
     from tailor_ui.settings import Settings
@@ -268,16 +282,17 @@ def _tailor(args: argparse.Namespace) -> int:
                         compensate=not args.no_compensate, sign=args.sign,
                         sensitivity=args.sensitivity, hessians=args.hessians, damp=args.damp,
                         modules=args.modules, others=args.others, lam=args.lam, drop=args.drop,
-                        seed=args.seed, overlap=args.overlap)
+                        seed=args.seed, gamma=args.gamma, epsilon=args.epsilon, overlap=args.overlap)
     if args.calib and len(args.calib) != len(args.finetuned):
         raise UserError(f"give one --calib per --finetuned ({len(args.finetuned)}), got {len(args.calib)}")
-    if settings.method == "tailor" and not args.calib:
-        raise UserError("Model Tailor needs target-task calibration data: pass --calib FILE.jsonl")
+    method = REGISTRY[settings.method]
+    if method.needs_calibration and not args.calib:
+        raise UserError(f"{method.label} needs target-task calibration data: pass --calib FILE.jsonl")
     if args.batch_size < 1 or args.calib_limit < 1:
         raise UserError("--batch-size and --calib-limit must be positive")
     _check_out_dir(args.out)
     examples = [read_examples(path)[: args.calib_limit] for path in args.calib]
-    sources = None if settings.method == "tailor" else _stream_sources(args, [args.base, *args.finetuned])
+    sources = None if method.needs_calibration else _stream_sources(args, [args.base, *args.finetuned])
     if sources is not None:
         report = _tailor_streamed(args, settings, sources)
     else:
@@ -400,21 +415,10 @@ def _eval_set(spec: str, limit: int | None):
 
 def sweep_settings(methods: list[str], keeps: list[float], alphas: list[float], lams: list[float],
                    hessians: str) -> list:
-    """The grid: patch-size methods over keep (tailor also over alpha), λ methods over λ."""
-    from tailor_ui.settings import METHODS, Settings
+    """The grid: each method over the knobs it sweeps (`Method.sweep`)."""
+    from tailor_ui.evaluation.sweep import settings_grid
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise UserError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
-    grid = []
-    for method in methods:
-        if method in ("wise_ft", "task_arithmetic"):
-            grid += [Settings(method=method, lam=lam) for lam in lams]
-        elif method == "tailor":
-            grid += [Settings(method=method, keep=k, alpha=a, hessians=hessians) for a in alphas for k in keeps]
-        else:
-            grid += [Settings(method=method, keep=k) for k in keeps]
-    return grid
+    return settings_grid(methods, {"keep": keeps, "alpha": alphas, "lam": lams}, {"hessians": hessians})
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -422,13 +426,16 @@ def _sweep(args: argparse.Namespace) -> int:
     from tailor_ui.data import read_examples
     from tailor_ui.evaluation.sweep import sweep
     from tailor_ui.io import atomic_path
+    from tailor_ui.methods import REGISTRY
     from tailor_ui.pair import load_pair
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     grid = sweep_settings(methods, _numbers(args.keep, "--keep"), _numbers(args.alpha, "--alpha"),
                           _numbers(args.lam, "--lam"), args.hessians)
-    if "tailor" in methods and args.calib is None:
-        raise UserError("the tailor method needs target-task calibration data: pass --calib FILE.jsonl")
+    calibrated = [m for m in methods if REGISTRY[m].needs_calibration]
+    if calibrated and args.calib is None:
+        raise UserError(f"the {calibrated[0]} method needs target-task calibration data: "
+                        "pass --calib FILE.jsonl")
     original = [_eval_set(spec, args.limit) for spec in args.original]
     target = [_eval_set(args.target, args.limit)]
     calib = read_examples(args.calib)[: args.calib_limit] if args.calib else None

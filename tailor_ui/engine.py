@@ -21,7 +21,7 @@ from tailor_ui.calibration import collect_hessians
 from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_progress
 from tailor_ui.errors import UserError
 from tailor_ui.memory import PeakMemory
-from tailor_ui.methods import baselines
+from tailor_ui.methods import REGISTRY
 from tailor_ui.methods.selection import global_threshold, keep_mask
 from tailor_ui.methods.tailor import (TensorScores, compensate, inverse_hessian_factor,
                                       merge_without_compensation, tensor_scores)
@@ -29,10 +29,9 @@ from tailor_ui.names import layer_groups, layer_index
 from tailor_ui.pair import Pair
 from tailor_ui.patch import Patch, TensorPatch, apply_patch, revert_patch, tensor_patch, union
 from tailor_ui.prompts import Batch
-from tailor_ui.settings import MULTI_TASK_NATIVE, Settings
+from tailor_ui.routing import route_tensor
+from tailor_ui.settings import Settings
 from tailor_ui.weights import compute_device, release, writable_param
-
-
 
 @dataclass
 class Result:
@@ -98,9 +97,10 @@ def run_method(pair: Pair, settings: Settings, calibration: Sequence[Sequence[Ba
     needs them; the baselines do not).
     """
     run = _Run(settings, progress or no_progress, should_stop or never_stop)
-    if settings.method == "tailor":
+    method = REGISTRY[settings.method]
+    if method.needs_calibration:
         if not calibration or len(calibration) != len(pair.finetuned) or not all(calibration):
-            raise UserError("Model Tailor needs calibration data for every fine-tuned model")
+            raise UserError(f"{method.label} needs calibration data for every fine-tuned model")
     reads_before = _lazy_reads(pair)
     start = time.perf_counter()
     try:
@@ -108,15 +108,11 @@ def run_method(pair: Pair, settings: Settings, calibration: Sequence[Sequence[Ba
             linears = selected_linears(pair, settings.modules)
             if not linears and settings.modules:
                 raise UserError(f"no changed linear layer matches {settings.modules!r}")
-            if settings.method in MULTI_TASK_NATIVE:
-                patch = _data_free(pair, linears, run, models=list(range(len(pair.finetuned))))
+            if not method.needs_calibration:  # routing runs per model and unites where it must
+                models = list(range(len(pair.finetuned)))
+                patch = _nonempty(_routed(pair, pair.changed(), linears, run, models))
             else:
-                patches = []
-                for k in range(len(pair.finetuned)):
-                    if settings.method == "tailor":
-                        patches.append(_tailor(pair, k, linears, calibration[k], run))
-                    else:
-                        patches.append(_data_free(pair, linears, run, models=[k]))
+                patches = [_tailor(pair, k, linears, calibration[k], run) for k in range(len(pair.finetuned))]
                 patch = patches[0] if len(patches) == 1 else union(
                     patches, _overlapping_base_values(pair, patches), settings.overlap)
     finally:
@@ -153,63 +149,25 @@ def _others(pair: Pair, linears: Sequence[str]) -> list[str]:
     return [n for n in pair.changed() if n not in chosen]
 
 
-def _finetuned_values(pair: Pair, names: Sequence[str], models: list[int]) -> dict[str, TensorPatch]:
-    """The `finetuned` policy: the fine-tuned values (several models' mean, as they cannot
-    all be kept)."""
-    out = {}
-    for name in names:
-        base, tuned = _values(pair, name, models)
-        out[name] = tensor_patch(base, torch.stack([t.float() for t in tuned]).mean(dim=0))
-    return out
-
-
-def _merge_tensors(pair: Pair, names: Sequence[str], run: _Run, models: list[int]) -> dict[str, TensorPatch]:
-    """Apply a data-free method tensor by tensor."""
+def _routed(pair: Pair, names: Sequence[str], linears: Sequence[str], run: _Run,
+            models: list[int]) -> dict[str, TensorPatch]:
+    """Data-free merge of the named tensors of the given models, each routed by
+    `routing.route_tensor` (the streaming merge's routing too)."""
+    selected = {f"{n}.weight" for n in linears}
     out = {}
     for i, name in enumerate(names):
         run.check()
         run.progress(f"merging {name}", i, len(names))
         base, tuned = _values(pair, name, models)
         with run.timed("merge"):
-            out[name] = tensor_patch(base, merge_tensor(base, tuned, name, run.settings))
+            new = route_tensor(name, base, tuned, run.settings, name in selected)
+        if new is not None:
+            out[name] = tensor_patch(base, new)
     return out
 
 
 def _nonempty(tensors: dict[str, TensorPatch]) -> Patch:
     return Patch(tensors={n: t for n, t in tensors.items() if t.index.numel()})
-
-
-def _data_free(pair: Pair, linears: Sequence[str], run: _Run, models: list[int]) -> Patch:
-    others = _others(pair, linears)
-    out: dict[str, TensorPatch] = {}
-    if run.settings.others == "finetuned":
-        out.update(_finetuned_values(pair, others, models))
-    merged = [f"{n}.weight" for n in linears] + (others if run.settings.others == "linear" else [])
-    out.update(_merge_tensors(pair, merged, run, models))
-    return _nonempty(out)
-
-
-def merge_tensor(base: torch.Tensor, tuned: list[torch.Tensor], name: str, s: Settings) -> torch.Tensor:
-    """One tensor merged by a data-free method (float32); shared with the streaming merge."""
-    lam = s.effective_lambda
-    # magnitude also stands in for tailor on tensors without a Hessian (others "like linears")
-    if s.method in ("magnitude", "tailor"):
-        return baselines.magnitude(base, tuned[0], s.keep, _local_scope(s), s.block_size)
-    taus = [t.float() - base.float() for t in tuned]
-    if s.method == "wise_ft":
-        return baselines.wise_ft(base, taus[0], lam)
-    if s.method == "task_arithmetic":
-        return baselines.task_arithmetic(base, taus, lam)
-    if s.method == "ties":
-        return baselines.ties(base, taus, s.keep, lam)
-    if s.method == "dare":
-        return baselines.dare(base, taus[0], s.effective_drop, s.seed, name)
-    raise UserError(f"unknown method {s.method!r}")
-
-
-def _local_scope(s: Settings) -> str:
-    # a tensor with no Hessian has no place in the model-wide ranking: fall back to per tensor
-    return "tensor" if s.scope == "global" else s.scope
 
 
 def _cache_key(s: Settings, k: int, calib: Sequence[Batch], sequential: bool) -> tuple:
@@ -235,12 +193,8 @@ def _fingerprint(batches: Sequence[Batch]) -> str:
 
 def _tailor(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch], run: _Run) -> Patch:
     s = run.settings
-    others = _others(pair, linears)
-    patch: dict[str, TensorPatch] = {}
-    if s.others == "finetuned":
-        patch.update(_finetuned_values(pair, others, [k]))
-    elif s.others == "linear":
-        patch.update(_merge_tensors(pair, others, run, [k]))
+    # the tensors outside the selected linears go as in a data-free merge of model k
+    patch = _routed(pair, _others(pair, linears), [], run, [k])
     # a model-wide threshold needs every score before the first layer is compensated
     sequential = s.hessians == "sequential" and s.scope != "global"
     cache = pair.cache.setdefault(_cache_key(s, k, calib, sequential), {})

@@ -13,11 +13,8 @@ from tailor_ui.patch import OverlapRule
 
 from tailor_ui.methods import REGISTRY
 
-METHODS = tuple(REGISTRY)
-MULTI_TASK_NATIVE = tuple(name for name, info in REGISTRY.items() if info.multi_task_native)
 Others = Literal["finetuned", "base", "linear"]
 HessianMode = Literal["sequential", "one-pass"]
-_DEFAULT_LAMBDA = {"wise_ft": 0.5, "task_arithmetic": 1.0, "ties": 1.0}
 
 
 @dataclass(frozen=True)
@@ -30,7 +27,11 @@ class Settings:
     scope: where the top-`keep` is chosen: per 128-column block, row, tensor, or model.
     others: tensors outside the selected linears (norms, biases, embeddings, lm_head):
       keep the fine-tuned values, revert to the base, or merge them like the linears.
-    lam: λ of wise_ft (default 0.5), task_arithmetic and ties (default 1.0).
+    lam: λ of the methods that scale task vectors; None takes the method's default
+      (`Method.defaults`: wise_ft 0.5, the others 1.0).
+    gamma: fraction of the largest |τ| that Model Breadcrumbs removes (mergekit's gamma).
+    epsilon: width of DELLA's window of keep probabilities around keep (mergekit's epsilon).
+    Which method reads which knob: `tailor_ui.methods.REGISTRY[method].knobs`.
     """
 
     method: str = "tailor"
@@ -48,12 +49,14 @@ class Settings:
     lam: float | None = None
     drop: float | None = None
     seed: int = 0
+    gamma: float = 0.01
+    epsilon: float = 0.1
     overlap: OverlapRule = "mean"
 
     def __post_init__(self) -> None:
         problems = []
-        if self.method not in METHODS:
-            problems.append(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.method not in REGISTRY:
+            problems.append(f"unknown method {self.method!r} (choose from {', '.join(REGISTRY)})")
         if not 0.0 <= self.keep <= 1.0:
             problems.append(f"keep must be between 0 and 1, got {self.keep}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -76,17 +79,21 @@ class Settings:
             problems.append(f"block size must be positive, got {self.block_size}")
         if self.drop is not None and not 0.0 <= self.drop < 1.0:
             problems.append(f"DARE drop rate must be in [0, 1), got {self.drop}")
+        if not 0.0 <= self.gamma < 1.0 or not 0.0 <= self.epsilon < 1.0:
+            problems.append(f"gamma and epsilon must be in [0, 1), got {self.gamma}, {self.epsilon}")
         if self.modules is not None:
             try:
                 re.compile(self.modules)
             except re.error as exc:
                 problems.append(f"module pattern {self.modules!r} is not a valid regex ({exc})")
+        if not problems and self.method in REGISTRY:
+            problems += REGISTRY[self.method].problems(self)
         if problems:
             raise UserError("; ".join(problems))
 
     @property
     def effective_lambda(self) -> float:
-        return self.lam if self.lam is not None else _DEFAULT_LAMBDA.get(self.method, 1.0)
+        return self.lam if self.lam is not None else REGISTRY[self.method].defaults.get("lam", 1.0)
 
     @property
     def effective_drop(self) -> float:

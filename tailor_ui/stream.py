@@ -6,10 +6,10 @@ name together, one tensor at a time, with one shard file open per model
 headers are planned up front (the output has the base's names, shapes and dtypes), so peak
 memory is one tensor's working set, not the model's.
 
-The per-tensor math is the engine's own (`tailor_ui.engine`'s per-tensor dispatch, the
-functions of `tailor_ui.methods.baselines`, `tailor_ui.patch.tensor_patch` and `union`),
-routed exactly as `run_method` routes it, so a streamed merge equals the in-memory merge
-bit for bit. Checkpoint keys are mapped to parameter names by `checkpoint.key_map`.
+Each tensor goes through `tailor_ui.routing.route_tensor`, the routing `run_method` uses
+too (the method's per-tensor merge from the registry, the `others` policy, `union` of
+per-model patches), so a streamed merge equals the in-memory merge bit for bit.
+Checkpoint keys are mapped to parameter names by `checkpoint.key_map`.
 """
 
 from __future__ import annotations
@@ -25,17 +25,18 @@ from typing import Any
 import torch
 
 from tailor_ui.checkpoint import (DEFAULT_SHARD_BYTES, INDEX_NAME, Checkpoint, ShardedWriter,
-                                  check_same_keys, copy_side_files, key_map)
+                                  KeyMap, check_same_keys, copy_side_files, key_map)
 from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_progress
-from tailor_ui.engine import merge_tensor, patch_metadata
+from tailor_ui.engine import patch_metadata
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
 from tailor_ui.memory import PeakMemory
-from tailor_ui.patch import Patch, TensorPatch, check_fits, tensor_patch, union
-from tailor_ui.settings import MULTI_TASK_NATIVE, Settings
+from tailor_ui.methods import REGISTRY
+from tailor_ui.patch import Patch, check_fits, tensor_patch
+from tailor_ui.routing import route_tensor, with_patch
+from tailor_ui.settings import Settings
 from tailor_ui.weights import parse_device
 
-ELEMENTWISE = ("wise_ft", "task_arithmetic")  # each entry's value depends on that entry alone
 CHUNK_ELEMS = 1 << 24  # entries per chunk of an element-wise merge (64 MiB in float32)
 
 
@@ -47,82 +48,16 @@ def memory_bound_bytes(numel: int, base_bytes: int, n_models: int, method: str,
 
     Storage copies of the base, the n fine-tuned tensors and the output, b·(n + 2), plus
     float32 temporaries: the upcast base and models (n + 1), task vectors and their stack
-    (2n), result and change test (~3); TIES and magnitude add scores, masks and top-k
-    indices (~4 per model). Element-wise methods compute on chunks of `chunk_elems`
-    entries, so their temporaries are bounded by the chunk, not the tensor.
+    (2n), result and change test (~3); plus the method's own per model (scores, masks and
+    top-k indices: `Method.temporaries`, ~4 for TIES and magnitude). Element-wise methods
+    compute on chunks of `chunk_elems` entries, so their temporaries are bounded by the
+    chunk, not the tensor.
     """
-    temps = 4 * (3 * n_models + 4 + (4 * n_models if method in ("ties", "magnitude") else 0))
-    if chunk_elems is not None and method in ELEMENTWISE:
+    info = REGISTRY[method]
+    temps = 4 * (3 * n_models + 4 + info.temporaries * n_models)
+    if chunk_elems is not None and info.elementwise:
         return numel * base_bytes * (n_models + 2) + min(numel, chunk_elems) * temps
     return numel * (base_bytes * (n_models + 2) + temps)
-
-
-# --------------------------------------------------------------------------- the merge
-
-def _merge_one(name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor], s: Settings,
-               selected: bool, chunk_elems: int = CHUNK_ELEMS) -> torch.Tensor | None:
-    """One tensor's merged value (in the base dtype), or None where it stays the base,
-    routed as `run_method` routes it: selected linears (and, with others="linear", every
-    other changed tensor) through the method; other changed tensors by the `others`
-    policy; methods that are not multi-task native run per fine-tuned model and their
-    patches are combined by `union`.
-
-    Where the value of each entry depends on that entry alone (wise_ft, task arithmetic,
-    the fine-tuned values, and the union of such patches), the same functions run on flat
-    chunks of `chunk_elems` entries: bit for bit the same result and a working set bounded
-    by the chunk. (Chunks are large on purpose: on a busy CPU every parallel torch op pays
-    for waking its threads, so a million small ops cost more than the arithmetic.)
-    """
-    if all(torch.equal(base, t) for t in tuned):  # engine._changed
-        return None
-    if not selected and s.others == "base":
-        return None
-    by_method = selected or s.others == "linear"
-    if (by_method and s.method not in ELEMENTWISE) or base.numel() <= chunk_elems:
-        return _merge_values(name, base, tuned, s, by_method)
-    out = torch.empty_like(base)
-    flat_out, flat_base, flat_tuned = out.view(-1), base.reshape(-1), [t.reshape(-1) for t in tuned]
-    for i in range(0, base.numel(), chunk_elems):
-        j = i + chunk_elems
-        flat_out[i:j] = _merge_values(name, flat_base[i:j], [t[i:j] for t in flat_tuned], s, by_method)
-    return out
-
-
-def _merge_values(name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor], s: Settings,
-                  by_method: bool) -> torch.Tensor:
-    # Every baseline starts from the float32 values, so converting once up front changes no
-    # bit; it saves repeated conversions where the working set is a bounded chunk, while
-    # whole-tensor methods (TIES, magnitude, DARE) convert inside, one temporary at a time.
-    upcast = s.method in ELEMENTWISE or not by_method
-    base_in = base.float() if upcast else base
-    tuned_in = [t.float() for t in tuned] if upcast else list(tuned)
-    groups = [list(range(len(tuned)))] if s.method in MULTI_TASK_NATIVE else [[k] for k in range(len(tuned))]
-    parts = []
-    for group in groups:
-        models = [tuned_in[k] for k in group]
-        if by_method:
-            parts.append(merge_tensor(base_in, models, name, s))
-        else:  # others == "finetuned": the fine-tuned values (several models: their mean)
-            parts.append(torch.stack([t.float() for t in models]).mean(dim=0))
-    del base_in, tuned_in
-    if len(parts) == 1:
-        # base with tensor_patch(base, new) applied is new cast to the base dtype, bit for bit
-        return parts[0].to(base.dtype)
-    patches = [Patch(tensors={name: tp}) for tp in (tensor_patch(base, p) for p in parts)
-               if tp.index.numel()]
-    if not patches:
-        return base.clone()
-    tp = patches[0].tensors[name] if len(patches) == 1 else \
-        union(patches, {name: base}, s.overlap).tensors[name]
-    return _applied(base, tp)
-
-
-def _applied(tensor: torch.Tensor, tp: TensorPatch, *, inplace: bool = False) -> torch.Tensor:
-    """`tensor` with the patch written in (as `patch.apply_patch` writes it)."""
-    out = tensor if inplace else tensor.clone()
-    flat = out.view(-1)
-    flat[tp.index.to(flat.device)] = tp.values.to(device=flat.device, dtype=flat.dtype)
-    return out
 
 
 def _changed_entries(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -142,6 +77,63 @@ class _Clock:
         return now
 
 
+@dataclass
+class _Tally:
+    """What the merge counts as it goes: changed tensors, and the selected linears' share."""
+
+    per_tensor: dict[str, dict[str, Any]] = field(default_factory=dict)
+    selected_changed: int = 0
+    selected_numel: int = 0
+    selected_kept: int = 0
+
+    def add(self, key: str, name: str, old: torch.Tensor, new: torch.Tensor, selected: bool) -> int:
+        changed = _changed_entries(old, new)
+        if changed:
+            self.per_tensor[name] = {"key": key, "changed": changed, "numel": old.numel(),
+                                     "fraction": changed / max(old.numel(), 1)}
+        if selected:
+            self.selected_changed += 1
+            self.selected_numel += old.numel()
+            self.selected_kept += changed
+        return changed
+
+
+@dataclass
+class _Job:
+    """One streamed merge: its checkpoints, how keys map to parameters, what it counts."""
+
+    settings: Settings
+    base: Checkpoint
+    tuned: list[Checkpoint]
+    names: KeyMap
+    device: torch.device
+    chunk_elems: int
+    regex: re.Pattern | None
+    patch: Patch | None
+    clock: _Clock = field(default_factory=_Clock)
+    tally: _Tally = field(default_factory=_Tally)
+
+    def merge_key(self, key: str) -> torch.Tensor:
+        """What the output holds for one checkpoint tensor: its merged value or the base's."""
+        t0 = time.perf_counter()
+        b = self.base.read(key)
+        ts = [c.read(key).to(b.dtype) for c in self.tuned]
+        t0 = self.clock.add("read", t0)
+        name = self.names.param_of.get(key)
+        new = None
+        if name is not None and b.is_floating_point():
+            selected = name in self.names.linears and (
+                self.regex is None or bool(self.regex.search(name[:-7])))  # drop ".weight"
+            new = route_tensor(name, b.to(self.device), [t.to(self.device) for t in ts],
+                               self.settings, selected, self.chunk_elems)
+            if new is not None:
+                new = new.to("cpu")
+                if self.tally.add(key, name, b, new, selected) and self.patch is not None:
+                    self.patch.tensors[name] = tensor_patch(b, new)
+        self.clock.add("merge", t0)
+        return new if new is not None else b
+
+
 def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str | Path],
                  settings: Settings, out_dir: str | Path | None, device: str = "cpu", *,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_elems: int = CHUNK_ELEMS,
@@ -156,99 +148,92 @@ def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str
     patch `run_method` returns (`out_dir=None` makes only the patch). Returns a report with
     timings and peak memory. Compute runs on `device`; results are parked on the CPU.
     """
-    if settings.method == "tailor":
-        raise UserError("Model Tailor needs calibration data and Hessians; stream only the "
-                        "data-free methods (magnitude, wise_ft, task_arithmetic, ties, dare)")
+    method = REGISTRY[settings.method]
+    if method.needs_calibration:
+        data_free = ", ".join(n for n, m in REGISTRY.items() if not m.needs_calibration)
+        raise UserError(f"{method.label} needs calibration data; stream only the data-free "
+                        f"methods ({data_free})")
     dirs = [finetuned_dirs] if isinstance(finetuned_dirs, (str, Path)) else list(finetuned_dirs)
     if not dirs:
         raise UserError("give at least one fine-tuned model")
-    dev = parse_device(device)
-    progress = progress or no_progress
-    should_stop = should_stop or never_stop
-    regex = re.compile(settings.modules) if settings.modules else None
     start = time.perf_counter()
-    clock = _Clock()
+    job = _open(base_dir, dirs, settings, parse_device(device), chunk_elems, patch)
+    job.clock.add("plan", start)
+    meter = PeakMemory([job.device]).start()  # stopped in `finally`; planning holds no tensors
+    try:
+        files = _write(job, out_dir, max_shard_bytes, progress or no_progress, should_stop or never_stop)
+    finally:
+        job.base.close()
+        for c in job.tuned:
+            c.close()
+        meter.stop()
+    if patch is not None:
+        patch.metadata = patch_metadata(settings, str(base_dir), [str(d) for d in dirs], patch)
+    return _report(job, meter, files, time.perf_counter() - start, str(base_dir), [str(d) for d in dirs])
+
+
+def _open(base_dir: str | Path, dirs: Sequence[str | Path], settings: Settings, device: torch.device,
+          chunk_elems: int, patch: Patch | None) -> _Job:
+    """Open the checkpoints and check that their tensors can be merged name by name."""
     base = Checkpoint(base_dir)
     tuned = [Checkpoint(d) for d in dirs]
     check_same_keys(base, tuned)
-    keys = base.keys
-    names = key_map(base.folder, keys)
+    names = key_map(base.folder, base.keys)
     bad = [k for k in names.converted if any(not _same_bytes(base, t, k) for t in tuned)]
     if bad:
         raise UserError(f"transformers converts {bad[0]} when loading (not a 1:1 tensor), and the "
                         "fine-tuned model changed it; merge this model in memory instead")
-    layout = [(k, base.tensors[k].dtype, base.tensors[k].shape) for k in keys]
-    per_tensor: dict[str, dict[str, Any]] = {}
-    selected_changed = selected_numel = selected_kept = 0
-    copied: list[str] = []
-    largest = max((base.tensors[k].shape for k in keys), key=lambda s: torch.Size(s).numel(), default=())
-    clock.add("plan", start)
-    meter = PeakMemory([dev]).start()  # stopped in `finally`; planning holds no tensors
-    try:
-        with atomic_path(out_dir) if out_dir is not None else nullcontext() as tmp:
-            writer = ShardedWriter(tmp, layout, max_shard_bytes) if tmp is not None else None
-            for i, key in enumerate(keys):
-                if should_stop():
-                    raise Cancelled
-                progress(f"merging {key}", i, len(keys))
-                t0 = time.perf_counter()
-                b = base.read(key)
-                ts = [c.read(key).to(b.dtype) for c in tuned]
-                t0 = clock.add("read", t0)
-                name = names.param_of.get(key)
-                new = None
-                if name is not None and b.is_floating_point():
-                    selected = name in names.linears and (regex is None or bool(regex.search(name[:-7])))
-                    bd, tsd = b.to(dev), [t.to(dev) for t in ts]
-                    new = _merge_one(name, bd, tsd, settings, selected, chunk_elems)
-                    if new is not None:
-                        new = new.to("cpu")
-                        changed = _changed_entries(b, new)
-                        if changed:
-                            per_tensor[name] = {"key": key, "changed": changed, "numel": b.numel(),
-                                                "fraction": changed / max(b.numel(), 1)}
-                            if patch is not None:
-                                patch.tensors[name] = tensor_patch(b, new)
-                        if selected:
-                            selected_changed += 1
-                            selected_numel += b.numel()
-                            selected_kept += changed
-                    del bd, tsd
-                t0 = clock.add("merge", t0)
-                if writer is not None:
-                    writer.write(key, new if new is not None else b)
-                del b, ts, new
-                clock.add("write", t0)
+    regex = re.compile(settings.modules) if settings.modules else None
+    return _Job(settings, base, tuned, names, device, chunk_elems, regex, patch)
+
+
+def _write(job: _Job, out_dir: str | Path | None, max_shard_bytes: int, progress: Progress,
+           should_stop: StopCheck) -> list[str]:
+    """Merge every tensor in checkpoint order, writing each to the output as it comes;
+    returns the files written."""
+    keys = job.base.keys
+    layout = [(k, job.base.tensors[k].dtype, job.base.tensors[k].shape) for k in keys]
+    with atomic_path(out_dir) if out_dir is not None else nullcontext() as tmp:
+        writer = ShardedWriter(tmp, layout, max_shard_bytes) if tmp is not None else None
+        for i, key in enumerate(keys):
+            if should_stop():
+                raise Cancelled
+            progress(f"merging {key}", i, len(keys))
+            value = job.merge_key(key)
             t0 = time.perf_counter()
             if writer is not None:
-                writer.close()
-                copied = copy_side_files(base.folder, tmp)
-            if regex is not None and not selected_changed:
-                raise UserError(f"no changed linear layer matches {settings.modules!r}")
-            clock.add("write", t0)
-    finally:
-        base.close()
-        for c in tuned:
-            c.close()
-        meter.stop()
-    seconds = time.perf_counter() - start
-    numel = sum(torch.Size(base.tensors[k].shape).numel() for k in keys)
-    entries = sum(t["changed"] for t in per_tensor.values())
-    largest_numel = int(torch.Size(largest).numel())
-    largest_bytes = max((base.tensors[k].nbytes for k in keys), default=0)
-    bound = memory_bound_bytes(largest_numel, largest_bytes // max(largest_numel, 1), len(tuned),
-                               settings.method, chunk_elems) / 2**20
+                writer.write(key, value)
+            del value
+            job.clock.add("write", t0)
+        t0 = time.perf_counter()
+        copied = []
+        if writer is not None:
+            writer.close()
+            copied = copy_side_files(job.base.folder, tmp)
+        if job.regex is not None and not job.tally.selected_changed:
+            raise UserError(f"no changed linear layer matches {job.settings.modules!r}")
+        job.clock.add("write", t0)
+    return _files(writer) + copied
+
+
+def _report(job: _Job, meter: PeakMemory, files: list[str], seconds: float, base_id: str,
+            finetuned_ids: list[str]) -> dict[str, Any]:
+    keys, tally, tensors = job.base.keys, job.tally, job.base.tensors
+    numel = sum(torch.Size(tensors[k].shape).numel() for k in keys)
+    entries = sum(t["changed"] for t in tally.per_tensor.values())
+    largest_numel = max((torch.Size(tensors[k].shape).numel() for k in keys), default=0)
+    largest_bytes = max((tensors[k].nbytes for k in keys), default=0)
+    bound = memory_bound_bytes(largest_numel, largest_bytes // max(largest_numel, 1), len(job.tuned),
+                               job.settings.method, job.chunk_elems) / 2**20
     memory = {**meter.report(), "largest_tensor_mb": largest_bytes / 2**20, "one_tensor_bound_mb": bound,
               # the stack (torch, transformers) at start, plus one tensor's working set
               "predicted_peak_mb": meter.rss_at_start_mb + bound}
-    if patch is not None:
-        patch.metadata = patch_metadata(settings, str(base_dir), [str(d) for d in dirs], patch)
-    return {"settings": settings.to_dict(), "base": str(base_dir), "finetuned": [str(d) for d in dirs],
-            "streamed": True, "device": str(dev), "tensors_total": len(keys),
-            "selected_linears": selected_changed, "patch_entries": entries,
-            "linear_fraction": selected_kept / selected_numel if selected_numel else 0.0,
-            "model_fraction": entries / max(numel, 1), "tensors": per_tensor,
-            "files": _files(writer) + copied, "timings_s": {**clock.timings, "total": seconds},
+    return {"settings": job.settings.to_dict(), "base": base_id, "finetuned": finetuned_ids,
+            "streamed": True, "device": str(job.device), "tensors_total": len(keys),
+            "selected_linears": tally.selected_changed, "patch_entries": entries,
+            "linear_fraction": tally.selected_kept / tally.selected_numel if tally.selected_numel else 0.0,
+            "model_fraction": entries / max(numel, 1), "tensors": tally.per_tensor,
+            "files": files, "timings_s": {**job.clock.timings, "total": seconds},
             "memory": memory}
 
 
@@ -293,7 +278,7 @@ def stream_apply_patch(base_dir: str | Path, patch: Patch, out_dir: str | Path, 
                 progress(f"writing {key}", i, len(keys))
                 tensor = base.read(key)
                 if key in by_key:
-                    tensor = _applied(tensor, by_key[key][1], inplace=True)
+                    tensor = with_patch(tensor, by_key[key][1], inplace=True)
                 writer.write(key, tensor)
             writer.close()
             copied = copy_side_files(base.folder, tmp)

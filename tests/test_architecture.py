@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tailor_ui.training", "tailor_ui.evaluation"),
     ("tailor_ui.stream",),
     ("tailor_ui.engine",),
+    ("tailor_ui.routing",),
     ("tailor_ui.settings", "tailor_ui.calibration", "tailor_ui.methods"),
     ("tailor_ui.pair",),
     ("tailor_ui.patch", "tailor_ui.checkpoint", "tailor_ui.data", "tailor_ui.prompts",

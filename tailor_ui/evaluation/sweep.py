@@ -22,9 +22,11 @@ after evaluation, so the sweep never holds a third copy of the model.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import pandas as pd
 import torch
@@ -40,11 +42,6 @@ from tailor_ui.pair import Pair
 from tailor_ui.patch import apply_patch, changed_entries, revert_patch
 from tailor_ui.settings import Settings
 
-# Which of keep / alpha / lam each method reads; the others are left blank in its row.
-_KNOBS: dict[str, tuple[str, ...]] = {
-    "tailor": ("keep", "alpha"), "magnitude": ("keep",), "wise_ft": ("lam",),
-    "task_arithmetic": ("lam",), "ties": ("keep", "lam"), "dare": ("keep",),
-}
 # Shown in every label that uses them, so they are not repeated as "non-default" extras.
 _LABELLED = {"method", "keep", "alpha", "lam", "drop"}
 
@@ -64,17 +61,40 @@ def score_column(name: str) -> str:
 
 
 def _knob_values(s: Settings) -> dict[str, float | None]:
-    values = {"keep": 1.0 - s.effective_drop if s.method == "dare" else s.keep,
+    """keep / alpha / lam where the method reads them (`Method.knobs`), else None; a method
+    with a drop rate keeps 1 − drop."""
+    used = REGISTRY[s.method].knobs
+    values = {"keep": 1.0 - s.effective_drop if "drop" in used else s.keep,
               "alpha": s.alpha, "lam": s.effective_lambda}
-    used = _KNOBS.get(s.method, ("keep",))
     return {k: (v if k in used else None) for k, v in values.items()}
+
+
+def settings_grid(methods: Sequence[str], values: Mapping[str, Sequence[float]],
+                  calibrated: Mapping[str, Any] | None = None) -> list[Settings]:
+    """A sweep's grid: each method over every combination of the values of the knobs it
+    sweeps (`Method.sweep`: λ methods over λ, patch-size methods over keep, Model Tailor
+    over alpha and keep); `calibrated` settings go to the methods that need calibration."""
+    unknown = [m for m in methods if m not in REGISTRY]
+    if unknown:
+        raise UserError(f"unknown method {unknown[0]!r} (choose from {', '.join(REGISTRY)})")
+    grid = []
+    for name in methods:
+        method = REGISTRY[name]
+        empty = [k for k in method.sweep if not values.get(k)]
+        if empty:
+            raise UserError(f"{name} needs at least one {empty[0]} value")
+        extra = dict(calibrated or {}) if method.needs_calibration else {}
+        for combo in itertools.product(*(values[k] for k in method.sweep)):
+            knobs = {k: float(v) for k, v in zip(method.sweep, combo)}
+            grid.append(Settings(method=name, **extra, **knobs))
+    return grid
 
 
 def setting_label(s: Settings) -> str:
     """A short readable name: the method, its knobs, then any other non-default setting."""
     knobs = _knob_values(s)
     parts = [REGISTRY[s.method].label]
-    if s.method == "dare":
+    if "drop" in REGISTRY[s.method].knobs:
         parts.append(f"drop={s.effective_drop:g}")
     else:
         parts += [f"{k}={v:g}" for k, v in knobs.items() if v is not None]

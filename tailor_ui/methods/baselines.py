@@ -37,14 +37,19 @@ def ties(w_pre: torch.Tensor, taus: list[torch.Tensor], keep: float, lam: float)
     mass, average the surviving entries that agree with it, scale by λ."""
     trimmed = torch.stack([torch.where(keep_mask(t.abs(), keep, "tensor"), t.float(), 0.0)
                            for t in taus])
-    elected = torch.sign(trimmed.sum(dim=0))
-    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    return w_pre.float() + lam * disjoint_mean(trimmed)
+
+
+def disjoint_mean(sparse: torch.Tensor) -> torch.Tensor:
+    """TIES's sign election and disjoint merge of stacked sparse task vectors: per entry,
+    the sign of the total mass wins and the nonzero entries that agree with it are averaged."""
+    elected = torch.sign(sparse.sum(dim=0))
+    agree = (torch.sign(sparse) == elected) & (sparse != 0)
     count = agree.sum(dim=0).clamp(min=1)
-    merged = torch.where(agree, trimmed, 0.0).sum(dim=0) / count
-    return w_pre.float() + lam * merged
+    return torch.where(agree, sparse, 0.0).sum(dim=0) / count
 
 
-def _seed_for(name: str, seed: int) -> int:
+def tensor_seed(name: str, seed: int) -> int:
     """A per-tensor seed, stable across runs and processes (Python's hash() is not)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
@@ -53,6 +58,6 @@ def dare(w_pre: torch.Tensor, tau: torch.Tensor, drop: float, seed: int, name: s
     """Drop a random fraction `drop` of τ and rescale the rest by 1/(1 − drop)."""
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"the DARE drop rate must be in [0, 1), got {drop}")
-    gen = torch.Generator(device="cpu").manual_seed(_seed_for(name, seed))
+    gen = torch.Generator(device="cpu").manual_seed(tensor_seed(name, seed))
     survive = torch.rand(tau.shape, generator=gen) >= drop
     return w_pre.float() + torch.where(survive.to(tau.device), tau.float() / (1.0 - drop), 0.0)

@@ -16,10 +16,13 @@ from tailor_ui.ui.common import (Slider, cancel_unfinished, changed, fmt_table, 
 from tailor_ui.ui.models import changed_modules
 from tailor_ui.ui.studio import Studio, default_settings
 
-LAMBDA_METHODS = ("wise_ft", "task_arithmetic", "ties")
-DEFAULT_LAMBDA = {"wise_ft": 0.5, "task_arithmetic": 1.0, "ties": 1.0}
+LAMBDA_LABEL = f"λ ({', '.join(m.label for m in REGISTRY.values() if 'lam' in m.knobs)})"
 SCOPE_INFO = {"block": "per 128-column block (authors' code)", "row": "per output row",
               "tensor": "per weight matrix", "global": "across the whole model"}
+
+
+def _reads(method: str, knob: str) -> bool:
+    return method in REGISTRY and knob in REGISTRY[method].knobs
 
 
 def build_settings(method: str, keep: float, alpha: float, scope: str, compensate: bool,
@@ -30,7 +33,7 @@ def build_settings(method: str, keep: float, alpha: float, scope: str, compensat
     pattern = (modules_regex or "").strip() or None
     if pattern is None and modules:
         pattern = r"\.(?:" + "|".join(re.escape(m) for m in modules) + r")$"
-    lam_value = float(lam) if method in LAMBDA_METHODS and lam is not None else None
+    lam_value = float(lam) if _reads(method, "lam") and lam is not None else None
     return default_settings(method=method, keep=float(keep), alpha=float(alpha), scope=scope,
                             compensate=bool(compensate), sign=sign, sensitivity=sensitivity,
                             hessians=hessians, modules=pattern, others=others, lam=lam_value)
@@ -115,8 +118,8 @@ class TailorTab:
     @staticmethod
     def method_changed(method: str):
         info = REGISTRY.get(method)
-        return (gr.update(value=DEFAULT_LAMBDA.get(method, 1.0), interactive=method in LAMBDA_METHODS),
-                f"*{info.summary}*" if info else "")
+        lam = info.defaults.get("lam", 1.0) if info else 1.0
+        return (gr.update(value=lam, interactive=_reads(method, "lam")), f"*{info.summary}*" if info else "")
 
     # -- polling ---------------------------------------------------------------------------
 
@@ -175,7 +178,7 @@ class TailorTab:
                 self.modules = gr.Dropdown([], value=[], multiselect=True, label="Modules",
                                            info="empty: every linear layer fine-tuning changed",
                                            elem_id="tailor-modules")
-                self.lam = Slider(0.0, 2.0, value=1.0, step=0.05, label="λ (WiSE-FT, task arithmetic, TIES)",
+                self.lam = Slider(0.0, 2.0, value=1.0, step=0.05, label=LAMBDA_LABEL,
                                   interactive=False, elem_id="tailor-lam")
                 with gr.Accordion("Calibration data (target task)", open=False):
                     self.calib_source = gr.Radio([("built-in (demo counting set)", "builtin"),

@@ -1,0 +1,83 @@
+"""Which way each changed tensor goes in a data-free merge, written once for the in-memory
+engine and the streaming merge (so the two agree bit for bit).
+
+Selected linears (and, with others="linear", every other changed tensor) go through the
+method's per-tensor merge; other changed tensors follow the `others` policy; methods that
+are not multi-task native run once per fine-tuned model and their patches are combined by
+`patch.union`. Everything a method contributes comes from its `Method` in the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tailor_ui.methods import REGISTRY
+from tailor_ui.patch import Patch, TensorPatch, tensor_patch, union
+from tailor_ui.settings import Settings
+
+
+def route_tensor(name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor], s: Settings,
+                 selected: bool, chunk_elems: int | None = None) -> torch.Tensor | None:
+    """One tensor's merged value in the base dtype, or None where it stays the base.
+
+    With `chunk_elems`, where the value of each entry depends on that entry alone (an
+    element-wise method, the fine-tuned values, and the union of such patches), the same
+    functions run on flat chunks of `chunk_elems` entries: bit for bit the same result and
+    a working set bounded by the chunk. (Chunks are large on purpose: on a busy CPU every
+    parallel torch op pays for waking its threads, so a million small ops cost more than
+    the arithmetic.)
+    """
+    if all(torch.equal(base, t) for t in tuned):
+        return None
+    if not selected and s.others == "base":
+        return None
+    by_method = selected or s.others == "linear"
+    elementwise = REGISTRY[s.method].elementwise or not by_method
+    if chunk_elems is None or not elementwise or base.numel() <= chunk_elems:
+        return _merge_values(name, base, tuned, s, by_method)
+    out = torch.empty_like(base)
+    flat_out, flat_base, flat_tuned = out.view(-1), base.reshape(-1), [t.reshape(-1) for t in tuned]
+    for i in range(0, base.numel(), chunk_elems):
+        j = i + chunk_elems
+        flat_out[i:j] = _merge_values(name, flat_base[i:j], [t[i:j] for t in flat_tuned], s, by_method)
+    return out
+
+
+def _merge_values(name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor], s: Settings,
+                  by_method: bool) -> torch.Tensor:
+    method = REGISTRY[s.method]
+    # Every method starts from the float32 values, so converting once up front changes no
+    # bit; it saves repeated conversions where the working set is a bounded chunk, while
+    # whole-tensor methods (TIES, magnitude, DARE) convert inside, one temporary at a time.
+    upcast = method.elementwise or not by_method
+    base_in = base.float() if upcast else base
+    tuned_in = [t.float() for t in tuned] if upcast else list(tuned)
+    groups = [list(range(len(tuned)))] if method.multi_task_native else [[k] for k in range(len(tuned))]
+    parts = []
+    for group in groups:
+        models = [tuned_in[k] for k in group]
+        if by_method:
+            parts.append(method.merge(base_in, models, name, s))
+        else:  # others == "finetuned": the fine-tuned values (several models: their mean)
+            parts.append(torch.stack([t.float() for t in models]).mean(dim=0))
+    del base_in, tuned_in
+    if len(parts) == 1:
+        # base with tensor_patch(base, new) applied is new cast to the base dtype, bit for bit
+        return parts[0].to(base.dtype)
+    patches = [Patch(tensors={name: tp}) for tp in (tensor_patch(base, p) for p in parts)
+               if tp.index.numel()]
+    if not patches:
+        return base.clone()
+    tp = patches[0].tensors[name] if len(patches) == 1 else \
+        union(patches, {name: base}, s.overlap).tensors[name]
+    return with_patch(base, tp)
+
+
+def with_patch(tensor: torch.Tensor, tp: TensorPatch, *, inplace: bool = False) -> torch.Tensor:
+    """`tensor` with the patch written in (as `patch.apply_patch` writes it)."""
+    out = tensor if inplace else tensor.clone()
+    flat = out.view(-1)
+    flat[tp.index.to(flat.device)] = tp.values.to(device=flat.device, dtype=flat.dtype)
+    return out
