@@ -50,7 +50,7 @@ from tailor_ui.training.finetune import finetune  # noqa: E402
 DEMO = ROOT / "assets" / "demo"
 RESULTS = ROOT / "bench" / "results"
 SETS = {"caption": ("caption_eval.jsonl", "caption"), "vqa": ("vqa_eval.jsonl", "vqa"),
-        "count": ("target_eval.jsonl", "vqa")}
+        "count": ("counting/target_eval.jsonl", "vqa")}
 ORIGINAL, TARGET = ("caption", "vqa"), ("count",)
 
 
@@ -97,7 +97,7 @@ def part_a(base, processor, args) -> pd.DataFrame:
         rows.append({"row": f"Model-Dowser ρ=0.1 (lr {lr:g})", "train_s": report.seconds + probe_s,
                      "changed": changed_fraction(base, model), **scores(model)})
 
-    calib = calibration_batches(processor, read_examples(DEMO / "target_calib.jsonl"))
+    calib = calibration_batches(processor, read_examples(DEMO / "counting" / "target_calib.jsonl"))
     pair = Pair(base=base, finetuned=[full], processor=processor, base_id="demo base",
                 finetuned_ids=["full fine-tuning"])
     result = run_method(pair, Settings(method="tailor"), [calib])

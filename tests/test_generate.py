@@ -13,7 +13,7 @@ from tailor_ui.demo.model import DemoArch, make_model
 from tailor_ui.demo.processor import build_processor
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation import (EvalResult, answer_one, evaluate, generate_answers,
-                                  save_result, score_predictions)
+                                  majority_baseline, save_result, score_predictions)
 from tailor_ui.prompts import encode_prompts
 
 WORDS = "what colour is the shape how many a red blue green circle square one two".split()
@@ -129,3 +129,18 @@ def test_unscorable_sets_are_refused_before_generating(model, processor, example
         evaluate(model, processor, no_answers, "vqa")
     with pytest.raises(UserError, match="unknown task"):
         evaluate(model, processor, examples, "count")  # type: ignore[arg-type]
+
+
+def test_majority_baseline_is_the_score_of_always_giving_the_commonest_answer(tmp_path):
+    image = tmp_path / "x.png"
+    vqa = [Example(image, "q", ("two",) * 10), Example(image, "q", ("one",) * 10),
+           Example(image, "q", ("two",) * 9 + ("three",)), Example(image, "q", ("three",) * 10)]
+    baseline = majority_baseline(vqa, "vqa")
+    assert (baseline.answer, baseline.share) == ("two", 0.75)  # three has 2 examples, one 1
+    assert baseline.score == pytest.approx((1 + 0 + 1 + 0) / 4)  # 9 "two"s of 10 still score 1
+    tie = majority_baseline(vqa[1:2] + vqa[3:], "vqa")
+    assert (tie.answer, tie.share, tie.score) == ("one", 0.5, 0.5)  # ties: first seen
+    captions = [Example(image, "", ("a red circle", "a circle")), Example(image, "", ("a circle",))]
+    assert majority_baseline(captions, "caption").answer == "a circle"
+    with pytest.raises(UserError, match="empty"):
+        majority_baseline([], "vqa")

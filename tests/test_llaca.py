@@ -13,7 +13,7 @@ from tailor_ui.demo import world
 from families import tiny_demo_model as tiny
 
 from tailor_ui.errors import UserError
-from tailor_ui.demo.tasks import shapes_samples, shapes_sequence, spatial_pairs
+from tailor_ui.demo.tasks import shapes_samples, shapes_sequence
 from tailor_ui.training.continual import acc_column, continual_metrics, run_continual, summary
 from tailor_ui.training.finetune import finetune
 from tailor_ui.training.llaca import (CODE_FALLBACK, PAPER_FALLBACK, EMATracker, code_weight,
@@ -171,10 +171,10 @@ def test_bad_llaca_options():
 def test_spatial_questions_follow_the_scene():
     scene = world.Scene("gray", (world.Shape("circle", "red", "small", 10, 30, 4),
                                  world.Shape("square", "blue", "large", 45, 30, 8)))
-    pairs = spatial_pairs(scene)
+    pairs = world.spatial_pairs(scene)
     assert ("what shape is on the left?", "circle") in pairs
     assert ("what colour is the shape on the right?", "blue") in pairs
-    assert spatial_pairs(world.Scene("gray", scene.shapes[:1])) == []
+    assert world.spatial_pairs(world.Scene("gray", scene.shapes[:1])) == []
     vocab = set(world.vocabulary()) | {"?"}
     for task in ("colour", "count", "spatial"):
         for s in shapes_samples(task, 30, 0, 0):

@@ -1,11 +1,22 @@
-"""Build the demo: evaluation and calibration sets, the base model and its fine-tuned twin.
+"""Build the demo: evaluation and calibration sets, the base model and two fine-tunes of it.
 
 The base is trained from scratch on the original skills (captioning and attribute VQA).
-The fine-tuned model is that base trained on the target skill (counting) only, the way the
-Model Tailor paper's LLaVA runs were made: full fine-tuning of the last half of the
-language model's decoder layers, with the vision tower, projector, embeddings, final norm
-and lm_head frozen. Nothing is tuned to help or hurt any merging method; the recipe is an
-ordinary one and the forgetting it causes is whatever plain fine-tuning does.
+Each fine-tuned model is that base trained on one target skill only, the way the Model
+Tailor paper's LLaVA runs were made: full fine-tuning of the last half of the language
+model's decoder layers, with the vision tower, projector, embeddings, final norm and lm_head
+frozen. The two targets tell two stories:
+
+- spatial questions (the default story, at the top of the assets folder): the answers are
+  shape and colour words the base already gives, so what fine-tuning learns and what it
+  breaks sit apart -- the paper's case, where a small patch keeps the skill and drops the
+  forgetting;
+- counting (`counting/`), answers balanced over one/two/three: learning it means answering
+  in a new format, and that change of format is itself the forgetting, so no patch can keep
+  one and drop the other.
+
+Nothing is tuned to help or hurt any merging method; the recipes are ordinary ones and the
+forgetting is whatever plain fine-tuning does. scores.json holds every score and, per set,
+the majority-answer baseline (always giving the set's commonest answer).
 
 Everything is seeded; the build is written to a temporary folder and renamed into place.
 """
@@ -27,13 +38,35 @@ from tailor_ui.demo import world
 from tailor_ui.demo.model import DemoArch, make_model
 from tailor_ui.demo.processor import build_processor
 from tailor_ui.demo.train import Progress, encode_batches, pretrain_vision, train
-from tailor_ui.evaluation.evaluate import evaluate
+from tailor_ui.evaluation.evaluate import evaluate, majority_baseline
 
-# Task -> the metric family evaluate() applies (counting answers are scored like VQA).
+# Set -> the metric family evaluate() applies (both targets' one-word answers score like VQA).
 EVAL_TASKS = {"caption": "caption", "vqa": "vqa", "target": "vqa"}
-WORLD_TASK = {"caption": "caption", "vqa": "vqa", "target": "count"}
-# Streams of world.generate: one per split, so splits never share a scene draw.
+ORIGINAL = ("caption", "vqa")
+# Streams of world.generate: one per split, so splits never share a scene draw (each world
+# task has its own generators too).
 TRAIN_STREAM, EVAL_STREAM, CALIB_STREAM = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Story:
+    """One fine-tune of the base: its target task, where it lives, and how it is trained."""
+
+    name: str
+    task: str  # the world task it learns
+    folder: str  # under the assets folder; "" is the top, the default story's place
+    examples: int
+    epochs: int
+    lr: float
+    batch: int
+    warmup: int
+
+
+# One recipe but the learning rate: at 1e-4 the spatial fine-tune barely moves the original
+# skills (about 1 % lost), at 1e-3 it forgets about half of them.
+STORIES = (Story("spatial", "spatial", "", examples=6000, epochs=3, lr=1e-3, batch=32, warmup=20),
+           Story("counting", "count", "counting", examples=6000, epochs=3, lr=1e-4, batch=32,
+                 warmup=20))
 
 
 @dataclass(frozen=True)
@@ -51,12 +84,8 @@ class Recipe:
     base_lr: float = 1e-3
     base_batch: int = 32
     base_warmup: int = 100
-    # Fine-tuning: target task only, last half of the decoder.
-    ft_examples: int = 6000
-    ft_epochs: int = 3
-    ft_lr: float = 1e-4
-    ft_batch: int = 32
-    ft_warmup: int = 20
+    # Fine-tuning: one target task per story, last half of the decoder.
+    stories: tuple[Story, ...] = STORIES
 
 
 def _finetuned_layer_names(text_layers: int) -> re.Pattern[str]:
@@ -85,6 +114,12 @@ def _scores(model, processor, eval_files: dict[str, Path]) -> dict[str, dict]:
         result = evaluate(model, processor, read_examples(path), EVAL_TASKS[task], batch_size=50)
         out[task] = {"metric": result.metric, "score": round(result.score, 4)}
     return out
+
+
+def _majority(examples, task: str) -> dict:
+    baseline = majority_baseline(examples, EVAL_TASKS[task])
+    return {"answer": baseline.answer, "share": round(baseline.share, 4),
+            "score": round(baseline.score, 4)}
 
 
 def _folder_mb(folder: Path) -> float:
@@ -125,29 +160,36 @@ def build_demo(assets_dir: Path, *, seed: int = 0, recipe: Recipe = Recipe(),
     shutil.rmtree(assets_dir, ignore_errors=True)
     work.rename(assets_dir)
     progress(f"demo built in {report['seconds']:.0f} s, {report['size_mb']:.1f} MB")
-    for model_name in ("base", "finetuned"):
-        progress(f"  {model_name:9s} " + "  ".join(
-            f"{task} {s['metric']} {s['score']:.3f}" for task, s in report[model_name].items()))
+    for name, story in report["stories"].items():
+        progress(f"{name} (majority-answer baseline on its target: "
+                 f"{story['majority']['target_eval']['score']:.3f})")
+        for model_name in ("base", "finetuned"):
+            progress(f"  {model_name:9s} " + "  ".join(
+                f"{task} {s['metric']} {s['score']:.3f}" for task, s in story[model_name].items()))
     return report
 
 
-def _build(work: Path, seed: int, recipe: Recipe, progress: Progress) -> dict:
-    arch = recipe.arch
-    rng = np.random.default_rng(seed)
-    processor = build_processor(world.vocabulary(), image_size=arch.image_size,
-                                patch_size=arch.patch_size)
+def _write_sets(work: Path, seed: int, recipe: Recipe
+                ) -> tuple[dict[str, Path], dict[str, dict[str, Path]]]:
+    """The original skills' evaluation sets ({task: JSONL}) and each story's target
+    evaluation and calibration sets ({story: {split: JSONL}}), in the story's folder."""
+    original = {task: _write_split(work, f"{task}_eval",
+                                   world.generate(task, recipe.eval_size, seed, EVAL_STREAM))
+                for task in ORIGINAL}
+    targets = {story.name: {
+        "target_eval": _write_split(work / story.folder, "target_eval", world.generate(
+            story.task, recipe.eval_size, seed, EVAL_STREAM)),
+        "target_calib": _write_split(work / story.folder, "target_calib", world.generate(
+            story.task, recipe.calib_size, seed, CALIB_STREAM))}
+        for story in recipe.stories}
+    return original, targets
 
-    progress("writing evaluation and calibration sets")
-    eval_files = {task: _write_split(work, f"{task}_eval",
-                                     world.generate(WORLD_TASK[task], recipe.eval_size, seed,
-                                                    EVAL_STREAM))
-                  for task in EVAL_TASKS}
-    _write_split(work, "target_calib",
-                 world.generate("count", recipe.calib_size, seed, CALIB_STREAM))
 
+def _train_base(work: Path, seed: int, recipe: Recipe, processor, rng: np.random.Generator,
+                progress: Progress) -> tuple[torch.nn.Module, dict]:
     base_samples = (world.generate("caption", recipe.base_examples_per_task, seed, TRAIN_STREAM)
                     + world.generate("vqa", recipe.base_examples_per_task, seed, TRAIN_STREAM))
-    model = make_model(processor, arch)
+    model = make_model(processor, recipe.arch)
     progress("pre-training the vision tower")
     vision_accuracy = pretrain_vision(
         model.model.vision_tower, processor.image_processor, base_samples,
@@ -160,19 +202,47 @@ def _build(work: Path, seed: int, recipe: Recipe, progress: Progress) -> dict:
                         warmup_steps=recipe.base_warmup, progress=progress)
     model.save_pretrained(work / "base")
     processor.save_pretrained(work / "base")
-    base_scores = _scores(model, processor, eval_files)
+    return model, {"vision_cell_accuracy": round(vision_accuracy, 4), "base_losses": base_losses}
 
-    progress("fine-tuning the last half of the decoder on counting")
-    tuned = _finetuned_layer_names(arch.text_layers)
-    ft_samples = world.generate("count", recipe.ft_examples, seed, TRAIN_STREAM)
-    ft_losses = train(model, encode_batches(processor, ft_samples, recipe.ft_batch, rng),
-                      lr=recipe.ft_lr, epochs=recipe.ft_epochs, weight_decay=0.0,
-                      trainable=lambda name: tuned.search(name) is not None,
-                      warmup_steps=recipe.ft_warmup, progress=progress)
-    model.save_pretrained(work / "finetuned")
-    processor.save_pretrained(work / "finetuned")
-    ft_scores = _scores(model, processor, eval_files)
 
-    return {"seed": seed, "recipe": asdict(recipe), "base": base_scores, "finetuned": ft_scores,
-            "vision_cell_accuracy": round(vision_accuracy, 4),
-            "losses": {"base": base_losses, "finetuned": ft_losses}}
+def _finetune(model: torch.nn.Module, processor, story: Story, samples: list[world.Sample],
+              text_layers: int, rng: np.random.Generator, progress: Progress) -> list[float]:
+    progress(f"fine-tuning the last half of the decoder on {story.name} ({story.task} questions)")
+    tuned = _finetuned_layer_names(text_layers)
+    return train(model, encode_batches(processor, samples, story.batch, rng),
+                 lr=story.lr, epochs=story.epochs, weight_decay=0.0,
+                 trainable=lambda name: tuned.search(name) is not None,
+                 warmup_steps=story.warmup, progress=progress)
+
+
+def _build(work: Path, seed: int, recipe: Recipe, progress: Progress) -> dict:
+    rng = np.random.default_rng(seed)
+    processor = build_processor(world.vocabulary(), image_size=recipe.arch.image_size,
+                                patch_size=recipe.arch.patch_size)
+    progress("writing evaluation and calibration sets")
+    original, targets = _write_sets(work, seed, recipe)
+    model, base_report = _train_base(work, seed, recipe, processor, rng, progress)
+    base_scores = _scores(model, processor, original)
+    base_targets = {name: _scores(model, processor, {"target": sets["target_eval"]})
+                    for name, sets in targets.items()}
+    base_state = {name: value.clone() for name, value in model.state_dict().items()}
+    stories = {}
+    for story in recipe.stories:
+        model.load_state_dict(base_state)  # every story starts from the same base
+        samples = world.generate(story.task, story.examples, seed, TRAIN_STREAM)
+        losses = _finetune(model, processor, story, samples, recipe.arch.text_layers, rng, progress)
+        model.save_pretrained(work / story.folder / "finetuned")
+        processor.save_pretrained(work / story.folder / "finetuned")
+        sets = targets[story.name]
+        stories[story.name] = {
+            "folder": story.folder,
+            "base": {**base_scores, **base_targets[story.name]},
+            "finetuned": _scores(model, processor, {**original, "target": sets["target_eval"]}),
+            "majority": {"train": _majority(samples, "target"),
+                         **{split: _majority(read_examples(path), "target")
+                            for split, path in sets.items()}},
+            "losses": losses}
+    majority = {f"{task}_eval": _majority(read_examples(path), task)
+                for task, path in original.items()}
+    return {"seed": seed, "recipe": asdict(recipe), "majority": majority, "stories": stories,
+            **base_report}

@@ -23,30 +23,11 @@ DEFAULT_SEQUENCE = ("colour", "count", "spatial")
 TRAIN_STREAM, EVAL_STREAM = 10, 11  # away from the demo build's streams 0-2
 
 
-def _positions(scene: world.Scene) -> list[tuple[str, world.Shape]]:
-    shapes = scene.shapes
-    if len(shapes) == 2:
-        return [("on the left", shapes[0]), ("on the right", shapes[1])]
-    return [("on the left", shapes[0]), ("in the middle", shapes[1]), ("on the right", shapes[2])]
-
-
-def spatial_pairs(scene: world.Scene) -> list[tuple[str, str]]:
-    """Which shape, or which colour, is on the left / in the middle / on the right (scenes of
-    two or three shapes; the world places each shape in its own horizontal slot)."""
-    if len(scene.shapes) < 2:
-        return []
-    pairs = []
-    for where, s in _positions(scene):
-        pairs.append((f"what shape is {where}?", s.kind))
-        pairs.append((f"what colour is the shape {where}?", s.colour))
-    return pairs
-
-
 def _question_pairs(task: str, scene: world.Scene) -> list[tuple[str, str]]:
     if task == "count":
         return world.count_pairs(scene)
     if task == "spatial":
-        return spatial_pairs(scene)
+        return world.spatial_pairs(scene)
     prefix = {"colour": "what colour", "shape": "what shape", "size": "what size"}[task]
     return [(q, a) for q, a in world.vqa_pairs(scene) if q.startswith(prefix)]
 
@@ -56,16 +37,8 @@ def shapes_samples(task: str, n: int, seed: int, stream: int) -> list[world.Samp
     if task not in SHAPES_TASKS:
         raise UserError(f"unknown shapes task {task!r}; expected one of {', '.join(SHAPES_TASKS)}")
     rng = np.random.default_rng([seed, stream, SHAPES_TASKS.index(task)])
-    out = []
-    while len(out) < n:
-        scene = world.make_scene(rng)
-        pairs = _question_pairs(task, scene)
-        if not pairs:
-            continue  # e.g. spatial questions need two shapes or more
-        image = world.render(scene, rng)
-        question, answer = pairs[int(rng.integers(len(pairs)))]
-        out.append(world.Sample(image, question, (answer,) * world.VQA_ANSWER_COPIES, scene))
-    return out
+    return [world.question_sample(rng, lambda scene: _question_pairs(task, scene))
+            for _ in range(n)]
 
 
 def _write_eval(folder: Path, name: str, samples: Sequence[world.Sample]) -> list[Example]:

@@ -1,11 +1,16 @@
 """The shapes world: seeded 48x48 scenes of one to three shapes, with ground truth.
 
-Three tasks share the scenes. The base model's original skills are captioning (five
+Four tasks share the scenes. The base model's original skills are captioning (five
 reference phrasings per image, as COCO has, so CIDEr-D sees consensus) and attribute VQA
-(the colour, shape or size of a uniquely named shape, or the background colour). The target
-skill, learnt only by fine-tuning, is counting ("how many red shapes are there?" -> "two"):
-a new question type with its own one-word answer style. The number words and plurals it
-needs already occur in one caption phrasing, as a real LLM knows them from pre-training.
+(the colour, shape or size of a uniquely named shape, or the background colour). Two target
+skills are learnt only by fine-tuning:
+
+- spatial questions ("what shape is on the left?" -> "circle"): a new question type whose
+  answers are shape and colour words the base already says, so learning it need not change
+  how the model answers -- the paper's case, where forgetting is a side effect a patch can undo;
+- counting ("how many red shapes are there?" -> "two"): a new one-word answer style, drawn
+  balanced over one/two/three. The number words already occur in one caption phrasing, as a
+  real LLM knows them from pre-training, but answering with them is a change of format.
 
 Everything is drawn from one `numpy` generator seeded per call, so a seed fixes the images
 and the texts exactly.
@@ -13,6 +18,7 @@ and the texts exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +39,7 @@ GRID = 3  # shapes sit in a GRID x GRID layout of cells, one column each
 CELL = IMAGE_SIZE // GRID
 SIZES = {"small": (3, 4), "large": (6, 7)}  # half-widths in pixels, drawn uniformly
 NUMBERS = ("one", "two", "three")
-TASKS = ("caption", "vqa", "count")  # two original skills, then the target skill
+TASKS = ("caption", "vqa", "count", "spatial")  # two original skills, then two targets
 # VQA data sets carry ten annotator answers; ours agree, so a match scores 1.
 VQA_ANSWER_COPIES = 10
 
@@ -191,14 +197,57 @@ def count_pairs(scene: Scene) -> list[tuple[str, str]]:
     return pairs
 
 
-def _sample(task: str, rng: np.random.Generator) -> Sample:
-    scene = make_scene(rng)
+def _positions(scene: Scene) -> list[tuple[str, Shape]]:
+    shapes = scene.shapes
+    if len(shapes) == 2:
+        return [("on the left", shapes[0]), ("on the right", shapes[1])]
+    return [("on the left", shapes[0]), ("in the middle", shapes[1]), ("on the right", shapes[2])]
+
+
+def spatial_pairs(scene: Scene) -> list[tuple[str, str]]:
+    """Which shape, or which colour, is on the left / in the middle / on the right (scenes of
+    two or three shapes; each shape has its own column, so the answer is unambiguous)."""
+    if len(scene.shapes) < 2:
+        return []
+    pairs = []
+    for where, s in _positions(scene):
+        pairs.append((f"what shape is {where}?", s.kind))
+        pairs.append((f"what colour is the shape {where}?", s.colour))
+    return pairs
+
+
+QuestionPairs = Callable[[Scene], list[tuple[str, str]]]
+_QUESTIONS: dict[str, QuestionPairs] = {"vqa": vqa_pairs, "count": count_pairs,
+                                        "spatial": spatial_pairs}
+
+
+def question_sample(rng: np.random.Generator, pairs_of: QuestionPairs) -> Sample:
+    """One question about a fresh scene, drawn from `pairs_of(scene)`; scenes that offer no
+    question (e.g. a spatial one needs two shapes) are drawn again."""
+    while True:
+        scene = make_scene(rng)
+        pairs = pairs_of(scene)
+        if pairs:
+            break
     image = render(scene, rng)
-    if task == "caption":
-        return Sample(image, "", tuple(captions(scene)), scene)
-    pairs = vqa_pairs(scene) if task == "vqa" else count_pairs(scene)
     question, answer = pairs[int(rng.integers(len(pairs)))]
     return Sample(image, question, (answer,) * VQA_ANSWER_COPIES, scene)
+
+
+def _with_answer(answer: str) -> QuestionPairs:
+    return lambda scene: [(q, a) for q, a in count_pairs(scene) if a == answer]
+
+
+def _sample(task: str, rng: np.random.Generator, index: int) -> Sample:
+    if task == "caption":
+        scene = make_scene(rng)
+        return Sample(render(scene, rng), "", tuple(captions(scene)), scene)
+    if task == "count":
+        # Balanced answers: sample i answers NUMBERS[i % 3], else "one" would be most of
+        # them (most scenes have one shape of a kind or colour) and a model that always
+        # answers "one" would look like it learnt to count.
+        return question_sample(rng, _with_answer(NUMBERS[index % len(NUMBERS)]))
+    return question_sample(rng, _QUESTIONS[task])
 
 
 def generate(task: str, n: int, seed: int, stream: int = 0) -> list[Sample]:
@@ -209,4 +258,4 @@ def generate(task: str, n: int, seed: int, stream: int = 0) -> list[Sample]:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     rng = np.random.default_rng([seed, stream, TASKS.index(task)])
-    return [_sample(task, rng) for _ in range(n)]
+    return [_sample(task, rng, i) for i in range(n)]

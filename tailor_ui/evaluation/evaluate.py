@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +70,29 @@ def score_predictions(predictions: Sequence[str], examples: Sequence[Example], t
                        for p, refs in zip(predictions, references, strict=True)]
         metrics = {"vqa_accuracy": sum(per_example) / len(per_example)}
     return metrics, per_example
+
+
+@dataclass(frozen=True)
+class MajorityBaseline:
+    """What a model that always gives one answer scores: the set's most common reference
+    answer, the fraction of examples that accept it, and the score of always answering it."""
+
+    answer: str
+    share: float
+    score: float
+
+
+def majority_baseline(examples: Sequence[Example], task: Task) -> MajorityBaseline:
+    """The floor a skill must beat: always answering the set's most common answer.
+
+    Each example counts once per distinct reference answer; ties go to the answer seen first.
+    """
+    _references(examples, task)
+    counts = Counter(answer for ex in examples for answer in dict.fromkeys(ex.answers))
+    answer, n = counts.most_common(1)[0]
+    metrics, _ = score_predictions([answer] * len(examples), examples, task)
+    return MajorityBaseline(answer=answer, share=n / len(examples),
+                            score=metrics[PRIMARY_METRIC[task]])
 
 
 def evaluate(model, processor, examples: Sequence[Example], task: Task, *,
