@@ -93,7 +93,7 @@ def wait_done(studio, job, timeout=120):
 def zero(tmp_path_factory, model_root):
     """A CPU Studio whose demo pair sits on a "cuda" lane run through the fork, warmed up,
     and one result of every kind that runs in the GPU worker."""
-    from tailor_ui.ui.studio import Studio, StudioConfig, default_settings
+    from tailor_ui.service.studio import Studio, StudioConfig, default_settings
 
     root = tmp_path_factory.mktemp("zerogpu")
     config = StudioConfig(workdir=root / "work", demo_dir=DEMO, device="auto",

@@ -14,7 +14,8 @@ from tailor_ui.session import PairHandle, TailorRun
 from tailor_ui.ui.common import (Slider, cancel_unfinished, changed, fmt_table, history_table,
                                  job_signature, progress_html, public_text, session_id, user_errors)
 from tailor_ui.ui.models import changed_modules
-from tailor_ui.ui.studio import Studio, default_settings
+from tailor_ui.service.config import default_settings
+from tailor_ui.service.studio import Studio
 
 LAMBDA_METHODS = ("wise_ft", "task_arithmetic", "ties")
 DEFAULT_LAMBDA = {"wise_ft": 0.5, "task_arithmetic": 1.0, "ties": 1.0}
