@@ -7,7 +7,6 @@ when complete.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -261,7 +260,8 @@ def _tailor(args: argparse.Namespace) -> int:
     from tailor_ui.engine import run_method
     from tailor_ui.io import atomic_path
     from tailor_ui.pair import load_pair
-    from tailor_ui.patch import save_patch
+    from tailor_ui.service.export import save_tailored
+    from tailor_ui.service.tailor import save_run
     from tailor_ui.settings import Settings
 
     settings = Settings(method=args.method, keep=args.keep, alpha=args.alpha, scope=args.scope,
@@ -292,10 +292,9 @@ def _tailor(args: argparse.Namespace) -> int:
             bar.close()
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
-            save_patch(result.patch, tmp / "patch.safetensors")
+            save_run(tmp, result.patch, result.report)
             if args.save_model:
-                _save_tailored(pair, result.patch, tmp / "model")
-            (tmp / "report.json").write_text(json.dumps(result.report, indent=2))
+                save_tailored(pair, result.patch, tmp / "model")
         report = result.report
     print(f"{settings.method}: {report['patch_entries']:,} entries in the patch "
           f"({100 * report['linear_fraction']:.2f}% of selected linears, "
@@ -308,7 +307,8 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
     """A data-free merge streamed from the checkpoints: the same patch (and model) as in
     memory, holding one tensor at a time plus the patch."""
     from tailor_ui.io import atomic_path
-    from tailor_ui.patch import Patch, save_patch
+    from tailor_ui.patch import Patch
+    from tailor_ui.service.tailor import save_run
     from tailor_ui.stream import stream_merge
 
     patch = Patch(tensors={})
@@ -320,22 +320,10 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
                                   tmp / "model" if args.save_model else None, _stream_device(args.device),
                                   patch=patch, progress=update)
             patch.metadata.update(base=args.base, finetuned=args.finetuned)  # as the user named them
-            save_patch(patch, tmp / "patch.safetensors")
-            (tmp / "report.json").write_text(json.dumps(report, indent=2))
+            save_run(tmp, patch, report)
     finally:
         bar.close()
     return report
-
-
-def _save_tailored(pair, patch, folder: Path) -> None:
-    from tailor_ui.patch import apply_patch, revert_patch
-
-    applied = apply_patch(pair.base, patch)
-    try:
-        pair.base.save_pretrained(folder, max_shard_size="2GB")
-        pair.processor.save_pretrained(folder)
-    finally:
-        revert_patch(pair.base, applied)
 
 
 def _apply(args: argparse.Namespace) -> int:
@@ -377,16 +365,6 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _numbers(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
-    if not values or not all(0.0 <= v <= 1.0 for v in values):
-        raise UserError(f"{flag} values must lie in [0, 1], got {text!r}")
-    return values
-
-
 def _eval_set(spec: str, limit: int | None):
     from tailor_ui.data import read_examples
     from tailor_ui.evaluation.sweep import EvalSet
@@ -398,35 +376,17 @@ def _eval_set(spec: str, limit: int | None):
     return EvalSet(name=Path(path).stem, task=task, examples=examples)
 
 
-def sweep_settings(methods: list[str], keeps: list[float], alphas: list[float], lams: list[float],
-                   hessians: str) -> list:
-    """The grid: patch-size methods over keep (tailor also over alpha), λ methods over λ."""
-    from tailor_ui.settings import METHODS, Settings
-
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise UserError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
-    grid = []
-    for method in methods:
-        if method in ("wise_ft", "task_arithmetic"):
-            grid += [Settings(method=method, lam=lam) for lam in lams]
-        elif method == "tailor":
-            grid += [Settings(method=method, keep=k, alpha=a, hessians=hessians) for a in alphas for k in keeps]
-        else:
-            grid += [Settings(method=method, keep=k) for k in keeps]
-    return grid
-
-
 def _sweep(args: argparse.Namespace) -> int:
     from tailor_ui.calibration import calibration_batches
     from tailor_ui.data import read_examples
-    from tailor_ui.evaluation.sweep import sweep
+    from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers, sweep, sweep_grid
     from tailor_ui.io import atomic_path
     from tailor_ui.pair import load_pair
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    grid = sweep_settings(methods, _numbers(args.keep, "--keep"), _numbers(args.alpha, "--alpha"),
-                          _numbers(args.lam, "--lam"), args.hessians)
+    grid = sweep_grid(methods, parse_numbers(args.keep, "--keep"),
+                      parse_numbers(args.lam, "--lam", *LAMBDA_RANGE),
+                      alphas=parse_numbers(args.alpha, "--alpha"), hessians=args.hessians)
     if "tailor" in methods and args.calib is None:
         raise UserError("the tailor method needs target-task calibration data: pass --calib FILE.jsonl")
     original = [_eval_set(spec, args.limit) for spec in args.original]

@@ -44,6 +44,8 @@ _KNOBS: dict[str, tuple[str, ...]] = {
     "tailor": ("keep", "alpha"), "magnitude": ("keep",), "wise_ft": ("lam",),
     "task_arithmetic": ("lam",), "ties": ("keep", "lam"), "dare": ("keep",),
 }
+# The λ a sweep may try (WiSE-FT, task arithmetic): beyond 1 extrapolates past the fine-tuned model
+LAMBDA_RANGE = (0.0, 2.0)
 # Shown in every label that uses them, so they are not repeated as "non-default" extras.
 _LABELLED = {"method", "keep", "alpha", "lam", "drop"}
 
@@ -200,7 +202,7 @@ def summarize(table: pd.DataFrame, original: Sequence[EvalSet], target: Sequence
     return table[order]
 
 
-def parse_numbers(text: str | Sequence[float] | None, name: str, *, low: float = 0.0,
+def parse_numbers(text: str | Sequence[float] | None, name: str, low: float = 0.0,
                   high: float = 1.0) -> list[float]:
     """'0.05, 0.1 0.2' -> [0.05, 0.1, 0.2] (commas, spaces or semicolons; repeats dropped),
     each checked to lie in [low, high]."""
