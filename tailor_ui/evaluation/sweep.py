@@ -248,6 +248,8 @@ def sweep_grid(methods: Sequence[str], keeps: Sequence[float], lams: Sequence[fl
         if method != "tailor":
             grid += [Settings(method=method, keep=float(keep)) for keep in keeps]
             continue
+        if not (alphas and scopes and compensations):
+            raise UserError("tailor needs at least one alpha, scope and compensation choice")
         grid += [Settings(method=method, keep=float(keep), alpha=float(alpha), hessians=hessians,
                           scope=scope, compensate=compensate)
                  for scope in scopes for compensate in compensations for alpha in alphas

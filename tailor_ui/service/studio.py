@@ -100,7 +100,7 @@ class Studio:
         examples = list(handle.calibration[: self.config.calib_examples])
 
         def job(progress, should_stop):
-            return self._tailor_run(handle, settings, examples, "builtin", "warm-up", None,
+            return self._tailor_job(handle, settings, examples, "builtin", "warm-up", None,
                                     progress, should_stop)
 
         self.runner.submit(SYSTEM, "tailor", job, label="warm-up: default merge", lane=handle.lane)
@@ -242,7 +242,7 @@ class Studio:
         label = settings_label(settings)
 
         def job(progress, should_stop):
-            return self._tailor_run(handle, settings, examples, source, label, session,
+            return self._tailor_job(handle, settings, examples, source, label, session,
                                     progress, should_stop)
 
         return self.runner.submit(session.id, "tailor", job, label=label, lane=handle.lane)
@@ -256,7 +256,7 @@ class Studio:
     def _batches(self, handle: PairHandle, examples: list, source: str) -> list:
         return tailor.batches(handle, examples, source, self.config.calib_batch)
 
-    def _tailor_run(self, handle: PairHandle, settings, examples: list, source: str, label: str,
+    def _tailor_job(self, handle: PairHandle, settings, examples: list, source: str, label: str,
                     session: Session | None, progress, should_stop) -> TailorRun:
         return tailor.tailor_run(handle, settings, examples, source, label, session,
                                  batch_size=self.config.calib_batch,
