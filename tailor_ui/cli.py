@@ -367,7 +367,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _eval_set(spec: str, limit: int | None):
     from tailor_ui.data import read_examples
-    from tailor_ui.evaluation.sweep import EvalSet
+    from tailor_ui.evaluation.evaluate import EvalSet
 
     path, _, task = spec.rpartition(":") if spec.endswith((":caption", ":vqa")) else (spec, "", "")
     examples = read_examples(path)[:limit]
