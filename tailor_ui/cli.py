@@ -7,7 +7,6 @@ when complete.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -275,7 +274,8 @@ def _tailor(args: argparse.Namespace) -> int:
     from tailor_ui.io import atomic_path
     from tailor_ui.methods import REGISTRY
     from tailor_ui.pair import load_pair
-    from tailor_ui.patch import save_patch
+    from tailor_ui.service.export import save_tailored
+    from tailor_ui.service.tailor import save_run
     from tailor_ui.settings import Settings
 
     settings = Settings(method=args.method, keep=args.keep, alpha=args.alpha, scope=args.scope,
@@ -307,10 +307,9 @@ def _tailor(args: argparse.Namespace) -> int:
             bar.close()
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
-            save_patch(result.patch, tmp / "patch.safetensors")
+            save_run(tmp, result.patch, result.report)
             if args.save_model:
-                _save_tailored(pair, result.patch, tmp / "model")
-            (tmp / "report.json").write_text(json.dumps(result.report, indent=2))
+                save_tailored(pair, result.patch, tmp / "model")
         report = result.report
     print(f"{settings.method}: {report['patch_entries']:,} entries in the patch "
           f"({100 * report['linear_fraction']:.2f}% of selected linears, "
@@ -323,7 +322,8 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
     """A data-free merge streamed from the checkpoints: the same patch (and model) as in
     memory, holding one tensor at a time plus the patch."""
     from tailor_ui.io import atomic_path
-    from tailor_ui.patch import Patch, save_patch
+    from tailor_ui.patch import Patch
+    from tailor_ui.service.tailor import save_run
     from tailor_ui.stream import stream_merge
 
     patch = Patch(tensors={})
@@ -335,22 +335,10 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
                                   tmp / "model" if args.save_model else None, _stream_device(args.device),
                                   patch=patch, progress=update)
             patch.metadata.update(base=args.base, finetuned=args.finetuned)  # as the user named them
-            save_patch(patch, tmp / "patch.safetensors")
-            (tmp / "report.json").write_text(json.dumps(report, indent=2))
+            save_run(tmp, patch, report)
     finally:
         bar.close()
     return report
-
-
-def _save_tailored(pair, patch, folder: Path) -> None:
-    from tailor_ui.patch import apply_patch, revert_patch
-
-    applied = apply_patch(pair.base, patch)
-    try:
-        pair.base.save_pretrained(folder, max_shard_size="2GB")
-        pair.processor.save_pretrained(folder)
-    finally:
-        revert_patch(pair.base, applied)
 
 
 def _apply(args: argparse.Namespace) -> int:
@@ -392,19 +380,9 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _numbers(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
-    if not values or not all(0.0 <= v <= 1.0 for v in values):
-        raise UserError(f"{flag} values must lie in [0, 1], got {text!r}")
-    return values
-
-
 def _eval_set(spec: str, limit: int | None):
     from tailor_ui.data import read_examples
-    from tailor_ui.evaluation.sweep import EvalSet
+    from tailor_ui.evaluation.evaluate import EvalSet
 
     path, _, task = spec.rpartition(":") if spec.endswith((":caption", ":vqa")) else (spec, "", "")
     examples = read_examples(path)[:limit]
@@ -413,25 +391,19 @@ def _eval_set(spec: str, limit: int | None):
     return EvalSet(name=Path(path).stem, task=task, examples=examples)
 
 
-def sweep_settings(methods: list[str], keeps: list[float], alphas: list[float], lams: list[float],
-                   hessians: str) -> list:
-    """The grid: each method over the knobs it sweeps (`Method.sweep`)."""
-    from tailor_ui.evaluation.sweep import settings_grid
-
-    return settings_grid(methods, {"keep": keeps, "alpha": alphas, "lam": lams}, {"hessians": hessians})
-
-
 def _sweep(args: argparse.Namespace) -> int:
     from tailor_ui.calibration import calibration_batches
     from tailor_ui.data import read_examples
-    from tailor_ui.evaluation.sweep import sweep
+    from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers, sweep, sweep_grid
     from tailor_ui.io import atomic_path
     from tailor_ui.methods import REGISTRY
     from tailor_ui.pair import load_pair
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    grid = sweep_settings(methods, _numbers(args.keep, "--keep"), _numbers(args.alpha, "--alpha"),
-                          _numbers(args.lam, "--lam"), args.hessians)
+    grid = sweep_grid(methods, {"keep": parse_numbers(args.keep, "--keep"),
+                                "alpha": parse_numbers(args.alpha, "--alpha"),
+                                "lam": parse_numbers(args.lam, "--lam", *LAMBDA_RANGE)},
+                      calibrated={"hessians": [args.hessians]})
     calibrated = [m for m in methods if REGISTRY[m].needs_calibration]
     if calibrated and args.calib is None:
         raise UserError(f"the {calibrated[0]} method needs target-task calibration data: "

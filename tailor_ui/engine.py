@@ -11,7 +11,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -28,7 +28,7 @@ from tailor_ui.methods.tailor import (TensorScores, compensate, inverse_hessian_
                                       merge_without_compensation, tensor_scores)
 from tailor_ui.names import layer_groups, layer_index
 from tailor_ui.pair import Pair
-from tailor_ui.patch import Patch, TensorPatch, apply_patch, revert_patch, tensor_patch, union
+from tailor_ui.patch import Patch, TensorPatch, applied, tensor_patch, union
 from tailor_ui.prompts import Batch
 from tailor_ui.routing import route_tensor
 from tailor_ui.settings import Settings
@@ -312,10 +312,10 @@ def _tailor_sequential(pair: Pair, k: int, linears: Sequence[str], calib: Sequen
     Hessians only until they are scored.
     """
     base = pair.base
-    applied = [apply_patch(base, Patch(tensors=dict(before)))]
     out: dict[str, TensorPatch] = {}
     groups = layer_groups(linears)
-    try:
+    with ExitStack() as tailored:  # every block's patch stays written in until the end
+        tailored.enter_context(applied(base, Patch(tensors=dict(before))))
         for g, group in enumerate(groups):
             run.check()
             tuned = {n: _values(pair, f"{n}.weight", [k]) for n in group}  # (w_pre, [w_ft])
@@ -334,10 +334,7 @@ def _tailor_sequential(pair: Pair, k: int, linears: Sequence[str], calib: Sequen
                     for n in group}
             del tuned  # this block's fine-tuned weights go before the next block's are read
             out.update(done)
-            applied.append(apply_patch(base, Patch(tensors=done)))
-    finally:
-        for state in reversed(applied):
-            revert_patch(base, state)
+            tailored.enter_context(applied(base, Patch(tensors=done)))
     return out
 
 

@@ -131,7 +131,7 @@ def studio(tmp_path_factory, model_root):
     """One Studio for the whole run: the demo pair on the CPU, warmed up."""
     if not demo_available():
         pytest.skip("the demo pair is not built (python -m tailor_ui demo build)")
-    from tailor_ui.ui.studio import Studio, StudioConfig
+    from tailor_ui.service.studio import Studio, StudioConfig
 
     root = tmp_path_factory.mktemp("studio")
     config = StudioConfig(workdir=root / "work", demo_dir=DEMO, device="cpu",

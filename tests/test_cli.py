@@ -15,6 +15,22 @@ def params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def test_load_pair_reports_progress_and_runs_the_hook_after_the_configs(disk_pair):
+    from tailor_ui.errors import UserError
+    from tailor_ui.pair import load_pair
+
+    events = []
+    pair = load_pair(str(disk_pair / "base"), [str(disk_pair / "ft")],
+                     progress=lambda stage, done, total: events.append((stage.split()[0], done, total)),
+                     before_loading=lambda: events.append(("hook", None, None)))
+    assert events == [("reading", 0, 3), ("hook", None, None), ("loading", 1, 3), ("loading", 2, 3)]
+    assert len(pair.finetuned) == 1
+    hooked = []
+    with pytest.raises(UserError, match="could not load"):  # refused before the hook
+        load_pair(str(disk_pair / "base"), ["no-such/model"], before_loading=lambda: hooked.append(1))
+    assert not hooked
+
+
 def test_inspect_lists_what_changed(disk_pair, capsys):
     assert main(["inspect", "--base", str(disk_pair / "base"), "--finetuned", str(disk_pair / "ft"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -16,7 +16,8 @@ from tailor_ui.demo.model import DemoArch, make_model
 from tailor_ui.demo.processor import build_processor
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.generate import generate_answers
-from tailor_ui.evaluation.sweep import EvalSet, h_score, setting_label, sweep
+from tailor_ui.evaluation.sweep import (EvalSet, h_score, parse_numbers, retention, setting_label,
+                                        sweep, sweep_grid)
 from tailor_ui.pair import Pair
 from tailor_ui.settings import Settings
 
@@ -146,3 +147,27 @@ def test_bad_sets_and_cancel_are_refused(pair, sets):
         sweep(pair, SETTINGS, original, [original[0]])
     with pytest.raises(Cancelled):
         sweep(pair, SETTINGS, original, target, should_stop=lambda: True)
+
+
+def test_retention_leaves_out_sets_the_reference_scores_zero_on():
+    scores = {"a": 0.5, "b": 0.3, "c": 0.2}
+    assert retention(scores, {"a": 1.0, "b": 0.6}) == pytest.approx(0.5)
+    assert retention(scores, {"a": 1.0, "b": 0.0, "c": None}) == pytest.approx(0.5)
+    assert pd.isna(retention(scores, {"a": 0.0}))
+
+
+def test_one_grid_for_cli_and_dashboard():
+    grid = sweep_grid(["tailor", "magnitude", "wise_ft"], {"keep": [0.1, 0.2], "lam": [0.5, 1.5], "alpha": [0.5, 0.8]},
+                      calibrated={"scope": ["block", "row"], "compensate": [False], "hessians": ["sequential"]})
+    tailor = [(s.scope, s.alpha, s.keep) for s in grid if s.method == "tailor"]
+    assert tailor == [(scope, a, k) for scope in ("block", "row") for a in (0.5, 0.8) for k in (0.1, 0.2)]
+    assert all(not s.compensate and s.hessians == "sequential" for s in grid if s.method == "tailor")
+    assert [s.keep for s in grid if s.method == "magnitude"] == [0.1, 0.2]
+    assert [s.lam for s in grid if s.method == "wise_ft"] == [0.5, 1.5]
+    with pytest.raises(UserError, match="unknown method 'nope'"):
+        sweep_grid(["nope"], {"keep": [0.1], "lam": [0.5]})
+    with pytest.raises(UserError, match="needs at least one λ"):
+        sweep_grid(["wise_ft"], {"keep": [0.1], "lam": []})
+    assert parse_numbers("0.5, 1.5", "--lam", 0.0, 2.0) == [0.5, 1.5]
+    with pytest.raises(UserError, match=r"--lam values must lie in \[0, 2\]: 2.5 is outside"):
+        parse_numbers("2.5", "--lam", 0.0, 2.0)

@@ -259,8 +259,10 @@ class TrainReport:
         return {**asdict(self), "trainable_fraction": self.trainable_fraction}
 
 
-def _check_options(method: str, lr: float, epochs: int, batch_size: int, rho: float,
-                   llaca_form: str, ema_beta: float, weight_decay: float, warmup_steps: int) -> None:
+def check_options(method: str, lr: float, epochs: int, batch_size: int, rho: float = 0.1,
+                  llaca_form: str = "code", ema_beta: float = 0.99, weight_decay: float = 0.0,
+                  warmup_steps: int = 0) -> None:
+    """Refuse a fine-tuning run's bad options before any work, all problems in one message."""
     problems = []
     if method not in METHODS:
         problems.append(f"unknown fine-tuning method {method!r} (choose from {', '.join(METHODS)})")
@@ -302,8 +304,8 @@ def finetune(model: torch.nn.Module, processor: Any, examples: Sequence[Any], *,
     `probes` (M). LLaCA: `llaca_form` ("code" or "paper"); EMA: `ema_beta`.
     Cancelling (`should_stop`) raises `Cancelled` and leaves the model part-trained.
     """
-    _check_options(method, lr, epochs, batch_size, rho, llaca_form, ema_beta, weight_decay,
-                   warmup_steps)
+    check_options(method, lr, epochs, batch_size, rho, llaca_form, ema_beta, weight_decay,
+                  warmup_steps)
     if not processor:
         raise UserError("fine-tuning needs the model's processor to read images and prompts")
     check_examples(examples)

@@ -7,7 +7,8 @@ import pandas as pd
 
 from tailor_ui.errors import UserError
 from tailor_ui.ui.common import session_id, user_errors
-from tailor_ui.ui.studio import Studio, demo_examples
+from tailor_ui.demo.sets import demo_examples
+from tailor_ui.service.studio import Studio
 
 MODES = [("Caption the image", "caption"), ("Ask a question", "question")]
 

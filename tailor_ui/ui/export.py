@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from tailor_ui.ui.common import changed, session_id, user_errors
-from tailor_ui.ui.studio import Studio
+from tailor_ui.service.studio import Studio
 
 
 class ExportTab:

@@ -10,7 +10,8 @@ from tailor_ui import plots
 from tailor_ui.session import TrainedModel
 from tailor_ui.ui.common import (Number, Slider, cancel_unfinished, changed, job_signature, progress_html,
                                  session_id, user_errors)
-from tailor_ui.ui.studio import FINETUNE_LABELS, Studio
+from tailor_ui.service.finetune import FINETUNE_LABELS
+from tailor_ui.service.studio import Studio
 
 METHOD_CHOICES = [("Full fine-tuning", "full"), ("Model-Dowser (sparse)", "dowser"),
                   ("LLaCA (adaptive EMA)", "llaca"), ("EMA (fixed β)", "ema")]

@@ -10,7 +10,8 @@ from tailor_ui.methods import REGISTRY
 from tailor_ui.session import SweepRun
 from tailor_ui.ui.common import (Slider, cancel_unfinished, changed, fmt_table, job_signature, progress_html,
                                  session_id, user_errors)
-from tailor_ui.ui.studio import Studio, parse_numbers
+from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers
+from tailor_ui.service.studio import Studio
 
 DEFAULT_METHODS = ["tailor", "magnitude", "wise_ft"]
 
@@ -37,8 +38,8 @@ class ForgettingTab:
         """Queue a sweep over methods x settings on the built-in evaluation sets."""
         session = self.studio.session(session_id(request))
         job = self.studio.submit_sweep(
-            session, methods or [], parse_numbers(keeps, "keep values"),
-            parse_numbers(lams, "λ values", high=2.0), alpha=float(alpha), examples=int(examples))
+            session, methods or [], parse_numbers(keeps, "keep"),
+            parse_numbers(lams, "λ", *LAMBDA_RANGE), alpha=float(alpha), examples=int(examples))
         session.sent.pop("sweep-progress", None)
         return job.id, progress_html(job)
 

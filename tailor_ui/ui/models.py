@@ -11,7 +11,7 @@ from tailor_ui.pair import DTYPES
 from tailor_ui.session import PairHandle
 from tailor_ui.ui.common import (changed, job_signature, progress_html, public_text, session_id,
                                  user_errors)
-from tailor_ui.ui.studio import Studio
+from tailor_ui.service.studio import Studio
 
 DTYPE_CHOICES = [d for d in DTYPES if len(d) > 4]  # float32, bfloat16, float16
 LOADING_DEMO = "Loading the demo pair…"

@@ -14,7 +14,8 @@ from tailor_ui.session import PairHandle, TailorRun
 from tailor_ui.ui.common import (Slider, cancel_unfinished, changed, fmt_table, history_table,
                                  job_signature, progress_html, public_text, session_id, user_errors)
 from tailor_ui.ui.models import changed_modules
-from tailor_ui.ui.studio import Studio, default_settings
+from tailor_ui.service.config import default_settings
+from tailor_ui.service.studio import Studio
 
 LAMBDA_LABEL = f"λ ({', '.join(m.label for m in REGISTRY.values() if 'lam' in m.knobs)})"
 SCOPE_INFO = {"block": "per 128-column block (authors' code)", "row": "per output row",
@@ -158,69 +159,82 @@ class TailorTab:
     # -- layout ----------------------------------------------------------------------------
 
     def render(self) -> None:
-        studio = self.studio
-        choices = [(info.label, name) for name, info in REGISTRY.items()]
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                self.method = gr.Dropdown(choices, value="tailor", label="Method", elem_id="tailor-method")
-                self.method_info = gr.Markdown(f"*{REGISTRY['tailor'].summary}*", elem_id="tailor-method-info")
-                self.keep = Slider(0.01, 1.0, value=0.10, step=0.01, label="Patch size (keep)",
-                                   info="fraction of the changed weights taken from the fine-tuned model",
-                                   elem_id="tailor-keep")
-                self.alpha = Slider(0.0, 1.0, value=0.8, step=0.05, label="Fusion weight (alpha)",
-                                    info="salience vs sensitivity (Model Tailor)", elem_id="tailor-alpha")
-                self.auto = gr.Checkbox(True, label="Re-run when a slider is released",
-                                        elem_id="tailor-auto")
-                self.scope = gr.Radio([(f"{s}: {SCOPE_INFO.get(s, s)}", s) for s in SCOPES], value="block",
-                                      label="Threshold scope", elem_id="tailor-scope")
-                self.compensate = gr.Checkbox(True, label="Compensate the patch (OBS decoration)",
-                                              elem_id="tailor-compensate")
-                self.modules = gr.Dropdown([], value=[], multiselect=True, label="Modules",
-                                           info="empty: every linear layer fine-tuning changed",
-                                           elem_id="tailor-modules")
-                self.lam = Slider(0.0, 2.0, value=1.0, step=0.05, label=LAMBDA_LABEL,
-                                  interactive=False, elem_id="tailor-lam")
-                with gr.Accordion("Calibration data (target task)", open=False):
-                    self.calib_source = gr.Radio([("built-in (demo counting set)", "builtin"),
-                                                  ("upload JSONL + images, or a .zip", "upload")],
-                                                 value="builtin", label="Calibration set",
-                                                 elem_id="tailor-calib-source")
-                    self.calib_files = gr.File(file_count="multiple", type="filepath",
-                                               label="JSONL ({image, question, answers} per line) with its images",
-                                               elem_id="tailor-calib-files")
-                    self.calib_n = Slider(8, 512, value=studio.config.calib_examples, step=8,
-                                          label="Calibration examples", elem_id="tailor-calib-n")
-                with gr.Accordion("Advanced", open=False):
-                    self.hessians = gr.Radio(
-                        [("one pass (slider moves re-threshold cached scores: fast)", "one-pass"),
-                         ("sequential (authors' order; every change recomputes)", "sequential")],
-                        value="one-pass", label="Hessians", elem_id="tailor-hessians")
-                    self.sign = gr.Radio([("OBS (subtract; default)", "obs"), ("released code (add)", "released")],
-                                         value="obs", label="Compensation sign", elem_id="tailor-sign")
-                    self.sensitivity = gr.Radio([("change (W_ft − W_pre)", "change"), ("weight (W_ft)", "weight")],
-                                                value="change", label="Sensitivity form",
-                                                elem_id="tailor-sensitivity")
-                    self.others = gr.Radio([("keep fine-tuned", "finetuned"), ("revert to base", "base"),
-                                            ("merge like linears", "linear")], value="finetuned",
-                                           label="Other tensors (norms, biases, embeddings)",
-                                           elem_id="tailor-others")
-                    self.modules_regex = gr.Textbox(label="Module regex (overrides the picker)",
-                                                    placeholder=r"language_model\.layers\.(2|3)\.",
-                                                    elem_id="tailor-modules-regex")
+                self._merge_controls()
+                self._calibration_controls()
+                self._advanced_controls()
                 with gr.Row():
                     self.run_button = gr.Button("Run", variant="primary", elem_id="tailor-run")
                     self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="tailor-cancel")
             with gr.Column(scale=2):
-                self.job_id = gr.Textbox(label="Job id", interactive=False, elem_id="tailor-job-id")
-                self.progress = gr.HTML(progress_html(None, "Press Run: the merge runs in the background."),
-                                        elem_id="tailor-progress")
-                self.result = gr.Markdown(result_markdown(None), elem_id="tailor-result")
-                self.quick = gr.Dataframe(label="Quick check (scores on a few examples per task)",
-                                          interactive=False, elem_id="tailor-quick")
-                self.heatmap = gr.Plot(plots.patch_map(None), elem_id="tailor-heatmap", show_label=False)
+                self._outputs()
         self.history = gr.Dataframe(label="Your jobs", interactive=False, elem_id="job-history",
                                     wrap=True, max_height=300)
+        self._wire()
 
+    def _merge_controls(self) -> None:
+        choices = [(info.label, name) for name, info in REGISTRY.items()]
+        self.method = gr.Dropdown(choices, value="tailor", label="Method", elem_id="tailor-method")
+        self.method_info = gr.Markdown(f"*{REGISTRY['tailor'].summary}*", elem_id="tailor-method-info")
+        self.keep = Slider(0.01, 1.0, value=0.10, step=0.01, label="Patch size (keep)",
+                           info="fraction of the changed weights taken from the fine-tuned model",
+                           elem_id="tailor-keep")
+        self.alpha = Slider(0.0, 1.0, value=0.8, step=0.05, label="Fusion weight (alpha)",
+                            info="salience vs sensitivity (Model Tailor)", elem_id="tailor-alpha")
+        self.auto = gr.Checkbox(True, label="Re-run when a slider is released",
+                                elem_id="tailor-auto")
+        self.scope = gr.Radio([(f"{s}: {SCOPE_INFO.get(s, s)}", s) for s in SCOPES], value="block",
+                              label="Threshold scope", elem_id="tailor-scope")
+        self.compensate = gr.Checkbox(True, label="Compensate the patch (OBS decoration)",
+                                      elem_id="tailor-compensate")
+        self.modules = gr.Dropdown([], value=[], multiselect=True, label="Modules",
+                                   info="empty: every linear layer fine-tuning changed",
+                                   elem_id="tailor-modules")
+        self.lam = Slider(0.0, 2.0, value=1.0, step=0.05, label="λ (WiSE-FT, task arithmetic, TIES)",
+                          interactive=False, elem_id="tailor-lam")
+
+    def _calibration_controls(self) -> None:
+        with gr.Accordion("Calibration data (target task)", open=False):
+            self.calib_source = gr.Radio([("built-in (demo counting set)", "builtin"),
+                                          ("upload JSONL + images, or a .zip", "upload")],
+                                         value="builtin", label="Calibration set",
+                                         elem_id="tailor-calib-source")
+            self.calib_files = gr.File(file_count="multiple", type="filepath",
+                                       label="JSONL ({image, question, answers} per line) with its images",
+                                       elem_id="tailor-calib-files")
+            self.calib_n = Slider(8, 512, value=self.studio.config.calib_examples, step=8,
+                                  label="Calibration examples", elem_id="tailor-calib-n")
+
+    def _advanced_controls(self) -> None:
+        with gr.Accordion("Advanced", open=False):
+            self.hessians = gr.Radio(
+                [("one pass (slider moves re-threshold cached scores: fast)", "one-pass"),
+                 ("sequential (authors' order; every change recomputes)", "sequential")],
+                value="one-pass", label="Hessians", elem_id="tailor-hessians")
+            self.sign = gr.Radio([("OBS (subtract; default)", "obs"), ("released code (add)", "released")],
+                                 value="obs", label="Compensation sign", elem_id="tailor-sign")
+            self.sensitivity = gr.Radio([("change (W_ft − W_pre)", "change"), ("weight (W_ft)", "weight")],
+                                        value="change", label="Sensitivity form",
+                                        elem_id="tailor-sensitivity")
+            self.others = gr.Radio([("keep fine-tuned", "finetuned"), ("revert to base", "base"),
+                                    ("merge like linears", "linear")], value="finetuned",
+                                   label="Other tensors (norms, biases, embeddings)",
+                                   elem_id="tailor-others")
+            self.modules_regex = gr.Textbox(label="Module regex (overrides the picker)",
+                                            placeholder=r"language_model\.layers\.(2|3)\.",
+                                            elem_id="tailor-modules-regex")
+
+    def _outputs(self) -> None:
+        self.job_id = gr.Textbox(label="Job id", interactive=False, elem_id="tailor-job-id")
+        self.progress = gr.HTML(progress_html(None, "Press Run: the merge runs in the background."),
+                                elem_id="tailor-progress")
+        self.result = gr.Markdown(result_markdown(None), elem_id="tailor-result")
+        self.quick = gr.Dataframe(label="Quick check (scores on a few examples per task)",
+                                  interactive=False, elem_id="tailor-quick")
+        self.heatmap = gr.Plot(plots.patch_map(None), elem_id="tailor-heatmap", show_label=False)
+
+    def _wire(self) -> None:
         inputs = [self.method, self.keep, self.alpha, self.scope, self.compensate, self.modules,
                   self.lam, self.hessians, self.sign, self.sensitivity, self.others,
                   self.modules_regex, self.calib_source, self.calib_files, self.calib_n]
