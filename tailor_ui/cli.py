@@ -59,9 +59,10 @@ def _readers(knob: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from tailor_ui.methods import REGISTRY
+    from tailor_ui.settings import Settings
 
     parser = _Parser(prog="python -m tailor_ui",
-                                     description="Model Tailor Studio: undo forgetting in fine-tuned MLLMs.")
+                     description="Model Tailor Studio: undo forgetting in fine-tuned MLLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-limit", type=int, default=128, help="examples used per calibration set")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-compensate", action="store_true")
+    p.add_argument("--compensation", default=Settings.compensation,
+                   help="exact (least squares per row) | greedy (SparseGPT's loop, the paper's)")
+    p.add_argument("--order", default="mask-first",
+                   help="mask-first | sparsegpt (each block's mask after the earlier blocks)")
+    p.add_argument("--budget", default="uniform", help="uniform | per-layer (by each layer's score mass)")
     p.add_argument("--sign", default="obs", help="compensation sign: obs | released")
     p.add_argument("--sensitivity", default="change", help="change | weight (authors' code)")
     p.add_argument("--hessians", default="sequential", help="sequential | one-pass")
@@ -134,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", default="0.25,0.5,0.75", help="comma-separated λ (wise_ft, task_arithmetic)")
     p.add_argument("--hessians", default="sequential", help="sequential | one-pass (one-pass reuses "
                    "Hessians across keep/alpha)")
+    p.add_argument("--compensation", default=Settings.compensation,
+                   help="comma-separated compensation forms for tailor: exact, greedy")
     p.add_argument("--limit", type=int, default=None, help="examples per evaluation set")
     p.add_argument("--calib-limit", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
@@ -279,7 +287,8 @@ def _tailor(args: argparse.Namespace) -> int:
     from tailor_ui.settings import Settings
 
     settings = Settings(method=args.method, keep=args.keep, alpha=args.alpha, scope=args.scope,
-                        compensate=not args.no_compensate, sign=args.sign,
+                        compensate=not args.no_compensate, compensation=args.compensation,
+                        order=args.order, budget=args.budget, sign=args.sign,
                         sensitivity=args.sensitivity, hessians=args.hessians, damp=args.damp,
                         modules=args.modules, others=args.others, lam=args.lam, drop=args.drop,
                         seed=args.seed, gamma=args.gamma, epsilon=args.epsilon, overlap=args.overlap)
@@ -403,7 +412,8 @@ def _sweep(args: argparse.Namespace) -> int:
     grid = sweep_grid(methods, {"keep": parse_numbers(args.keep, "--keep"),
                                 "alpha": parse_numbers(args.alpha, "--alpha"),
                                 "lam": parse_numbers(args.lam, "--lam", *LAMBDA_RANGE)},
-                      calibrated={"hessians": [args.hessians]})
+                      calibrated={"hessians": [args.hessians],
+                                  "compensation": [c.strip() for c in args.compensation.split(",") if c.strip()]})
     calibrated = [m for m in methods if REGISTRY[m].needs_calibration]
     if calibrated and args.calib is None:
         raise UserError(f"the {calibrated[0]} method needs target-task calibration data: "

@@ -16,6 +16,7 @@ from tailor_ui.ui.common import (Slider, cancel_unfinished, changed, fmt_table, 
 from tailor_ui.ui.models import changed_modules
 from tailor_ui.service.config import default_settings
 from tailor_ui.service.studio import Studio
+from tailor_ui.settings import Settings
 
 LAMBDA_LABEL = f"λ ({', '.join(m.label for m in REGISTRY.values() if 'lam' in m.knobs)})"
 SCOPE_INFO = {"block": "per 128-column block (authors' code)", "row": "per output row",
@@ -29,7 +30,8 @@ def _reads(method: str, knob: str) -> bool:
 def build_settings(method: str, keep: float, alpha: float, scope: str, compensate: bool,
                    modules: list[str] | None, lam: float | None, hessians: str = "one-pass",
                    sign: str = "obs", sensitivity: str = "change", others: str = "finetuned",
-                   modules_regex: str = ""):
+                   modules_regex: str = "", compensation: str | None = None,
+                   order: str = "mask-first", budget: str = "uniform"):
     """Widget values -> engine Settings (which validates them)."""
     pattern = (modules_regex or "").strip() or None
     if pattern is None and modules:
@@ -37,7 +39,9 @@ def build_settings(method: str, keep: float, alpha: float, scope: str, compensat
     lam_value = float(lam) if _reads(method, "lam") and lam is not None else None
     return default_settings(method=method, keep=float(keep), alpha=float(alpha), scope=scope,
                             compensate=bool(compensate), sign=sign, sensitivity=sensitivity,
-                            hessians=hessians, modules=pattern, others=others, lam=lam_value)
+                            hessians=hessians, modules=pattern, others=others, lam=lam_value,
+                            compensation=compensation or Settings.compensation, order=order,
+                            budget=budget)
 
 
 def result_markdown(run: TailorRun | None, default: bool = False) -> str:
@@ -72,11 +76,12 @@ class TailorTab:
     def run(self, method: str, keep: float, alpha: float, scope: str, compensate: bool,
             modules: list[str] | None, lam: float, hessians: str, sign: str, sensitivity: str,
             others: str, modules_regex: str, calib_source: str, calib_files: list[str] | None,
-            calib_examples: float, request: gr.Request):
+            calib_examples: float, compensation: str | None = None, order: str = "mask-first",
+            budget: str = "uniform", request: gr.Request = None):
         """Queue a merge with these settings; returns its job id and progress."""
         session = self.studio.session(session_id(request))
         settings = build_settings(method, keep, alpha, scope, compensate, modules, lam, hessians,
-                                  sign, sensitivity, others, modules_regex)
+                                  sign, sensitivity, others, modules_regex, compensation, order, budget)
         job = self.studio.submit_tailor(session, settings, calib_source=calib_source,
                                         calib_files=calib_files or None,
                                         calib_examples=int(calib_examples))
@@ -86,7 +91,8 @@ class TailorTab:
     def rerun(self, auto: bool, method: str, keep: float, alpha: float, scope: str,
               compensate: bool, modules: list[str] | None, lam: float, hessians: str, sign: str,
               sensitivity: str, others: str, modules_regex: str, calib_source: str,
-              calib_files: list[str] | None, calib_examples: float, request: gr.Request):
+              calib_files: list[str] | None, calib_examples: float, compensation: str | None = None,
+              order: str = "mask-first", budget: str = "uniform", request: gr.Request = None):
         """A slider was released: after a first run (the visitor's, or the start-up merge of
         the demo pair) merge again with the new value; an unfinished earlier merge of the
         session is superseded. With one-pass Hessians this re-thresholds cached scores."""
@@ -96,7 +102,8 @@ class TailorTab:
             if not auto or (session.latest_run(handle) is None and handle.default_run is None):
                 return gr.skip(), gr.skip()
             settings = build_settings(method, keep, alpha, scope, compensate, modules, lam,
-                                      hessians, sign, sensitivity, others, modules_regex)
+                                      hessians, sign, sensitivity, others, modules_regex,
+                                      compensation, order, budget)
             job = self.studio.submit_tailor(session, settings, calib_source=calib_source,
                                             calib_files=calib_files or None,
                                             calib_examples=int(calib_examples), supersede=True)
@@ -188,10 +195,14 @@ class TailorTab:
                               label="Threshold scope", elem_id="tailor-scope")
         self.compensate = gr.Checkbox(True, label="Compensate the patch (OBS decoration)",
                                       elem_id="tailor-compensate")
+        self.compensation = gr.Radio(
+            [("exact: least squares per row, given the patch", "exact"),
+             ("greedy: SparseGPT's column loop (the paper's)", "greedy")],
+            value=Settings.compensation, label="Compensation", elem_id="tailor-compensation")
         self.modules = gr.Dropdown([], value=[], multiselect=True, label="Modules",
                                    info="empty: every linear layer fine-tuning changed",
                                    elem_id="tailor-modules")
-        self.lam = Slider(0.0, 2.0, value=1.0, step=0.05, label="λ (WiSE-FT, task arithmetic, TIES)",
+        self.lam = Slider(0.0, 2.0, value=1.0, step=0.05, label=LAMBDA_LABEL,
                           interactive=False, elem_id="tailor-lam")
 
     def _calibration_controls(self) -> None:
@@ -213,7 +224,14 @@ class TailorTab:
                  ("sequential (authors' order; every change recomputes)", "sequential")],
                 value="one-pass", label="Hessians", elem_id="tailor-hessians")
             self.sign = gr.Radio([("OBS (subtract; default)", "obs"), ("released code (add)", "released")],
-                                 value="obs", label="Compensation sign", elem_id="tailor-sign")
+                                 value="obs", label="Compensation sign (greedy)", elem_id="tailor-sign")
+            self.order = gr.Radio([("mask first (paper)", "mask-first"),
+                                   ("SparseGPT's: each block's mask after the earlier blocks", "sparsegpt")],
+                                  value="mask-first", label="Mask order (greedy, block scope)",
+                                  elem_id="tailor-order")
+            self.budget = gr.Radio([("uniform: keep in every layer", "uniform"),
+                                    ("per layer: by each layer's share of the fused score", "per-layer")],
+                                   value="uniform", label="Patch budget", elem_id="tailor-budget")
             self.sensitivity = gr.Radio([("change (W_ft − W_pre)", "change"), ("weight (W_ft)", "weight")],
                                         value="change", label="Sensitivity form",
                                         elem_id="tailor-sensitivity")
@@ -237,7 +255,8 @@ class TailorTab:
     def _wire(self) -> None:
         inputs = [self.method, self.keep, self.alpha, self.scope, self.compensate, self.modules,
                   self.lam, self.hessians, self.sign, self.sensitivity, self.others,
-                  self.modules_regex, self.calib_source, self.calib_files, self.calib_n]
+                  self.modules_regex, self.calib_source, self.calib_files, self.calib_n,
+                  self.compensation, self.order, self.budget]
         self.run_button.click(self.run, inputs, [self.job_id, self.progress], api_name="tailor",
                               concurrency_limit=None)
         for slider in (self.keep, self.alpha, self.lam):
