@@ -431,7 +431,8 @@ def _sweep(args: argparse.Namespace) -> int:
         bar.close()
     with atomic_path(args.out) as tmp:
         table.to_csv(tmp, index=False)
-    columns = ["method", "setting", "original", "target", "original_retention", "target_retention", "h_score"]
+    columns = ["method", "setting", "original", "target", "original_retention", "target_retention",
+               "target_gain", "h_score"]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 

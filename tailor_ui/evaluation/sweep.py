@@ -11,6 +11,11 @@ Columns (one `score:<set>` column per evaluation set, named by the set):
   on its own set (per set, so CIDEr-D's 0-10 scale does not drown VQA's 0-1); `h_score`: harmonic mean of original and target (the scales of
   CIDEr-D and VQA accuracy relate as in the paper, where both are x100, so H-scores are
   the paper's divided by 100);
+- `retention:<set>`: the set's score / its reference's (the base on an original set, the
+  fine-tuned model on its target set), so one set's loss cannot hide in an average;
+- `target_gain`: gain retention, the mean over target sets of (score − base) / (fine-tuned
+  − base): how much of what fine-tuning added the row kept (0 = the base, 1 = fine-tuned),
+  where `target_retention` also credits what the base already scored;
 - `patch_fraction`: entries the row changes relative to the base / all parameters
   (the base row has keep 0 and the fine-tuned rows keep 1, placing them on a keep axis);
   `linear_fraction`: the same over the selected linear layers (merged rows);
@@ -195,11 +200,31 @@ def summarize(table: pd.DataFrame, original: Sequence[EvalSet], target: Sequence
     rows = [row for _, row in table.iterrows()]
     table["original_retention"] = [retention(row, original_ref) for row in rows]
     table["target_retention"] = [retention(row, target_ref) for row in rows]
+    base_on_target = {c: float(base[c]) for c in target_cols}
+    table["target_gain"] = [gain_retention(row, base_on_target, target_ref) for row in rows]
     table["h_score"] = [h_score(o, t) for o, t in zip(table["original"], table["target"])]
+    per_set = []
+    for c, ref in {**original_ref, **target_ref}.items():
+        per_set.append(retention_column(c[len("score:"):]))
+        table[per_set[-1]] = [retention({c: row[c]}, {c: ref}) for row in rows]
     order = ["kind", "method", "setting", "keep", "alpha", "lam", *original_cols, *target_cols,
-             "original", "target", "original_retention", "target_retention", "h_score",
-             "patch_fraction", "linear_fraction", "seconds", "eval_seconds"]
+             "original", "target", "original_retention", "target_retention", "target_gain", "h_score",
+             *per_set, "patch_fraction", "linear_fraction", "seconds", "eval_seconds"]
     return table[order]
+
+
+def retention_column(name: str) -> str:
+    return f"retention:{name}"
+
+
+def gain_retention(scores: Mapping[str, float], base: Mapping[str, float],
+                   finetuned: Mapping[str, float]) -> float:
+    """The mean over sets of (score − base) / (fine-tuned − base): the share of what
+    fine-tuning added that a model kept. A set fine-tuning did not improve is left out (no
+    gain to keep); NaN when none is left."""
+    gains = [(scores[c] - base[c]) / (finetuned[c] - base[c]) for c in finetuned
+             if finetuned[c] - base[c] > 0]
+    return float(sum(gains) / len(gains)) if gains else math.nan
 
 
 def parse_numbers(text: str | Sequence[float] | None, name: str, low: float = 0.0,
