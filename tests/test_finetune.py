@@ -189,6 +189,20 @@ def test_a_method_registered_at_runtime_trains_through_finetune(samples, monkeyp
         finetune(copy.deepcopy(base), processor, samples, method="first-row")
 
 
+def test_every_registered_method_owns_distinct_options_with_valid_defaults():
+    owners: dict[str, str] = {}
+    for name, cls in TRAINING_METHODS.items():
+        assert cls.label and cls.about, name
+        assert cls.problems(cls.options) == [], name
+        for option in cls.options:
+            assert option not in owners, f"{option} is owned by {owners[option]} and {name}"
+            owners[option] = name
+    assert owners == {"rho": "dowser", "importance": "dowser", "importance_cache": "dowser",
+                      "probe_prompts": "dowser", "probes": "dowser", "llaca_form": "llaca",
+                      "ema_beta": "ema"}
+    assert tuple(METHODS) == ("full", "dowser", "llaca", "ema")
+
+
 def test_cancel_and_bad_input(samples):
     model, processor = tiny()
     with pytest.raises(Cancelled):

@@ -147,6 +147,8 @@ class LLaCATraining(TrainingMethod):
     end. Option: `llaca_form`, "code" (the authors' code, default) or "paper"."""
 
     label = "LLaCA (adaptive EMA)"
+    about = ("an EMA copy of the trained weights follows them with a gradient-chosen weight "
+             "and replaces them at the end.")
     options: dict[str, Any] = {"llaca_form": "code"}
 
     @classmethod
@@ -181,6 +183,7 @@ class EMATraining(LLaCATraining):
     """The plain EMA baseline LLaCA is compared against. Option: `ema_beta` (fixed β)."""
 
     label = "EMA (fixed β)"
+    about = "the same with a fixed β (default 0.99), the baseline LLaCA is compared against."
     options = {"ema_beta": 0.99}
 
     @classmethod

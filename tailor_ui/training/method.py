@@ -1,11 +1,12 @@
 """The interface every fine-tuning method implements, and `full`, the method that adds nothing.
 
 A method is a class: `options` names the keyword options it owns (with their defaults),
-`problems` checks them, and an instance made with them hooks into one run — `prepare`
-before the loop, the `LoopHooks` inside it, `finish` after it — and says what it did
-(`settings`, `trainable_entries`, `extra`). `finetune` does everything else: it picks the
-trained tensors, seeds, runs the one loop and writes the report. Registering a method is
-one line in `tailor_ui.training.registry`.
+`problems` checks them, `label` and `about` name and describe it for menus, and an
+instance made with the options hooks into one run — `prepare` before the loop, the
+`LoopHooks` inside it, `finish` after it — and says what it did (`settings`,
+`trainable_entries`, `extra`). `finetune` does everything else: it picks the trained
+tensors, seeds, runs the one loop and writes the report. Registering a method is one line
+in `tailor_ui.training.registry`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class RunSetup:
 class TrainingMethod(LoopHooks):
     """Full fine-tuning: every entry of the chosen tensors trains. Subclasses add to it."""
 
-    label: ClassVar[str] = "full fine-tuning"
+    label: ClassVar[str] = "Full fine-tuning"  # what a menu calls it
+    about: ClassVar[str] = "every entry of the trained layers moves."  # one line for the user
     options: ClassVar[dict[str, Any]] = {}  # the keyword options this method owns → defaults
 
     def __init__(self, **options: Any) -> None:
