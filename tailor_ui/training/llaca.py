@@ -149,7 +149,7 @@ class LLaCATraining(TrainingMethod):
     label = "LLaCA (adaptive EMA)"
     about = ("an EMA copy of the trained weights follows them with a gradient-chosen weight "
              "and replaces them at the end.")
-    options: dict[str, Any] = {"llaca_form": "code"}
+    options = {"llaca_form": "code"}
 
     @classmethod
     def problems(cls, options: Mapping[str, Any]) -> list[str]:
