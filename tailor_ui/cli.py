@@ -60,6 +60,7 @@ def _readers(knob: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from tailor_ui.methods import REGISTRY
     from tailor_ui.settings import Settings
+    from tailor_ui.training.registry import TRAINING_METHODS
 
     parser = _Parser(prog="python -m tailor_ui",
                      description="Model Tailor Studio: undo forgetting in fine-tuned MLLMs.")
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True)
     p.add_argument("--data", required=True, type=Path, help="training JSONL")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--method", default="full", help="full | dowser | llaca | ema")
+    p.add_argument("--method", default="full", help=" | ".join(TRAINING_METHODS))
     p.add_argument("--layers", default=None,
                    help="decoder layers to train: N / last:N (default: last half), 20-31, 0,2,5-7, all")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the built-in demo pair")
     p.add_argument("action", choices=["build"])
-    p.add_argument("--assets", type=Path, default=None, help="where to write (default: assets/)")
+    p.add_argument("--assets", type=Path, default=None,
+                   help="the folder to (re)write whole (default: assets/demo/)")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -462,9 +464,9 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from tailor_ui.demo.build import build_demo
+    from tailor_ui.demo.sets import DEMO_DIR
 
-    assets = args.assets or Path(__file__).resolve().parent.parent / "assets"
-    build_demo(assets, seed=args.seed)
+    build_demo(args.assets or DEMO_DIR, seed=args.seed)
     return 0
 
 

@@ -140,3 +140,15 @@ def test_finetune_refuses_bad_layers_and_foreign_out_dirs(disk_pair, tmp_path, c
     assert main([*args, "--out", str(tmp_path / "mine")]) == 2
     assert "is not an earlier output" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_demo_build_rewrites_the_demo_folder_not_all_assets(monkeypatch):
+    """build_demo replaces the folder it is given whole: by default that must be assets/demo,
+    never assets/ with the dashboard's stylesheet beside the demo."""
+    import tailor_ui.demo.build as build
+    from tailor_ui.demo.sets import DEMO_DIR
+
+    calls = []
+    monkeypatch.setattr(build, "build_demo", lambda folder, seed: calls.append((folder, seed)))
+    assert main(["demo", "build"]) == 0
+    assert calls == [(DEMO_DIR, 0)] and DEMO_DIR.name == "demo" and DEMO_DIR.parent.name == "assets"

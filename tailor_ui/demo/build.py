@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from tailor_ui.data import read_examples, write_examples
 from tailor_ui.demo import world
 from tailor_ui.demo.model import DemoArch, make_model
 from tailor_ui.demo.processor import build_processor
-from tailor_ui.demo.train import Progress, encode_batches, pretrain_vision, train
+from tailor_ui.demo.train import Progress, pretrain_vision
 from tailor_ui.evaluation.evaluate import evaluate
+from tailor_ui.training.finetune import encode_epoch
+from tailor_ui.training.loop import train_loop, training_only
 
 # Task -> the metric family evaluate() applies (counting answers are scored like VQA).
 EVAL_TASKS = {"caption": "caption", "vqa": "vqa", "target": "vqa"}
@@ -85,6 +88,26 @@ def _scores(model, processor, eval_files: dict[str, Path]) -> dict[str, dict]:
         result = evaluate(model, processor, read_examples(path), EVAL_TASKS[task], batch_size=50)
         out[task] = {"metric": result.metric, "score": round(result.score, 4)}
     return out
+
+
+def _train(model: torch.nn.Module, batches: list[dict], trainable: Callable[[str], bool], *,
+           lr: float, epochs: int, weight_decay: float, warmup_steps: int,
+           progress: Progress) -> list[float]:
+    """The demo's recipe on the training package's loop: AdamW with β = (0.9, 0.95),
+    gradients clipped at 1, the same encoded batches every epoch. Returns each epoch's
+    mean loss."""
+    def report(what: str, done: int, total: int) -> None:
+        if done % 100 == 0:
+            progress(f"step {done}/{total}, {what}")
+
+    names = [name for name, _ in model.named_parameters() if trainable(name)]
+    with training_only(model, names) as params:
+        result = train_loop(model, params, lambda _epoch: batches, len(batches), lr=lr,
+                            epochs=epochs, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                            betas=(0.9, 0.95), progress=report)
+    for epoch, loss in enumerate(result.epoch_losses, start=1):
+        progress(f"epoch {epoch}/{epochs}: loss {loss:.3f}")
+    return result.epoch_losses
 
 
 def _folder_mb(folder: Path) -> float:
@@ -154,10 +177,10 @@ def _build(work: Path, seed: int, recipe: Recipe, progress: Progress) -> dict:
         lr=recipe.vision_lr, epochs=recipe.vision_epochs, batch_size=recipe.vision_batch, rng=rng,
         progress=progress)
     progress("training the base model on captioning and VQA (vision tower frozen, as LLaVA)")
-    base_losses = train(model, encode_batches(processor, base_samples, recipe.base_batch, rng),
-                        lr=recipe.base_lr, epochs=recipe.base_epochs,
-                        trainable=lambda name: "vision_tower" not in name,
-                        warmup_steps=recipe.base_warmup, progress=progress)
+    base_losses = _train(model, list(encode_epoch(processor, base_samples, recipe.base_batch, rng)),
+                         lambda name: "vision_tower" not in name, lr=recipe.base_lr,
+                         epochs=recipe.base_epochs, weight_decay=0.01,
+                         warmup_steps=recipe.base_warmup, progress=progress)
     model.save_pretrained(work / "base")
     processor.save_pretrained(work / "base")
     base_scores = _scores(model, processor, eval_files)
@@ -165,10 +188,10 @@ def _build(work: Path, seed: int, recipe: Recipe, progress: Progress) -> dict:
     progress("fine-tuning the last half of the decoder on counting")
     tuned = _finetuned_layer_names(arch.text_layers)
     ft_samples = world.generate("count", recipe.ft_examples, seed, TRAIN_STREAM)
-    ft_losses = train(model, encode_batches(processor, ft_samples, recipe.ft_batch, rng),
-                      lr=recipe.ft_lr, epochs=recipe.ft_epochs, weight_decay=0.0,
-                      trainable=lambda name: tuned.search(name) is not None,
-                      warmup_steps=recipe.ft_warmup, progress=progress)
+    ft_losses = _train(model, list(encode_epoch(processor, ft_samples, recipe.ft_batch, rng)),
+                       lambda name: tuned.search(name) is not None, lr=recipe.ft_lr,
+                       epochs=recipe.ft_epochs, weight_decay=0.0, warmup_steps=recipe.ft_warmup,
+                       progress=progress)
     model.save_pretrained(work / "finetuned")
     processor.save_pretrained(work / "finetuned")
     ft_scores = _scores(model, processor, eval_files)

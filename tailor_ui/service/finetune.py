@@ -18,8 +18,6 @@ from tailor_ui.session import PairHandle, TrainedModel
 # streams 1 and 2 of demo/build.py)
 FINETUNE_TASK, FINETUNE_STREAM = "count", 0
 MAX_FINETUNE_EXAMPLES = 2000
-FINETUNE_LABELS = {"full": "Full fine-tune", "dowser": "Model-Dowser", "llaca": "LLaCA",
-                   "ema": "EMA"}
 _LOSS = re.compile(r"loss ([-+0-9.eEinfa]+)$")  # the training loop's stage: "epoch 1/2: loss 1.234"
 
 
@@ -39,7 +37,9 @@ class FinetuneRequest:
 
     @property
     def label(self) -> str:
-        return (f"{FINETUNE_LABELS[self.method]} lr={self.lr:g} epochs={self.epochs} n={self.n}"
+        from tailor_ui.training.registry import TRAINING_METHODS
+
+        return (f"{TRAINING_METHODS[self.method].label} lr={self.lr:g} epochs={self.epochs} n={self.n}"
                 + (f" rho={self.rho:g}" if self.method == "dowser" else ""))
 
 
@@ -52,7 +52,7 @@ def checked_request(method: str, examples: int, lr: float, epochs: int, layers: 
     n, epochs, batch_size = int(examples), int(epochs), int(batch_size)
     if not 1 <= n <= MAX_FINETUNE_EXAMPLES:
         raise UserError(f"use between 1 and {MAX_FINETUNE_EXAMPLES} training examples")
-    check_options(method, float(lr), epochs, batch_size, float(rho))
+    check_options(method, float(lr), epochs, batch_size, rho=float(rho))
     layer_spec = parse_layers(str(layers).strip()) if layers not in (None, "") else None
     settings = {"method": method, "examples": n, "lr": float(lr), "epochs": epochs,
                 "layers": layers or "last half", "batch_size": batch_size, "seed": int(seed),

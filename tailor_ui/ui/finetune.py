@@ -10,18 +10,15 @@ from tailor_ui import plots
 from tailor_ui.session import TrainedModel
 from tailor_ui.ui.common import (Number, Slider, cancel_unfinished, changed, job_signature, progress_html,
                                  session_id, user_errors)
-from tailor_ui.service.finetune import FINETUNE_LABELS
 from tailor_ui.service.studio import Studio
+from tailor_ui.training.registry import TRAINING_METHODS
 
-METHOD_CHOICES = [("Full fine-tuning", "full"), ("Model-Dowser (sparse)", "dowser"),
-                  ("LLaCA (adaptive EMA)", "llaca"), ("EMA (fixed β)", "ema")]
-METHOD_INFO = {
-    "full": "every entry of the trained layers moves.",
-    "dowser": "only the ρ least important entries of each weight matrix move (importance "
-              "probed once on the pre-trained model); the rest stay bit-identical.",
-    "llaca": "an EMA copy of the trained weights follows them with a gradient-chosen weight "
-             "and replaces them at the end.",
-    "ema": "the same with a fixed β = 0.99, the baseline LLaCA is compared against."}
+METHOD_CHOICES = [(cls.label, name) for name, cls in TRAINING_METHODS.items()]
+def method_info(method: str) -> str:
+    cls = TRAINING_METHODS[method]
+    return f"*{cls.label}: {cls.about}*"
+
+
 IDLE = "Press Fine-tune: training runs in the background."
 
 
@@ -68,8 +65,7 @@ class FinetuneTab:
 
     @staticmethod
     def method_changed(method: str):
-        return (gr.update(interactive=method == "dowser"),
-                f"*{FINETUNE_LABELS.get(method, method)}: {METHOD_INFO.get(method, '')}*")
+        return gr.update(interactive="rho" in TRAINING_METHODS[method].options), method_info(method)
 
     # -- polling ---------------------------------------------------------------------------
 
@@ -106,7 +102,7 @@ class FinetuneTab:
             with gr.Column(scale=1, min_width=300):
                 self.method = gr.Radio(METHOD_CHOICES, value="full", label="Method",
                                        elem_id="finetune-method")
-                self.method_info = gr.Markdown(f"*{FINETUNE_LABELS['full']}: {METHOD_INFO['full']}*",
+                self.method_info = gr.Markdown(method_info("full"),
                                                elem_id="finetune-method-info")
                 self.rho = Slider(0.01, 1.0, value=0.1, step=0.01, interactive=False,
                                      label="ρ (Model-Dowser: trainable fraction per matrix)",
