@@ -8,9 +8,8 @@ import gradio as gr
 
 from tailor_ui import plots
 from tailor_ui.session import TrainedModel
-from tailor_ui.ui.common import (Number, Slider, cancel_unfinished, changed, job_signature, progress_html,
-                                 session_id, user_errors)
-from tailor_ui.service.studio import Studio
+from tailor_ui.ui.common import (Number, Slider, Tab, cancel_html, changed, job_signature,
+                                 progress_html, queued, session_id, user_errors)
 from tailor_ui.training.registry import TRAINING_METHODS
 
 METHOD_CHOICES = [(cls.label, name) for name, cls in TRAINING_METHODS.items()]
@@ -39,10 +38,7 @@ def result_markdown(trained: TrainedModel | None) -> str:
     return "\n\n".join(lines)
 
 
-class FinetuneTab:
-    def __init__(self, studio: Studio) -> None:
-        self.studio = studio
-
+class FinetuneTab(Tab):
     # -- handlers ----------------------------------------------------------------------
 
     @user_errors
@@ -54,14 +50,12 @@ class FinetuneTab:
         job = self.studio.submit_finetune(
             session, method, examples=int(examples), lr=float(lr), epochs=int(epochs),
             layers=(layers or "").strip() or None, rho=float(rho), tailor_after=bool(tailor_after))
-        session.sent.pop("finetune-progress", None)
-        return job.id, progress_html(job)
+        return queued(session, "finetune", job)
 
     @user_errors
     def cancel(self, job_id: str, request: gr.Request):
         """Cancel a fine-tuning run: the given one if unfinished, else the latest unfinished."""
-        cancelled = cancel_unfinished(self.studio.runner, session_id(request), "finetune", job_id)
-        return progress_html(cancelled, "Nothing to cancel.")
+        return cancel_html(self.studio.runner, session_id(request), "finetune", job_id)
 
     @staticmethod
     def method_changed(method: str):

@@ -8,10 +8,9 @@ import pandas as pd
 from tailor_ui import plots
 from tailor_ui.methods import REGISTRY
 from tailor_ui.session import SweepRun
-from tailor_ui.ui.common import (Slider, cancel_unfinished, changed, fmt_table, job_signature, progress_html,
-                                 session_id, user_errors)
+from tailor_ui.ui.common import (Slider, Tab, cancel_html, changed, fmt_table, job_signature,
+                                 progress_html, queued, session_id, user_errors)
 from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers
-from tailor_ui.service.studio import Studio
 
 DEFAULT_METHODS = ["tailor", "magnitude", "wise_ft"]
 
@@ -28,10 +27,7 @@ def sweep_outputs(run: SweepRun | None) -> list:
             str(run.csv_file) if run is not None else None]
 
 
-class ForgettingTab:
-    def __init__(self, studio: Studio) -> None:
-        self.studio = studio
-
+class ForgettingTab(Tab):
     @user_errors
     def run(self, methods: list[str], keeps: str, lams: str, alpha: float, examples: float,
             request: gr.Request):
@@ -40,13 +36,11 @@ class ForgettingTab:
         job = self.studio.submit_sweep(
             session, methods or [], parse_numbers(keeps, "keep"),
             parse_numbers(lams, "λ", *LAMBDA_RANGE), alpha=float(alpha), examples=int(examples))
-        session.sent.pop("sweep-progress", None)
-        return job.id, progress_html(job)
+        return queued(session, "sweep", job)
 
     @user_errors
     def cancel(self, job_id: str, request: gr.Request):
-        cancelled = cancel_unfinished(self.studio.runner, session_id(request), "sweep", job_id)
-        return progress_html(cancelled, "Nothing to cancel.")
+        return cancel_html(self.studio.runner, session_id(request), "sweep", job_id)
 
     @user_errors
     def result(self, job_id: str, request: gr.Request):

@@ -11,11 +11,11 @@ from tailor_ui import plots
 from tailor_ui.methods import REGISTRY
 from tailor_ui.methods.selection import SCOPES
 from tailor_ui.session import PairHandle, TailorRun
-from tailor_ui.ui.common import (Slider, cancel_unfinished, changed, fmt_table, history_table,
-                                 job_signature, progress_html, public_text, session_id, user_errors)
+from tailor_ui.ui.common import (Slider, Tab, cancel_unfinished, changed, fmt_table, history_table,
+                                 job_signature, progress_html, public_text, queued, session_id,
+                                 user_errors)
 from tailor_ui.ui.models import changed_modules
 from tailor_ui.service.config import default_settings
-from tailor_ui.service.studio import Studio
 from tailor_ui.settings import Settings
 
 LAMBDA_LABEL = f"λ ({', '.join(m.label for m in REGISTRY.values() if 'lam' in m.knobs)})"
@@ -66,10 +66,7 @@ def result_markdown(run: TailorRun | None, default: bool = False) -> str:
     return "\n\n".join(lines)
 
 
-class TailorTab:
-    def __init__(self, studio: Studio) -> None:
-        self.studio = studio
-
+class TailorTab(Tab):
     # -- handlers ----------------------------------------------------------------------
 
     @user_errors
@@ -85,8 +82,7 @@ class TailorTab:
         job = self.studio.submit_tailor(session, settings, calib_source=calib_source,
                                         calib_files=calib_files or None,
                                         calib_examples=int(calib_examples))
-        session.sent.pop("tailor-progress", None)
-        return job.id, progress_html(job)
+        return queued(session, "tailor", job)
 
     def rerun(self, auto: bool, method: str, keep: float, alpha: float, scope: str,
               compensate: bool, modules: list[str] | None, lam: float, hessians: str, sign: str,
@@ -110,8 +106,7 @@ class TailorTab:
         except Exception as exc:  # a slider move never pops an error: the Run button does
             gr.Warning(public_text(str(exc)))
             return gr.skip(), gr.skip()
-        session.sent.pop("tailor-progress", None)
-        return job.id, progress_html(job)
+        return queued(session, "tailor", job)
 
     @user_errors
     def cancel(self, job_id: str, request: gr.Request):
