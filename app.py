@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     from tailor_ui import gpu
 
     gpu.mode()  # on a ZeroGPU Space `spaces` must be imported before torch touches CUDA
-    from tailor_ui.ui.studio import Studio, env_config
+    from tailor_ui.service.config import env_config
+    from tailor_ui.service.studio import Studio
 
     config = env_config()
     if args.no_warm_up:

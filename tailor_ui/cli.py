@@ -7,7 +7,6 @@ when complete.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -60,9 +59,11 @@ def _readers(knob: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from tailor_ui.methods import REGISTRY
+    from tailor_ui.settings import Settings
+    from tailor_ui.training.registry import TRAINING_METHODS
 
     parser = _Parser(prog="python -m tailor_ui",
-                                     description="Model Tailor Studio: undo forgetting in fine-tuned MLLMs.")
+                     description="Model Tailor Studio: undo forgetting in fine-tuned MLLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -86,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-limit", type=int, default=128, help="examples used per calibration set")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-compensate", action="store_true")
+    p.add_argument("--compensation", default=Settings.compensation,
+                   help="exact (least squares per row) | greedy (SparseGPT's loop, the paper's)")
+    p.add_argument("--order", default="mask-first",
+                   help="mask-first | sparsegpt (each block's mask after the earlier blocks)")
+    p.add_argument("--budget", default="uniform", help="uniform | per-layer (by each layer's score mass)")
     p.add_argument("--sign", default="obs", help="compensation sign: obs | released")
     p.add_argument("--sensitivity", default="change", help="change | weight (authors' code)")
     p.add_argument("--hessians", default="sequential", help="sequential | one-pass")
@@ -135,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", default="0.25,0.5,0.75", help="comma-separated λ (wise_ft, task_arithmetic)")
     p.add_argument("--hessians", default="sequential", help="sequential | one-pass (one-pass reuses "
                    "Hessians across keep/alpha)")
+    p.add_argument("--compensation", default=Settings.compensation,
+                   help="comma-separated compensation forms for tailor: exact, greedy")
     p.add_argument("--limit", type=int, default=None, help="examples per evaluation set")
     p.add_argument("--calib-limit", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
@@ -145,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True)
     p.add_argument("--data", required=True, type=Path, help="training JSONL")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--method", default="full", help="full | dowser | llaca | ema")
+    p.add_argument("--method", default="full", help=" | ".join(TRAINING_METHODS))
     p.add_argument("--layers", default=None,
                    help="decoder layers to train: N / last:N (default: last half), 20-31, 0,2,5-7, all")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -165,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the built-in demo pair")
     p.add_argument("action", choices=["build"])
-    p.add_argument("--assets", type=Path, default=None, help="where to write (default: assets/)")
+    p.add_argument("--assets", type=Path, default=None,
+                   help="the folder to (re)write whole (default: assets/demo/)")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -275,11 +284,13 @@ def _tailor(args: argparse.Namespace) -> int:
     from tailor_ui.io import atomic_path
     from tailor_ui.methods import REGISTRY
     from tailor_ui.pair import load_pair
-    from tailor_ui.patch import save_patch
+    from tailor_ui.service.export import save_tailored
+    from tailor_ui.service.tailor import save_run
     from tailor_ui.settings import Settings
 
     settings = Settings(method=args.method, keep=args.keep, alpha=args.alpha, scope=args.scope,
-                        compensate=not args.no_compensate, sign=args.sign,
+                        compensate=not args.no_compensate, compensation=args.compensation,
+                        order=args.order, budget=args.budget, sign=args.sign,
                         sensitivity=args.sensitivity, hessians=args.hessians, damp=args.damp,
                         modules=args.modules, others=args.others, lam=args.lam, drop=args.drop,
                         seed=args.seed, gamma=args.gamma, epsilon=args.epsilon, overlap=args.overlap)
@@ -307,10 +318,9 @@ def _tailor(args: argparse.Namespace) -> int:
             bar.close()
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
-            save_patch(result.patch, tmp / "patch.safetensors")
+            save_run(tmp, result.patch, result.report)
             if args.save_model:
-                _save_tailored(pair, result.patch, tmp / "model")
-            (tmp / "report.json").write_text(json.dumps(result.report, indent=2))
+                save_tailored(pair, result.patch, tmp / "model")
         report = result.report
     print(f"{settings.method}: {report['patch_entries']:,} entries in the patch "
           f"({100 * report['linear_fraction']:.2f}% of selected linears, "
@@ -323,7 +333,8 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
     """A data-free merge streamed from the checkpoints: the same patch (and model) as in
     memory, holding one tensor at a time plus the patch."""
     from tailor_ui.io import atomic_path
-    from tailor_ui.patch import Patch, save_patch
+    from tailor_ui.patch import Patch
+    from tailor_ui.service.tailor import save_run
     from tailor_ui.stream import stream_merge
 
     patch = Patch(tensors={})
@@ -335,22 +346,10 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
                                   tmp / "model" if args.save_model else None, _stream_device(args.device),
                                   patch=patch, progress=update)
             patch.metadata.update(base=args.base, finetuned=args.finetuned)  # as the user named them
-            save_patch(patch, tmp / "patch.safetensors")
-            (tmp / "report.json").write_text(json.dumps(report, indent=2))
+            save_run(tmp, patch, report)
     finally:
         bar.close()
     return report
-
-
-def _save_tailored(pair, patch, folder: Path) -> None:
-    from tailor_ui.patch import apply_patch, revert_patch
-
-    applied = apply_patch(pair.base, patch)
-    try:
-        pair.base.save_pretrained(folder, max_shard_size="2GB")
-        pair.processor.save_pretrained(folder)
-    finally:
-        revert_patch(pair.base, applied)
 
 
 def _apply(args: argparse.Namespace) -> int:
@@ -392,19 +391,9 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _numbers(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
-    if not values or not all(0.0 <= v <= 1.0 for v in values):
-        raise UserError(f"{flag} values must lie in [0, 1], got {text!r}")
-    return values
-
-
 def _eval_set(spec: str, limit: int | None):
     from tailor_ui.data import read_examples
-    from tailor_ui.evaluation.sweep import EvalSet
+    from tailor_ui.evaluation.evaluate import EvalSet
 
     path, _, task = spec.rpartition(":") if spec.endswith((":caption", ":vqa")) else (spec, "", "")
     examples = read_examples(path)[:limit]
@@ -413,25 +402,20 @@ def _eval_set(spec: str, limit: int | None):
     return EvalSet(name=Path(path).stem, task=task, examples=examples)
 
 
-def sweep_settings(methods: list[str], keeps: list[float], alphas: list[float], lams: list[float],
-                   hessians: str) -> list:
-    """The grid: each method over the knobs it sweeps (`Method.sweep`)."""
-    from tailor_ui.evaluation.sweep import settings_grid
-
-    return settings_grid(methods, {"keep": keeps, "alpha": alphas, "lam": lams}, {"hessians": hessians})
-
-
 def _sweep(args: argparse.Namespace) -> int:
     from tailor_ui.calibration import calibration_batches
     from tailor_ui.data import read_examples
-    from tailor_ui.evaluation.sweep import sweep
+    from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers, sweep, sweep_grid
     from tailor_ui.io import atomic_path
     from tailor_ui.methods import REGISTRY
     from tailor_ui.pair import load_pair
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    grid = sweep_settings(methods, _numbers(args.keep, "--keep"), _numbers(args.alpha, "--alpha"),
-                          _numbers(args.lam, "--lam"), args.hessians)
+    grid = sweep_grid(methods, {"keep": parse_numbers(args.keep, "--keep"),
+                                "alpha": parse_numbers(args.alpha, "--alpha"),
+                                "lam": parse_numbers(args.lam, "--lam", *LAMBDA_RANGE)},
+                      calibrated={"hessians": [args.hessians],
+                                  "compensation": [c.strip() for c in args.compensation.split(",") if c.strip()]})
     calibrated = [m for m in methods if REGISTRY[m].needs_calibration]
     if calibrated and args.calib is None:
         raise UserError(f"the {calibrated[0]} method needs target-task calibration data: "
@@ -449,7 +433,8 @@ def _sweep(args: argparse.Namespace) -> int:
         bar.close()
     with atomic_path(args.out) as tmp:
         table.to_csv(tmp, index=False)
-    columns = ["method", "setting", "original", "target", "original_retention", "target_retention", "h_score"]
+    columns = ["method", "setting", "original", "target", "original_retention", "target_retention",
+               "target_gain", "h_score"]
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 
@@ -479,9 +464,9 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from tailor_ui.demo.build import build_demo
+    from tailor_ui.demo.sets import DEMO_DIR
 
-    assets = args.assets or Path(__file__).resolve().parent.parent / "assets"
-    build_demo(assets, seed=args.seed)
+    build_demo(args.assets or DEMO_DIR, seed=args.seed)
     return 0
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +20,8 @@ from tailor_ui.errors import UserError
 
 # Far above any real MLLM input (they resize to ≤ 1-2k px) and far below a decompression bomb.
 MAX_IMAGE_PIXELS = 4096 * 4096
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+MAX_UPLOAD_BYTES = 512 * 2**20  # an uploaded data set, packed and unpacked
 
 
 @dataclass(frozen=True)
@@ -107,3 +112,67 @@ def fingerprint(examples: list[Example]) -> str:
 def write_examples(path: str | Path, rows: list[dict]) -> None:
     """Write rows in the JSONL format (used by the demo builder and tests)."""
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def import_examples(files: Sequence[str], folder: Path, max_bytes: int = MAX_UPLOAD_BYTES) -> Path:
+    """Bring an uploaded data set (a .zip, or a JSONL with its images) into `folder`.
+
+    Images are matched to the JSONL's `image` fields by their relative path or, failing
+    that, by file name, so uploading `data.jsonl` with `img1.png`, `img2.png` works.
+    Returns the path of the JSONL to read (every problem is a `UserError`); it keeps the
+    uploaded file's name and line numbers, so that read_examples' messages point into it.
+    """
+    paths = [Path(f) for f in files if f]
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    if total > max_bytes:
+        raise UserError(f"the upload is too large ({total / 2**20:.1f} MB; at most "
+                        f"{max_bytes / 2**20:g} MB)")
+    zips = [p for p in paths if p.suffix.lower() == ".zip"]
+    if zips:
+        _extract_zip(zips[0], folder, max_bytes)
+        found = sorted(folder.rglob("*.jsonl"))
+        if not found:
+            raise UserError(f"{zips[0].name} holds no .jsonl file")
+        return found[0]
+    jsonl = [p for p in paths if p.suffix.lower() == ".jsonl"]
+    if len(jsonl) != 1:
+        raise UserError("upload exactly one .jsonl file with its images (or one .zip)")
+    images = {p.name: p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES}
+    source, lines = jsonl[0], []
+    for lineno, line in enumerate(source.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{source.name} line {lineno}: not valid JSON ({exc.msg})") from None
+        if isinstance(row, dict) and isinstance(row.get("image"), str) and row["image"]:
+            name = Path(row["image"]).name
+            if name not in images:
+                raise UserError(f"{source.name} line {lineno}: image not found: {row['image']} "
+                                "(it was not uploaded)")
+            shutil.copyfile(images[name], folder / name)
+            line = json.dumps({**row, "image": name})
+        lines.append(line)  # every line, blank ones too: line numbers stay the user's
+    target = folder / source.name
+    target.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return target
+
+
+def _extract_zip(path: Path, folder: Path, max_bytes: int = MAX_UPLOAD_BYTES) -> None:
+    root = folder.resolve()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            if sum(m.file_size for m in members) > max_bytes:
+                raise UserError(f"{path.name} unpacks to more than {max_bytes / 2**20:g} MB")
+            for member in members:
+                target = (root / member.filename).resolve()
+                if not target.is_relative_to(root):
+                    raise UserError(f"{path.name}: {member.filename} would leave the upload folder")
+                if member.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    except zipfile.BadZipFile:
+        raise UserError(f"{path.name} is not a readable zip file") from None

@@ -11,7 +11,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -22,12 +22,13 @@ from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_pro
 from tailor_ui.errors import UserError
 from tailor_ui.memory import PeakMemory
 from tailor_ui.methods import REGISTRY
-from tailor_ui.methods.selection import global_threshold, keep_mask
+from tailor_ui.methods.exact import compensate_exact, compensate_in_sparsegpt_order, tailor_block_scorer
+from tailor_ui.methods.selection import global_threshold, keep_mask, layer_keep_budget
 from tailor_ui.methods.tailor import (TensorScores, compensate, inverse_hessian_factor,
                                       merge_without_compensation, tensor_scores)
 from tailor_ui.names import layer_groups, layer_index
 from tailor_ui.pair import Pair
-from tailor_ui.patch import Patch, TensorPatch, apply_patch, revert_patch, tensor_patch, union
+from tailor_ui.patch import Patch, TensorPatch, applied, tensor_patch, union
 from tailor_ui.prompts import Batch
 from tailor_ui.routing import route_tensor
 from tailor_ui.settings import Settings
@@ -49,6 +50,7 @@ class _Run:
     timings: dict[str, float] = field(default_factory=dict)
     # per linear: its scores were cached (hit) or computed by this run (miss)
     score_cache: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
+    fallbacks: int = 0  # linears whose exact compensation went greedy (over its memory bound)
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -175,10 +177,23 @@ def _cache_key(s: Settings, k: int, calib: Sequence[Batch], sequential: bool) ->
     come from the fine-tuned model alone. In sequential mode a layer's inputs come from the
     already tailored earlier layers, so every setting that shapes them is part of it: which
     linears are tailored and how, and what the other tensors hold."""
-    key: tuple = ("scores", k, _fingerprint(calib), s.damp, s.block_size, s.sensitivity, sequential)
+    key: tuple = ("scores", k, _fingerprint(calib), s.damp, s.block_size, s.sensitivity, sequential,
+                  _holds_hessians(s))
     if sequential:
-        key += (s.modules, s.others, s.keep, s.alpha, s.scope, s.compensate, s.sign)
+        key += (s.modules, s.others, s.keep, s.alpha, s.scope, s.compensate, s.compensation, s.order,
+                s.sign)
     return key
+
+
+def _holds_hessians(s: Settings) -> bool:
+    """Exact compensation solves with the Hessian itself, so its entries keep it."""
+    return s.compensate and s.compensation == "exact"
+
+
+def _needs_every_score(s: Settings) -> bool:
+    """A model-wide threshold or a per-layer budget ranks layers against each other, so
+    every score is needed before the first layer is compensated (one-pass Hessians)."""
+    return s.scope == "global" or s.budget == "per-layer"
 
 
 def _fingerprint(batches: Sequence[Batch]) -> str:
@@ -195,8 +210,7 @@ def _tailor(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch], 
     s = run.settings
     # the tensors outside the selected linears go as in a data-free merge of model k
     patch = _routed(pair, _others(pair, linears), [], run, [k])
-    # a model-wide threshold needs every score before the first layer is compensated
-    sequential = s.hessians == "sequential" and s.scope != "global"
+    sequential = s.hessians == "sequential" and not _needs_every_score(s)
     cache = pair.cache.setdefault(_cache_key(s, k, calib, sequential), {})
     hits = sum(n in cache for n in linears)
     run.score_cache["hits"] += hits
@@ -251,7 +265,7 @@ def _tailor_one_pass(pair: Pair, k: int, linears: Sequence[str], calib: Sequence
         run.progress("collecting Hessians (one pass)", 0, 1)
         with run.timed("calibration"), _finetuned_model(pair, k) as model:
             hessians = collect_hessians(model, missing, calib, should_stop=run.should_stop)
-    model_wide = s.scope == "global"
+    ranked = _needs_every_score(s)
     out = {}
     for i, name in enumerate(linears):
         run.check()
@@ -259,16 +273,32 @@ def _tailor_one_pass(pair: Pair, k: int, linears: Sequence[str], calib: Sequence
         w_pre, [w_ft] = _values(pair, f"{name}.weight", [k])
         if name in hessians:
             cache[name] = _score(w_pre, w_ft, hessians.pop(name), run)
-        if not model_wide:
-            out[f"{name}.weight"] = _tailor_tensor(w_pre, w_ft, cache[name], None, run)
-    if model_wide:
-        threshold = global_threshold([cache[n][1].importance(s.alpha) for n in linears], s.keep)
+        if not ranked:
+            out[f"{name}.weight"] = _tailor_tensor(w_pre, w_ft, cache[name], run)
+    if ranked:
+        choices = _ranked_choices(pair, linears, cache, s)
         for i, name in enumerate(linears):
             run.check()
             run.progress(f"tailoring {name}", i, len(linears))
             w_pre, [w_ft] = _values(pair, f"{name}.weight", [k])
-            out[f"{name}.weight"] = _tailor_tensor(w_pre, w_ft, cache[name], threshold, run)
+            out[f"{name}.weight"] = _tailor_tensor(w_pre, w_ft, cache[name], run, **choices[name])
     return out
+
+
+def _ranked_choices(pair: Pair, linears: Sequence[str], cache: dict, s: Settings) -> dict[str, dict]:
+    """Per linear, what a model-wide ranking decided: a threshold on the fused importance
+    (global scope), or its own keep fraction (per-layer budget: each layer's share of the
+    raw fused score mass, salience and sensitivity each normalised over the model)."""
+    if s.scope == "global":
+        threshold = global_threshold([cache[n].scores.importance(s.alpha) for n in linears], s.keep)
+        return {n: {"threshold": threshold} for n in linears}
+    scores = [cache[n].scores for n in linears]
+    salience = sum(x.salience_mass for x in scores) or 1.0
+    sensitivity = sum(x.sensitivity_mass for x in scores) or 1.0
+    masses = [s.alpha * x.salience_mass / salience + (1 - s.alpha) * x.sensitivity_mass / sensitivity
+              for x in scores]
+    sizes = [pair.base.get_parameter(f"{n}.weight").numel() for n in linears]
+    return {n: {"keep": f} for n, f in zip(linears, layer_keep_budget(masses, sizes, s.keep))}
 
 
 def _tailor_sequential(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch],
@@ -282,10 +312,10 @@ def _tailor_sequential(pair: Pair, k: int, linears: Sequence[str], calib: Sequen
     Hessians only until they are scored.
     """
     base = pair.base
-    applied = [apply_patch(base, Patch(tensors=dict(before)))]
     out: dict[str, TensorPatch] = {}
     groups = layer_groups(linears)
-    try:
+    with ExitStack() as tailored:  # every block's patch stays written in until the end
+        tailored.enter_context(applied(base, Patch(tensors=dict(before))))
         for g, group in enumerate(groups):
             run.check()
             tuned = {n: _values(pair, f"{n}.weight", [k]) for n in group}  # (w_pre, [w_ft])
@@ -300,45 +330,59 @@ def _tailor_sequential(pair: Pair, k: int, linears: Sequence[str], calib: Sequen
                     cache[n] = _score(tuned[n][0], tuned[n][1][0], hessians.pop(n), run)
                 del hessians
             run.progress(f"tailoring block {g + 1}/{len(groups)}", g, len(groups))
-            done = {f"{n}.weight": _tailor_tensor(tuned[n][0], tuned[n][1][0], cache[n], None, run)
+            done = {f"{n}.weight": _tailor_tensor(tuned[n][0], tuned[n][1][0], cache[n], run)
                     for n in group}
             del tuned  # this block's fine-tuned weights go before the next block's are read
             out.update(done)
-            applied.append(apply_patch(base, Patch(tensors=done)))
-    finally:
-        for state in reversed(applied):
-            revert_patch(base, state)
+            tailored.enter_context(applied(base, Patch(tensors=done)))
     return out
 
 
-Cached = tuple[torch.Tensor, TensorScores]
+@dataclass
+class _Scored:
+    """One linear's cache entry: the factor of its damped H⁻¹ and its scores, all on the
+    CPU (the cache outlives the run; a GPU keeps room for the model); with exact
+    compensation also its Hessian."""
+
+    factor: torch.Tensor
+    scores: TensorScores
+    hessian: torch.Tensor | None = None
 
 
-def _score(w_pre: torch.Tensor, w_ft: torch.Tensor, hessian: torch.Tensor, run: _Run) -> Cached:
-    """Inverse-Hessian factor and z-scores of one weight, computed on its device and parked
-    on the CPU (the cache outlives the run; a GPU keeps room for the model)."""
+def _score(w_pre: torch.Tensor, w_ft: torch.Tensor, hessian: torch.Tensor, run: _Run) -> _Scored:
     s = run.settings
     with run.timed("scores"):
         factor = inverse_hessian_factor(hessian.to(w_pre.device), s.damp)
         scores = tensor_scores(w_pre, w_ft, factor, s.sensitivity, s.block_size)
-        return factor.cpu(), TensorScores(scores.salience_z.cpu(), scores.sensitivity_z.cpu())
+        return _Scored(factor.cpu(), scores.to("cpu"), hessian.cpu() if _holds_hessians(s) else None)
 
 
-def _tailor_tensor(w_pre: torch.Tensor, w_ft: torch.Tensor, cached: Cached,
-                   threshold: float | None, run: _Run) -> TensorPatch:
+def _tailor_tensor(w_pre: torch.Tensor, w_ft: torch.Tensor, cached: _Scored, run: _Run, *,
+                   threshold: float | None = None, keep: float | None = None) -> TensorPatch:
+    """One linear's patch: its mask (the top `keep` of its fused importance, or above a
+    model-wide threshold), then compensation as the settings say."""
     s = run.settings
     device = w_pre.device
-    factor = cached[0].to(device)
-    scores = TensorScores(cached[1].salience_z.to(device), cached[1].sensitivity_z.to(device))
+    factor = cached.factor.to(device)
+    if s.compensate and s.order == "sparsegpt":
+        with run.timed("compensation"):
+            scorer = tailor_block_scorer(factor, s.alpha, s.sensitivity)
+            new, _ = compensate_in_sparsegpt_order(w_pre, w_ft, factor, scorer, s.keep if keep is None else keep,
+                                                   s.sign, s.block_size)
+        return tensor_patch(w_pre, new)
     with run.timed("selection"):
-        importance = scores.importance(s.alpha)
-        keep = importance >= threshold if threshold is not None else keep_mask(
-            importance, s.keep, s.scope, s.block_size)
+        importance = cached.scores.to(device).importance(s.alpha)
+        mask = importance >= threshold if threshold is not None else keep_mask(
+            importance, s.keep if keep is None else keep, s.scope, s.block_size)
     with run.timed("compensation"):
-        if s.compensate:
-            new = compensate(w_pre, w_ft, keep, factor, s.sign, s.block_size)
+        if not s.compensate:
+            new = merge_without_compensation(w_pre, w_ft, mask)
+        elif s.compensation == "exact":
+            new, info = compensate_exact(w_pre, w_ft, mask, cached.hessian.to(device), s.damp,
+                                         block_size=s.block_size)
+            run.fallbacks += info.method != "exact"
         else:
-            new = merge_without_compensation(w_pre, w_ft, keep)
+            new = compensate(w_pre, w_ft, mask, factor, s.sign, s.block_size)
     return tensor_patch(w_pre, new)
 
 
@@ -357,5 +401,5 @@ def _report(pair: Pair, patch: Patch, linears: Sequence[str], run: _Run, seconds
         "linear_fraction": linear_kept / linear_numel if linear_numel else 0.0,
         "model_fraction": patch.num_entries / sum(p.numel() for p in params.values()),
         "tensors": per_tensor, "timings_s": {**run.timings, "total": seconds},
-        "score_cache": dict(run.score_cache),
+        "score_cache": dict(run.score_cache), "exact_fallbacks": run.fallbacks,
     }

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,3 +60,13 @@ def _running(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def zip_folder(folder: Path, target: Path, prefix: str) -> None:
+    """Weights do not compress: store them, deflate the small text files."""
+    with zipfile.ZipFile(target, "w") as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                compress = zipfile.ZIP_STORED if path.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
+                archive.write(path, f"{prefix}/{path.relative_to(folder).as_posix()}",
+                              compress_type=compress)

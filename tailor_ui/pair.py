@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tailor_ui.checkpoint import Checkpoint, LazyWeights, check_shapes
+from tailor_ui.control import Progress, no_progress
 from tailor_ui.errors import UserError
 from tailor_ui.names import component, layer_index, module_kind
 from tailor_ui.weights import compute_device, read_param
@@ -263,22 +265,39 @@ class Pair:
         return self._changed
 
 
-def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False, **load_options: Any) -> Pair:
+def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
+              progress: Progress | None = None, before_loading: Callable[[], None] | None = None,
+              **load_options: Any) -> Pair:
     """Load and match a base model with one or several fine-tuned models of it.
 
     `lazy`: a fine-tuned model in a local folder with safetensors weights is not loaded but
     read tensor by tensor when the engine needs it (`tailor_ui.checkpoint.LazyWeights`); others
-    (hub ids, pickle checkpoints) are loaded as usual.
+    (hub ids, pickle checkpoints) are loaded as usual. `progress` hears of each model
+    (2 + one step per fine-tuned model). `before_loading` runs once every model's config has
+    been read (a hub id: config.json only), so a model that cannot be reached or is of
+    another architecture is refused before it runs (the dashboard lets go of a visitor's
+    current pair there).
     """
     specs = [finetuned] if isinstance(finetuned, str) else list(finetuned)
     if not specs:
         raise UserError("give at least one fine-tuned model")
-    check_local_pair(base, specs, allowed_roots=load_options.get("allowed_roots"),
-                     allow_pickle=load_options.get("allow_pickle", False))
+    report = progress or no_progress
+    roots = load_options.get("allowed_roots")
+    report("reading the models' configs", 0, 2 + len(specs))
+    check_local_pair(base, specs, allowed_roots=roots, allow_pickle=load_options.get("allow_pickle", False))
+    if before_loading is not None:
+        trust = load_options.get("trust_remote_code", False)
+        base_type = model_type(base, trust_remote_code=trust, allowed_roots=roots)
+        for spec in specs:
+            check_same_architecture(base_type, model_type(spec, trust_remote_code=trust,
+                                                          allowed_roots=roots))
+        before_loading()
+    report(f"loading the base model {base}", 1, 2 + len(specs))
     base_model, processor = load_model(base, **load_options)
     tuned = []
-    for spec in specs:
-        source = resolve_source(spec, allowed_roots=load_options.get("allowed_roots")) if lazy else ""
+    for i, spec in enumerate(specs, start=2):
+        report(f"loading the fine-tuned model {spec}", i, 2 + len(specs))
+        source = resolve_source(spec, allowed_roots=roots) if lazy else ""
         if lazy and has_safetensors(source):
             tuned.append(LazyWeights(source, base_model))
             continue

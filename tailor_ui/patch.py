@@ -8,7 +8,8 @@ overwrote, so reverting gives the base back bit-exactly. Nothing here copies a m
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -107,6 +108,20 @@ def revert_patch(model: torch.nn.Module, applied: AppliedPatch) -> None:
         for name, values in applied.originals.items():
             flat = writable_param(model, name).view(-1)
             flat[applied.patch.tensors[name].index.to(flat.device)] = values.to(flat.device)
+
+
+@contextmanager
+def applied(model: torch.nn.Module, patch: Patch | None) -> Iterator[torch.nn.Module]:
+    """`model` with `patch` written into it for the body, reverted bit-exactly after
+    (however the body ends); no patch: the model as it is."""
+    if patch is None:
+        yield model
+        return
+    state = apply_patch(model, patch)
+    try:
+        yield model
+    finally:
+        revert_patch(model, state)
 
 
 def check_fits(shapes: Mapping[str, tuple[int, ...]], patch: Patch) -> None:

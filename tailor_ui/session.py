@@ -34,7 +34,7 @@ import pandas as pd
 from tailor_ui.data import Example
 from tailor_ui.errors import UserError
 from tailor_ui.pair import Pair
-from tailor_ui.patch import Patch, apply_patch, revert_patch
+from tailor_ui.patch import Patch, applied
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 # every live PairHandle of this process by its key (process id, number); a fork inherits it
@@ -96,15 +96,8 @@ class PairHandle:
     @contextmanager
     def patched(self, patch: Patch | None) -> Iterator[Any]:
         """The base model with `patch` written into it, under the lock; reverted after."""
-        with self.lock:
-            if patch is None:
-                yield self.pair.base
-                return
-            applied = apply_patch(self.pair.base, patch)
-            try:
-                yield self.pair.base
-            finally:
-                revert_patch(self.pair.base, applied)
+        with self.lock, applied(self.pair.base, patch) as model:
+            yield model
 
     def trim_cache(self, keep: int | None = None) -> None:
         """Bound the engine's score cache (and ours) to the most recent entries: a few for

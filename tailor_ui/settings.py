@@ -15,6 +15,22 @@ from tailor_ui.methods import REGISTRY
 
 Others = Literal["finetuned", "base", "linear"]
 HessianMode = Literal["sequential", "one-pass"]
+Compensation = Literal["exact", "greedy"]
+Order = Literal["mask-first", "sparsegpt"]
+Budget = Literal["uniform", "per-layer"]
+
+# the knobs that take one of a few words, with what the error calls them
+_CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "scope": ("scope", SCOPES),
+    "sign": ("compensation sign", ("obs", "released")),
+    "compensation": ("compensation form", ("exact", "greedy")),
+    "order": ("mask order", ("mask-first", "sparsegpt")),
+    "budget": ("patch budget", ("uniform", "per-layer")),
+    "sensitivity": ("sensitivity form", ("change", "weight")),
+    "hessians": ("Hessian mode", ("sequential", "one-pass")),
+    "others": ("policy for other tensors", ("finetuned", "base", "linear")),
+    "overlap": ("overlap rule", ("mean", "sum", "first")),
+}
 
 
 @dataclass(frozen=True)
@@ -31,6 +47,12 @@ class Settings:
       (`Method.defaults`: wise_ft 0.5, the others 1.0).
     gamma: fraction of the largest |τ| that Model Breadcrumbs removes (mergekit's gamma).
     epsilon: width of DELLA's window of keep probabilities around keep (mergekit's epsilon).
+    compensation (tailor): "exact", each row's kept entries solved by least squares given
+      the mask (`methods.exact`), or "greedy", SparseGPT's column loop (the paper's form).
+    order (tailor, greedy): "sparsegpt" chooses each 128-column block's mask after the
+      earlier blocks were compensated; "mask-first" chooses the whole mask first (paper).
+    budget (tailor): "per-layer" shares the patch out by each layer's share of the raw
+      fused score (one-pass Hessians, as a model-wide threshold); "uniform": keep everywhere.
     Which method reads which knob: `tailor_ui.methods.REGISTRY[method].knobs`.
     """
 
@@ -39,6 +61,9 @@ class Settings:
     alpha: float = 0.8
     scope: Scope = "block"
     compensate: bool = True
+    compensation: Compensation = "greedy"
+    order: Order = "mask-first"
+    budget: Budget = "uniform"
     sign: Sign = "obs"
     sensitivity: Sensitivity = "change"
     hessians: HessianMode = "sequential"
@@ -61,18 +86,14 @@ class Settings:
             problems.append(f"keep must be between 0 and 1, got {self.keep}")
         if not 0.0 <= self.alpha <= 1.0:
             problems.append(f"alpha must be between 0 and 1, got {self.alpha}")
-        if self.scope not in SCOPES:
-            problems.append(f"unknown scope {self.scope!r} (choose from {', '.join(SCOPES)})")
-        if self.sign not in ("obs", "released"):
-            problems.append(f"unknown compensation sign {self.sign!r} (obs or released)")
-        if self.sensitivity not in ("change", "weight"):
-            problems.append(f"unknown sensitivity form {self.sensitivity!r} (change or weight)")
-        if self.hessians not in ("sequential", "one-pass"):
-            problems.append(f"unknown Hessian mode {self.hessians!r} (sequential or one-pass)")
-        if self.others not in ("finetuned", "base", "linear"):
-            problems.append(f"unknown policy for other tensors {self.others!r}")
-        if self.overlap not in ("mean", "sum", "first"):
-            problems.append(f"unknown overlap rule {self.overlap!r} (mean, sum or first)")
+        for knob, (what, allowed) in _CHOICES.items():
+            if getattr(self, knob) not in allowed:
+                problems.append(f"unknown {what} {getattr(self, knob)!r} (choose from {', '.join(allowed)})")
+        if self.order == "sparsegpt" and (self.compensation != "greedy" or self.scope != "block"):
+            problems.append("the SparseGPT mask order goes with greedy compensation and the block scope")
+        if self.budget == "per-layer" and self.scope == "global":
+            problems.append("a per-layer budget shares the patch between layers; the global scope "
+                            "already ranks the whole model")
         if not 0.0 <= self.damp <= 10.0:
             problems.append(f"damping must be between 0 and 10, got {self.damp}")
         if self.block_size < 1:

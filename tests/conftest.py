@@ -53,9 +53,12 @@ def free_port() -> int:
 
 def tailor(client, keep: float = 0.1, method: str = "tailor", **extra) -> str:
     """Start a merge through the launched app's /tailor endpoint; returns the job id."""
+    from tailor_ui.settings import Settings
+
     values = dict(method=method, keep=keep, alpha=0.8, scope="block", compensate=True, modules=[],
                   lam=1.0, hessians="one-pass", sign="obs", sensitivity="change", others="finetuned",
-                  modules_regex="", calib_source="builtin", calib_files=None, calib_examples=32)
+                  modules_regex="", calib_source="builtin", calib_files=None, calib_examples=32,
+                  compensation=Settings.compensation, order="mask-first", budget="uniform")
     values.update(extra)
     job_id, progress = client.predict(*values.values(), api_name="/tailor")
     assert job_id.startswith("job-") and job_id in progress  # the id comes back in a component
@@ -131,7 +134,7 @@ def studio(tmp_path_factory, model_root):
     """One Studio for the whole run: the demo pair on the CPU, warmed up."""
     if not demo_available():
         pytest.skip("the demo pair is not built (python -m tailor_ui demo build)")
-    from tailor_ui.ui.studio import Studio, StudioConfig
+    from tailor_ui.service.studio import Studio, StudioConfig
 
     root = tmp_path_factory.mktemp("studio")
     config = StudioConfig(workdir=root / "work", demo_dir=DEMO, device="cpu",

@@ -15,6 +15,22 @@ def params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def test_load_pair_reports_progress_and_runs_the_hook_after_the_configs(disk_pair):
+    from tailor_ui.errors import UserError
+    from tailor_ui.pair import load_pair
+
+    events = []
+    pair = load_pair(str(disk_pair / "base"), [str(disk_pair / "ft")],
+                     progress=lambda stage, done, total: events.append((stage.split()[0], done, total)),
+                     before_loading=lambda: events.append(("hook", None, None)))
+    assert events == [("reading", 0, 3), ("hook", None, None), ("loading", 1, 3), ("loading", 2, 3)]
+    assert len(pair.finetuned) == 1
+    hooked = []
+    with pytest.raises(UserError, match="could not load"):  # refused before the hook
+        load_pair(str(disk_pair / "base"), ["no-such/model"], before_loading=lambda: hooked.append(1))
+    assert not hooked
+
+
 def test_inspect_lists_what_changed(disk_pair, capsys):
     assert main(["inspect", "--base", str(disk_pair / "base"), "--finetuned", str(disk_pair / "ft"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -124,3 +140,15 @@ def test_finetune_refuses_bad_layers_and_foreign_out_dirs(disk_pair, tmp_path, c
     assert main([*args, "--out", str(tmp_path / "mine")]) == 2
     assert "is not an earlier output" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_demo_build_rewrites_the_demo_folder_not_all_assets(monkeypatch):
+    """build_demo replaces the folder it is given whole: by default that must be assets/demo,
+    never assets/ with the dashboard's stylesheet beside the demo."""
+    import tailor_ui.demo.build as build
+    from tailor_ui.demo.sets import DEMO_DIR
+
+    calls = []
+    monkeypatch.setattr(build, "build_demo", lambda folder, seed: calls.append((folder, seed)))
+    assert main(["demo", "build"]) == 0
+    assert calls == [(DEMO_DIR, 0)] and DEMO_DIR.name == "demo" and DEMO_DIR.parent.name == "assets"

@@ -155,7 +155,7 @@ def test_health_answers_while_a_job_runs(app, studio):
 
 
 def test_health_follows_the_demo_pair_and_shutdown(tmp_path):
-    from tailor_ui.ui.studio import Studio, StudioConfig
+    from tailor_ui.service.studio import Studio, StudioConfig
 
     studio = Studio(StudioConfig(workdir=tmp_path / "work", demo_dir=tmp_path / "no-demo",
                                  device="cpu", warm_up=False))

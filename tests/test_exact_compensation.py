@@ -168,24 +168,24 @@ def test_sparsegpt_order_rescoring_changes_later_blocks_only():
 
 
 def test_layer_budget_sums_to_target_in_proportion_to_score_mass():
-    scores = [torch.zeros(10, 10), torch.full((20, 10), 1.0), torch.full((5, 20), 3.0)]
-    scores[0][0, 0] = 2.0  # lowest score 0: masses 2, 200, 300
-    fractions = layer_keep_budget(scores, 0.2)
-    counts = [f * s.numel() for f, s in zip(fractions, scores)]
+    sizes = [100, 200, 100]
+    fractions = layer_keep_budget([2.0, 200.0, 300.0], sizes, 0.2)
+    counts = [f * n for f, n in zip(fractions, sizes)]
     assert sum(round(c) for c in counts) == round(0.2 * 400)
     assert counts == pytest.approx([80 * 2 / 502, 80 * 200 / 502, 80 * 300 / 502], abs=1)
 
 
 def test_layer_budget_caps_full_layers_and_handles_extremes():
-    scores = [torch.full((2, 5), 100.0), torch.rand(10, 10), torch.rand(10, 10) + 1]
-    fractions = layer_keep_budget(scores, 0.5)
+    masses, sizes = [1000.0, 50.0, 150.0], [10, 100, 100]
+    fractions = layer_keep_budget(masses, sizes, 0.5)
     assert fractions[0] == 1.0  # its share would exceed its size; the rest goes to the others
-    counts = [round(f * s.numel()) for f, s in zip(fractions, scores)]
+    counts = [round(f * n) for f, n in zip(fractions, sizes)]
     assert sum(counts) == round(0.5 * 210)
-    assert counts[2] > counts[1]
-    assert layer_keep_budget(scores, 0.0) == [0.0, 0.0, 0.0]
-    assert layer_keep_budget(scores, 1.0) == [1.0, 1.0, 1.0]
-    same = layer_keep_budget([torch.ones(4, 25), torch.ones(2, 25)], 0.1)
-    assert same == [0.1, 0.1]  # equal scores: uniform
+    assert counts[2] == pytest.approx(3 * counts[1], abs=1)  # the rest shared 50 : 150
+    assert layer_keep_budget(masses, sizes, 0.0) == [0.0, 0.0, 0.0]
+    assert layer_keep_budget(masses, sizes, 1.0) == [1.0, 1.0, 1.0]
+    assert layer_keep_budget([0.0, 0.0], [100, 50], 0.1) == [0.1, 0.1]  # no mass: uniform
     with pytest.raises(ValueError, match="keep must be in"):
-        layer_keep_budget(scores, 1.5)
+        layer_keep_budget(masses, sizes, 1.5)
+    with pytest.raises(ValueError, match="non-negative"):
+        layer_keep_budget([-1.0, 1.0], [10, 10], 0.1)

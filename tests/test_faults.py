@@ -147,7 +147,7 @@ def lock_is_free(handle) -> bool:
 
 
 def finished_merge(studio, session):
-    from tailor_ui.ui.studio import default_settings
+    from tailor_ui.service.config import default_settings
 
     job = studio.submit_tailor(session, default_settings(keep=0.05), calib_examples=32)
     assert studio.runner.wait(job.id, session.id, 120).status == DONE

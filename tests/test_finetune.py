@@ -1,12 +1,11 @@
-"""Fine-tuning: which layers train, determinism, the loop against the demo's, the
-checkpoint writer and the CLI-facing function."""
+"""Fine-tuning: which layers train, determinism, the method registry, the checkpoint
+writer and the CLI-facing function."""
 
 from __future__ import annotations
 
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,11 +14,12 @@ from tailor_ui.data import Example, write_examples
 from tailor_ui.demo import world
 from tailor_ui.demo.model import DemoArch, make_model
 from tailor_ui.demo.processor import build_processor
-from tailor_ui.demo.train import encode_batches, train
 from tailor_ui.errors import UserError
 from tailor_ui.pair import load_model
-from tailor_ui.training.finetune import (choose_layers, decoder_layers, finetune, finetune_cli,
-                                         parse_layers, train_loop, trainable_parameters)
+from tailor_ui.training.finetune import (check_options, choose_layers, decoder_layers, finetune,
+                                         finetune_cli, parse_layers, trainable_parameters)
+from tailor_ui.training.method import RunSetup, TrainingMethod
+from tailor_ui.training.registry import METHODS, TRAINING_METHODS
 
 
 def tiny(seed: int = 0, layers: int = 4):
@@ -109,52 +109,98 @@ def test_finetune_is_deterministic_per_seed(samples):
     assert _changed(runs[0][0], runs[2][0])
 
 
-def _demo_train(monkeypatch, *args, **kwargs) -> tuple[list[float], tuple[float, float]]:
-    """Run the demo's `train`, noting the AdamW betas it chose (the demo's recipe may change
-    them; the loop must match whatever they are)."""
-    seen = {}
-    adamw = torch.optim.AdamW
+class KeepFirstRow(TrainingMethod):
+    """A throwaway method, registered only by the test: it lets just the first row of each
+    trained matrix change (gradient and weight decay masked) and counts its hook calls."""
 
-    def spy(params, **options):
-        seen.update(options)
-        return adamw(params, **options)
+    options = {"keep_rows": 1}
 
-    with monkeypatch.context() as patch:
-        patch.setattr(torch.optim, "AdamW", spy)
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            losses = train(*args, **kwargs, progress=lambda _: None)
-    return losses, tuple(seen.get("betas", (0.9, 0.999)))
+    @classmethod
+    def problems(cls, options):
+        rows = options.get("keep_rows", 1)
+        return [] if rows >= 1 else [f"keep_rows must be at least 1, got {rows}"]
+
+    def settings(self):
+        return {"keep_rows": self.values["keep_rows"]}
+
+    def prepare(self, setup: RunSetup) -> None:
+        self.masks = {}
+        for n in setup.names:
+            p = setup.model.get_parameter(n)
+            if p.dim() == 2:
+                mask = torch.zeros_like(p, dtype=torch.bool)
+                mask[:self.values["keep_rows"]] = True
+                self.masks[p] = mask
+        self.calls = {"backward": 0, "step": 0, "steps_before_finish": None}
+
+    def decay_mask(self, param):
+        return self.masks.get(param)
+
+    def after_backward(self):
+        self.calls["backward"] += 1
+        for p, mask in self.masks.items():
+            p.grad.masked_fill_(~mask, 0)
+
+    def after_step(self):
+        self.calls["step"] += 1
+
+    def finish(self):
+        self.calls["steps_before_finish"] = self.calls["step"]
+
+    def trainable_entries(self, name, param):
+        mask = self.masks.get(param)
+        return param.numel() if mask is None else int(mask.sum())
+
+    def extra(self):
+        return dict(self.calls)
 
 
-def test_loop_reproduces_the_demo_training_bit_for_bit(samples, monkeypatch):
-    """`train_loop` can replace `tailor_ui.demo.train.train` without changing the demo."""
-    base, processor = tiny(layers=2)
-    batches = encode_batches(processor, samples, 4, np.random.default_rng(0))
-    trainable = lambda name: ".language_model.layers.1." in name  # noqa: E731
-    demo = copy.deepcopy(base)
-    demo_losses, betas = _demo_train(monkeypatch, demo, batches, lr=1e-3, epochs=2,
-                                     trainable=trainable, weight_decay=0.01, warmup_steps=2)
-    ours = copy.deepcopy(base)
-    params = []
-    for name, p in ours.named_parameters():
-        p.requires_grad_(trainable(name))
-        if trainable(name):
-            params.append(p)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        result = train_loop(ours, params, lambda _: batches, len(batches), lr=1e-3, epochs=2,
-                            weight_decay=0.01, warmup_steps=2, betas=betas)
-    assert result.epoch_losses == demo_losses
-    assert not _changed(demo, ours)
-    # and finetune() draws its batches the same way as the demo's encode_batches
-    mine = copy.deepcopy(base)
-    finetune(mine, processor, samples, layers=[1], lr=1e-3, batch_size=4, epochs=1,
-             weight_decay=0.01, warmup_steps=2, seed=0, betas=betas)
-    demo1 = copy.deepcopy(base)
-    _demo_train(monkeypatch, demo1, encode_batches(processor, samples, 4, np.random.default_rng(0)),
-                lr=1e-3, epochs=1, trainable=trainable, weight_decay=0.01, warmup_steps=2)
-    assert not _changed(demo1, mine)
+def test_a_method_registered_at_runtime_trains_through_finetune(samples, monkeypatch):
+    """A new method is one class and one registry entry: finetune, its option checks and
+    METHODS (what the CLI and the dashboard list) pick it up with no other edit."""
+    monkeypatch.setitem(TRAINING_METHODS, "first-row", KeepFirstRow)
+    assert "first-row" in METHODS
+    base, processor = tiny()
+    model = copy.deepcopy(base)
+    report = finetune(model, processor, samples, method="first-row", keep_rows=2, layers=1,
+                      lr=1e-2, batch_size=4, weight_decay=0.1)
+    assert report.method == "first-row" and report.settings["keep_rows"] == 2
+    assert report.extra == {"backward": 4, "step": 4, "steps_before_finish": 4}
+    full = copy.deepcopy(base)
+    finetune(full, processor, samples, layers=1, lr=1e-2, batch_size=4, weight_decay=0.1)
+    matrices = [n for n in trainable_parameters(base, [3]) if base.get_parameter(n).dim() == 2]
+    assert report.trainable_entries == sum(
+        2 * base.get_parameter(n).shape[1] if n in matrices else base.get_parameter(n).numel()
+        for n in trainable_parameters(base, [3]))
+    for n in matrices:
+        old, new = base.get_parameter(n), model.get_parameter(n)
+        assert torch.equal(new[2:], old[2:]), n  # masked rows: bit-identical
+        assert not torch.equal(new[:2], old[:2]), n
+    assert set(_changed(base, model)) == set(_changed(base, full))  # same tensors train
+    # other methods ignore the new option, and its check runs whichever method is chosen
+    finetune(copy.deepcopy(base), processor, samples[:4], keep_rows=3, layers=1, batch_size=4)
+    with pytest.raises(UserError, match="keep_rows must be at least 1"):
+        finetune(copy.deepcopy(base), processor, samples, keep_rows=0)
+    with pytest.raises(TypeError, match="keep_colums"):
+        check_options("first-row", 1e-3, 1, 1, keep_colums=1)
+    monkeypatch.undo()
+    assert "first-row" not in METHODS
+    with pytest.raises(UserError, match="unknown fine-tuning method"):
+        finetune(copy.deepcopy(base), processor, samples, method="first-row")
+
+
+def test_every_registered_method_owns_distinct_options_with_valid_defaults():
+    owners: dict[str, str] = {}
+    for name, cls in TRAINING_METHODS.items():
+        assert cls.label and cls.about, name
+        assert cls.problems(cls.options) == [], name
+        for option in cls.options:
+            assert option not in owners, f"{option} is owned by {owners[option]} and {name}"
+            owners[option] = name
+    assert owners == {"rho": "dowser", "importance": "dowser", "importance_cache": "dowser",
+                      "probe_prompts": "dowser", "probes": "dowser", "llaca_form": "llaca",
+                      "ema_beta": "ema"}
+    assert tuple(METHODS) == ("full", "dowser", "llaca", "ema")
 
 
 def test_cancel_and_bad_input(samples):

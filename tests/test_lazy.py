@@ -177,12 +177,14 @@ def test_accelerate_device_maps_give_the_same_patch(disk, batches, in_memory, tm
 def test_cached_scores_serve_new_settings_exactly_as_documented(disk, batches, in_memory):
     """docs/ARCHITECTURE.md "Caches": one-pass scores survive keep, alpha, scope, sign,
     compensation, module regex and `others`; damping, sensitivity and new calibration data
-    recompute; in sequential mode a new keep recomputes. Cached runs equal fresh ones."""
+    recompute, and so does a switch to exact compensation (its entries hold the Hessian); in
+    sequential mode a new keep recomputes. Cached runs equal fresh ones."""
     lazy = load_pair(str(disk / "base"), [str(disk / "ft")], lazy=True)
     first = Settings(method="tailor", hessians="one-pass", keep=0.1)
     assert_computed(run_method(lazy, first, [batches]).report)
     for change in (dict(keep=0.3, alpha=0.5), dict(scope="row", sign="released"),
-                   dict(compensate=False), dict(modules=r"mlp\."), dict(others="base")):
+                   dict(compensate=False), dict(modules=r"mlp\."), dict(others="base"),
+                   dict(order="sparsegpt"), dict(budget="per-layer")):
         settings = replace(first, **change)
         got = run_method(lazy, settings, [batches])
         assert got.report["score_cache"] == {"hits": got.report["selected_linears"], "misses": 0}, change
@@ -190,7 +192,7 @@ def test_cached_scores_serve_new_settings_exactly_as_documented(disk, batches, i
         _assert_same_patch(run_method(_one(in_memory), settings, [batches]).patch, got.patch)
     other_batches = llava_batches(build_llava(seed=0).config, 2, seed=1)
     for settings, calib in ((replace(first, damp=0.05), batches), (replace(first, sensitivity="weight"), batches),
-                            (first, other_batches)):
+                            (first, other_batches), (replace(first, compensation="exact"), batches)):
         assert_computed(run_method(lazy, settings, [calib]).report)
     sequential = replace(first, hessians="sequential")
     assert_computed(run_method(lazy, sequential, [batches]).report)

@@ -149,10 +149,10 @@ def test_a_method_registered_at_run_time_runs_in_engine_and_stream(disk_pair, tm
 
 
 def test_the_sweep_grid_and_labels_follow_each_methods_knobs():
-    from tailor_ui.evaluation.sweep import setting_label, settings_grid
+    from tailor_ui.evaluation.sweep import setting_label, sweep_grid
 
-    grid = settings_grid(["tailor", "wise_ft", "della"], {"keep": [0.1, 0.2], "alpha": [0.8], "lam": [0.5]},
-                         {"hessians": "one-pass"})
+    grid = sweep_grid(["tailor", "wise_ft", "della"], {"keep": [0.1, 0.2], "alpha": [0.8], "lam": [0.5]},
+                      calibrated={"hessians": ["one-pass"]})
     assert [(s.method, s.keep, s.lam, s.hessians) for s in grid] == [
         ("tailor", 0.1, None, "one-pass"), ("tailor", 0.2, None, "one-pass"),
         ("wise_ft", 0.1, 0.5, "sequential"), ("della", 0.1, None, "sequential"),
@@ -160,5 +160,5 @@ def test_the_sweep_grid_and_labels_follow_each_methods_knobs():
     assert setting_label(grid[3]) == "DELLA keep=0.1 lam=1"
     assert setting_label(Settings(method="breadcrumbs", keep=0.2, gamma=0.05)) == \
         "Model Breadcrumbs keep=0.2 lam=1 gamma=0.05"
-    with pytest.raises(UserError, match="needs at least one lam"):
-        settings_grid(["task_arithmetic"], {"keep": [0.1]})
+    with pytest.raises(UserError, match="needs at least one λ"):
+        sweep_grid(["task_arithmetic"], {"keep": [0.1]})

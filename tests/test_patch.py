@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tailor_ui.errors import UserError
-from tailor_ui.patch import (Patch, apply_patch, changed_entries, load_patch, revert_patch,
-                             save_patch, tensor_patch, union)
+from tailor_ui.patch import (Patch, applied, apply_patch, changed_entries, load_patch,
+                             revert_patch, save_patch, tensor_patch, union)
 
 
 def tiny(dtype=torch.float32, seed=0):
@@ -47,6 +47,20 @@ def test_save_apply_revert_is_bit_exact(tmp_path, dtype):
     assert bits_equal(state(base), target)
     revert_patch(base, applied)
     assert bits_equal(state(base), original)
+
+
+def test_applied_holds_the_patch_for_the_body_and_reverts_however_it_ends():
+    base, tuned = tiny(), tiny(seed=1)
+    original, target = state(base), state(tuned)
+    patch = make_patch(base, tuned)
+    with applied(base, patch) as model:
+        assert model is base and bits_equal(state(base), target)
+    assert bits_equal(state(base), original)
+    with pytest.raises(RuntimeError), applied(base, patch):
+        raise RuntimeError("the body failed")
+    assert bits_equal(state(base), original)
+    with applied(base, None) as model:  # no patch: the model as it is
+        assert bits_equal(state(model), original)
 
 
 def test_changed_entries_sees_sign_of_zero_and_nan():

@@ -16,7 +16,8 @@ from tailor_ui.demo.model import DemoArch, make_model
 from tailor_ui.demo.processor import build_processor
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.generate import generate_answers
-from tailor_ui.evaluation.sweep import EvalSet, h_score, setting_label, sweep
+from tailor_ui.evaluation.sweep import (EvalSet, gain_retention, h_score, parse_numbers, retention,
+                                        setting_label, sweep, sweep_grid)
 from tailor_ui.pair import Pair
 from tailor_ui.settings import Settings
 
@@ -91,7 +92,8 @@ def test_columns_and_rows(table):
     assert list(table.columns) == [
         "kind", "method", "setting", "keep", "alpha", "lam", "score:vqa", "score:caption",
         "score:target", "original", "target", "original_retention", "target_retention",
-        "h_score", "patch_fraction", "linear_fraction", "seconds", "eval_seconds"]
+        "target_gain", "h_score", "retention:vqa", "retention:caption", "retention:target",
+        "patch_fraction", "linear_fraction", "seconds", "eval_seconds"]
     assert list(table["kind"]) == ["base", "finetuned"] + ["merged"] * len(SETTINGS)
     assert list(table["setting"]) == ["base", "finetuned", "Magnitude patch keep=1",
                                       "Magnitude patch keep=0 others=base",
@@ -109,6 +111,20 @@ def test_reference_rows_define_the_ratios(table):
         [h_score(o, t) for o, t in zip(table["original"], table["target"])])
     per_set = [table[c] / base[c] for c in ("score:vqa", "score:caption") if base[c] > 0]
     assert table["original_retention"].tolist() == pytest.approx((sum(per_set) / len(per_set)).tolist())
+    if base["score:caption"] > 0:
+        assert table["retention:caption"].tolist() == pytest.approx((table["score:caption"] / base["score:caption"]).tolist())
+    assert table["retention:target"].tolist() == pytest.approx((table["score:target"] / tuned["score:target"]).tolist())
+    gain = tuned["score:target"] - base["score:target"]
+    assert gain > 0 and base["target_gain"] == 0.0 and tuned["target_gain"] == 1.0
+    assert table["target_gain"].tolist() == pytest.approx(((table["score:target"] - base["score:target"]) / gain).tolist())
+
+
+def test_gain_retention_on_a_hand_made_table():
+    base, tuned = {"a": 0.2, "b": 0.5, "c": 0.4}, {"a": 0.8, "b": 0.5, "c": 0.6}
+    # set b did not gain: left out; a kept (0.5 - 0.2) / 0.6, c kept (0.4 - 0.4) / 0.2
+    assert gain_retention({"a": 0.5, "b": 0.1, "c": 0.4}, base, tuned) == pytest.approx((0.5 + 0.0) / 2)
+    assert gain_retention({"a": 1.1, "b": 0.0, "c": 0.2}, base, tuned) == pytest.approx((1.5 - 1.0) / 2)
+    assert pd.isna(gain_retention({"b": 0.9}, {"b": 0.5}, {"b": 0.5}))
 
 
 def test_extreme_patches_reproduce_the_reference_models(table):
@@ -146,3 +162,27 @@ def test_bad_sets_and_cancel_are_refused(pair, sets):
         sweep(pair, SETTINGS, original, [original[0]])
     with pytest.raises(Cancelled):
         sweep(pair, SETTINGS, original, target, should_stop=lambda: True)
+
+
+def test_retention_leaves_out_sets_the_reference_scores_zero_on():
+    scores = {"a": 0.5, "b": 0.3, "c": 0.2}
+    assert retention(scores, {"a": 1.0, "b": 0.6}) == pytest.approx(0.5)
+    assert retention(scores, {"a": 1.0, "b": 0.0, "c": None}) == pytest.approx(0.5)
+    assert pd.isna(retention(scores, {"a": 0.0}))
+
+
+def test_one_grid_for_cli_and_dashboard():
+    grid = sweep_grid(["tailor", "magnitude", "wise_ft"], {"keep": [0.1, 0.2], "lam": [0.5, 1.5], "alpha": [0.5, 0.8]},
+                      calibrated={"scope": ["block", "row"], "compensate": [False], "hessians": ["sequential"]})
+    tailor = [(s.scope, s.alpha, s.keep) for s in grid if s.method == "tailor"]
+    assert tailor == [(scope, a, k) for scope in ("block", "row") for a in (0.5, 0.8) for k in (0.1, 0.2)]
+    assert all(not s.compensate and s.hessians == "sequential" for s in grid if s.method == "tailor")
+    assert [s.keep for s in grid if s.method == "magnitude"] == [0.1, 0.2]
+    assert [s.lam for s in grid if s.method == "wise_ft"] == [0.5, 1.5]
+    with pytest.raises(UserError, match="unknown method 'nope'"):
+        sweep_grid(["nope"], {"keep": [0.1], "lam": [0.5]})
+    with pytest.raises(UserError, match="needs at least one λ"):
+        sweep_grid(["wise_ft"], {"keep": [0.1], "lam": []})
+    assert parse_numbers("0.5, 1.5", "--lam", 0.0, 2.0) == [0.5, 1.5]
+    with pytest.raises(UserError, match=r"--lam values must lie in \[0, 2\]: 2.5 is outside"):
+        parse_numbers("2.5", "--lam", 0.0, 2.0)

@@ -23,7 +23,9 @@ from tailor_ui.errors import UserError
 from tailor_ui.jobs import CANCELLED, DONE, FAILED
 from tailor_ui.patch import apply_patch, load_patch, revert_patch
 from tailor_ui.ui.blocks import App
-from tailor_ui.ui.studio import default_settings, import_examples, parse_numbers, sweep_settings
+from tailor_ui.data import import_examples
+from tailor_ui.evaluation.sweep import parse_numbers, sweep_grid
+from tailor_ui.service.config import default_settings
 from tailor_ui.ui.tailor import build_settings
 
 
@@ -278,13 +280,14 @@ def test_number_lists_and_sweep_grids():
         parse_numbers("0.1, abc", "keep")
     with pytest.raises(UserError, match="outside"):
         parse_numbers("1.5", "keep")
-    grid = sweep_settings(["tailor", "wise_ft"], [0.05, 0.1], [0.5])
+    grid = sweep_grid(["tailor", "wise_ft"], {"keep": [0.05, 0.1], "lam": [0.5], "alpha": [0.8]})
     assert [(s.method, s.keep, s.lam) for s in grid] == [("tailor", 0.05, None), ("tailor", 0.1, None),
                                                          ("wise_ft", 0.1, 0.5)]
     with pytest.raises(UserError, match="too many"):
-        sweep_settings(["tailor", "magnitude", "ties", "dare"], [i / 100 for i in range(1, 8)], [])
+        sweep_grid(["tailor", "magnitude", "ties", "dare"], {"keep": [i / 100 for i in range(1, 8)], "alpha": [0.8]},
+                   limit=24)
     with pytest.raises(UserError, match="at least one method"):
-        sweep_settings([], [0.1], [0.5])
+        sweep_grid([], {"keep": [0.1], "lam": [0.5]})
 
 
 # -- Compare -----------------------------------------------------------------------------
@@ -419,7 +422,7 @@ def test_poll_sends_what_differs_from_the_served_page_then_only_changes(app):
 
 
 def test_a_page_served_before_the_demo_loaded_gets_it_with_a_poll(tmp_path):
-    from tailor_ui.ui.studio import Studio, StudioConfig
+    from tailor_ui.service.studio import Studio, StudioConfig
 
     studio = Studio(StudioConfig(workdir=tmp_path / "work", demo_dir=DEMO, warm_up=False))
     try:
@@ -456,7 +459,7 @@ def test_cancelled_exception_type_is_the_engines():
 
 
 def test_without_a_demo_pair_the_app_still_serves(tmp_path):
-    from tailor_ui.ui.studio import Studio, StudioConfig
+    from tailor_ui.service.studio import Studio, StudioConfig
 
     studio = Studio(StudioConfig(workdir=tmp_path / "work", demo_dir=tmp_path / "missing"))
     studio.start(background=False)

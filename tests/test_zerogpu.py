@@ -103,7 +103,7 @@ def zero(tmp_path_factory, model_root):
 
 
 def _zero_studio(tmp_path_factory, model_root):
-    from tailor_ui.ui.studio import Studio, StudioConfig, default_settings
+    from tailor_ui.service.studio import Studio, StudioConfig, default_settings
 
     root = tmp_path_factory.mktemp("zerogpu")
     config = StudioConfig(workdir=root / "work", demo_dir=DEMO, device="auto",

@@ -27,6 +27,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,8 +38,10 @@ from tailor_ui.data import read_examples, write_examples
 from tailor_ui.demo import world
 from tailor_ui.demo.model import DemoArch, make_model
 from tailor_ui.demo.processor import build_processor
-from tailor_ui.demo.train import Progress, encode_batches, pretrain_vision, train
+from tailor_ui.demo.train import Progress, pretrain_vision
 from tailor_ui.evaluation.evaluate import evaluate, majority_baseline
+from tailor_ui.training.finetune import encode_epoch
+from tailor_ui.training.loop import train_loop, training_only
 
 # Set -> the metric family evaluate() applies (both targets' one-word answers score like VQA).
 EVAL_TASKS = {"caption": "caption", "vqa": "vqa", "target": "vqa"}
@@ -122,15 +125,37 @@ def _majority(examples, task: str) -> dict:
             "score": round(baseline.score, 4)}
 
 
+def _train(model: torch.nn.Module, batches: list[dict], trainable: Callable[[str], bool], *,
+           lr: float, epochs: int, weight_decay: float, warmup_steps: int,
+           progress: Progress) -> list[float]:
+    """The demo's recipe on the training package's loop: AdamW with β = (0.9, 0.95),
+    gradients clipped at 1, the same encoded batches every epoch. Returns each epoch's
+    mean loss."""
+    def report(what: str, done: int, total: int) -> None:
+        if done % 100 == 0:
+            progress(f"step {done}/{total}, {what}")
+
+    names = [name for name, _ in model.named_parameters() if trainable(name)]
+    with training_only(model, names) as params:
+        result = train_loop(model, params, lambda _epoch: batches, len(batches), lr=lr,
+                            epochs=epochs, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                            betas=(0.9, 0.95), progress=report)
+    for epoch, loss in enumerate(result.epoch_losses, start=1):
+        progress(f"epoch {epoch}/{epochs}: loss {loss:.3f}")
+    return result.epoch_losses
+
+
 def _folder_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
 def build_demo(assets_dir: Path, *, seed: int = 0, recipe: Recipe = Recipe(),
                progress: Progress = print) -> dict:
-    """Regenerate `assets_dir` (data sets, base/ and finetuned/ checkpoints, scores.json).
+    """Regenerate `assets_dir`: data sets, the base/ checkpoint, each story's finetuned/
+    checkpoint and target sets (in the story's folder), and scores.json.
 
-    Returns the build time, the base and fine-tuned scores on every task and the size.
+    Returns the build time, the size, and per story the base and fine-tuned scores on every
+    task with each set's majority-answer baseline.
     """
     start = time.perf_counter()
     assets_dir = Path(assets_dir)
@@ -196,10 +221,10 @@ def _train_base(work: Path, seed: int, recipe: Recipe, processor, rng: np.random
         lr=recipe.vision_lr, epochs=recipe.vision_epochs, batch_size=recipe.vision_batch, rng=rng,
         progress=progress)
     progress("training the base model on captioning and VQA (vision tower frozen, as LLaVA)")
-    base_losses = train(model, encode_batches(processor, base_samples, recipe.base_batch, rng),
-                        lr=recipe.base_lr, epochs=recipe.base_epochs,
-                        trainable=lambda name: "vision_tower" not in name,
-                        warmup_steps=recipe.base_warmup, progress=progress)
+    base_losses = _train(model, list(encode_epoch(processor, base_samples, recipe.base_batch, rng)),
+                         lambda name: "vision_tower" not in name, lr=recipe.base_lr,
+                         epochs=recipe.base_epochs, weight_decay=0.01,
+                         warmup_steps=recipe.base_warmup, progress=progress)
     model.save_pretrained(work / "base")
     processor.save_pretrained(work / "base")
     return model, {"vision_cell_accuracy": round(vision_accuracy, 4), "base_losses": base_losses}
@@ -209,10 +234,9 @@ def _finetune(model: torch.nn.Module, processor, story: Story, samples: list[wor
               text_layers: int, rng: np.random.Generator, progress: Progress) -> list[float]:
     progress(f"fine-tuning the last half of the decoder on {story.name} ({story.task} questions)")
     tuned = _finetuned_layer_names(text_layers)
-    return train(model, encode_batches(processor, samples, story.batch, rng),
-                 lr=story.lr, epochs=story.epochs, weight_decay=0.0,
-                 trainable=lambda name: tuned.search(name) is not None,
-                 warmup_steps=story.warmup, progress=progress)
+    return _train(model, list(encode_epoch(processor, samples, story.batch, rng)),
+                  lambda name: tuned.search(name) is not None, lr=story.lr, epochs=story.epochs,
+                  weight_decay=0.0, warmup_steps=story.warmup, progress=progress)
 
 
 def _build(work: Path, seed: int, recipe: Recipe, progress: Progress) -> dict:

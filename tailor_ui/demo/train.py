@@ -1,12 +1,7 @@
-"""Training for the demo pair: batches from the world, and one plain AdamW loop.
-
-Both the base's from-scratch training and the fine-tuning use `train`; they differ only in
-data, trainable parameters and learning rate, as a real pre-train / fine-tune pair would.
-"""
+"""The demo's vision pre-training (the language model trains on `tailor_ui.training.loop`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -14,67 +9,8 @@ import torch
 
 from tailor_ui.demo import world
 from tailor_ui.demo.world import Sample
-from tailor_ui.prompts import encode_with_answers
 
 Progress = Callable[[str], None]
-
-
-def encode_batches(processor, samples: Sequence[Sample], batch_size: int,
-                   rng: np.random.Generator) -> list[dict]:
-    """Shuffled, padded training batches; a caption sample trains on one of its references,
-    drawn at random (as COCO training pairs an image with each of its captions)."""
-    order = rng.permutation(len(samples))
-    batches = []
-    for start in range(0, len(order), batch_size):
-        chunk = [samples[i] for i in order[start:start + batch_size]]
-        answers = [s.answers[int(rng.integers(len(s.answers)))] for s in chunk]
-        batches.append(encode_with_answers(processor, [s.image for s in chunk],
-                                           [s.question for s in chunk], answers))
-    return batches
-
-
-def train(model: torch.nn.Module, batches: Sequence[dict], *, lr: float, epochs: int,
-          trainable: Callable[[str], bool] = lambda name: True, weight_decay: float = 0.01,
-          warmup_steps: int = 0, progress: Progress = print) -> list[float]:
-    """AdamW with linear warm-up and cosine decay; parameters `trainable` rejects are frozen.
-
-    Returns the mean loss of each epoch.
-    """
-    params = []
-    for name, param in model.named_parameters():
-        param.requires_grad_(trainable(name))
-        if param.requires_grad:
-            params.append(param)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    total = epochs * len(batches)
-
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total - warmup_steps)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    model.train()
-    epoch_losses = []
-    for epoch in range(epochs):
-        losses = []
-        for step, batch in enumerate(batches, start=1):
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if step % 100 == 0:
-                progress(f"epoch {epoch + 1}/{epochs} step {step}/{len(batches)}: "
-                         f"loss {np.mean(losses[-100:]):.3f}")
-        epoch_losses.append(float(np.mean(losses)))
-        progress(f"epoch {epoch + 1}/{epochs}: loss {epoch_losses[-1]:.3f}")
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return epoch_losses
 
 
 def pretrain_vision(vision_tower: torch.nn.Module, image_processor, samples: Sequence[Sample], *,

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from tailor_ui.control import Cancelled, StopCheck, never_stop
 from tailor_ui.data import Example
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.generate import generate_answers
@@ -23,6 +24,16 @@ from tailor_ui.io import atomic_path
 Task = Literal["caption", "vqa"]
 TASKS: tuple[Task, ...] = ("caption", "vqa")
 PRIMARY_METRIC: dict[Task, str] = {"caption": "cider_d", "vqa": "vqa_accuracy"}
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A named evaluation set and how to score it (a counting set is scored as "vqa")."""
+
+    name: str
+    task: Task
+    examples: Sequence[Example]
+    max_new_tokens: int = 32
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,23 @@ def evaluate(model, processor, examples: Sequence[Example], task: Task, *,
     return EvalResult(task=task, metric=primary, score=metrics[primary], metrics=metrics,
                       n=len(examples), predictions=predictions, per_example=per_example,
                       seconds=time.perf_counter() - start)
+
+
+def evaluate_all(model, processor, sets: Sequence[EvalSet], *, batch_size: int = 16,
+                 before_each: Callable[[EvalSet], None] | None = None,
+                 should_stop: StopCheck | None = None) -> dict[str, EvalResult]:
+    """The model on every set, by set name; `before_each` hears of each set as it starts
+    (progress), and a stop request is honoured between sets."""
+    stop = should_stop or never_stop
+    results = {}
+    for s in sets:
+        if stop():
+            raise Cancelled
+        if before_each is not None:
+            before_each(s)
+        results[s.name] = evaluate(model, processor, s.examples, s.task, batch_size=batch_size,
+                                   max_new_tokens=s.max_new_tokens)
+    return results
 
 
 def save_result(result: EvalResult, path: str | Path) -> None:

@@ -11,6 +11,11 @@ Columns (one `score:<set>` column per evaluation set, named by the set):
   on its own set (per set, so CIDEr-D's 0-10 scale does not drown VQA's 0-1); `h_score`: harmonic mean of original and target (the scales of
   CIDEr-D and VQA accuracy relate as in the paper, where both are x100, so H-scores are
   the paper's divided by 100);
+- `retention:<set>`: the set's score / its reference's (the base on an original set, the
+  fine-tuned model on its target set), so one set's loss cannot hide in an average;
+- `target_gain`: gain retention, the mean over target sets of (score − base) / (fine-tuned
+  − base): how much of what fine-tuning added the row kept (0 = the base, 1 = fine-tuned),
+  where `target_retention` also credits what the base already scored;
 - `patch_fraction`: entries the row changes relative to the base / all parameters
   (the base row has keep 0 and the fine-tuned rows keep 1, placing them on a keep axis);
   `linear_fraction`: the same over the selected linear layers (merged rows);
@@ -25,35 +30,27 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 import pandas as pd
 import torch
 
-from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_progress
+from tailor_ui.control import Progress, StopCheck, never_stop, no_progress
 from tailor_ui.prompts import Batch
-from tailor_ui.data import Example
 from tailor_ui.engine import run_method
 from tailor_ui.errors import UserError
-from tailor_ui.evaluation.evaluate import Task, evaluate
+from tailor_ui.evaluation.evaluate import EvalSet, evaluate_all
 from tailor_ui.methods import REGISTRY
 from tailor_ui.pair import Pair
-from tailor_ui.patch import apply_patch, changed_entries, revert_patch
+from tailor_ui.patch import applied, changed_entries
 from tailor_ui.settings import Settings
 
+# The λ a sweep may try (WiSE-FT, task arithmetic): beyond 1 extrapolates past the fine-tuned model
+LAMBDA_RANGE = (0.0, 2.0)
 # Shown in every label that uses them, so they are not repeated as "non-default" extras.
 _LABELLED = {"method", "keep", "alpha", "lam", "drop"}
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """A named evaluation set and how to score it (a counting set is scored as "vqa")."""
-
-    name: str
-    task: Task
-    examples: Sequence[Example]
-    max_new_tokens: int = 32
+_KNOB_NAMES = {"lam": "λ"}  # as the dashboard names them in errors
 
 
 def score_column(name: str) -> str:
@@ -67,27 +64,6 @@ def _knob_values(s: Settings) -> dict[str, float | None]:
     values = {"keep": 1.0 - s.effective_drop if "drop" in used else s.keep,
               "alpha": s.alpha, "lam": s.effective_lambda}
     return {k: (v if k in used else None) for k, v in values.items()}
-
-
-def settings_grid(methods: Sequence[str], values: Mapping[str, Sequence[float]],
-                  calibrated: Mapping[str, Any] | None = None) -> list[Settings]:
-    """A sweep's grid: each method over every combination of the values of the knobs it
-    sweeps (`Method.sweep`: λ methods over λ, patch-size methods over keep, Model Tailor
-    over alpha and keep); `calibrated` settings go to the methods that need calibration."""
-    unknown = [m for m in methods if m not in REGISTRY]
-    if unknown:
-        raise UserError(f"unknown method {unknown[0]!r} (choose from {', '.join(REGISTRY)})")
-    grid = []
-    for name in methods:
-        method = REGISTRY[name]
-        empty = [k for k in method.sweep if not values.get(k)]
-        if empty:
-            raise UserError(f"{name} needs at least one {empty[0]} value")
-        extra = dict(calibrated or {}) if method.needs_calibration else {}
-        for combo in itertools.product(*(values[k] for k in method.sweep)):
-            knobs = {k: float(v) for k, v in zip(method.sweep, combo)}
-            grid.append(Settings(method=name, **extra, **knobs))
-    return grid
 
 
 def setting_label(s: Settings) -> str:
@@ -125,25 +101,21 @@ class _Evaluator:
     """Runs every evaluation set on a model, counting evaluations for progress and
     checking for cancellation between them."""
 
-    def __init__(self, pair: Pair, sets: Sequence[EvalSet], total_models: int, batch_size: int,
+    def __init__(self, processor, sets: Sequence[EvalSet], total_models: int, batch_size: int,
                  progress: Progress, should_stop: StopCheck) -> None:
-        self.pair, self.sets, self.batch_size = pair, sets, batch_size
+        self.processor, self.sets, self.batch_size = processor, sets, batch_size
         self.progress, self.should_stop = progress, should_stop
         self.done, self.total = 0, total_models * len(sets)
 
     def __call__(self, model: torch.nn.Module, label: str) -> dict[str, float]:
-        row: dict[str, float] = {}
-        seconds = 0.0
-        for s in self.sets:
-            if self.should_stop():
-                raise Cancelled
+        def starting(s: EvalSet) -> None:
             self.progress(f"evaluating {label} on {s.name}", self.done, self.total)
-            result = evaluate(model, self.pair.processor, s.examples, s.task,
-                              batch_size=self.batch_size, max_new_tokens=s.max_new_tokens)
-            row[score_column(s.name)] = result.score
-            seconds += result.seconds
             self.done += 1
-        row["eval_seconds"] = seconds
+
+        results = evaluate_all(model, self.processor, self.sets, batch_size=self.batch_size,
+                               before_each=starting, should_stop=self.should_stop)
+        row = {score_column(name): r.score for name, r in results.items()}
+        row["eval_seconds"] = sum(r.seconds for r in results.values())
         return row
 
 
@@ -173,7 +145,7 @@ def sweep(pair: Pair, settings: Sequence[Settings], original: Sequence[EvalSet],
     _check_sets(pair, original, target)
     report = progress or no_progress
     stop = should_stop or never_stop
-    run_eval = _Evaluator(pair, [*original, *target], 1 + len(pair.finetuned) + len(settings),
+    run_eval = _Evaluator(pair.processor, [*original, *target], 1 + len(pair.finetuned) + len(settings),
                           batch_size, report, stop)
     blank = {"alpha": None, "lam": None, "linear_fraction": None, "seconds": math.nan}
 
@@ -189,16 +161,13 @@ def sweep(pair: Pair, settings: Sequence[Settings], original: Sequence[EvalSet],
         label = setting_label(s)
         result = run_method(pair, s, calibration, should_stop=stop,
                             progress=_prefixed(report, f"[{j + 1}/{len(settings)}] {label}: "))
-        applied = apply_patch(pair.base, result.patch)
-        try:
-            scores = run_eval(pair.base, label)
-        finally:
-            revert_patch(pair.base, applied)
+        with applied(pair.base, result.patch) as model:
+            scores = run_eval(model, label)
         rows.append({"kind": "merged", "method": s.method, "setting": label, **_knob_values(s),
                      "patch_fraction": result.report["model_fraction"],
                      "linear_fraction": result.report["linear_fraction"],
                      "seconds": result.report["timings_s"]["total"], **scores})
-    return _summarize(pd.DataFrame(rows), original, target)
+    return summarize(pd.DataFrame(rows), original, target)
 
 
 def _prefixed(report: Progress, prefix: str) -> Progress:
@@ -207,12 +176,17 @@ def _prefixed(report: Progress, prefix: str) -> Progress:
     return step
 
 
-def _ratio(values: pd.Series, reference: float) -> pd.Series:
-    return values / reference if reference > 0 else values * math.nan
+def retention(scores: Mapping[str, float], reference: Mapping[str, float]) -> float:
+    """The mean over sets of score / the reference model's score on that set (per set, so
+    CIDEr-D's 0-10 scale does not drown VQA's 0-1). A set the reference scores 0 on (or
+    lacks) is left out: it has no ratio to keep, and counting it as 0 or as 1 would
+    invent one. NaN when no set is left."""
+    ratios = [scores[name] / ref for name, ref in reference.items() if ref and ref > 0]
+    return float(sum(ratios) / len(ratios)) if ratios else math.nan
 
 
-def _summarize(table: pd.DataFrame, original: Sequence[EvalSet], target: Sequence[EvalSet]
-               ) -> pd.DataFrame:
+def summarize(table: pd.DataFrame, original: Sequence[EvalSet], target: Sequence[EvalSet]
+              ) -> pd.DataFrame:
     """Add the mean scores, retentions and H-score, and put the columns in a fixed order."""
     original_cols = [score_column(s.name) for s in original]
     target_cols = [score_column(s.name) for s in target]
@@ -220,15 +194,85 @@ def _summarize(table: pd.DataFrame, original: Sequence[EvalSet], target: Sequenc
     table["target"] = table[target_cols].mean(axis=1)
     base = table[table["kind"] == "base"].iloc[0]
     finetuned = table[table["kind"] == "finetuned"]
-    # retention is averaged per set, so a CIDEr-D scale (0-10) does not drown a VQA one (0-1);
     # fine-tuned model k is the reference on its own target set k
-    table["original_retention"] = pd.concat(
-        [_ratio(table[c], float(base[c])) for c in original_cols], axis=1).mean(axis=1)
-    table["target_retention"] = pd.concat(
-        [_ratio(table[c], float(finetuned[c].iloc[k])) for k, c in enumerate(target_cols)],
-        axis=1).mean(axis=1)
+    original_ref = {c: float(base[c]) for c in original_cols}
+    target_ref = {c: float(finetuned[c].iloc[k]) for k, c in enumerate(target_cols)}
+    rows = [row for _, row in table.iterrows()]
+    table["original_retention"] = [retention(row, original_ref) for row in rows]
+    table["target_retention"] = [retention(row, target_ref) for row in rows]
+    base_on_target = {c: float(base[c]) for c in target_cols}
+    table["target_gain"] = [gain_retention(row, base_on_target, target_ref) for row in rows]
     table["h_score"] = [h_score(o, t) for o, t in zip(table["original"], table["target"])]
+    per_set = []
+    for c, ref in {**original_ref, **target_ref}.items():
+        per_set.append(retention_column(c[len("score:"):]))
+        table[per_set[-1]] = [retention({c: row[c]}, {c: ref}) for row in rows]
     order = ["kind", "method", "setting", "keep", "alpha", "lam", *original_cols, *target_cols,
-             "original", "target", "original_retention", "target_retention", "h_score",
-             "patch_fraction", "linear_fraction", "seconds", "eval_seconds"]
+             "original", "target", "original_retention", "target_retention", "target_gain", "h_score",
+             *per_set, "patch_fraction", "linear_fraction", "seconds", "eval_seconds"]
     return table[order]
+
+
+def retention_column(name: str) -> str:
+    return f"retention:{name}"
+
+
+def gain_retention(scores: Mapping[str, float], base: Mapping[str, float],
+                   finetuned: Mapping[str, float]) -> float:
+    """The mean over sets of (score − base) / (fine-tuned − base): the share of what
+    fine-tuning added that a model kept. A set fine-tuning did not improve is left out (no
+    gain to keep); NaN when none is left."""
+    gains = [(scores[c] - base[c]) / (finetuned[c] - base[c]) for c in finetuned
+             if finetuned[c] - base[c] > 0]
+    return float(sum(gains) / len(gains)) if gains else math.nan
+
+
+def parse_numbers(text: str | Sequence[float] | None, name: str, low: float = 0.0,
+                  high: float = 1.0) -> list[float]:
+    """'0.05, 0.1 0.2' -> [0.05, 0.1, 0.2] (commas, spaces or semicolons; repeats dropped),
+    each checked to lie in [low, high]."""
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        values = [float(v) for v in text]
+    else:
+        values = []
+        for part in text.replace(";", ",").replace(" ", ",").split(","):
+            if not part.strip():
+                continue
+            try:
+                values.append(float(part))
+            except ValueError:
+                raise UserError(f"{name}: {part.strip()!r} is not a number") from None
+    bad = [v for v in values if not low <= v <= high]
+    if bad:
+        raise UserError(f"{name} values must lie in [{low:g}, {high:g}]: {bad[0]:g} is outside")
+    return list(dict.fromkeys(values))
+
+
+def sweep_grid(methods: Sequence[str], values: Mapping[str, Sequence[float]], *,
+               calibrated: Mapping[str, Sequence[Any]] | None = None,
+               limit: int | None = None) -> list[Settings]:
+    """The one sweep grid of the CLI and the dashboard: each method over every combination
+    of the `values` of the knobs it sweeps (`Method.sweep`: λ methods over λ, patch-size
+    methods over keep, Model Tailor over alpha and keep); methods that need calibration also
+    over every combination of the `calibrated` settings (scope, compensation, Hessians…)."""
+    if not methods:
+        raise UserError("choose at least one method for the sweep")
+    unknown = [m for m in methods if m not in REGISTRY]
+    if unknown:
+        raise UserError(f"unknown method {unknown[0]!r} (choose from {', '.join(REGISTRY)})")
+    grid = []
+    for name in methods:
+        method = REGISTRY[name]
+        extra = dict(calibrated or {}) if method.needs_calibration else {}
+        empty = [k for k in (*extra, *method.sweep) if not (extra.get(k) or values.get(k))]
+        if empty:
+            raise UserError(f"{name} needs at least one {_KNOB_NAMES.get(empty[0], empty[0])} value")
+        for fixed in itertools.product(*extra.values()):
+            for combo in itertools.product(*(values[k] for k in method.sweep)):
+                grid.append(Settings(method=name, **dict(zip(extra, fixed)),
+                                     **{k: float(v) for k, v in zip(method.sweep, combo)}))
+    if limit is not None and len(grid) > limit:
+        raise UserError(f"{len(grid)} settings is too many for one sweep (at most {limit})")
+    return grid

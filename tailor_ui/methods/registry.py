@@ -33,7 +33,8 @@ def _dare(base: torch.Tensor, tuned: Sequence[torch.Tensor], name: str, s: Knobs
     return baselines.dare(base, task_vectors(base, tuned)[0], s.effective_drop, s.seed, name)
 
 
-_TAILOR_KNOBS = ("keep", "alpha", "scope", "compensate", "sign", "sensitivity", "hessians", "damp",
+_TAILOR_KNOBS = ("keep", "alpha", "scope", "compensate", "compensation", "order", "budget", "sign",
+                 "sensitivity", "hessians", "damp",
                  "block_size")
 
 REGISTRY: dict[str, Method] = {

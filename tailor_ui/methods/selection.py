@@ -74,26 +74,21 @@ def global_threshold(all_scores: list[torch.Tensor], keep: float) -> float:
     return float(torch.topk(flat, k, sorted=True).values[-1])
 
 
-def layer_keep_budget(scores: Sequence[torch.Tensor], keep: float) -> list[float]:
+def layer_keep_budget(masses: Sequence[float], sizes: Sequence[int], keep: float) -> list[float]:
     """Per-layer keep fractions that share one patch budget by each layer's score mass.
 
     The model keeps round(keep · all entries) in total; layer l gets a share proportional
-    to its mass Σ (s − m), with m the lowest score of all layers: shifting by one common
-    constant makes every entry count non-negatively while keeping the ranking across
-    layers. A layer's share above its size goes to the others (water-filling), so each
-    fraction lies in [0, 1]; counts are whole numbers (largest remainders) and sum exactly
-    to the total. All-equal scores share by size, i.e. uniformly.
-
-    Scores must be comparable across layers for the shares to mean anything: fused
-    importances z-scored per row-block are centred in every block, so their shifted mass
-    is about proportional to size and the budget comes out about uniform.
+    to its mass (non-negative, comparable across layers: fused importances z-scored per
+    row-block are not, as every block is centred). A layer's share above its size goes to
+    the others (water-filling), so each fraction lies in [0, 1]; counts are whole numbers
+    (largest remainders) and sum exactly to the total. Zero mass everywhere shares by size,
+    i.e. uniformly.
     """
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"keep must be in [0, 1], got {keep}")
-    sizes = [s.numel() for s in scores]
-    lowest = min((float(s.min()) for s in scores if s.numel()), default=0.0)
-    masses = [float((s.double() - lowest).sum()) for s in scores]
-    counts = _share_out(round(keep * sum(sizes)), masses, sizes)
+    if any(m < 0 for m in masses):
+        raise ValueError("layer masses must be non-negative")
+    counts = _share_out(round(keep * sum(sizes)), list(masses), list(sizes))
     return [c / n if n else 0.0 for c, n in zip(counts, sizes)]
 
 

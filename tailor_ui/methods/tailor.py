@@ -8,7 +8,7 @@ OBS update so the layer's output stays close to the fine-tuned layer's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -50,9 +50,16 @@ class TensorScores:
 
     salience_z: torch.Tensor
     sensitivity_z: torch.Tensor
+    # the raw scores' sums: what the layer weighs against other layers (z-scores cannot say)
+    salience_mass: float = 0.0
+    sensitivity_mass: float = 0.0
 
     def importance(self, alpha: float) -> torch.Tensor:
         return alpha * self.salience_z + (1.0 - alpha) * self.sensitivity_z
+
+    def to(self, device: torch.device | str) -> "TensorScores":
+        return replace(self, salience_z=self.salience_z.to(device),
+                       sensitivity_z=self.sensitivity_z.to(device))
 
 
 def tensor_scores(w_pre: torch.Tensor, w_ft: torch.Tensor, factor: torch.Tensor,
@@ -66,7 +73,8 @@ def tensor_scores(w_pre: torch.Tensor, w_ft: torch.Tensor, factor: torch.Tensor,
     numerator = delta.square() if sensitivity == "change" else w_ft.float().square()
     sens = numerator / torch.diag(factor).square().unsqueeze(0)
     return TensorScores(salience_z=zscore_rows_in_blocks(salience, block_size),
-                        sensitivity_z=zscore_rows_in_blocks(sens, block_size))
+                        sensitivity_z=zscore_rows_in_blocks(sens, block_size),
+                        salience_mass=float(salience.sum()), sensitivity_mass=float(sens.sum()))
 
 
 def compensate(w_pre: torch.Tensor, w_ft: torch.Tensor, keep: torch.Tensor, factor: torch.Tensor,

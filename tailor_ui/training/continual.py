@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_progress
+from tailor_ui.control import Progress, StopCheck, never_stop, no_progress
 from tailor_ui.data import Example
 from tailor_ui.errors import UserError
-from tailor_ui.evaluation.evaluate import Task, evaluate
+from tailor_ui.evaluation.evaluate import EvalSet, Task, evaluate_all
 from tailor_ui.training.finetune import finetune
 
 CONTINUAL_METHODS = ("sequential", "ema", "llaca")
@@ -81,14 +81,9 @@ def summary(table: pd.DataFrame) -> dict[str, float]:
 
 def _evaluate_all(model, processor, tasks: Sequence[ContinualTask], batch_size: int,
                   max_new_tokens: int, should_stop: StopCheck) -> dict[str, float]:
-    out = {}
-    for task in tasks:
-        if should_stop():
-            raise Cancelled
-        result = evaluate(model, processor, task.eval, task.metric, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens)
-        out[acc_column(task.name)] = result.score
-    return out
+    sets = [EvalSet(t.name, t.metric, t.eval, max_new_tokens) for t in tasks]
+    results = evaluate_all(model, processor, sets, batch_size=batch_size, should_stop=should_stop)
+    return {acc_column(name): result.score for name, result in results.items()}
 
 
 def run_continual(model: torch.nn.Module, processor: Any, tasks: Sequence[ContinualTask],

@@ -21,7 +21,10 @@ model's identity (a fingerprint of its weights) and the probing settings.
 
 The mask keeps the lowest-importance fraction ρ of each weight matrix trainable (exactly
 round(ρ·n) entries; ties broken by position), and the training loop zeroes every other
-gradient entry.
+gradient entry. `DowserTraining` is the method `finetune` runs: it probes once (cached by
+the model's fingerprint), masks the gradients after each backward pass and masks weight
+decay the same way, so the other entries stay bit-identical. Norms and biases of the
+trained layers train fully.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from tailor_ui.weights import to_model
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
 from tailor_ui.names import component
+from tailor_ui.training.method import RunSetup, TrainingMethod
 
 Batch = dict[str, torch.Tensor]
 FORMAT = "tailor_ui.dowser/1"
@@ -106,6 +110,75 @@ def rademacher(shape: Sequence[int], generator: torch.Generator) -> torch.Tensor
     return torch.randint(0, 2, tuple(shape), generator=generator).float() * 2 - 1
 
 
+class _Means:
+    """Running per-feature sums and row counts, by module; `mean` is None for one never seen."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+
+    def add(self, name: str, rows: torch.Tensor) -> None:
+        self.total[name] = self.total.get(name, 0) + rows.sum(dim=0)
+        self.rows[name] = self.rows.get(name, 0) + rows.shape[0]
+
+    def mean(self, name: str) -> torch.Tensor | None:
+        return (self.total[name] / self.rows[name]).cpu() if self.rows.get(name, 0) > 0 else None
+
+
+def _watch(modules: Mapping[str, torch.nn.Linear], unit: set[str], act: _Means,
+           state: dict[str, Any]) -> list[Any]:
+    """Forward hooks that add each module's |input| to `act` and keep its output (made
+    differentiable) in state["outputs"], except for the `unit` modules."""
+    def hook(name: str) -> Callable:
+        def forward_hook(_module: torch.nn.Module, args: tuple, output: torch.Tensor):
+            with torch.no_grad():
+                act.add(name, _rows(args[0], state["mask"]).float().abs())
+            if name in unit:
+                return None
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            state["outputs"][name] = output
+            return output
+        return forward_hook
+
+    return [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+
+
+def _probe(last: torch.Tensor, outputs: dict[str, torch.Tensor], mask: torch.Tensor,
+           probes: int | torch.Tensor, generator: torch.Generator, psi: _Means) -> None:
+    """Add |∂(ξᵀ·last)/∂output| of every watched output to `psi`, for each probe ξ."""
+    names = list(outputs)
+    tensors = [outputs[n] for n in names]
+    vectors = (probes if isinstance(probes, torch.Tensor)
+               else rademacher((probes, *last.shape), generator))
+    for m, xi in enumerate(vectors if tensors else []):
+        xi = xi.to(last.device)
+        if xi.dim() == 1:
+            xi = xi.expand_as(last)
+        s = (xi * last).sum()
+        grads = torch.autograd.grad(s, tensors, retain_graph=m < len(vectors) - 1,
+                                    allow_unused=True)
+        for name, out, grad in zip(names, tensors, grads):
+            if grad is None:
+                grad = torch.zeros_like(out)
+            psi.add(name, _rows(grad, mask).float().abs())
+
+
+def _scores(modules: Mapping[str, torch.nn.Linear], unit: set[str], psi: _Means,
+            act: _Means) -> DowserScores:
+    """The means, with the boundary rules: ψ = 1 for `unit` modules and for any module
+    without gradients; a = 1 (and ψ = 1) for a module never reached."""
+    out_psi: dict[str, torch.Tensor] = {}
+    out_act: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        rows, cols = module.weight.shape
+        a = act.mean(name)
+        out_act[name] = a if a is not None else torch.ones(cols)
+        p = psi.mean(name) if a is not None and name not in unit else None
+        out_psi[name] = p if p is not None else torch.ones(rows, dtype=torch.float32)
+    return DowserScores(psi=out_psi, act=out_act)
+
+
 def probe_statistics(call: Callable[[Batch], torch.Tensor], modules: Mapping[str, torch.nn.Linear],
                      batches: Iterable[Batch], *, probes: int | torch.Tensor = 8,
                      generator: torch.Generator | None = None, unit_psi: Iterable[str] = (),
@@ -122,28 +195,9 @@ def probe_statistics(call: Callable[[Batch], torch.Tensor], modules: Mapping[str
     """
     generator = generator or torch.Generator().manual_seed(0)
     unit = set(unit_psi)
-    psi_sum: dict[str, torch.Tensor] = {}
-    act_sum: dict[str, torch.Tensor] = {}
-    psi_n: dict[str, int] = {}
-    act_n: dict[str, int] = {}
+    psi, act = _Means(), _Means()
     state: dict[str, Any] = {"mask": None, "outputs": {}}
-
-    def hook(name: str) -> Callable:
-        def forward_hook(_module: torch.nn.Module, args: tuple, output: torch.Tensor):
-            mask = state["mask"]
-            with torch.no_grad():
-                rows = _rows(args[0], mask).float().abs()
-                act_sum[name] = act_sum.get(name, 0) + rows.sum(dim=0)
-                act_n[name] = act_n.get(name, 0) + rows.shape[0]
-            if name in unit:
-                return None
-            if not output.requires_grad:
-                output = output.detach().requires_grad_(True)
-            state["outputs"][name] = output
-            return output
-        return forward_hook
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    handles = _watch(modules, unit, act, state)
     try:
         for index, batch in enumerate(batches):
             if should_stop is not None and should_stop():
@@ -154,23 +208,7 @@ def probe_statistics(call: Callable[[Batch], torch.Tensor], modules: Mapping[str
                 logits = call(batch)
                 last = logits[torch.arange(logits.shape[0], device=logits.device),
                               _last_positions(mask).to(logits.device)].float()
-                names = list(state["outputs"])
-                tensors = [state["outputs"][n] for n in names]
-                vectors = (probes if isinstance(probes, torch.Tensor)
-                           else rademacher((probes, *last.shape), generator))
-                for m, xi in enumerate(vectors if tensors else []):
-                    xi = xi.to(last.device)
-                    if xi.dim() == 1:
-                        xi = xi.expand_as(last)
-                    s = (xi * last).sum()
-                    grads = torch.autograd.grad(s, tensors, retain_graph=m < len(vectors) - 1,
-                                                allow_unused=True)
-                    for name, out, grad in zip(names, tensors, grads):
-                        if grad is None:
-                            grad = torch.zeros_like(out)
-                        rows = _rows(grad, mask).float().abs()
-                        psi_sum[name] = psi_sum.get(name, 0) + rows.sum(dim=0)
-                        psi_n[name] = psi_n.get(name, 0) + rows.shape[0]
+                _probe(last, state["outputs"], mask, probes, generator, psi)
             state["outputs"] = {}
             if on_batch is not None:
                 on_batch(index + 1)
@@ -178,18 +216,7 @@ def probe_statistics(call: Callable[[Batch], torch.Tensor], modules: Mapping[str
         for h in handles:
             h.remove()
         state.clear()
-    psi: dict[str, torch.Tensor] = {}
-    act: dict[str, torch.Tensor] = {}
-    for name, module in modules.items():
-        weight = module.weight
-        ones_out = torch.ones(weight.shape[0], dtype=torch.float32)
-        reached = act_n.get(name, 0) > 0
-        act[name] = (act_sum[name] / act_n[name]).cpu() if reached else torch.ones(weight.shape[1])
-        if name in unit or not reached or psi_n.get(name, 0) == 0:
-            psi[name] = ones_out
-        else:
-            psi[name] = (psi_sum[name] / psi_n[name]).cpu()
-    return DowserScores(psi=psi, act=act)
+    return _scores(modules, unit, psi, act)
 
 
 # ------------------------------------------------------------------- on a real MLLM
@@ -403,3 +430,59 @@ def dowser_masks(model: torch.nn.Module, scores: DowserScores, weights: Sequence
                             "on another model?)")
         out[param] = keep_lowest(scores.importance(module, weight), rho)
     return out
+
+
+def linear_weights(model: torch.nn.Module, params: Iterable[str]) -> list[str]:
+    """The names among `params` that are the weight of an nn.Linear (what Dowser masks)."""
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return [p for p in params if p in linears]
+
+
+class DowserTraining(TrainingMethod):
+    """Model-Dowser: of each trained linear weight only the round(ρ·n) least important
+    entries change. Options: `rho`, `importance` (scores computed earlier on the same base),
+    `importance_cache` (folder or file), `probe_prompts` (K), `probes` (M)."""
+
+    label = "Model-Dowser (sparse)"
+    about = ("only the ρ least important entries of each weight matrix move (importance "
+             "probed once on the pre-trained model); the rest stay bit-identical.")
+    options = {"rho": 0.1, "importance": None, "importance_cache": None, "probe_prompts": 64,
+               "probes": 8}
+
+    @classmethod
+    def problems(cls, options: Mapping[str, Any]) -> list[str]:
+        rho = options.get("rho", 0.1)
+        return [] if 0.0 <= rho <= 1.0 else [f"rho must be between 0 and 1, got {rho}"]
+
+    def settings(self) -> dict[str, Any]:
+        return {k: self.values[k] for k in ("rho", "probe_prompts", "probes")}
+
+    def prepare(self, setup: RunSetup) -> None:
+        model, v = setup.model, self.values
+        scores = v["importance"] if v["importance"] is not None else dowser_scores(
+            model, setup.processor, K=v["probe_prompts"], M=v["probes"], seed=setup.seed,
+            cache=v["importance_cache"], progress=setup.progress, should_stop=setup.should_stop)
+        self.importance = {k: scores.meta.get(k) for k in ("key", "seconds", "cached")}
+        masks = dowser_masks(model, scores, linear_weights(model, setup.names), v["rho"])
+        self.masks = {n: m.to(model.get_parameter(n).device) for n, m in masks.items()}
+        self.by_param = {model.get_parameter(n): m for n, m in self.masks.items()}
+
+    def decay_mask(self, param: torch.nn.Parameter) -> torch.Tensor | None:
+        return self.by_param.get(param)
+
+    def after_backward(self) -> None:
+        for param, mask in self.by_param.items():
+            if param.grad is not None:
+                param.grad.masked_fill_(~mask, 0)
+
+    def trainable_entries(self, name: str, param: torch.nn.Parameter) -> int:
+        mask = self.masks.get(name)
+        return param.numel() if mask is None else int(mask.sum())
+
+    def extra(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"importance": self.importance}
+        if self.masks:
+            out["masked_tensors"] = len(self.masks)
+            out["kept_fraction"] = (sum(int(m.sum()) for m in self.masks.values())
+                                    / sum(m.numel() for m in self.masks.values()))
+        return out

@@ -1,26 +1,16 @@
-"""Fine-tune an MLLM in place: full, Model-Dowser (sparse) or LLaCA / EMA (continual).
+"""Fine-tune an MLLM in place with any registered training method, on the one loop.
 
 What trains, as in the papers' LLaVA runs: the decoder layers of the last N language-model
 layers (default: the last half) — attention q/k/v/o, MLP gate/up/down, their biases and the
 layers' norms. The vision tower, the projector, the embeddings, the final norm and lm_head
 stay frozen.
 
-- `full`: every entry of the trained layers.
-- `dowser`: Model-Dowser (METHODS.md §3). The pre-trained model is probed once (cached by
-  its fingerprint), each linear weight keeps exactly round(ρ·n) lowest-importance entries
-  trainable, a gradient hook zeroes the rest, and weight decay is masked the same way, so
-  the other entries stay bit-identical. Norms and biases of the trained layers train fully.
-- `llaca`: LLaCA (METHODS.md §4): after every optimizer step an EMA copy of each trained
-  tensor follows the live weights with a gradient-chosen weight; at the end the EMA
-  weights replace the live ones. `llaca_form` picks the authors' code form (default) or
-  the paper's equations.
-- `ema`: the same with a fixed β (`ema_beta`), the baseline LLaCA is compared against.
-
-The loop: AdamW, linear warm-up then cosine decay to zero, gradient clipping, decoupled
-weight decay applied by the loop itself (same arithmetic as AdamW's own, but maskable).
-With the same batches it reproduces `tailor_ui.demo.train.train` bit for bit (tested), so
-the demo build can use it. Everything is seeded: the batch order, the reference answer
-drawn for each example, dropout and Model-Dowser's probes.
+The methods (`tailor_ui.training.registry.TRAINING_METHODS`): `full` (every entry of the
+trained layers), `dowser` (Model-Dowser, METHODS.md §3, in `dowser.py`), `llaca` (LLaCA,
+METHODS.md §4) and `ema` (its fixed-β baseline), both in `llaca.py`. `finetune` checks the
+options, picks the trained tensors, lets the method prepare, runs `loop.train_loop` with the
+method's hooks and writes the report. Everything is seeded: the batch order, the reference
+answer drawn for each example, dropout and Model-Dowser's probes.
 """
 
 from __future__ import annotations
@@ -29,7 +19,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,19 +28,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tailor_ui.control import Cancelled, Progress, StopCheck, no_progress
-from tailor_ui.weights import to_model
+from tailor_ui.control import Progress, StopCheck, no_progress
 from tailor_ui.data import load_image, read_examples
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
 from tailor_ui.pair import load_model
 from tailor_ui.names import component, layer_index
 from tailor_ui.prompts import encode_with_answers
-from tailor_ui.training.dowser import DowserScores, dowser_masks, dowser_scores
-from tailor_ui.training.llaca import FORMS, EMATracker
+from tailor_ui.training.loop import Batch, train_loop, training_only
+from tailor_ui.training.method import RunSetup
+from tailor_ui.training.registry import (METHODS, TRAINING_METHODS, accepted_options,
+                                         option_problems)
 
-Batch = dict[str, torch.Tensor]
-METHODS = ("full", "dowser", "llaca", "ema")
 Layers = int | Sequence[int] | str | None
 
 
@@ -130,12 +119,6 @@ def trainable_parameters(model: torch.nn.Module, layers: Sequence[int],
     return names
 
 
-def linear_weights(model: torch.nn.Module, params: Iterable[str]) -> list[str]:
-    """The names among `params` that are the weight of an nn.Linear (what Dowser masks)."""
-    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    return [p for p in params if p in linears]
-
-
 # ------------------------------------------------------------------------ data
 
 def _image(example: Any) -> Image.Image:
@@ -164,75 +147,6 @@ def encode_epoch(processor: Any, examples: Sequence[Any], batch_size: int,
                                   [ex.question for ex in chunk], answers)
 
 
-# ------------------------------------------------------------------------ the loop
-
-@dataclass
-class LoopResult:
-    losses: list[float]
-    epoch_losses: list[float]
-    steps: int
-
-
-def train_loop(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
-               epoch_batches: Callable[[int], Iterable[Batch]], steps_per_epoch: int, *,
-               lr: float, epochs: int, weight_decay: float = 0.0, warmup_steps: int = 0,
-               max_grad_norm: float | None = 1.0, betas: tuple[float, float] = (0.9, 0.999),
-               decay_masks: dict[torch.nn.Parameter, torch.Tensor] | None = None,
-               after_step: Callable[[], None] | None = None, progress: Progress | None = None,
-               should_stop: StopCheck | None = None) -> LoopResult:
-    """AdamW with linear warm-up and cosine decay over `params` (already requires_grad).
-
-    Weight decay is decoupled and applied here before each step, exactly as AdamW does
-    (p ← p·(1 − lr·wd)), but only on the entries `decay_masks` allows. `after_step` runs
-    after every optimizer step, before the gradients are cleared.
-    """
-    report = progress or no_progress
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0)
-    total = epochs * steps_per_epoch
-
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total - warmup_steps)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    masks = decay_masks or {}
-    losses: list[float] = []
-    epoch_losses: list[float] = []
-    step = 0
-    model.train()
-    for epoch in range(epochs):
-        epoch_start = len(losses)
-        for batch in epoch_batches(epoch):
-            if should_stop is not None and should_stop():
-                raise Cancelled
-            loss = model(**to_model(batch, model)).loss
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            if weight_decay:
-                factor = 1 - optimizer.param_groups[0]["lr"] * weight_decay
-                with torch.no_grad():
-                    for p in params:
-                        mask = masks.get(p)
-                        if mask is None:
-                            p.mul_(factor)
-                        else:
-                            p.copy_(torch.where(mask, p * factor, p))
-            optimizer.step()
-            scheduler.step()
-            if after_step is not None:
-                after_step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            step += 1
-            report(f"epoch {epoch + 1}/{epochs}: loss {losses[-1]:.3f}", step, total)
-        epoch_losses.append(float(np.mean(losses[epoch_start:])) if len(losses) > epoch_start
-                            else math.nan)
-    model.eval()
-    return LoopResult(losses=losses, epoch_losses=epoch_losses, steps=step)
-
-
 # ------------------------------------------------------------------------ finetune
 
 @dataclass
@@ -259,10 +173,15 @@ class TrainReport:
         return {**asdict(self), "trainable_fraction": self.trainable_fraction}
 
 
-def _check_options(method: str, lr: float, epochs: int, batch_size: int, rho: float,
-                   llaca_form: str, ema_beta: float, weight_decay: float, warmup_steps: int) -> None:
+def check_options(method: str, lr: float, epochs: int, batch_size: int,
+                  weight_decay: float = 0.0, warmup_steps: int = 0, **method_options: Any) -> None:
+    """Raise one UserError listing every bad setting; `method_options` are the options the
+    registered methods own (each method checks its own, whichever method runs)."""
+    unknown = sorted(set(method_options) - set(accepted_options()))
+    if unknown:
+        raise TypeError(f"unknown fine-tuning option(s): {', '.join(unknown)}")
     problems = []
-    if method not in METHODS:
+    if method not in TRAINING_METHODS:
         problems.append(f"unknown fine-tuning method {method!r} (choose from {', '.join(METHODS)})")
     if not (lr > 0 and math.isfinite(lr)):
         problems.append(f"learning rate must be positive, got {lr}")
@@ -270,16 +189,11 @@ def _check_options(method: str, lr: float, epochs: int, batch_size: int, rho: fl
         problems.append(f"epochs must be at least 1, got {epochs}")
     if batch_size < 1:
         problems.append(f"batch size must be at least 1, got {batch_size}")
-    if not 0.0 <= rho <= 1.0:
-        problems.append(f"rho must be between 0 and 1, got {rho}")
-    if llaca_form not in FORMS or llaca_form == "fixed":
-        problems.append(f"unknown LLaCA form {llaca_form!r} (code or paper)")
-    if not 0.0 <= ema_beta <= 1.0:
-        problems.append(f"EMA beta must be between 0 and 1, got {ema_beta}")
     if weight_decay < 0:
         problems.append(f"weight decay must not be negative, got {weight_decay}")
     if warmup_steps < 0:
         problems.append(f"warm-up steps must not be negative, got {warmup_steps}")
+    problems += option_problems(method_options)
     if problems:
         raise UserError("; ".join(problems))
 
@@ -288,96 +202,48 @@ def finetune(model: torch.nn.Module, processor: Any, examples: Sequence[Any], *,
              method: str = "full", layers: Layers = None, modules: str | None = None,
              lr: float = 1e-4, epochs: int = 1, batch_size: int = 8, seed: int = 0,
              weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float | None = 1.0,
-             betas: tuple[float, float] = (0.9, 0.999), rho: float = 0.1, importance: DowserScores | None = None,
-             importance_cache: str | Path | None = None, probe_prompts: int = 64,
-             probes: int = 8, llaca_form: str = "code", ema_beta: float = 0.99,
-             progress: Progress | None = None, should_stop: StopCheck | None = None) -> TrainReport:
+             betas: tuple[float, float] = (0.9, 0.999), progress: Progress | None = None,
+             should_stop: StopCheck | None = None, **method_options: Any) -> TrainReport:
     """Train `model` in place on `examples` and return the report.
 
     `examples`: objects with `.image` (a path or a PIL image), `.question` and `.answers`
     (`tailor_ui.data.Example`, or the demo world's samples). `layers`: None (last half),
     N (last N decoder layers) or a list of layer indices; `modules` narrows by regex.
-    Model-Dowser: `rho` (trainable fraction per matrix), `importance` (scores computed
-    earlier on the same base), `importance_cache` (folder or file), `probe_prompts` (K),
-    `probes` (M). LLaCA: `llaca_form` ("code" or "paper"); EMA: `ema_beta`.
+    `method_options`: the registered methods' own options (Model-Dowser: rho, importance,
+    importance_cache, probe_prompts, probes; LLaCA: llaca_form; EMA: ema_beta); the method
+    that runs reads its own and ignores the rest.
     Cancelling (`should_stop`) raises `Cancelled` and leaves the model part-trained.
     """
-    _check_options(method, lr, epochs, batch_size, rho, llaca_form, ema_beta, weight_decay,
-                   warmup_steps)
+    check_options(method, lr, epochs, batch_size, weight_decay, warmup_steps, **method_options)
     if not processor:
         raise UserError("fine-tuning needs the model's processor to read images and prompts")
     check_examples(examples)
     report = progress or no_progress
     chosen = choose_layers(model, layers)
     names = trainable_parameters(model, chosen, modules)
+    training = TRAINING_METHODS[method](**method_options)
     settings = {"method": method, "layers": chosen, "modules": modules, "lr": lr, "epochs": epochs,
                 "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay,
                 "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm,
-                "betas": list(betas), "examples": len(examples)}
-    extra: dict[str, Any] = {}
+                "betas": list(betas), "examples": len(examples), **training.settings()}
     start = time.perf_counter()
-    masks: dict[str, torch.Tensor] = {}
-    if method == "dowser":
-        settings.update(rho=rho, probe_prompts=probe_prompts, probes=probes)
-        scores = importance if importance is not None else dowser_scores(
-            model, processor, K=probe_prompts, M=probes, seed=seed, cache=importance_cache,
-            progress=report, should_stop=should_stop)
-        extra["importance"] = {k: scores.meta.get(k) for k in ("key", "seconds", "cached")}
-        masks = dowser_masks(model, scores, linear_weights(model, names), rho)
-    if method in ("llaca", "ema"):
-        settings.update(form="fixed" if method == "ema" else llaca_form,
-                        **({"ema_beta": ema_beta} if method == "ema" else {}))
-
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    chosen_set = set(names)
-    params = []
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in chosen_set)
-        if n in chosen_set:
-            params.append(p)
-    handles = []
-    for n, mask in masks.items():
-        mask = mask.to(model.get_parameter(n).device)
-        masks[n] = mask
-        handles.append(model.get_parameter(n).register_hook(
-            lambda g, m=mask: g.masked_fill(~m, 0)))
-    tracker = None
-    if method in ("llaca", "ema"):
-        tracker = EMATracker([(n, model.get_parameter(n)) for n in names],
-                             form="fixed" if method == "ema" else llaca_form, beta=ema_beta)
+    training.prepare(RunSetup(model, processor, names, seed, report, should_stop))
     rng = np.random.default_rng(seed)
-    steps_per_epoch = math.ceil(len(examples) / batch_size)
-    try:
-        with torch.random.fork_rng(devices=_cuda_devices(model)):
-            torch.manual_seed(seed)
-            result = train_loop(
-                model, params, lambda _epoch: encode_epoch(processor, examples, batch_size, rng),
-                steps_per_epoch, lr=lr, epochs=epochs, weight_decay=weight_decay,
-                warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, betas=tuple(betas),
-                decay_masks={model.get_parameter(n): m for n, m in masks.items()},
-                after_step=tracker.update if tracker else None, progress=report,
-                should_stop=should_stop)
-        if tracker is not None:
-            tracker.swap_in()
-            extra["ema"] = tracker.stats()
-    finally:
-        for h in handles:
-            h.remove()
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-        model.eval()
-    trainable_entries = sum(int(masks[n].sum()) if n in masks else model.get_parameter(n).numel()
-                            for n in names)
-    if masks:
-        extra["masked_tensors"] = len(masks)
-        extra["kept_fraction"] = (sum(int(m.sum()) for m in masks.values())
-                                  / sum(m.numel() for m in masks.values()))
+    with training_only(model, names) as params, \
+            torch.random.fork_rng(devices=_cuda_devices(model)):
+        torch.manual_seed(seed)
+        result = train_loop(
+            model, params, lambda _epoch: encode_epoch(processor, examples, batch_size, rng),
+            math.ceil(len(examples) / batch_size), lr=lr, epochs=epochs,
+            weight_decay=weight_decay, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
+            betas=tuple(betas), hooks=training, progress=report, should_stop=should_stop)
+        training.finish()
     return TrainReport(
         method=method, layers=chosen, trainable_tensors=len(names),
-        trainable_entries=trainable_entries,
+        trainable_entries=sum(training.trainable_entries(n, model.get_parameter(n)) for n in names),
         total_entries=sum(p.numel() for p in model.parameters()), steps=result.steps,
         losses=result.losses, epoch_losses=result.epoch_losses,
-        seconds=time.perf_counter() - start, settings=settings, extra=extra)
+        seconds=time.perf_counter() - start, settings=settings, extra=training.extra())
 
 
 def _cuda_devices(model: torch.nn.Module) -> list[int]:

@@ -16,15 +16,20 @@ Conventions this module fixes (the paper leaves them open): g is the gradient th
 optimizer just used (after clipping, and after any gradient masking); on a task's first
 step there is no previous gradient and g_prev = 0; θ* is kept in float32 whatever the
 model's dtype, so a bfloat16 model's EMA does not round every small step away.
+
+`LLaCATraining` and `EMATraining` are the methods `finetune` runs: the tracker steps after
+every optimizer step, and at the end the EMA weights replace the live ones.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import torch
+
+from tailor_ui.training.method import RunSetup, TrainingMethod
 
 Form = Literal["code", "paper", "fixed"]
 FORMS: tuple[Form, ...] = ("code", "paper", "fixed")
@@ -135,3 +140,59 @@ class EMATracker:
         return {"form": self.form, "steps": self.steps,
                 "mean_live_weight": self.weight_sum / self.updates if self.updates else math.nan,
                 "fallback_fraction": self.fallbacks / self.updates if self.updates else math.nan}
+
+
+class LLaCATraining(TrainingMethod):
+    """LLaCA: an EMA copy with a gradient-chosen weight replaces the trained weights at the
+    end. Option: `llaca_form`, "code" (the authors' code, default) or "paper"."""
+
+    label = "LLaCA (adaptive EMA)"
+    about = ("an EMA copy of the trained weights follows them with a gradient-chosen weight "
+             "and replaces them at the end.")
+    options = {"llaca_form": "code"}
+
+    @classmethod
+    def problems(cls, options: Mapping[str, Any]) -> list[str]:
+        form = options.get("llaca_form", "code")
+        return [] if form in FORMS and form != "fixed" else [
+            f"unknown LLaCA form {form!r} (code or paper)"]
+
+    def form(self) -> tuple[Form, float]:
+        """The tracker's form and its fixed β (unused by the adaptive forms)."""
+        return self.values["llaca_form"], 0.99
+
+    def settings(self) -> dict[str, Any]:
+        return {"form": self.values["llaca_form"]}
+
+    def prepare(self, setup: RunSetup) -> None:
+        form, beta = self.form()
+        self.tracker = EMATracker([(n, setup.model.get_parameter(n)) for n in setup.names],
+                                  form=form, beta=beta)
+
+    def after_step(self) -> None:
+        self.tracker.update()
+
+    def finish(self) -> None:
+        self.tracker.swap_in()
+
+    def extra(self) -> dict[str, Any]:
+        return {"ema": self.tracker.stats()}
+
+
+class EMATraining(LLaCATraining):
+    """The plain EMA baseline LLaCA is compared against. Option: `ema_beta` (fixed β)."""
+
+    label = "EMA (fixed β)"
+    about = "the same with a fixed β (default 0.99), the baseline LLaCA is compared against."
+    options = {"ema_beta": 0.99}
+
+    @classmethod
+    def problems(cls, options: Mapping[str, Any]) -> list[str]:
+        beta = options.get("ema_beta", 0.99)
+        return [] if 0.0 <= beta <= 1.0 else [f"EMA beta must be between 0 and 1, got {beta}"]
+
+    def form(self) -> tuple[Form, float]:
+        return "fixed", self.values["ema_beta"]
+
+    def settings(self) -> dict[str, Any]:
+        return {"form": "fixed", "ema_beta": self.values["ema_beta"]}

@@ -1,14 +1,13 @@
-"""The Gradio dashboard: one module per tab, wiring widgets to the engine.
+"""The Gradio dashboard: one module per tab, wiring widgets to the service layer.
 
-`build_app(studio)` (blocks.py) assembles the tabs; `Studio` (studio.py, no Gradio) holds
-the shared demo pair, the job runner and the sessions. Names are imported lazily so that
-`tailor_ui.ui.studio` can load the demo pair while Gradio is still importing.
+`build_app(studio)` (blocks.py) assembles the tabs; `Studio` (tailor_ui.service, no
+Gradio) holds the shared demo pair, the job runner and the sessions. Names are imported
+lazily so that importing this package does not import Gradio.
 """
 
 from typing import Any
 
-_EXPORTS = {"App": "blocks", "build_app": "blocks", "launch_options": "blocks",
-            "Studio": "studio", "StudioConfig": "studio", "env_config": "studio"}
+_EXPORTS = {"App": "blocks", "build_app": "blocks", "launch_options": "blocks"}
 __all__ = list(_EXPORTS)
 
 

@@ -21,7 +21,8 @@ from tailor_ui.ui.export import ExportTab
 from tailor_ui.ui.finetune import FinetuneTab
 from tailor_ui.ui.forgetting import ForgettingTab
 from tailor_ui.ui.models import ModelsTab
-from tailor_ui.ui.studio import ROOT, Studio
+from tailor_ui.service.config import ROOT
+from tailor_ui.service.studio import Studio
 
 log = logging.getLogger(__name__)
 CSS_FILE = ROOT / "assets" / "style.css"

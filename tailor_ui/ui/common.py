@@ -89,6 +89,24 @@ def cancel_unfinished(runner: Any, owner: str, kind: str, job_id: str | None) ->
     return runner.cancel(chosen.id, owner) if chosen is not None else None
 
 
+class Tab:
+    """A dashboard tab: widgets built by `render`, handlers that hand work to the studio."""
+
+    def __init__(self, studio: Any) -> None:
+        self.studio = studio
+
+
+def cancel_html(runner: Any, owner: str, kind: str, job_id: str | None) -> str:
+    """A Cancel button's answer: the cancelled job's progress, or that there was none."""
+    return progress_html(cancel_unfinished(runner, owner, kind, job_id), "Nothing to cancel.")
+
+
+def queued(session, kind: str, job: Job) -> tuple[str, str]:
+    """A job just queued: its id and progress; the next poll shows its progress afresh."""
+    session.sent.pop(f"{kind}-progress", None)
+    return job.id, progress_html(job)
+
+
 def changed(session, key: str, signature: Any) -> bool:
     """True once per new `signature` of an output: polling sends only what changed."""
     if session.sent.get(key) == signature:

@@ -6,16 +6,13 @@ import gradio as gr
 import pandas as pd
 
 from tailor_ui.errors import UserError
-from tailor_ui.ui.common import session_id, user_errors
-from tailor_ui.ui.studio import Studio, demo_examples
+from tailor_ui.ui.common import (Tab, session_id, user_errors)
+from tailor_ui.demo.sets import demo_examples
 
 MODES = [("Caption the image", "caption"), ("Ask a question", "question")]
 
 
-class CompareTab:
-    def __init__(self, studio: Studio) -> None:
-        self.studio = studio
-
+class CompareTab(Tab):
     @user_errors
     def compare(self, image, mode: str, question: str, request: gr.Request):
         """Answers of the pre-trained, fine-tuned and tailored models (and any other merge

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import gradio as gr
 
-from tailor_ui.ui.common import changed, session_id, user_errors
-from tailor_ui.ui.studio import Studio
+from tailor_ui.ui.common import (Tab, changed, session_id, user_errors)
 
 
-class ExportTab:
-    def __init__(self, studio: Studio) -> None:
-        self.studio = studio
-
+class ExportTab(Tab):
     def _file(self, job_id: str | None, what: str, request) -> str:
         session = self.studio.session(session_id(request))
         return str(self.studio.export(session, (job_id or "").strip() or None, what))

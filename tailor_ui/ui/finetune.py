@@ -8,19 +8,16 @@ import gradio as gr
 
 from tailor_ui import plots
 from tailor_ui.session import TrainedModel
-from tailor_ui.ui.common import (Number, Slider, cancel_unfinished, changed, job_signature, progress_html,
-                                 session_id, user_errors)
-from tailor_ui.ui.studio import FINETUNE_LABELS, Studio
+from tailor_ui.ui.common import (Number, Slider, Tab, cancel_html, changed, job_signature,
+                                 progress_html, queued, session_id, user_errors)
+from tailor_ui.training.registry import TRAINING_METHODS
 
-METHOD_CHOICES = [("Full fine-tuning", "full"), ("Model-Dowser (sparse)", "dowser"),
-                  ("LLaCA (adaptive EMA)", "llaca"), ("EMA (fixed β)", "ema")]
-METHOD_INFO = {
-    "full": "every entry of the trained layers moves.",
-    "dowser": "only the ρ least important entries of each weight matrix move (importance "
-              "probed once on the pre-trained model); the rest stay bit-identical.",
-    "llaca": "an EMA copy of the trained weights follows them with a gradient-chosen weight "
-             "and replaces them at the end.",
-    "ema": "the same with a fixed β = 0.99, the baseline LLaCA is compared against."}
+METHOD_CHOICES = [(cls.label, name) for name, cls in TRAINING_METHODS.items()]
+def method_info(method: str) -> str:
+    cls = TRAINING_METHODS[method]
+    return f"*{cls.label}: {cls.about}*"
+
+
 IDLE = "Press Fine-tune: training runs in the background."
 
 
@@ -41,10 +38,7 @@ def result_markdown(trained: TrainedModel | None) -> str:
     return "\n\n".join(lines)
 
 
-class FinetuneTab:
-    def __init__(self, studio: Studio) -> None:
-        self.studio = studio
-
+class FinetuneTab(Tab):
     # -- handlers ----------------------------------------------------------------------
 
     @user_errors
@@ -56,19 +50,16 @@ class FinetuneTab:
         job = self.studio.submit_finetune(
             session, method, examples=int(examples), lr=float(lr), epochs=int(epochs),
             layers=(layers or "").strip() or None, rho=float(rho), tailor_after=bool(tailor_after))
-        session.sent.pop("finetune-progress", None)
-        return job.id, progress_html(job)
+        return queued(session, "finetune", job)
 
     @user_errors
     def cancel(self, job_id: str, request: gr.Request):
         """Cancel a fine-tuning run: the given one if unfinished, else the latest unfinished."""
-        cancelled = cancel_unfinished(self.studio.runner, session_id(request), "finetune", job_id)
-        return progress_html(cancelled, "Nothing to cancel.")
+        return cancel_html(self.studio.runner, session_id(request), "finetune", job_id)
 
     @staticmethod
     def method_changed(method: str):
-        return (gr.update(interactive=method == "dowser"),
-                f"*{FINETUNE_LABELS.get(method, method)}: {METHOD_INFO.get(method, '')}*")
+        return gr.update(interactive="rho" in TRAINING_METHODS[method].options), method_info(method)
 
     # -- polling ---------------------------------------------------------------------------
 
@@ -105,7 +96,7 @@ class FinetuneTab:
             with gr.Column(scale=1, min_width=300):
                 self.method = gr.Radio(METHOD_CHOICES, value="full", label="Method",
                                        elem_id="finetune-method")
-                self.method_info = gr.Markdown(f"*{FINETUNE_LABELS['full']}: {METHOD_INFO['full']}*",
+                self.method_info = gr.Markdown(method_info("full"),
                                                elem_id="finetune-method-info")
                 self.rho = Slider(0.01, 1.0, value=0.1, step=0.01, interactive=False,
                                      label="ρ (Model-Dowser: trainable fraction per matrix)",

@@ -8,9 +8,9 @@ import pandas as pd
 from tailor_ui import plots
 from tailor_ui.methods import REGISTRY
 from tailor_ui.session import SweepRun
-from tailor_ui.ui.common import (Slider, cancel_unfinished, changed, fmt_table, job_signature, progress_html,
-                                 session_id, user_errors)
-from tailor_ui.ui.studio import Studio, parse_numbers
+from tailor_ui.ui.common import (Slider, Tab, cancel_html, changed, fmt_table, job_signature,
+                                 progress_html, queued, session_id, user_errors)
+from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers
 
 DEFAULT_METHODS = ["tailor", "magnitude", "wise_ft"]
 
@@ -27,25 +27,20 @@ def sweep_outputs(run: SweepRun | None) -> list:
             str(run.csv_file) if run is not None else None]
 
 
-class ForgettingTab:
-    def __init__(self, studio: Studio) -> None:
-        self.studio = studio
-
+class ForgettingTab(Tab):
     @user_errors
     def run(self, methods: list[str], keeps: str, lams: str, alpha: float, examples: float,
             request: gr.Request):
         """Queue a sweep over methods x settings on the built-in evaluation sets."""
         session = self.studio.session(session_id(request))
         job = self.studio.submit_sweep(
-            session, methods or [], parse_numbers(keeps, "keep values"),
-            parse_numbers(lams, "λ values", high=2.0), alpha=float(alpha), examples=int(examples))
-        session.sent.pop("sweep-progress", None)
-        return job.id, progress_html(job)
+            session, methods or [], parse_numbers(keeps, "keep"),
+            parse_numbers(lams, "λ", *LAMBDA_RANGE), alpha=float(alpha), examples=int(examples))
+        return queued(session, "sweep", job)
 
     @user_errors
     def cancel(self, job_id: str, request: gr.Request):
-        cancelled = cancel_unfinished(self.studio.runner, session_id(request), "sweep", job_id)
-        return progress_html(cancelled, "Nothing to cancel.")
+        return cancel_html(self.studio.runner, session_id(request), "sweep", job_id)
 
     @user_errors
     def result(self, job_id: str, request: gr.Request):

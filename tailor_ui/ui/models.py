@@ -9,9 +9,9 @@ from tailor_ui import plots
 from tailor_ui.errors import UserError
 from tailor_ui.pair import DTYPES
 from tailor_ui.session import PairHandle
-from tailor_ui.ui.common import (changed, job_signature, progress_html, public_text, session_id,
+from tailor_ui.ui.common import (Tab, changed, job_signature, progress_html, public_text, session_id,
                                  user_errors)
-from tailor_ui.ui.studio import Studio
+from tailor_ui.service.studio import Studio
 
 DTYPE_CHOICES = [d for d in DTYPES if len(d) > 4]  # float32, bfloat16, float16
 LOADING_DEMO = "Loading the demo pair…"
@@ -92,9 +92,9 @@ def _summary_signature(handle: PairHandle | None, why: str) -> object:
     return id(handle) if handle is not None else why
 
 
-class ModelsTab:
+class ModelsTab(Tab):
     def __init__(self, studio: Studio) -> None:
-        self.studio = studio
+        super().__init__(studio)
         # the pair every page is first served with (app.py builds the page once the demo
         # has loaded, or after MTS_DEMO_WAIT with none); one snapshot for status and summary
         self.first_pair: PairHandle | None = studio.demo

@@ -11,10 +11,12 @@ from tailor_ui import plots
 from tailor_ui.methods import REGISTRY
 from tailor_ui.methods.selection import SCOPES
 from tailor_ui.session import PairHandle, TailorRun
-from tailor_ui.ui.common import (Slider, cancel_unfinished, changed, fmt_table, history_table,
-                                 job_signature, progress_html, public_text, session_id, user_errors)
+from tailor_ui.ui.common import (Slider, Tab, cancel_unfinished, changed, fmt_table, history_table,
+                                 job_signature, progress_html, public_text, queued, session_id,
+                                 user_errors)
 from tailor_ui.ui.models import changed_modules
-from tailor_ui.ui.studio import Studio, default_settings
+from tailor_ui.service.config import default_settings
+from tailor_ui.settings import Settings
 
 LAMBDA_LABEL = f"λ ({', '.join(m.label for m in REGISTRY.values() if 'lam' in m.knobs)})"
 SCOPE_INFO = {"block": "per 128-column block (authors' code)", "row": "per output row",
@@ -28,7 +30,8 @@ def _reads(method: str, knob: str) -> bool:
 def build_settings(method: str, keep: float, alpha: float, scope: str, compensate: bool,
                    modules: list[str] | None, lam: float | None, hessians: str = "one-pass",
                    sign: str = "obs", sensitivity: str = "change", others: str = "finetuned",
-                   modules_regex: str = ""):
+                   modules_regex: str = "", compensation: str | None = None,
+                   order: str = "mask-first", budget: str = "uniform"):
     """Widget values -> engine Settings (which validates them)."""
     pattern = (modules_regex or "").strip() or None
     if pattern is None and modules:
@@ -36,7 +39,9 @@ def build_settings(method: str, keep: float, alpha: float, scope: str, compensat
     lam_value = float(lam) if _reads(method, "lam") and lam is not None else None
     return default_settings(method=method, keep=float(keep), alpha=float(alpha), scope=scope,
                             compensate=bool(compensate), sign=sign, sensitivity=sensitivity,
-                            hessians=hessians, modules=pattern, others=others, lam=lam_value)
+                            hessians=hessians, modules=pattern, others=others, lam=lam_value,
+                            compensation=compensation or Settings.compensation, order=order,
+                            budget=budget)
 
 
 def result_markdown(run: TailorRun | None, default: bool = False) -> str:
@@ -61,31 +66,29 @@ def result_markdown(run: TailorRun | None, default: bool = False) -> str:
     return "\n\n".join(lines)
 
 
-class TailorTab:
-    def __init__(self, studio: Studio) -> None:
-        self.studio = studio
-
+class TailorTab(Tab):
     # -- handlers ----------------------------------------------------------------------
 
     @user_errors
     def run(self, method: str, keep: float, alpha: float, scope: str, compensate: bool,
             modules: list[str] | None, lam: float, hessians: str, sign: str, sensitivity: str,
             others: str, modules_regex: str, calib_source: str, calib_files: list[str] | None,
-            calib_examples: float, request: gr.Request):
+            calib_examples: float, compensation: str | None = None, order: str = "mask-first",
+            budget: str = "uniform", request: gr.Request = None):
         """Queue a merge with these settings; returns its job id and progress."""
         session = self.studio.session(session_id(request))
         settings = build_settings(method, keep, alpha, scope, compensate, modules, lam, hessians,
-                                  sign, sensitivity, others, modules_regex)
+                                  sign, sensitivity, others, modules_regex, compensation, order, budget)
         job = self.studio.submit_tailor(session, settings, calib_source=calib_source,
                                         calib_files=calib_files or None,
                                         calib_examples=int(calib_examples))
-        session.sent.pop("tailor-progress", None)
-        return job.id, progress_html(job)
+        return queued(session, "tailor", job)
 
     def rerun(self, auto: bool, method: str, keep: float, alpha: float, scope: str,
               compensate: bool, modules: list[str] | None, lam: float, hessians: str, sign: str,
               sensitivity: str, others: str, modules_regex: str, calib_source: str,
-              calib_files: list[str] | None, calib_examples: float, request: gr.Request):
+              calib_files: list[str] | None, calib_examples: float, compensation: str | None = None,
+              order: str = "mask-first", budget: str = "uniform", request: gr.Request = None):
         """A slider was released: after a first run (the visitor's, or the start-up merge of
         the demo pair) merge again with the new value; an unfinished earlier merge of the
         session is superseded. With one-pass Hessians this re-thresholds cached scores."""
@@ -95,15 +98,15 @@ class TailorTab:
             if not auto or (session.latest_run(handle) is None and handle.default_run is None):
                 return gr.skip(), gr.skip()
             settings = build_settings(method, keep, alpha, scope, compensate, modules, lam,
-                                      hessians, sign, sensitivity, others, modules_regex)
+                                      hessians, sign, sensitivity, others, modules_regex,
+                                      compensation, order, budget)
             job = self.studio.submit_tailor(session, settings, calib_source=calib_source,
                                             calib_files=calib_files or None,
                                             calib_examples=int(calib_examples), supersede=True)
         except Exception as exc:  # a slider move never pops an error: the Run button does
             gr.Warning(public_text(str(exc)))
             return gr.skip(), gr.skip()
-        session.sent.pop("tailor-progress", None)
-        return job.id, progress_html(job)
+        return queued(session, "tailor", job)
 
     @user_errors
     def cancel(self, job_id: str, request: gr.Request):
@@ -158,72 +161,97 @@ class TailorTab:
     # -- layout ----------------------------------------------------------------------------
 
     def render(self) -> None:
-        studio = self.studio
-        choices = [(info.label, name) for name, info in REGISTRY.items()]
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                self.method = gr.Dropdown(choices, value="tailor", label="Method", elem_id="tailor-method")
-                self.method_info = gr.Markdown(f"*{REGISTRY['tailor'].summary}*", elem_id="tailor-method-info")
-                self.keep = Slider(0.01, 1.0, value=0.10, step=0.01, label="Patch size (keep)",
-                                   info="fraction of the changed weights taken from the fine-tuned model",
-                                   elem_id="tailor-keep")
-                self.alpha = Slider(0.0, 1.0, value=0.8, step=0.05, label="Fusion weight (alpha)",
-                                    info="salience vs sensitivity (Model Tailor)", elem_id="tailor-alpha")
-                self.auto = gr.Checkbox(True, label="Re-run when a slider is released",
-                                        elem_id="tailor-auto")
-                self.scope = gr.Radio([(f"{s}: {SCOPE_INFO.get(s, s)}", s) for s in SCOPES], value="block",
-                                      label="Threshold scope", elem_id="tailor-scope")
-                self.compensate = gr.Checkbox(True, label="Compensate the patch (OBS decoration)",
-                                              elem_id="tailor-compensate")
-                self.modules = gr.Dropdown([], value=[], multiselect=True, label="Modules",
-                                           info="empty: every linear layer fine-tuning changed",
-                                           elem_id="tailor-modules")
-                self.lam = Slider(0.0, 2.0, value=1.0, step=0.05, label=LAMBDA_LABEL,
-                                  interactive=False, elem_id="tailor-lam")
-                with gr.Accordion("Calibration data (target task)", open=False):
-                    self.calib_source = gr.Radio([("built-in (demo counting set)", "builtin"),
-                                                  ("upload JSONL + images, or a .zip", "upload")],
-                                                 value="builtin", label="Calibration set",
-                                                 elem_id="tailor-calib-source")
-                    self.calib_files = gr.File(file_count="multiple", type="filepath",
-                                               label="JSONL ({image, question, answers} per line) with its images",
-                                               elem_id="tailor-calib-files")
-                    self.calib_n = Slider(8, 512, value=studio.config.calib_examples, step=8,
-                                          label="Calibration examples", elem_id="tailor-calib-n")
-                with gr.Accordion("Advanced", open=False):
-                    self.hessians = gr.Radio(
-                        [("one pass (slider moves re-threshold cached scores: fast)", "one-pass"),
-                         ("sequential (authors' order; every change recomputes)", "sequential")],
-                        value="one-pass", label="Hessians", elem_id="tailor-hessians")
-                    self.sign = gr.Radio([("OBS (subtract; default)", "obs"), ("released code (add)", "released")],
-                                         value="obs", label="Compensation sign", elem_id="tailor-sign")
-                    self.sensitivity = gr.Radio([("change (W_ft − W_pre)", "change"), ("weight (W_ft)", "weight")],
-                                                value="change", label="Sensitivity form",
-                                                elem_id="tailor-sensitivity")
-                    self.others = gr.Radio([("keep fine-tuned", "finetuned"), ("revert to base", "base"),
-                                            ("merge like linears", "linear")], value="finetuned",
-                                           label="Other tensors (norms, biases, embeddings)",
-                                           elem_id="tailor-others")
-                    self.modules_regex = gr.Textbox(label="Module regex (overrides the picker)",
-                                                    placeholder=r"language_model\.layers\.(2|3)\.",
-                                                    elem_id="tailor-modules-regex")
+                self._merge_controls()
+                self._calibration_controls()
+                self._advanced_controls()
                 with gr.Row():
                     self.run_button = gr.Button("Run", variant="primary", elem_id="tailor-run")
                     self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="tailor-cancel")
             with gr.Column(scale=2):
-                self.job_id = gr.Textbox(label="Job id", interactive=False, elem_id="tailor-job-id")
-                self.progress = gr.HTML(progress_html(None, "Press Run: the merge runs in the background."),
-                                        elem_id="tailor-progress")
-                self.result = gr.Markdown(result_markdown(None), elem_id="tailor-result")
-                self.quick = gr.Dataframe(label="Quick check (scores on a few examples per task)",
-                                          interactive=False, elem_id="tailor-quick")
-                self.heatmap = gr.Plot(plots.patch_map(None), elem_id="tailor-heatmap", show_label=False)
+                self._outputs()
         self.history = gr.Dataframe(label="Your jobs", interactive=False, elem_id="job-history",
                                     wrap=True, max_height=300)
+        self._wire()
 
+    def _merge_controls(self) -> None:
+        choices = [(info.label, name) for name, info in REGISTRY.items()]
+        self.method = gr.Dropdown(choices, value="tailor", label="Method", elem_id="tailor-method")
+        self.method_info = gr.Markdown(f"*{REGISTRY['tailor'].summary}*", elem_id="tailor-method-info")
+        self.keep = Slider(0.01, 1.0, value=0.10, step=0.01, label="Patch size (keep)",
+                           info="fraction of the changed weights taken from the fine-tuned model",
+                           elem_id="tailor-keep")
+        self.alpha = Slider(0.0, 1.0, value=0.8, step=0.05, label="Fusion weight (alpha)",
+                            info="salience vs sensitivity (Model Tailor)", elem_id="tailor-alpha")
+        self.auto = gr.Checkbox(True, label="Re-run when a slider is released",
+                                elem_id="tailor-auto")
+        self.scope = gr.Radio([(f"{s}: {SCOPE_INFO.get(s, s)}", s) for s in SCOPES], value="block",
+                              label="Threshold scope", elem_id="tailor-scope")
+        self.compensate = gr.Checkbox(True, label="Compensate the patch (OBS decoration)",
+                                      elem_id="tailor-compensate")
+        self.compensation = gr.Radio(
+            [("exact: least squares per row, given the patch", "exact"),
+             ("greedy: SparseGPT's column loop (the paper's)", "greedy")],
+            value=Settings.compensation, label="Compensation", elem_id="tailor-compensation")
+        self.modules = gr.Dropdown([], value=[], multiselect=True, label="Modules",
+                                   info="empty: every linear layer fine-tuning changed",
+                                   elem_id="tailor-modules")
+        self.lam = Slider(0.0, 2.0, value=1.0, step=0.05, label=LAMBDA_LABEL,
+                          interactive=False, elem_id="tailor-lam")
+
+    def _calibration_controls(self) -> None:
+        with gr.Accordion("Calibration data (target task)", open=False):
+            self.calib_source = gr.Radio([("built-in (demo counting set)", "builtin"),
+                                          ("upload JSONL + images, or a .zip", "upload")],
+                                         value="builtin", label="Calibration set",
+                                         elem_id="tailor-calib-source")
+            self.calib_files = gr.File(file_count="multiple", type="filepath",
+                                       label="JSONL ({image, question, answers} per line) with its images",
+                                       elem_id="tailor-calib-files")
+            self.calib_n = Slider(8, 512, value=self.studio.config.calib_examples, step=8,
+                                  label="Calibration examples", elem_id="tailor-calib-n")
+
+    def _advanced_controls(self) -> None:
+        with gr.Accordion("Advanced", open=False):
+            self.hessians = gr.Radio(
+                [("one pass (slider moves re-threshold cached scores: fast)", "one-pass"),
+                 ("sequential (authors' order; every change recomputes)", "sequential")],
+                value="one-pass", label="Hessians", elem_id="tailor-hessians")
+            self.sign = gr.Radio([("OBS (subtract; default)", "obs"), ("released code (add)", "released")],
+                                 value="obs", label="Compensation sign (greedy)", elem_id="tailor-sign")
+            self.order = gr.Radio([("mask first (paper)", "mask-first"),
+                                   ("SparseGPT's: each block's mask after the earlier blocks", "sparsegpt")],
+                                  value="mask-first", label="Mask order (greedy, block scope)",
+                                  elem_id="tailor-order")
+            self.budget = gr.Radio([("uniform: keep in every layer", "uniform"),
+                                    ("per layer: by each layer's share of the fused score", "per-layer")],
+                                   value="uniform", label="Patch budget", elem_id="tailor-budget")
+            self.sensitivity = gr.Radio([("change (W_ft − W_pre)", "change"), ("weight (W_ft)", "weight")],
+                                        value="change", label="Sensitivity form",
+                                        elem_id="tailor-sensitivity")
+            self.others = gr.Radio([("keep fine-tuned", "finetuned"), ("revert to base", "base"),
+                                    ("merge like linears", "linear")], value="finetuned",
+                                   label="Other tensors (norms, biases, embeddings)",
+                                   elem_id="tailor-others")
+            self.modules_regex = gr.Textbox(label="Module regex (overrides the picker)",
+                                            placeholder=r"language_model\.layers\.(2|3)\.",
+                                            elem_id="tailor-modules-regex")
+
+    def _outputs(self) -> None:
+        self.job_id = gr.Textbox(label="Job id", interactive=False, elem_id="tailor-job-id")
+        self.progress = gr.HTML(progress_html(None, "Press Run: the merge runs in the background."),
+                                elem_id="tailor-progress")
+        self.result = gr.Markdown(result_markdown(None), elem_id="tailor-result")
+        self.quick = gr.Dataframe(label="Quick check (scores on a few examples per task)",
+                                  interactive=False, elem_id="tailor-quick")
+        self.heatmap = gr.Plot(plots.patch_map(None), elem_id="tailor-heatmap", show_label=False)
+
+    def _wire(self) -> None:
         inputs = [self.method, self.keep, self.alpha, self.scope, self.compensate, self.modules,
                   self.lam, self.hessians, self.sign, self.sensitivity, self.others,
-                  self.modules_regex, self.calib_source, self.calib_files, self.calib_n]
+                  self.modules_regex, self.calib_source, self.calib_files, self.calib_n,
+                  self.compensation, self.order, self.budget]
         self.run_button.click(self.run, inputs, [self.job_id, self.progress], api_name="tailor",
                               concurrency_limit=None)
         for slider in (self.keep, self.alpha, self.lam):

@@ -1,0 +1,421 @@
+"""The dashboard's shared state and the jobs behind its buttons (no Gradio here).
+
+`Studio` holds what every visitor shares: the job runner (one lane per device), the
+built-in demo pair (loaded once, read-only) and the session store. Its methods turn a
+visitor's request into a background job (load, tailor, sweep, fine-tune) or run a short
+job and wait for it (compare, export), always through the runner so one device does one
+job at a time. What each job does lives in this package's other modules; the dashboard's
+tab modules only translate widgets to these calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tailor_ui import gpu
+from tailor_ui.errors import UserError
+from tailor_ui.jobs import DONE, FAILED, Job, JobRunner
+from tailor_ui.service import compare as compare_
+from tailor_ui.service import finetune as finetune_
+from tailor_ui.service import pairs, tailor
+from tailor_ui.service import sweep as sweep_
+from tailor_ui.service.config import SYSTEM, StudioConfig, default_settings, settings_label
+from tailor_ui.service.export import model_zip
+from tailor_ui.session import PairHandle, Session, SessionStore, SweepRun, TailorRun, TrainedModel
+
+log = logging.getLogger(__name__)
+
+
+class Studio:
+    def __init__(self, config: StudioConfig) -> None:
+        import torch
+
+        self.config = config
+        config.workdir = Path(config.workdir)
+        config.workdir.mkdir(parents=True, exist_ok=True)
+        self.has_gpu = torch.cuda.is_available()
+        device = config.device
+        if device == "auto":
+            device = "cuda" if self.has_gpu else "cpu"
+        self.demo_device = device
+        gpu_lane = self.has_gpu if config.gpu_lane is None else config.gpu_lane
+        self.runner = JobRunner(["cpu", "cuda"] if gpu_lane else ["cpu"],
+                                on_finish=self._on_finish, gpu_call=config.gpu_call or gpu.on_gpu)
+        self.sessions = SessionStore(config.workdir / "sessions", idle_seconds=config.idle_seconds)
+        self.demo: PairHandle | None = None
+        self.demo_error: str | None = None
+        self.demo_seconds: float | None = None
+        self.demo_ready = threading.Event()  # set when loaded or failed
+        self.warm = threading.Event()  # set when the start-up merge is done (or skipped)
+        self.warm_gate = threading.Event()  # the start-up merge waits for this (app.py: launched)
+        self.warm_gate.set()
+        self._stop_reaper = threading.Event()
+        self._reaper: threading.Thread | None = None
+
+    # -- start-up ---------------------------------------------------------------------
+
+    def start(self, *, background: bool = True) -> None:
+        """Load the demo pair (in a thread unless told otherwise), then warm it up."""
+        if background:
+            threading.Thread(target=self._load_demo, daemon=True, name="demo-loader").start()
+        else:
+            self._load_demo()
+        self._reaper = threading.Thread(target=self._reap_loop, daemon=True, name="session-reaper")
+        self._reaper.start()
+
+    def _load_demo(self) -> None:
+        start = time.perf_counter()
+        try:
+            gpu.emulate_cuda()  # this may be a thread of its own
+            # the lane of the configured device: "auto" takes the cuda lane when there is one
+            self.demo = pairs.load_demo_handle(self.config.demo_dir, self.demo_device,
+                                         self.lane_for(self.config.device))
+            self.demo_seconds = time.perf_counter() - start
+            log.info("demo pair loaded in %.1f s", self.demo_seconds)
+        except UserError as exc:
+            self.demo_error = str(exc)
+        except Exception as exc:  # keep the app up: visitors can still load their own pair
+            log.exception("demo pair failed to load")
+            self.demo_error = f"the demo pair failed to load ({type(exc).__name__}: {exc})"
+        finally:
+            self.demo_ready.set()
+        if self.demo is not None and self.config.warm_up:
+            self.warm_gate.wait()  # let the web server start first (app.py opens the gate)
+            try:
+                self._submit_warm_up(self.demo)
+            except Exception:
+                log.exception("the start-up merge could not be queued")
+                self.warm.set()
+        else:
+            self.warm.set()
+
+    def _submit_warm_up(self, handle: PairHandle) -> None:
+        """Queue the default merge; _on_finish files it as the pair's default run."""
+        settings = default_settings()
+        examples = list(handle.calibration[: self.config.calib_examples])
+
+        def job(progress, should_stop):
+            return self._tailor_job(handle, settings, examples, "builtin", "warm-up", None,
+                                    progress, should_stop)
+
+        self.runner.submit(SYSTEM, "tailor", job, label="warm-up: default merge", lane=handle.lane)
+
+    def lane_for(self, device: str) -> str:
+        return "cuda" if device in ("cuda", "auto") and "cuda" in self.runner.lanes else "cpu"
+
+    def health(self) -> dict[str, Any]:
+        """What GET /healthz answers (container health checks, load balancers): cheap and
+        never blocking, so it answers while a job runs or the demo pair loads."""
+        if not self.demo_ready.is_set():
+            demo = "loading"
+        else:
+            demo = "ready" if self.demo is not None else "unavailable"
+        return {"status": "stopping" if self.runner.closed else "ok", "demo": demo,
+                "jobs": self.runner.counts(), "device": self.demo_device,
+                "lanes": list(self.runner.lanes), "gpu_mode": gpu.mode()}
+
+    def close(self) -> None:
+        self._stop_reaper.set()
+        self.runner.shutdown(wait=True, timeout=5)
+
+    def _reap_loop(self) -> None:
+        while not self._stop_reaper.wait(300):
+            for sid in self.sessions.expired():
+                self.end_session(sid)
+
+    def _on_finish(self, job: Job) -> None:
+        """File what a finished job found on its pair, and its merge, sweep or fine-tuned
+        model under its session. This runs in the main process: on ZeroGPU the job itself
+        ran in a fork, where whatever it set on shared objects stayed (gpu.py)."""
+        run = job.result if job.status == DONE and isinstance(job.result, TailorRun) else None
+        if run is not None and not run.handle.reference_scores:
+            run.handle.reference_scores = run.references
+        if job.owner == SYSTEM:  # the start-up merge, the only system job
+            if run is not None:
+                run.handle.default_run = run
+            self.warm.set()
+            return
+        session = self.sessions.peek(job.owner)
+        if session is None:
+            return
+        self.record(session, job)
+
+    def end_session(self, session_id: str) -> None:
+        self.runner.forget(session_id)
+        self.sessions.drop(session_id)
+
+    # -- which pair a session works on ------------------------------------------------------
+
+    def session(self, session_id: str | None) -> Session:
+        return self.sessions.get(session_id)
+
+    def demo_handle(self, timeout: float = 60.0) -> PairHandle:
+        if not self.demo_ready.wait(timeout):
+            raise UserError("the demo pair is still loading; try again in a few seconds")
+        if self.demo is None:
+            raise UserError(self.demo_error or "the demo pair is not available")
+        return self.demo
+
+    def handle_for(self, session: Session) -> PairHandle:
+        """The session's own pair when it loaded one, else the shared demo pair."""
+        if session.own is not None and not session.use_demo:
+            return session.own
+        if not session.use_demo and self.runner.active(session.id, "load"):
+            raise UserError("your models are still loading (see the Models tab); wait for them or "
+                            "use the demo pair")
+        return self.demo_handle()
+
+    def use_demo(self, session: Session) -> PairHandle:
+        handle = self.demo_handle()
+        self._release_own(session)
+        session.use_demo = True
+        return handle
+
+    def _release_own(self, session: Session) -> None:
+        """Let go of the visitor's own pair (and its merges, which reference it) so that
+        its memory is freed."""
+        handle = session.own
+        if handle is None:
+            return
+        session.forget_handle(handle)
+        for job in self.runner.history(session.id):  # finished jobs keep their results
+            if job.is_finished and (job.result is handle or getattr(job.result, "handle", None) is handle):
+                job.result = None
+        session.own = None
+
+    # -- loading a visitor's pair -------------------------------------------------------
+
+    def submit_load(self, session: Session, base: str, finetuned: str, dtype: str = "float32",
+                    device: str = "cpu") -> Job:
+        roots = self.config.model_roots
+        # refuse a bad request now, while the session still has its current pair
+        pairs.check_load_request(base, finetuned, dtype, device, roots=roots, has_gpu=self.has_gpu)
+        others = self.sessions.owned_pairs() - (session.own is not None)
+        if others >= self.config.max_user_pairs:
+            raise UserError(f"the server already holds {others} visitor-loaded pairs (its limit); "
+                            "use the demo pair or try again later")
+        lane = self.lane_for(device)
+        released = threading.Event()
+
+        def release() -> None:
+            # the models' configs are read: from here on the visitor's pair makes room
+            self._release_own(session)
+            session.use_demo = False
+            released.set()
+
+        def job(progress, should_stop):
+            try:
+                handle = pairs.load_handle(base, finetuned, lane, progress, release, dtype=dtype,
+                                           device=device, allowed_roots=roots)
+            except BaseException:
+                if released.is_set():
+                    session.use_demo = True  # back to the demo pair rather than to nothing
+                raise
+            session.own, session.use_demo = handle, False
+            return handle
+
+        return self.runner.submit(session.id, "load", job, label=f"load {base} + {finetuned}",
+                                  lane=lane)
+
+    # -- merging --------------------------------------------------------------------------
+
+    def submit_tailor(self, session: Session, settings, *, calib_source: str = "builtin",
+                      calib_files: Sequence[str] | None = None, calib_examples: int | None = None,
+                      supersede: bool = False) -> Job:
+        """Queue a merge of the session's pair; `supersede` cancels its unfinished merges
+        (a slider moved again before the last run finished)."""
+        from tailor_ui.methods import REGISTRY
+
+        handle = self.handle_for(session)
+        examples, source = [], ""
+        if REGISTRY[settings.method].needs_calibration:
+            examples, source = self._calibration_examples(session, handle, calib_source,
+                                                          calib_files, calib_examples)
+        if supersede:
+            for old in self.runner.active(session.id, "tailor"):
+                self.runner.cancel(old.id, session.id)
+        label = settings_label(settings)
+
+        def job(progress, should_stop):
+            return self._tailor_job(handle, settings, examples, source, label, session,
+                                    progress, should_stop)
+
+        return self.runner.submit(session.id, "tailor", job, label=label, lane=handle.lane)
+
+    def _calibration_examples(self, session: Session, handle: PairHandle, source: str,
+                              files: Sequence[str] | None, n: int | None) -> tuple[list, str]:
+        return tailor.calibration_examples(session, handle, source, files,
+                                           int(n or self.config.calib_examples),
+                                           self.config.max_upload_mb * 2**20)
+
+    def _batches(self, handle: PairHandle, examples: list, source: str) -> list:
+        return tailor.batches(handle, examples, source, self.config.calib_batch)
+
+    def _tailor_job(self, handle: PairHandle, settings, examples: list, source: str, label: str,
+                    session: Session | None, progress, should_stop) -> TailorRun:
+        return tailor.tailor_run(handle, settings, examples, source, label, session,
+                                 batch_size=self.config.calib_batch,
+                                 quick_examples=self.config.quick_examples, progress=progress,
+                                 should_stop=should_stop)
+
+    def record(self, session: Session, job: Job) -> None:
+        """File a finished job's merge, sweep or fine-tuned model under its session, once.
+        The runner's on_finish does it; `sync` repeats it for a job a poller or an API
+        client sees done in the moment before on_finish ran."""
+        filing = {"tailor": (TailorRun, session.add_run), "sweep": (SweepRun, session.add_sweep),
+                  "finetune": (TrainedModel, session.add_trained)}.get(job.kind)
+        if filing is None or job.status != DONE:
+            return
+        kind, add = filing
+        with session.lock:
+            if job.id in session.filed or not isinstance(job.result, kind):
+                return
+            session.filed.add(job.id)
+            job.result.job_id = job.id
+            add(job.result)
+            if isinstance(job.result, TrainedModel):
+                session.live_losses.pop(job.id, None)
+                job.result = job.result.summary()  # the session keeps the models, the history a summary
+
+    def sync(self, session: Session, kind: str) -> None:
+        """File every finished job of `kind` ("tailor", "sweep", "finetune") of the session."""
+        for job in reversed(self.runner.history(session.id, kind)):
+            self.record(session, job)
+
+    # -- comparing ------------------------------------------------------------------------
+
+    def compare(self, session: Session, image, question: str, *, max_new_tokens: int = 32,
+                timeout: float = 600) -> list[tuple[str, str]]:
+        """(model label, answer) for the base, each fine-tuned model and the session's merges
+        (the latest of each method; the start-up merge when the session has none)."""
+        if image is None:
+            raise UserError("pick an example image or upload one")
+        handle = self.handle_for(session)
+        self.sync(session, "tailor")
+        runs = compare_.compare_runs(session, handle)
+        self.sync(session, "finetune")
+        trained = [m for t in session.trained_for(handle)[-2:][::-1] for m in t.models]
+        question = (question or "").strip()
+
+        def job(progress, should_stop):
+            return compare_.answers(handle, runs, trained, image, question, max_new_tokens, progress)
+
+        return self._run_and_wait(session, "compare", job, "compare answers", handle.lane, timeout)
+
+    def _run_and_wait(self, session: Session, kind: str, fn, label: str, lane: str,
+                      timeout: float) -> Any:
+        job = self.runner.submit(session.id, kind, fn, label=label, lane=lane)
+        job = self.runner.wait(job.id, session.id, timeout)
+        if job.status == DONE:
+            return job.result
+        if job.status == FAILED:
+            raise UserError(job.error or f"{kind} failed")
+        if not job.is_finished:
+            raise UserError(f"{kind} is still waiting behind other jobs ({job.stage}); see the history")
+        raise UserError(f"{kind} was cancelled")
+
+    # -- sweeps ---------------------------------------------------------------------------
+
+    def submit_sweep(self, session: Session, methods: Sequence[str], keeps: Sequence[float],
+                     lams: Sequence[float], *, alpha: float = 0.8, examples: int = 24,
+                     hessians: str = "one-pass", calib_examples: int | None = None,
+                     scope: str = "block", compensate: bool = True) -> Job:
+        from tailor_ui.evaluation.sweep import sweep_grid
+        from tailor_ui.methods import REGISTRY
+
+        handle = self.handle_for(session)
+        if not handle.eval_sets:
+            raise UserError("this pair has no evaluation sets; the sweep needs the demo pair's "
+                            "built-in sets")
+        grid = sweep_grid(methods, {"keep": keeps, "lam": lams, "alpha": [alpha]},
+                          calibrated={"hessians": [hessians], "scope": [scope], "compensate": [compensate]},
+                          limit=sweep_.MAX_SWEEP_SETTINGS)
+        original, target = sweep_.eval_sets(handle, int(examples))
+        self.sync(session, "finetune")
+        trained = [(t.method, name, model) for t in session.trained_for(handle)
+                   for name, model in t.models]
+        calibration = None
+        if any(REGISTRY[s.method].needs_calibration for s in grid):
+            calibration = self._calibration_examples(session, handle, "builtin", None, calib_examples)
+        plan = sweep_.SweepPlan(grid, original, target, int(examples), trained, calibration)
+
+        def job(progress, should_stop):
+            return sweep_.sweep_run(handle, plan, session,
+                                    lambda ex, source: self._batches(handle, ex, source),
+                                    progress, should_stop)
+
+        return self.runner.submit(session.id, "sweep", job, label=plan.label, lane=handle.lane)
+
+    # -- fine-tuning ----------------------------------------------------------------------
+
+    def submit_finetune(self, session: Session, method: str = "full", *, examples: int = 32,
+                        lr: float = 1e-3, epochs: int = 1, layers: str | int | None = None,
+                        rho: float = 0.1, batch_size: int = 8, seed: int = 0,
+                        tailor_after: bool = False) -> Job:
+        """Queue a fine-tuning run on a private copy of the pair's base model: the demo's
+        target task (counting), freshly drawn training samples. The trained model (and,
+        with `tailor_after`, Model Tailor's merge of it) joins the session's models."""
+        from tailor_ui.training.finetune import METHODS
+
+        handle = self.handle_for(session)
+        if method not in METHODS:
+            raise UserError(f"unknown fine-tuning method {method!r} (choose from {', '.join(METHODS)})")
+        if not handle.shared or not handle.eval_sets:
+            raise UserError("the Fine-tune tab trains on the demo's counting task: use the demo pair "
+                            "(Models tab)")
+        request = finetune_.checked_request(method, examples, lr, epochs, layers, rho, batch_size, seed)
+        if tailor_after and not handle.calibration:
+            raise UserError("Model Tailor needs the pair's calibration set, which it lacks")
+        calib = list(handle.calibration[: self.config.calib_examples]) if tailor_after else []
+        live: list[float] = []
+
+        def job(progress, should_stop):
+            def tailored(model, label):
+                return finetune_.tailor_trained(handle, model, label, calib, self.config.calib_batch,
+                                                progress, should_stop)
+
+            return finetune_.finetune_run(handle, request, live, tailored if tailor_after else None,
+                                          progress, should_stop)
+
+        submitted = self.runner.submit(session.id, "finetune", job,
+                                       label=f"fine-tune: {request.label}", lane=handle.lane)
+        session.live_losses[submitted.id] = live
+        return submitted
+
+    def finetune_losses(self, session: Session, job_id: str) -> list[float]:
+        """The losses of a fine-tuning job so far (all of them once it is done)."""
+        trained = session.trained.get(job_id)
+        if trained is not None:
+            return trained.losses
+        return list(session.live_losses.get(job_id, []))
+
+    # -- export ---------------------------------------------------------------------------
+
+    def export(self, session: Session, job_id: str | None, what: str, *,
+               timeout: float = 600) -> Path:
+        """The file for one of the session's merges: patch, report or model (zip)."""
+        self.sync(session, "tailor")
+        run = session.run(job_id) if job_id else session.latest_run()
+        if run is None:
+            raise UserError("run a merge first (Tailor tab)")
+        if what == "patch":
+            return run.patch_file
+        if what == "report":
+            return run.report_file
+        if what != "model":
+            raise UserError(f"unknown export {what!r}: patch, report or model")
+        if run.model_zip is not None and run.model_zip.is_file():
+            return run.model_zip
+
+        def job(progress, should_stop):
+            return model_zip(run, progress, should_stop)
+
+        # filed here, not in the job: on ZeroGPU the job runs in a fork (gpu.py)
+        run.model_zip = self._run_and_wait(session, "export", job, f"export model of {run.label}",
+                                           run.handle.lane, timeout)
+        return run.model_zip

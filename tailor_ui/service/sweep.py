@@ -1,0 +1,120 @@
+"""The forgetting table of a session's pair on its built-in sets: the sweep of
+`evaluation.sweep`, a row per model fine-tuned in the session, and the map of where one
+setting's patch lives."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from tailor_ui.control import Progress, StopCheck
+from tailor_ui.errors import UserError
+from tailor_ui.io import atomic_path
+from tailor_ui.service.config import settings_label
+from tailor_ui.session import PairHandle, Session, SweepRun
+
+MAX_SWEEP_SETTINGS = 24
+# how the sweep table names a fine-tuning method's rows
+FINETUNE_METHOD_NAMES = {"full": "full-ft", "dowser": "dowser", "llaca": "llaca", "ema": "ema"}
+
+
+@dataclass
+class SweepPlan:
+    """What one sweep job evaluates: its settings, the sets cut to `n` examples each, the
+    models fine-tuned in the session, and the calibration batches' source (or None)."""
+
+    grid: list
+    original: list
+    target: list
+    n: int
+    trained: list[tuple[str, str, object]]  # (method, label, model)
+    calibration: tuple[list, str] | None  # (examples, source) when a setting needs them
+
+    @property
+    def label(self) -> str:
+        label = (f"sweep: {len(self.grid)} settings x {len(self.original) + len(self.target)} sets "
+                 f"x {self.n} examples")
+        return label + (f" (+{len(self.trained)} fine-tuned here)" if self.trained else "")
+
+
+def eval_sets(handle: PairHandle, n: int) -> tuple[list, list]:
+    """The pair's original-task and target-task sets, `n` examples each."""
+    from tailor_ui.evaluation.evaluate import EvalSet
+
+    if n < 1:
+        raise UserError("use at least one example per evaluation set")
+    cut = {role: [EvalSet(s.name, s.task, list(s.examples[:n])) for s in handle.eval_sets
+                  if s.role == role] for role in ("original", "target")}
+    return cut["original"], cut["target"]
+
+
+def sweep_run(handle: PairHandle, plan: SweepPlan, session: Session, batches,
+              progress: Progress, should_stop: StopCheck) -> SweepRun:
+    """Run the plan on the pair (under its lock) and save the table as CSV in the session.
+    `batches(examples, source)` gives the calibration batches."""
+    from tailor_ui.evaluation.sweep import sweep
+
+    start = time.perf_counter()
+    with handle.lock:
+        handle.trim_cache()
+        calibration = None
+        if plan.calibration is not None:
+            calibration = [batches(*plan.calibration)] * len(handle.pair.finetuned)
+        table = sweep(handle.pair, plan.grid, plan.original, plan.target, calibration,
+                      batch_size=plan.n, progress=progress, should_stop=should_stop)
+        if plan.trained:
+            table = trained_rows(handle, table, plan, progress, should_stop)
+        report, shown_label = heatmap_report(handle, plan.grid, calibration, progress, should_stop)
+    folder = session.new_dir(f"sweep-{int(time.time() * 1000)}")
+    csv_file = folder / "forgetting.csv"
+    with atomic_path(csv_file) as tmp:
+        table.to_csv(tmp, index=False)
+    return SweepRun(job_id="", table=table, csv_file=csv_file, heatmap_report=report,
+                    heatmap_label=shown_label, seconds=time.perf_counter() - start)
+
+
+def heatmap_report(handle: PairHandle, grid: Sequence, calibration, progress: Progress,
+                   should_stop: StopCheck) -> tuple[dict | None, str]:
+    """The report of the setting whose patch the dashboard maps (Model Tailor's first, else
+    a patch-size baseline's), cut to the linear layers; (None, "") when there is none."""
+    from tailor_ui.engine import run_method
+    from tailor_ui.methods import REGISTRY
+
+    shown = next((s for s in grid if REGISTRY[s.method].needs_calibration), None) or next(
+        (s for s in grid if "keep" in REGISTRY[s.method].knobs), None)
+    if shown is None:
+        return None, ""
+    progress("mapping where the patch lives", 0, 1)
+    report = run_method(handle.pair, shown, calibration, should_stop=should_stop).report
+    linear = set(handle.summary.loc[handle.summary["linear"], "name"])
+    report = {**report, "tensors": {n: t for n, t in report["tensors"].items() if n in linear}}
+    return report, settings_label(shown)
+
+
+def trained_rows(handle: PairHandle, table: pd.DataFrame, plan: SweepPlan, progress: Progress,
+                 should_stop: StopCheck) -> pd.DataFrame:
+    """The sweep's table with a row per model fine-tuned in the session, scored on the same
+    sets and examples (retention and H-score recomputed against the same references)."""
+    from tailor_ui.evaluation.evaluate import evaluate_all
+    from tailor_ui.evaluation.sweep import changed_fraction, score_column, summarize
+
+    rows = []
+    for i, (method, name, model) in enumerate(plan.trained):
+        def starting(s, _i: int = i, _name: str = name) -> None:
+            progress(f"evaluating {_name} on {s.name}", _i, len(plan.trained))
+
+        results = evaluate_all(model, handle.pair.processor, [*plan.original, *plan.target],
+                               batch_size=plan.n, before_each=starting, should_stop=should_stop)
+        rows.append({"kind": "trained", "setting": name, "keep": None, "alpha": None, "lam": None,
+                     "method": ("tailor-ft" if name.startswith("Model Tailor on ")
+                                else FINETUNE_METHOD_NAMES.get(method, method)),
+                     "patch_fraction": changed_fraction(handle.pair.base, model),
+                     "linear_fraction": None, "seconds": math.nan,
+                     **{score_column(k): r.score for k, r in results.items()},
+                     "eval_seconds": sum(r.seconds for r in results.values())})
+    return summarize(pd.concat([table, pd.DataFrame(rows)], ignore_index=True), plan.original,
+                     plan.target)
