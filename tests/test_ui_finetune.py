@@ -57,7 +57,7 @@ def test_finetune_job_loss_curve_compare_and_base_untouched(ui):
     assert model is not studio.demo.pair.base
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
-    image_path, question = next((p, q) for p, q in studio.demo.examples if q.startswith("how many"))
+    image_path, question = next((p, q) for p, q in studio.demo.examples if "target_eval" in p)
     image = Image.open(image_path).convert("RGB")
     base, tuned, tailored, table = ui.compare.compare(image, "question", question, request=request)
     assert list(table["model"])[:2] == ["Pre-trained", "Fine-tuned"]
