@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def test_world_is_deterministic_per_seed(task):
     assert all(np.array_equal(a, b) for a, b in zip(_pixels(first), _pixels(again)))
     assert [(s.question, s.answers) for s in first] == [(s.question, s.answers) for s in again]
     assert not all(np.array_equal(a, b) for a, b in zip(_pixels(first), _pixels(other)))
-    assert [s.answers for s in first] != [s.answers for s in other]
+    assert [s.scene for s in first] != [s.scene for s in other]
 
 
 def test_world_ground_truth_matches_scene():
@@ -152,11 +153,19 @@ def test_shipped_files_are_complete():
         assert not calib & evaluation
 
 
-def test_counting_sets_are_balanced():
-    for split in ("target_eval", "target_calib"):
-        examples = read_examples(STORY_DIRS["counting"] / f"{split}.jsonl")
-        assert {ex.answers[0] for ex in examples} == set(world.NUMBERS)
-        assert majority_baseline(examples, "vqa").share <= 0.4
+def test_counting_sets_are_balanced_and_scores_record_each_majority_baseline():
+    scores = json.loads((DEMO / "scores.json").read_text())
+    for story, folder in STORY_DIRS.items():
+        recorded = scores["stories"][story]["majority"]
+        for split in ("target_eval", "target_calib"):
+            examples = read_examples(folder / f"{split}.jsonl")
+            baseline = majority_baseline(examples, "vqa")
+            assert recorded[split] == {"answer": baseline.answer, "share": round(baseline.share, 4),
+                                       "score": round(baseline.score, 4)}
+            if story == "counting":
+                assert {ex.answers[0] for ex in examples} == set(world.NUMBERS)
+                assert baseline.share <= 0.4
+    assert scores["stories"]["counting"]["majority"]["train"]["share"] <= 0.4
 
 
 @pytest.mark.parametrize("story", list(STORY_DIRS))
@@ -189,7 +198,7 @@ def test_base_captions_name_the_shapes_in_the_image(demo_results):
 
 # Per story: the base's target score stays under `base_below`, the fine-tune's goes over
 # `tuned_above`, which clears the set's majority-answer baseline by `margin`.
-TARGET_FLOORS = {"spatial": {"base_below": 0.5, "tuned_above": 0.7, "margin": 0.3},
+TARGET_FLOORS = {"spatial": {"base_below": 0.4, "tuned_above": 0.5, "margin": 0.25},
                  "counting": {"base_below": 0.2, "tuned_above": 0.7, "margin": 0.3}}
 
 
@@ -203,4 +212,4 @@ def test_finetuned_model_learnt_its_target_and_forgot(demo_results, story):
     assert tuned["target"].score > majority_baseline(examples, "vqa").score + floors["margin"]
     retention = (tuned["caption"].score / base["caption"].score
                  + tuned["vqa"].score / base["vqa"].score) / 2
-    assert retention < 0.85  # measurably forgetful: at least 15 % of the original score lost
+    assert retention < 0.8  # forgetful: at least 20 % of the original score lost

@@ -13,7 +13,8 @@ from tailor_ui.demo.model import DemoArch, make_model
 from tailor_ui.demo.processor import build_processor
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation import (EvalResult, answer_one, evaluate, generate_answers,
-                                  majority_baseline, save_result, score_predictions)
+                                  majority_baseline, save_result, score_predictions,
+                                  vqa_accuracy)
 from tailor_ui.prompts import encode_prompts
 
 WORDS = "what colour is the shape how many a red blue green circle square one two".split()
@@ -133,13 +134,15 @@ def test_unscorable_sets_are_refused_before_generating(model, processor, example
 
 def test_majority_baseline_is_the_score_of_always_giving_the_commonest_answer(tmp_path):
     image = tmp_path / "x.png"
-    vqa = [Example(image, "q", ("two",) * 10), Example(image, "q", ("one",) * 10),
-           Example(image, "q", ("two",) * 9 + ("three",)), Example(image, "q", ("three",) * 10)]
+    mixed = ("two",) * 2 + ("one",) * 8  # two annotators of ten said "two"
+    vqa = [Example(image, "q", answers) for answers in
+           [("two",) * 10, ("two",) * 10, mixed, ("three",) * 10, ("one",) * 10]]
     baseline = majority_baseline(vqa, "vqa")
-    assert (baseline.answer, baseline.share) == ("two", 0.75)  # three has 2 examples, one 1
-    assert baseline.score == pytest.approx((1 + 0 + 1 + 0) / 4)  # 9 "two"s of 10 still score 1
-    tie = majority_baseline(vqa[1:2] + vqa[3:], "vqa")
-    assert (tie.answer, tie.share, tie.score) == ("one", 0.5, 0.5)  # ties: first seen
+    assert (baseline.answer, baseline.share) == ("two", 0.6)  # 3 examples, "one" 2, "three" 1
+    assert baseline.score == pytest.approx((1 + 1 + vqa_accuracy("two", list(mixed))) / 5)
+    assert 0.4 < baseline.score < 0.6  # the mixed example gives partial credit
+    tie = majority_baseline(vqa[3:], "vqa")
+    assert (tie.answer, tie.share, tie.score) == ("three", 0.5, 0.5)  # ties: the first seen
     captions = [Example(image, "", ("a red circle", "a circle")), Example(image, "", ("a circle",))]
     assert majority_baseline(captions, "caption").answer == "a circle"
     with pytest.raises(UserError, match="empty"):
