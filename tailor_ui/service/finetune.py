@@ -1,5 +1,6 @@
 """Fine-tuning in the dashboard: a private copy of the demo pair's base trained on the
-shapes world's counting task (the demo's target skill), optionally tailored after."""
+shapes world's spatial questions (the default demo story's target skill), optionally
+tailored after."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from tailor_ui.data import Example
 from tailor_ui.errors import UserError
 from tailor_ui.session import PairHandle, TrainedModel
 
-# drawn from the counting task's training stream (the evaluation and calibration sets are
+# drawn from the spatial task's training stream (the evaluation and calibration sets are
 # streams 1 and 2 of demo/build.py)
-FINETUNE_TASK, FINETUNE_STREAM = "count", 0
+FINETUNE_TASK, FINETUNE_STREAM = "spatial", 0
 MAX_FINETUNE_EXAMPLES = 2000
 _LOSS = re.compile(r"loss ([-+0-9.eEinfa]+)$")  # the training loop's stage: "epoch 1/2: loss 1.234"
 
@@ -69,7 +70,7 @@ def finetune_run(handle: PairHandle, request: FinetuneRequest, live: list[float]
     from tailor_ui.training.finetune import finetune
 
     start = time.perf_counter()
-    progress(f"drawing {request.n} counting examples", 0, 1)
+    progress(f"drawing {request.n} {FINETUNE_TASK} examples", 0, 1)
     # the training stream, with a seed offset so the draw is not the demo's own
     # fine-tuning set (built from seed 0) either
     samples = world.generate(FINETUNE_TASK, request.n, request.seed + 1000, FINETUNE_STREAM)

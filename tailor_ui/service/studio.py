@@ -358,7 +358,7 @@ class Studio:
                         rho: float = 0.1, batch_size: int = 8, seed: int = 0,
                         tailor_after: bool = False) -> Job:
         """Queue a fine-tuning run on a private copy of the pair's base model: the demo's
-        target task (counting), freshly drawn training samples. The trained model (and,
+        target task (spatial questions), freshly drawn training samples. The trained model (and,
         with `tailor_after`, Model Tailor's merge of it) joins the session's models."""
         from tailor_ui.training.finetune import METHODS
 
@@ -366,7 +366,7 @@ class Studio:
         if method not in METHODS:
             raise UserError(f"unknown fine-tuning method {method!r} (choose from {', '.join(METHODS)})")
         if not handle.shared or not handle.eval_sets:
-            raise UserError("the Fine-tune tab trains on the demo's counting task: use the demo pair "
+            raise UserError("the Fine-tune tab trains on the demo's target task: use the demo pair "
                             "(Models tab)")
         request = finetune_.checked_request(method, examples, lr, epochs, layers, rho, batch_size, seed)
         if tailor_after and not handle.calibration:

@@ -50,7 +50,7 @@ class CompareTab(Tab):
                 self.image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"],
                                       height=260, elem_id="compare-image")
                 self.mode = gr.Radio(MODES, value="caption", label="Task", elem_id="compare-mode")
-                self.question = gr.Textbox(label="Question", placeholder="how many red shapes are there?",
+                self.question = gr.Textbox(label="Question", placeholder="what shape is on the left?",
                                            elem_id="compare-question")
                 self.button = gr.Button("Compare", variant="primary", elem_id="compare-run")
             with gr.Column(scale=2):

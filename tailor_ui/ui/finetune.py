@@ -44,7 +44,7 @@ class FinetuneTab(Tab):
     @user_errors
     def run(self, method: str, rho: float, lr: float, epochs: float, layers: str,
             examples: float, tailor_after: bool, request: gr.Request):
-        """Queue a fine-tuning run of a copy of the base model on the demo's counting task;
+        """Queue a fine-tuning run of a copy of the base model on the demo's target task;
         returns its job id and progress."""
         session = self.studio.session(session_id(request))
         job = self.studio.submit_finetune(
@@ -88,7 +88,7 @@ class FinetuneTab(Tab):
     # -- layout ----------------------------------------------------------------------------
 
     def render(self) -> None:
-        gr.Markdown("Fine-tune a **copy** of the pre-trained model on the target task (counting, "
+        gr.Markdown("Fine-tune a **copy** of the pre-trained model on the target task (spatial questions, "
                     "freshly drawn shapes-world scenes — not the evaluation or calibration sets). "
                     "The result joins **Compare** and the **Forgetting** sweep next to the post-hoc "
                     "methods, so you can see how much each training method forgets.")

@@ -74,7 +74,7 @@ class ForgettingTab(Tab):
     def render(self) -> None:
         gr.Markdown("Evaluates the pre-trained and fine-tuned models and every method x setting on "
                     "the original tasks (captioning, attribute questions) and the target task "
-                    "(counting). Scores: CIDEr-D for captions, VQA accuracy for questions. Models you "
+                    "(spatial questions). Scores: CIDEr-D for captions, VQA accuracy for questions. Models you "
                     "trained in the Fine-tune tab join the sweep as extra rows.")
         with gr.Row():
             self.methods = gr.CheckboxGroup([(info.label, name) for name, info in REGISTRY.items()],

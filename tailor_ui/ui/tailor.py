@@ -202,7 +202,7 @@ class TailorTab(Tab):
 
     def _calibration_controls(self) -> None:
         with gr.Accordion("Calibration data (target task)", open=False):
-            self.calib_source = gr.Radio([("built-in (demo counting set)", "builtin"),
+            self.calib_source = gr.Radio([("built-in (demo target set)", "builtin"),
                                           ("upload JSONL + images, or a .zip", "upload")],
                                          value="builtin", label="Calibration set",
                                          elem_id="tailor-calib-source")
