@@ -393,12 +393,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _eval_set(spec: str, limit: int | None):
     from tailor_ui.data import read_examples
-    from tailor_ui.evaluation.evaluate import EvalSet
+    from tailor_ui.evaluation.evaluate import EvalSet, task_of
 
     path, _, task = spec.rpartition(":") if spec.endswith((":caption", ":vqa")) else (spec, "", "")
     examples = read_examples(path)[:limit]
-    # no question means captioning, as in the data format
-    task = task or ("caption" if all(not ex.question for ex in examples) else "vqa")
+    task = task or task_of(examples)
     return EvalSet(name=Path(path).stem, task=task, examples=examples)
 
 
