@@ -39,9 +39,9 @@ RANKED = ("original_retention", "target_gain")  # the two axes of the front
 @dataclass
 class SearchResult:
     """`table`: the sweep's table (base, fine-tuned, one row per candidate) with `h` (harmonic
-    mean of original retention and target gain; candidates only) and `front` (on the Pareto
-    front); `settings`: each candidate's Settings, in the order of its rows; `best`: the
-    highest-h candidate's; `used`: which examples scored and fit (for the record)."""
+    mean of original retention and target gain; candidates only), `front` (on the Pareto
+    front) and `best` (the highest h); `settings`: each candidate's Settings, in the order
+    of its rows; `best`: the best candidate's; `used`: which examples scored and fit."""
 
     table: pd.DataFrame
     settings: list[Settings]
@@ -58,7 +58,7 @@ class SearchResult:
 
     @property
     def best_row(self) -> pd.Series:
-        return self.candidates.loc[best_index(self.candidates)]
+        return self.table[self.table["best"]].iloc[0]
 
 
 def split_examples(examples: Sequence[Example], holdout: float, seed: int = 0
@@ -138,12 +138,12 @@ def best_index(candidates: pd.DataFrame):
 
 
 def rank(table: pd.DataFrame) -> pd.DataFrame:
-    """The table with `h` and `front` for the candidate rows (the `merged` kind)."""
+    """The table with `h`, `front` and `best` for the candidate rows (the `merged` kind)."""
     merged = table["kind"] == "merged"
     table = table.assign(h=[balance(o, g) if m else math.nan for o, g, m in
-                            zip(table[RANKED[0]], table[RANKED[1]], merged)])
-    table["front"] = False
+                            zip(table[RANKED[0]], table[RANKED[1]], merged)], front=False, best=False)
     table.loc[merged, "front"] = pareto_front(table[merged], *RANKED)
+    table.loc[best_index(table[merged]), "best"] = True
     return table
 
 
@@ -164,15 +164,15 @@ def find_settings(pair: Pair, calibration: Sequence[Example], original: Sequence
     sets = [EvalSet(s.name, s.task, list(s.examples[:limit]), s.max_new_tokens) for s in original]
     target = EvalSet(HELDOUT, task_of(held), held)
     batches = calibration_batches(pair.processor, fit, calib_batch)
-    table = rank(sweep(pair, grid, sets, [target], [batches], batch_size=batch_size,
-                       progress=progress, should_stop=should_stop))
+    table = sweep(pair, grid, sets, [target], [batches], batch_size=batch_size, progress=progress,
+                  should_stop=should_stop)
     _check_rankable(table)
+    table = rank(table)
     used = {s.name: f"first {len(s.examples)} of {len(o.examples)}" for s, o in zip(sets, original)}
     used[HELDOUT] = f"{len(held)} of {len(calibration)} target-task examples (seed {seed}); " \
                     f"the other {len(fit)} calibrated"
-    candidates = table[table["kind"] == "merged"]
-    return SearchResult(table=table, settings=grid, used=used,
-                        best=grid[list(candidates.index).index(best_index(candidates))])
+    best = list(table.loc[table["kind"] == "merged", "best"]).index(True)
+    return SearchResult(table=table, settings=grid, best=grid[best], used=used)
 
 
 def _check_rankable(table: pd.DataFrame) -> None:

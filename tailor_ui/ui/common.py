@@ -173,7 +173,7 @@ def fmt_table(table: pd.DataFrame | None, digits: int = 3) -> pd.DataFrame:
 
 def job_result_summary(job: Job) -> dict:
     """What an API client learns about a job: its state and a JSON summary of its result."""
-    from tailor_ui.session import PairHandle, SweepRun, TailorRun, TrainedModel
+    from tailor_ui.session import PairHandle, SearchRun, SweepRun, TailorRun, TrainedModel
 
     info = job.to_dict()
     if info.get("error"):
@@ -190,6 +190,11 @@ def job_result_summary(job: Job) -> dict:
     elif isinstance(result, SweepRun):
         info["result"] = {"rows": len(result.table), "columns": list(result.table.columns),
                           "seconds": result.seconds}
+    elif isinstance(result, SearchRun):
+        found = result.result
+        info["result"] = {"candidates": len(found.settings), "front": len(found.front),
+                          "best": found.best.to_dict(), "best_h": float(found.best_row["h"]),
+                          "used": found.used, "seconds": result.seconds}
     elif isinstance(result, TrainedModel):
         info["result"] = result.summary()
     elif isinstance(result, dict):  # a fine-tune once its models moved to the session
