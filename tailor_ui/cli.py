@@ -466,7 +466,7 @@ def _words(text: str) -> list[str]:
 
 def _find_settings(args: argparse.Namespace) -> int:
     from tailor_ui.data import read_examples
-    from tailor_ui.evaluation.search import find_settings
+    from tailor_ui.evaluation.search import candidate_grid, find_settings, split_examples
     from tailor_ui.evaluation.sweep import parse_numbers
     from tailor_ui.io import atomic_path
     from tailor_ui.pair import load_pair
@@ -477,6 +477,8 @@ def _find_settings(args: argparse.Namespace) -> int:
     grid = {"keeps": parse_numbers(args.keep, "--keep"), "alphas": parse_numbers(args.alpha, "--alpha")}
     original = [_eval_set(spec, None) for spec in args.original]  # cut by find_settings, which says so
     calibration = read_examples(args.calib)[: args.calib_limit]
+    candidate_grid(grid["keeps"], grid["alphas"], options)  # refused before the models load
+    split_examples(calibration, args.holdout, args.seed)
     pair = load_pair(args.base, args.finetuned, **_load_options(args))
     bar, update = _progress_bar()
     try:
