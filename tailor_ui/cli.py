@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-limit", type=int, default=128, help="target-task examples read from --calib")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True, type=Path, help="table CSV")
+    _in_memory_option(p)
     _model_options(p)
 
     p = sub.add_parser("finetune", help="fine-tune a model: full, Model-Dowser or LLaCA")
@@ -479,7 +480,8 @@ def _find_settings(args: argparse.Namespace) -> int:
     calibration = read_examples(args.calib)[: args.calib_limit]
     candidate_grid(grid["keeps"], grid["alphas"], options)  # refused before the models load
     split_examples(calibration, args.holdout, args.seed)
-    pair = load_pair(args.base, args.finetuned, **_load_options(args))
+    # the base is the working copy; a fine-tuned safetensors folder is read lazily
+    pair = load_pair(args.base, args.finetuned, lazy=not args.in_memory, **_load_options(args))
     bar, update = _progress_bar()
     try:
         result = find_settings(pair, calibration, original, options=options, holdout=args.holdout,

@@ -21,8 +21,9 @@ from conftest import DEMO, request_for
 from tailor_ui.cli import build_parser, main
 from tailor_ui.data import Example
 from tailor_ui.errors import UserError
-from tailor_ui.evaluation.search import (HELDOUT, _check_rankable, balance, candidate_grid,
-                                         find_settings, pareto_front, rank, split_examples)
+from tailor_ui.evaluation.search import (HELDOUT, _check_gain, _check_retention, balance,
+                                         candidate_grid, find_settings, pareto_front, rank,
+                                         split_examples)
 from tailor_ui.jobs import DONE
 from tailor_ui.session import PairHandle
 from tailor_ui.ui.common import job_result_summary
@@ -104,14 +105,13 @@ def test_rank_scores_h_marks_the_front_and_the_best_with_ties_to_the_smaller_pat
 
 
 def test_a_search_with_nothing_to_rank_is_refused():
-    table = pd.DataFrame([{"kind": "base", f"score:{HELDOUT}": 0.5, "original_retention": 1.0},
-                          {"kind": "finetuned", f"score:{HELDOUT}": 0.5, "original_retention": 0.5}])
-    with pytest.raises(UserError, match="does not beat the base on the held-out"):
-        _check_rankable(table)
-    table.loc[1, f"score:{HELDOUT}"] = 0.9
-    table.loc[0, "original_retention"] = math.nan
+    with pytest.raises(UserError, match=r"does not beat the base on the held-out.*\(0.500 vs 0.500\)"):
+        _check_gain(0.5, 0.5)
+    _check_gain(0.5, 0.6)
+    table = pd.DataFrame([{"kind": "base", "original_retention": math.nan},
+                          {"kind": "finetuned", "original_retention": 0.5}])
     with pytest.raises(UserError, match="scores 0 on every original-task set"):
-        _check_rankable(table)
+        _check_retention(table)
 
 
 # -- end to end on the demo pair ----------------------------------------------------------------
@@ -147,15 +147,19 @@ def test_find_settings_on_the_demo_pair(studio):
 
 
 def test_cli_find_settings_prints_a_tailor_command_that_parses(tmp_path, capsys):
-    out = tmp_path / "candidates.csv"
-    code = main(["find-settings", "--base", str(DEMO / "base"), "--finetuned", str(DEMO / "finetuned"),
-                 "--calib", str(DEMO / "target_calib.jsonl"), "--original", str(DEMO / "caption_eval.jsonl"),
-                 f"{DEMO / 'vqa_eval.jsonl'}:vqa", "--keep", "0.05,0.5", "--alpha", "0.8",
-                 "--compensation", "greedy", "--limit", "4", "--calib-limit", "16", "--holdout", "0.5",
-                 "--out", str(out)])
+    command = ["find-settings", "--base", str(DEMO / "base"), "--finetuned", str(DEMO / "finetuned"),
+               "--calib", str(DEMO / "target_calib.jsonl"), "--original", str(DEMO / "caption_eval.jsonl"),
+               f"{DEMO / 'vqa_eval.jsonl'}:vqa", "--keep", "0.05,0.5", "--alpha", "0.8",
+               "--compensation", "greedy", "--limit", "4", "--calib-limit", "16", "--holdout", "0.5"]
+    out, loaded = tmp_path / "candidates.csv", tmp_path / "loaded.csv"
+    assert main([*command, "--in-memory", "--out", str(loaded)]) == 0
+    capsys.readouterr()
+    code = main([*command, "--out", str(out)])  # the fine-tuned model read lazily
     printed = capsys.readouterr().out
     assert code == 0, printed
     table = pd.read_csv(out)
+    timings = ["seconds", "eval_seconds"]
+    pd.testing.assert_frame_equal(table.drop(columns=timings), pd.read_csv(loaded).drop(columns=timings))
     assert list(table["kind"]) == ["base", "finetuned", "merged", "merged"]
     assert table["best"].sum() == 1 and {"h", "front", "original_retention", "target_gain"} <= set(table)
     assert "caption_eval: first 4 of" in printed and "held-out: 8 of 16" in printed

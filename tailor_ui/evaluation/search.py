@@ -23,8 +23,9 @@ import pandas as pd
 from tailor_ui.calibration import calibration_batches
 from tailor_ui.control import Progress, StopCheck
 from tailor_ui.data import Example
+from tailor_ui.engine import finetuned_model
 from tailor_ui.errors import UserError
-from tailor_ui.evaluation.evaluate import EvalSet, task_of
+from tailor_ui.evaluation.evaluate import EvalSet, evaluate, task_of
 from tailor_ui.evaluation.sweep import h_score, sweep, sweep_grid
 from tailor_ui.pair import Pair
 from tailor_ui.settings import Settings
@@ -157,16 +158,23 @@ def find_settings(pair: Pair, calibration: Sequence[Example], original: Sequence
     the held-out split of `calibration`, which also calibrates Model Tailor (the rest)."""
     if not original:
         raise UserError("finding settings needs at least one original-task evaluation set")
+    if len(pair.finetuned) != 1:
+        raise UserError(f"finding settings works on a pair with one fine-tuned model, not "
+                        f"{len(pair.finetuned)}")
     if limit is not None and limit < 1:
         raise UserError("use at least one example per original-task set")
     grid = candidate_grid(keeps, alphas, options)
     fit, held = split_examples(calibration, holdout, seed)
     sets = [EvalSet(s.name, s.task, list(s.examples[:limit]), s.max_new_tokens) for s in original]
     target = EvalSet(HELDOUT, task_of(held), held)
+    base = evaluate(pair.base, pair.processor, held, target.task, batch_size=batch_size).score
+    with finetuned_model(pair, 0) as tuned:  # a lazy model: the base holding its values
+        _check_gain(base, evaluate(tuned, pair.processor, held, target.task,
+                                   batch_size=batch_size).score)  # refused before the long part
     batches = calibration_batches(pair.processor, fit, calib_batch)
     table = sweep(pair, grid, sets, [target], [batches], batch_size=batch_size, progress=progress,
                   should_stop=should_stop)
-    _check_rankable(table)
+    _check_retention(table)
     table = rank(table)
     used = {s.name: f"first {len(s.examples)} of {len(o.examples)}" for s, o in zip(sets, original)}
     used[HELDOUT] = f"{len(held)} of {len(calibration)} target-task examples (seed {seed}); " \
@@ -175,15 +183,15 @@ def find_settings(pair: Pair, calibration: Sequence[Example], original: Sequence
     return SearchResult(table=table, settings=grid, best=grid[best], used=used)
 
 
-def _check_rankable(table: pd.DataFrame) -> None:
-    """Refuse a search whose references give nothing to rank by, saying why."""
-    base = table[table["kind"] == "base"].iloc[0]
-    tuned = table[table["kind"] == "finetuned"].iloc[0]
-    column = f"score:{HELDOUT}"
-    if not tuned[column] > base[column]:
+def _check_gain(base: float, finetuned: float) -> None:
+    """Refuse a search whose held-out examples show no gain from fine-tuning to keep."""
+    if not finetuned > base:
         raise UserError(f"the fine-tuned model does not beat the base on the held-out target examples "
-                        f"({tuned[column]:.3f} vs {base[column]:.3f}), so no gain can be kept: "
-                        "give more target-task examples or hold out more of them")
-    if math.isnan(base[RANKED[0]]):
+                        f"({finetuned:.3f} vs {base:.3f}), so no gain can be kept: give more "
+                        "target-task examples or hold out more of them")
+
+
+def _check_retention(table: pd.DataFrame) -> None:
+    if math.isnan(table.loc[table["kind"] == "base", RANKED[0]].iloc[0]):
         raise UserError("the base model scores 0 on every original-task set, so no retention can "
                         "be measured: use other sets or more examples")
