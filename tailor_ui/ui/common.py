@@ -107,6 +107,13 @@ def queued(session, kind: str, job: Job) -> tuple[str, str]:
     return job.id, progress_html(job)
 
 
+def latest_progress(runner: Any, session, kind: str, idle: str) -> Any:
+    """The progress bar of the session's latest job of `kind`; gr.skip() when the page has it."""
+    jobs = runner.history(session.id, kind)
+    job = jobs[0] if jobs else None
+    return progress_html(job, idle) if changed(session, f"{kind}-progress", job_signature(job)) else gr.skip()
+
+
 def changed(session, key: str, signature: Any) -> bool:
     """True once per new `signature` of an output: polling sends only what changed."""
     if session.sent.get(key) == signature:

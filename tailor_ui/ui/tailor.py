@@ -13,13 +13,14 @@ from tailor_ui.evaluation.sweep import parse_numbers
 from tailor_ui.methods.selection import SCOPES
 from tailor_ui.session import PairHandle, SearchRun, TailorRun
 from tailor_ui.ui.common import (Slider, Tab, cancel_unfinished, changed, fmt_table, history_table,
-                                 job_signature, progress_html, public_text, queued, session_id,
-                                 user_errors)
+                                 job_signature, latest_progress, progress_html, public_text, queued,
+                                 session_id, user_errors)
 from tailor_ui.ui.models import changed_modules
 from tailor_ui.service.config import default_settings
 from tailor_ui.settings import Settings
 
 LAMBDA_LABEL = f"λ ({', '.join(m.label for m in REGISTRY.values() if 'lam' in m.knobs)})"
+FIND_IDLE = "Press Find settings: the search runs in the background."
 SCOPE_INFO = {"block": "per 128-column block (authors' code)", "row": "per output row",
               "tensor": "per weight matrix", "global": "across the whole model"}
 
@@ -159,10 +160,7 @@ class TailorTab(Tab):
 
     def search_poll(self, session) -> list:
         self.studio.sync(session, "search")
-        jobs = self.studio.runner.history(session.id, "search")
-        job = jobs[0] if jobs else None
-        out = [progress_html(job, "Press Find settings: the search runs in the background.")
-               if changed(session, "search-progress", job_signature(job)) else gr.skip()]
+        out = [latest_progress(self.studio.runner, session, "search", FIND_IDLE)]
         run = session.latest_search()
         if changed(session, "search-result", run.job_id if run else None):
             return out + [plots.settings_search(run.result.table if run else None), search_markdown(run)]
@@ -178,10 +176,7 @@ class TailorTab(Tab):
 
     def poll(self, session, handle: PairHandle | None) -> list:
         runner = self.studio.runner
-        jobs = runner.history(session.id, "tailor")
-        job = jobs[0] if jobs else None
-        out = [progress_html(job, "Press Run: the merge runs in the background.")
-               if changed(session, "tailor-progress", job_signature(job)) else gr.skip()]
+        out = [latest_progress(runner, session, "tailor", "Press Run: the merge runs in the background.")]
         run = session.latest_run(handle) if handle is not None else None
         default = run is None and handle is not None and handle.default_run is not None
         if default:
@@ -310,9 +305,7 @@ class TailorTab(Tab):
     def _search_outputs(self) -> None:
         self.find_job_id = gr.Textbox(label="Search job id", interactive=False,
                                       elem_id="tailor-find-job-id")
-        self.find_progress = gr.HTML(progress_html(None, "Press Find settings: the search runs in "
-                                                         "the background."),
-                                     elem_id="tailor-find-progress")
+        self.find_progress = gr.HTML(progress_html(None, FIND_IDLE), elem_id="tailor-find-progress")
         self.find_best = gr.Markdown(search_markdown(None), elem_id="tailor-find-best")
         self.find_plot = gr.Plot(plots.settings_search(None), elem_id="tailor-find-plot",
                                  show_label=False)
