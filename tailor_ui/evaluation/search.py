@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from tailor_ui.calibration import calibration_batches
-from tailor_ui.control import Progress, StopCheck
+from tailor_ui.control import Progress, StopCheck, no_progress
 from tailor_ui.data import Example
 from tailor_ui.engine import finetuned_model
 from tailor_ui.errors import UserError
@@ -167,6 +167,7 @@ def find_settings(pair: Pair, calibration: Sequence[Example], original: Sequence
     fit, held = split_examples(calibration, holdout, seed)
     sets = [EvalSet(s.name, s.task, list(s.examples[:limit]), s.max_new_tokens) for s in original]
     target = EvalSet(HELDOUT, task_of(held), held)
+    (progress or no_progress)("checking what fine-tuning gained on the held-out examples", 0, 1)
     base = evaluate(pair.base, pair.processor, held, target.task, batch_size=batch_size).score
     with finetuned_model(pair, 0) as tuned:  # a lazy model: the base holding its values
         _check_gain(base, evaluate(tuned, pair.processor, held, target.task,
