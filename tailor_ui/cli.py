@@ -149,6 +149,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="table CSV")
     _model_options(p)
 
+    p = sub.add_parser("find-settings", help="search Model Tailor's settings: original retention vs "
+                       "target gain on held-out target examples")
+    p.add_argument("--base", required=True)
+    p.add_argument("--finetuned", required=True)
+    p.add_argument("--calib", required=True, type=Path,
+                   help="target-task JSONL: part calibrates, part (--holdout) scores the target task")
+    p.add_argument("--original", required=True, nargs="+",
+                   help="original-task sets: FILE.jsonl or FILE.jsonl:caption|vqa")
+    p.add_argument("--keep", default="0.02,0.05,0.1", help="comma-separated patch sizes")
+    p.add_argument("--alpha", default="0.5,0.8,1.0", help="comma-separated fusion weights")
+    p.add_argument("--compensation", default="exact,greedy", help="comma-separated: exact, greedy")
+    p.add_argument("--order", default="mask-first", help="comma-separated: mask-first, sparsegpt")
+    p.add_argument("--budget", default="uniform", help="comma-separated: uniform, per-layer")
+    p.add_argument("--scope", default="block", help="comma-separated: block, row, tensor, global")
+    p.add_argument("--holdout", type=float, default=0.25, help="share of --calib held out for scoring")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--limit", type=int, default=32, help="examples per original-task set")
+    p.add_argument("--calib-limit", type=int, default=128, help="target-task examples read from --calib")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, type=Path, help="table CSV")
+    _in_memory_option(p)
+    _model_options(p)
+
     p = sub.add_parser("finetune", help="fine-tune a model: full, Model-Dowser or LLaCA")
     p.add_argument("--base", required=True)
     p.add_argument("--data", required=True, type=Path, help="training JSONL")
@@ -393,12 +416,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _eval_set(spec: str, limit: int | None):
     from tailor_ui.data import read_examples
-    from tailor_ui.evaluation.evaluate import EvalSet
+    from tailor_ui.evaluation.evaluate import EvalSet, task_of
 
     path, _, task = spec.rpartition(":") if spec.endswith((":caption", ":vqa")) else (spec, "", "")
     examples = read_examples(path)[:limit]
-    # no question means captioning, as in the data format
-    task = task or ("caption" if all(not ex.question for ex in examples) else "vqa")
+    task = task or task_of(examples)
     return EvalSet(name=Path(path).stem, task=task, examples=examples)
 
 
@@ -439,6 +461,60 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _words(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def _find_settings(args: argparse.Namespace) -> int:
+    from tailor_ui.data import read_examples
+    from tailor_ui.evaluation.search import candidate_grid, find_settings, split_examples
+    from tailor_ui.evaluation.sweep import parse_numbers
+    from tailor_ui.io import atomic_path
+    from tailor_ui.pair import load_pair
+
+    if args.batch_size < 1 or args.calib_limit < 1 or args.limit < 1:
+        raise UserError("--batch-size, --calib-limit and --limit must be positive")
+    options = {name: _words(getattr(args, name)) for name in ("compensation", "order", "budget", "scope")}
+    grid = {"keeps": parse_numbers(args.keep, "--keep"), "alphas": parse_numbers(args.alpha, "--alpha")}
+    original = [_eval_set(spec, None) for spec in args.original]  # cut by find_settings, which says so
+    calibration = read_examples(args.calib)[: args.calib_limit]
+    candidate_grid(grid["keeps"], grid["alphas"], options)  # refused before the models load
+    split_examples(calibration, args.holdout, args.seed)
+    # the base is the working copy; a fine-tuned safetensors folder is read lazily
+    pair = load_pair(args.base, args.finetuned, lazy=not args.in_memory, **_load_options(args))
+    bar, update = _progress_bar()
+    try:
+        result = find_settings(pair, calibration, original, options=options, holdout=args.holdout,
+                               seed=args.seed, limit=args.limit, batch_size=args.batch_size,
+                               progress=update, **grid)
+    finally:
+        bar.close()
+    with atomic_path(args.out) as tmp:
+        result.table.to_csv(tmp, index=False)
+    columns = ["kind", "setting", "original_retention", "target_gain", "h", "front", "patch_fraction"]
+    print(result.table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print("scored on: " + "; ".join(f"{name}: {what}" for name, what in result.used.items()))
+    best = result.best_row
+    print(f"best (h {best['h']:.3f}: original retention {best['original_retention']:.3f}, target gain "
+          f"{best['target_gain']:.3f}):\n  {tailor_command(result.best, args)}")
+    return 0
+
+
+def tailor_command(settings, args: argparse.Namespace) -> str:
+    """The `tailor` command line that builds the model with these settings."""
+    import shlex
+
+    from tailor_ui.settings import Settings
+
+    words = ["python -m tailor_ui tailor", "--base", args.base, "--finetuned", args.finetuned,
+             "--calib", str(args.calib), "--out", "tailored", "--keep", f"{settings.keep:g}",
+             "--alpha", f"{settings.alpha:g}", "--compensation", settings.compensation]
+    for name in ("order", "budget", "scope", "hessians"):
+        if getattr(settings, name) != getattr(Settings, name):
+            words += [f"--{name}", getattr(settings, name)]
+    return " ".join(words[:1] + [shlex.quote(w) for w in words[1:]])
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from tailor_ui.training.finetune import finetune_cli, parse_layers
 
@@ -471,4 +547,4 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"inspect": _inspect, "tailor": _tailor, "apply": _apply, "eval": _eval, "sweep": _sweep,
-            "finetune": _finetune, "demo": _demo}
+            "find-settings": _find_settings, "finetune": _finetune, "demo": _demo}

@@ -242,7 +242,7 @@ def _holding(model: torch.nn.Module, names: Sequence[str], value_of: Callable[[s
 
 
 @contextmanager
-def _finetuned_model(pair: Pair, k: int) -> Iterator[torch.nn.Module]:
+def finetuned_model(pair: Pair, k: int) -> Iterator[torch.nn.Module]:
     """A model that computes as fine-tuned model k does: the loaded model, or, for one read
     lazily, the base holding fine-tuned values in every changed tensor (one read each)."""
     tuned = pair.finetuned[k]
@@ -263,7 +263,7 @@ def _tailor_one_pass(pair: Pair, k: int, linears: Sequence[str], calib: Sequence
     hessians: dict[str, torch.Tensor] = {}
     if missing:
         run.progress("collecting Hessians (one pass)", 0, 1)
-        with run.timed("calibration"), _finetuned_model(pair, k) as model:
+        with run.timed("calibration"), finetuned_model(pair, k) as model:
             hessians = collect_hessians(model, missing, calib, should_stop=run.should_stop)
     ranked = _needs_every_score(s)
     out = {}

@@ -5,6 +5,7 @@
 - `tradeoff(table)`: original-task vs target-task score of every method and setting;
 - `scores_vs_keep(table)`: both scores against the patch size;
 - `retention_bars(table)`: retention of the original and the target skills per setting;
+- `settings_search(table)`: Find settings' candidates, original retention vs target gain;
 - `loss_curve(losses)`: the training loss of a fine-tuning run, one point per step.
 
 Every function accepts an empty input and returns a figure saying what to do instead.
@@ -159,13 +160,9 @@ def _check_sweep(table: pd.DataFrame | None) -> bool:
 
 def _pareto(points: pd.DataFrame) -> pd.DataFrame:
     """The points no other point beats on both scores, by increasing original score."""
-    ordered = points.sort_values(["original", "target"], ascending=[False, False])
-    best, keep = -math.inf, []
-    for idx, row in ordered.iterrows():
-        if row["target"] > best:
-            keep.append(idx)
-            best = row["target"]
-    return points.loc[keep].sort_values("original")
+    from tailor_ui.evaluation.search import pareto_front
+
+    return points[pareto_front(points, "original", "target")].sort_values("original")
 
 
 def tradeoff(table: pd.DataFrame | None) -> go.Figure:
@@ -245,6 +242,36 @@ def retention_bars(table: pd.DataFrame | None) -> go.Figure:
                       barmode="group", xaxis={"title": "retention (%)"},
                       yaxis={"automargin": True, "autorange": "reversed", "type": "category"},
                       legend={"orientation": "h", "y": 1.08})
+    return fig
+
+
+def settings_search(table: pd.DataFrame | None) -> go.Figure:
+    """Find settings: each candidate's original retention against its target gain, the
+    Pareto front joined, the best (highest harmonic mean) starred, base and fine-tuned
+    as references at (1, 0) and (their retention, 1)."""
+    title = "Find settings: original skills kept vs new skill kept"
+    if table is None or table.empty or "front" not in table:
+        return empty_figure("press Find settings to see the candidates", title)
+    fig = _figure()
+    candidates = table[table["kind"] == "merged"]
+    hover = "%{text}<br>original retention %{x:.3f}<br>target gain %{y:.3f}<extra></extra>"
+    front = candidates[candidates["front"]].sort_values("original_retention")
+    fig.add_trace(go.Scatter(x=front["original_retention"], y=front["target_gain"], mode="lines",
+                             name="front", line={"color": COLOURS["tailor"], "dash": "dot"},
+                             hoverinfo="skip"))
+    for name, rows, marker in (
+            ("candidates", candidates[~candidates["front"]], {"size": 8, "color": "#9ca3af"}),
+            ("on the front", front, {"size": 10, "color": COLOURS["tailor"]}),
+            ("best", candidates[candidates["best"]],
+             {"size": 18, "color": COLOURS["tailor"], "symbol": "star", "line": {"width": 1}}),
+            *((method_label(kind), table[table["kind"] == kind],
+               {"size": 14, "color": COLOURS[kind], "symbol": "diamond"}) for kind in ("base", "finetuned"))):
+        text = [f"{s}<br>h {h:.3f}" if h == h else s for s, h in zip(rows["setting"], rows["h"])]
+        fig.add_trace(go.Scatter(x=rows["original_retention"], y=rows["target_gain"], mode="markers",
+                                 name=name, text=text, marker=marker, hovertemplate=hover))
+    fig.update_layout(title=title, height=HEIGHT, legend={"orientation": "h", "y": -0.2},
+                      xaxis={"title": "original retention (score / base)"},
+                      yaxis={"title": "target gain ((score − base) / (fine-tuned − base))"})
     return fig
 
 

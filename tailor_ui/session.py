@@ -154,6 +154,17 @@ class SweepRun:
 
 
 @dataclass
+class SearchRun:
+    """A finished Find-settings search: `result` is an `evaluation.search.SearchResult`
+    (candidates, front, best settings), its table also saved as CSV."""
+
+    job_id: str
+    result: Any
+    csv_file: Path
+    seconds: float = 0.0
+
+
+@dataclass
 class TrainedModel:
     """A model fine-tuned in the dashboard (Fine-tune tab): a private copy of the pair's
     base, trained in place, that joins Compare and the Forgetting sweep as extra models.
@@ -196,6 +207,7 @@ class Session:
     use_demo: bool = True
     runs: dict[str, TailorRun] = field(default_factory=dict)
     sweeps: dict[str, SweepRun] = field(default_factory=dict)
+    searches: dict[str, SearchRun] = field(default_factory=dict)  # Find settings (Tailor tab)
     trained: dict[str, TrainedModel] = field(default_factory=dict)  # Fine-tune tab
     live_losses: dict[str, list[float]] = field(default_factory=dict)  # per fine-tuning job
     # jobs whose result was filed above: filed once, even after it was pruned from there
@@ -220,6 +232,9 @@ class Session:
     def latest_sweep(self) -> SweepRun | None:
         return list(self.sweeps.values())[-1] if self.sweeps else None
 
+    def latest_search(self) -> SearchRun | None:
+        return list(self.searches.values())[-1] if self.searches else None
+
     def add_run(self, run: TailorRun, keep: int = 12, in_memory: int = 2) -> None:
         """File a run; keep the files of the last `keep` runs and the patches of the last
         `in_memory` runs in memory (older ones are read back from disk when needed)."""
@@ -234,11 +249,17 @@ class Session:
                         shutil.rmtree(f.parent, ignore_errors=True)
 
     def add_sweep(self, run: SweepRun, keep: int = 5) -> None:
+        self._add_table(self.sweeps, run, keep)
+
+    def add_search(self, run: SearchRun, keep: int = 5) -> None:
+        self._add_table(self.searches, run, keep)
+
+    def _add_table(self, runs: dict, run: SweepRun | SearchRun, keep: int) -> None:
+        """File a run whose table lives in a folder of its own; keep the last `keep`."""
         with self.lock:
-            self.sweeps[run.job_id] = run
-            for job_id in list(self.sweeps)[:-keep]:
-                old = self.sweeps.pop(job_id)
-                shutil.rmtree(old.csv_file.parent, ignore_errors=True)
+            runs[run.job_id] = run
+            for job_id in list(runs)[:-keep]:
+                shutil.rmtree(runs.pop(job_id).csv_file.parent, ignore_errors=True)
 
     def add_trained(self, model: TrainedModel, keep: int = 3) -> None:
         """File a fine-tuned model; keep only the last `keep` (each is a copy of the model)."""
@@ -322,6 +343,7 @@ class SessionStore:
             session.own = None
             session.runs.clear()
             session.sweeps.clear()
+            session.searches.clear()
             session.trained.clear()
             shutil.rmtree(session.folder, ignore_errors=True)
         return session

@@ -48,7 +48,7 @@ def test_finetune_job_loss_curve_compare_and_base_untouched(ui):
     assert f'data-status="{DONE}"' in progress
     assert isinstance(loss_fig, go.Figure) and len(loss_fig.data[0].y) == 2  # 16 examples / 8
     assert all(v > 0 for v in loss_fig.data[0].y)
-    assert job_id in result and "Full fine-tune" in result
+    assert job_id in result and "Full fine-tuning" in result
     assert ui.finetune.poll(session) == [gr.skip()] * 3  # nothing new to send
     for name, param in studio.demo.pair.base.named_parameters():  # trained a copy
         assert torch.equal(param, before[name]), name

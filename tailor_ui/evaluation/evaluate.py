@@ -36,6 +36,12 @@ class EvalSet:
     max_new_tokens: int = 32
 
 
+def task_of(examples: Sequence[Example]) -> Task:
+    """How a set without a stated task is scored: no question means captioning (as in the
+    data format), else VQA."""
+    return "caption" if all(not ex.question for ex in examples) else "vqa"
+
+
 @dataclass(frozen=True)
 class EvalResult:
     """One model on one data set.

@@ -38,7 +38,7 @@ import torch
 
 from tailor_ui.control import Progress, StopCheck, never_stop, no_progress
 from tailor_ui.prompts import Batch
-from tailor_ui.engine import run_method
+from tailor_ui.engine import finetuned_model, run_method
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.evaluate import EvalSet, evaluate_all
 from tailor_ui.methods import REGISTRY
@@ -97,6 +97,14 @@ def changed_fraction(base: torch.nn.Module, other: torch.nn.Module) -> float:
     return changed / total
 
 
+def finetuned_fraction(pair: Pair, k: int) -> float:
+    """`changed_fraction` of fine-tuned model k, loaded or read lazily tensor by tensor."""
+    cpu = torch.device("cpu")
+    changed = sum(changed_entries(pair.base_value(n).to(cpu), pair.finetuned_value(k, n, cpu)).numel()
+                  for n in pair.changed())
+    return changed / sum(p.numel() for p in pair.base.parameters())
+
+
 class _Evaluator:
     """Runs every evaluation set on a model, counting evaluations for progress and
     checking for cancellation between them."""
@@ -151,11 +159,12 @@ def sweep(pair: Pair, settings: Sequence[Settings], original: Sequence[EvalSet],
 
     rows = [{"kind": "base", "method": "base", "setting": pair.base_id, **blank, "keep": 0.0,
              "patch_fraction": 0.0, **run_eval(pair.base, "the base model")}]
-    for k, model in enumerate(pair.finetuned):
+    for k in range(len(pair.finetuned)):
+        with finetuned_model(pair, k) as model:  # a lazy model: the base holding its values
+            scores = run_eval(model, pair.finetuned_ids[k])
         rows.append({"kind": "finetuned", "method": "finetuned",
                      "setting": pair.finetuned_ids[k], **blank, "keep": 1.0,
-                     "patch_fraction": changed_fraction(pair.base, model),
-                     **run_eval(model, pair.finetuned_ids[k])})
+                     "patch_fraction": finetuned_fraction(pair, k), **scores})
 
     for j, s in enumerate(settings):
         label = setting_label(s)

@@ -2,7 +2,7 @@
 
 `Studio` holds what every visitor shares: the job runner (one lane per device), the
 built-in demo pair (loaded once, read-only) and the session store. Its methods turn a
-visitor's request into a background job (load, tailor, sweep, fine-tune) or run a short
+visitor's request into a background job (load, tailor, sweep, search, fine-tune) or run a short
 job and wait for it (compare, export), always through the runner so one device does one
 job at a time. What each job does lives in this package's other modules; the dashboard's
 tab modules only translate widgets to these calls.
@@ -23,10 +23,12 @@ from tailor_ui.jobs import DONE, FAILED, Job, JobRunner
 from tailor_ui.service import compare as compare_
 from tailor_ui.service import finetune as finetune_
 from tailor_ui.service import pairs, tailor
+from tailor_ui.service import search as search_
 from tailor_ui.service import sweep as sweep_
 from tailor_ui.service.config import SYSTEM, StudioConfig, default_settings, settings_label
 from tailor_ui.service.export import model_zip
-from tailor_ui.session import PairHandle, Session, SessionStore, SweepRun, TailorRun, TrainedModel
+from tailor_ui.session import (PairHandle, SearchRun, Session, SessionStore, SweepRun, TailorRun,
+                               TrainedModel)
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +270,7 @@ class Studio:
         The runner's on_finish does it; `sync` repeats it for a job a poller or an API
         client sees done in the moment before on_finish ran."""
         filing = {"tailor": (TailorRun, session.add_run), "sweep": (SweepRun, session.add_sweep),
+                  "search": (SearchRun, session.add_search),
                   "finetune": (TrainedModel, session.add_trained)}.get(job.kind)
         if filing is None or job.status != DONE:
             return
@@ -283,7 +286,8 @@ class Studio:
                 job.result = job.result.summary()  # the session keeps the models, the history a summary
 
     def sync(self, session: Session, kind: str) -> None:
-        """File every finished job of `kind` ("tailor", "sweep", "finetune") of the session."""
+        """File every finished job of `kind` ("tailor", "sweep", "search", "finetune") of the
+        session."""
         for job in reversed(self.runner.history(session.id, kind)):
             self.record(session, job)
 
@@ -350,6 +354,27 @@ class Studio:
                                     progress, should_stop)
 
         return self.runner.submit(session.id, "sweep", job, label=plan.label, lane=handle.lane)
+
+    # -- finding settings -----------------------------------------------------------------
+
+    def submit_search(self, session: Session, keeps: Sequence[float], alphas: Sequence[float],
+                      options: dict[str, Sequence[str]], *, examples: int = 16, holdout: float = 0.25,
+                      calib_source: str = "builtin", calib_files: Sequence[str] | None = None,
+                      calib_examples: int | None = None) -> Job:
+        """Queue a search of Model Tailor's settings (keep x alpha x options) on the pair's
+        original-task sets (`examples` each) and the held-out part of its calibration set."""
+        handle = self.handle_for(session)
+        search_.original_sets(handle)  # refused before an upload is unpacked
+        calibration, _ = self._calibration_examples(session, handle, calib_source, calib_files,
+                                                    calib_examples)
+        plan = search_.search_plan(handle, keeps, alphas, options, int(examples), calibration,
+                                   float(holdout), sweep_.MAX_SWEEP_SETTINGS)
+
+        def job(progress, should_stop):
+            return search_.search_run(handle, plan, session, self.config.calib_batch, progress,
+                                      should_stop)
+
+        return self.runner.submit(session.id, "search", job, label=plan.label, lane=handle.lane)
 
     # -- fine-tuning ----------------------------------------------------------------------
 

@@ -107,6 +107,13 @@ def queued(session, kind: str, job: Job) -> tuple[str, str]:
     return job.id, progress_html(job)
 
 
+def latest_progress(runner: Any, session, kind: str, idle: str) -> Any:
+    """The progress bar of the session's latest job of `kind`; gr.skip() when the page has it."""
+    jobs = runner.history(session.id, kind)
+    job = jobs[0] if jobs else None
+    return progress_html(job, idle) if changed(session, f"{kind}-progress", job_signature(job)) else gr.skip()
+
+
 def changed(session, key: str, signature: Any) -> bool:
     """True once per new `signature` of an output: polling sends only what changed."""
     if session.sent.get(key) == signature:
@@ -173,7 +180,7 @@ def fmt_table(table: pd.DataFrame | None, digits: int = 3) -> pd.DataFrame:
 
 def job_result_summary(job: Job) -> dict:
     """What an API client learns about a job: its state and a JSON summary of its result."""
-    from tailor_ui.session import PairHandle, SweepRun, TailorRun, TrainedModel
+    from tailor_ui.session import PairHandle, SearchRun, SweepRun, TailorRun, TrainedModel
 
     info = job.to_dict()
     if info.get("error"):
@@ -190,6 +197,11 @@ def job_result_summary(job: Job) -> dict:
     elif isinstance(result, SweepRun):
         info["result"] = {"rows": len(result.table), "columns": list(result.table.columns),
                           "seconds": result.seconds}
+    elif isinstance(result, SearchRun):
+        found = result.result
+        info["result"] = {"candidates": len(found.settings), "front": len(found.front),
+                          "best": found.best.to_dict(), "best_h": float(found.best_row["h"]),
+                          "used": found.used, "seconds": result.seconds}
     elif isinstance(result, TrainedModel):
         info["result"] = result.summary()
     elif isinstance(result, dict):  # a fine-tune once its models moved to the session

@@ -8,7 +8,7 @@ import pandas as pd
 from tailor_ui import plots
 from tailor_ui.methods import REGISTRY
 from tailor_ui.session import SweepRun
-from tailor_ui.ui.common import (Slider, Tab, cancel_html, changed, fmt_table, job_signature,
+from tailor_ui.ui.common import (Slider, Tab, cancel_html, changed, fmt_table, latest_progress,
                                  progress_html, queued, session_id, user_errors)
 from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers
 
@@ -56,10 +56,8 @@ class ForgettingTab(Tab):
         return fmt_table(run.table), str(run.csv_file)
 
     def poll(self, session) -> list:
-        jobs = self.studio.runner.history(session.id, "sweep")
-        job = jobs[0] if jobs else None
-        out = [progress_html(job, "Run a sweep: it evaluates every setting in the background.")
-               if changed(session, "sweep-progress", job_signature(job)) else gr.skip()]
+        out = [latest_progress(self.studio.runner, session, "sweep",
+                               "Run a sweep: it evaluates every setting in the background.")]
         run = session.latest_sweep()
         if changed(session, "sweep-result", run.job_id if run else None):
             out += sweep_outputs(run)

@@ -9,16 +9,18 @@ import pandas as pd
 
 from tailor_ui import plots
 from tailor_ui.methods import REGISTRY
+from tailor_ui.evaluation.sweep import parse_numbers
 from tailor_ui.methods.selection import SCOPES
-from tailor_ui.session import PairHandle, TailorRun
+from tailor_ui.session import PairHandle, SearchRun, TailorRun
 from tailor_ui.ui.common import (Slider, Tab, cancel_unfinished, changed, fmt_table, history_table,
-                                 job_signature, progress_html, public_text, queued, session_id,
-                                 user_errors)
+                                 job_signature, latest_progress, progress_html, public_text, queued,
+                                 session_id, user_errors)
 from tailor_ui.ui.models import changed_modules
 from tailor_ui.service.config import default_settings
 from tailor_ui.settings import Settings
 
 LAMBDA_LABEL = f"λ ({', '.join(m.label for m in REGISTRY.values() if 'lam' in m.knobs)})"
+FIND_IDLE = "Press Find settings: the search runs in the background."
 SCOPE_INFO = {"block": "per 128-column block (authors' code)", "row": "per output row",
               "tensor": "per weight matrix", "global": "across the whole model"}
 
@@ -64,6 +66,19 @@ def result_markdown(run: TailorRun | None, default: bool = False) -> str:
                      f"target skill kept {100 * row['target retention']:.0f}% (few examples; run a "
                      "sweep in *Forgetting* for the full picture)")
     return "\n\n".join(lines)
+
+
+def search_markdown(run: SearchRun | None) -> str:
+    """The best candidate of a search, and which examples scored it."""
+    if run is None:
+        return ("*Find settings tries every keep x alpha x compensation of the grid below on part "
+                "of the calibration set and scores each on the rest (the new skill) and on the "
+                "original tasks.*")
+    best = run.result.best_row
+    used = "; ".join(f"{name}: {what}" for name, what in run.result.used.items())
+    return (f"**Best:** {best['setting']} · original skills kept {100 * best['original_retention']:.0f}% "
+            f"· target gain kept {100 * best['target_gain']:.0f}% · h {best['h']:.3f} "
+            f"({len(run.result.front)} on the front, {run.seconds:.0f} s)\n\n*Scored on {used}.*")
 
 
 class TailorTab(Tab):
@@ -118,6 +133,39 @@ class TailorTab(Tab):
             return progress_html(self.studio.runner.get(job_id, sid))
         return progress_html(cancelled, "Nothing to cancel.")
 
+    @user_errors
+    def find(self, keeps: str, alphas: str, compensations: list[str] | None, examples: float,
+             holdout: float, calib_source: str, calib_files: list[str] | None, calib_examples: float,
+             request: gr.Request = None):
+        """Queue a search of Model Tailor's settings; returns its job id and progress."""
+        session = self.studio.session(session_id(request))
+        job = self.studio.submit_search(
+            session, parse_numbers(keeps, "keep"), parse_numbers(alphas, "alpha"),
+            {"compensation": list(compensations or [])}, examples=int(examples),
+            holdout=float(holdout), calib_source=calib_source, calib_files=calib_files or None,
+            calib_examples=int(calib_examples))
+        return queued(session, "search", job)
+
+    @user_errors
+    def use_best(self, request: gr.Request = None) -> tuple:
+        """Set the merge widgets to the best settings of the session's latest search."""
+        session = self.studio.session(session_id(request))
+        self.studio.sync(session, "search")
+        run = session.latest_search()
+        if run is None:
+            raise gr.Error("no finished search yet: press Find settings first")
+        best = run.result.best
+        return (best.method, best.keep, best.alpha, best.scope, best.compensate, best.compensation,
+                best.order, best.budget, best.hessians)
+
+    def search_poll(self, session) -> list:
+        self.studio.sync(session, "search")
+        out = [latest_progress(self.studio.runner, session, "search", FIND_IDLE)]
+        run = session.latest_search()
+        if changed(session, "search-result", run.job_id if run else None):
+            return out + [plots.settings_search(run.result.table if run else None), search_markdown(run)]
+        return out + [gr.skip()] * 2
+
     @staticmethod
     def method_changed(method: str):
         info = REGISTRY.get(method)
@@ -128,10 +176,7 @@ class TailorTab(Tab):
 
     def poll(self, session, handle: PairHandle | None) -> list:
         runner = self.studio.runner
-        jobs = runner.history(session.id, "tailor")
-        job = jobs[0] if jobs else None
-        out = [progress_html(job, "Press Run: the merge runs in the background.")
-               if changed(session, "tailor-progress", job_signature(job)) else gr.skip()]
+        out = [latest_progress(runner, session, "tailor", "Press Run: the merge runs in the background.")]
         run = session.latest_run(handle) if handle is not None else None
         default = run is None and handle is not None and handle.default_run is not None
         if default:
@@ -153,10 +198,11 @@ class TailorTab(Tab):
             out.append(history_table(every))
         else:
             out.append(gr.skip())
-        return out
+        return out + self.search_poll(session)
 
     def poll_outputs(self) -> list:
-        return [self.progress, self.result, self.quick, self.heatmap, self.modules, self.history]
+        return [self.progress, self.result, self.quick, self.heatmap, self.modules, self.history,
+                self.find_progress, self.find_plot, self.find_best]
 
     # -- layout ----------------------------------------------------------------------------
 
@@ -169,8 +215,11 @@ class TailorTab(Tab):
                 with gr.Row():
                     self.run_button = gr.Button("Run", variant="primary", elem_id="tailor-run")
                     self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="tailor-cancel")
+                self.find_button = gr.Button("Find settings", elem_id="tailor-find")
+                self._search_controls()
             with gr.Column(scale=2):
                 self._outputs()
+                self._search_outputs()
         self.history = gr.Dataframe(label="Your jobs", interactive=False, elem_id="job-history",
                                     wrap=True, max_height=300)
         self._wire()
@@ -238,6 +287,30 @@ class TailorTab(Tab):
                                             placeholder=r"language_model\.layers\.(2|3)\.",
                                             elem_id="tailor-modules-regex")
 
+    def _search_controls(self) -> None:
+        with gr.Accordion("Find settings: the grid", open=False):
+            self.find_keeps = gr.Textbox("0.02, 0.05, 0.1", label="Patch sizes (keep)",
+                                         elem_id="tailor-find-keeps")
+            self.find_alphas = gr.Textbox("0.5, 0.8, 1.0", label="Fusion weights (alpha)",
+                                          elem_id="tailor-find-alphas")
+            self.find_compensation = gr.CheckboxGroup(["exact", "greedy"], value=["exact", "greedy"],
+                                                      label="Compensation forms",
+                                                      elem_id="tailor-find-compensation")
+            self.find_n = Slider(4, 150, value=16, step=4, label="Examples per original-task set",
+                                 elem_id="tailor-find-n")
+            self.find_holdout = Slider(0.1, 0.5, value=0.25, step=0.05,
+                                       label="Calibration share held out to score the new skill",
+                                       elem_id="tailor-find-holdout")
+
+    def _search_outputs(self) -> None:
+        self.find_job_id = gr.Textbox(label="Search job id", interactive=False,
+                                      elem_id="tailor-find-job-id")
+        self.find_progress = gr.HTML(progress_html(None, FIND_IDLE), elem_id="tailor-find-progress")
+        self.find_best = gr.Markdown(search_markdown(None), elem_id="tailor-find-best")
+        self.find_plot = gr.Plot(plots.settings_search(None), elem_id="tailor-find-plot",
+                                 show_label=False)
+        self.use_best_button = gr.Button("Use the best settings", size="sm", elem_id="tailor-find-use")
+
     def _outputs(self) -> None:
         self.job_id = gr.Textbox(label="Job id", interactive=False, elem_id="tailor-job-id")
         self.progress = gr.HTML(progress_html(None, "Press Run: the merge runs in the background."),
@@ -262,3 +335,12 @@ class TailorTab(Tab):
                                  concurrency_limit=None)
         self.method.change(self.method_changed, [self.method], [self.lam, self.method_info],
                            api_visibility="private", queue=False)
+        self.find_button.click(self.find, [self.find_keeps, self.find_alphas, self.find_compensation,
+                                           self.find_n, self.find_holdout, self.calib_source,
+                                           self.calib_files, self.calib_n],
+                               [self.find_job_id, self.find_progress], api_name="find_settings",
+                               concurrency_limit=None)
+        self.use_best_button.click(self.use_best, None,
+                                   [self.method, self.keep, self.alpha, self.scope, self.compensate,
+                                    self.compensation, self.order, self.budget, self.hessians],
+                                   api_name="use_best_settings", concurrency_limit=None)

@@ -1,0 +1,81 @@
+"""Find settings on a session's pair: the search of `evaluation.search` over the pair's
+original-task sets and a calibration set (the pair's built-in one or an upload), its table
+saved as CSV in the session."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from tailor_ui.control import Progress, StopCheck
+from tailor_ui.data import Example
+from tailor_ui.errors import UserError
+from tailor_ui.io import atomic_path
+from tailor_ui.session import PairHandle, SearchRun, Session
+
+
+@dataclass
+class SearchPlan:
+    """What one search job runs: the grid, the original sets (scored on their first `limit`
+    examples), the target-task examples and the held-out share."""
+
+    keeps: Sequence[float]
+    alphas: Sequence[float]
+    options: Mapping[str, Sequence[str]]
+    original: list
+    limit: int
+    examples: list[Example]
+    holdout: float
+    candidates: int
+
+    @property
+    def label(self) -> str:
+        return (f"find settings: {self.candidates} candidates x {len(self.original)} original sets "
+                f"x {self.limit} examples")
+
+
+def original_sets(handle: PairHandle) -> list:
+    """The pair's original-task evaluation sets, refused when it has none."""
+    from tailor_ui.evaluation.evaluate import EvalSet
+
+    sets = [EvalSet(s.name, s.task, list(s.examples)) for s in handle.eval_sets if s.role == "original"]
+    if not sets:
+        raise UserError("Find settings scores what the base model could already do on the pair's "
+                        "original-task evaluation sets, and this pair has none: use the demo pair "
+                        "(Models tab), or the find-settings command with --original FILE.jsonl")
+    return sets
+
+
+def search_plan(handle: PairHandle, keeps: Sequence[float], alphas: Sequence[float],
+                options: Mapping[str, Sequence[str]], limit: int, examples: list[Example],
+                holdout: float, max_candidates: int) -> SearchPlan:
+    """The plan, checked now so that a bad request is refused before it is queued."""
+    from tailor_ui.evaluation.search import candidate_grid, split_examples
+
+    original = original_sets(handle)
+    if limit < 1:
+        raise UserError("use at least one example per original-task set")
+    grid = candidate_grid(keeps, alphas, options)
+    if len(grid) > max_candidates:
+        raise UserError(f"{len(grid)} candidates is too many for one search (at most {max_candidates})")
+    split_examples(examples, holdout)
+    return SearchPlan(keeps, alphas, options, original, limit, examples, holdout, len(grid))
+
+
+def search_run(handle: PairHandle, plan: SearchPlan, session: Session, calib_batch: int,
+               progress: Progress, should_stop: StopCheck) -> SearchRun:
+    """Run the plan on the pair (under its lock) and save the table in the session."""
+    from tailor_ui.evaluation.search import find_settings
+
+    start = time.perf_counter()
+    with handle.lock:
+        handle.trim_cache()
+        result = find_settings(handle.pair, plan.examples, plan.original, keeps=plan.keeps,
+                               alphas=plan.alphas, options=plan.options, holdout=plan.holdout,
+                               limit=plan.limit, batch_size=plan.limit, calib_batch=calib_batch,
+                               progress=progress, should_stop=should_stop)
+    csv_file = session.new_dir(f"search-{int(time.time() * 1000)}") / "candidates.csv"
+    with atomic_path(csv_file) as tmp:
+        result.table.to_csv(tmp, index=False)
+    return SearchRun(job_id="", result=result, csv_file=csv_file, seconds=time.perf_counter() - start)
