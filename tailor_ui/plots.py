@@ -27,7 +27,7 @@ from tailor_ui.names import component, layer_index, module_kind
 HEIGHT = 380
 COLOURS = {"tailor": "#d62728", "magnitude": "#1f77b4", "wise_ft": "#2ca02c",
            "task_arithmetic": "#9467bd", "ties": "#ff7f0e", "dare": "#8c564b",
-           "base": "#444444", "finetuned": "#17becf",
+           "base": "#444444", "finetuned": "#17becf", "majority": "#b0b0b0",
            # models fine-tuned in the dashboard (Fine-tune tab)
            "full-ft": "#e377c2", "dowser": "#bcbd22", "llaca": "#7f7f7f", "ema": "#aec7e8"}
 _COMPONENT_ORDER = {"vision": 0, "bridge": 1, "language": 2}
@@ -54,7 +54,7 @@ def _figure() -> go.Figure:
 def method_label(method: str) -> str:
     if method in REGISTRY:
         return REGISTRY[method].label
-    return {"base": "Pre-trained", "finetuned": "Fine-tuned"}.get(method, method)
+    return {"base": "Pre-trained", "finetuned": "Fine-tuned", "majority": "Majority answer"}.get(method, method)
 
 
 def empty_figure(message: str, title: str = "") -> go.Figure:
@@ -180,7 +180,7 @@ def tradeoff(table: pd.DataFrame | None) -> go.Figure:
     for method, group in data.groupby("method", sort=False):
         sort_by = "keep" if group["keep"].notna().any() else "lam"
         group = group.sort_values(sort_by) if sort_by in group else group
-        reference = method in ("base", "finetuned")
+        reference = method in ("base", "finetuned", "majority")
         fig.add_trace(go.Scatter(
             x=group["original"], y=group["target"], mode="markers" if reference else "lines+markers",
             name=method_label(method), text=group["setting"],

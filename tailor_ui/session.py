@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from tailor_ui.data import Example
+from tailor_ui.demo.sets import DEFAULT_STORY
 from tailor_ui.errors import UserError
 from tailor_ui.pair import Pair
 from tailor_ui.patch import Patch, applied
@@ -205,6 +206,7 @@ class Session:
     folder: Path
     own: PairHandle | None = None
     use_demo: bool = True
+    demo_story: str = DEFAULT_STORY  # which fine-tune of the demo (demo.sets.STORIES)
     runs: dict[str, TailorRun] = field(default_factory=dict)
     sweeps: dict[str, SweepRun] = field(default_factory=dict)
     searches: dict[str, SearchRun] = field(default_factory=dict)  # Find settings (Tailor tab)

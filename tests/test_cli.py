@@ -103,7 +103,8 @@ def test_sweep_writes_the_forgetting_table(disk_pair, tmp_path):
                  "--methods", "tailor,magnitude,wise_ft", "--keep", "0.1,0.5", "--lam", "0.5",
                  "--hessians", "one-pass", "--limit", "4", "--out", str(out)]) == 0
     table = pd.read_csv(out)
-    assert list(table["method"]) == ["base", "finetuned", "tailor", "tailor", "magnitude", "magnitude", "wise_ft"]
+    assert list(table["method"]) == ["base", "finetuned", "majority", "tailor", "tailor", "magnitude",
+                                     "magnitude", "wise_ft"]
     for column in ("original", "target", "original_retention", "target_retention", "h_score", "seconds"):
         assert column in table.columns
 

@@ -129,7 +129,7 @@ def test_find_settings_on_the_demo_pair(studio):
     for name, p in handle.pair.base.named_parameters():
         assert torch.equal(p, before[name]), name  # every candidate was reverted
     table = result.table
-    assert list(table["kind"]) == ["base", "finetuned", "merged", "merged"]
+    assert list(table["kind"]) == ["base", "finetuned", "majority", "merged", "merged"]
     base, tuned = table.iloc[0], table.iloc[1]
     assert base["original_retention"] == pytest.approx(1.0) and base["target_gain"] == pytest.approx(0.0)
     assert tuned["target_gain"] == pytest.approx(1.0)
@@ -160,7 +160,7 @@ def test_cli_find_settings_prints_a_tailor_command_that_parses(tmp_path, capsys)
     table = pd.read_csv(out)
     timings = ["seconds", "eval_seconds"]
     pd.testing.assert_frame_equal(table.drop(columns=timings), pd.read_csv(loaded).drop(columns=timings))
-    assert list(table["kind"]) == ["base", "finetuned", "merged", "merged"]
+    assert list(table["kind"]) == ["base", "finetuned", "majority", "merged", "merged"]
     assert table["best"].sum() == 1 and {"h", "front", "original_retention", "target_gain"} <= set(table)
     assert "caption_eval: first 4 of" in printed and "held-out: 8 of 16" in printed
     command = printed.strip().splitlines()[-1].strip()
@@ -226,7 +226,7 @@ def test_find_settings_on_the_tailor_tab(app):
                                                             "greedy", "one-pass")
     summary = job_result_summary(job)["result"]
     assert summary["candidates"] == 2 and summary["best"]["keep"] == keep
-    assert run.csv_file.is_file() and len(pd.read_csv(run.csv_file)) == 4
+    assert run.csv_file.is_file() and len(pd.read_csv(run.csv_file)) == 5  # with the majority row
 
 
 def test_find_settings_refuses_what_it_cannot_search(app, studio):

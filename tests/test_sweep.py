@@ -17,7 +17,7 @@ from tailor_ui.demo.processor import build_processor
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.generate import generate_answers
 from tailor_ui.evaluation.sweep import (EvalSet, gain_retention, h_score, parse_numbers, retention,
-                                        setting_label, sweep, sweep_grid)
+                                        MAJORITY, setting_label, sweep, sweep_grid)
 from tailor_ui.pair import Pair
 from tailor_ui.settings import Settings
 
@@ -94,8 +94,8 @@ def test_columns_and_rows(table):
         "score:target", "original", "target", "original_retention", "target_retention",
         "target_gain", "h_score", "retention:vqa", "retention:caption", "retention:target",
         "patch_fraction", "linear_fraction", "seconds", "eval_seconds"]
-    assert list(table["kind"]) == ["base", "finetuned"] + ["merged"] * len(SETTINGS)
-    assert list(table["setting"]) == ["base", "finetuned", "Magnitude patch keep=1",
+    assert list(table["kind"]) == ["base", "finetuned", "majority"] + ["merged"] * len(SETTINGS)
+    assert list(table["setting"]) == ["base", "finetuned", MAJORITY, "Magnitude patch keep=1",
                                       "Magnitude patch keep=0 others=base",
                                       "Model Tailor keep=0.2 alpha=0.8 hessians=one-pass",
                                       "WiSE-FT lam=0.5"]
@@ -129,7 +129,7 @@ def test_gain_retention_on_a_hand_made_table():
 
 def test_extreme_patches_reproduce_the_reference_models(table):
     scores = ["score:vqa", "score:caption", "score:target"]
-    base, tuned, keep_all, keep_none = (table.iloc[i] for i in range(4))
+    base, tuned, keep_all, keep_none = (table.iloc[i] for i in (0, 1, 3, 4))
     assert keep_all[scores].tolist() == tuned[scores].tolist()
     assert keep_all["patch_fraction"] == pytest.approx(tuned["patch_fraction"])
     assert keep_none[scores].tolist() == base[scores].tolist()
@@ -137,7 +137,7 @@ def test_extreme_patches_reproduce_the_reference_models(table):
 
 
 def test_merged_rows_carry_their_knobs(table):
-    tailor, wise = table.iloc[4], table.iloc[5]
+    tailor, wise = table.iloc[5], table.iloc[6]
     assert (tailor["keep"], tailor["alpha"]) == (0.2, 0.8) and pd.isna(tailor["lam"])
     assert tailor["linear_fraction"] == pytest.approx(0.2, abs=0.01)
     assert wise["lam"] == 0.5 and pd.isna(wise["keep"]) and pd.isna(wise["alpha"])
@@ -186,3 +186,12 @@ def test_one_grid_for_cli_and_dashboard():
     assert parse_numbers("0.5, 1.5", "--lam", 0.0, 2.0) == [0.5, 1.5]
     with pytest.raises(UserError, match=r"--lam values must lie in \[0, 2\]: 2.5 is outside"):
         parse_numbers("2.5", "--lam", 0.0, 2.0)
+
+
+def test_the_majority_row_scores_always_giving_each_sets_commonest_answer(table, sets):
+    row = table[table["kind"] == "majority"].iloc[0]
+    original, target = sets
+    for spec in (original[0], target[0]):  # one reference answer each: accuracy is the share
+        answers = [ex.answers[0] for ex in spec.examples]
+        commonest = max(set(answers), key=answers.count)
+        assert row[f"score:{spec.name}"] == pytest.approx(sum(a == commonest for a in answers) / len(answers))

@@ -80,7 +80,7 @@ def test_finetune_joins_the_forgetting_sweep(ui):
     job = ui.studio.runner.wait(sweep_id, request.session_hash, 180)
     assert job.status == DONE, job.error
     table = ui.forgetting.poll(session)[5]
-    assert list(table["method"]) == ["base", "finetuned", "magnitude", "dowser", "tailor-ft"]
+    assert list(table["method"]) == ["base", "finetuned", "majority", "magnitude", "dowser", "tailor-ft"]
     assert table["target_retention"].notna().all()
 
 

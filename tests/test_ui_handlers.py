@@ -27,6 +27,7 @@ from tailor_ui.data import import_examples
 from tailor_ui.evaluation.sweep import parse_numbers, sweep_grid
 from tailor_ui.service.config import default_settings
 from tailor_ui.ui.tailor import build_settings
+from tailor_ui.ui import models as models_tab
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,27 @@ def test_demo_pair_summary(app):
     assert "language" in markdown and "Unchanged:** bridge, vision" in markdown
     assert isinstance(fig, go.Figure) and isinstance(fig.data[0], go.Heatmap)
     assert set(table["component"]) == {"language"} and table["changed entries"].gt(0).all()
+
+
+def test_each_demo_story_is_its_own_fine_tune_of_the_shared_base(app):
+    """The Models tab's story picker: the counting story loads when first asked for, shares
+    nothing with the default story but the base checkpoint, and brings its own target sets;
+    the Fine-tune tab then trains on that story's task."""
+    request = new_request()
+    session = app.studio.session(request.session_hash)
+    spatial = app.studio.handle_for(session)
+    markdown, _fig, _table = app.models.use_demo("counting", request=request)
+    counting = app.studio.handle_for(session)
+    assert session.demo_story == "counting" and counting is not spatial and counting.shared
+    assert counting.pair.finetuned_ids == ["demo/counting/finetuned"] and "counting" in counting.label.lower()
+    target = {s.name: s for s in counting.eval_sets}["target"]
+    assert all(ex.question.startswith("how many") for ex in target.examples)
+    assert {s.name for s in spatial.eval_sets} == {s.name for s in counting.eval_sets}
+    assert app.studio.demo_handle("counting") is counting  # loaded once, then shared
+    assert app.models.use_demo("spatial", request=request) and app.studio.handle_for(session) is spatial
+    with pytest.raises(gr.Error, match="unknown demo story 'nope'"):
+        app.models.use_demo("nope", request=request)
+    assert "count" in models_tab.story_text("counting") and models_tab.story_text("nope") == ""
 
 
 def test_load_a_pair_in_the_background_and_refuse_outside_folders(app, tmp_path):
@@ -328,12 +350,13 @@ def test_sweep_job_figures_and_csv(app):
     assert all(isinstance(f, go.Figure) and f.data for f in (tradeoff, by_keep, retention, heatmap))
     assert {t.name for t in tradeoff.data} >= {"Model Tailor", "Magnitude patch", "Pre-trained"}
     assert isinstance(heatmap.data[0], go.Heatmap)
-    assert len(table) == 2 + 4
+    assert len(table) == 3 + 4  # base, fine-tuned, majority answer, 4 merges
     saved = pd.read_csv(csv)
-    assert list(saved["method"]) == ["base", "finetuned", "tailor", "tailor", "magnitude", "magnitude"]
+    assert list(saved["method"]) == ["base", "finetuned", "majority", "tailor", "tailor", "magnitude",
+                                     "magnitude"]
     assert {"original_retention", "target_retention", "h_score"} <= set(saved.columns)
     shown, path = app.forgetting.result(job_id, request=request)
-    assert path == csv and len(shown) == 6
+    assert path == csv and len(shown) == 7
     assert app.forgetting.poll(session) == [gr.skip()] * 7  # nothing new to send
     with pytest.raises(gr.Error, match="is not a number"):
         app.forgetting.run(["tailor"], "0.1, x", "0.5", 0.8, 4, request=request)

@@ -38,6 +38,7 @@ from tailor_ui.data import read_examples, write_examples
 from tailor_ui.demo import world
 from tailor_ui.demo.model import DemoArch, make_model
 from tailor_ui.demo.processor import build_processor
+from tailor_ui.demo.sets import STORIES as STORY_INFO
 from tailor_ui.demo.train import Progress, pretrain_vision
 from tailor_ui.evaluation.evaluate import evaluate, majority_baseline
 from tailor_ui.training.finetune import encode_epoch
@@ -55,21 +56,26 @@ TRAIN_STREAM, EVAL_STREAM, CALIB_STREAM = 0, 1, 2
 class Story:
     """One fine-tune of the base: its target task, where it lives, and how it is trained."""
 
-    name: str
-    task: str  # the world task it learns
-    folder: str  # under the assets folder; "" is the top, the default story's place
+    name: str  # a key of demo.sets.STORIES: where it lives, what it learns and shows
     examples: int
     epochs: int
     lr: float
     batch: int
     warmup: int
 
+    @property
+    def folder(self) -> str:
+        return STORY_INFO[self.name].folder
+
+    @property
+    def task(self) -> str:
+        return STORY_INFO[self.name].task
+
 
 # One recipe but the learning rate: at 1e-4 the spatial fine-tune barely moves the original
 # skills (about 1 % lost), at 1e-3 it forgets about half of them.
-STORIES = (Story("spatial", "spatial", "", examples=6000, epochs=3, lr=1e-3, batch=32, warmup=20),
-           Story("counting", "count", "counting", examples=6000, epochs=3, lr=1e-4, batch=32,
-                 warmup=20))
+STORIES = (Story("spatial", examples=6000, epochs=3, lr=1e-3, batch=32, warmup=20),
+           Story("counting", examples=6000, epochs=3, lr=1e-4, batch=32, warmup=20))
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""The built demo pair's data on disk (assets/demo): its evaluation sets, calibration set
-and the example questions the Compare tab offers."""
+"""The built demo's data on disk (assets/demo): its stories (one fine-tune of the shared
+base each), their evaluation and calibration sets, and the example questions the Compare
+tab offers."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,35 +16,68 @@ if TYPE_CHECKING:
     from tailor_ui.evaluation.evaluate import EvalSet
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo"
-# the demo's evaluation files: name -> (metric family, role)
+# the demo's evaluation files: name -> (metric family, role); the target set is the story's
 DEMO_SETS = {"caption": ("caption", "original"), "vqa": ("vqa", "original"),
              "target": ("vqa", "target")}
 
 
-def check_built(demo_dir: Path | None) -> Path:
-    """The demo folder, refused unless both models are built."""
+@dataclass(frozen=True)
+class Story:
+    """One fine-tune of the demo's base: where its model and target sets live, what it shows."""
+
+    folder: str  # under the demo folder; "" for the default story
+    task: str  # the world task it learnt (tailor_ui.demo.world.TASKS)
+    title: str
+    about: str
+
+
+STORIES = {
+    "spatial": Story("", "spatial", "Separable forgetting: spatial questions",
+                     "fine-tuned to say which shape or colour is on the left, in the middle or on "
+                     "the right, in words the base already answers with: what it learnt and what it "
+                     "broke sit apart, so a small patch can keep one and drop the other (the paper's "
+                     "case)."),
+    "counting": Story("counting", "count", "Format forgetting: counting",
+                      "fine-tuned to count (answers balanced over one, two, three): it learnt to "
+                      "answer with numbers, and that change of format is itself what it forgot with, "
+                      "so no patch can keep the skill without the forgetting."),
+}
+DEFAULT_STORY = "spatial"
+
+
+def story_dir(demo_dir: Path, story: str) -> Path:
+    if story not in STORIES:
+        raise UserError(f"unknown demo story {story!r} (choose from {', '.join(STORIES)})")
+    return Path(demo_dir) / STORIES[story].folder
+
+
+def check_built(demo_dir: Path | None, story: str = DEFAULT_STORY) -> Path:
+    """The demo folder, refused unless the base and the story's fine-tune are built."""
     if demo_dir is None:
         raise UserError("no demo pair configured")
     demo_dir = Path(demo_dir)
-    if not (demo_dir / "base" / "config.json").is_file() or not (demo_dir / "finetuned" / "config.json").is_file():
-        raise UserError(f"the demo pair is not built ({demo_dir.name}/base and finetuned are missing): "
-                        "run `python -m tailor_ui demo build`")
+    tuned = story_dir(demo_dir, story) / "finetuned"
+    if not (demo_dir / "base" / "config.json").is_file() or not (tuned / "config.json").is_file():
+        raise UserError(f"the demo pair is not built ({demo_dir.name}/base and "
+                        f"{tuned.relative_to(demo_dir)} are missing): run `python -m tailor_ui demo build`")
     return demo_dir
 
 
-def demo_calibration(demo_dir: Path) -> tuple[Example, ...]:
-    path = Path(demo_dir) / "target_calib.jsonl"
+def demo_calibration(demo_dir: Path, story: str = DEFAULT_STORY) -> tuple[Example, ...]:
+    path = story_dir(demo_dir, story) / "target_calib.jsonl"
     return tuple(read_examples(path, check_images=False)) if path.is_file() else ()
 
 
-def demo_sets(demo_dir: Path | None) -> list[EvalSet]:
-    """The demo's evaluation sets that exist on disk (images are checked when used); each
-    one's role (original or target task) is DEMO_SETS[name][1]."""
+def demo_sets(demo_dir: Path | None, story: str = DEFAULT_STORY) -> list[EvalSet]:
+    """The demo's evaluation sets that exist on disk (images are checked when used): the
+    original skills' and the story's target set; each one's role (original or target task)
+    is DEMO_SETS[name][1]."""
     from tailor_ui.evaluation.evaluate import EvalSet  # the generator behind it loads slowly
 
     sets = []
-    for name, (task, _role) in DEMO_SETS.items():
-        path = Path(demo_dir) / f"{name}_eval.jsonl" if demo_dir else None
+    for name, (task, role) in DEMO_SETS.items():
+        folder = story_dir(demo_dir, story) if role == "target" and demo_dir else demo_dir
+        path = Path(folder) / f"{name}_eval.jsonl" if folder else None
         if path is not None and path.is_file():
             sets.append(EvalSet(name=name, task=task,
                                 examples=tuple(read_examples(path, check_images=False))))
@@ -58,9 +93,9 @@ def example_rows(sets: Sequence[EvalSet]) -> list[tuple[str, str]]:
     return rows
 
 
-def demo_examples(demo_dir: Path | None) -> list[tuple[str, str]]:
+def demo_examples(demo_dir: Path | None, story: str = DEFAULT_STORY) -> list[tuple[str, str]]:
     """(image path, question) pairs for the Compare tab; empty when there is no demo."""
     try:
-        return example_rows(demo_sets(demo_dir))
+        return example_rows(demo_sets(demo_dir, story))
     except UserError:
         return []

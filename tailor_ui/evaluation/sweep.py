@@ -2,7 +2,9 @@
 
 Columns (one `score:<set>` column per evaluation set, named by the set):
 
-- `kind` ("base", "finetuned" or "merged"), `method`, `setting` (a readable label),
+- `kind` ("base", "finetuned", "majority" or "merged"), `method`, `setting` (a readable
+  label); the majority row scores always giving each set's commonest answer, the floor
+  that tells skill from prior (`evaluate.majority_baseline`);
   `keep`, `alpha`, `lam` (only where the method uses them; DARE's keep is 1 - drop);
 - `score:<set>`: the set's primary metric (CIDEr-D, or VQA accuracy as a fraction);
 - `original` / `target`: mean score over the original / target sets;
@@ -40,7 +42,7 @@ from tailor_ui.control import Progress, StopCheck, never_stop, no_progress
 from tailor_ui.prompts import Batch
 from tailor_ui.engine import finetuned_model, run_method
 from tailor_ui.errors import UserError
-from tailor_ui.evaluation.evaluate import EvalSet, evaluate_all
+from tailor_ui.evaluation.evaluate import EvalSet, evaluate_all, majority_baseline
 from tailor_ui.methods import REGISTRY
 from tailor_ui.pair import Pair
 from tailor_ui.patch import applied, changed_entries
@@ -50,7 +52,8 @@ from tailor_ui.settings import Settings
 LAMBDA_RANGE = (0.0, 2.0)
 # Shown in every label that uses them, so they are not repeated as "non-default" extras.
 _LABELLED = {"method", "keep", "alpha", "lam", "drop"}
-_KNOB_NAMES = {"lam": "λ"}  # as the dashboard names them in errors
+_KNOB_NAMES = {"lam": "λ"}
+MAJORITY = "always the commonest answer"  # as the dashboard names them in errors
 
 
 def score_column(name: str) -> str:
@@ -165,6 +168,11 @@ def sweep(pair: Pair, settings: Sequence[Settings], original: Sequence[EvalSet],
         rows.append({"kind": "finetuned", "method": "finetuned",
                      "setting": pair.finetuned_ids[k], **blank, "keep": 1.0,
                      "patch_fraction": finetuned_fraction(pair, k), **scores})
+
+    rows.append({"kind": "majority", "method": "majority", "setting": MAJORITY, **blank,
+                 "keep": None, "patch_fraction": None,
+                 **{score_column(e.name): majority_baseline(e.examples, e.task).score
+                    for e in (*original, *target)}})
 
     for j, s in enumerate(settings):
         label = setting_label(s)

@@ -15,9 +15,9 @@ from tailor_ui.data import Example
 from tailor_ui.errors import UserError
 from tailor_ui.session import PairHandle, TrainedModel
 
-# drawn from the spatial task's training stream (the evaluation and calibration sets are
+# drawn from the story's task's training stream (the evaluation and calibration sets are
 # streams 1 and 2 of demo/build.py)
-FINETUNE_TASK, FINETUNE_STREAM = "spatial", 0
+FINETUNE_STREAM = 0
 MAX_FINETUNE_EXAMPLES = 2000
 _LOSS = re.compile(r"loss ([-+0-9.eEinfa]+)$")  # the training loop's stage: "epoch 1/2: loss 1.234"
 
@@ -34,6 +34,7 @@ class FinetuneRequest:
     rho: float
     batch_size: int
     seed: int
+    task: str  # the demo world's task it trains on: the demo story's target
     settings: dict[str, Any] = field(default_factory=dict)  # as the session shows them
 
     @property
@@ -45,7 +46,7 @@ class FinetuneRequest:
 
 
 def checked_request(method: str, examples: int, lr: float, epochs: int, layers: str | int | None,
-                    rho: float, batch_size: int, seed: int) -> FinetuneRequest:
+                    rho: float, batch_size: int, seed: int, task: str) -> FinetuneRequest:
     from tailor_ui.training.finetune import METHODS, check_options, parse_layers
 
     if method not in METHODS:
@@ -55,11 +56,11 @@ def checked_request(method: str, examples: int, lr: float, epochs: int, layers: 
         raise UserError(f"use between 1 and {MAX_FINETUNE_EXAMPLES} training examples")
     check_options(method, float(lr), epochs, batch_size, rho=float(rho))
     layer_spec = parse_layers(str(layers).strip()) if layers not in (None, "") else None
-    settings = {"method": method, "examples": n, "lr": float(lr), "epochs": epochs,
+    settings = {"method": method, "task": task, "examples": n, "lr": float(lr), "epochs": epochs,
                 "layers": layers or "last half", "batch_size": batch_size, "seed": int(seed),
                 **({"rho": float(rho)} if method == "dowser" else {})}
     return FinetuneRequest(method, n, float(lr), epochs, layer_spec, float(rho), batch_size,
-                           int(seed), settings)
+                           int(seed), task, settings)
 
 
 def finetune_run(handle: PairHandle, request: FinetuneRequest, live: list[float], tailor_after,
@@ -70,10 +71,10 @@ def finetune_run(handle: PairHandle, request: FinetuneRequest, live: list[float]
     from tailor_ui.training.finetune import finetune
 
     start = time.perf_counter()
-    progress(f"drawing {request.n} {FINETUNE_TASK} examples", 0, 1)
+    progress(f"drawing {request.n} {request.task} examples", 0, 1)
     # the training stream, with a seed offset so the draw is not the demo's own
     # fine-tuning set (built from seed 0) either
-    samples = world.generate(FINETUNE_TASK, request.n, request.seed + 1000, FINETUNE_STREAM)
+    samples = world.generate(request.task, request.n, request.seed + 1000, FINETUNE_STREAM)
     with handle.lock:  # the shared base is only ever patched under its lock
         model = copy.deepcopy(handle.pair.base)
 

@@ -53,18 +53,21 @@ def load_handle(base: str, finetuned: str, lane: str, progress: Progress,
                       lane=lane, summary=summarize(pair.base, pair.finetuned[0]))
 
 
-def load_demo_handle(demo_dir: Path | None, device: str, lane: str) -> PairHandle:
-    """The demo pair with its calibration and evaluation sets, ready to share."""
-    from tailor_ui.demo.sets import DEMO_SETS, check_built, demo_calibration, demo_sets, example_rows
+def load_demo_handle(demo_dir: Path | None, device: str, lane: str, story: str = "spatial") -> PairHandle:
+    """A demo story's pair with its calibration and evaluation sets, ready to share."""
+    from tailor_ui.demo.sets import (DEMO_SETS, STORIES, check_built, demo_calibration, demo_sets,
+                                     example_rows, story_dir)
     from tailor_ui.pair import load_pair, summarize
 
-    demo_dir = check_built(demo_dir)
-    pair = load_pair(str(demo_dir / "base"), str(demo_dir / "finetuned"), device=device)
-    pair.base_id, pair.finetuned_ids = "demo/base", ["demo/finetuned"]
-    sets = demo_sets(demo_dir)
-    return PairHandle(pair=pair, label="built-in demo pair (shapes world, mini-LLaVA)", shared=True,
+    demo_dir = check_built(demo_dir, story)
+    tuned = story_dir(demo_dir, story) / "finetuned"
+    pair = load_pair(str(demo_dir / "base"), str(tuned), device=device)
+    pair.base_id, pair.finetuned_ids = "demo/base", [f"demo/{tuned.relative_to(demo_dir).as_posix()}"]
+    sets = demo_sets(demo_dir, story)
+    return PairHandle(pair=pair, label=f"built-in demo pair: {STORIES[story].title} (shapes world, "
+                                       "mini-LLaVA)", shared=True,
                       lane=lane, summary=summarize(pair.base, pair.finetuned[0]),
-                      calibration=demo_calibration(demo_dir),
+                      calibration=demo_calibration(demo_dir, story),
                       eval_sets=tuple(EvalSpec(name=s.name, task=s.task, examples=tuple(s.examples),
                                                role=DEMO_SETS[s.name][1]) for s in sets),
                       examples=tuple(example_rows(sets)))

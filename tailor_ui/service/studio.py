@@ -20,6 +20,7 @@ from typing import Any
 from tailor_ui import gpu
 from tailor_ui.errors import UserError
 from tailor_ui.jobs import DONE, FAILED, Job, JobRunner
+from tailor_ui.demo.sets import DEFAULT_STORY, STORIES
 from tailor_ui.service import compare as compare_
 from tailor_ui.service import finetune as finetune_
 from tailor_ui.service import pairs, tailor
@@ -49,7 +50,9 @@ class Studio:
         self.runner = JobRunner(["cpu", "cuda"] if gpu_lane else ["cpu"],
                                 on_finish=self._on_finish, gpu_call=config.gpu_call or gpu.on_gpu)
         self.sessions = SessionStore(config.workdir / "sessions", idle_seconds=config.idle_seconds)
-        self.demo: PairHandle | None = None
+        self.demo: PairHandle | None = None  # the default story, loaded at start
+        self.stories: dict[str, PairHandle] = {}  # the other stories, loaded when first asked for
+        self._stories_lock = threading.Lock()
         self.demo_error: str | None = None
         self.demo_seconds: float | None = None
         self.demo_ready = threading.Event()  # set when loaded or failed
@@ -156,12 +159,18 @@ class Studio:
     def session(self, session_id: str | None) -> Session:
         return self.sessions.get(session_id)
 
-    def demo_handle(self, timeout: float = 60.0) -> PairHandle:
+    def demo_handle(self, story: str = DEFAULT_STORY, timeout: float = 60.0) -> PairHandle:
         if not self.demo_ready.wait(timeout):
             raise UserError("the demo pair is still loading; try again in a few seconds")
         if self.demo is None:
             raise UserError(self.demo_error or "the demo pair is not available")
-        return self.demo
+        if story == DEFAULT_STORY:
+            return self.demo
+        with self._stories_lock:  # a few MB, loaded once and shared like the default
+            if story not in self.stories:
+                self.stories[story] = pairs.load_demo_handle(self.config.demo_dir, self.demo_device,
+                                                             self.demo.lane, story)
+            return self.stories[story]
 
     def handle_for(self, session: Session) -> PairHandle:
         """The session's own pair when it loaded one, else the shared demo pair."""
@@ -170,12 +179,15 @@ class Studio:
         if not session.use_demo and self.runner.active(session.id, "load"):
             raise UserError("your models are still loading (see the Models tab); wait for them or "
                             "use the demo pair")
-        return self.demo_handle()
+        return self.demo_handle(session.demo_story)
 
-    def use_demo(self, session: Session) -> PairHandle:
-        handle = self.demo_handle()
+    def use_demo(self, session: Session, story: str = DEFAULT_STORY) -> PairHandle:
+        """Switch the session to one of the demo's stories (its fine-tune of the shared base)."""
+        if story not in STORIES:
+            raise UserError(f"unknown demo story {story!r} (choose from {', '.join(STORIES)})")
+        handle = self.demo_handle(story)
         self._release_own(session)
-        session.use_demo = True
+        session.use_demo, session.demo_story = True, story
         return handle
 
     def _release_own(self, session: Session) -> None:
@@ -382,8 +394,8 @@ class Studio:
                         lr: float = 1e-3, epochs: int = 1, layers: str | int | None = None,
                         rho: float = 0.1, batch_size: int = 8, seed: int = 0,
                         tailor_after: bool = False) -> Job:
-        """Queue a fine-tuning run on a private copy of the pair's base model: the demo's
-        target task (spatial questions), freshly drawn training samples. The trained model (and,
+        """Queue a fine-tuning run on a private copy of the pair's base model: the demo
+        story's target task, freshly drawn training samples. The trained model (and,
         with `tailor_after`, Model Tailor's merge of it) joins the session's models."""
         from tailor_ui.training.finetune import METHODS
 
@@ -393,7 +405,8 @@ class Studio:
         if not handle.shared or not handle.eval_sets:
             raise UserError("the Fine-tune tab trains on the demo's target task: use the demo pair "
                             "(Models tab)")
-        request = finetune_.checked_request(method, examples, lr, epochs, layers, rho, batch_size, seed)
+        request = finetune_.checked_request(method, examples, lr, epochs, layers, rho, batch_size, seed,
+                                            STORIES[session.demo_story].task)
         if tailor_after and not handle.calibration:
             raise UserError("Model Tailor needs the pair's calibration set, which it lacks")
         calib = list(handle.calibration[: self.config.calib_examples]) if tailor_after else []

@@ -9,6 +9,7 @@ from tailor_ui import plots
 from tailor_ui.errors import UserError
 from tailor_ui.pair import DTYPES
 from tailor_ui.session import PairHandle
+from tailor_ui.demo.sets import DEFAULT_STORY, STORIES
 from tailor_ui.ui.common import (Tab, changed, job_signature, progress_html, public_text, session_id,
                                  user_errors)
 from tailor_ui.service.studio import Studio
@@ -92,6 +93,16 @@ def _summary_signature(handle: PairHandle | None, why: str) -> object:
     return id(handle) if handle is not None else why
 
 
+INTRO = ("The **built-in demo** is a miniature LLaVA trained on a world of coloured shapes: the "
+         "base model captions and answers questions about attributes. It comes with two fine-tunes "
+         "that forget in two different ways — pick one. Or load your own pre-trained and "
+         "fine-tuned model (hub id `owner/name` or a local folder).")
+
+
+def story_text(story: str) -> str:
+    return f"*The fine-tuned model was {STORIES[story].about}*" if story in STORIES else ""
+
+
 class ModelsTab(Tab):
     def __init__(self, studio: Studio) -> None:
         super().__init__(studio)
@@ -105,10 +116,10 @@ class ModelsTab(Tab):
     # -- handlers ----------------------------------------------------------------------
 
     @user_errors
-    def use_demo(self, request: gr.Request):
-        """Switch this session to the built-in demo pair; returns its summary."""
+    def use_demo(self, story: str = DEFAULT_STORY, request: gr.Request = None):
+        """Switch this session to the built-in demo pair of the given story; returns its summary."""
         session = self.studio.session(session_id(request))
-        handle = self.studio.use_demo(session)
+        handle = self.studio.use_demo(session, story or DEFAULT_STORY)
         session.sent["models-summary"] = id(handle)
         return self._summary(handle)
 
@@ -188,12 +199,12 @@ class ModelsTab(Tab):
 
     def render(self) -> None:
         studio = self.studio
-        gr.Markdown("The **built-in demo pair** is a miniature LLaVA trained on a world of coloured "
-                    "shapes: the base model captions and answers questions about attributes; the "
-                    "fine-tuned model learnt to count and forgot part of the rest. Or load your own "
-                    "pre-trained and fine-tuned model (hub id `owner/name` or a local folder).")
+        gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
+                self.story = gr.Radio([(story.title, name) for name, story in STORIES.items()],
+                                      value=DEFAULT_STORY, label="Demo story", elem_id="models-story")
+                self.story_info = gr.Markdown(story_text(DEFAULT_STORY), elem_id="models-story-info")
                 self.demo_button = gr.Button("Use the demo pair", variant="primary",
                                              elem_id="models-use-demo")
                 with gr.Group():
@@ -220,8 +231,10 @@ class ModelsTab(Tab):
         self.table = gr.Dataframe(table, label="What fine-tuning changed, per layer and module",
                                   interactive=False, elem_id="models-table", wrap=True, max_height=320)
 
-        self.demo_button.click(self.use_demo, None, [self.summary, self.plot, self.table],
+        self.demo_button.click(self.use_demo, [self.story], [self.summary, self.plot, self.table],
                                api_name="load_demo", concurrency_limit=None)
+        self.story.change(story_text, [self.story], [self.story_info], api_visibility="private",
+                          queue=False)
         self.load_button.click(self.load, [self.base, self.finetuned, self.dtype, self.device],
                                [self.job_id, self.progress], api_name="load_pair",
                                concurrency_limit=None)
