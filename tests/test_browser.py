@@ -194,3 +194,23 @@ def test_closing_the_tab_ends_the_session(browser, app):
     assert settle(before + 1) == before + 1  # the page's first poll opened its session
     context.close()
     assert settle(before) == before
+
+
+def test_picking_the_counting_story_loads_its_fine_tune(browser, app, screenshots):
+    """A page of its own: the story picker says what each fine-tune shows, and the demo
+    button loads the chosen one (its fine-tuned checkpoint and its target examples)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.goto(app.url)
+    expect(page.locator("#pair-status")).to_contain_text("ready", timeout=60_000)
+    expect(page.locator("#models-story-info")).to_contain_text("which shape or colour")
+    page.locator("#models-story").get_by_text("Format forgetting: counting").click()
+    expect(page.locator("#models-story-info")).to_contain_text("answer with numbers")
+    page.locator("#models-use-demo").click()
+    expect(page.locator("#pair-status")).to_contain_text("Format forgetting: counting", timeout=LONG)
+    open_tab(page, "Compare")  # the counting fine-tune answers a counting example with a number
+    page.locator("#compare-examples tbody tr").filter(has_text="how many").first.click()
+    expect(page.locator("#compare-finetuned textarea")).to_have_value(re.compile(r"^(one|two|three)$"),
+                                                                       timeout=LONG)
+    page.screenshot(path=screenshots / "story-counting.png", full_page=True)
+    context.close()

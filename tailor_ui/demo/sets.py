@@ -93,9 +93,14 @@ def example_rows(sets: Sequence[EvalSet]) -> list[tuple[str, str]]:
     return rows
 
 
-def demo_examples(demo_dir: Path | None, story: str = DEFAULT_STORY) -> list[tuple[str, str]]:
-    """(image path, question) pairs for the Compare tab; empty when there is no demo."""
+def demo_examples(demo_dir: Path | None) -> list[tuple[str, str]]:
+    """(image path, question) pairs for the Compare tab, the original skills' and every
+    story's target task's; empty when there is no demo."""
     try:
-        return example_rows(demo_sets(demo_dir, story))
+        rows = example_rows(demo_sets(demo_dir))
+        for story in STORIES:
+            if story != DEFAULT_STORY:
+                rows += example_rows([s for s in demo_sets(demo_dir, story) if s.name == "target"])
+        return rows
     except UserError:
         return []

@@ -13,6 +13,12 @@ from tailor_ui.ui.common import (Number, Slider, Tab, cancel_html, changed, job_
 from tailor_ui.training.registry import TRAINING_METHODS
 
 METHOD_CHOICES = [(cls.label, name) for name, cls in TRAINING_METHODS.items()]
+INTRO = ("Fine-tune a **copy** of the pre-trained model on the demo story's target task (freshly "
+         "drawn shapes-world scenes — not the evaluation or calibration sets). The result joins "
+         "**Compare** and the **Forgetting** sweep next to the post-hoc methods, so you can see how "
+         "much each training method forgets.")
+
+
 def method_info(method: str) -> str:
     cls = TRAINING_METHODS[method]
     return f"*{cls.label}: {cls.about}*"
@@ -88,10 +94,7 @@ class FinetuneTab(Tab):
     # -- layout ----------------------------------------------------------------------------
 
     def render(self) -> None:
-        gr.Markdown("Fine-tune a **copy** of the pre-trained model on the target task (spatial questions, "
-                    "freshly drawn shapes-world scenes — not the evaluation or calibration sets). "
-                    "The result joins **Compare** and the **Forgetting** sweep next to the post-hoc "
-                    "methods, so you can see how much each training method forgets.")
+        gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 self.method = gr.Radio(METHOD_CHOICES, value="full", label="Method",

@@ -27,6 +27,13 @@ def sweep_outputs(run: SweepRun | None) -> list:
             str(run.csv_file) if run is not None else None]
 
 
+INTRO = ("Evaluates the pre-trained and fine-tuned models, the majority answer and every method x "
+         "setting on the original tasks (captioning, attribute questions) and the pair's target "
+         "task. Scores: CIDEr-D for captions, VQA accuracy for questions; retention per set, and "
+         "the share of the fine-tune's gain each row keeps. Models you trained in the Fine-tune "
+         "tab join the sweep as extra rows.")
+
+
 class ForgettingTab(Tab):
     @user_errors
     def run(self, methods: list[str], keeps: str, lams: str, alpha: float, examples: float,
@@ -70,10 +77,7 @@ class ForgettingTab(Tab):
                 self.table, self.csv]
 
     def render(self) -> None:
-        gr.Markdown("Evaluates the pre-trained and fine-tuned models and every method x setting on "
-                    "the original tasks (captioning, attribute questions) and the target task "
-                    "(spatial questions). Scores: CIDEr-D for captions, VQA accuracy for questions. Models you "
-                    "trained in the Fine-tune tab join the sweep as extra rows.")
+        gr.Markdown(INTRO)
         with gr.Row():
             self.methods = gr.CheckboxGroup([(info.label, name) for name, info in REGISTRY.items()],
                                             value=DEFAULT_METHODS, label="Methods", scale=2,
