@@ -158,38 +158,51 @@ def _check_sweep(table: pd.DataFrame | None) -> bool:
     return table is not None and not table.empty and {"original", "target", "method"} <= set(table.columns)
 
 
+# the trade-off's axes: shares, so CIDEr-D's 0-10 scale does not drown VQA's 0-1, and the
+# target counts only what fine-tuning added over the base
+TRADEOFF_AXES = ("original_retention", "target_gain")
+
+
 def _pareto(points: pd.DataFrame) -> pd.DataFrame:
-    """The points no other point beats on both scores, by increasing original score."""
+    """The points no other point beats on both axes, by increasing original retention."""
     from tailor_ui.evaluation.search import pareto_front
 
-    return points[pareto_front(points, "original", "target")].sort_values("original")
+    x, y = TRADEOFF_AXES
+    return points[pareto_front(points, x, y)].sort_values(x)
+
+
+def _series(table: pd.DataFrame) -> pd.Series:
+    """A line per method and fixed settings: the setting label without the swept knob."""
+    return table["setting"].str.replace(r" (?:keep|lam|drop)=\S+", "", regex=True)
 
 
 def tradeoff(table: pd.DataFrame | None) -> go.Figure:
-    """Original-task score against target-task score: up and to the right is better."""
-    title = "Trade-off: original skills vs the new skill"
-    if not _check_sweep(table):
+    """Original retention against the share of the target gain kept: up and right is better."""
+    title = "Trade-off: original skills kept vs new skill kept"
+    if not _check_sweep(table) or not set(TRADEOFF_AXES) <= set(table.columns):
         return empty_figure("run a sweep to see the trade-off", title)
     fig = _figure()
-    data = table.dropna(subset=["original", "target"])
-    front = _pareto(data)
+    x, y = TRADEOFF_AXES
+    data = table.dropna(subset=[x, y])
+    front = _pareto(data[data["kind"] == "merged"] if "kind" in data else data)
     if len(front) > 1:
-        fig.add_trace(go.Scatter(x=front["original"], y=front["target"], mode="lines",
+        fig.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines",
                                  name="frontier", line={"color": "#bbb", "dash": "dot", "width": 2},
                                  hoverinfo="skip"))
-    for method, group in data.groupby("method", sort=False):
+    for (method, series), group in data.groupby([data["method"], _series(data)], sort=False):
         sort_by = "keep" if group["keep"].notna().any() else "lam"
         group = group.sort_values(sort_by) if sort_by in group else group
         reference = method in ("base", "finetuned", "majority")
         fig.add_trace(go.Scatter(
-            x=group["original"], y=group["target"], mode="markers" if reference else "lines+markers",
-            name=method_label(method), text=group["setting"],
+            x=group[x], y=group[y], mode="markers" if reference else "lines+markers",
+            name=method_label(method) if reference else series, text=group["setting"],
             marker={"size": 16 if reference else 9, "color": COLOURS.get(method),
                     "symbol": "star" if reference else "circle"},
-            hovertemplate="%{text}<br>original %{x:.3f}<br>target %{y:.3f}<extra></extra>"))
-    fig.update_layout(title=title, height=HEIGHT, 
-                      xaxis={"title": "original tasks (mean score)"},
-                      yaxis={"title": "target task (score)"})
+            line={"dash": "dash" if "compensation=exact" in series else "solid"},
+            hovertemplate="%{text}<br>original retention %{x:.3f}<br>target gain %{y:.3f}<extra></extra>"))
+    fig.update_layout(title=title, height=HEIGHT,
+                      xaxis={"title": "original retention (mean over sets of score / base)"},
+                      yaxis={"title": "target gain kept ((score − base) / (fine-tuned − base))"})
     return fig
 
 

@@ -82,6 +82,7 @@ def sweep_table() -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table["original_retention"] = table["original"] / 2.0
     table["target_retention"] = table["target"] / 0.8
+    table["target_gain"] = table["target"] / 0.8  # the base scores 0 on the target
     return table
 
 
@@ -89,12 +90,14 @@ def test_tradeoff_has_a_trace_per_method_and_the_frontier():
     fig = plots.tradeoff(sweep_table())
     names = [t.name for t in fig.data]
     assert names[0] == "frontier"
-    assert set(names[1:]) == {"Pre-trained", "Fine-tuned", "Model Tailor", "Magnitude patch", "WiSE-FT"}
+    # one line per method and fixed settings, named by the setting label without the swept knob
+    assert set(names[1:]) == {"Pre-trained", "Fine-tuned", "Model Tailor", "Magnitude", "WiSE-FT"}
     tailor = next(t for t in fig.data if t.name == "Model Tailor")
-    assert list(tailor.x) == [1.95, 1.9]  # ordered by keep
+    assert list(tailor.x) == [0.975, 0.95]  # ordered by keep; retention, not raw score
+    assert list(tailor.y) == pytest.approx([0.875, 0.975])
     frontier = fig.data[0]
-    # magnitude and WiSE-FT are beaten on both axes by Model Tailor
-    assert list(frontier.x) == [1.0, 1.9, 1.95, 2.0]
+    # among the merges, magnitude and WiSE-FT are beaten on both axes by Model Tailor
+    assert list(frontier.x) == [0.95, 0.975]
     fig.to_json()
 
 
