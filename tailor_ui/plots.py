@@ -159,15 +159,17 @@ def _check_sweep(table: pd.DataFrame | None) -> bool:
 
 
 # the trade-off's axes: shares, so CIDEr-D's 0-10 scale does not drown VQA's 0-1, and the
-# target counts only what fine-tuning added over the base
+# target counts only what fine-tuning added over the base; where it added nothing on these
+# examples (a small sample) there is no gain to keep, and the target retention stands in
 TRADEOFF_AXES = ("original_retention", "target_gain")
+TRADEOFF_TITLES = {"target_gain": "target gain kept ((score − base) / (fine-tuned − base))",
+                   "target_retention": "target retention (score / fine-tuned; no gain to keep here)"}
 
 
-def _pareto(points: pd.DataFrame) -> pd.DataFrame:
-    """The points no other point beats on both axes, by increasing original retention."""
+def _pareto(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """The points no other point beats on both axes, by increasing x."""
     from tailor_ui.evaluation.search import pareto_front
 
-    x, y = TRADEOFF_AXES
     return points[pareto_front(points, x, y)].sort_values(x)
 
 
@@ -183,8 +185,10 @@ def tradeoff(table: pd.DataFrame | None) -> go.Figure:
         return empty_figure("run a sweep to see the trade-off", title)
     fig = _figure()
     x, y = TRADEOFF_AXES
+    if table[y].notna().sum() <= 1:  # only the fine-tuned row, or none
+        y = "target_retention"
     data = table.dropna(subset=[x, y])
-    front = _pareto(data[data["kind"] == "merged"] if "kind" in data else data)
+    front = _pareto(data[data["kind"] == "merged"] if "kind" in data else data, x, y)
     if len(front) > 1:
         fig.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines",
                                  name="frontier", line={"color": "#bbb", "dash": "dot", "width": 2},
@@ -202,7 +206,7 @@ def tradeoff(table: pd.DataFrame | None) -> go.Figure:
             hovertemplate="%{text}<br>original retention %{x:.3f}<br>target gain %{y:.3f}<extra></extra>"))
     fig.update_layout(title=title, height=HEIGHT,
                       xaxis={"title": "original retention (mean over sets of score / base)"},
-                      yaxis={"title": "target gain kept ((score − base) / (fine-tuned − base))"})
+                      yaxis={"title": TRADEOFF_TITLES[y]})
     return fig
 
 

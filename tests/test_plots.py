@@ -135,3 +135,16 @@ def test_loss_curve_points_smoothing_and_empty():
     for empty in (None, [], [math.nan]):
         fig = plots.loss_curve(empty)
         assert not fig.data and "start a fine-tuning run" in fig.layout.annotations[0].text
+
+
+def test_tradeoff_without_a_target_gain_plots_target_retention():
+    """On a few examples the fine-tune may not beat the base on its target: no gain to keep,
+    so the target retention stands in and the axis says so."""
+    table = sweep_table()
+    table["target_gain"] = np.nan
+    fig = plots.tradeoff(table)
+    tailor = next(t for t in fig.data if t.name == "Model Tailor")
+    assert list(tailor.y) == pytest.approx([0.875, 0.975])  # target / 0.8, the fine-tuned score
+    assert "no gain to keep" in fig.layout.yaxis.title.text
+    empty = plots.tradeoff(table[table["kind"] != "merged"])  # references only: no front
+    assert "frontier" not in {t.name for t in empty.data}

@@ -117,7 +117,8 @@ def pareto_front(table: pd.DataFrame, x: str, y: str) -> pd.Series:
                   & ((points[:, 0] > px) | (points[:, 1] > py))).any()
         on.append(not beaten)
     front = pd.Series(False, index=table.index)
-    front[valid[valid].index] = on
+    if on:
+        front[valid[valid].index] = on
     return front
 
 
