@@ -27,6 +27,38 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="run model code shipped with a checkpoint (trusted sources only)")
 
 
+def _merge_options(p: argparse.ArgumentParser) -> None:
+    """The settings of a merge (`tailor`, and `compare` when it tailors on the fly)."""
+    from tailor_ui.settings import Settings
+
+    p.add_argument("--keep", type=_unit_interval, default=0.10, help="patch size (fraction)")
+    p.add_argument("--alpha", type=_unit_interval, default=0.8, help="fusion weight of salience")
+    p.add_argument("--scope", default="block", help="block | row | tensor | global")
+    p.add_argument("--calib-limit", type=int, default=128, help="examples used per calibration set")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-compensate", action="store_true")
+    p.add_argument("--compensation", default=Settings.compensation,
+                   help="exact (least squares per row) | greedy (SparseGPT's loop, the paper's)")
+    p.add_argument("--order", default="mask-first",
+                   help="mask-first | sparsegpt (each block's mask after the earlier blocks)")
+    p.add_argument("--budget", default="uniform", help="uniform | per-layer (by each layer's score mass)")
+    p.add_argument("--sign", default="obs", help="compensation sign: obs | released")
+    p.add_argument("--sensitivity", default="change", help="change | weight (authors' code)")
+    p.add_argument("--hessians", default="sequential", help="sequential | one-pass")
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--modules", default=None, help="regex over linear module names")
+    p.add_argument("--others", default="finetuned",
+                   help="non-selected tensors: finetuned | base | linear")
+    p.add_argument("--lam", type=float, default=None, help=f"λ of {_readers('lam')} (mergekit's lambda)")
+    p.add_argument("--drop", type=float, default=None, help="DARE drop rate (default 1 - keep)")
+    p.add_argument("--gamma", type=float, default=0.01,
+                   help=f"fraction of the largest |τ| removed ({_readers('gamma')}; --keep is the density)")
+    p.add_argument("--epsilon", type=float, default=0.1,
+                   help=f"window of keep probabilities around --keep ({_readers('epsilon')})")
+    p.add_argument("--seed", type=int, default=0, help=f"random seed ({_readers('seed')})")
+    p.add_argument("--overlap", default="mean", help="multi-task overlap rule: mean | sum | first")
+
+
 def _in_memory_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-memory", action="store_true",
                    help="load every model in full instead of streaming tensor by tensor (data-free "
@@ -79,34 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuned model; repeat for multi-task (one --calib each)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--method", default="tailor", help=" | ".join(REGISTRY))
-    p.add_argument("--keep", type=_unit_interval, default=0.10, help="patch size (fraction)")
-    p.add_argument("--alpha", type=_unit_interval, default=0.8, help="fusion weight of salience")
-    p.add_argument("--scope", default="block", help="block | row | tensor | global")
     p.add_argument("--calib", action="append", type=Path, default=[],
                    help="target-task JSONL (one per --finetuned)")
-    p.add_argument("--calib-limit", type=int, default=128, help="examples used per calibration set")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--no-compensate", action="store_true")
-    p.add_argument("--compensation", default=Settings.compensation,
-                   help="exact (least squares per row) | greedy (SparseGPT's loop, the paper's)")
-    p.add_argument("--order", default="mask-first",
-                   help="mask-first | sparsegpt (each block's mask after the earlier blocks)")
-    p.add_argument("--budget", default="uniform", help="uniform | per-layer (by each layer's score mass)")
-    p.add_argument("--sign", default="obs", help="compensation sign: obs | released")
-    p.add_argument("--sensitivity", default="change", help="change | weight (authors' code)")
-    p.add_argument("--hessians", default="sequential", help="sequential | one-pass")
-    p.add_argument("--damp", type=float, default=0.01)
-    p.add_argument("--modules", default=None, help="regex over linear module names")
-    p.add_argument("--others", default="finetuned",
-                   help="non-selected tensors: finetuned | base | linear")
-    p.add_argument("--lam", type=float, default=None, help=f"λ of {_readers('lam')} (mergekit's lambda)")
-    p.add_argument("--drop", type=float, default=None, help="DARE drop rate (default 1 - keep)")
-    p.add_argument("--gamma", type=float, default=0.01,
-                   help=f"fraction of the largest |τ| removed ({_readers('gamma')}; --keep is the density)")
-    p.add_argument("--epsilon", type=float, default=0.1,
-                   help=f"window of keep probabilities around --keep ({_readers('epsilon')})")
-    p.add_argument("--seed", type=int, default=0, help=f"random seed ({_readers('seed')})")
-    p.add_argument("--overlap", default="mean", help="multi-task overlap rule: mean | sum | first")
+    _merge_options(p)
     p.add_argument("--save-model", action="store_true", help="also write DIR/model/")
     _in_memory_option(p)
     _model_options(p)
@@ -116,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     _in_memory_option(p)
+    _model_options(p)
+
+    p = sub.add_parser("compare", help="base, fine-tuned and tailored answers side by side")
+    p.add_argument("--base", required=True)
+    p.add_argument("--finetuned", required=True)
+    tailored = p.add_mutually_exclusive_group()
+    tailored.add_argument("--patch", type=Path, default=None, help="the tailored model: base + this patch")
+    tailored.add_argument("--calib", type=Path, default=None,
+                          help="target-task JSONL: tailor on the fly with Model Tailor (--keep, --alpha, ...)")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--image", type=Path, default=None, help="one image")
+    prompts.add_argument("--data", type=Path, default=None, help="a JSONL: every row's image and question")
+    p.add_argument("--question", default=None, help="with --image (default: caption the image)")
+    p.add_argument("--limit", type=int, default=None, help="with --data: only the first N rows")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
+    _merge_options(p)
     _model_options(p)
 
     p = sub.add_parser("eval", help="score one model on a caption or VQA set")
@@ -300,6 +324,20 @@ def _progress_bar():
     return bar, update
 
 
+def _settings(args: argparse.Namespace, method: str):
+    """The merge settings the `_merge_options` name."""
+    from tailor_ui.settings import Settings
+
+    if args.batch_size < 1 or args.calib_limit < 1:
+        raise UserError("--batch-size and --calib-limit must be positive")
+    return Settings(method=method, keep=args.keep, alpha=args.alpha, scope=args.scope,
+                    compensate=not args.no_compensate, compensation=args.compensation,
+                    order=args.order, budget=args.budget, sign=args.sign,
+                    sensitivity=args.sensitivity, hessians=args.hessians, damp=args.damp,
+                    modules=args.modules, others=args.others, lam=args.lam, drop=args.drop,
+                    seed=args.seed, gamma=args.gamma, epsilon=args.epsilon, overlap=args.overlap)
+
+
 def _tailor(args: argparse.Namespace) -> int:
     from tailor_ui.calibration import calibration_batches
     from tailor_ui.data import read_examples
@@ -309,21 +347,13 @@ def _tailor(args: argparse.Namespace) -> int:
     from tailor_ui.pair import load_pair
     from tailor_ui.service.export import save_tailored
     from tailor_ui.service.tailor import save_run
-    from tailor_ui.settings import Settings
 
-    settings = Settings(method=args.method, keep=args.keep, alpha=args.alpha, scope=args.scope,
-                        compensate=not args.no_compensate, compensation=args.compensation,
-                        order=args.order, budget=args.budget, sign=args.sign,
-                        sensitivity=args.sensitivity, hessians=args.hessians, damp=args.damp,
-                        modules=args.modules, others=args.others, lam=args.lam, drop=args.drop,
-                        seed=args.seed, gamma=args.gamma, epsilon=args.epsilon, overlap=args.overlap)
+    settings = _settings(args, args.method)
     if args.calib and len(args.calib) != len(args.finetuned):
         raise UserError(f"give one --calib per --finetuned ({len(args.finetuned)}), got {len(args.calib)}")
     method = REGISTRY[settings.method]
     if method.needs_calibration and not args.calib:
         raise UserError(f"{method.label} needs target-task calibration data: pass --calib FILE.jsonl")
-    if args.batch_size < 1 or args.calib_limit < 1:
-        raise UserError("--batch-size and --calib-limit must be positive")
     _check_out_dir(args.out)
     examples = [read_examples(path)[: args.calib_limit] for path in args.calib]
     sources = None if method.needs_calibration else _stream_sources(args, [args.base, *args.finetuned])
@@ -395,6 +425,89 @@ def _apply(args: argparse.Namespace) -> int:
             processor.save_pretrained(tmp)
     print(f"applied {patch.num_entries:,} entries -> {args.out}")
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from tailor_ui.pair import load_pair
+    from tailor_ui.patch import check_fits, load_patch
+    from tailor_ui.service.compare import model_answers
+
+    if args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
+        raise UserError("--max-new-tokens and --limit must be positive")
+    rows = _compare_rows(args)  # every input is read before any model loads
+    patch = load_patch(args.patch) if args.patch is not None else None
+    settings = _settings(args, "tailor") if args.calib is not None else None
+    calib = _read_calibration(args.calib, args.calib_limit) if settings is not None else None
+    pair = load_pair(args.base, args.finetuned, **_load_options(args))
+    if patch is not None:
+        check_fits({n: tuple(p.shape) for n, p in pair.base.named_parameters()}, patch)
+    bar, update = _progress_bar()
+    try:
+        if settings is not None:
+            patch = _tailor_patch(pair, settings, calib, args.batch_size, update)
+        merges = [("Tailored", patch)] if patch is not None else []
+        answers = model_answers(pair, merges, [(row["image_data"], row["question"]) for row in rows],
+                                args.max_new_tokens, update)
+    finally:
+        bar.close()
+    _print_comparison(rows, answers, args.json)
+    return 0
+
+
+def _read_calibration(path: Path, limit: int) -> list:
+    from tailor_ui.data import read_examples
+
+    return read_examples(path)[:limit]
+
+
+def _tailor_patch(pair, settings, examples: list, batch_size: int, progress):
+    """The patch of a Model Tailor run on the loaded pair."""
+    from tailor_ui.calibration import calibration_batches
+    from tailor_ui.engine import run_method
+
+    calibration = [calibration_batches(pair.processor, examples, batch_size)]
+    return run_method(pair, settings, calibration, progress=progress).patch
+
+
+def _compare_rows(args: argparse.Namespace) -> list[dict]:
+    """What to ask: image (as shown), question, reference answers and the loaded image."""
+    from tailor_ui.data import load_image, read_examples
+
+    if args.image is not None:
+        if args.limit is not None:
+            raise UserError("--limit goes with --data")
+        if not args.image.is_file():
+            raise UserError(f"image not found: {args.image}")
+        return [{"image": str(args.image), "question": (args.question or "").strip(), "references": [],
+                 "image_data": load_image(args.image)}]
+    if args.question is not None:
+        raise UserError("--question goes with --image (a --data file holds its questions)")
+    folder = args.data.resolve().parent
+    return [{"image": str(ex.image.relative_to(folder)), "question": ex.question,
+             "references": list(ex.answers), "image_data": load_image(ex.image)}
+            for ex in read_examples(args.data)[: args.limit]]
+
+
+def _print_comparison(rows: list[dict], answers: list[list[tuple[str, str]]], as_json: bool) -> None:
+    """A table, or one JSON object a line; columns base, finetuned[, tailored]."""
+    import json
+
+    import pandas as pd
+
+    keys = ["base", "finetuned", "tailored"]
+    records = [{"image": row["image"], "question": row["question"], "references": row["references"],
+                **{key: answer for key, (_, answer) in zip(keys, models)}}
+               for row, models in zip(rows, answers)]
+    if as_json:
+        print("".join(json.dumps(record) + "\n" for record in records), end="")
+        return
+    table = pd.DataFrame(records)
+    if not any(row["references"] for row in rows):
+        table = table.drop(columns="references")
+    else:
+        table["references"] = table["references"].map(lambda refs: " | ".join(dict.fromkeys(refs)))
+    with pd.option_context("display.max_colwidth", None, "display.width", None):
+        print(table.to_string(index=False, justify="left"))
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -546,5 +659,5 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"inspect": _inspect, "tailor": _tailor, "apply": _apply, "eval": _eval, "sweep": _sweep,
-            "find-settings": _find_settings, "finetune": _finetune, "demo": _demo}
+COMMANDS = {"inspect": _inspect, "tailor": _tailor, "apply": _apply, "compare": _compare, "eval": _eval,
+            "sweep": _sweep, "find-settings": _find_settings, "finetune": _finetune, "demo": _demo}
