@@ -19,25 +19,23 @@ the repository root:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from story import open_story, story_parser  # noqa: E402
 from tailor_ui.calibration import calibration_batches, collect_hessians  # noqa: E402
 from tailor_ui.data import read_examples  # noqa: E402
-from tailor_ui.demo.sets import DEMO_DIR, story_dir  # noqa: E402
+from tailor_ui.demo.sets import DEMO_DIR  # noqa: E402
 from tailor_ui.engine import selected_linears  # noqa: E402
 from tailor_ui.methods.exact import compensate_exact  # noqa: E402
 from tailor_ui.methods.selection import keep_mask  # noqa: E402
 from tailor_ui.methods.tailor import (compensate, inverse_hessian_factor,  # noqa: E402
                                       merge_without_compensation, tensor_scores)
-from tailor_ui.pair import load_pair  # noqa: E402
 
 
 def energy(delta: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -54,16 +52,13 @@ def patches(w_pre, w_ft, h_target, keep, alpha, damp=0.01):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--story", default="spatial")
+    ap = story_parser(__doc__)
     ap.add_argument("--keep", type=float, default=0.1)
     ap.add_argument("--alpha", type=float, default=0.8)
     ap.add_argument("--examples", type=int, default=128, help="inputs per set")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    folder = story_dir(DEMO_DIR, args.story)
-    pair = load_pair(str(DEMO_DIR / "base"), str(folder / "finetuned"))
+    folder, pair = open_story(args.story)
     tuned = pair.finetuned[0]
     linears = selected_linears(pair)
     target = read_examples(folder / "target_calib.jsonl")[: args.examples]

@@ -12,25 +12,22 @@ Run from the repository root:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from story import open_story, story_parser  # noqa: E402
 from tailor_ui.calibration import calibration_batches  # noqa: E402
 from tailor_ui.data import Example, read_examples  # noqa: E402
 from tailor_ui.demo import world  # noqa: E402
 from tailor_ui.demo.build import CALIB_STREAM  # noqa: E402
-from tailor_ui.demo.sets import DEMO_DIR, STORIES, story_dir  # noqa: E402
+from tailor_ui.demo.sets import DEMO_DIR, STORIES  # noqa: E402
 from tailor_ui.evaluation.evaluate import EvalSet  # noqa: E402
 from tailor_ui.evaluation.sweep import sweep, sweep_grid  # noqa: E402
-from tailor_ui.pair import load_pair  # noqa: E402
 
 
 def calibration(story: str, seed: int, n: int, folder: Path) -> list[Example]:
@@ -45,16 +42,13 @@ def calibration(story: str, seed: int, n: int, folder: Path) -> list[Example]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--story", default="spatial")
+    ap = story_parser(__doc__)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--keep", default="0.02,0.05,0.1")
     ap.add_argument("--n", type=int, default=128, help="calibration examples per seed")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    folder = story_dir(DEMO_DIR, args.story)
-    pair = load_pair(str(DEMO_DIR / "base"), str(folder / "finetuned"))
+    folder, pair = open_story(args.story)
     original = [EvalSet(name, name, read_examples(DEMO_DIR / f"{name}_eval.jsonl"))
                 for name in ("caption", "vqa")]
     target = [EvalSet("target", "vqa", read_examples(folder / "target_eval.jsonl"))]

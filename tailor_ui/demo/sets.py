@@ -14,6 +14,7 @@ from tailor_ui.errors import UserError
 
 if TYPE_CHECKING:
     from tailor_ui.evaluation.evaluate import EvalSet
+    from tailor_ui.pair import Pair
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo"
 # the demo's evaluation files: name -> (metric family, role); the target set is the story's
@@ -61,6 +62,17 @@ def check_built(demo_dir: Path | None, story: str = DEFAULT_STORY) -> Path:
         raise UserError(f"the demo pair is not built ({demo_dir.name}/base and "
                         f"{tuned.relative_to(demo_dir)} are missing): run `python -m tailor_ui demo build`")
     return demo_dir
+
+
+def story_pair(demo_dir: Path | None, story: str = DEFAULT_STORY, device: str = "cpu") -> Pair:
+    """The story's pair: the demo's base and the story's fine-tune, with short ids."""
+    from tailor_ui.pair import load_pair  # torch and transformers: only when a pair is wanted
+
+    demo_dir = check_built(demo_dir, story)
+    tuned = story_dir(demo_dir, story) / "finetuned"
+    pair = load_pair(str(demo_dir / "base"), str(tuned), device=device)
+    pair.base_id, pair.finetuned_ids = "demo/base", [f"demo/{tuned.relative_to(demo_dir).as_posix()}"]
+    return pair
 
 
 def demo_calibration(demo_dir: Path, story: str = DEFAULT_STORY) -> tuple[Example, ...]:

@@ -55,14 +55,11 @@ def load_handle(base: str, finetuned: str, lane: str, progress: Progress,
 
 def load_demo_handle(demo_dir: Path | None, device: str, lane: str, story: str = "spatial") -> PairHandle:
     """A demo story's pair with its calibration and evaluation sets, ready to share."""
-    from tailor_ui.demo.sets import (DEMO_SETS, STORIES, check_built, demo_calibration, demo_sets,
-                                     example_rows, story_dir)
-    from tailor_ui.pair import load_pair, summarize
+    from tailor_ui.demo.sets import (DEMO_SETS, STORIES, demo_calibration, demo_sets, example_rows,
+                                     story_pair)
+    from tailor_ui.pair import summarize
 
-    demo_dir = check_built(demo_dir, story)
-    tuned = story_dir(demo_dir, story) / "finetuned"
-    pair = load_pair(str(demo_dir / "base"), str(tuned), device=device)
-    pair.base_id, pair.finetuned_ids = "demo/base", [f"demo/{tuned.relative_to(demo_dir).as_posix()}"]
+    pair = story_pair(demo_dir, story, device)
     sets = demo_sets(demo_dir, story)
     return PairHandle(pair=pair, label=f"built-in demo pair: {STORIES[story].title} (shapes world, "
                                        "mini-LLaVA)", shared=True,
