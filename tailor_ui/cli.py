@@ -302,7 +302,7 @@ def _progress_bar():
 
 def _tailor(args: argparse.Namespace) -> int:
     from tailor_ui.calibration import calibration_batches
-    from tailor_ui.data import read_examples
+    from tailor_ui.data import read_calibration
     from tailor_ui.engine import run_method
     from tailor_ui.io import atomic_path
     from tailor_ui.methods import REGISTRY
@@ -325,7 +325,7 @@ def _tailor(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.calib_limit < 1:
         raise UserError("--batch-size and --calib-limit must be positive")
     _check_out_dir(args.out)
-    examples = [read_examples(path)[: args.calib_limit] for path in args.calib]
+    examples = [read_calibration(path)[: args.calib_limit] for path in args.calib]
     sources = None if method.needs_calibration else _stream_sources(args, [args.base, *args.finetuned])
     if sources is not None:
         report = _tailor_streamed(args, settings, sources)
@@ -426,7 +426,7 @@ def _eval_set(spec: str, limit: int | None):
 
 def _sweep(args: argparse.Namespace) -> int:
     from tailor_ui.calibration import calibration_batches
-    from tailor_ui.data import read_examples
+    from tailor_ui.data import read_calibration
     from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers, sweep, sweep_grid
     from tailor_ui.io import atomic_path
     from tailor_ui.methods import REGISTRY
@@ -444,7 +444,7 @@ def _sweep(args: argparse.Namespace) -> int:
                         "pass --calib FILE.jsonl")
     original = [_eval_set(spec, args.limit) for spec in args.original]
     target = [_eval_set(args.target, args.limit)]
-    calib = read_examples(args.calib)[: args.calib_limit] if args.calib else None
+    calib = read_calibration(args.calib)[: args.calib_limit] if args.calib else None
     pair = load_pair(args.base, args.finetuned, **_load_options(args))
     calibration = [calibration_batches(pair.processor, calib)] if calib else None
     bar, update = _progress_bar()
@@ -466,7 +466,7 @@ def _words(text: str) -> list[str]:
 
 
 def _find_settings(args: argparse.Namespace) -> int:
-    from tailor_ui.data import read_examples
+    from tailor_ui.data import read_calibration
     from tailor_ui.evaluation.search import candidate_grid, find_settings, split_examples
     from tailor_ui.evaluation.sweep import parse_numbers
     from tailor_ui.io import atomic_path
@@ -477,7 +477,7 @@ def _find_settings(args: argparse.Namespace) -> int:
     options = {name: _words(getattr(args, name)) for name in ("compensation", "order", "budget", "scope")}
     grid = {"keeps": parse_numbers(args.keep, "--keep"), "alphas": parse_numbers(args.alpha, "--alpha")}
     original = [_eval_set(spec, None) for spec in args.original]  # cut by find_settings, which says so
-    calibration = read_examples(args.calib)[: args.calib_limit]
+    calibration = read_calibration(args.calib)[: args.calib_limit]
     candidate_grid(grid["keeps"], grid["alphas"], options)  # refused before the models load
     split_examples(calibration, args.holdout, args.seed)
     # the base is the working copy; a fine-tuned safetensors folder is read lazily
