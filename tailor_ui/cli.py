@@ -341,9 +341,9 @@ def _tailor(args: argparse.Namespace) -> int:
             bar.close()
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
+            if args.save_model:  # first: its check counts in the report
+                result.report["tensors_checked"] = save_tailored(pair, result.patch, tmp / "model")
             save_run(tmp, result.patch, result.report)
-            if args.save_model:
-                save_tailored(pair, result.patch, tmp / "model")
         report = result.report
     print(f"{settings.method}: {report['patch_entries']:,} entries in the patch "
           f"({100 * report['linear_fraction']:.2f}% of selected linears, "
@@ -379,6 +379,7 @@ def _apply(args: argparse.Namespace) -> int:
     from tailor_ui.io import atomic_path
     from tailor_ui.pair import load_model
     from tailor_ui.patch import apply_patch, load_patch
+    from tailor_ui.service.export import save_model
 
     _check_out_dir(args.out)
     patch = load_patch(args.patch)
@@ -391,8 +392,7 @@ def _apply(args: argparse.Namespace) -> int:
         model, processor = load_model(args.base, **_load_options(args))
         apply_patch(model, patch)
         with atomic_path(args.out) as tmp:
-            model.save_pretrained(tmp, max_shard_size="2GB")
-            processor.save_pretrained(tmp)
+            save_model(model, processor, tmp)
     print(f"applied {patch.num_entries:,} entries -> {args.out}")
     return 0
 
