@@ -176,6 +176,34 @@ def check_same_keys(base: Checkpoint, others: Sequence[Checkpoint], show: int = 
                             "match: " + "; ".join(problems[:show]) + more)
 
 
+def check_saved(base_folder: str | Path, out_folder: str | Path, dtype: torch.dtype | None = None,
+                show: int = 5) -> int:
+    """Every tensor of the base checkpoint is in the saved folder, with its shape and dtype
+    (a floating tensor may be in `dtype`, what an in-memory model was loaded as); headers
+    only. A key the output names otherwise is matched through `key_map`, and a tied copy
+    transformers saves once is not required. Returns the number of tensors checked."""
+    base, out = Checkpoint(base_folder), Checkpoint(out_folder)
+    names = None
+    problems = []
+    for key, want in base.tensors.items():
+        got = out.tensors.get(key)
+        if got is None:
+            names = names or key_map(base.folder, base.keys)
+            if key in names.tied:
+                continue
+            got = out.tensors.get(names.param_of.get(key, key))
+        dtypes = {want.dtype} | ({dtype} if dtype is not None and want.dtype.is_floating_point else set())
+        if got is None:
+            problems.append(f"{key} is missing")
+        elif got.shape != want.shape or got.dtype not in dtypes:
+            problems.append(f"{key} is {got.dtype} {list(got.shape)}, the base's {want.dtype} {list(want.shape)}")
+    if problems:
+        more = f" (and {len(problems) - show} more)" if len(problems) > show else ""
+        raise UserError(f"the saved model does not hold every tensor of the base: "
+                        + "; ".join(problems[:show]) + more)
+    return len(base.tensors)
+
+
 # ------------------------------------------------------------------------------ writing
 
 class ShardedWriter:
@@ -277,6 +305,7 @@ class KeyMap:
     key_of: dict[str, str]  # parameter name -> checkpoint key
     converted: set[str] = field(default_factory=set)  # keys transformers reshapes or fuses
     linears: set[str] = field(default_factory=set)  # weights of nn.Linear, output embedding excluded
+    tied: set[str] = field(default_factory=set)  # keys of a parameter another key already loads
     architecture: str = ""
 
 
@@ -335,6 +364,8 @@ def key_map(folder: str | Path, keys: Sequence[str]) -> KeyMap:
             if name not in out.key_of:
                 out.param_of[key] = name
                 out.key_of[name] = key
+            else:
+                out.tied.add(key)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module is not output:

@@ -340,7 +340,7 @@ def _settings(args: argparse.Namespace, method: str):
 
 def _tailor(args: argparse.Namespace) -> int:
     from tailor_ui.calibration import calibration_batches
-    from tailor_ui.data import read_examples
+    from tailor_ui.data import read_calibration
     from tailor_ui.engine import run_method
     from tailor_ui.io import atomic_path
     from tailor_ui.methods import REGISTRY
@@ -355,7 +355,7 @@ def _tailor(args: argparse.Namespace) -> int:
     if method.needs_calibration and not args.calib:
         raise UserError(f"{method.label} needs target-task calibration data: pass --calib FILE.jsonl")
     _check_out_dir(args.out)
-    examples = [read_examples(path)[: args.calib_limit] for path in args.calib]
+    examples = [read_calibration(path)[: args.calib_limit] for path in args.calib]
     sources = None if method.needs_calibration else _stream_sources(args, [args.base, *args.finetuned])
     if sources is not None:
         report = _tailor_streamed(args, settings, sources)
@@ -371,9 +371,9 @@ def _tailor(args: argparse.Namespace) -> int:
             bar.close()
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
+            if args.save_model:  # first: its check counts in the report
+                result.report["tensors_checked"] = save_tailored(pair, result.patch, tmp / "model")
             save_run(tmp, result.patch, result.report)
-            if args.save_model:
-                save_tailored(pair, result.patch, tmp / "model")
         report = result.report
     print(f"{settings.method}: {report['patch_entries']:,} entries in the patch "
           f"({100 * report['linear_fraction']:.2f}% of selected linears, "
@@ -409,6 +409,7 @@ def _apply(args: argparse.Namespace) -> int:
     from tailor_ui.io import atomic_path
     from tailor_ui.pair import load_model
     from tailor_ui.patch import apply_patch, load_patch
+    from tailor_ui.service.export import save_model
 
     _check_out_dir(args.out)
     patch = load_patch(args.patch)
@@ -421,8 +422,7 @@ def _apply(args: argparse.Namespace) -> int:
         model, processor = load_model(args.base, **_load_options(args))
         apply_patch(model, patch)
         with atomic_path(args.out) as tmp:
-            model.save_pretrained(tmp, max_shard_size="2GB")
-            processor.save_pretrained(tmp)
+            save_model(model, processor, tmp)
     print(f"applied {patch.num_entries:,} entries -> {args.out}")
     return 0
 
@@ -539,7 +539,7 @@ def _eval_set(spec: str, limit: int | None):
 
 def _sweep(args: argparse.Namespace) -> int:
     from tailor_ui.calibration import calibration_batches
-    from tailor_ui.data import read_examples
+    from tailor_ui.data import read_calibration
     from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers, sweep, sweep_grid
     from tailor_ui.io import atomic_path
     from tailor_ui.methods import REGISTRY
@@ -557,7 +557,7 @@ def _sweep(args: argparse.Namespace) -> int:
                         "pass --calib FILE.jsonl")
     original = [_eval_set(spec, args.limit) for spec in args.original]
     target = [_eval_set(args.target, args.limit)]
-    calib = read_examples(args.calib)[: args.calib_limit] if args.calib else None
+    calib = read_calibration(args.calib)[: args.calib_limit] if args.calib else None
     pair = load_pair(args.base, args.finetuned, **_load_options(args))
     calibration = [calibration_batches(pair.processor, calib)] if calib else None
     bar, update = _progress_bar()
@@ -579,7 +579,7 @@ def _words(text: str) -> list[str]:
 
 
 def _find_settings(args: argparse.Namespace) -> int:
-    from tailor_ui.data import read_examples
+    from tailor_ui.data import read_calibration
     from tailor_ui.evaluation.search import candidate_grid, find_settings, split_examples
     from tailor_ui.evaluation.sweep import parse_numbers
     from tailor_ui.io import atomic_path
@@ -590,7 +590,7 @@ def _find_settings(args: argparse.Namespace) -> int:
     options = {name: _words(getattr(args, name)) for name in ("compensation", "order", "budget", "scope")}
     grid = {"keeps": parse_numbers(args.keep, "--keep"), "alphas": parse_numbers(args.alpha, "--alpha")}
     original = [_eval_set(spec, None) for spec in args.original]  # cut by find_settings, which says so
-    calibration = read_examples(args.calib)[: args.calib_limit]
+    calibration = read_calibration(args.calib)[: args.calib_limit]
     candidate_grid(grid["keeps"], grid["alphas"], options)  # refused before the models load
     split_examples(calibration, args.holdout, args.seed)
     # the base is the working copy; a fine-tuned safetensors folder is read lazily

@@ -31,7 +31,15 @@ class Example:
     answers: tuple[str, ...] = field(default_factory=tuple)
 
 
-def read_examples(path: str | Path, *, check_images: bool = True) -> list[Example]:
+def read_calibration(path: str | Path) -> list[Example]:
+    """Examples to calibrate on: each row must give a question or at least one answer (a
+    captioning row has an empty question and reference captions), else its forward would
+    calibrate on the image alone. The one rule every calibration path (CLI, dashboard) uses."""
+    return read_examples(path, calibration=True)
+
+
+def read_examples(path: str | Path, *, check_images: bool = True,
+                  calibration: bool = False) -> list[Example]:
     """Parse and validate a JSONL file; image paths resolve against the file's folder."""
     path = Path(path)
     if not path.is_file():
@@ -44,7 +52,11 @@ def read_examples(path: str | Path, *, check_images: bool = True) -> list[Exampl
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        examples.append(_parse_line(line, lineno, path, check_images))
+        example = _parse_line(line, lineno, path, check_images)
+        if calibration and not (example.question.strip() or any(a.strip() for a in example.answers)):
+            raise UserError(f"{path.name} line {lineno}: a calibration row needs a question or "
+                            "answers (captioning: an empty question and reference captions)")
+        examples.append(example)
     if not examples:
         raise UserError(f"{path.name}: no examples (the file is empty)")
     return examples

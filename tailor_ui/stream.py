@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from tailor_ui.checkpoint import (DEFAULT_SHARD_BYTES, INDEX_NAME, Checkpoint, ShardedWriter,
-                                  KeyMap, check_same_keys, copy_side_files, key_map)
+                                  KeyMap, check_same_keys, check_saved, copy_side_files, key_map)
 from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_progress
 from tailor_ui.engine import patch_metadata
 from tailor_ui.errors import UserError
@@ -112,6 +112,7 @@ class _Job:
     patch: Patch | None
     clock: _Clock = field(default_factory=_Clock)
     tally: _Tally = field(default_factory=_Tally)
+    tensors_checked: int = 0  # tensors of the base found in the written folder
 
     def merge_key(self, key: str) -> torch.Tensor:
         """What the output holds for one checkpoint tensor: its merged value or the base's."""
@@ -210,6 +211,7 @@ def _write(job: _Job, out_dir: str | Path | None, max_shard_bytes: int, progress
         if writer is not None:
             writer.close()
             copied = copy_side_files(job.base.folder, tmp)
+            job.tensors_checked = check_saved(job.base.folder, tmp)
         if job.regex is not None and not job.tally.selected_changed:
             raise UserError(f"no changed linear layer matches {job.settings.modules!r}")
         job.clock.add("write", t0)
@@ -230,6 +232,7 @@ def _report(job: _Job, meter: PeakMemory, files: list[str], seconds: float, base
               "predicted_peak_mb": meter.rss_at_start_mb + bound}
     return {"settings": job.settings.to_dict(), "base": base_id, "finetuned": finetuned_ids,
             "streamed": True, "device": str(job.device), "tensors_total": len(keys),
+            "tensors_checked": job.tensors_checked,
             "selected_linears": tally.selected_changed, "patch_entries": entries,
             "linear_fraction": tally.selected_kept / tally.selected_numel if tally.selected_numel else 0.0,
             "model_fraction": entries / max(numel, 1), "tensors": tally.per_tensor,
@@ -282,9 +285,11 @@ def stream_apply_patch(base_dir: str | Path, patch: Patch, out_dir: str | Path, 
                 writer.write(key, tensor)
             writer.close()
             copied = copy_side_files(base.folder, tmp)
+            checked = check_saved(base.folder, tmp)
     finally:
         base.close()
         meter.stop()
     return {"base": str(base_dir), "patch_entries": patch.num_entries, "streamed": True,
-            "files": _files(writer) + copied, "timings_s": {"total": time.perf_counter() - start},
+            "files": _files(writer) + copied, "tensors_checked": checked,
+            "timings_s": {"total": time.perf_counter() - start},
             "memory": meter.report()}

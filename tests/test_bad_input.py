@@ -179,6 +179,8 @@ SETTINGS_AND_DATA_CASES = [
     Case("malformed-jsonl", lambda p, f: calib(p, f, [row(), "{oops"]), ("calib.jsonl line 2: not valid JSON",)),
     Case("bad-field-after-a-blank-line", lambda p, f: calib(p, f, [row(), "", row(answers="two")]),
          ("calib.jsonl line 3: 'answers' must be a list of strings",)),
+    Case("row-with-neither-question-nor-answers", lambda p, f: calib(p, f, [row(), row(), row(question="", answers=[])]),
+         ("calib.jsonl line 3: a calibration row needs a question or answers",)),
     Case("missing-image", lambda p, f: calib(p, f, [row("img/0.png")], images={"1.png": b""}),
          ("calib.jsonl line 1: image not found: img/0.png",)),
     Case("not-an-image", lambda p, f: calib(p, f, [row("img/0.png")], images={"0.png": b"plain text"}),

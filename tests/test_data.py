@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tailor_ui.data import MAX_IMAGE_PIXELS, read_examples, write_examples
+from tailor_ui.data import MAX_IMAGE_PIXELS, read_calibration, read_examples, write_examples
 from tailor_ui.errors import UserError
 
 
@@ -95,3 +95,15 @@ def test_huge_images_are_refused_without_decoding(folder):
     (folder / "huge.jsonl").write_text('{"image": "huge.png"}\n')
     with pytest.raises(UserError, match="image too large"):
         read_examples(folder / "huge.jsonl")
+
+
+def test_a_calibration_row_needs_a_question_or_answers(folder):
+    path = folder / "calib.jsonl"
+    captioning = {"image": "ok.png", "question": "", "answers": ["a red square"]}
+    vqa = {"image": "ok.png", "question": "what colour?", "answers": []}
+    write_examples(path, [captioning, vqa])
+    assert [e.answers for e in read_calibration(path)] == [("a red square",), ()]
+    path.write_text(json.dumps(vqa) + "\n\n" + json.dumps({"image": "ok.png", "question": " ", "answers": [""]}) + "\n")
+    with pytest.raises(UserError, match="calib.jsonl line 3: a calibration row needs a question or answers"):
+        read_calibration(path)
+    assert len(read_examples(path)) == 2  # evaluation data may hold such rows: they score nothing

@@ -396,6 +396,10 @@ def test_export_patch_report_and_model(app, tmp_path):
         names = set(archive.namelist())
         archive.extractall(tmp_path)
     assert {"tailored-model/config.json", "tailored-model/model.safetensors"} <= names
+    saved = json.loads((tmp_path / "tailored-model" / "tailor_report.json").read_text())
+    from tailor_ui.checkpoint import Checkpoint
+
+    assert saved["tensors_checked"] == len(Checkpoint(tmp_path / "tailored-model").tensors) > 0
     from transformers import AutoModelForImageTextToText
 
     tailored = AutoModelForImageTextToText.from_pretrained(tmp_path / "tailored-model")

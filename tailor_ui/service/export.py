@@ -13,13 +13,43 @@ from tailor_ui.service.tailor import jsonable
 from tailor_ui.session import TailorRun
 
 
-def save_tailored(pair, patch, folder: Path) -> None:
-    """The base with the patch written in, saved with the processor; the base is reverted."""
+def save_tailored(pair, patch, folder: Path) -> int | None:
+    """The base with the patch written in, saved with the processor; the base is reverted.
+    Returns the number of base tensors found in the saved folder (see `save_model`)."""
     from tailor_ui.patch import applied
 
     with applied(pair.base, patch) as model:
-        model.save_pretrained(folder, max_shard_size="2GB")
-    pair.processor.save_pretrained(folder)
+        return save_model(model, pair.processor, folder)
+
+
+def save_model(model, processor, folder: Path) -> int | None:
+    """save_pretrained (model and processor), then check the folder holds every tensor of
+    the checkpoint the model was loaded from (a `UserError` names what is missing). Returns
+    the number of tensors checked; None where that checkpoint is no local safetensors folder."""
+    from tailor_ui.checkpoint import check_saved
+
+    model.save_pretrained(folder, max_shard_size="2GB")
+    processor.save_pretrained(folder)
+    base = checkpoint_folder(str(getattr(model.config, "_name_or_path", "")))
+    return check_saved(base, folder, dtype=model.dtype) if base is not None else None
+
+
+def checkpoint_folder(source: str) -> Path | None:
+    """The local safetensors folder a model was loaded from: the folder itself, or the hub
+    cache's snapshot of a repository id; None where there is none."""
+    from tailor_ui.checkpoint import INDEX_NAME, SINGLE_NAME
+
+    path = Path(source) if source else None
+    if path is not None and not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(source, local_files_only=True))
+        except Exception:  # not an id, or not cached: nothing on disk to compare with
+            return None
+    if path is None or not ((path / SINGLE_NAME).is_file() or (path / INDEX_NAME).is_file()):
+        return None
+    return path
 
 
 def model_zip(run: TailorRun, progress: Progress, should_stop: StopCheck) -> Path | None:
@@ -33,9 +63,9 @@ def model_zip(run: TailorRun, progress: Progress, should_stop: StopCheck) -> Pat
         model_dir = Path(scratch)
         progress("writing the tailored model", 0, 2)
         with handle.lock:  # the shared base holds the patch while it is written
-            save_tailored(handle.pair, run.get_patch(), model_dir)
+            checked = save_tailored(handle.pair, run.get_patch(), model_dir)
         (model_dir / "tailor_report.json").write_text(
-            json.dumps(jsonable(run.report), indent=2), encoding="utf-8")
+            json.dumps(jsonable({**run.report, "tensors_checked": checked}), indent=2), encoding="utf-8")
         if should_stop():
             return None
         progress("zipping", 1, 2)

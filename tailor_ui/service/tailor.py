@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from tailor_ui.control import Progress, StopCheck
-from tailor_ui.data import Example, import_examples, read_examples
+from tailor_ui.data import Example, import_examples, read_calibration
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
 from tailor_ui.session import PairHandle, Session, TailorRun
@@ -34,7 +34,7 @@ def calibration_examples(session: Session, handle: PairHandle, source: str,
         folder = session.new_dir(f"calibration-{digest(files)}")
         try:
             path = import_examples(files, folder, max_bytes)
-            examples = read_examples(path)[:n]
+            examples = read_calibration(path)[:n]
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)  # a refused upload leaves nothing behind
             raise
