@@ -199,7 +199,7 @@ def check_saved(base_folder: str | Path, out_folder: str | Path, dtype: torch.dt
             problems.append(f"{key} is {got.dtype} {list(got.shape)}, the base's {want.dtype} {list(want.shape)}")
     if problems:
         more = f" (and {len(problems) - show} more)" if len(problems) > show else ""
-        raise UserError(f"the saved model does not hold every tensor of the base: "
+        raise UserError("the saved model does not hold every tensor of the base: "
                         + "; ".join(problems[:show]) + more)
     return len(base.tensors)
 
