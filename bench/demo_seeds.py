@@ -12,6 +12,7 @@ Run from the repository root:
 
 from __future__ import annotations
 
+import itertools
 import sys
 import tempfile
 from pathlib import Path
@@ -41,10 +42,28 @@ def calibration(story: str, seed: int, n: int, folder: Path) -> list[Example]:
     return out
 
 
+def _grid(keeps: str, options: dict[str, list[str]]) -> list:
+    """Model Tailor at each keep with every valid combination of the options."""
+    from tailor_ui.errors import UserError
+
+    grid = []
+    for combo in itertools.product(*options.values()):
+        try:
+            grid += sweep_grid(["tailor"], {"keep": [float(k) for k in keeps.split(",")], "alpha": [0.8]},
+                               calibrated={"hessians": ["sequential"],
+                                           **{k: [v] for k, v in zip(options, combo)}})
+        except UserError:  # e.g. SparseGPT's order with exact compensation
+            continue
+    return grid
+
+
 def main() -> None:
     ap = story_parser(__doc__)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--keep", default="0.02,0.05,0.1")
+    ap.add_argument("--compensation", default="greedy,exact")
+    ap.add_argument("--order", default="mask-first", help="mask-first,sparsegpt (greedy only)")
+    ap.add_argument("--budget", default="uniform", help="uniform,per-layer")
     ap.add_argument("--n", type=int, default=128, help="calibration examples per seed")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -52,8 +71,8 @@ def main() -> None:
     original = [EvalSet(name, name, read_examples(DEMO_DIR / f"{name}_eval.jsonl"))
                 for name in ("caption", "vqa")]
     target = [EvalSet("target", "vqa", read_examples(folder / "target_eval.jsonl"))]
-    grid = sweep_grid(["tailor"], {"keep": [float(k) for k in args.keep.split(",")], "alpha": [0.8]},
-                      calibrated={"compensation": ["greedy", "exact"], "hessians": ["sequential"]})
+    options = {k: getattr(args, k).split(",") for k in ("compensation", "order", "budget")}
+    grid = _grid(args.keep, options)
     tables = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(s) for s in args.seeds.split(",")):
