@@ -168,6 +168,7 @@ class Studio:
             return self.demo
         with self._stories_lock:  # a few MB, loaded once and shared like the default
             if story not in self.stories:
+                gpu.emulate_cuda()  # ZeroGPU: this web-server thread puts "cuda" models in host memory
                 self.stories[story] = pairs.load_demo_handle(self.config.demo_dir, self.demo_device,
                                                              self.demo.lane, story)
             return self.stories[story]
