@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -47,6 +47,7 @@ from tailor_ui.methods import REGISTRY
 from tailor_ui.pair import Pair
 from tailor_ui.patch import applied, changed_entries
 from tailor_ui.settings import Settings
+from tailor_ui.weights import read_param
 
 # The λ a sweep may try (WiSE-FT, task arithmetic): beyond 1 extrapolates past the fine-tuned model
 LAMBDA_RANGE = (0.0, 2.0)
@@ -89,23 +90,21 @@ def h_score(original: float, target: float) -> float:
     return 2 * original * target / total if total > 0 else 0.0
 
 
-def changed_fraction(base: torch.nn.Module, other: torch.nn.Module) -> float:
-    """Entries of `other` that differ from `base` (bitwise), over all parameters."""
-    theirs = dict(other.named_parameters())
-    changed = total = 0
-    with torch.no_grad():
-        for name, p in base.named_parameters():
-            changed += changed_entries(p, theirs[name]).numel()
-            total += p.numel()
-    return changed / total
+def changed_fraction(base: torch.nn.Module, value_of: Callable[[str], torch.Tensor],
+                     names: Iterable[str] | None = None) -> float:
+    """Entries that differ from `base` (bitwise), over all its parameters: `value_of(name)`
+    gives the other model's value; `names` limits the look to the tensors that can differ."""
+    params = dict(base.named_parameters())
+    with torch.no_grad():  # read_param: accelerate-offloaded parameters too
+        changed = sum(changed_entries(read_param(base, n).cpu(), value_of(n).cpu()).numel()
+                      for n in (params if names is None else names))
+    return changed / sum(p.numel() for p in params.values())
 
 
 def finetuned_fraction(pair: Pair, k: int) -> float:
     """`changed_fraction` of fine-tuned model k, loaded or read lazily tensor by tensor."""
     cpu = torch.device("cpu")
-    changed = sum(changed_entries(pair.base_value(n).to(cpu), pair.finetuned_value(k, n, cpu)).numel()
-                  for n in pair.changed())
-    return changed / sum(p.numel() for p in pair.base.parameters())
+    return changed_fraction(pair.base, lambda n: pair.finetuned_value(k, n, cpu), pair.changed())
 
 
 class _Evaluator:

@@ -112,7 +112,7 @@ def trained_rows(handle: PairHandle, table: pd.DataFrame, plan: SweepPlan, progr
         rows.append({"kind": "trained", "setting": name, "keep": None, "alpha": None, "lam": None,
                      "method": ("tailor-ft" if name.startswith("Model Tailor on ")
                                 else FINETUNE_METHOD_NAMES.get(method, method)),
-                     "patch_fraction": changed_fraction(handle.pair.base, model),
+                     "patch_fraction": changed_fraction(handle.pair.base, model.get_parameter),
                      "linear_fraction": None, "seconds": math.nan,
                      **{score_column(k): r.score for k, r in results.items()},
                      "eval_seconds": sum(r.seconds for r in results.values())})
