@@ -10,8 +10,9 @@ FROM python:3.11-slim
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
-# torch first, from the chosen index; requirements.txt then finds it installed
-RUN pip install --index-url "$TORCH_INDEX" "torch>=2.4"
+# torch and its paired torchvision first, from the chosen index (PyPI's torchvision does not
+# load beside a CPU torch); requirements.txt then finds both installed
+RUN pip install --index-url "$TORCH_INDEX" "torch>=2.4" torchvision
 COPY requirements.txt /tmp/requirements.txt
 RUN pip install -r /tmp/requirements.txt
 

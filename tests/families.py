@@ -17,8 +17,8 @@ offline, in well under a second per model.
 - `finetuned`: regex (re.search on parameter names) of what a fine-tuning of this family
   changes: the last language-decoder layer, or for InstructBLIP the last Q-Former layer
   (the part InstructBLIP fine-tunes and METHODS.md §1 tailors). Use with `finetune_like`.
-- `processor()`: a processor matching the model's token ids and image geometry, or None
-  where none can be built here (`processor_blocker` says why).
+- `processor()`: the family's real processor, matching the model's token ids and image
+  geometry.
 
 All families share one tiny word-level vocabulary (`VOCAB`), so token ids in configs,
 processors and synthetic batches agree.
@@ -229,11 +229,18 @@ def qwen2_vl_batches(config: Any, n: int = 2, *, batch_size: int = 2, seed: int 
     return out
 
 
-# The processor cannot be built (nor loaded from a complete checkpoint) without torchvision.
-QWEN2_VL_PROCESSOR_BLOCKER = (
-    "Qwen2VLProcessor has a video processor (Qwen2VLVideoProcessor) that requires torchvision, "
-    "which is not installed: constructing the processor fails inside transformers and "
-    "AutoProcessor.from_pretrained raises ImportError")
+def qwen2_vl_processor() -> Any:
+    """Qwen2-VL's own processor at the tiny model's geometry: patch 4, merge 2, and a pixel
+    budget that keeps small images at a few patches (its video processor needs torchvision)."""
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    geometry = dict(patch_size=PATCH, merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL_PATCH)
+    images = Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=256, **geometry)
+    videos = Qwen2VLVideoProcessor(min_pixels=64, max_pixels=256, **geometry)
+    return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer(), video_processor=videos,
+                            chat_template=chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
 
 
 # ------------------------------------------------------------------------- InstructBLIP
@@ -381,16 +388,14 @@ class Family:
     build: Callable[..., torch.nn.Module]
     batches: Callable[..., list[Batch]]
     finetuned: str
-    processor: Callable[[], Any] | None = None
-    processor_blocker: str | None = None
+    processor: Callable[[], Any]
 
 
 FAMILIES: dict[str, Family] = {
     "llava": Family(build=build_llava, batches=llava_batches,
                     finetuned=r"^model\.language_model\.layers\.1\.", processor=llava_processor),
     "qwen2_vl": Family(build=build_qwen2_vl, batches=qwen2_vl_batches,
-                       finetuned=r"^model\.language_model\.layers\.1\.",
-                       processor_blocker=QWEN2_VL_PROCESSOR_BLOCKER),
+                       finetuned=r"^model\.language_model\.layers\.1\.", processor=qwen2_vl_processor),
     "instructblip": Family(build=build_instructblip, batches=instructblip_batches,
                            finetuned=r"^qformer\.encoder\.layer\.1\.", processor=instructblip_processor),
     "blip2": Family(build=build_blip2, batches=blip2_batches,
