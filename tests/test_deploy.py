@@ -60,6 +60,9 @@ def test_dockerfile_runs_as_uid_1000_on_port_7860():
     assert "/healthz" in found["HEALTHCHECK"][0]
     # the default build is the CPU wheel of torch; a CUDA index is one build argument away
     assert found["ARG"] == ["TORCH_INDEX=https://download.pytorch.org/whl/cpu"]
+    # torchvision (Qwen2-VL's processor) comes from torch's own index, paired with that build
+    assert any('--index-url "$TORCH_INDEX"' in run and "torch>=2.4" in run and "torchvision" in run
+               for run in found["RUN"])
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".git" in ignored and "test-output" in ignored
 
