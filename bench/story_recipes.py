@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -25,7 +26,8 @@ from story import open_story, story_parser  # noqa: E402
 from tailor_ui.calibration import calibration_batches  # noqa: E402
 from tailor_ui.data import read_examples  # noqa: E402
 from tailor_ui.demo import world  # noqa: E402
-from tailor_ui.demo.build import TRAIN_STREAM, Story, _finetune  # noqa: E402
+from tailor_ui.demo.build import TRAIN_STREAM, Story, _finetune, _finetuned_layer_names, _train  # noqa: E402
+from tailor_ui.training.finetune import encode_epoch  # noqa: E402
 from tailor_ui.demo.sets import DEMO_DIR, STORIES  # noqa: E402
 from tailor_ui.evaluation.evaluate import EvalSet  # noqa: E402
 from tailor_ui.evaluation.sweep import score_column, sweep, sweep_grid  # noqa: E402
@@ -59,10 +61,26 @@ def front_gap(table: pd.DataFrame, target: EvalSet, floor: float = 0.8, slack: f
     return gaps
 
 
+def lora_finetune(model, processor, story: Story, samples, layers: int, rank: int, seed: int) -> None:
+    """The story's fine-tune as a LoRA of rank `rank` (α = 2r) on every linear of the last
+    half of the decoder, merged into `model` afterwards."""
+    from peft import LoraConfig, get_peft_model
+
+    tuned = _finetuned_layer_names(layers)
+    targets = [n for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and tuned.search(n)]
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    batches = list(encode_epoch(processor, samples, story.batch, np.random.default_rng(seed)))
+    _train(peft_model, batches, lambda name: "lora_" in name, lr=story.lr, epochs=story.epochs,
+           weight_decay=0.0, warmup_steps=story.warmup, progress=print)
+    peft_model.merge_and_unload()
+
+
 def main() -> None:
     ap = story_parser(__doc__)
     ap.add_argument("--recipes", required=True,
-                    help="comma-separated examples:epochs:lr:batch, e.g. 1200:1:1e-3:8")
+                    help="comma-separated examples:epochs:lr:batch[:LoRA rank], e.g. 1200:1:1e-3:8")
     ap.add_argument("--keep", default="0.02,0.05,0.1,0.2")
     ap.add_argument("--lam", default="0.25,0.5,0.75")
     ap.add_argument("--seed", type=int, default=0)
@@ -78,12 +96,15 @@ def main() -> None:
     layers = base.config.text_config.num_hidden_layers
     tables = []
     for text in args.recipes.split(","):
-        examples, epochs, lr, batch = text.split(":")
+        examples, epochs, lr, batch, *lora = text.split(":")
         story = Story(args.story, examples=int(examples), epochs=int(epochs), lr=float(lr),
                       batch=int(batch), warmup=20)
         tuned = copy.deepcopy(base)
         samples = world.generate(STORIES[args.story].task, story.examples, args.seed, TRAIN_STREAM)
-        _finetune(tuned, processor, story, samples, layers, np.random.default_rng(args.seed), print)
+        if lora:
+            lora_finetune(tuned, processor, story, samples, layers, int(lora[0]), args.seed)
+        else:
+            _finetune(tuned, processor, story, samples, layers, np.random.default_rng(args.seed), print)
         pair = Pair(base=base, finetuned=[tuned.eval()], processor=processor,
                     base_id="demo/base", finetuned_ids=[f"recipe {text}"])
         table = sweep(pair, settings, original, target, [batches], batch_size=50,
