@@ -110,8 +110,7 @@ def check_local_pair(base: str, finetuned: list[str], *, allowed_roots: list[Pat
     model has the base's model type and, for the checkpoint keys both hold, its tensor
     shapes. Hub ids are checked when they are loaded."""
     sources = [resolve_source(s, allowed_roots=allowed_roots) for s in [base, *finetuned]]
-    if Path(sources[0]).is_dir() and not (Path(sources[0]) / "config.json").is_file():
-        raise UserError(f"{base} is an adapter, not a model: give it as the fine-tuned model, on its base")
+    _refuse_adapter(sources[0], base)
     adapters = [adapter_folder(s) for s in sources[1:]]
     for source, adapter in zip(sources, [None, *adapters]):
         if adapter is None:
@@ -127,6 +126,12 @@ def check_local_pair(base: str, finetuned: list[str], *, allowed_roots: list[Pat
         # (checkpoints saved by different transformers versions): check_match sees it after loading
         check_shapes({k: v for k, v in base_shapes.items() if k in shapes},
                      {k: v for k, v in shapes.items() if k in base_shapes})
+
+
+def _refuse_adapter(source: str, spec: str) -> None:
+    """Where a whole model is needed (the base, `eval --model`), an adapter is not one."""
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise UserError(f"{spec} is a PEFT adapter, not a model: give it as the fine-tuned model, on its base")
 
 
 def _check_adapter(folder: Path, spec: str, base_source: str) -> None:
@@ -223,6 +228,7 @@ def load_model(spec: str, *, dtype: str = "float32", device: Device = "cpu",
         raise UserError("device cuda was asked for but no GPU is available")
     if device not in ("cpu", "cuda", "auto"):
         raise UserError(f"unknown device {device!r}; choose cpu, cuda or auto")
+    _refuse_adapter(source, spec)
     _check_weight_format(source, allow_pickle)
     device_map: Any = "auto" if device == "auto" else {"": device}
     try:

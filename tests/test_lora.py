@@ -193,6 +193,7 @@ def test_low_rank_fit_pads_a_matrix_smaller_than_the_rank():
 
 
 def _one_line_error(capsys, args: list[str]) -> str:
+    capsys.readouterr()  # what building the test's models printed
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
@@ -225,7 +226,20 @@ def test_a_mismatched_adapter_is_one_line_error(disk_pair, adapters, tmp_path, c
     assert "DoRA" in err
     # an adapter given as the base
     err = _one_line_error(capsys, [*run, "--finetuned", str(disk_pair / "ft"), "--base", str(dora)])
-    assert "is an adapter, not a model" in err
+    assert "is a PEFT adapter, not a model" in err
+    err = _one_line_error(capsys, ["eval", "--model", str(dora), "--data", str(disk_pair / "calib.jsonl"),
+                                   "--task", "vqa", "--out", str(tmp_path / "e.json")])
+    assert "is a PEFT adapter, not a model" in err
+
+
+def test_inspect_lists_what_the_adapter_changed(disk_pair, adapters, capsys):
+    assert main(["inspect", "--base", str(disk_pair / "base"), "--finetuned", str(adapters["rslora"]),
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    base = dict(AutoModelForImageTextToText.from_pretrained(disk_pair / "base").named_parameters())
+    expected = peft_merged(disk_pair / "base", adapters["rslora"])
+    assert {r["name"] for r in rows if r["changed"]} == {n for n, v in expected.items()
+                                                         if not torch.equal(v, base[n])}
 
 
 def test_a_hub_id_is_found_as_an_adapter_in_the_offline_cache(disk_pair, adapters, tmp_path, monkeypatch):
