@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText
 
+from conftest import DEMO
 from families import build_llava, build_qwen2_vl
 from tailor_ui.adapter import adapter_folder
 from tailor_ui.adapter_fit import fit_from_checkpoint, low_rank_fit
@@ -280,3 +281,29 @@ def test_the_dashboards_pair_loader_takes_an_adapter(disk_pair, adapters, model_
     expected = peft_merged(disk_pair / "base", adapters["patterns"])
     base = dict(handle.pair.base.named_parameters())
     assert changed == {n for n, v in expected.items() if not torch.equal(v, base[n])}
+
+
+def test_the_export_tab_zips_the_patch_as_an_adapter(studio, tmp_path):
+    import zipfile
+
+    from tailor_ui.jobs import DONE
+    from tailor_ui.service.config import default_settings
+    from tailor_ui.service.export import ADAPTER_RANK
+
+    session = studio.session("lora-export")
+    job = studio.submit_tailor(session, default_settings(keep=0.05), calib_examples=32)
+    assert studio.runner.wait(job.id, session.id, 120).status == DONE
+    studio.sync(session, "tailor")
+    zipped = studio.export(session, job.id, "adapter")
+    zipfile.ZipFile(zipped).extractall(tmp_path)
+    folder = tmp_path / "tailored-adapter"
+    fit = json.loads((folder / "adapter_fit.json").read_text())
+    assert fit["rank"] == ADAPTER_RANK and 0 < fit["relative_error"] < 1 and fit["low_rank_tensors"] > 0
+    patch = load_patch(session.run(job.id).patch_file)
+    base_folder = DEMO / "base"
+    merged = peft_merged(base_folder, folder)
+    base = {n: p.detach() for n, p in AutoModelForImageTextToText.from_pretrained(base_folder).named_parameters()}
+    for name, error in fit["tensors"].items():  # peft's merge is base + the fitted delta
+        delta = _tailored(base[name], patch.tensors[name]) - base[name]
+        assert float((merged[name] - base[name] - delta).norm() / delta.norm()) == pytest.approx(error, rel=1e-3)
+    studio.end_session(session.id)
