@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target-task JSONL (one per --finetuned)")
     _merge_options(p)
     p.add_argument("--save-model", action="store_true", help="also write DIR/model/")
+    p.add_argument("--adapter-out", type=Path, default=None, metavar="DIR",
+                   help="also write the tailored delta as a PEFT LoRA adapter (a rank --adapter-rank "
+                        "SVD fit per changed linear; its error goes in report.json)")
+    p.add_argument("--adapter-rank", type=int, default=16, help="rank of --adapter-out's fit")
     _in_memory_option(p)
     _model_options(p)
 
@@ -355,6 +359,7 @@ def _tailor(args: argparse.Namespace) -> int:
     if method.needs_calibration and not args.calib:
         raise UserError(f"{method.label} needs target-task calibration data: pass --calib FILE.jsonl")
     _check_out_dir(args.out)
+    _check_adapter_out(args)
     examples = [read_calibration(path)[: args.calib_limit] for path in args.calib]
     sources = None if method.needs_calibration else _stream_sources(args, [args.base, *args.finetuned])
     if sources is not None:
@@ -373,13 +378,44 @@ def _tailor(args: argparse.Namespace) -> int:
             tmp.mkdir()
             if args.save_model:  # first: its check counts in the report
                 result.report["tensors_checked"] = save_tailored(pair, result.patch, tmp / "model")
+            _write_adapter(args, result.patch, result.report, pair=pair)
             save_run(tmp, result.patch, result.report)
         report = result.report
     print(f"{settings.method}: {report['patch_entries']:,} entries in the patch "
           f"({100 * report['linear_fraction']:.2f}% of selected linears, "
           f"{100 * report['model_fraction']:.2f}% of the model) in "
           f"{report['timings_s']['total']:.1f}s -> {args.out}")
+    if "adapter" in report:
+        fit = report["adapter"]
+        print(f"adapter: rank {fit['rank']} fit of {fit['low_rank_tensors']} linears, relative error "
+              f"{fit['relative_error']:.4f} ({len(fit['modules_saved_whole'])} modules saved whole) "
+              f"-> {args.adapter_out}")
     return 0
+
+
+def _check_adapter_out(args: argparse.Namespace) -> None:
+    out = args.adapter_out
+    if out is None:
+        return
+    if args.adapter_rank < 1:
+        raise UserError("--adapter-rank must be positive")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "adapter_config.json").exists())):
+        raise UserError(f"{out} exists and is not an earlier adapter: choose a new or empty folder")
+
+
+def _write_adapter(args: argparse.Namespace, patch, report: dict, *, pair=None,
+                   base_folder: str | None = None) -> None:
+    """--adapter-out: the patch as a LoRA adapter on the base; the fit goes in the report."""
+    from tailor_ui.adapter_fit import fit_from_checkpoint, fit_from_model
+
+    if args.adapter_out is None:
+        return
+    if pair is not None:
+        report["adapter"] = fit_from_model(patch, pair.base, pair.base_value, args.adapter_rank,
+                                           args.adapter_out, base_id=args.base)
+    else:
+        report["adapter"] = fit_from_checkpoint(patch, base_folder, args.adapter_rank, args.adapter_out,
+                                                base_id=args.base)
 
 
 def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> dict:
@@ -399,6 +435,7 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
                                   tmp / "model" if args.save_model else None, _stream_device(args.device),
                                   patch=patch, progress=update)
             patch.metadata.update(base=args.base, finetuned=args.finetuned)  # as the user named them
+            _write_adapter(args, patch, report, base_folder=sources[0])
             save_run(tmp, patch, report)
     finally:
         bar.close()

@@ -13,7 +13,9 @@ import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
 
-from tailor_ui.checkpoint import Checkpoint, LazyWeights, check_shapes
+from tailor_ui.adapter import (ADAPTER_CONFIG, AdapterWeights, adapter_folder, checkpoint_shapes,
+                               merge_into, read_adapter)
+from tailor_ui.checkpoint import Checkpoint, LazyWeights, check_shapes, key_map
 from tailor_ui.control import Progress, no_progress
 from tailor_ui.errors import UserError
 from tailor_ui.names import component, layer_index, module_kind
@@ -42,7 +44,7 @@ def resolve_source(spec: str, *, allowed_roots: list[Path] | None = None) -> str
         if allowed_roots is not None and not spec.startswith(("/", ".", "~")):
             under = next((r / spec for r in allowed_roots  # never a probe outside a root ("../")
                           if (r / spec).resolve().is_relative_to(r.resolve())
-                          and (r / spec / "config.json").is_file()), None)
+                          and _is_model_folder(r / spec)), None)
             spec = str(under) if under is not None else spec
         looks_local = spec.startswith(("/", ".", "~")) or (
             allowed_roots is None and Path(spec).expanduser().exists())
@@ -52,14 +54,20 @@ def resolve_source(spec: str, *, allowed_roots: list[Path] | None = None) -> str
                 raise UserError(f"{shown}: local folders outside the allowed folders are not accepted")
             if not path.is_dir():
                 raise UserError(f"{shown}: no such model folder")
-            if not (path / "config.json").is_file():
-                raise UserError(f"{shown}: not a model folder (no config.json)")
+            if not _is_model_folder(path):
+                raise UserError(f"{shown}: not a model folder (no config.json) nor an adapter "
+                                f"({ADAPTER_CONFIG})")
             return str(path)
     except (OSError, RuntimeError) as exc:  # a name too long for the file system, an unknown ~user
         raise UserError(f"{shown}: not a usable folder name ({getattr(exc, 'strerror', None) or exc})") from None
     if not _HUB_ID.match(spec):
         raise UserError(f"{shown!r} is neither an existing folder nor a hub id of the form owner/name")
     return spec
+
+
+def _is_model_folder(path: Path) -> bool:
+    """A model folder, or a PEFT adapter folder (applied to the base, `tailor_ui.adapter`)."""
+    return (path / "config.json").is_file() or (path / ADAPTER_CONFIG).is_file()
 
 
 def has_safetensors(source: str) -> bool:
@@ -102,16 +110,38 @@ def check_local_pair(base: str, finetuned: list[str], *, allowed_roots: list[Pat
     model has the base's model type and, for the checkpoint keys both hold, its tensor
     shapes. Hub ids are checked when they are loaded."""
     sources = [resolve_source(s, allowed_roots=allowed_roots) for s in [base, *finetuned]]
-    for source in sources:
-        _check_weight_format(source, allow_pickle)
+    _refuse_adapter(sources[0], base)
+    adapters = [adapter_folder(s) for s in sources[1:]]
+    for source, adapter in zip(sources, [None, *adapters]):
+        if adapter is None:
+            _check_weight_format(source, allow_pickle)
     base_type, base_shapes = _checkpoint_info(sources[0])
-    for source in sources[1:]:
+    for source, adapter, spec in zip(sources[1:], adapters, finetuned):
+        if adapter is not None:
+            _check_adapter(adapter, spec, sources[0])
+            continue
         model_type, shapes = _checkpoint_info(source)
         check_same_architecture(base_type, model_type)
         # a key only one checkpoint holds may be another spelling of the same parameter
         # (checkpoints saved by different transformers versions): check_match sees it after loading
         check_shapes({k: v for k, v in base_shapes.items() if k in shapes},
                      {k: v for k, v in shapes.items() if k in base_shapes})
+
+
+def _refuse_adapter(source: str, spec: str) -> None:
+    """Where a whole model is needed (the base, `eval --model`), an adapter is not one."""
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise UserError(f"{spec} is a PEFT adapter, not a model: give it as the fine-tuned model, on its base")
+
+
+def _check_adapter(folder: Path, spec: str, base_source: str) -> None:
+    """An adapter fits a local base: its modules exist there with its shapes (a hub base:
+    when it is loaded)."""
+    if not has_safetensors(base_source):
+        return
+    with Checkpoint(base_source) as checkpoint:
+        shapes = checkpoint_shapes(checkpoint, key_map(base_source, checkpoint.keys))
+    read_adapter(folder, spec, shapes, Path(base_source).name, base_source)
 
 
 def check_same_architecture(base: str | None, finetuned: str | None) -> None:
@@ -198,6 +228,7 @@ def load_model(spec: str, *, dtype: str = "float32", device: Device = "cpu",
         raise UserError("device cuda was asked for but no GPU is available")
     if device not in ("cpu", "cuda", "auto"):
         raise UserError(f"unknown device {device!r}; choose cpu, cuda or auto")
+    _refuse_adapter(source, spec)
     _check_weight_format(source, allow_pickle)
     device_map: Any = "auto" if device == "auto" else {"": device}
     try:
@@ -272,7 +303,9 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
 
     `lazy`: a fine-tuned model in a local folder with safetensors weights is not loaded but
     read tensor by tensor when the engine needs it (`tailor_ui.checkpoint.LazyWeights`); others
-    (hub ids, pickle checkpoints) are loaded as usual. `progress` hears of each model
+    (hub ids, pickle checkpoints) are loaded as usual. A PEFT adapter (a folder or hub id
+    with adapter_config.json) is a fine-tuned model too: the base with the adapter merged,
+    per tensor when lazy (`tailor_ui.adapter`). `progress` hears of each model
     (2 + one step per fine-tuned model). `before_loading` runs once every model's config has
     been read (a hub id: config.json only), so a model that cannot be reached or is of
     another architecture is refused before it runs (the dashboard lets go of a visitor's
@@ -285,18 +318,23 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
     roots = load_options.get("allowed_roots")
     report("reading the models' configs", 0, 2 + len(specs))
     check_local_pair(base, specs, allowed_roots=roots, allow_pickle=load_options.get("allow_pickle", False))
+    adapters = {spec: adapter_folder(resolve_source(spec, allowed_roots=roots)) for spec in specs}
     if before_loading is not None:
         trust = load_options.get("trust_remote_code", False)
         base_type = model_type(base, trust_remote_code=trust, allowed_roots=roots)
         for spec in specs:
-            check_same_architecture(base_type, model_type(spec, trust_remote_code=trust,
-                                                          allowed_roots=roots))
+            if adapters[spec] is None:  # an adapter has no model type: its shapes were checked
+                check_same_architecture(base_type, model_type(spec, trust_remote_code=trust,
+                                                              allowed_roots=roots))
         before_loading()
     report(f"loading the base model {base}", 1, 2 + len(specs))
     base_model, processor = load_model(base, **load_options)
     tuned = []
     for i, spec in enumerate(specs, start=2):
         report(f"loading the fine-tuned model {spec}", i, 2 + len(specs))
+        if adapters[spec] is not None:
+            tuned.append(_adapter_model(adapters[spec], spec, base, base_model, lazy, load_options))
+            continue
         source = resolve_source(spec, allowed_roots=roots) if lazy else ""
         if lazy and has_safetensors(source):
             tuned.append(LazyWeights(source, base_model))
@@ -306,6 +344,21 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
         tuned.append(model)
     return Pair(base=base_model, finetuned=tuned, processor=processor,
                 base_id=base, finetuned_ids=specs)
+
+
+def _adapter_model(folder: Path, spec: str, base: str, base_model: torch.nn.Module, lazy: bool,
+                   load_options: dict[str, Any]) -> Any:
+    """A fine-tuned model given as an adapter on the base: read lazily from the base's
+    checkpoint with the adapter merged per tensor, or the base loaded once more with the
+    adapter merged in (a hub base, or not lazy)."""
+    base_source = resolve_source(base, allowed_roots=load_options.get("allowed_roots"))
+    shapes = {n: tuple(p.shape) for n, p in base_model.named_parameters()}
+    adapter = read_adapter(folder, spec, shapes, base, base_source)
+    if lazy and has_safetensors(base_source):
+        return AdapterWeights(adapter, base_source, base_model)
+    model, _ = load_model(base, **load_options)
+    merge_into(model, adapter)
+    return model
 
 
 def check_match(base: torch.nn.Module, finetuned: torch.nn.Module, show: int = 5) -> None:

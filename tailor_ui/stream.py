@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from tailor_ui.adapter import open_finetuned
 from tailor_ui.checkpoint import (DEFAULT_SHARD_BYTES, INDEX_NAME, Checkpoint, ShardedWriter,
                                   KeyMap, check_same_keys, check_saved, copy_side_files, key_map)
 from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_progress
@@ -177,9 +178,9 @@ def _open(base_dir: str | Path, dirs: Sequence[str | Path], settings: Settings, 
           chunk_elems: int, patch: Patch | None) -> _Job:
     """Open the checkpoints and check that their tensors can be merged name by name."""
     base = Checkpoint(base_dir)
-    tuned = [Checkpoint(d) for d in dirs]
-    check_same_keys(base, tuned)
     names = key_map(base.folder, base.keys)
+    tuned = [open_finetuned(d, base, names) for d in dirs]  # a model folder, or an adapter on the base
+    check_same_keys(base, tuned)
     bad = [k for k in names.converted if any(not _same_bytes(base, t, k) for t in tuned)]
     if bad:
         raise UserError(f"transformers converts {bad[0]} when loading (not a 1:1 tensor), and the "

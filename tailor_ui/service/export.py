@@ -55,20 +55,48 @@ def checkpoint_folder(source: str) -> Path | None:
 def model_zip(run: TailorRun, progress: Progress, should_stop: StopCheck) -> Path | None:
     """tailored-model.zip beside the run's patch: model, processor and report (None when
     stopped before zipping)."""
-    handle = run.handle
-    folder = run.patch_file.parent
-    target = folder / "tailored-model.zip"
-    # the folder is only the zip's source: a scratch folder, gone however the job ends
-    with tempfile.TemporaryDirectory(prefix=".model-", dir=folder) as scratch:
-        model_dir = Path(scratch)
+    def write(folder: Path) -> Path:
         progress("writing the tailored model", 0, 2)
-        with handle.lock:  # the shared base holds the patch while it is written
-            checked = save_tailored(handle.pair, run.get_patch(), model_dir)
-        (model_dir / "tailor_report.json").write_text(
+        with run.handle.lock:  # the shared base holds the patch while it is written
+            checked = save_tailored(run.handle.pair, run.get_patch(), folder)
+        (folder / "tailor_report.json").write_text(
             json.dumps(jsonable({**run.report, "tensors_checked": checked}), indent=2), encoding="utf-8")
+        return folder
+
+    return _zipped(run, "tailored-model", write, progress, should_stop)
+
+
+ADAPTER_RANK = 16  # the dashboard's adapter export (the CLI's --adapter-rank default)
+
+
+def adapter_zip(run: TailorRun, progress: Progress, should_stop: StopCheck,
+                rank: int = ADAPTER_RANK) -> Path | None:
+    """tailored-adapter.zip beside the run's patch: the patch as a rank-`rank` PEFT LoRA
+    adapter (`adapter_fit`), with the fit's relative errors in adapter_fit.json."""
+    from tailor_ui.adapter_fit import fit_from_model
+
+    def write(folder: Path) -> Path:
+        progress("fitting the adapter", 0, 2)
+        pair, adapter = run.handle.pair, folder / "adapter"
+        with run.handle.lock:  # base values are read from the shared base
+            fit = fit_from_model(run.get_patch(), pair.base, pair.base_value, rank, adapter,
+                                 base_id=pair.base_id)
+        (adapter / "adapter_fit.json").write_text(json.dumps(jsonable(fit), indent=2), encoding="utf-8")
+        return adapter
+
+    return _zipped(run, "tailored-adapter", write, progress, should_stop)
+
+
+def _zipped(run: TailorRun, name: str, write, progress: Progress, should_stop: StopCheck) -> Path | None:
+    """NAME.zip beside the run's patch, of the folder `write` fills in a scratch folder
+    (None when stopped before zipping)."""
+    target = run.patch_file.parent / f"{name}.zip"
+    # the folder is only the zip's source: a scratch folder, gone however the job ends
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=run.patch_file.parent) as scratch:
+        source = write(Path(scratch))
         if should_stop():
             return None
         progress("zipping", 1, 2)
         with atomic_path(target) as tmp:
-            zip_folder(model_dir, tmp, "tailored-model")
+            zip_folder(source, tmp, name)
     return target

@@ -27,7 +27,7 @@ from tailor_ui.service import pairs, tailor
 from tailor_ui.service import search as search_
 from tailor_ui.service import sweep as sweep_
 from tailor_ui.service.config import SYSTEM, StudioConfig, default_settings, settings_label
-from tailor_ui.service.export import model_zip
+from tailor_ui.service.export import adapter_zip, model_zip
 from tailor_ui.session import (PairHandle, SearchRun, Session, SessionStore, SweepRun, TailorRun,
                                TrainedModel)
 
@@ -437,7 +437,7 @@ class Studio:
 
     def export(self, session: Session, job_id: str | None, what: str, *,
                timeout: float = 600) -> Path:
-        """The file for one of the session's merges: patch, report or model (zip)."""
+        """The file for one of the session's merges: patch, report, model or adapter (zips)."""
         self.sync(session, "tailor")
         run = session.run(job_id) if job_id else session.latest_run()
         if run is None:
@@ -446,8 +446,11 @@ class Studio:
             return run.patch_file
         if what == "report":
             return run.report_file
+        if what == "adapter":  # refitted on each request: seconds, and nothing kept per run
+            return self._run_and_wait(session, "export", lambda p, s: adapter_zip(run, p, s),
+                                      f"export adapter of {run.label}", run.handle.lane, timeout)
         if what != "model":
-            raise UserError(f"unknown export {what!r}: patch, report or model")
+            raise UserError(f"unknown export {what!r}: patch, report, model or adapter")
         if run.model_zip is not None and run.model_zip.is_file():
             return run.model_zip
 

@@ -2,7 +2,7 @@
 
 Named API endpoints (for `gradio_client`): /load_demo, /load_pair, /tailor, /cancel_tailor,
 /find_settings, /use_best_settings, /compare, /sweep, /cancel_sweep, /sweep_result, /finetune,
-/cancel_finetune, /export_patch, /export_report, /export_model, and the job endpoints
+/cancel_finetune, /export_patch, /export_report, /export_model, /export_adapter, and the job endpoints
 /job_status, /wait_job, /cancel_job, /history.
 Plain HTTP: GET /healthz (Studio.health as JSON) for container health checks.
 """

@@ -27,6 +27,12 @@ class ExportTab(Tab):
         """The tailored model as a save_pretrained folder, zipped (built on first request)."""
         return self._file(job_id, "model", request)
 
+    @user_errors
+    def adapter(self, job_id: str | None, request: gr.Request):
+        """The patch as a PEFT LoRA adapter (rank-16 fit per changed linear; the fit's
+        relative errors in adapter_fit.json), zipped."""
+        return self._file(job_id, "adapter", request)
+
     def poll(self, session) -> list:
         runs = list(session.runs.values())[::-1]
         if not changed(session, "export-job", tuple(r.job_id for r in runs)):
@@ -50,11 +56,13 @@ class ExportTab(Tab):
                     self.patch_button = gr.Button("Patch (.safetensors)", elem_id="export-patch")
                     self.report_button = gr.Button("Report (.json)", elem_id="export-report")
                     self.model_button = gr.Button("Tailored model (.zip)", elem_id="export-model")
+                    self.adapter_button = gr.Button("LoRA adapter, rank 16 (.zip)", elem_id="export-adapter")
                 self.info = gr.Markdown("*Run a merge in the Tailor tab; its files appear here.*",
                                         elem_id="export-info")
             with gr.Column(scale=1):
                 self.file = gr.File(label="Download", interactive=False, elem_id="export-file")
         for button, fn, name in ((self.patch_button, self.patch, "export_patch"),
                                  (self.report_button, self.report, "export_report"),
-                                 (self.model_button, self.model, "export_model")):
+                                 (self.model_button, self.model, "export_model"),
+                                 (self.adapter_button, self.adapter, "export_adapter")):
             button.click(fn, [self.job], [self.file], api_name=name, concurrency_limit=None)
