@@ -71,24 +71,29 @@ class RowCheck:
 
 
 def read_jsonl_set(path: str | Path, *, role: str, task: str | None = None,
-                   name: str | None = None, source: str | None = None) -> EvalSpec:
-    """A set from a JSONL file in the data format (images beside it)."""
+                   name: str | None = None, source: str | None = None,
+                   max_examples: int | None = MAX_EVAL_EXAMPLES) -> EvalSpec:
+    """A set from a JSONL file in the data format (images beside it); more than
+    `max_examples` rows are refused."""
     check_kind(role, task)
     path = Path(path)
     check = RowCheck(task)
-    examples = read_examples(path, rule=check, max_rows=MAX_EVAL_EXAMPLES)
+    examples = read_examples(path, rule=check, max_rows=max_examples)
     return EvalSpec(name or path.stem, check.task, tuple(examples), role, source or path.name)
 
 
 def read_upload_set(files: Sequence[str], folder: Path, *, role: str, task: str | None = None,
-                    name: str | None = None, max_bytes: int = MAX_UPLOAD_BYTES) -> EvalSpec:
+                    name: str | None = None, max_bytes: int = MAX_UPLOAD_BYTES,
+                    max_examples: int | None = MAX_EVAL_EXAMPLES) -> EvalSpec:
     """A set from uploaded files (a JSONL with its images, or a zip), brought into `folder`."""
     check_kind(role, task)
     paths = [Path(f) for f in files if f]
+    folder.mkdir(parents=True, exist_ok=True)
     jsonl = import_examples([str(p) for p in paths], folder, max_bytes)
     zips = [p for p in paths if p.suffix.lower() == ".zip"]
     shown = zips[0] if zips else jsonl
-    return read_jsonl_set(jsonl, role=role, task=task, name=name or shown.stem, source=shown.name)
+    return read_jsonl_set(jsonl, role=role, task=task, name=name or shown.stem, source=shown.name,
+                          max_examples=max_examples)
 
 
 def parse_columns(text: str | Mapping[str, str] | None) -> dict[str, str]:
@@ -115,8 +120,8 @@ def parse_columns(text: str | Mapping[str, str] | None) -> dict[str, str]:
 
 def read_dataset_set(source: str, folder: Path, *, role: str, task: str | None = None,
                      split: str = "test", columns: str | Mapping[str, str] | None = None,
-                     name: str | None = None, allowed_roots: Sequence[Path] | None = None
-                     ) -> EvalSpec:
+                     name: str | None = None, allowed_roots: Sequence[Path] | None = None,
+                     max_examples: int | None = MAX_EVAL_EXAMPLES) -> EvalSpec:
     """A set from a `datasets` data set: a local folder (`save_to_disk`'s output, or files
     `load_dataset` reads) or a hub id; `split` may take a slice (`test[:500]`). Images
     are written into `folder`. With `allowed_roots` (the dashboard), local folders must lie
@@ -127,10 +132,10 @@ def read_dataset_set(source: str, folder: Path, *, role: str, task: str | None =
     data = _load(spec, local, split)
     cols = _columns(data, wanted, task)
     shown = name or (local.name if local is not None else spec.rsplit("/", 1)[-1])
-    if len(data) > MAX_EVAL_EXAMPLES:
+    if max_examples is not None and len(data) > max_examples:
         raise UserError(f"{shown}: {len(data)} rows; an evaluation set holds at most "
-                        f"{MAX_EVAL_EXAMPLES} (every model answers each): take a slice, e.g. "
-                        f"split {split.split('[')[0]}[:{MAX_EVAL_EXAMPLES}]")
+                        f"{max_examples} (every model answers each): take a slice, e.g. "
+                        f"split {split.split('[')[0]}[:{max_examples}]")
     if not len(data):
         raise UserError(f"{shown}: the split {split!r} has no rows")
     data = _undecoded(data, cols["image"])
@@ -298,17 +303,18 @@ def parse_set_spec(text: str) -> tuple[str, str | None]:
 
 def read_set(source: str, folder: Path, *, role: str, task: str | None = None,
              split: str = "test", columns: str | Mapping[str, str] | None = None,
-             name: str | None = None) -> EvalSpec:
+             name: str | None = None, max_examples: int | None = MAX_EVAL_EXAMPLES) -> EvalSpec:
     """A set from wherever `source` points: a .jsonl file, a .zip (unpacked into
     `folder`), or a data set folder / hub id (its images written into `folder`)."""
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if path.is_file() and suffix == ".jsonl":
-        return read_jsonl_set(path, role=role, task=task, name=name, source=source)
+        return read_jsonl_set(path, role=role, task=task, name=name, source=source,
+                              max_examples=max_examples)
     if path.is_file() and suffix == ".zip":
-        folder.mkdir(parents=True, exist_ok=True)
-        return read_upload_set([str(path)], folder, role=role, task=task, name=name)
+        return read_upload_set([str(path)], folder, role=role, task=task, name=name,
+                               max_examples=max_examples)
     if path.is_file() or (suffix in (".jsonl", ".zip") and not path.exists()):
         raise UserError(f"{source}: not found, or not a .jsonl file, a .zip or a data set folder")
     return read_dataset_set(source, folder, role=role, task=task, split=split, columns=columns,
-                            name=name)
+                            name=name, max_examples=max_examples)
