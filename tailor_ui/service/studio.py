@@ -357,10 +357,12 @@ class Studio:
 
     def eval_sets_table(self, session: Session) -> pd.DataFrame:
         """The sets the session's pair is scored on (its built-in ones, then the visitor's)."""
-        try:
-            handle = self.handle_for(session)
-        except UserError:  # no pair yet (loading): the visitor's own sets
-            handle = None
+        handle = None
+        if self.demo_ready.is_set() or (session.own is not None and not session.use_demo):
+            try:  # never waits: polling asks too
+                handle = self.handle_for(session)
+            except UserError:  # no pair (yet): the visitor's own sets
+                pass
         return evalsets_.table(session, handle)
 
     def _run_and_wait(self, session: Session, kind: str, fn, label: str, lane: str,
