@@ -546,7 +546,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size, --max-new-tokens and --limit must be positive")
-    if (args.data is None) == bool(args.original or args.target):
+    if (args.data is not None) == bool(args.original or args.target):
         raise UserError("give --data, or --original-set / --target-set (not both)")
     if args.data is not None:
         source, task = parse_set_spec(args.data)

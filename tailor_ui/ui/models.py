@@ -195,7 +195,7 @@ class ModelsTab(Tab):
                 out += list(self._summary(handle))
         else:
             out += [gr.skip()] * 3
-        return out + self.evalsets.poll(session)
+        return out
 
     # -- layout ----------------------------------------------------------------------------
 
@@ -243,5 +243,4 @@ class ModelsTab(Tab):
                                concurrency_limit=None)
 
     def poll_outputs(self, pair_status) -> list:
-        return [self.progress, pair_status, self.summary, self.plot, self.table,
-                *self.evalsets.poll_outputs()]
+        return [self.progress, pair_status, self.summary, self.plot, self.table]
