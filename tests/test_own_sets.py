@@ -52,7 +52,7 @@ def bare(tmp_path_factory, model_root, disk_pair):
     root = tmp_path_factory.mktemp("bare")
     studio = Studio(StudioConfig(workdir=root / "work", demo_dir=None, device="cpu",
                                  model_roots=[model_root], calib_examples=6, quick_examples=2,
-                                 max_upload_mb=MAX_UPLOAD_MB))
+                                 max_upload_mb=MAX_UPLOAD_MB, max_user_pairs=8))
     studio.start(background=False)
     assert studio.demo is None
     yield studio
@@ -101,7 +101,7 @@ def test_added_sets_are_listed_used_by_every_tab_and_removed(bare, disk_pair, se
         {"name": "target-2", "role": "target", "task": "caption", "examples": 4, "source": "target.zip"}]
     with pytest.raises(UserError, match="already a set named 'original'"):
         bare.add_eval_set(session, role="target", task="vqa", name="original", files=original_files(sets))
-    with pytest.raises(UserError, match="original.jsonl line 2: a vqa row needs a question"):
+    with pytest.raises(UserError, match="target.jsonl line 1: a vqa row needs a question"):
         bare.add_eval_set(session, role="original", task="vqa", name="broken",
                           files=[str(sets / "target.jsonl"), *original_files(sets)[1:]])
     assert len(session.eval_sets) == 2  # refused sets are not kept
@@ -209,7 +209,7 @@ def test_api_load_add_sets_and_sweep_with_an_uploaded_calibration(bare_app, disk
                                                   ["target-2", "target", "caption", 4]]
     calibration = [handle_file(str(disk_pair / "calib.jsonl")),
                    *(handle_file(str(p)) for p in sorted((disk_pair / "img").iterdir()))]
-    sweep_id, _ = client.predict(["tailor", "magnitude"], "0.1", "0.5", 0.8, 2, calibration,
+    sweep_id, _ = client.predict(["tailor", "magnitude"], "0.1", "0.5", 0.8, 4, calibration,
                                  api_name="/sweep")
     info = client.predict(sweep_id, 300, api_name="/wait_job")
     assert info["status"] == "done", info
@@ -219,6 +219,8 @@ def test_api_load_add_sets_and_sweep_with_an_uploaded_calibration(bare_app, disk
     assert list(frame["method"])[-2:] == ["tailor", "magnitude"]
     image, mode, question, references = client.predict("original", 3, api_name="/eval_example")
     assert (mode, question) == ("question", "what colour is it?") and "blue" in references
+    table, _ = client.predict("original", api_name="/remove_eval_set")
+    assert [row[0] for row in table["data"]] == ["target-2"]
 
 
 def test_browser_loads_a_pair_uploads_sets_and_sees_the_sweep(browser, bare_app, disk_pair, sets,

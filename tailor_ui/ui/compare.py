@@ -74,8 +74,11 @@ class CompareTab(Tab):
                 self.button = gr.Button("Compare", variant="primary", elem_id="compare-run")
                 with gr.Group():
                     with gr.Row():
+                        # choices come with polling; a name typed or sent by an API client is
+                        # checked by the service
                         self.set_choice = gr.Dropdown([], label="…or an example of an evaluation set",
-                                                      scale=3, elem_id="compare-set")
+                                                      allow_custom_value=True, scale=3,
+                                                      elem_id="compare-set")
                         self.set_number = Number(1, label="example", precision=0, minimum=1, scale=1,
                                                  elem_id="compare-set-n")
                     self.pick_button = gr.Button("Compare on this example", elem_id="compare-pick")

@@ -84,6 +84,7 @@ class EvalSetsPanel(Tab):
                                       elem_id="evalsets-table", wrap=True)
             with gr.Row():
                 self.remove_choice = gr.Dropdown([], label="Your set to remove", scale=3,
+                                                 allow_custom_value=True,  # checked by the service
                                                  elem_id="evalsets-remove-name")
                 self.remove_button = gr.Button("Remove", size="sm", scale=1, elem_id="evalsets-remove")
         self.add_button.click(self.add, [self.files, self.dataset, self.split, self.columns, self.name,
