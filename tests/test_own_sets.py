@@ -170,6 +170,11 @@ def test_a_visitor_adds_a_set_to_the_shared_demo_pair(studio, sets):
     assert any(key.startswith("colours#") for key in studio.demo.reference_scores["Pre-trained"])
     with pytest.raises(UserError, match="built-in set of this pair"):
         studio.remove_eval_set(alice, "caption")
+    # a second target set: the demo's one fine-tuned model is the reference on both
+    studio.add_eval_set(alice, role="target", task="caption", name="squares", files=[str(sets / "target.zip")])
+    table = finished(studio, alice, studio.submit_sweep(alice, ["magnitude"], [0.1], [], examples=4)).table
+    assert {"retention:target", "retention:squares", "retention:colours"} <= set(table.columns)
+    assert table.loc[table["kind"] == "finetuned", "target_retention"].item() == pytest.approx(1.0)
 
 
 # -- the launched app: its API, and a browser -------------------------------------------------
@@ -247,6 +252,7 @@ def test_browser_loads_a_pair_uploads_sets_and_sees_the_sweep(browser, bare_app,
 
         add_set(original_files(sets), "original", "VQA", "original")
         add_set([str(sets / "target.zip")], "target", "Captioning", "target-2")
+        page.screenshot(path=screenshots / "own-sets-models.png", full_page=True)
         page.get_by_role("tab", name="Forgetting").click()
         page.locator("#sweep-methods").get_by_text("Model Tailor").click()  # no calibration: untick
         page.locator("#sweep-keeps textarea").fill("0.1")
