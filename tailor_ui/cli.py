@@ -68,7 +68,7 @@ def _set_options(p: argparse.ArgumentParser, *, roles: tuple[str, ...], required
     """Evaluation sets by role (`--original-set`, `--target-set`) and how data set sources
     are read."""
     helps = {"original": "original-task set (a skill the base model had): ",
-             "target": "target-task set (what fine-tuning taught; one per --finetuned): "}
+             "target": "target-task set (what fine-tuning taught): "}
     for role in roles:
         p.add_argument(f"--{role}-set", f"--{role}", dest=role, action="extend", nargs="+",
                        required=required, default=[], metavar="SET", help=helps[role] + SET_HELP)
