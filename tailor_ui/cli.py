@@ -59,6 +59,31 @@ def _merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", default="mean", help="multi-task overlap rule: mean | sum | first")
 
 
+SET_HELP = ("PATH[:caption|vqa], repeatable: a .jsonl (images beside it), a .zip holding one, a "
+            "datasets folder (save_to_disk or data files) or a hub id (owner/name); without :TASK "
+            "the first row decides (a question: vqa)")
+
+
+def _set_options(p: argparse.ArgumentParser, *, roles: tuple[str, ...], required: bool) -> None:
+    """Evaluation sets by role (`--original-set`, `--target-set`) and how data set sources
+    are read."""
+    helps = {"original": "original-task set (a skill the base model had): ",
+             "target": "target-task set (what fine-tuning taught): "}
+    for role in roles:
+        p.add_argument(f"--{role}-set", f"--{role}", dest=role, action="extend", nargs="+",
+                       required=required, default=[], metavar="SET", help=helps[role] + SET_HELP)
+    _source_options(p)
+
+
+def _source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default="test",
+                   help="split of datasets sources, optionally sliced: test, test[:500] (default test)")
+    p.add_argument("--columns", default="",
+                   help="columns of datasets sources: image=COL,question=COL,answers=COL (defaults: "
+                        "image; question if there is one, question= for none; answers, a string or a "
+                        "list of strings)")
+
+
 def _in_memory_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-memory", action="store_true",
                    help="load every model in full instead of streaming tensor by tensor (data-free "
@@ -146,11 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     _merge_options(p)
     _model_options(p)
 
-    p = sub.add_parser("eval", help="score one model on a caption or VQA set")
+    p = sub.add_parser("eval", help="score one model on caption or VQA sets")
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--task", required=True, choices=["caption", "vqa"])
-    p.add_argument("--out", required=True, type=Path, help="results JSON")
+    p.add_argument("--data", default=None, help="one set: " + SET_HELP)
+    p.add_argument("--task", default=None, choices=["caption", "vqa"],
+                   help="how --data is scored (default: its :TASK, else its first row)")
+    _set_options(p, roles=("original", "target"), required=False)
+    p.add_argument("--out", required=True, type=Path,
+                   help="results JSON (with --original-set / --target-set: one entry per set)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -160,9 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True)
     p.add_argument("--finetuned", required=True)
     p.add_argument("--calib", type=Path, default=None, help="target-task JSONL (for tailor)")
-    p.add_argument("--original", required=True, nargs="+",
-                   help="original-task sets: FILE.jsonl or FILE.jsonl:caption|vqa")
-    p.add_argument("--target", required=True, help="target-task set: FILE.jsonl[:caption|vqa]")
+    _set_options(p, roles=("original", "target"), required=True)
     p.add_argument("--methods", default="tailor,magnitude,dare,ties,wise_ft")
     p.add_argument("--keep", default="0.01,0.05,0.1,0.2,0.5", help="comma-separated patch sizes")
     p.add_argument("--alpha", default="0.8", help="comma-separated fusion weights (tailor)")
@@ -183,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned", required=True)
     p.add_argument("--calib", required=True, type=Path,
                    help="target-task JSONL: part calibrates, part (--holdout) scores the target task")
-    p.add_argument("--original", required=True, nargs="+",
-                   help="original-task sets: FILE.jsonl or FILE.jsonl:caption|vqa")
+    _set_options(p, roles=("original",), required=True)
     p.add_argument("--keep", default="0.02,0.05,0.1", help="comma-separated patch sizes")
     p.add_argument("--alpha", default="0.5,0.8,1.0", help="comma-separated fusion weights")
     p.add_argument("--compensation", default="exact,greedy", help="comma-separated: exact, greedy")
@@ -548,30 +573,73 @@ def _print_comparison(rows: list[dict], answers: list[list[tuple[str, str]]], as
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tailor_ui.data import read_examples
+    import json
+    from dataclasses import asdict
+
     from tailor_ui.evaluation.evaluate import evaluate, save_result
+    from tailor_ui.evaluation.sets import parse_set_spec
+    from tailor_ui.io import atomic_path
     from tailor_ui.pair import load_model
 
     if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--batch-size, --max-new-tokens and --limit must be positive")
-    examples = read_examples(args.data)[: args.limit]
+    if (args.data is not None) == bool(args.original or args.target):
+        raise UserError("give --data, or --original-set / --target-set (not both)")
+    if args.data is not None:
+        source, task = parse_set_spec(args.data)
+        sets = _read_sets(args, {"original": [f"{source}:{args.task or task}" if args.task or task
+                                             else source]})
+    else:
+        sets = _read_sets(args, {"original": args.original, "target": args.target})
     model, processor = load_model(args.model, **_load_options(args))
-    result = evaluate(model, processor, examples, args.task, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, progress=sys.stderr.isatty())
-    save_result(result, args.out)
-    extras = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
-    print(f"{args.task} on {result.n} examples: {extras} ({result.seconds:.1f}s) -> {args.out}")
+    results = {}
+    for spec in sets:
+        examples = list(spec.examples[: args.limit])
+        results[spec.name] = result = evaluate(
+            model, processor, examples, spec.task, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, progress=sys.stderr.isatty())
+        extras = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+        print(f"{spec.name} ({spec.task}) on {result.n} examples: {extras} ({result.seconds:.1f}s)")
+    if args.data is not None:
+        save_result(result, args.out)
+    else:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps({s.name: {"role": s.role, **asdict(results[s.name])} for s in sets},
+                                      indent=2), encoding="utf-8")
+    print(f"-> {args.out}")
     return 0
 
 
-def _eval_set(spec: str, limit: int | None):
-    from tailor_ui.data import read_examples
-    from tailor_ui.evaluation.evaluate import EvalSet, task_of
+_SCRATCH: list = []  # the folder sets from zips and data sets are read into, for one command
 
-    path, _, task = spec.rpartition(":") if spec.endswith((":caption", ":vqa")) else (spec, "", "")
-    examples = read_examples(path)[:limit]
-    task = task or task_of(examples)
-    return EvalSet(name=Path(path).stem, task=task, examples=examples)
+
+def _scratch() -> Path:
+    """A folder removed when the command ends (TemporaryDirectory's finalizer)."""
+    import tempfile
+
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.TemporaryDirectory(prefix="tailor-sets-"))
+    return Path(_SCRATCH[0].name)
+
+
+def _read_sets(args: argparse.Namespace, by_role: dict[str, list[str]]) -> list:
+    """Every set named on the command line (`EvalSpec`s, originals first), read and checked
+    before any model loads; names must differ (the sweep's columns are named by them)."""
+    from tailor_ui.evaluation.sets import parse_set_spec, read_set
+
+    sets = []
+    for role, specs in by_role.items():
+        for spec in specs:
+            source, task = parse_set_spec(spec)
+            # no cap on the size here: the machine is the user's own (the dashboard caps it)
+            sets.append(read_set(source, _scratch() / f"set-{len(sets)}", role=role, task=task,
+                                 split=args.split, columns=args.columns, max_examples=None))
+    names = [s.name for s in sets]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"two sets are named {repeated[0]!r} (a set is named by its file or folder): "
+                        "rename one")
+    return sets
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -592,8 +660,9 @@ def _sweep(args: argparse.Namespace) -> int:
     if calibrated and args.calib is None:
         raise UserError(f"the {calibrated[0]} method needs target-task calibration data: "
                         "pass --calib FILE.jsonl")
-    original = [_eval_set(spec, args.limit) for spec in args.original]
-    target = [_eval_set(args.target, args.limit)]
+    sets = _read_sets(args, {"original": args.original, "target": args.target})
+    original = [s.cut(args.limit) for s in sets if s.role == "original"]
+    target = [s.cut(args.limit) for s in sets if s.role == "target"]
     calib = read_calibration(args.calib)[: args.calib_limit] if args.calib else None
     pair = load_pair(args.base, args.finetuned, **_load_options(args))
     calibration = [calibration_batches(pair.processor, calib)] if calib else None
@@ -626,7 +695,8 @@ def _find_settings(args: argparse.Namespace) -> int:
         raise UserError("--batch-size, --calib-limit and --limit must be positive")
     options = {name: _words(getattr(args, name)) for name in ("compensation", "order", "budget", "scope")}
     grid = {"keeps": parse_numbers(args.keep, "--keep"), "alphas": parse_numbers(args.alpha, "--alpha")}
-    original = [_eval_set(spec, None) for spec in args.original]  # cut by find_settings, which says so
+    # cut by find_settings, which says so
+    original = [s.cut() for s in _read_sets(args, {"original": args.original})]
     calibration = read_calibration(args.calib)[: args.calib_limit]
     candidate_grid(grid["keeps"], grid["alphas"], options)  # refused before the models load
     split_examples(calibration, args.holdout, args.seed)

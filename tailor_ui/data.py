@@ -10,7 +10,7 @@ import hashlib
 import json
 import shutil
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,16 +31,30 @@ class Example:
     answers: tuple[str, ...] = field(default_factory=tuple)
 
 
+# What a row must satisfy beyond the format: a problem to report with its line, or None.
+RowRule = Callable[[Example], "str | None"]
+
+
+def calibration_problem(example: Example) -> str | None:
+    """Each calibration row must give a question or at least one answer (a captioning row
+    has an empty question and reference captions), else its forward would calibrate on the
+    image alone."""
+    if example.question.strip() or any(a.strip() for a in example.answers):
+        return None
+    return ("a calibration row needs a question or answers (captioning: an empty question "
+            "and reference captions)")
+
+
 def read_calibration(path: str | Path) -> list[Example]:
-    """Examples to calibrate on: each row must give a question or at least one answer (a
-    captioning row has an empty question and reference captions), else its forward would
-    calibrate on the image alone. The one rule every calibration path (CLI, dashboard) uses."""
-    return read_examples(path, calibration=True)
+    """Examples to calibrate on: the one rule every calibration path (CLI, dashboard) uses."""
+    return read_examples(path, rule=calibration_problem)
 
 
-def read_examples(path: str | Path, *, check_images: bool = True,
-                  calibration: bool = False) -> list[Example]:
-    """Parse and validate a JSONL file; image paths resolve against the file's folder."""
+def read_examples(path: str | Path, *, check_images: bool = True, rule: RowRule | None = None,
+                  max_rows: int | None = None) -> list[Example]:
+    """Parse and validate a JSONL file; image paths resolve against the file's folder.
+    `rule` adds a check of each row (its problem is reported with the line number);
+    more than `max_rows` examples are refused before the rest is read."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path.name}")
@@ -52,10 +66,13 @@ def read_examples(path: str | Path, *, check_images: bool = True,
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        if max_rows is not None and len(examples) == max_rows:
+            raise UserError(f"{path.name}: more than {max_rows} examples (at most {max_rows} are "
+                            "taken: cut the file)")
         example = _parse_line(line, lineno, path, check_images)
-        if calibration and not (example.question.strip() or any(a.strip() for a in example.answers)):
-            raise UserError(f"{path.name} line {lineno}: a calibration row needs a question or "
-                            "answers (captioning: an empty question and reference captions)")
+        problem = rule(example) if rule is not None else None
+        if problem:
+            raise UserError(f"{path.name} line {lineno}: {problem}")
         examples.append(example)
     if not examples:
         raise UserError(f"{path.name}: no examples (the file is empty)")
@@ -85,11 +102,12 @@ def _parse_line(line: str, lineno: int, path: Path, check_images: bool) -> Examp
     if check_images:
         if not image_path.is_file():
             raise UserError(f"{where}: image not found: {image}")
-        _check_image(image_path, where)
+        check_image(image_path, where)
     return Example(image=image_path, question=question, answers=tuple(answers))
 
 
-def _check_image(path: Path, where: str) -> None:
+def check_image(path: Path, where: str) -> None:
+    """Refuse a file that is no readable image, or one too large (`where` starts the message)."""
     try:
         with Image.open(path) as img:
             width, height = img.size
@@ -107,7 +125,7 @@ def _check_image(path: Path, where: str) -> None:
 def load_image(path: str | Path) -> Image.Image:
     """Open an image as RGB, refusing non-images and decompression bombs."""
     path = Path(path)
-    _check_image(path, path.name)
+    check_image(path, path.name)
     with Image.open(path) as img:
         return img.convert("RGB")
 

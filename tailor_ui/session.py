@@ -34,6 +34,7 @@ import pandas as pd
 from tailor_ui.data import Example
 from tailor_ui.demo.sets import DEFAULT_STORY
 from tailor_ui.errors import UserError
+from tailor_ui.evaluation.sets import EvalSpec
 from tailor_ui.pair import Pair
 from tailor_ui.patch import Patch, applied
 
@@ -56,16 +57,6 @@ def handle_by_key(key: tuple[int, int]) -> PairHandle:
     raise LookupError(f"pair handle {key} is gone: its pair was released")
 
 
-@dataclass(frozen=True)
-class EvalSpec:
-    """An evaluation set the studio knows: its name, metric family and role."""
-
-    name: str
-    task: str  # "caption" or "vqa" (counting is scored like VQA)
-    examples: tuple[Example, ...]
-    role: str  # "original" or "target"
-
-
 @dataclass
 class PairHandle:
     """A loaded pair, its lock, and what the dashboard shows and reuses about it."""
@@ -79,7 +70,8 @@ class PairHandle:
     calibration: tuple[Example, ...] = ()  # the built-in calibration set, if any
     eval_sets: tuple[EvalSpec, ...] = ()  # built-in evaluation sets, if any
     examples: tuple[tuple[str, str], ...] = ()  # (image path, question) for Compare
-    # quick-check scores of base / fine-tuned models, computed once
+    # quick-check scores of base / fine-tuned models by set key (service.tailor.set_key),
+    # computed once per set
     reference_scores: dict[str, dict[str, float]] = field(default_factory=dict)
     default_run: "TailorRun | None" = None  # the warm-up merge (default settings)
     batches: dict[tuple, list] = field(default_factory=dict, repr=False)
@@ -211,6 +203,8 @@ class Session:
     sweeps: dict[str, SweepRun] = field(default_factory=dict)
     searches: dict[str, SearchRun] = field(default_factory=dict)  # Find settings (Tailor tab)
     trained: dict[str, TrainedModel] = field(default_factory=dict)  # Fine-tune tab
+    # evaluation sets the visitor added (service.evalsets), used with any pair's built-in ones
+    eval_sets: list[EvalSpec] = field(default_factory=list)
     live_losses: dict[str, list[float]] = field(default_factory=dict)  # per fine-tuning job
     # jobs whose result was filed above: filed once, even after it was pruned from there
     filed: set[str] = field(default_factory=set)
@@ -347,6 +341,7 @@ class SessionStore:
             session.sweeps.clear()
             session.searches.clear()
             session.trained.clear()
+            session.eval_sets.clear()
             shutil.rmtree(session.folder, ignore_errors=True)
         return session
 

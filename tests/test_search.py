@@ -120,7 +120,7 @@ def test_find_settings_on_the_demo_pair(studio):
     from tailor_ui.service.search import original_sets
 
     handle, n = studio.demo, 4
-    original = original_sets(handle)
+    original = original_sets(handle.eval_sets)
     calibration = list(handle.calibration[:16])
     before = {k: p.detach().clone() for k, p in handle.pair.base.named_parameters()}
     with handle.lock:

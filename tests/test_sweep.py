@@ -156,7 +156,7 @@ def test_labels_and_h_score():
 
 def test_bad_sets_and_cancel_are_refused(pair, sets):
     original, target = sets
-    with pytest.raises(UserError, match="one target set per fine-tuned model"):
+    with pytest.raises(UserError, match="unique"):  # one fine-tuned model: every target set is its
         sweep(pair, SETTINGS, original, target * 2)
     with pytest.raises(UserError, match="unique"):
         sweep(pair, SETTINGS, original, [original[0]])

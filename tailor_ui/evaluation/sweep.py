@@ -132,7 +132,8 @@ class _Evaluator:
 def _check_sets(pair: Pair, original: Sequence[EvalSet], target: Sequence[EvalSet]) -> None:
     if not original or not target:
         raise UserError("a sweep needs at least one original-task and one target-task set")
-    if len(target) != len(pair.finetuned):
+    # one fine-tuned model learnt every target set; several learnt one each
+    if len(pair.finetuned) > 1 and len(target) != len(pair.finetuned):
         raise UserError(f"give one target set per fine-tuned model: {len(pair.finetuned)} "
                         f"models, {len(target)} target sets")
     names = [s.name for s in (*original, *target)]
@@ -147,7 +148,8 @@ def sweep(pair: Pair, settings: Sequence[Settings], original: Sequence[EvalSet],
           should_stop: StopCheck | None = None) -> pd.DataFrame:
     """Evaluate the base, each fine-tuned model and each setting's merge on every set.
 
-    `target[k]` is the task fine-tuned model k learnt; `calibration[k]` its calibration
+    `target[k]` is the task fine-tuned model k learnt (a single fine-tuned model: every
+    target set is its); `calibration[k]` its calibration
     batches (needed by Model Tailor). Settings that share Hessians and scores reuse them
     through the pair's cache (with one-pass Hessians, a sweep over keep and alpha computes
     them once). The pair's models are left exactly as they came.
@@ -210,9 +212,10 @@ def summarize(table: pd.DataFrame, original: Sequence[EvalSet], target: Sequence
     table["target"] = table[target_cols].mean(axis=1)
     base = table[table["kind"] == "base"].iloc[0]
     finetuned = table[table["kind"] == "finetuned"]
-    # fine-tuned model k is the reference on its own target set k
+    # fine-tuned model k is the reference on its own target set k (a single one on every set)
     original_ref = {c: float(base[c]) for c in original_cols}
-    target_ref = {c: float(finetuned[c].iloc[k]) for k, c in enumerate(target_cols)}
+    target_ref = {c: float(finetuned[c].iloc[k if len(finetuned) > 1 else 0])
+                  for k, c in enumerate(target_cols)}
     rows = [row for _, row in table.iterrows()]
     table["original_retention"] = [retention(row, original_ref) for row in rows]
     table["target_retention"] = [retention(row, target_ref) for row in rows]

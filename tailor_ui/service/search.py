@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from tailor_ui.control import Progress, StopCheck
 from tailor_ui.data import Example
 from tailor_ui.errors import UserError
+from tailor_ui.evaluation.sets import EvalSpec
 from tailor_ui.io import atomic_path
 from tailor_ui.session import PairHandle, SearchRun, Session
 
@@ -35,25 +36,21 @@ class SearchPlan:
                 f"x {self.limit} examples")
 
 
-def original_sets(handle: PairHandle) -> list:
-    """The pair's original-task evaluation sets, refused when it has none."""
-    from tailor_ui.evaluation.evaluate import EvalSet
+def original_sets(sets: Sequence[EvalSpec]) -> list:
+    """The original-task sets among the pair's sets, refused when there is none."""
+    from tailor_ui.service.evalsets import require
 
-    sets = [EvalSet(s.name, s.task, list(s.examples)) for s in handle.eval_sets if s.role == "original"]
-    if not sets:
-        raise UserError("Find settings scores what the base model could already do on the pair's "
-                        "original-task evaluation sets, and this pair has none: use the demo pair "
-                        "(Models tab), or the find-settings command with --original FILE.jsonl")
-    return sets
+    require(sets, ["original"], "Find settings", "it scores what the base model could already do")
+    return [s.cut() for s in sets if s.role == "original"]
 
 
-def search_plan(handle: PairHandle, keeps: Sequence[float], alphas: Sequence[float],
+def search_plan(sets: Sequence[EvalSpec], keeps: Sequence[float], alphas: Sequence[float],
                 options: Mapping[str, Sequence[str]], limit: int, examples: list[Example],
                 holdout: float, max_candidates: int) -> SearchPlan:
     """The plan, checked now so that a bad request is refused before it is queued."""
     from tailor_ui.evaluation.search import candidate_grid, split_examples
 
-    original = original_sets(handle)
+    original = original_sets(sets)
     if limit < 1:
         raise UserError("use at least one example per original-task set")
     grid = candidate_grid(keeps, alphas, options)

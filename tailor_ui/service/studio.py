@@ -17,11 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from tailor_ui import gpu
 from tailor_ui.errors import UserError
 from tailor_ui.jobs import DONE, FAILED, Job, JobRunner
 from tailor_ui.demo.sets import DEFAULT_STORY, STORIES
 from tailor_ui.service import compare as compare_
+from tailor_ui.service import evalsets as evalsets_
 from tailor_ui.service import finetune as finetune_
 from tailor_ui.service import pairs, tailor
 from tailor_ui.service import search as search_
@@ -138,8 +141,9 @@ class Studio:
         model under its session. This runs in the main process: on ZeroGPU the job itself
         ran in a fork, where whatever it set on shared objects stayed (gpu.py)."""
         run = job.result if job.status == DONE and isinstance(job.result, TailorRun) else None
-        if run is not None and not run.handle.reference_scores:
-            run.handle.reference_scores = run.references
+        if run is not None:  # the quick check's base / fine-tuned scores, per set
+            for label, scores in run.references.items():
+                run.handle.reference_scores.setdefault(label, {}).update(scores)
         if job.owner == SYSTEM:  # the start-up merge, the only system job
             if run is not None:
                 run.handle.default_run = run
@@ -255,10 +259,11 @@ class Studio:
             for old in self.runner.active(session.id, "tailor"):
                 self.runner.cancel(old.id, session.id)
         label = settings_label(settings)
+        sets = evalsets_.pair_sets(session, handle)
 
         def job(progress, should_stop):
             return self._tailor_job(handle, settings, examples, source, label, session,
-                                    progress, should_stop)
+                                    progress, should_stop, sets)
 
         return self.runner.submit(session.id, "tailor", job, label=label, lane=handle.lane)
 
@@ -272,11 +277,11 @@ class Studio:
         return tailor.batches(handle, examples, source, self.config.calib_batch)
 
     def _tailor_job(self, handle: PairHandle, settings, examples: list, source: str, label: str,
-                    session: Session | None, progress, should_stop) -> TailorRun:
+                    session: Session | None, progress, should_stop, sets=None) -> TailorRun:
         return tailor.tailor_run(handle, settings, examples, source, label, session,
                                  batch_size=self.config.calib_batch,
                                  quick_examples=self.config.quick_examples, progress=progress,
-                                 should_stop=should_stop)
+                                 should_stop=should_stop, sets=sets)
 
     def record(self, session: Session, job: Job) -> None:
         """File a finished job's merge, sweep or fine-tuned model under its session, once.
@@ -324,6 +329,42 @@ class Studio:
 
         return self._run_and_wait(session, "compare", job, "compare answers", handle.lane, timeout)
 
+    def eval_example(self, session: Session, name: str, number: int) -> tuple[str, str, list[str]]:
+        """Example `number` (from 1) of one of the pair's evaluation sets, for Compare."""
+        return evalsets_.example(session, self.handle_for(session), name, int(number))
+
+    # -- evaluation sets --------------------------------------------------------------------
+
+    def add_eval_set(self, session: Session, *, role: str, task: str | None, name: str = "",
+                     files: Sequence[str] | None = None, dataset: str = "", split: str = "test",
+                     columns: str = "") -> pd.DataFrame:
+        """Add a visitor's set from uploaded files (a JSONL with its images, or a zip) or a
+        `datasets` data set (a folder under the model folders, or a hub id); the sets table."""
+        handle = self.handle_for(session)
+        if files and dataset.strip():
+            raise UserError("give uploaded files or a data set, not both")
+        if dataset.strip():
+            evalsets_.add_dataset(session, handle, dataset, split, columns, name, role, task,
+                                  self.config.model_roots)
+        else:
+            evalsets_.add_upload(session, handle, files, name, role, task,
+                                 self.config.max_upload_mb * 2**20)
+        return self.eval_sets_table(session)
+
+    def remove_eval_set(self, session: Session, name: str) -> pd.DataFrame:
+        evalsets_.remove(session, self.handle_for(session), name)
+        return self.eval_sets_table(session)
+
+    def eval_sets_table(self, session: Session) -> pd.DataFrame:
+        """The sets the session's pair is scored on (its built-in ones, then the visitor's)."""
+        handle = None
+        if self.demo_ready.is_set() or (session.own is not None and not session.use_demo):
+            try:  # never waits: polling asks too
+                handle = self.handle_for(session)
+            except UserError:  # no pair (yet): the visitor's own sets
+                pass
+        return evalsets_.table(session, handle)
+
     def _run_and_wait(self, session: Session, kind: str, fn, label: str, lane: str,
                       timeout: float) -> Any:
         job = self.runner.submit(session.id, kind, fn, label=label, lane=lane)
@@ -341,24 +382,25 @@ class Studio:
     def submit_sweep(self, session: Session, methods: Sequence[str], keeps: Sequence[float],
                      lams: Sequence[float], *, alpha: float = 0.8, examples: int = 24,
                      hessians: str = "one-pass", calib_examples: int | None = None,
-                     scope: str = "block", compensate: bool = True) -> Job:
+                     scope: str = "block", compensate: bool = True, calib_source: str = "builtin",
+                     calib_files: Sequence[str] | None = None) -> Job:
+        """Queue a sweep on the pair's evaluation sets (built-in and the visitor's); Model
+        Tailor calibrates on the pair's built-in set or on uploaded files."""
         from tailor_ui.evaluation.sweep import sweep_grid
         from tailor_ui.methods import REGISTRY
 
         handle = self.handle_for(session)
-        if not handle.eval_sets:
-            raise UserError("this pair has no evaluation sets; the sweep needs the demo pair's "
-                            "built-in sets")
         grid = sweep_grid(methods, {"keep": keeps, "lam": lams, "alpha": [alpha]},
                           calibrated={"hessians": [hessians], "scope": [scope], "compensate": [compensate]},
                           limit=sweep_.MAX_SWEEP_SETTINGS)
-        original, target = sweep_.eval_sets(handle, int(examples))
+        original, target = sweep_.eval_sets(evalsets_.pair_sets(session, handle), int(examples))
         self.sync(session, "finetune")
         trained = [(t.method, name, model) for t in session.trained_for(handle)
                    for name, model in t.models]
         calibration = None
         if any(REGISTRY[s.method].needs_calibration for s in grid):
-            calibration = self._calibration_examples(session, handle, "builtin", None, calib_examples)
+            calibration = self._calibration_examples(session, handle, calib_source, calib_files,
+                                                     calib_examples)
         plan = sweep_.SweepPlan(grid, original, target, int(examples), trained, calibration)
 
         def job(progress, should_stop):
@@ -377,10 +419,11 @@ class Studio:
         """Queue a search of Model Tailor's settings (keep x alpha x options) on the pair's
         original-task sets (`examples` each) and the held-out part of its calibration set."""
         handle = self.handle_for(session)
-        search_.original_sets(handle)  # refused before an upload is unpacked
+        sets = evalsets_.pair_sets(session, handle)
+        search_.original_sets(sets)  # refused before an upload is unpacked
         calibration, _ = self._calibration_examples(session, handle, calib_source, calib_files,
                                                     calib_examples)
-        plan = search_.search_plan(handle, keeps, alphas, options, int(examples), calibration,
+        plan = search_.search_plan(sets, keeps, alphas, options, int(examples), calibration,
                                    float(holdout), sweep_.MAX_SWEEP_SETTINGS)
 
         def job(progress, should_stop):

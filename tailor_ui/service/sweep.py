@@ -13,6 +13,7 @@ import pandas as pd
 
 from tailor_ui.control import Progress, StopCheck
 from tailor_ui.errors import UserError
+from tailor_ui.evaluation.sets import EvalSpec
 from tailor_ui.io import atomic_path
 from tailor_ui.service.config import settings_label
 from tailor_ui.session import PairHandle, Session, SweepRun
@@ -41,14 +42,15 @@ class SweepPlan:
         return label + (f" (+{len(self.trained)} fine-tuned here)" if self.trained else "")
 
 
-def eval_sets(handle: PairHandle, n: int) -> tuple[list, list]:
-    """The pair's original-task and target-task sets, `n` examples each."""
-    from tailor_ui.evaluation.evaluate import EvalSet
+def eval_sets(sets: Sequence[EvalSpec], n: int) -> tuple[list, list]:
+    """The original-task and target-task sets, `n` examples each; refused, saying how to
+    add them, when either role has none."""
+    from tailor_ui.service.evalsets import require
 
     if n < 1:
         raise UserError("use at least one example per evaluation set")
-    cut = {role: [EvalSet(s.name, s.task, list(s.examples[:n])) for s in handle.eval_sets
-                  if s.role == role] for role in ("original", "target")}
+    require(sets, ["original", "target"], "The sweep", "it measures what a merge keeps of both")
+    cut = {role: [s.cut(n) for s in sets if s.role == role] for role in ("original", "target")}
     return cut["original"], cut["target"]
 
 

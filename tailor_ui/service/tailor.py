@@ -17,6 +17,7 @@ import pandas as pd
 from tailor_ui.control import Progress, StopCheck
 from tailor_ui.data import Example, import_examples, read_calibration
 from tailor_ui.errors import UserError
+from tailor_ui.evaluation.sets import EvalSpec
 from tailor_ui.io import atomic_path
 from tailor_ui.session import PairHandle, Session, TailorRun
 
@@ -56,9 +57,10 @@ def batches(handle: PairHandle, examples: list[Example], source: str, batch_size
 
 def tailor_run(handle: PairHandle, settings, examples: list[Example], source: str, label: str,
                session: Session | None, *, batch_size: int, quick_examples: int, progress: Progress,
-               should_stop: StopCheck) -> TailorRun:
-    """Merge the pair, check the merge on `quick_examples` per built-in set, and (given a
-    session) save its patch and report in a new folder of the session."""
+               should_stop: StopCheck, sets: Sequence[EvalSpec] | None = None) -> TailorRun:
+    """Merge the pair, check the merge on `quick_examples` of each evaluation set (`sets`,
+    by default the pair's built-in ones), and (given a session) save its patch and report
+    in a new folder of the session."""
     from tailor_ui.engine import run_method
 
     start = time.perf_counter()
@@ -70,7 +72,8 @@ def tailor_run(handle: PairHandle, settings, examples: list[Example], source: st
             calibration = [batches(handle, examples, source, batch_size)] * len(handle.pair.finetuned)
         result = run_method(handle.pair, settings, calibration, progress=progress,
                             should_stop=should_stop)
-        quick, references = quick_check(handle, result.patch, quick_examples, progress, should_stop)
+        quick, references = quick_check(handle, handle.eval_sets if sets is None else sets,
+                                        result.patch, quick_examples, progress, should_stop)
     report = dict(result.report)
     report["calibration"] = {"source": source, "examples": len(examples)}
     if quick is not None:
@@ -95,41 +98,59 @@ def save_run(folder: Path, patch, report: dict[str, Any]) -> tuple[Path, Path]:
     return patch_file, report_file
 
 
-def quick_check(handle: PairHandle, patch, n: int, progress: Progress, should_stop: StopCheck
-                ) -> tuple[pd.DataFrame | None, dict[str, dict[str, float]]]:
-    """Score base, fine-tuned and the merge on `n` examples of each built-in set; the
-    table and the base / fine-tuned scores (computed once per pair: Studio files them)."""
-    if not n or not handle.eval_sets:
+def set_key(spec: EvalSpec, n: int) -> str:
+    """Which scores a quick check may reuse: the set's name and its first `n` examples (two
+    visitors' sets of one name on the shared demo pair differ in their examples)."""
+    examples = repr((spec.task, spec.examples[:n])).encode()
+    return f"{spec.name}#{hashlib.sha1(examples).hexdigest()[:12]}"
+
+
+def quick_check(handle: PairHandle, sets: Sequence[EvalSpec], patch, n: int, progress: Progress,
+                should_stop: StopCheck) -> tuple[pd.DataFrame | None, dict[str, dict[str, float]]]:
+    """Score base, fine-tuned and the merge on `n` examples of each set; the table and the
+    base / fine-tuned scores by set key (computed once per pair and set: Studio files them
+    on the handle, and a later check scores only the sets it has not seen)."""
+    if not n or not sets:
         return None, {}
-    from tailor_ui.evaluation.evaluate import EvalSet, evaluate_all
+    from tailor_ui.evaluation.evaluate import evaluate_all
 
-    sets = [EvalSet(s.name, s.task, list(s.examples[:n])) for s in handle.eval_sets]
+    keyed = {set_key(s, n): s.cut(n) for s in sets}
 
-    def scores(model) -> dict[str, float]:
-        results = evaluate_all(model, handle.pair.processor, sets, batch_size=n,
-                               should_stop=should_stop)
-        return {name: result.score for name, result in results.items()}
+    def scores(model, keys) -> dict[str, float]:
+        results = evaluate_all(model, handle.pair.processor, [keyed[k] for k in keys],
+                               batch_size=n, should_stop=should_stop)
+        return {k: results[keyed[k].name].score for k in keys}
 
     progress(f"quick check on {n} examples per task", 0, 1)
     with handle.lock:
-        references = handle.reference_scores or {
-            "Pre-trained": scores(handle.pair.base), "Fine-tuned": scores(handle.pair.finetuned[0])}
+        references = {}
+        for label, model in (("Pre-trained", handle.pair.base), ("Fine-tuned", handle.pair.finetuned[0])):
+            known = handle.reference_scores.get(label, {})
+            missing = [k for k in keyed if k not in known]
+            found = {**known, **(scores(model, missing) if missing else {})}
+            references[label] = {k: found[k] for k in keyed}
         with handle.patched(patch) as model:
-            merged = scores(model)
-    return quick_table(handle, references, merged), references
+            merged = scores(model, list(keyed))
+    return quick_table(sets, n, references, merged), references
 
 
-def quick_table(handle: PairHandle, references: dict[str, dict[str, float]],
+def quick_table(sets: Sequence[EvalSpec], n: int, references: dict[str, dict[str, float]],
                 merged: dict[str, float]) -> pd.DataFrame:
-    """One row per model: its scores and its retention of the original and target tasks."""
+    """One row per model: its score on each set (a column per set name) and its retention
+    of the original and target tasks."""
     from tailor_ui.evaluation.sweep import retention
 
-    rows = [{"model": name, **scores} for name, scores in references.items()]
-    rows.append({"model": "This merge", **merged})
+    names = {set_key(s, n): s.name for s in sets}
+
+    def named(scores: dict[str, float]) -> dict[str, float]:
+        return {names[k]: v for k, v in scores.items()}
+
+    rows = [{"model": label, **named(scores)} for label, scores in references.items()]
+    rows.append({"model": "This merge", **named(merged)})
     table = pd.DataFrame(rows)
-    base, tuned = references["Pre-trained"], references["Fine-tuned"]
-    originals = {s.name: base.get(s.name) for s in handle.eval_sets if s.role == "original"}
-    targets = {s.name: tuned.get(s.name) for s in handle.eval_sets if s.role == "target"}
+    base, tuned = named(references["Pre-trained"]), named(references["Fine-tuned"])
+    originals = {s.name: base.get(s.name) for s in sets if s.role == "original"}
+    targets = {s.name: tuned.get(s.name) for s in sets if s.role == "target"}
     table["original retention"] = [retention(r, originals) for _, r in table.iterrows()]
     table["target retention"] = [retention(r, targets) for _, r in table.iterrows()]
     return table

@@ -1,6 +1,7 @@
 """Assemble the tabs into one Gradio app; a timer polls each visitor's jobs.
 
-Named API endpoints (for `gradio_client`): /load_demo, /load_pair, /tailor, /cancel_tailor,
+Named API endpoints (for `gradio_client`): /load_demo, /load_pair, /add_eval_set,
+/remove_eval_set, /eval_example, /tailor, /cancel_tailor,
 /find_settings, /use_best_settings, /compare, /sweep, /cancel_sweep, /sweep_result, /finetune,
 /cancel_finetune, /export_patch, /export_report, /export_model, /export_adapter, and the job endpoints
 /job_status, /wait_job, /cancel_job, /history.
@@ -61,7 +62,8 @@ class App:
             handle, _ = self.models.current(session)
             outputs = [*self.models.poll(session), *self.tailor.poll(session, handle),
                        *self.forgetting.poll(session), *self.export.poll(session),
-                       *self.finetune.poll(session)]
+                       *self.finetune.poll(session), *self.compare.poll(session, handle),
+                       *self.models.evalsets.poll(session)]
             self.studio.warm_gate.set()  # a first page is up: the start-up merge may use the CPU now
             return outputs
         except Exception:  # polling must never pop an error every second
@@ -121,7 +123,8 @@ class App:
                     self.export.render()
             self.outputs = [*self.models.poll_outputs(self.pair_status), *self.tailor.poll_outputs(),
                             *self.forgetting.poll_outputs(), *self.export.poll_outputs(),
-                            *self.finetune.poll_outputs()]
+                            *self.finetune.poll_outputs(), *self.compare.poll_outputs(),
+                            *self.models.evalsets.poll_outputs()]
             timer = gr.Timer(POLL_SECONDS)
             timer.tick(self.poll, None, self.outputs, api_visibility="private", show_progress="hidden",
                        concurrency_limit=None, trigger_mode="always_last")

@@ -6,7 +6,7 @@ import gradio as gr
 import pandas as pd
 
 from tailor_ui.errors import UserError
-from tailor_ui.ui.common import (Tab, session_id, user_errors)
+from tailor_ui.ui.common import Number, Tab, changed, session_id, user_errors
 from tailor_ui.demo.sets import demo_examples
 
 MODES = [("Caption the image", "caption"), ("Ask a question", "question")]
@@ -27,6 +27,25 @@ class CompareTab(Tab):
         tailored = merges[0][1] if merges else "(run a merge in the Tailor tab)"
         table = pd.DataFrame(answers, columns=["model", "answer"])
         return answers[0][1], fine_tuned[0] if fine_tuned else "", tailored, table
+
+    @user_errors
+    def pick(self, name: str, number: float, request: gr.Request):
+        """Example `number` of one of the pair's evaluation sets: image, task, question and
+        its reference answers."""
+        if not name:
+            raise UserError("choose an evaluation set (add your own in the Models tab)")
+        session = self.studio.session(session_id(request))
+        image, question, answers = self.studio.eval_example(session, name, int(number or 1))
+        references = "**Reference answers:** " + " | ".join(dict.fromkeys(answers))
+        return image, "question" if question else "caption", question, references
+
+    def poll(self, session, handle) -> list:
+        """The set picker's choices: the pair's sets, when they changed."""
+        names = [] if handle is None else [s.name for s in (*handle.eval_sets, *session.eval_sets)]
+        return [gr.update(choices=names) if changed(session, "compare-sets", names) else gr.skip()]
+
+    def poll_outputs(self) -> list:
+        return [self.set_choice]
 
     def trained_answer(self, table, request: gr.Request) -> str:
         """The answer of the session's latest model fine-tuned in the Fine-tune tab, read from
@@ -53,6 +72,17 @@ class CompareTab(Tab):
                 self.question = gr.Textbox(label="Question", placeholder="what shape is on the left?",
                                            elem_id="compare-question")
                 self.button = gr.Button("Compare", variant="primary", elem_id="compare-run")
+                with gr.Group():
+                    with gr.Row():
+                        # choices come with polling; a name typed or sent by an API client is
+                        # checked by the service
+                        self.set_choice = gr.Dropdown([], label="…or an example of an evaluation set",
+                                                      allow_custom_value=True, scale=3,
+                                                      elem_id="compare-set")
+                        self.set_number = Number(1, label="example", precision=0, minimum=1, scale=1,
+                                                 elem_id="compare-set-n")
+                    self.pick_button = gr.Button("Compare on this example", elem_id="compare-pick")
+                self.references = gr.Markdown(elem_id="compare-references")
             with gr.Column(scale=2):
                 with gr.Row(equal_height=True):
                     self.base = gr.Textbox(label="Pre-trained", lines=3, interactive=False,
@@ -69,6 +99,11 @@ class CompareTab(Tab):
         outputs = [self.base, self.finetuned, self.tailored, self.table]
         self.button.click(self.compare, [self.image, self.mode, self.question], outputs,
                           api_name="compare", concurrency_limit=None)
+        self.pick_button.click(self.pick, [self.set_choice, self.set_number],
+                               [self.image, self.mode, self.question, self.references],
+                               api_name="eval_example", concurrency_limit=None).success(
+            self.compare, [self.image, self.mode, self.question], outputs, api_visibility="private",
+            concurrency_limit=None)
         # on the table's change, not chained to the button: a clicked example fills it too
         self.table.change(self.trained_answer, [self.table], [self.trained], api_visibility="private",
                           queue=False)

@@ -28,8 +28,9 @@ def sweep_outputs(run: SweepRun | None) -> list:
 
 
 INTRO = ("Evaluates the pre-trained and fine-tuned models, the majority answer and every method x "
-         "setting on the original tasks (captioning, attribute questions) and the pair's target "
-         "task. Scores: CIDEr-D for captions, VQA accuracy for questions; retention per set, and "
+         "setting on the pair's evaluation sets: its original tasks and its target task (the "
+         "demo's built-in sets, and any you add in the **Models** tab under *Evaluation sets*). "
+         "Scores: CIDEr-D for captions, VQA accuracy for questions; retention per set, and "
          "the share of the fine-tune's gain each row keeps. Models you trained in the Fine-tune "
          "tab join the sweep as extra rows.")
 
@@ -37,12 +38,15 @@ INTRO = ("Evaluates the pre-trained and fine-tuned models, the majority answer a
 class ForgettingTab(Tab):
     @user_errors
     def run(self, methods: list[str], keeps: str, lams: str, alpha: float, examples: float,
-            request: gr.Request):
-        """Queue a sweep over methods x settings on the built-in evaluation sets."""
+            calib_files: list | None = None, request: gr.Request = None):
+        """Queue a sweep over methods x settings on the pair's evaluation sets; Model Tailor
+        calibrates on the uploaded files, else on the pair's built-in calibration set."""
         session = self.studio.session(session_id(request))
+        files = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (calib_files or [])]
         job = self.studio.submit_sweep(
             session, methods or [], parse_numbers(keeps, "keep"),
-            parse_numbers(lams, "λ", *LAMBDA_RANGE), alpha=float(alpha), examples=int(examples))
+            parse_numbers(lams, "λ", *LAMBDA_RANGE), alpha=float(alpha), examples=int(examples),
+            calib_source="upload" if files else "builtin", calib_files=files or None)
         return queued(session, "sweep", job)
 
     @user_errors
@@ -92,6 +96,9 @@ class ForgettingTab(Tab):
                                    elem_id="sweep-alpha")
             self.examples = Slider(4, 150, value=24, step=4, label="Examples per evaluation set",
                                       elem_id="sweep-n")
+            self.calib = gr.File(label="Calibration for Model Tailor: target-task JSONL + images, or a "
+                                       "zip (the demo has its own)", file_count="multiple",
+                                 file_types=[".jsonl", ".zip", "image"], elem_id="sweep-calib", scale=2)
             with gr.Column(min_width=200):
                 self.run_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-run")
                 self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel")
@@ -115,7 +122,8 @@ class ForgettingTab(Tab):
             self.csv = gr.DownloadButton("Download the table (CSV)", value=None, elem_id="sweep-csv")
             self.refresh = gr.Button("Show the result of the sweep job id above", size="sm",
                                      elem_id="sweep-show")
-        self.run_button.click(self.run, [self.methods, self.keeps, self.lams, self.alpha, self.examples],
+        self.run_button.click(self.run, [self.methods, self.keeps, self.lams, self.alpha, self.examples,
+                                         self.calib],
                               [self.job_id, self.progress], api_name="sweep", concurrency_limit=None)
         self.cancel_button.click(self.cancel, [self.job_id], [self.progress], api_name="cancel_sweep",
                                  concurrency_limit=None)

@@ -12,6 +12,7 @@ from tailor_ui.session import PairHandle
 from tailor_ui.demo.sets import DEFAULT_STORY, STORIES
 from tailor_ui.ui.common import (Tab, changed, job_signature, progress_html, public_text, session_id,
                                  user_errors)
+from tailor_ui.ui.evalsets import EvalSetsPanel
 from tailor_ui.service.studio import Studio
 
 DTYPE_CHOICES = [d for d in DTYPES if len(d) > 4]  # float32, bfloat16, float16
@@ -106,6 +107,7 @@ def story_text(story: str) -> str:
 class ModelsTab(Tab):
     def __init__(self, studio: Studio) -> None:
         super().__init__(studio)
+        self.evalsets = EvalSetsPanel(studio)  # beside the pair: the sets it is scored on
         # the pair every page is first served with (app.py builds the page once the demo
         # has loaded, or after MTS_DEMO_WAIT with none); one snapshot for status and summary
         self.first_pair: PairHandle | None = studio.demo
@@ -230,6 +232,7 @@ class ModelsTab(Tab):
                 self.plot = gr.Plot(plot, elem_id="models-change-plot", show_label=False)
         self.table = gr.Dataframe(table, label="What fine-tuning changed, per layer and module",
                                   interactive=False, elem_id="models-table", wrap=True, max_height=320)
+        self.evalsets.render()
 
         self.demo_button.click(self.use_demo, [self.story], [self.summary, self.plot, self.table],
                                api_name="load_demo", concurrency_limit=None)

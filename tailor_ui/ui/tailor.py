@@ -65,6 +65,9 @@ def result_markdown(run: TailorRun | None, default: bool = False) -> str:
         lines.append(f"**Quick check:** original skills kept {100 * row['original retention']:.0f}% · "
                      f"target skill kept {100 * row['target retention']:.0f}% (few examples; run a "
                      "sweep in *Forgetting* for the full picture)")
+    elif run.quick is None:
+        lines.append("*No quick check: this pair has no evaluation sets. Add them in the Models tab "
+                     "(Evaluation sets) to score each merge on a few examples.*")
     return "\n\n".join(lines)
 
 
