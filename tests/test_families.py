@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from families import FAMILIES, VOCAB, finetune_like, matching, tokenizer
+from families import FAMILIES, VOCAB, finetune_like, matching
 from tailor_ui.engine import run_method, selected_linears
 from tailor_ui.errors import UserError
 from tailor_ui.methods.selection import column_blocks
-from tailor_ui.pair import Pair, check_match, load_model, load_pair, summarize
+from tailor_ui.pair import Pair, check_match, load_pair, summarize
 from tailor_ui.patch import apply_patch, load_patch, revert_patch, save_patch
 from tailor_ui.settings import Settings
 
