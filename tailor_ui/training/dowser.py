@@ -463,7 +463,11 @@ class DowserTraining(TrainingMethod):
             model, setup.processor, K=v["probe_prompts"], M=v["probes"], seed=setup.seed,
             cache=v["importance_cache"], progress=setup.progress, should_stop=setup.should_stop)
         self.importance = {k: scores.meta.get(k) for k in ("key", "seconds", "cached")}
-        masks = dowser_masks(model, scores, linear_weights(model, setup.names), v["rho"])
+        self.use_masks(model, dowser_masks(model, scores, linear_weights(model, setup.names),
+                                           v["rho"]))
+
+    def use_masks(self, model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+        """Train only the True entries of each named weight (the others stay bit-identical)."""
         self.masks = {n: m.to(model.get_parameter(n).device) for n, m in masks.items()}
         self.by_param = {model.get_parameter(n): m for n, m in self.masks.items()}
 
@@ -480,7 +484,7 @@ class DowserTraining(TrainingMethod):
         return param.numel() if mask is None else int(mask.sum())
 
     def extra(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"importance": self.importance}
+        out: dict[str, Any] = {"importance": self.importance} if hasattr(self, "importance") else {}
         if self.masks:
             out["masked_tensors"] = len(self.masks)
             out["kept_fraction"] = (sum(int(m.sum()) for m in self.masks.values())
