@@ -146,7 +146,7 @@ def stats(args) -> None:
 def main() -> None:
     parser = story_parser(__doc__)
     parser.add_argument("--lrs", default="3e-4,1e-3,3e-3")
-    parser.add_argument("--steps", default="50,150", help="optimizer steps (batch 16, one epoch)")
+    parser.add_argument("--steps", default="15,60", help="optimizer steps (batch 16, one epoch)")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--rhos", default="0.05,0.1,0.2",
                         type=lambda text: [float(x) for x in text.split(",")])

@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance-cache", type=Path, default=None, help="Dowser: folder caching scores")
     p.add_argument("--probe-prompts", type=int, default=64, help="Dowser: K self-generated prompts")
     p.add_argument("--probes", type=int, default=8, help="Dowser: M Rademacher probes per batch")
-    p.add_argument("--llaca-form", default="code", help="LLaCA weight: code (authors') | paper")
+    p.add_argument("--llaca-form", default="code", help="LLaCA weight: code (authors') | paper | mean (ours: per-entry means)")
     p.add_argument("--ema-beta", type=float, default=0.99, help="fixed-β EMA baseline")
     _model_options(p)
 
