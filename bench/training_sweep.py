@@ -49,10 +49,10 @@ def _scores(model, processor, sets) -> dict[str, float]:
     return {score_column(name): r.score for name, r in results.items()}
 
 
-def _runs(rhos: list[float]) -> list[tuple[str, dict]]:
-    runs = [("full", {})]
+def _runs(methods: list[str], rhos: list[float]) -> list[tuple[str, dict]]:
+    runs = [("full", {})] if "full" in methods else []
     for rho in rhos:
-        runs += [("dowser", {"rho": rho}), ("random_mask", {"rho": rho})]
+        runs += [(m, {"rho": rho}) for m in ("dowser", "random_mask") if m in methods]
     return runs
 
 
@@ -70,7 +70,7 @@ def sweep(args) -> None:
     steps = [int(x) for x in args.steps.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     for seed, n_steps, lr, (method, options) in itertools.product(seeds, steps, lrs,
-                                                                   _runs(args.rhos)):
+                                                                   _runs(args.methods, args.rhos)):
         train = world.generate(STORIES[args.story].task, n_steps * BATCH, 1000 + seed, 0)
         model = copy.deepcopy(base)
         start = time.perf_counter()
@@ -150,6 +150,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--rhos", default="0.05,0.1,0.2",
                         type=lambda text: [float(x) for x in text.split(",")])
+    parser.add_argument("--methods", default="full,dowser,random_mask",
+                        type=lambda text: text.split(","))
     parser.add_argument("--stats", action="store_true", help="mask statistics instead of the sweep")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
