@@ -174,7 +174,9 @@ class LLaCATraining(TrainingMethod):
 
     label = "LLaCA (adaptive EMA)"
     about = ("an EMA copy of the trained weights follows them with a gradient-chosen weight "
-             "and replaces them at the end.")
+             "and replaces them at the end. The weight grows as tensors shrink: on the demo's "
+             "small tensors the copy stays on the live weights and ends where plain training "
+             "does (docs/AUDIT.md); the fixed EMA is the one that forgets less there.")
     options = {"llaca_form": "code"}
 
     @classmethod
