@@ -13,7 +13,8 @@ as the README's merge tables. The CSV is rewritten after every run.
 gradient (and of the original skills' gradient: captions and attribute questions) that
 each mask holds, and the importance of the masked entries, for the base model:
 
-    python bench/training_sweep.py --out bench/results/training_sweep_spatial.csv
+    python bench/training_sweep.py --steps 15 --seeds 0 --out bench/results/training_sweep_spatial.csv
+    (the README's "During training" lists the other parts of the grid)
     python bench/training_sweep.py --stats --out bench/results/dowser_mask_stats_spatial.csv
 """
 
