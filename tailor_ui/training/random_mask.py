@@ -31,7 +31,7 @@ def random_masks(model: torch.nn.Module, weights: Sequence[str], rho: float,
 class RandomMaskTraining(DowserTraining):
     """Random-mask control: Model-Dowser's training with the mask drawn at random."""
 
-    label = "Random mask (control for Model-Dowser)"
+    label = "Random mask (sparse control)"
     about = ("only a random ρ of the entries of each weight matrix move, drawn per run: the "
              "control Model-Dowser's importance mask must beat (ours, not from a paper).")
     options = {"rho": 0.1}
