@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a model: full, Model-Dowser or LLaCA")
     p.add_argument("--base", required=True)
-    p.add_argument("--data", required=True, type=Path, help="training JSONL")
+    p.add_argument("--data", type=Path, help="training JSONL (not with --continual)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--method", default="full", help=" | ".join(TRAINING_METHODS))
     p.add_argument("--layers", default=None,
@@ -243,8 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance-cache", type=Path, default=None, help="Dowser: folder caching scores")
     p.add_argument("--probe-prompts", type=int, default=64, help="Dowser: K self-generated prompts")
     p.add_argument("--probes", type=int, default=8, help="Dowser: M Rademacher probes per batch")
-    p.add_argument("--llaca-form", default="code", help="LLaCA weight: code (authors') | paper")
+    p.add_argument("--llaca-form", default="code", help="LLaCA weight: code (authors') | paper | mean (ours: per-entry means)")
     p.add_argument("--ema-beta", type=float, default=0.99, help="fixed-β EMA baseline")
+    p.add_argument("--continual", default=None, metavar="TASKS",
+                   help="train on the shapes world's tasks one after another instead of --data "
+                   "(e.g. colour,count,spatial; methods full, ema, llaca): OUT/continual.csv holds "
+                   "every task's accuracy after each stage; --limit examples per task (default 1200)")
     _model_options(p)
 
     p = sub.add_parser("demo", help="the built-in demo pair")
@@ -741,6 +745,10 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.epochs < 1 or args.batch_size < 1 or args.probe_prompts < 1 or args.probes < 1:
         raise UserError("--epochs, --batch-size, --probe-prompts and --probes must be positive")
     _check_out_dir(args.out)
+    if args.continual is not None:
+        return _finetune_continual(args)
+    if args.data is None:
+        raise UserError("give --data (a training JSONL) or --continual TASKS")
     bar, update = _progress_bar()
     try:
         report = finetune_cli(
@@ -755,6 +763,38 @@ def _finetune(args: argparse.Namespace) -> int:
     losses = report.losses
     print(f"{args.method}: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
           f"in {report.seconds:.1f}s -> {args.out}" if losses else f"{args.method}: no steps")
+    return 0
+
+
+def _finetune_continual(args: argparse.Namespace) -> int:
+    """The continual twin of the Fine-tune tab: shapes-world tasks one after another."""
+    from tailor_ui.demo.tasks import shapes_sequence
+    from tailor_ui.pair import load_model
+    from tailor_ui.service.finetune import CONTINUAL_METHOD
+    from tailor_ui.training.continual import run_continual, summary
+    from tailor_ui.training.finetune import parse_layers
+
+    if args.method not in CONTINUAL_METHOD:
+        raise UserError(f"--continual trains with {', '.join(CONTINUAL_METHOD)}, not {args.method}")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    model, processor = load_model(args.base, **_load_options(args))
+    tasks = shapes_sequence(args.out / "eval", [t.strip() for t in args.continual.split(",")],
+                            n_train=args.limit or 1200, seed=args.seed)
+    bar, update = _progress_bar()
+    try:
+        table = run_continual(model, processor, tasks, CONTINUAL_METHOD[args.method],
+                              layers=parse_layers(args.layers), lr=args.lr, epochs=args.epochs,
+                              batch_size=args.batch_size, seed=args.seed,
+                              weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                              llaca_form=args.llaca_form, ema_beta=args.ema_beta, progress=update)
+    finally:
+        bar.close()
+    table.to_csv(args.out / "continual.csv", index=False, float_format="%.4f")
+    print(table.drop(columns=["method"]).to_string(index=False, float_format="%.3f"))
+    result = summary(table)
+    print(f"{args.method}: average accuracy {result['average']:.3f}, forgetting "
+          f"{result['forgetting']:.3f} -> {args.out / 'continual.csv'}")
     return 0
 
 

@@ -312,3 +312,26 @@ def loss_curve(losses, title: str = "Training loss") -> go.Figure:
                       xaxis={"title": "optimizer step", **({"dtick": 1} if len(values) <= 20 else {})},
                       yaxis={"title": "loss"}, legend={"orientation": "h", "y": 1.08})
     return fig
+
+
+def continual_accuracy(table: pd.DataFrame | None, title: str = "Continual: accuracy per task") -> go.Figure:
+    """Each task's accuracy after every stage of a continual run (`run_continual`'s table):
+    a line per task, the stage's task on the x axis, so forgetting shows as a line falling."""
+    columns = [c for c in (table.columns if table is not None else []) if c.startswith("acc:")]
+    if table is None or table.empty or not columns:
+        return empty_figure("run a continual sequence to see each task's accuracy", title)
+    fig = _figure()
+    stages = [("before" if s == 0 else f"after {a}") for s, a in zip(table["stage"], table["after"])]
+    for column in columns:
+        fig.add_trace(go.Scatter(x=stages, y=table[column], mode="lines+markers",
+                                 name=column.removeprefix("acc:"), marker={"size": 8},
+                                 hovertemplate="%{x}<br>accuracy %{y:.3f}<extra></extra>"))
+    last = table.iloc[-1]
+    if "average" in table and math.isfinite(float(last["average"])):
+        title += (f" — average {float(last['average']):.3f}, forgetting "
+                  f"{float(last['forgetting']):.3f}" if math.isfinite(float(last["forgetting"]))
+                  else f" — average {float(last['average']):.3f}")
+    fig.update_layout(title=title, height=HEIGHT, xaxis={"title": "stage"},
+                      yaxis={"title": "accuracy", "range": [0, 1.05]},
+                      legend={"orientation": "h", "y": 1.08})
+    return fig

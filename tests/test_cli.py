@@ -153,3 +153,20 @@ def test_demo_build_rewrites_the_demo_folder_not_all_assets(monkeypatch):
     monkeypatch.setattr(build, "build_demo", lambda folder, seed: calls.append((folder, seed)))
     assert main(["demo", "build"]) == 0
     assert calls == [(DEMO_DIR, 0)] and DEMO_DIR.name == "demo" and DEMO_DIR.parent.name == "assets"
+
+
+def test_finetune_continual_writes_the_stage_table(disk_pair, tmp_path, capsys):
+    import pandas as pd
+
+    out = tmp_path / "continual"
+    args = ["finetune", "--base", str(disk_pair / "base"), "--out", str(out), "--continual",
+            "colour,count", "--limit", "6", "--batch-size", "3", "--lr", "1e-3"]
+    assert main([*args, "--method", "ema", "--ema-beta", "0.5"]) == 0
+    table = pd.read_csv(out / "continual.csv")
+    assert list(table["after"]) == ["base", "colour", "count"]
+    assert table["ema_lag"].iloc[1:].between(0, 1).all() and "forgetting" in capsys.readouterr().out
+    assert main([*args[:5], "--out", str(tmp_path / "d"), "--continual", "colour",
+                 "--method", "dowser"]) == 2
+    assert "--continual trains with" in capsys.readouterr().err
+    assert main(["finetune", "--base", str(disk_pair / "base"), "--out", str(tmp_path / "n")]) == 2
+    assert "give --data" in capsys.readouterr().err

@@ -239,3 +239,27 @@ def test_scores_of_another_model_are_refused():
     with pytest.raises(UserError, match="do not fit"):
         finetune(model, processor, world.generate("count", 4, 0), method="dowser",
                  importance=wrong)
+
+
+def test_random_mask_control_trains_a_seeded_uniform_sparse_mask():
+    from tailor_ui.training.random_mask import random_masks
+
+    base, processor = tiny()
+    samples = world.generate("count", 16, 0)
+    runs = []
+    for seed in (0, 0, 1):
+        model = copy.deepcopy(base)
+        report = finetune(model, processor, samples, method="random_mask", rho=0.2, lr=1e-2,
+                          weight_decay=0.1, batch_size=8, seed=seed)
+        runs.append((model, report))
+    assert runs[0][1].settings["rho"] == 0.2 and runs[0][1].extra["masked_tensors"] == 7
+    weights = [n for n, _ in base.named_parameters()
+               if ".layers.1." in n and "language_model" in n and n.endswith("proj.weight")]
+    masks = random_masks(base, weights, 0.2, 0)
+    for name in weights:
+        old, new = base.get_parameter(name), runs[0][0].get_parameter(name)
+        assert int(masks[name].sum()) == round(0.2 * old.numel())
+        assert torch.equal(new[~masks[name]], old[~masks[name]]), name  # bit-identical outside
+        assert torch.equal(new, runs[1][0].get_parameter(name))  # same seed, same run
+    other = random_masks(base, weights, 0.2, 1)
+    assert any(not torch.equal(masks[n], other[n]) for n in weights)  # the seed draws the mask

@@ -227,3 +227,23 @@ def test_continual_rejects_bad_input(tmp_path):
         run_continual(model, processor, [], method="ema")
     with pytest.raises(UserError, match="only once"):
         shapes_sequence(tmp_path, ("count", "count"))
+
+
+def test_lag_ratio_and_mean_form():
+    """The lag is ‖θ − θ*‖ / ‖θ − θ₀‖; the per-entry-means form falls back where a·c < 2."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    tracker = EMATracker([("w", p)], form="fixed", beta=0.75)
+    with torch.no_grad():
+        p.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))
+    p.grad = torch.zeros(4)
+    tracker.update()  # θ* = 0.25·θ → lag |θ − θ*| = 3, moved 4
+    assert tracker.lag_ratio() == pytest.approx(0.75)
+    means = EMATracker([("w", p)], form="mean")
+    p.grad = torch.full((4,), 2.0)
+    with torch.no_grad():
+        p.add_(1.0)
+    means.update()  # a = b = c = 1 per entry (sums 4): w = 2·2/1 = 4 → fallback
+    assert means.stats()["fallback_fraction"] == 1.0
+    summed = EMATracker([("w", torch.nn.Parameter(torch.zeros(4)))], form="code")
+    assert live_weight("code", 4.0, 4.0, 4.0) == pytest.approx(2 * 5 / 16)  # the sums do not
+    assert math.isnan(summed.lag_ratio())  # nothing moved yet

@@ -44,12 +44,12 @@ def test_finetune_job_loss_curve_compare_and_base_untouched(ui):
     job = studio.runner.wait(job_id, request.session_hash, 120)
     assert job.status == DONE, job.error
     session = studio.session(request.session_hash)
-    progress, loss_fig, result = ui.finetune.poll(session)
+    progress, loss_fig, result, _, _ = ui.finetune.poll(session)
     assert f'data-status="{DONE}"' in progress
     assert isinstance(loss_fig, go.Figure) and len(loss_fig.data[0].y) == 2  # 16 examples / 8
     assert all(v > 0 for v in loss_fig.data[0].y)
     assert job_id in result and "Full fine-tuning" in result
-    assert ui.finetune.poll(session) == [gr.skip()] * 3  # nothing new to send
+    assert ui.finetune.poll(session) == [gr.skip()] * 5  # nothing new to send
     for name, param in studio.demo.pair.base.named_parameters():  # trained a copy
         assert torch.equal(param, before[name]), name
     trained = session.trained[job_id]
@@ -121,3 +121,27 @@ def test_finetune_endpoint_names_the_input_out_of_range(client, args, words):
 
     with pytest.raises(AppError, match=words):
         client.predict(*args, api_name="/finetune")
+
+
+def test_method_defaults_and_the_continual_run(ui):
+    from tailor_ui.service.finetune import METHOD_DEFAULTS
+
+    rho, lr, beta, continual, info = ui.finetune.method_changed("random_mask")
+    assert rho["interactive"] and rho["value"] == METHOD_DEFAULTS["random_mask"]["rho"]
+    assert lr["value"] == METHOD_DEFAULTS["random_mask"]["lr"] and "Random mask" in info
+    assert not beta["interactive"] and not continual["interactive"]  # no continual form
+    rho, lr, beta, continual, _ = ui.finetune.method_changed("ema")
+    assert beta["interactive"] and beta["value"] == 0.99 and continual["interactive"]
+    request = new_request()
+    with pytest.raises(gr.Error, match="continual run trains with"):
+        ui.finetune.run_continual("dowser", 1e-3, 1, "", 8, request=request)
+    job_id, _ = ui.finetune.run_continual("ema", 1e-3, 1, "", 8, 0.5, request=request)
+    job = ui.studio.runner.wait(job_id, request.session_hash, 300)
+    assert job.status == DONE, job.error
+    table = job.result
+    assert list(table["after"]) == ["base", "colour", "count", "spatial"]
+    assert table["ema_lag"].iloc[1:].between(0, 1).all()  # β 0.5: the EMA trails, not frozen
+    session = ui.studio.session(request.session_hash)
+    figure = ui.finetune.poll(session)[4]
+    assert [trace.name for trace in figure.data] == ["colour", "count", "spatial"]
+    assert list(figure.data[0].y) == list(table["acc:colour"])

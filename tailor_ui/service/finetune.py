@@ -1,11 +1,12 @@
 """Fine-tuning in the dashboard: a private copy of the demo pair's base trained on the
 shapes world's spatial questions (the default demo story's target skill), optionally
-tailored after."""
+tailored after; or trained on a continual sequence of the shapes world's tasks."""
 
 from __future__ import annotations
 
 import copy
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,15 @@ from tailor_ui.session import PairHandle, TrainedModel
 FINETUNE_STREAM = 0
 MAX_FINETUNE_EXAMPLES = 2000
 _LOSS = re.compile(r"loss ([-+0-9.eEinfa]+)$")  # the training loop's stage: "epoch 1/2: loss 1.234"
+# each method's starting settings in the Fine-tune tab, from the learning-rate sweep on the
+# demo's spatial story (bench/training_sweep.py, README "During training")
+METHOD_DEFAULTS: dict[str, dict[str, float]] = {
+    "full": {"lr": 1e-3}, "dowser": {"lr": 3e-3, "rho": 0.1},
+    "random_mask": {"lr": 3e-3, "rho": 0.1}, "llaca": {"lr": 1e-3},
+    "ema": {"lr": 1e-3, "ema_beta": 0.99}}
+# the continual methods the tab's methods run as (sparse masks have no continual form here)
+CONTINUAL_METHOD = {"full": "sequential", "ema": "ema", "llaca": "llaca"}
+CONTINUAL_EVAL_EXAMPLES = 50
 
 
 @dataclass
@@ -32,6 +42,7 @@ class FinetuneRequest:
     epochs: int
     layers: Any  # parsed layer spec (None: the last half)
     rho: float
+    ema_beta: float
     batch_size: int
     seed: int
     task: str  # the demo world's task it trains on: the demo story's target
@@ -41,26 +52,31 @@ class FinetuneRequest:
     def label(self) -> str:
         from tailor_ui.training.registry import TRAINING_METHODS
 
+        options = TRAINING_METHODS[self.method].options
         return (f"{TRAINING_METHODS[self.method].label} lr={self.lr:g} epochs={self.epochs} n={self.n}"
-                + (f" rho={self.rho:g}" if self.method == "dowser" else ""))
+                + (f" rho={self.rho:g}" if "rho" in options else "")
+                + (f" beta={self.ema_beta:g}" if "ema_beta" in options else ""))
 
 
 def checked_request(method: str, examples: int, lr: float, epochs: int, layers: str | int | None,
-                    rho: float, batch_size: int, seed: int, task: str) -> FinetuneRequest:
+                    rho: float, batch_size: int, seed: int, task: str,
+                    ema_beta: float = 0.99) -> FinetuneRequest:
     from tailor_ui.training.finetune import METHODS, check_options, parse_layers
+    from tailor_ui.training.registry import TRAINING_METHODS
 
     if method not in METHODS:
         raise UserError(f"unknown fine-tuning method {method!r} (choose from {', '.join(METHODS)})")
     n, epochs, batch_size = int(examples), int(epochs), int(batch_size)
     if not 1 <= n <= MAX_FINETUNE_EXAMPLES:
         raise UserError(f"use between 1 and {MAX_FINETUNE_EXAMPLES} training examples")
-    check_options(method, float(lr), epochs, batch_size, rho=float(rho))
+    check_options(method, float(lr), epochs, batch_size, rho=float(rho), ema_beta=float(ema_beta))
     layer_spec = parse_layers(str(layers).strip()) if layers not in (None, "") else None
+    own = {"rho": float(rho), "ema_beta": float(ema_beta)}
     settings = {"method": method, "task": task, "examples": n, "lr": float(lr), "epochs": epochs,
                 "layers": layers or "last half", "batch_size": batch_size, "seed": int(seed),
-                **({"rho": float(rho)} if method == "dowser" else {})}
-    return FinetuneRequest(method, n, float(lr), epochs, layer_spec, float(rho), batch_size,
-                           int(seed), task, settings)
+                **{k: v for k, v in own.items() if k in TRAINING_METHODS[method].options}}
+    return FinetuneRequest(method, n, float(lr), epochs, layer_spec, float(rho), float(ema_beta),
+                           batch_size, int(seed), task, settings)
 
 
 def finetune_run(handle: PairHandle, request: FinetuneRequest, live: list[float], tailor_after,
@@ -87,7 +103,7 @@ def finetune_run(handle: PairHandle, request: FinetuneRequest, live: list[float]
     result = finetune(model, handle.pair.processor, samples, method=request.method,
                       layers=request.layers, lr=request.lr, epochs=request.epochs,
                       batch_size=request.batch_size, seed=request.seed, rho=request.rho,
-                      progress=report, should_stop=should_stop)
+                      ema_beta=request.ema_beta, progress=report, should_stop=should_stop)
     live[:] = result.losses
     label = request.label
     models = [(label, model)]
@@ -118,3 +134,27 @@ def tailor_trained(handle: PairHandle, model, label: str, examples: list[Example
         tailored = copy.deepcopy(handle.pair.base)
     apply_patch(tailored, result.patch)
     return tailored
+
+
+def continual_run(handle: PairHandle, request: FinetuneRequest, tasks: tuple[str, ...],
+                  progress: Progress, should_stop: StopCheck):
+    """Train a copy of the base on the shapes world's `tasks` one after another with the
+    request's method as a continual method (full → sequential, ema, llaca) and settings;
+    returns `run_continual`'s stage table (accuracy on every task after each stage)."""
+    from tailor_ui.demo.tasks import shapes_sequence
+    from tailor_ui.training.continual import run_continual
+
+    if request.method not in CONTINUAL_METHOD:
+        raise UserError(f"a continual run trains with full fine-tuning, EMA or LLaCA, not "
+                        f"{request.method}")
+    with handle.lock:
+        model = copy.deepcopy(handle.pair.base)
+    with tempfile.TemporaryDirectory() as folder:  # the tasks' evaluation images
+        sequence = shapes_sequence(folder, tasks, n_train=request.n,
+                                   n_eval=CONTINUAL_EVAL_EXAMPLES, seed=request.seed + 1000)
+        return run_continual(model, handle.pair.processor, sequence,
+                             CONTINUAL_METHOD[request.method], max_new_tokens=4,
+                             layers=request.layers, lr=request.lr, epochs=request.epochs,
+                             batch_size=request.batch_size, seed=request.seed,
+                             ema_beta=request.ema_beta, progress=progress,
+                             should_stop=should_stop)

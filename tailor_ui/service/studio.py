@@ -437,7 +437,7 @@ class Studio:
     def submit_finetune(self, session: Session, method: str = "full", *, examples: int = 32,
                         lr: float = 1e-3, epochs: int = 1, layers: str | int | None = None,
                         rho: float = 0.1, batch_size: int = 8, seed: int = 0,
-                        tailor_after: bool = False) -> Job:
+                        tailor_after: bool = False, ema_beta: float = 0.99) -> Job:
         """Queue a fine-tuning run on a private copy of the pair's base model: the demo
         story's target task, freshly drawn training samples. The trained model (and,
         with `tailor_after`, Model Tailor's merge of it) joins the session's models."""
@@ -450,7 +450,7 @@ class Studio:
             raise UserError("the Fine-tune tab trains on the demo's target task: use the demo pair "
                             "(Models tab)")
         request = finetune_.checked_request(method, examples, lr, epochs, layers, rho, batch_size, seed,
-                                            STORIES[session.demo_story].task)
+                                            STORIES[session.demo_story].task, ema_beta)
         if tailor_after and not handle.calibration:
             raise UserError("Model Tailor needs the pair's calibration set, which it lacks")
         calib = list(handle.calibration[: self.config.calib_examples]) if tailor_after else []
@@ -468,6 +468,28 @@ class Studio:
                                        label=f"fine-tune: {request.label}", lane=handle.lane)
         session.live_losses[submitted.id] = live
         return submitted
+
+    def submit_continual(self, session: Session, method: str = "full", *, examples: int = 32,
+                         lr: float = 1e-3, epochs: int = 1, layers: str | int | None = None,
+                         ema_beta: float = 0.99, batch_size: int = 8, seed: int = 0) -> Job:
+        """Queue a continual run on a private copy of the pair's base: the shapes world's
+        default task sequence, `examples` per task; the job's result is the stage table."""
+        from tailor_ui.demo.tasks import DEFAULT_SEQUENCE
+
+        handle = self.handle_for(session)
+        if not handle.shared:
+            raise UserError("the continual run trains on the demo's shapes world: use the demo "
+                            "pair (Models tab)")
+        if method not in finetune_.CONTINUAL_METHOD:
+            raise UserError("a continual run trains with full fine-tuning, EMA or LLaCA")
+        request = finetune_.checked_request(method, examples, lr, epochs, layers, 0.1, batch_size,
+                                            seed, "continual", ema_beta)
+
+        def job(progress, should_stop):
+            return finetune_.continual_run(handle, request, DEFAULT_SEQUENCE, progress, should_stop)
+
+        return self.runner.submit(session.id, "continual", job,
+                                  label=f"continual: {request.label}", lane=handle.lane)
 
     def finetune_losses(self, session: Session, job_id: str) -> list[float]:
         """The losses of a fine-tuning job so far (all of them once it is done)."""

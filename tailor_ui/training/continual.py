@@ -35,6 +35,9 @@ from tailor_ui.training.finetune import finetune
 
 CONTINUAL_METHODS = ("sequential", "ema", "llaca")
 _FINETUNE_METHOD = {"sequential": "full", "ema": "ema", "llaca": "llaca"}
+# the stage table's EMA columns -> the key of the tracker's report they come from
+EMA_COLUMNS = {"ema_live_weight": "mean_live_weight", "ema_adaptive_weight": "mean_adaptive_weight",
+               "ema_fallback": "fallback_fraction", "ema_lag": "lag_ratio"}
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,10 @@ def run_continual(model: torch.nn.Module, processor: Any, tasks: Sequence[Contin
     `finetune` for every task (layers, lr, epochs, batch_size, seed, ...); task k uses
     seed + k so tasks do not share a shuffle. Columns: stage, after, method, acc:<task>…,
     average, forgetting, train_seconds, final_loss, and for the EMA methods the mean weight
-    the live weights got per update (`ema_live_weight`) and the share of updates that took
-    the fallback (`ema_fallback`).
+    the live weights got per update (`ema_live_weight`), the mean of those that were not the
+    fallback (`ema_adaptive_weight`), the share of updates that took the fallback
+    (`ema_fallback`) and, at the end of the task, how far the EMA trailed the live weights
+    (`ema_lag`: ‖θ − θ*‖ / ‖θ − θ₀‖, θ₀ the weights the task started from).
     """
     if method not in CONTINUAL_METHODS:
         raise UserError(f"unknown continual method {method!r} (choose from {', '.join(CONTINUAL_METHODS)})")
@@ -114,7 +119,7 @@ def run_continual(model: torch.nn.Module, processor: Any, tasks: Sequence[Contin
     seed = int(finetune_options.pop("seed", 0))
     total = len(tasks) + 1
     rows = [{"stage": 0, "after": "base", "method": method, "train_seconds": 0.0,
-             "final_loss": math.nan, "ema_live_weight": math.nan, "ema_fallback": math.nan}]
+             "final_loss": math.nan, **{c: math.nan for c in EMA_COLUMNS}}]
     report("evaluating before training", 0, total)
     rows[0].update(_evaluate_all(model, processor, tasks, eval_batch_size, max_new_tokens, stop))
     for k, task in enumerate(tasks, start=1):
@@ -129,12 +134,11 @@ def run_continual(model: torch.nn.Module, processor: Any, tasks: Sequence[Contin
         ema = result.extra.get("ema", {})
         row = {"stage": k, "after": task.name, "method": method, "train_seconds": seconds,
                "final_loss": result.epoch_losses[-1],
-               "ema_live_weight": ema.get("mean_live_weight", math.nan),
-               "ema_fallback": ema.get("fallback_fraction", math.nan)}
+               **{c: ema.get(key, math.nan) for c, key in EMA_COLUMNS.items()}}
         row.update(_evaluate_all(model, processor, tasks, eval_batch_size, max_new_tokens, stop))
         rows.append(row)
     table = pd.DataFrame(rows)
     table["average"], table["forgetting"] = continual_metrics(table, names)
     order = ["stage", "after", "method", *[acc_column(n) for n in names], "average", "forgetting",
-             "train_seconds", "final_loss", "ema_live_weight", "ema_fallback"]
+             "train_seconds", "final_loss", *EMA_COLUMNS]
     return table[order]

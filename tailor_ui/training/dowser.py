@@ -9,7 +9,10 @@ Importance of weight (i, j) of a linear layer: ψ_i · |W_ij| · a_j, where
   S = ξᵀ·logits[last], ξ ∈ {±1}^vocab, drawn independently per prompt and per probe.
 
 Both are averaged over K prompts the base model writes itself from a few random tokens
-(images off, so no data is needed), with M probes per batch of prompts. Boundary rules:
+(images off, so no data is needed; sampled as the authors' script does, `PROBE_SAMPLING`,
+64 tokens), with M probes per batch of prompts. The authors average the product ψ ⊗ |W| ⊗ a
+of each batch; the product of the means, kept here, picks the same ρ = 0.1 mask to 98 % on
+the demo (docs/AUDIT.md), for two vectors per layer instead of a matrix. Boundary rules:
 ψ = 1 for lm_head's outputs (its output *is* the logits; |∂S/∂logit| = |ξ| = 1), and a
 layer the text-only prompts never reach (the projector: images are off) gets a = 1 and
 ψ = 1, i.e. importance |W|.
@@ -51,6 +54,8 @@ from tailor_ui.training.method import RunSetup, TrainingMethod
 
 Batch = dict[str, torch.Tensor]
 FORMAT = "tailor_ui.dowser/1"
+# how the authors' probe script samples its prompts (Model-Dowser's repository)
+PROBE_SAMPLING = {"temperature": 0.9, "top_p": 0.9, "repetition_penalty": 1.05}
 
 
 @dataclass
@@ -267,10 +272,12 @@ def _vocabulary_ids(processor: Any, model: torch.nn.Module) -> torch.Tensor:
 
 
 def self_generated_prompts(model: torch.nn.Module, processor: Any, n: int = 64, *,
-                           start_tokens: int = 3, length: int = 32, batch_size: int = 8,
-                           seed: int = 0) -> list[Batch]:
-    """`n` text-only prompts the model writes itself from `start_tokens` random tokens
-    (sampling at temperature 1), right-padded in batches of `batch_size`.
+                           start_tokens: int = 3, length: int = 64, batch_size: int = 8,
+                           seed: int = 0, sampling: Mapping[str, float] | None = None
+                           ) -> list[Batch]:
+    """`n` text-only prompts the model writes itself from `start_tokens` random tokens,
+    right-padded in batches of `batch_size`. `sampling`: `generate`'s temperature, top_p
+    and repetition_penalty (default: the authors' `PROBE_SAMPLING`).
 
     The end-of-text token and everything after it are cut, so the last position is always
     a real continuation.
@@ -293,7 +300,8 @@ def self_generated_prompts(model: torch.nn.Module, processor: Any, n: int = 64, 
             try:
                 with torch.inference_mode():
                     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                         do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                         do_sample=True, top_k=0,
+                                         **{**PROBE_SAMPLING, **(sampling or {})},
                                          max_new_tokens=max(length - ids.shape[1], 1),
                                          pad_token_id=pad, eos_token_id=eos)
             except (TypeError, ValueError, RuntimeError) as exc:
@@ -339,12 +347,13 @@ def _cache_file(cache: str | Path, key: str) -> Path:
 
 
 def dowser_scores(model: torch.nn.Module, processor: Any, *, K: int = 64, M: int = 8,
-                  seed: int = 0, start_tokens: int = 3, prompt_length: int = 32,
-                  batch_size: int = 8, cache: str | Path | None = None,
-                  progress: Progress | None = None,
+                  seed: int = 0, start_tokens: int = 3, prompt_length: int = 64,
+                  batch_size: int = 8, sampling: Mapping[str, float] | None = None,
+                  cache: str | Path | None = None, progress: Progress | None = None,
                   should_stop: StopCheck | None = None) -> DowserScores:
     """ψ and a of every scored linear of the (pre-trained) model, probed with K
-    self-generated prompts and M Rademacher probes per batch.
+    self-generated prompts (`sampling`: see `self_generated_prompts`) and M Rademacher
+    probes per batch.
 
     `cache`: a folder (one file per model fingerprint and settings) or a `.safetensors`
     file; an existing entry with the same key is loaded instead of probing again.
@@ -354,7 +363,8 @@ def dowser_scores(model: torch.nn.Module, processor: Any, *, K: int = 64, M: int
                         "a prompt length above the number of start tokens")
     report = progress or no_progress
     settings = {"K": K, "M": M, "seed": seed, "start_tokens": start_tokens,
-                "prompt_length": prompt_length, "batch_size": batch_size}
+                "prompt_length": prompt_length, "batch_size": batch_size,
+                "sampling": {**PROBE_SAMPLING, **(sampling or {})}}
     key = None
     if cache is not None:
         identity = model_fingerprint(model)
@@ -374,7 +384,8 @@ def dowser_scores(model: torch.nn.Module, processor: Any, *, K: int = 64, M: int
     with _frozen(model):
         report("Model-Dowser: the model writes its probe prompts", 0, 1)
         batches = self_generated_prompts(model, processor, K, start_tokens=start_tokens,
-                                         length=prompt_length, batch_size=batch_size, seed=seed)
+                                         length=prompt_length, batch_size=batch_size, seed=seed,
+                                         sampling=sampling)
 
         def call(batch: Batch) -> torch.Tensor:
             inputs = to_model(batch, model)
@@ -463,7 +474,11 @@ class DowserTraining(TrainingMethod):
             model, setup.processor, K=v["probe_prompts"], M=v["probes"], seed=setup.seed,
             cache=v["importance_cache"], progress=setup.progress, should_stop=setup.should_stop)
         self.importance = {k: scores.meta.get(k) for k in ("key", "seconds", "cached")}
-        masks = dowser_masks(model, scores, linear_weights(model, setup.names), v["rho"])
+        self.use_masks(model, dowser_masks(model, scores, linear_weights(model, setup.names),
+                                           v["rho"]))
+
+    def use_masks(self, model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+        """Train only the True entries of each named weight (the others stay bit-identical)."""
         self.masks = {n: m.to(model.get_parameter(n).device) for n, m in masks.items()}
         self.by_param = {model.get_parameter(n): m for n, m in self.masks.items()}
 
@@ -480,7 +495,7 @@ class DowserTraining(TrainingMethod):
         return param.numel() if mask is None else int(mask.sum())
 
     def extra(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"importance": self.importance}
+        out: dict[str, Any] = {"importance": self.importance} if hasattr(self, "importance") else {}
         if self.masks:
             out["masked_tensors"] = len(self.masks)
             out["kept_fraction"] = (sum(int(m.sum()) for m in self.masks.values())

@@ -1,15 +1,21 @@
 """LLaCA: an EMA copy of the trained weights that follows them with a gradient-chosen weight.
 
 METHODS.md §4. After every optimizer step each trainable tensor's EMA copy θ* moves toward
-the live weights θ; at the end of a task the EMA weights replace the live ones. Three
+the live weights θ; at the end of a task the EMA weights replace the live ones. Four
 forms of the step, all reducing each quantity to one number per tensor by its L1 norm:
 
-- `code` (**default**, the authors' released code): a = ‖θ − θ*‖₁, b = ‖g‖₁,
+- `code` (**default**; METHODS.md's transcription of the authors' code, which no stored copy
+  of their repositories holds, so it is unchecked: docs/AUDIT.md): a = ‖θ − θ*‖₁, b = ‖g‖₁,
   c = ‖g − g_prev‖₁, w = 2(1 + b)/(a·c), w = 0.01 when it falls outside (0, 1);
   θ* ← (1 − w)·θ* + w·θ.
 - `paper` (the paper's equations): β = (L' + 1)/((θ − θ*)·L'') with L' = ‖g‖₁,
   θ − θ* → ‖θ − θ*‖₁ and L'' ≈ ‖g − g_prev‖₁; β = 0.99 outside (0, 1);
   θ* ← β·θ* + (1 − β)·θ.
+- `mean` (**ours**, not the authors'): the code form on per-entry means (each L1 norm divided
+  by the tensor's size), so w no longer grows or shrinks with the tensor's size. Where
+  mean|θ − θ*|·mean|g − g_prev| < 2 (every tensor of the demo, and of a 7B model at fine-tuning
+  learning rates) it always falls back, i.e. it is the fixed EMA with β = 0.99; it is here to
+  show that, not as a better LLaCA (docs/AUDIT.md).
 - `fixed`: the plain EMA baseline, θ* ← β·θ* + (1 − β)·θ with one fixed β.
 
 Conventions this module fixes (the paper leaves them open): g is the gradient the
@@ -31,8 +37,8 @@ import torch
 
 from tailor_ui.training.method import RunSetup, TrainingMethod
 
-Form = Literal["code", "paper", "fixed"]
-FORMS: tuple[Form, ...] = ("code", "paper", "fixed")
+Form = Literal["code", "paper", "mean", "fixed"]
+FORMS: tuple[Form, ...] = ("code", "paper", "mean", "fixed")
 CODE_FALLBACK = 0.01  # weight on the live weights when the code form's w leaves (0, 1)
 PAPER_FALLBACK = 0.99  # β (weight on the EMA) when the paper form's β leaves (0, 1)
 
@@ -70,9 +76,10 @@ def paper_beta(grad: float, change: float, grad_change: float,
 def live_weight(form: Form, a: float, b: float, c: float, beta: float = 0.99) -> float:
     """The weight the live weights get in θ* ← (1 − w)·θ* + w·θ, for any form.
 
-    a = ‖θ − θ*‖₁, b = ‖g‖₁, c = ‖g − g_prev‖₁; `beta` is the fixed form's β.
+    a = ‖θ − θ*‖₁, b = ‖g‖₁, c = ‖g − g_prev‖₁ (for `mean`: the per-entry means); `beta`
+    is the fixed form's β.
     """
-    if form == "code":
+    if form in ("code", "mean"):
         return code_weight(a, b, c)
     if form == "paper":
         return 1.0 - paper_beta(b, a, c)
@@ -87,7 +94,9 @@ class EMATracker:
     `update()` must run after `optimizer.step()` and before the gradients are cleared.
     `swap_in()` writes the EMA weights into the live parameters (the end of a task).
     `weights` records every per-tensor weight w given to the live weights, and
-    `fallbacks` how many of them were the fallback, for the training report.
+    `fallbacks` how many of them were the fallback, for the training report;
+    `lag_ratio()` says how far the EMA trails: ‖θ − θ*‖ / ‖θ − θ₀‖ (θ₀: the weights the
+    tracker started from), 0 when it sits on the live weights, 1 when it never moved.
     """
 
     def __init__(self, params: Iterable[tuple[str, torch.nn.Parameter]], form: Form = "code",
@@ -99,9 +108,11 @@ class EMATracker:
         self.form, self.beta = form, beta
         self.params = dict(params)
         self.ema = {n: p.detach().float().clone() for n, p in self.params.items()}
+        self.start = {n: t.clone() for n, t in self.ema.items()}
         self.grad_prev: dict[str, torch.Tensor] = {}
         self.steps = 0
         self.weight_sum = 0.0
+        self.adaptive_sum = 0.0  # the weights that were not the fallback
         self.updates = 0
         self.fallbacks = 0
 
@@ -113,22 +124,34 @@ class EMATracker:
             grad = (p.grad.detach().to(torch.float32, copy=True) if p.grad is not None
                     else torch.zeros_like(theta))
             prev = self.grad_prev.get(name)
-            a = float((theta - ema).abs().sum())
-            b = float(grad.abs().sum())
-            c = float((grad - prev).abs().sum()) if prev is not None else b
+            size = theta.numel() if self.form == "mean" else 1
+            a = float((theta - ema).abs().sum()) / size
+            b = float(grad.abs().sum()) / size
+            c = float((grad - prev).abs().sum()) / size if prev is not None else b
             if self.form == "paper":
                 beta = paper_beta(b, a, c)
-                self.fallbacks += beta == PAPER_FALLBACK
+                fallback = beta == PAPER_FALLBACK
                 w = 1.0 - beta
                 ema.mul_(beta).add_(theta, alpha=w)
             else:
                 w = live_weight(self.form, a, b, c, self.beta)
-                self.fallbacks += self.form == "code" and w == CODE_FALLBACK
+                fallback = self.form in ("code", "mean") and w == CODE_FALLBACK
                 ema.mul_(1.0 - w).add_(theta, alpha=w)
+            self.fallbacks += fallback
+            self.adaptive_sum += 0.0 if fallback else w
             self.weight_sum += w
             self.updates += 1
             self.grad_prev[name] = grad
         self.steps += 1
+
+    @torch.no_grad()
+    def lag_ratio(self) -> float:
+        """‖θ − θ*‖ / ‖θ − θ₀‖ over every tracked tensor together (NaN before any move)."""
+        lag = sum(float((p.detach().float() - self.ema[n]).pow(2).sum())
+                  for n, p in self.params.items())
+        moved = sum(float((p.detach().float() - self.start[n]).pow(2).sum())
+                    for n, p in self.params.items())
+        return math.sqrt(lag / moved) if moved > 0 else math.nan
 
     @torch.no_grad()
     def swap_in(self) -> None:
@@ -137,25 +160,30 @@ class EMATracker:
             p.copy_(self.ema[name].to(p.dtype))
 
     def stats(self) -> dict[str, float]:
+        adaptive = self.updates - self.fallbacks
         return {"form": self.form, "steps": self.steps,
                 "mean_live_weight": self.weight_sum / self.updates if self.updates else math.nan,
+                "mean_adaptive_weight": self.adaptive_sum / adaptive if adaptive else math.nan,
                 "fallback_fraction": self.fallbacks / self.updates if self.updates else math.nan}
 
 
 class LLaCATraining(TrainingMethod):
     """LLaCA: an EMA copy with a gradient-chosen weight replaces the trained weights at the
-    end. Option: `llaca_form`, "code" (the authors' code, default) or "paper"."""
+    end. Option: `llaca_form`, "code" (the authors' code, default), "paper", or "mean" (ours:
+    the code form on per-entry means)."""
 
     label = "LLaCA (adaptive EMA)"
     about = ("an EMA copy of the trained weights follows them with a gradient-chosen weight "
-             "and replaces them at the end.")
+             "and replaces them at the end. The weight grows as tensors shrink: on the demo's "
+             "small tensors the copy stays on the live weights and ends where plain training "
+             "does (docs/AUDIT.md); the fixed EMA is the one that forgets less there.")
     options = {"llaca_form": "code"}
 
     @classmethod
     def problems(cls, options: Mapping[str, Any]) -> list[str]:
         form = options.get("llaca_form", "code")
         return [] if form in FORMS and form != "fixed" else [
-            f"unknown LLaCA form {form!r} (code or paper)"]
+            f"unknown LLaCA form {form!r} (code, paper or mean)"]
 
     def form(self) -> tuple[Form, float]:
         """The tracker's form and its fixed β (unused by the adaptive forms)."""
@@ -173,10 +201,11 @@ class LLaCATraining(TrainingMethod):
         self.tracker.update()
 
     def finish(self) -> None:
+        self.lag = self.tracker.lag_ratio()  # before the swap, which sets θ = θ*
         self.tracker.swap_in()
 
     def extra(self) -> dict[str, Any]:
-        return {"ema": self.tracker.stats()}
+        return {"ema": {**self.tracker.stats(), "lag_ratio": getattr(self, "lag", math.nan)}}
 
 
 class EMATraining(LLaCATraining):

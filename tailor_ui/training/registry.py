@@ -10,10 +10,12 @@ from typing import Any
 from tailor_ui.training.dowser import DowserTraining
 from tailor_ui.training.llaca import EMATraining, LLaCATraining
 from tailor_ui.training.method import TrainingMethod
+from tailor_ui.training.random_mask import RandomMaskTraining
 
 TRAINING_METHODS: dict[str, type[TrainingMethod]] = {
     "full": TrainingMethod,
     "dowser": DowserTraining,
+    "random_mask": RandomMaskTraining,
     "llaca": LLaCATraining,
     "ema": EMATraining,
 }

@@ -1,15 +1,19 @@
-"""Fine-tune tab: train a copy of the base model (full, Model-Dowser, LLaCA or EMA) on the
-demo's target task as a background job, watch its loss, then see it in Compare and in the
-Forgetting sweep next to the post-hoc methods."""
+"""Fine-tune tab: train a copy of the base model (full, Model-Dowser, its random-mask
+control, LLaCA or EMA) on the demo's target task as a background job, watch its loss, then
+see it in Compare and in the Forgetting sweep next to the post-hoc methods; or run the
+shapes world's continual sequence and watch each task's accuracy across the stages."""
 
 from __future__ import annotations
 
 import gradio as gr
+import pandas as pd
 
 from tailor_ui import plots
+from tailor_ui.demo.tasks import DEFAULT_SEQUENCE
+from tailor_ui.service.finetune import CONTINUAL_METHOD, METHOD_DEFAULTS
 from tailor_ui.session import TrainedModel
 from tailor_ui.ui.common import (Number, Slider, Tab, cancel_html, changed, job_signature,
-                                 progress_html, queued, session_id, user_errors)
+                                 latest_progress, progress_html, queued, session_id, user_errors)
 from tailor_ui.training.registry import TRAINING_METHODS
 
 METHOD_CHOICES = [(cls.label, name) for name, cls in TRAINING_METHODS.items()]
@@ -25,6 +29,10 @@ def method_info(method: str) -> str:
 
 
 IDLE = "Press Fine-tune: training runs in the background."
+CONTINUAL = (f"**Continual:** the same method and settings on {' → '.join(DEFAULT_SEQUENCE)} "
+             "questions, one after another (the number of examples is per task; full fine-tuning "
+             "runs as plain sequential tuning). Each task's accuracy after every stage shows what "
+             "the later tasks made the model forget.")
 
 
 def result_markdown(trained: TrainedModel | None) -> str:
@@ -49,14 +57,25 @@ class FinetuneTab(Tab):
 
     @user_errors
     def run(self, method: str, rho: float, lr: float, epochs: float, layers: str,
-            examples: float, tailor_after: bool, request: gr.Request):
+            examples: float, tailor_after: bool, beta: float = 0.99, request: gr.Request = None):
         """Queue a fine-tuning run of a copy of the base model on the demo's target task;
         returns its job id and progress."""
         session = self.studio.session(session_id(request))
         job = self.studio.submit_finetune(
             session, method, examples=int(examples), lr=float(lr), epochs=int(epochs),
-            layers=(layers or "").strip() or None, rho=float(rho), tailor_after=bool(tailor_after))
+            layers=(layers or "").strip() or None, rho=float(rho), tailor_after=bool(tailor_after),
+            ema_beta=float(beta))
         return queued(session, "finetune", job)
+
+    @user_errors
+    def run_continual(self, method: str, lr: float, epochs: float, layers: str, examples: float,
+                      beta: float = 0.99, request: gr.Request = None):
+        """Queue a continual run (the shapes world's task sequence) with the chosen method."""
+        session = self.studio.session(session_id(request))
+        job = self.studio.submit_continual(
+            session, method, examples=int(examples), lr=float(lr), epochs=int(epochs),
+            layers=(layers or "").strip() or None, ema_beta=float(beta))
+        return queued(session, "continual", job)
 
     @user_errors
     def cancel(self, job_id: str, request: gr.Request):
@@ -65,7 +84,16 @@ class FinetuneTab(Tab):
 
     @staticmethod
     def method_changed(method: str):
-        return gr.update(interactive="rho" in TRAINING_METHODS[method].options), method_info(method)
+        """The method's own knobs become editable, every knob takes the method's default
+        (the demo sweep's), and the continual button is offered where the method has a
+        continual form."""
+        options, defaults = TRAINING_METHODS[method].options, METHOD_DEFAULTS.get(method, {})
+        return (gr.update(interactive="rho" in options, **({"value": defaults["rho"]} if "rho" in defaults else {})),
+                gr.update(value=defaults.get("lr", 1e-3)),
+                gr.update(interactive="ema_beta" in options,
+                          **({"value": defaults["ema_beta"]} if "ema_beta" in defaults else {})),
+                gr.update(interactive=method in CONTINUAL_METHOD),
+                method_info(method))
 
     # -- polling ---------------------------------------------------------------------------
 
@@ -86,10 +114,16 @@ class FinetuneTab(Tab):
         out.append(result_markdown(trained)
                    if changed(session, "finetune-result", trained.job_id if trained else None)
                    else gr.skip())
+        out.append(latest_progress(self.studio.runner, session, "continual", ""))
+        continual = self.studio.runner.history(session.id, "continual")
+        done = next((j for j in continual if isinstance(j.result, pd.DataFrame)), None)
+        out.append(plots.continual_accuracy(done.result, f"Continual — {done.label.removeprefix('continual: ')}")
+                   if done is not None and changed(session, "continual-plot", done.id) else gr.skip())
         return out
 
     def poll_outputs(self) -> list:
-        return [self.progress, self.loss_plot, self.result]
+        return [self.progress, self.loss_plot, self.result, self.continual_progress,
+                self.continual_plot]
 
     # -- layout ----------------------------------------------------------------------------
 
@@ -104,8 +138,11 @@ class FinetuneTab(Tab):
                 self.rho = Slider(0.01, 1.0, value=0.1, step=0.01, interactive=False,
                                      label="ρ (Model-Dowser: trainable fraction per matrix)",
                                      elem_id="finetune-rho")
-                self.lr = Number(1e-3, label="Learning rate", minimum=1e-7, maximum=1.0,
-                                    elem_id="finetune-lr")
+                self.lr = Number(METHOD_DEFAULTS["full"]["lr"], label="Learning rate",
+                                 minimum=1e-7, maximum=1.0, elem_id="finetune-lr")
+                self.beta = Number(0.99, label="β (EMA: weight the average keeps per step)",
+                                   minimum=0.0, maximum=1.0, interactive=False,
+                                   elem_id="finetune-beta")
                 self.epochs = Slider(1, 10, value=1, step=1, label="Epochs",
                                         elem_id="finetune-epochs")
                 self.layers = gr.Textbox("", label="Layers",
@@ -125,11 +162,28 @@ class FinetuneTab(Tab):
                 self.loss_plot = gr.Plot(plots.loss_curve(None), elem_id="finetune-loss",
                                          show_label=False)
                 self.result = gr.Markdown(result_markdown(None), elem_id="finetune-result")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                gr.Markdown(CONTINUAL)
+                self.continual_button = gr.Button("Run the continual sequence",
+                                                  elem_id="finetune-continual")
+            with gr.Column(scale=2):
+                self.continual_job = gr.Textbox(label="Continual job id", interactive=False,
+                                                elem_id="finetune-continual-job-id")
+                self.continual_progress = gr.HTML("", elem_id="finetune-continual-progress")
+                self.continual_plot = gr.Plot(plots.continual_accuracy(None),
+                                              elem_id="finetune-continual-plot", show_label=False)
+        self.continual_button.click(
+            self.run_continual, [self.method, self.lr, self.epochs, self.layers, self.examples,
+                                 self.beta],
+            [self.continual_job, self.continual_progress], api_name="finetune_continual",
+            concurrency_limit=None)
         inputs = [self.method, self.rho, self.lr, self.epochs, self.layers, self.examples,
-                  self.tailor_after]
+                  self.tailor_after, self.beta]
         self.run_button.click(self.run, inputs, [self.job_id, self.progress], api_name="finetune",
                               concurrency_limit=None)
         self.cancel_button.click(self.cancel, [self.job_id], [self.progress],
                                  api_name="cancel_finetune", concurrency_limit=None)
-        self.method.change(self.method_changed, [self.method], [self.rho, self.method_info],
+        self.method.change(self.method_changed, [self.method],
+                           [self.rho, self.lr, self.beta, self.continual_button, self.method_info],
                            api_visibility="private", queue=False)
