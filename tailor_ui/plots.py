@@ -29,7 +29,8 @@ COLOURS = {"tailor": "#d62728", "magnitude": "#1f77b4", "wise_ft": "#2ca02c",
            "task_arithmetic": "#9467bd", "ties": "#ff7f0e", "dare": "#8c564b",
            "base": "#444444", "finetuned": "#17becf", "majority": "#b0b0b0",
            # models fine-tuned in the dashboard (Fine-tune tab)
-           "full-ft": "#e377c2", "dowser": "#bcbd22", "llaca": "#7f7f7f", "ema": "#aec7e8"}
+           "full-ft": "#e377c2", "dowser": "#bcbd22", "random-mask": "#dbdb8d", "llaca": "#7f7f7f",
+           "ema": "#aec7e8"}
 _COMPONENT_ORDER = {"vision": 0, "bridge": 1, "language": 2}
 _MODULE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "qkv", "gate_proj", "up_proj",
                  "down_proj", "fc1", "fc2", "linear_1", "linear_2"]

@@ -272,3 +272,13 @@ def test_finetune_cli_rejects_bad_input(saved, tmp_path):
     with pytest.raises(UserError, match="bad layer"):
         finetune_cli(base, data, tmp_path / "o", layers="x")
     assert not (tmp_path / "o").exists()
+
+
+def test_every_training_method_has_its_own_table_name_and_colour():
+    """The forgetting table names a trained model's rows by its method's `short`, and the
+    plots colour them by it: one name and one colour per method."""
+    from tailor_ui.plots import COLOURS
+
+    shorts = [cls.short for cls in TRAINING_METHODS.values()]
+    assert len(set(shorts)) == len(shorts)
+    assert len({COLOURS[s] for s in shorts}) == len(shorts)

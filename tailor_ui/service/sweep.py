@@ -17,10 +17,9 @@ from tailor_ui.evaluation.sets import EvalSpec
 from tailor_ui.io import atomic_path
 from tailor_ui.service.config import settings_label
 from tailor_ui.session import PairHandle, Session, SweepRun
+from tailor_ui.training.registry import TRAINING_METHODS
 
 MAX_SWEEP_SETTINGS = 24
-# how the sweep table names a fine-tuning method's rows
-FINETUNE_METHOD_NAMES = {"full": "full-ft", "dowser": "dowser", "llaca": "llaca", "ema": "ema"}
 
 
 @dataclass
@@ -113,7 +112,7 @@ def trained_rows(handle: PairHandle, table: pd.DataFrame, plan: SweepPlan, progr
                                batch_size=plan.n, before_each=starting, should_stop=should_stop)
         rows.append({"kind": "trained", "setting": name, "keep": None, "alpha": None, "lam": None,
                      "method": ("tailor-ft" if name.startswith("Model Tailor on ")
-                                else FINETUNE_METHOD_NAMES.get(method, method)),
+                                else TRAINING_METHODS[method].short),
                      "patch_fraction": changed_fraction(handle.pair.base, model.get_parameter),
                      "linear_fraction": None, "seconds": math.nan,
                      **{score_column(k): r.score for k, r in results.items()},

@@ -455,6 +455,7 @@ class DowserTraining(TrainingMethod):
     `importance_cache` (folder or file), `probe_prompts` (K), `probes` (M)."""
 
     label = "Model-Dowser (sparse)"
+    short = "dowser"
     about = ("only the ρ least important entries of each weight matrix move (importance "
              "probed once on the pre-trained model); the rest stay bit-identical.")
     options = {"rho": 0.1, "importance": None, "importance_cache": None, "probe_prompts": 64,

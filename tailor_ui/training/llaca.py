@@ -173,6 +173,7 @@ class LLaCATraining(TrainingMethod):
     the code form on per-entry means)."""
 
     label = "LLaCA (adaptive EMA)"
+    short = "llaca"
     about = ("an EMA copy of the trained weights follows them with a gradient-chosen weight "
              "and replaces them at the end. The weight grows as tensors shrink: on the demo's "
              "small tensors the copy stays on the live weights and ends where plain training "
@@ -212,6 +213,7 @@ class EMATraining(LLaCATraining):
     """The plain EMA baseline LLaCA is compared against. Option: `ema_beta` (fixed β)."""
 
     label = "EMA (fixed β)"
+    short = "ema"
     about = "the same with a fixed β (default 0.99), the baseline LLaCA is compared against."
     options = {"ema_beta": 0.99}
 

@@ -37,6 +37,7 @@ class TrainingMethod(LoopHooks):
     """Full fine-tuning: every entry of the chosen tensors trains. Subclasses add to it."""
 
     label: ClassVar[str] = "Full fine-tuning"  # what a menu calls it
+    short: ClassVar[str] = "full-ft"  # its rows' method in a forgetting table
     about: ClassVar[str] = "every entry of the trained layers moves."  # one line for the user
     options: ClassVar[dict[str, Any]] = {}  # the keyword options this method owns → defaults
 

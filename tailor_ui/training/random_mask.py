@@ -32,6 +32,7 @@ class RandomMaskTraining(DowserTraining):
     """Random-mask control: Model-Dowser's training with the mask drawn at random."""
 
     label = "Random mask (sparse control)"
+    short = "random-mask"
     about = ("only a random ρ of the entries of each weight matrix move, drawn per run: the "
              "control Model-Dowser's importance mask must beat (ours, not from a paper).")
     options = {"rho": 0.1}
