@@ -408,19 +408,19 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
 def _apply(args: argparse.Namespace) -> int:
     from tailor_ui.io import atomic_path
     from tailor_ui.pair import load_model
-    from tailor_ui.patch import apply_patch, load_patch
+    from tailor_ui.patch import PatchFile, apply_patch
     from tailor_ui.service.export import save_model
 
     _check_out_dir(args.out)
-    patch = load_patch(args.patch)
+    patch = PatchFile(args.patch)
     sources = _stream_sources(args, [args.base])
-    if sources is not None:  # tensor by tensor, in the checkpoint's dtypes
+    if sources is not None:  # tensor by tensor, in the checkpoint's dtypes, the patch's too
         from tailor_ui.stream import stream_apply_patch
 
         stream_apply_patch(sources[0], patch, args.out)
     else:
         model, processor = load_model(args.base, **_load_options(args))
-        apply_patch(model, patch)
+        apply_patch(model, patch.load())
         with atomic_path(args.out) as tmp:
             save_model(model, processor, tmp)
     print(f"applied {patch.num_entries:,} entries -> {args.out}")

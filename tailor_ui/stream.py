@@ -32,7 +32,7 @@ from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
 from tailor_ui.memory import PeakMemory
 from tailor_ui.methods import REGISTRY
-from tailor_ui.patch import Patch, check_fits, tensor_patch
+from tailor_ui.patch import Patch, PatchFile, check_fits, tensor_patch
 from tailor_ui.routing import route_tensor, with_patch
 from tailor_ui.settings import Settings
 from tailor_ui.weights import parse_device
@@ -251,25 +251,26 @@ def _same_bytes(a: Checkpoint, b: Checkpoint, key: str) -> bool:
     return x.dtype == y.dtype and torch.equal(x.view(torch.uint8), y.view(torch.uint8))
 
 
-def stream_apply_patch(base_dir: str | Path, patch: Patch, out_dir: str | Path, *,
+def stream_apply_patch(base_dir: str | Path, patch: Patch | PatchFile, out_dir: str | Path, *,
                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None,
                        should_stop: StopCheck | None = None) -> dict[str, Any]:
     """Write base + patch as a model folder, streaming the base tensor by tensor.
 
     The patch names parameters; they are found in the checkpoint through `key_map`.
     Equal to loading the base, `apply_patch`, and `save_pretrained`, tensor for tensor.
+    A `PatchFile` is read one tensor at a time, as its tensor is written.
     """
     progress = progress or no_progress
     should_stop = should_stop or never_stop
     start = time.perf_counter()
     base = Checkpoint(base_dir)
     keys = base.keys
-    if all(name in base.tensors for name in patch.tensors):  # names are the keys already
-        key_of = {name: name for name in patch.tensors}
+    if all(name in base.tensors for name in patch.shapes):  # names are the keys already
+        key_of = {name: name for name in patch.shapes}
     else:
         key_of = key_map(base.folder, keys).key_of
     check_fits({n: tuple(base.tensors[k].shape) for n, k in key_of.items()}, patch)
-    by_key = {key_of[n]: (n, tp) for n, tp in patch.tensors.items()}
+    name_of = {key_of[n]: n for n in patch.shapes}
     layout = [(k, base.tensors[k].dtype, base.tensors[k].shape) for k in keys]
     meter = PeakMemory().start()
     try:
@@ -280,8 +281,8 @@ def stream_apply_patch(base_dir: str | Path, patch: Patch, out_dir: str | Path, 
                     raise Cancelled
                 progress(f"writing {key}", i, len(keys))
                 tensor = base.read(key)
-                if key in by_key:
-                    tensor = with_patch(tensor, by_key[key][1], inplace=True)
+                if key in name_of:
+                    tensor = with_patch(tensor, patch.read(name_of[key]), inplace=True)
                 writer.write(key, tensor)
             writer.close()
             copied = copy_side_files(base.folder, tmp)

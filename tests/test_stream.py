@@ -20,7 +20,8 @@ from tailor_ui.control import Cancelled
 from tailor_ui.engine import run_method
 from tailor_ui.errors import UserError
 from tailor_ui.pair import load_pair
-from tailor_ui.patch import Patch, TensorPatch, apply_patch, load_patch, revert_patch, save_patch
+from tailor_ui.patch import (Patch, PatchFile, TensorPatch, apply_patch, load_patch, revert_patch,
+                             save_patch)
 from tailor_ui.settings import Settings
 from tailor_ui.stream import stream_apply_patch, stream_merge
 from tailor_ui.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter, key_map
@@ -189,14 +190,17 @@ def test_key_map_follows_transformers_for_every_family(tmp_path):
     assert llava.key_of["lm_head.weight"] == "language_model.lm_head.weight"
 
 
-def test_stream_apply_patch_equals_apply_patch(disk_models, pairs, tmp_path):
+@pytest.mark.parametrize("source", ["loaded", "file"])
+def test_stream_apply_patch_equals_apply_patch(disk_models, pairs, tmp_path, source):
     d = disk_models
     pair = pairs[2]
     result = run_method(pair, Settings(method="magnitude", keep=0.15))
     save_patch(result.patch, tmp_path / "patch.safetensors")
-    patch = load_patch(tmp_path / "patch.safetensors")  # int32 indices, parameter names
+    patch = load_patch(tmp_path / "patch.safetensors")
     assert any(not Checkpoint(d["base"]).tensors.get(n) for n in patch.tensors)  # names ≠ keys
-    report = stream_apply_patch(d["base"], patch, tmp_path / "out", max_shard_bytes=80_000)
+    # a PatchFile is read tensor by tensor as the stream reaches each tensor
+    given = patch if source == "loaded" else PatchFile(tmp_path / "patch.safetensors")
+    report = stream_apply_patch(d["base"], given, tmp_path / "out", max_shard_bytes=80_000)
     applied = apply_patch(pair.base, patch)
     try:
         expected = {n: p.detach().clone() for n, p in pair.base.named_parameters()}
