@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target-task JSONL (one per --finetuned)")
     _merge_options(p)
     p.add_argument("--save-model", action="store_true", help="also write DIR/model/")
+    p.add_argument("--no-patch", action="store_true",
+                   help="with --save-model: write only the model (and report.json), no patch")
     _in_memory_option(p)
     _model_options(p)
 
@@ -354,6 +356,8 @@ def _tailor(args: argparse.Namespace) -> int:
     method = REGISTRY[settings.method]
     if method.needs_calibration and not args.calib:
         raise UserError(f"{method.label} needs target-task calibration data: pass --calib FILE.jsonl")
+    if args.no_patch and not args.save_model:
+        raise UserError("--no-patch leaves nothing to write: add --save-model")
     _check_out_dir(args.out)
     examples = [read_calibration(path)[: args.calib_limit] for path in args.calib]
     sources = None if method.needs_calibration else _stream_sources(args, [args.base, *args.finetuned])
@@ -373,7 +377,7 @@ def _tailor(args: argparse.Namespace) -> int:
             tmp.mkdir()
             if args.save_model:  # first: its check counts in the report
                 result.report["tensors_checked"] = save_tailored(pair, result.patch, tmp / "model")
-            save_run(tmp, result.patch, result.report)
+            save_run(tmp, None if args.no_patch else result.patch, result.report)
         report = result.report
     print(f"{settings.method}: {report['patch_entries']:,} entries in the patch "
           f"({100 * report['linear_fraction']:.2f}% of selected linears, "
@@ -384,22 +388,25 @@ def _tailor(args: argparse.Namespace) -> int:
 
 def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> dict:
     """A data-free merge streamed from the checkpoints: the same patch (and model) as in
-    memory, holding one tensor at a time plus the patch."""
+    memory, holding one tensor at a time; the patch goes into its file tensor by tensor."""
+    from contextlib import nullcontext
+
     from tailor_ui.io import atomic_path
-    from tailor_ui.patch import Patch
+    from tailor_ui.patch import patch_writer
     from tailor_ui.service.tailor import save_run
     from tailor_ui.stream import stream_merge
 
-    patch = Patch(tensors={})
     bar, update = _progress_bar()
     try:
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
-            report = stream_merge(sources[0], sources[1:], settings,
-                                  tmp / "model" if args.save_model else None, _stream_device(args.device),
-                                  patch=patch, progress=update)
-            patch.metadata.update(base=args.base, finetuned=args.finetuned)  # as the user named them
-            save_run(tmp, patch, report)
+            with nullcontext() if args.no_patch else patch_writer(tmp / "patch.safetensors") as patch:
+                report = stream_merge(sources[0], sources[1:], settings,
+                                      tmp / "model" if args.save_model else None,
+                                      _stream_device(args.device), patch=patch, progress=update)
+                if patch is not None:  # as the user named them
+                    patch.metadata.update(base=args.base, finetuned=args.finetuned)
+            save_run(tmp, None, report)
     finally:
         bar.close()
     return report

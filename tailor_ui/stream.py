@@ -32,7 +32,7 @@ from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
 from tailor_ui.memory import PeakMemory
 from tailor_ui.methods import REGISTRY
-from tailor_ui.patch import Patch, PatchFile, check_fits, tensor_patch
+from tailor_ui.patch import Patch, PatchFile, PatchWriter, check_fits, tensor_patch
 from tailor_ui.routing import route_tensor, with_patch
 from tailor_ui.settings import Settings
 from tailor_ui.weights import parse_device
@@ -109,7 +109,7 @@ class _Job:
     device: torch.device
     chunk_elems: int
     regex: re.Pattern | None
-    patch: Patch | None
+    patch: Patch | PatchWriter | None
     clock: _Clock = field(default_factory=_Clock)
     tally: _Tally = field(default_factory=_Tally)
     tensors_checked: int = 0  # tensors of the base found in the written folder
@@ -130,7 +130,7 @@ class _Job:
             if new is not None:
                 new = new.to("cpu")
                 if self.tally.add(key, name, b, new, selected) and self.patch is not None:
-                    self.patch.tensors[name] = tensor_patch(b, new)
+                    self.patch.add(name, tensor_patch(b, new))
         self.clock.add("merge", t0)
         return new if new is not None else b
 
@@ -138,7 +138,7 @@ class _Job:
 def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str | Path],
                  settings: Settings, out_dir: str | Path | None, device: str = "cpu", *,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_elems: int = CHUNK_ELEMS,
-                 patch: Patch | None = None, progress: Progress | None = None,
+                 patch: Patch | PatchWriter | None = None, progress: Progress | None = None,
                  should_stop: StopCheck | None = None) -> dict[str, Any]:
     """Merge fine-tuned checkpoints into their base with a data-free method, streaming.
 
@@ -146,7 +146,8 @@ def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str
     merged weights in the base's names and dtypes), atomically. Equal, tensor for tensor,
     to `run_method(pair, settings)` applied to the base and saved. With `patch`, the
     changed entries are also collected into it, by parameter name, with its metadata: the
-    patch `run_method` returns (`out_dir=None` makes only the patch). Returns a report with
+    patch `run_method` returns (`out_dir=None` makes only the patch); a `PatchWriter`
+    takes each tensor's entries into its file as they come, so no patch is held. Returns a report with
     timings and peak memory. Compute runs on `device`; results are parked on the CPU.
     """
     method = REGISTRY[settings.method]
@@ -174,7 +175,7 @@ def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str
 
 
 def _open(base_dir: str | Path, dirs: Sequence[str | Path], settings: Settings, device: torch.device,
-          chunk_elems: int, patch: Patch | None) -> _Job:
+          chunk_elems: int, patch: Patch | PatchWriter | None) -> _Job:
     """Open the checkpoints and check that their tensors can be merged name by name."""
     base = Checkpoint(base_dir)
     tuned = [Checkpoint(d) for d in dirs]

@@ -20,8 +20,8 @@ from tailor_ui.control import Cancelled
 from tailor_ui.engine import run_method
 from tailor_ui.errors import UserError
 from tailor_ui.pair import load_pair
-from tailor_ui.patch import (Patch, PatchFile, TensorPatch, apply_patch, load_patch, revert_patch,
-                             save_patch)
+from tailor_ui.patch import (Patch, PatchFile, TensorPatch, apply_patch, load_patch, patch_writer,
+                             revert_patch, save_patch)
 from tailor_ui.settings import Settings
 from tailor_ui.stream import stream_apply_patch, stream_merge
 from tailor_ui.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter, key_map
@@ -332,3 +332,17 @@ def test_gpu_compute_matches_cpu(disk_models, tmp_path):
         assert "gpu_peak_allocated_mb" in gpu["memory"] and cpu["patch_entries"] == gpu["patch_entries"]
         _assert_bit_equal(_streamed_params(tmp_path / f"{method}-cpu", d["base"]),
                           _streamed_params(tmp_path / f"{method}-gpu", d["base"]))
+
+
+def test_a_streamed_patch_file_equals_the_collected_patch_saved(disk_models, tmp_path):
+    """A `patch_writer` takes each tensor's entries into the file as the merge makes them:
+    the same bytes as collecting the patch in memory and saving it."""
+    d = disk_models
+    settings = Settings(method="ties", keep=0.3)
+    collected = Patch(tensors={})
+    stream_merge(d["base"], [d["ft_a"], d["ft_b"]], settings, None, patch=collected)
+    save_patch(collected, tmp_path / "collected.safetensors")
+    with patch_writer(tmp_path / "streamed.safetensors") as writer:
+        stream_merge(d["base"], [d["ft_a"], d["ft_b"]], settings, None, patch=writer)
+    assert writer.counts() == collected.counts() and collected.num_entries > 0
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "collected.safetensors").read_bytes()
