@@ -391,16 +391,18 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
     memory, holding one tensor at a time; the patch goes into its file tensor by tensor."""
     from contextlib import nullcontext
 
+    from tailor_ui.checkpoint import Checkpoint
     from tailor_ui.io import atomic_path
-    from tailor_ui.patch import patch_writer
+    from tailor_ui.patch import header_room, patch_writer
     from tailor_ui.service.tailor import save_run
     from tailor_ui.stream import stream_merge
 
+    room = header_room(Checkpoint(sources[0]).tensors)  # the patch's header goes in front of its data
     bar, update = _progress_bar()
     try:
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
-            with nullcontext() if args.no_patch else patch_writer(tmp / "patch.safetensors") as patch:
+            with nullcontext() if args.no_patch else patch_writer(tmp / "patch.safetensors", room) as patch:
                 report = stream_merge(sources[0], sources[1:], settings,
                                       tmp / "model" if args.save_model else None,
                                       _stream_device(args.device), patch=patch, progress=update)

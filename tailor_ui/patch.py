@@ -8,6 +8,7 @@ overwrote, so reverting gives the base back bit-exactly. Nothing here copies a m
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from collections.abc import Iterable, Iterator, Mapping
@@ -47,6 +48,20 @@ class TensorPatch:
 
 
 @dataclass
+class MaskedPatch:
+    """A tensor's patch as a flat mask of its kept entries and their values in order: what a
+    streamed merge has in hand. Positions are computed only where something needs them
+    (int64 positions take 8 bytes per entry, the mask one)."""
+
+    mask: torch.Tensor  # bool, flat
+    values: torch.Tensor  # one per True entry, in order
+    shape: tuple[int, ...]
+
+    def positions(self) -> TensorPatch:
+        return TensorPatch(index=self.mask.nonzero().flatten(), values=self.values, shape=self.shape)
+
+
+@dataclass
 class Patch:
     tensors: dict[str, TensorPatch]
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -62,9 +77,9 @@ class Patch:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(t.shape) for name, t in self.tensors.items()}
 
-    def add(self, name: str, tp: TensorPatch) -> None:
+    def add(self, name: str, tp: TensorPatch | MaskedPatch) -> None:
         """One tensor's patch (as `PatchWriter.add` takes it into a file)."""
-        self.tensors[name] = tp
+        self.tensors[name] = tp.positions() if isinstance(tp, MaskedPatch) else tp
 
     def read(self, name: str) -> TensorPatch:
         """One tensor's patch (as `PatchFile.read` reads it from a file)."""
@@ -163,7 +178,7 @@ def check_fits(shapes: Mapping[str, tuple[int, ...]], patch: "Patch | PatchFile"
 #   "mask":  `<name>::mask`, one bit per entry (packed, little-endian), and `<name>::values`;
 #   "dense": `<name>::values` alone, every entry kept.
 # The header's metadata `tailor_ui` holds the format, each tensor's encoding, shape, dtype,
-# count and first position, and the patch's own metadata. Format 1 (`<name>::index`, flat
+# count and first position (gaps; else 0), and the patch's own metadata. Format 1 (`<name>::index`, flat
 # int32/int64 positions, and `<name>::values`) is still read.
 
 _GAP_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -187,20 +202,29 @@ def encoded_sizes(count: int, numel: int, value_bytes: int, largest_gap: int) ->
     return sizes
 
 
-def encode(tp: TensorPatch) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def encode(tp: TensorPatch | MaskedPatch) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The smallest encoding of a tensor's patch: its header entry and its stored parts."""
+    numel, count = int(torch.Size(tp.shape).numel()), tp.values.numel()
+    entry = {"shape": list(tp.shape), "dtype": DTYPE_NAMES[tp.values.dtype], "count": count}
+    if isinstance(tp, MaskedPatch):
+        if count == numel:
+            return {**entry, "encoding": "dense", "first": 0}, {"values": tp.values.contiguous()}
+        if count - 1 > (numel + 7) // 8:  # every gap takes a byte at least: the mask is smaller
+            packed = np.packbits(tp.mask.numpy(), bitorder="little")
+            return ({**entry, "encoding": "mask", "first": 0},
+                    {"values": tp.values.contiguous(), "mask": torch.from_numpy(packed)})
+        tp = tp.positions()
     index, values = _ascending(tp)
-    count = index.numel()
     gaps = index.diff() if count else index
-    sizes = encoded_sizes(count, tp.numel, values.element_size(), int(gaps.max()) if gaps.numel() else 0)
+    largest = int(gaps.max()) if gaps.numel() else 0
+    sizes = encoded_sizes(count, numel, values.element_size(), largest)
     encoding = min(sizes, key=sizes.__getitem__)  # ties go to the first: gaps, mask, dense
-    entry = {"encoding": encoding, "shape": list(tp.shape), "dtype": DTYPE_NAMES[values.dtype],
-             "count": count, "first": int(index[0]) if count else 0}
+    entry.update(encoding=encoding, first=int(index[0]) if encoding == "gaps" and count else 0)
     parts = {"values": values.contiguous()}
     if encoding == "gaps":
-        parts["gaps"] = gaps.to(_gap_dtype(int(gaps.max()) if gaps.numel() else 0))
+        parts["gaps"] = gaps.to(_gap_dtype(largest))
     elif encoding == "mask":
-        mask = torch.zeros(tp.numel, dtype=torch.bool)
+        mask = torch.zeros(numel, dtype=torch.bool)
         mask[index] = True
         parts["mask"] = torch.from_numpy(np.packbits(mask.numpy(), bitorder="little"))
     return entry, parts
@@ -248,27 +272,35 @@ def decode(name: str, entry: Mapping[str, Any], parts: Mapping[str, torch.Tensor
     return TensorPatch(index=index, values=values, shape=shape)
 
 
-class PatchWriter:
-    """Appends tensors' patches to a data file as they come; `finish` puts the header
-    before them. Nothing but the tensor being added is held."""
+def header_room(names: Iterable[str]) -> int:
+    """Bytes to reserve for the header of a patch of (at most) these tensors: its parts'
+    table, their encodings and counts, and 16 KiB for the settings and model names."""
+    return sum(5 * len(name) + 400 for name in names) + 16 * 2**10
 
-    def __init__(self, path: Path) -> None:
+
+class PatchWriter:
+    """Writes tensors' patches to the file as they come, behind `header_bytes` kept for
+    the header; `finish` writes the header in front (where it outgrew that room, the data
+    is copied once behind it). Nothing but the tensor being added is held."""
+
+    def __init__(self, path: Path, header_bytes: int = 0) -> None:
         self.path = path
         self.metadata: dict[str, Any] = {}
         self.entries: dict[str, dict[str, Any]] = {}
         self._table: dict[str, dict[str, Any]] = {}
-        self._data_path = path.with_name(path.name + ".data")
-        self._data = open(self._data_path, "wb")
+        self._room = header_bytes + (-(8 + header_bytes) % 8)  # tensor data starts 8-byte aligned
+        self._file = open(path, "wb")
+        self._file.seek(8 + self._room)
         self._offset = 0
 
-    def add(self, name: str, tp: TensorPatch) -> None:
+    def add(self, name: str, tp: TensorPatch | MaskedPatch) -> None:
         if name in self.entries:
             raise ValueError(f"{name} is in the patch already")
         entry, parts = encode(tp)
         self.entries[name] = entry
         for part, tensor in parts.items():
             raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            self._data.write(raw)
+            self._file.write(raw)
             self._table[f"{name}::{part}"] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": [tensor.numel()],
                                              "data_offsets": [self._offset, self._offset + len(raw)]}
             self._offset += len(raw)
@@ -277,28 +309,35 @@ class PatchWriter:
         return {name: entry["count"] for name, entry in self.entries.items()}
 
     def finish(self) -> None:
-        """Header, then the data appended so far (copied by the kernel where it can)."""
-        self._data.close()
         info = {"format": FORMAT, "tensors": self.entries, "metadata": self.metadata}
         header = {"__metadata__": {"tailor_ui": json.dumps(info)}, **self._table}
         raw = json.dumps(header, separators=(",", ":")).encode()
+        if len(raw) <= self._room:
+            self._file.seek(0)
+            self._file.write(struct.pack("<Q", self._room) + raw + b" " * (self._room - len(raw)))
+            self._file.close()
+            return
+        self._file.close()
         raw += b" " * (-(8 + len(raw)) % 8)
-        with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
+        aside = self.path.with_name(self.path.name + ".data")
+        os.replace(self.path, aside)
+        with open(self.path, "wb") as out, open(aside, "rb") as data:
             out.write(struct.pack("<Q", len(raw)) + raw)
+            data.seek(8 + self._room)
             shutil.copyfileobj(data, out, 16 * 2**20)
-        self._data_path.unlink()
+        aside.unlink()
 
 
 @contextmanager
-def patch_writer(path: str | Path) -> Iterator[PatchWriter]:
+def patch_writer(path: str | Path, header_bytes: int = 0) -> Iterator[PatchWriter]:
     """A patch file written tensor by tensor (`add`), complete at the end of the body or
-    absent (the body raised)."""
+    absent (the body raised). `header_bytes` (`header_room`) saves copying the data once."""
     with atomic_path(path) as tmp:
-        writer = PatchWriter(tmp)
+        writer = PatchWriter(tmp, header_bytes)
         try:
             yield writer
         except BaseException:
-            writer._data.close()
+            writer._file.close()
             raise
         writer.finish()
 

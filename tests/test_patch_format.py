@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from tailor_ui.errors import UserError
 from tailor_ui.patch import (LEGACY_FORMAT, Patch, PatchFile, TensorPatch, encode, encoded_sizes,
-                             load_patch, patch_writer, save_patch)
+                             header_room, load_patch, patch_writer, save_patch)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INT_VIEW = {4: torch.int32, 2: torch.int16}
@@ -155,4 +155,21 @@ def test_streamed_writer_appends_tensor_by_tensor_and_leaves_nothing_on_failure(
     with pytest.raises(RuntimeError), patch_writer(tmp_path / "q.safetensors") as writer:
         writer.add("layer1", parts["layer1"])
         raise RuntimeError("the merge failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors"]
+
+
+@pytest.mark.parametrize("room", [0, 64, None])
+def test_the_header_goes_in_its_room_or_the_data_moves_behind_it(tmp_path, room):
+    """Room enough (`header_room`'s estimate): the data stays where it was written; too
+    little: it is moved; the file reads the same either way."""
+    parts = {f"layer{i}": random_patch((16, 16), 30 * i, torch.bfloat16, seed=i) for i in range(3)}
+    estimated = room is None
+    room = header_room(parts) if estimated else room
+    with patch_writer(tmp_path / "p.safetensors", room) as writer:
+        for name, tp in parts.items():
+            writer.add(name, tp)
+    loaded = load_patch(tmp_path / "p.safetensors")
+    assert all(same(loaded.tensors[n], tp) for n, tp in parts.items())
+    header = int.from_bytes((tmp_path / "p.safetensors").read_bytes()[:8], "little")
+    assert (header == room + (-(8 + room) % 8)) == estimated
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors"]
