@@ -280,8 +280,9 @@ def header_room(names: Iterable[str]) -> int:
 
 class PatchWriter:
     """Writes tensors' patches to the file as they come, behind `header_bytes` kept for
-    the header; `finish` writes the header in front (where it outgrew that room, the data
-    is copied once behind it). Nothing but the tensor being added is held."""
+    the header; `finish` writes the header in front (where it outgrew that room, or the
+    data is small, the data is copied once behind it). Nothing but the tensor being added
+    is held."""
 
     def __init__(self, path: Path, header_bytes: int = 0) -> None:
         self.path = path
@@ -312,7 +313,9 @@ class PatchWriter:
         info = {"format": FORMAT, "tensors": self.entries, "metadata": self.metadata}
         header = {"__metadata__": {"tailor_ui": json.dumps(info)}, **self._table}
         raw = json.dumps(header, separators=(",", ":")).encode()
-        if len(raw) <= self._room:
+        # the header in its room, or (outgrown, or data so small the room's padding would
+        # weigh, and moving it costs nothing) the data moved behind a header of its size
+        if len(raw) <= self._room and self._offset >= 16 * self._room:
             self._file.seek(0)
             self._file.write(struct.pack("<Q", self._room) + raw + b" " * (self._room - len(raw)))
             self._file.close()

@@ -40,6 +40,9 @@ from tailor_ui.settings import Settings
 from tailor_ui.weights import parse_device
 
 CHUNK_ELEMS = 1 << 18  # entries per chunk of an element-wise merge (1 MiB in float32: in cache)
+# what the allocator keeps beyond the tensors: each of the three threads' heap holds freed
+# blocks under glibc's mmap threshold (`memory.release_large_frees`, 4 MiB), a few each
+ALLOCATOR_SLACK_BYTES = 32 * 2**20
 
 
 # ------------------------------------------------------------------------------- memory
@@ -323,8 +326,9 @@ def _report(job: _Job, meter: PeakMemory, files: list[str], seconds: float, base
     memory = {**meter.report(), "largest_tensor_mb": largest_numel * largest_size / 2**20,
               "one_tensor_bound_mb": bound / 2**20, "pipeline_bound_mb": pipeline / 2**20,
               "patch_held_mb": held,
-              # the stack (torch, transformers) at start, the three stages in flight, the patch held
-              "predicted_peak_mb": meter.rss_at_start_mb + pipeline / 2**20 + held}
+              # the stack (torch, transformers) at start, the three stages in flight, the
+              # allocator's slack, the patch held
+              "predicted_peak_mb": meter.rss_at_start_mb + (pipeline + ALLOCATOR_SLACK_BYTES) / 2**20 + held}
     return {"settings": job.settings.to_dict(), "base": base_id, "finetuned": finetuned_ids,
             "streamed": True, "device": str(job.device), "tensors_total": len(keys),
             "tensors_checked": job.tensors_checked,

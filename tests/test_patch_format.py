@@ -160,9 +160,9 @@ def test_streamed_writer_appends_tensor_by_tensor_and_leaves_nothing_on_failure(
 
 @pytest.mark.parametrize("room", [0, 64, None])
 def test_the_header_goes_in_its_room_or_the_data_moves_behind_it(tmp_path, room):
-    """Room enough (`header_room`'s estimate): the data stays where it was written; too
-    little: it is moved; the file reads the same either way."""
-    parts = {f"layer{i}": random_patch((16, 16), 30 * i, torch.bfloat16, seed=i) for i in range(3)}
+    """Room enough (`header_room`'s estimate) for data 16 times larger: the data stays where
+    it was written; too little room: it is moved; the file reads the same either way."""
+    parts = {f"layer{i}": random_patch((512, 512), 50_000 * i, torch.bfloat16, seed=i) for i in range(3)}
     estimated = room is None
     room = header_room(parts) if estimated else room
     with patch_writer(tmp_path / "p.safetensors", room) as writer:
@@ -173,3 +173,11 @@ def test_the_header_goes_in_its_room_or_the_data_moves_behind_it(tmp_path, room)
     header = int.from_bytes((tmp_path / "p.safetensors").read_bytes()[:8], "little")
     assert (header == room + (-(8 + room) % 8)) == estimated
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors"]
+
+
+def test_a_small_patch_is_not_padded_to_its_room(tmp_path):
+    tp = random_patch((16, 16), 10, torch.float16)
+    with patch_writer(tmp_path / "p.safetensors", 100_000) as writer:
+        writer.add("w", tp)
+    assert (tmp_path / "p.safetensors").stat().st_size < 2_000
+    assert same(load_patch(tmp_path / "p.safetensors").tensors["w"], tp)
