@@ -4,7 +4,8 @@ Nothing here loads a whole model. The base and the fine-tuned checkpoints are wa
 name together, one tensor at a time, with one shard file open per model
 (`tailor_ui.checkpoint`); each merged tensor goes straight into a sharded output whose
 headers are planned up front (the output has the base's names, shapes and dtypes), so peak
-memory is one tensor's working set, not the model's.
+memory is a few tensors' working set (one read ahead, one merged, one being written), not
+the model's.
 
 Each tensor goes through `tailor_ui.routing.route_tensor`, the routing `run_method` uses
 too (the method's per-tensor merge from the registry, the `others` policy, `union` of
