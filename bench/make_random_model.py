@@ -34,6 +34,7 @@ TEXT = {  # Llama text models; 1b is TinyLlama-1.1B's shape
     "s": dict(hidden=512, intermediate=1376, layers=8, heads=8, kv=4, vocab=32000),
     "m": dict(hidden=1024, intermediate=2816, layers=12, heads=16, kv=4, vocab=32000),
     "1b": dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv=4, vocab=32000),
+    "600m": dict(hidden=2048, intermediate=5632, layers=10, heads=32, kv=4, vocab=32000),  # 1.1 GB fp16
     "7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv=32, vocab=32000),
 }
 VISION = {  # CLIP towers; small images keep CPU calibration affordable (8x8 = 64 patches)
@@ -41,6 +42,7 @@ VISION = {  # CLIP towers; small images keep CPU calibration affordable (8x8 = 6
     "s": dict(hidden=384, intermediate=1536, layers=6, heads=6, image=112, patch=14),
     "m": dict(hidden=768, intermediate=3072, layers=12, heads=12, image=112, patch=14),
     "1b": dict(hidden=768, intermediate=3072, layers=12, heads=12, image=112, patch=14),
+    "600m": dict(hidden=768, intermediate=3072, layers=12, heads=12, image=112, patch=14),
     "7b": dict(hidden=1024, intermediate=4096, layers=24, heads=16, image=336, patch=14),
 }
 IMAGE_TOKEN = 3  # LLaVA's <image> id in these random vocabularies

@@ -1,20 +1,24 @@
-"""Data-free merge, ours (tailor_ui.stream) against mergekit, side by side in one run.
+"""Data-free merge: the command users run (`python -m tailor_ui tailor --method …
+--save-model`, streamed) against mergekit, side by side in one run, on the same pair.
 
-    python bench/merge_vs_mergekit.py --models /tmp/bench/llama-1b \
-        --mergekit /tmp/mk/bin/mergekit-yaml --out /tmp/bench/merges \
-        --results bench/results/merge_vs_mergekit.json
+    python bench/merge_vs_mergekit.py --models /tmp/bench/llama-600m \
+        --cases task_arithmetic:1,ties:2 --repeats 2 \
+        --results bench/results/merge_vs_mergekit_cli.json
 
-MODELS is a folder from make_random_model.py (base/, ft1/, ft2/…). For each method
-(task_arithmetic, ties) and each repeat, both tools run in a fresh subprocess, in
-alternating order, on the CPU; we record the wall time and the peak resident memory of the
-process tree (`os.wait4`'s ru_maxrss, exact) plus a 20 Hz sample of its anonymous and
-file-backed resident memory (RssAnon / RssFile: memory-mapped checkpoint pages are
-file-backed). Then the two outputs are compared tensor by tensor: where the method
-definitions coincide the values should agree (task arithmetic exactly up to float32
-summation order; TIES up to top-k tie-breaking and k = round vs int of density·n).
+MODELS is a folder from make_random_model.py (base/, ft1/, ft2/…). A case is METHOD:N,
+N fine-tuned models. For each case and repeat, every tool runs in a fresh process, on the
+CPU, in an order that rotates between repeats: mergekit, ours (`tailor --save-model`,
+which also writes the patch), ours with `--no-patch`, and optionally ours at an older
+commit (`--old-tree`, a checkout of it). We record the wall time and the peak resident
+memory of the process tree (`os.wait4`'s ru_maxrss, exact) plus a 20 Hz sample of its
+anonymous and file-backed resident memory (RssAnon / RssFile: memory-mapped checkpoint
+pages are file-backed), and the machine's load before each run. Then our model and
+mergekit's are compared tensor by tensor: where the method definitions coincide the
+values should agree (task arithmetic exactly; TIES up to top-k tie-breaking and
+k = round vs int of density·n).
 
 Settings that make the definitions coincide: every tensor is merged by the method
-(our `others="linear"`, as mergekit merges every tensor), λ = 1, unit weights, no
+(our `--others linear`, as mergekit merges every tensor), λ = 1, unit weights, no
 normalisation for task arithmetic, disjoint mean (normalize: true) for TIES, float32
 arithmetic, output in the base dtype.
 """
@@ -36,7 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("task_arithmetic", "ties")
+CASES = "task_arithmetic:1,task_arithmetic:2,ties:2"
+TOOLS = ("mergekit", "ours", "ours --no-patch")
 
 
 def mergekit_config(method: str, base: Path, tuned: list[Path], density: float, lam: float) -> str:
@@ -73,10 +78,10 @@ def _tree(pid: int) -> list[int]:
         return [pid]
 
 
-def measure(cmd: list[str], env: dict | None = None) -> dict:
+def measure(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
     """Run `cmd` in a fresh process; wall time, exact peak RSS, sampled anon/file RSS peaks."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peaks = {"anon": 0, "file": 0, "sum": 0}
     done = threading.Event()
 
@@ -106,14 +111,15 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
             "sampled_peak_file_mb": round(peaks["file"] / 1024, 1), "output_tail": output[-600:]}
 
 
-def run_ours(args: argparse.Namespace) -> None:
-    """Child process: one streamed merge, its report on stdout."""
-    from tailor_ui.settings import Settings
-    from tailor_ui.stream import stream_merge
-
-    settings = Settings(method=args.method, keep=args.density, lam=args.lam, others="linear")
-    report = stream_merge(args.base, args.tuned, settings, args.out_dir, device=args.device)
-    print(json.dumps({"timings_s": report["timings_s"], "memory": report["memory"]}))
+def ours_command(base: Path, tuned: list[Path], method: str, density: float, lam: float, out: Path,
+                 no_patch: bool) -> list[str]:
+    """The user's command: a streamed merge writing the model (and the patch)."""
+    cmd = [sys.executable, "-m", "tailor_ui", "tailor", "--base", str(base), "--out", str(out),
+           "--method", method, "--keep", str(density), "--lam", str(lam), "--others", "linear",
+           "--save-model"]
+    for t in tuned:
+        cmd += ["--finetuned", str(t)]
+    return cmd + (["--no-patch"] if no_patch else [])
 
 
 def compare(ours: Path, theirs: Path) -> dict:
@@ -149,36 +155,80 @@ def compare(ours: Path, theirs: Path) -> dict:
             "keys_not_in_both": only[:10]}
 
 
+def run_case(args: argparse.Namespace, method: str, n: int, env: dict, results: dict) -> None:
+    base = args.models / "base"
+    tuned = sorted(args.models.glob("ft*"))[:n]
+    case = f"{method}:{n}"
+    yml = args.out / f"{method}-{n}.yml"
+    yml.write_text(mergekit_config(method, base, tuned, args.density, args.lam))
+    outs = {tool: args.out / f"{tool.replace(' ', '')}-{method}-{n}" for tool in TOOLS + ("ours@old",)}
+    commands = {"mergekit": [args.mergekit, str(yml), str(outs["mergekit"]), "--no-cuda",
+                             "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
+                             "--out-shard-size", "1B"]}
+    for tool in ("ours", "ours --no-patch"):
+        commands[tool] = ours_command(base, tuned, method, args.density, args.lam, outs[tool],
+                                      tool.endswith("--no-patch"))
+    envs = {tool: env for tool in commands}
+    if args.old_tree:
+        commands["ours@old"] = ours_command(base, tuned, method, args.density, args.lam, outs["ours@old"], False)
+        envs["ours@old"] = dict(env, PYTHONPATH=str(args.old_tree))
+    cwds = {tool: args.old_tree if tool == "ours@old" else ROOT for tool in commands}
+    tools = list(commands)
+    for r in range(args.repeats):
+        for tool in tools[r % len(tools):] + tools[:r % len(tools)]:
+            subprocess.run(["rm", "-rf", str(outs[tool])], check=True)
+            row = {"tool": tool, "case": case, "repeat": r, "load_avg_1m_before": os.getloadavg()[0],
+                   **measure(commands[tool], envs[tool], cwds[tool])}
+            row.pop("output_tail")
+            if tool != "mergekit":
+                report = json.loads((outs[tool] / "report.json").read_text())
+                row["report"] = {"timings_s": report["timings_s"], "memory": report["memory"]}
+                patch = outs[tool] / "patch.safetensors"
+                row["patch_mb"] = round(patch.stat().st_size / 2**20, 1) if patch.exists() else None
+            results["runs"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
+    results["agreement"][case] = compare(outs["ours"] / "model", outs["mergekit"])
+    print(case, json.dumps(results["agreement"][case]), flush=True)
+    if not args.keep_outputs:
+        for out in outs.values():
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+
+
+def summarize(results: dict) -> dict:
+    """Per case and tool: best and worst time, peak memory; ratios to mergekit's best."""
+    model_mb = results["models"]["parameters"] * 2 / 2**20  # fp16
+    summary = {}
+    for case in dict.fromkeys(r["case"] for r in results["runs"]):
+        rows = [r for r in results["runs"] if r["case"] == case]
+        theirs = min(r["seconds"] for r in rows if r["tool"] == "mergekit")
+        for tool in dict.fromkeys(r["tool"] for r in rows):
+            mine = [r for r in rows if r["tool"] == tool]
+            best = min(r["seconds"] for r in mine)
+            anon = max(r["sampled_peak_anon_mb"] for r in mine)
+            summary[f"{case}/{tool}"] = {
+                "seconds": [r["seconds"] for r in mine], "best_seconds": best,
+                "time_vs_mergekit_best": round(best / theirs, 3),
+                "max_peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+                "max_sampled_peak_anon_mb": anon, "anon_vs_model_bytes": round(anon / model_mb, 3)}
+    return summary
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="mode")
-    o = sub.add_parser("ours", help="(internal) one streamed merge in this process")
-    o.add_argument("--base", required=True)
-    o.add_argument("--tuned", nargs="+", required=True)
-    o.add_argument("--method", required=True)
-    o.add_argument("--density", type=float, default=0.2)
-    o.add_argument("--lam", type=float, default=1.0)
-    o.add_argument("--device", default="cpu")
-    o.add_argument("--out-dir", required=True)
-    p.add_argument("--models", type=Path, help="folder with base/ and ft1/, ft2/, …")
-    p.add_argument("--mergekit", default="/tmp/mk/bin/mergekit-yaml")
+    p.add_argument("--models", type=Path, required=True, help="folder with base/ and ft1/, ft2/, …")
+    p.add_argument("--mergekit", default="/work/venvs/mergekit/bin/mergekit-yaml")
     p.add_argument("--out", type=Path, default=Path("/tmp/bench/merges"))
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--cases", default=CASES, help="METHOD:N,… (N fine-tuned models)")
     p.add_argument("--density", type=float, default=0.2, help="TIES keep fraction")
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
+    p.add_argument("--old-tree", type=Path, default=None, help="a checkout of an older commit, timed too")
+    p.add_argument("--threads", type=int, default=None, help="OMP threads for mergekit (default: torch's)")
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--keep-outputs", action="store_true")
     args = p.parse_args(argv)
-    if args.mode == "ours":
-        return run_ours(args)
-    if args.models is None:
-        p.error("--models is required")
-    base = args.models / "base"
-    tuned = sorted(args.models.glob("ft*"))
     args.out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     mk_python = Path(args.mergekit).parent / "python"
@@ -190,44 +240,17 @@ def main(argv: list[str] | None = None) -> None:
                            "load_avg_at_start": os.getloadavg()},
                "mergekit": {"version": mk_version[:1], "torch": mk_version[1:2],
                             "transformers": mk_version[2:3]},
-               "ours": {"torch": torch.__version__}, "runs": [], "agreement": {}}
-    for method in args.methods.split(","):
-        yml = args.out / f"{method}.yml"
-        yml.write_text(mergekit_config(method, base, tuned, args.density, args.lam))
-        ours_cmd = [sys.executable, str(Path(__file__).resolve()), "ours", "--base", str(base),
-                    "--tuned", *map(str, tuned), "--method", method, "--density", str(args.density),
-                    "--lam", str(args.lam), "--out-dir", str(args.out / f"ours-{method}")]
-        theirs_cmd = [args.mergekit, str(yml), str(args.out / f"mergekit-{method}"), "--no-cuda",
-                      "--no-copy-tokenizer", "--no-write-model-card", "--quiet", "--out-shard-size", "1B"]
-        for r in range(args.repeats):
-            order = [("ours", ours_cmd), ("mergekit", theirs_cmd)]
-            for tool, cmd in order if r % 2 == 0 else order[::-1]:
-                subprocess.run(["rm", "-rf", str(args.out / f"{tool}-{method}")], check=True)
-                load = os.getloadavg()[0]
-                row = {"tool": tool, "method": method, "repeat": r, "load_avg_1m_before": load,
-                       **measure(cmd, env)}
-                if tool == "ours":
-                    row["report"] = json.loads(row.pop("output_tail").strip().splitlines()[-1])
-                else:
-                    row.pop("output_tail")
-                results["runs"].append(row)
-                print(json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
-        results["agreement"][method] = compare(args.out / f"ours-{method}", args.out / f"mergekit-{method}")
-        print(method, json.dumps(results["agreement"][method]), flush=True)
-        if not args.keep_outputs:
-            for tool in ("ours", "mergekit"):
-                subprocess.run(["rm", "-rf", str(args.out / f"{tool}-{method}")], check=True)
+               "ours": {"torch": torch.__version__}, "command": sys.argv, "runs": [], "agreement": {}}
+    for case in args.cases.split(","):
+        method, _, n = case.partition(":")
+        run_case(args, method, int(n or 1), env, results)
+        results["summary"] = summarize(results)
+        if args.results:  # after each case: a long run leaves what it measured
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(json.dumps(results, indent=2))
     results["machine"]["load_avg_at_end"] = os.getloadavg()
-    summary = {}
-    for method in args.methods.split(","):
-        for tool in ("ours", "mergekit"):
-            rows = [r for r in results["runs"] if r["tool"] == tool and r["method"] == method]
-            summary[f"{method}/{tool}"] = {"best_seconds": min(r["seconds"] for r in rows),
-                                           "max_peak_rss_mb": max(r["peak_rss_mb"] for r in rows)}
-    results["summary"] = summary
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(results["summary"], indent=2))
     if args.results:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(results, indent=2))
 
 

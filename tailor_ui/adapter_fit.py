@@ -22,7 +22,7 @@ from tailor_ui.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tailor_ui.checkpoint import Checkpoint, key_map
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
-from tailor_ui.patch import Patch, TensorPatch
+from tailor_ui.patch import Patch, PatchFile, TensorPatch
 
 _PREFIX = "base_model.model."
 
@@ -46,7 +46,7 @@ def low_rank_fit(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return b, a
 
 
-def fit_adapter(patch: Patch, base_value: Callable[[str], torch.Tensor], linears: Collection[str],
+def fit_adapter(patch: Patch | PatchFile, base_value: Callable[[str], torch.Tensor], linears: Collection[str],
                 params: Collection[str], rank: int, out_dir: str | Path, *, base_id: str) -> dict[str, Any]:
     """Write `patch` (on the base whose parameters `base_value` reads) as a peft LoRA
     adapter at `out_dir`, atomically; `linears` are the nn.Linear weights that may get a
@@ -111,7 +111,7 @@ def fit_from_model(patch: Patch, model: torch.nn.Module, read: Callable[[str], t
                        rank, out_dir, base_id=base_id)
 
 
-def fit_from_checkpoint(patch: Patch, base_folder: str | Path, rank: int, out_dir: str | Path, *,
+def fit_from_checkpoint(patch: Patch | PatchFile, base_folder: str | Path, rank: int, out_dir: str | Path, *,
                         base_id: str) -> dict[str, Any]:
     """`fit_adapter` on a base read from its checkpoint, tensor by tensor (the streamed path)."""
     with Checkpoint(base_folder) as checkpoint:

@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target-task JSONL (one per --finetuned)")
     _merge_options(p)
     p.add_argument("--save-model", action="store_true", help="also write DIR/model/")
+    p.add_argument("--no-patch", action="store_true",
+                   help="with --save-model: write only the model (and report.json), no patch")
     p.add_argument("--adapter-out", type=Path, default=None, metavar="DIR",
                    help="also write the tailored delta as a PEFT LoRA adapter (a rank --adapter-rank "
                         "SVD fit per changed linear; its error goes in report.json)")
@@ -387,6 +389,8 @@ def _tailor(args: argparse.Namespace) -> int:
     method = REGISTRY[settings.method]
     if method.needs_calibration and not args.calib:
         raise UserError(f"{method.label} needs target-task calibration data: pass --calib FILE.jsonl")
+    if args.no_patch and not args.save_model:
+        raise UserError("--no-patch leaves nothing to write: add --save-model")
     _check_out_dir(args.out)
     _check_adapter_out(args)
     examples = [read_calibration(path)[: args.calib_limit] for path in args.calib]
@@ -408,7 +412,7 @@ def _tailor(args: argparse.Namespace) -> int:
             if args.save_model:  # first: its check counts in the report
                 result.report["tensors_checked"] = save_tailored(pair, result.patch, tmp / "model")
             _write_adapter(args, result.patch, result.report, pair=pair)
-            save_run(tmp, result.patch, result.report)
+            save_run(tmp, None if args.no_patch else result.patch, result.report)
         report = result.report
     print(f"{settings.method}: {report['patch_entries']:,} entries in the patch "
           f"({100 * report['linear_fraction']:.2f}% of selected linears, "
@@ -428,6 +432,8 @@ def _check_adapter_out(args: argparse.Namespace) -> None:
         return
     if args.adapter_rank < 1:
         raise UserError("--adapter-rank must be positive")
+    if args.no_patch:
+        raise UserError("--adapter-out is fitted from the patch, so it cannot go with --no-patch")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "adapter_config.json").exists())):
         raise UserError(f"{out} exists and is not an earlier adapter: choose a new or empty folder")
 
@@ -449,23 +455,29 @@ def _write_adapter(args: argparse.Namespace, patch, report: dict, *, pair=None,
 
 def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> dict:
     """A data-free merge streamed from the checkpoints: the same patch (and model) as in
-    memory, holding one tensor at a time plus the patch."""
+    memory, holding one tensor at a time; the patch goes into its file tensor by tensor."""
+    from contextlib import nullcontext
+
+    from tailor_ui.checkpoint import Checkpoint
     from tailor_ui.io import atomic_path
-    from tailor_ui.patch import Patch
+    from tailor_ui.patch import PatchFile, header_room, patch_writer
     from tailor_ui.service.tailor import save_run
     from tailor_ui.stream import stream_merge
 
-    patch = Patch(tensors={})
+    room = header_room(Checkpoint(sources[0]).tensors)  # the patch's header goes in front of its data
     bar, update = _progress_bar()
     try:
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
-            report = stream_merge(sources[0], sources[1:], settings,
-                                  tmp / "model" if args.save_model else None, _stream_device(args.device),
-                                  patch=patch, progress=update)
-            patch.metadata.update(base=args.base, finetuned=args.finetuned)  # as the user named them
-            _write_adapter(args, patch, report, base_folder=sources[0])
-            save_run(tmp, patch, report)
+            with nullcontext() if args.no_patch else patch_writer(tmp / "patch.safetensors", room) as patch:
+                report = stream_merge(sources[0], sources[1:], settings,
+                                      tmp / "model" if args.save_model else None,
+                                      _stream_device(args.device), patch=patch, progress=update)
+                if patch is not None:  # as the user named them
+                    patch.metadata.update(base=args.base, finetuned=args.finetuned)
+            if args.adapter_out is not None:  # fitted from the written patch, a tensor at a time
+                _write_adapter(args, PatchFile(tmp / "patch.safetensors"), report, base_folder=sources[0])
+            save_run(tmp, None, report)
     finally:
         bar.close()
     return report
@@ -474,19 +486,19 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
 def _apply(args: argparse.Namespace) -> int:
     from tailor_ui.io import atomic_path
     from tailor_ui.pair import load_model
-    from tailor_ui.patch import apply_patch, load_patch
+    from tailor_ui.patch import PatchFile, apply_patch
     from tailor_ui.service.export import save_model
 
     _check_out_dir(args.out)
-    patch = load_patch(args.patch)
+    patch = PatchFile(args.patch)
     sources = _stream_sources(args, [args.base])
-    if sources is not None:  # tensor by tensor, in the checkpoint's dtypes
+    if sources is not None:  # tensor by tensor, in the checkpoint's dtypes, the patch's too
         from tailor_ui.stream import stream_apply_patch
 
         stream_apply_patch(sources[0], patch, args.out)
     else:
         model, processor = load_model(args.base, **_load_options(args))
-        apply_patch(model, patch)
+        apply_patch(model, patch.load())
         with atomic_path(args.out) as tmp:
             save_model(model, processor, tmp)
     print(f"applied {patch.num_entries:,} entries -> {args.out}")

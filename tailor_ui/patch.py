@@ -8,21 +8,26 @@ overwrote, so reverting gives the base back bit-exactly. Nothing here copies a m
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import struct
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
+from tailor_ui.checkpoint import DTYPE_NAMES
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
 from tailor_ui.weights import writable_param
 
-FORMAT = "tailor_ui.patch/1"
+FORMAT = "tailor_ui.patch/2"
+LEGACY_FORMAT = "tailor_ui.patch/1"
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 OverlapRule = Literal["mean", "sum", "first"]
 
@@ -43,6 +48,20 @@ class TensorPatch:
 
 
 @dataclass
+class MaskedPatch:
+    """A tensor's patch as a flat mask of its kept entries and their values in order: what a
+    streamed merge has in hand. Positions are computed only where something needs them
+    (int64 positions take 8 bytes per entry, the mask one)."""
+
+    mask: torch.Tensor  # bool, flat
+    values: torch.Tensor  # one per True entry, in order
+    shape: tuple[int, ...]
+
+    def positions(self) -> TensorPatch:
+        return TensorPatch(index=self.mask.nonzero().flatten(), values=self.values, shape=self.shape)
+
+
+@dataclass
 class Patch:
     tensors: dict[str, TensorPatch]
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -53,6 +72,18 @@ class Patch:
 
     def counts(self) -> dict[str, int]:
         return {name: t.index.numel() for name, t in self.tensors.items()}
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in self.tensors.items()}
+
+    def add(self, name: str, tp: TensorPatch | MaskedPatch) -> None:
+        """One tensor's patch (as `PatchWriter.add` takes it into a file)."""
+        self.tensors[name] = tp.positions() if isinstance(tp, MaskedPatch) else tp
+
+    def read(self, name: str) -> TensorPatch:
+        """One tensor's patch (as `PatchFile.read` reads it from a file)."""
+        return self.tensors[name]
 
 
 def changed_entries(base: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -124,54 +155,286 @@ def applied(model: torch.nn.Module, patch: Patch | None) -> Iterator[torch.nn.Mo
         revert_patch(model, state)
 
 
-def check_fits(shapes: Mapping[str, tuple[int, ...]], patch: Patch) -> None:
-    """Every patched tensor exists with the patch's shape and every index lies inside it."""
-    missing = [n for n in patch.tensors if n not in shapes]
+def check_fits(shapes: Mapping[str, tuple[int, ...]], patch: "Patch | PatchFile") -> None:
+    """Every patched tensor exists with the patch's shape and every index lies inside it
+    (a file's indices are checked as each tensor is read)."""
+    missing = [n for n in patch.shapes if n not in shapes]
     if missing:
         raise UserError(f"the patch names tensors the model lacks: {', '.join(missing[:5])}")
-    for name, tp in patch.tensors.items():
-        if tuple(shapes[name]) != tuple(tp.shape):
-            raise UserError(f"patch tensor {name} has shape {tuple(tp.shape)}, model has {tuple(shapes[name])}")
+    for name, shape in patch.shapes.items():
+        if tuple(shapes[name]) != tuple(shape):
+            raise UserError(f"patch tensor {name} has shape {tuple(shape)}, model has {tuple(shapes[name])}")
+    for name, tp in patch.tensors.items() if isinstance(patch, Patch) else ():
         if tp.index.numel() and (int(tp.index.max()) >= tp.numel or int(tp.index.min()) < 0):
             raise UserError(f"patch tensor {name} has indices outside the tensor")
 
 
-def save_patch(patch: Patch, path: str | Path) -> None:
-    """One safetensors file: `<name>::index` (int32 where it fits) and `<name>::values`."""
-    tensors: dict[str, torch.Tensor] = {}
-    shapes = {}
-    for name, tp in patch.tensors.items():
-        small = tp.numel < 2**31
-        tensors[f"{name}::index"] = tp.index.to(torch.int32 if small else torch.int64).contiguous()
-        tensors[f"{name}::values"] = tp.values.contiguous()
-        shapes[name] = list(tp.shape)
-    header = {"format": FORMAT, "shapes": shapes, "metadata": patch.metadata}
+# ------------------------------------------------------------------------- the file
+#
+# One safetensors file. Per tensor, whichever of three encodings is smallest:
+#   "gaps":  `<name>::gaps`, the distances between consecutive kept positions at the
+#            narrowest integer width that holds the largest (the first position is in the
+#            header), and `<name>::values`;
+#   "mask":  `<name>::mask`, one bit per entry (packed, little-endian), and `<name>::values`;
+#   "dense": `<name>::values` alone, every entry kept.
+# The header's metadata `tailor_ui` holds the format, each tensor's encoding, shape, dtype,
+# count and first position (gaps; else 0), and the patch's own metadata. Format 1 (`<name>::index`, flat
+# int32/int64 positions, and `<name>::values`) is still read.
+
+_GAP_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _gap_dtype(largest: int) -> torch.dtype:
+    """The narrowest integer dtype holding `largest` (uint8, then signed widths)."""
+    for dtype in _GAP_DTYPES:
+        if largest <= (torch.iinfo(dtype).max):
+            return dtype
+    raise ValueError(f"position gap {largest} does not fit in 64 bits")
+
+
+def encoded_sizes(count: int, numel: int, value_bytes: int, largest_gap: int) -> dict[str, int]:
+    """Bytes each encoding takes for `count` kept entries of a tensor of `numel`."""
+    gap_bytes = torch.empty((), dtype=_gap_dtype(largest_gap)).element_size()
+    sizes = {"gaps": max(count - 1, 0) * gap_bytes + count * value_bytes,
+             "mask": (numel + 7) // 8 + count * value_bytes}
+    if count == numel:
+        sizes["dense"] = numel * value_bytes
+    return sizes
+
+
+def encode(tp: TensorPatch | MaskedPatch) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The smallest encoding of a tensor's patch: its header entry and its stored parts."""
+    numel, count = int(torch.Size(tp.shape).numel()), tp.values.numel()
+    entry = {"shape": list(tp.shape), "dtype": DTYPE_NAMES[tp.values.dtype], "count": count}
+    if isinstance(tp, MaskedPatch):
+        if count == numel:
+            return {**entry, "encoding": "dense", "first": 0}, {"values": tp.values.contiguous()}
+        if count - 1 > (numel + 7) // 8:  # every gap takes a byte at least: the mask is smaller
+            packed = np.packbits(tp.mask.numpy(), bitorder="little")
+            return ({**entry, "encoding": "mask", "first": 0},
+                    {"values": tp.values.contiguous(), "mask": torch.from_numpy(packed)})
+        tp = tp.positions()
+    index, values = _ascending(tp)
+    gaps = index.diff() if count else index
+    largest = int(gaps.max()) if gaps.numel() else 0
+    sizes = encoded_sizes(count, numel, values.element_size(), largest)
+    encoding = min(sizes, key=sizes.__getitem__)  # ties go to the first: gaps, mask, dense
+    entry.update(encoding=encoding, first=int(index[0]) if encoding == "gaps" and count else 0)
+    parts = {"values": values.contiguous()}
+    if encoding == "gaps":
+        parts["gaps"] = gaps.to(_gap_dtype(largest))
+    elif encoding == "mask":
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[index] = True
+        parts["mask"] = torch.from_numpy(np.packbits(mask.numpy(), bitorder="little"))
+    return entry, parts
+
+
+def _ascending(tp: TensorPatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patch's positions in strictly ascending order, with their values."""
+    index, values = tp.index.reshape(-1).to(torch.int64), tp.values.reshape(-1)
+    steps = index.diff()
+    if bool((steps <= 0).any()):
+        order = index.argsort()
+        index, values = index[order], values[order]
+        if bool((index.diff() == 0).any()):
+            raise ValueError("a patch holds one position twice")
+    return index, values
+
+
+def decode(name: str, entry: Mapping[str, Any], parts: Mapping[str, torch.Tensor]) -> TensorPatch:
+    """A tensor's patch from its header entry and stored parts (checked: a damaged file
+    is a ValueError, never a wrong model)."""
+    shape = tuple(entry["shape"])
+    numel = int(torch.Size(shape).numel())
+    values, encoding = parts["values"].reshape(-1), entry["encoding"]
+    if encoding == "dense":
+        index = torch.arange(numel)
+    elif encoding == "mask":
+        if parts["mask"].numel() != (numel + 7) // 8:
+            raise ValueError(f"{name}: the mask does not match the shape")
+        bits = np.unpackbits(parts["mask"].numpy(), count=numel, bitorder="little")
+        index = torch.from_numpy(bits).nonzero().flatten()
+    elif encoding == "gaps":
+        gaps = parts["gaps"].to(torch.int64)
+        if bool((gaps <= 0).any()):
+            raise ValueError(f"{name}: positions are not ascending")
+        first = torch.tensor([int(entry["first"])]) if values.numel() else gaps
+        index = torch.cat([first, gaps]).cumsum(0)
+    elif encoding == "index":  # format 1
+        index = parts["index"].reshape(-1).to(torch.int64)
+    else:
+        raise ValueError(f"{name}: unknown encoding {encoding!r}")
+    if index.numel() != values.numel():
+        raise ValueError(f"{name}: positions and values differ in number")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= numel):
+        raise ValueError(f"{name}: positions outside the tensor")
+    return TensorPatch(index=index, values=values, shape=shape)
+
+
+def header_room(names: Iterable[str]) -> int:
+    """Bytes to reserve for the header of a patch of (at most) these tensors: its parts'
+    table, their encodings and counts, and 16 KiB for the settings and model names."""
+    return sum(5 * len(name) + 400 for name in names) + 16 * 2**10
+
+
+class PatchWriter:
+    """Writes tensors' patches to the file as they come, behind `header_bytes` kept for
+    the header; `finish` writes the header in front (where it outgrew that room, or the
+    data is small, the data is copied once behind it). Nothing but the tensor being added
+    is held."""
+
+    def __init__(self, path: Path, header_bytes: int = 0) -> None:
+        self.path = path
+        self.metadata: dict[str, Any] = {}
+        self.entries: dict[str, dict[str, Any]] = {}
+        self._table: dict[str, dict[str, Any]] = {}
+        self._room = header_bytes + (-(8 + header_bytes) % 8)  # tensor data starts 8-byte aligned
+        self._file = open(path, "wb")
+        self._file.seek(8 + self._room)
+        self._offset = 0
+
+    def add(self, name: str, tp: TensorPatch | MaskedPatch) -> None:
+        if name in self.entries:
+            raise ValueError(f"{name} is in the patch already")
+        entry, parts = encode(tp)
+        self.entries[name] = entry
+        for part, tensor in parts.items():
+            raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            self._file.write(raw)
+            self._table[f"{name}::{part}"] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": [tensor.numel()],
+                                             "data_offsets": [self._offset, self._offset + len(raw)]}
+            self._offset += len(raw)
+
+    def counts(self) -> dict[str, int]:
+        return {name: entry["count"] for name, entry in self.entries.items()}
+
+    def finish(self) -> None:
+        info = {"format": FORMAT, "tensors": self.entries, "metadata": self.metadata}
+        header = {"__metadata__": {"tailor_ui": json.dumps(info)}, **self._table}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        # the header in its room, or (outgrown, or data so small the room's padding would
+        # weigh, and moving it costs nothing) the data moved behind a header of its size
+        if len(raw) <= self._room and self._offset >= 16 * self._room:
+            self._file.seek(0)
+            self._file.write(struct.pack("<Q", self._room) + raw + b" " * (self._room - len(raw)))
+            self._file.close()
+            return
+        self._file.close()
+        raw += b" " * (-(8 + len(raw)) % 8)
+        aside = self.path.with_name(self.path.name + ".data")
+        os.replace(self.path, aside)
+        with open(self.path, "wb") as out, open(aside, "rb") as data:
+            out.write(struct.pack("<Q", len(raw)) + raw)
+            data.seek(8 + self._room)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+        aside.unlink()
+
+
+@contextmanager
+def patch_writer(path: str | Path, header_bytes: int = 0) -> Iterator[PatchWriter]:
+    """A patch file written tensor by tensor (`add`), complete at the end of the body or
+    absent (the body raised). `header_bytes` (`header_room`) saves copying the data once."""
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"tailor_ui": json.dumps(header)})
+        writer = PatchWriter(tmp, header_bytes)
+        try:
+            yield writer
+        except BaseException:
+            writer._file.close()
+            raise
+        writer.finish()
+
+
+def save_patch(patch: Patch, path: str | Path) -> None:
+    """The patch as one file, each tensor in its smallest encoding."""
+    with patch_writer(path) as writer:
+        writer.metadata = patch.metadata
+        for name, tp in patch.tensors.items():
+            writer.add(name, tp)
+
+
+class PatchFile:
+    """A patch file read tensor by tensor: the header up front, a tensor's entries when asked."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path = Path(path)
+        if not path.is_file():
+            raise UserError(f"patch file not found: {path.name}")
+        try:
+            self._handle = safe_open(str(path), "pt")
+            info = json.loads((self._handle.metadata() or {}).get("tailor_ui", "null"))
+            keys = set(self._handle.keys())
+        except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path.name} is not a readable safetensors file ({exc})") from None
+        if not isinstance(info, dict) or info.get("format") not in (FORMAT, LEGACY_FORMAT):
+            raise UserError(f"{path.name} is not a Model Tailor Studio patch")
+        self.metadata: dict[str, Any] = info.get("metadata", {})
+        if info["format"] == LEGACY_FORMAT:
+            info["tensors"] = {name: {"encoding": "index", "shape": shape,
+                                      "count": self._length(f"{name}::index", keys)}
+                               for name, shape in info["shapes"].items()}
+        self.entries: dict[str, dict[str, Any]] = info["tensors"]
+        for name, entry in self.entries.items():
+            for part in self._parts(entry):
+                self._length(f"{name}::{part}", keys)
+
+    @staticmethod
+    def _parts(entry: Mapping[str, Any]) -> tuple[str, ...]:
+        return {"gaps": ("gaps", "values"), "mask": ("mask", "values"), "dense": ("values",),
+                "index": ("index", "values")}.get(entry["encoding"], ("values",))
+
+    def _length(self, key: str, keys: set[str]) -> int:
+        if key not in keys:
+            raise UserError(f"{self.path.name} is damaged: tensor {key.split('::')[0]} is incomplete")
+        return int(torch.Size(self._handle.get_slice(key).get_shape()).numel())
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(entry["shape"]) for name, entry in self.entries.items()}
+
+    def counts(self) -> dict[str, int]:
+        return {name: int(entry["count"]) for name, entry in self.entries.items()}
+
+    @property
+    def num_entries(self) -> int:
+        return sum(self.counts().values())
+
+    @property
+    def tensors(self) -> Mapping[str, TensorPatch]:
+        """Name → its patch, decoded when looked up (Patch.tensors' interface, one at a time)."""
+        return _FileTensors(self)
+
+    def read(self, name: str) -> TensorPatch:
+        entry = self.entries[name]
+        parts = {part: self._handle.get_tensor(f"{name}::{part}") for part in self._parts(entry)}
+        try:
+            return decode(name, entry, parts)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{self.path.name} is damaged: {exc}") from None
+
+    def load(self) -> Patch:
+        return Patch(tensors={name: self.read(name) for name in self.entries}, metadata=self.metadata)
+
+
+class _FileTensors(Mapping):
+    def __init__(self, file: PatchFile) -> None:
+        self._file = file
+
+    def __getitem__(self, name: str) -> TensorPatch:
+        if name not in self._file.entries:
+            raise KeyError(name)
+        return self._file.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file.entries)
+
+    def __len__(self) -> int:
+        return len(self._file.entries)
 
 
 def load_patch(path: str | Path) -> Patch:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"patch file not found: {path.name}")
-    try:
-        raw = load_file(str(path))
-        with safe_open(str(path), "pt") as handle:
-            header = json.loads((handle.metadata() or {}).get("tailor_ui", "null"))
-    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path.name} is not a readable safetensors file ({exc})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise UserError(f"{path.name} is not a Model Tailor Studio patch")
-    tensors = {}
-    for name, shape in header["shapes"].items():
-        try:
-            index, values = raw[f"{name}::index"], raw[f"{name}::values"]
-        except KeyError:
-            raise UserError(f"{path.name} is damaged: tensor {name} is incomplete") from None
-        if index.numel() != values.numel():
-            raise UserError(f"{path.name} is damaged: {name} has mismatched index/values")
-        tensors[name] = TensorPatch(index=index.to(torch.int64), values=values, shape=tuple(shape))
-    return Patch(tensors=tensors, metadata=header.get("metadata", {}))
+    """A whole patch file in memory (either format)."""
+    return PatchFile(path).load()
 
 
 def union(patches: Iterable[Patch], base: Mapping[str, torch.Tensor],

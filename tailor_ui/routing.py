@@ -9,7 +9,7 @@ are not multi-task native run once per fine-tuned model and their patches are co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -22,12 +22,32 @@ def route_tensor(name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor], s
                  selected: bool, chunk_elems: int | None = None) -> torch.Tensor | None:
     """One tensor's merged value in the base dtype, or None where it stays the base.
 
-    With `chunk_elems`, where the value of each entry depends on that entry alone (an
-    element-wise method, the fine-tuned values, and the union of such patches), the same
-    functions run on flat chunks of `chunk_elems` entries: bit for bit the same result and
-    a working set bounded by the chunk. (Chunks are large on purpose: on a busy CPU every
-    parallel torch op pays for waking its threads, so a million small ops cost more than
-    the arithmetic.)
+    With `chunk_elems`, where the value of each entry depends on that entry alone, the
+    merge runs on flat chunks (`merged_chunks`): bit for bit the same result and a working
+    set bounded by the chunk.
+    """
+    chunks = merged_chunks(name, base, tuned, s, selected, chunk_elems)
+    if chunks is None:
+        return None
+    out = None
+    for start, values in chunks:
+        if start == 0 and values.numel() == base.numel():
+            return values.reshape(base.shape)
+        out = torch.empty_like(base) if out is None else out
+        out.view(-1)[start:start + values.numel()] = values
+    return out
+
+
+def merged_chunks(name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor], s: Settings,
+                  selected: bool, chunk_elems: int | None = None
+                  ) -> Iterator[tuple[int, torch.Tensor]] | None:
+    """None where the tensor stays the base; else its merged values in the base dtype as
+    (flat start, flat values) pieces, lazily: chunks of `chunk_elems` entries where each
+    entry depends on that entry alone (an element-wise method, the fine-tuned values, and
+    the union of such patches), one piece for the whole tensor otherwise. A chunk is
+    computed only when asked for, so a caller may overwrite the base's entries of a chunk
+    it has taken. (Chunks are large on purpose: on a busy CPU every parallel torch op pays
+    for waking its threads, so a million small ops cost more than the arithmetic.)
     """
     if all(torch.equal(base, t) for t in tuned):
         return None
@@ -35,14 +55,18 @@ def route_tensor(name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor], s
         return None
     by_method = selected or s.others == "linear"
     elementwise = REGISTRY[s.method].elementwise or not by_method
-    if chunk_elems is None or not elementwise or base.numel() <= chunk_elems:
-        return _merge_values(name, base, tuned, s, by_method)
-    out = torch.empty_like(base)
-    flat_out, flat_base, flat_tuned = out.view(-1), base.reshape(-1), [t.reshape(-1) for t in tuned]
-    for i in range(0, base.numel(), chunk_elems):
-        j = i + chunk_elems
-        flat_out[i:j] = _merge_values(name, flat_base[i:j], [t[i:j] for t in flat_tuned], s, by_method)
-    return out
+    step = chunk_elems if chunk_elems is not None and elementwise else base.numel()
+    flat_base, flat_tuned = base.reshape(-1), [t.reshape(-1) for t in tuned]
+
+    def pieces() -> Iterator[tuple[int, torch.Tensor]]:
+        if step >= base.numel():
+            yield 0, _merge_values(name, base, tuned, s, by_method).reshape(-1)
+            return
+        for i in range(0, base.numel(), step):
+            j = i + step
+            yield i, _merge_values(name, flat_base[i:j], [t[i:j] for t in flat_tuned], s, by_method)
+
+    return pieces()
 
 
 def _merge_values(name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor], s: Settings,

@@ -4,7 +4,8 @@ Nothing here loads a whole model. The base and the fine-tuned checkpoints are wa
 name together, one tensor at a time, with one shard file open per model
 (`tailor_ui.checkpoint`); each merged tensor goes straight into a sharded output whose
 headers are planned up front (the output has the base's names, shapes and dtypes), so peak
-memory is one tensor's working set, not the model's.
+memory is a few tensors' working set (one read ahead, one merged, one being written), not
+the model's.
 
 Each tensor goes through `tailor_ui.routing.route_tensor`, the routing `run_method` uses
 too (the method's per-tensor merge from the registry, the `others` policy, `union` of
@@ -15,8 +16,10 @@ Checkpoint keys are mapped to parameter names by `checkpoint.key_map`.
 from __future__ import annotations
 
 import re
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,50 +34,85 @@ from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_pro
 from tailor_ui.engine import patch_metadata
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
-from tailor_ui.memory import PeakMemory
+from tailor_ui.memory import PeakMemory, release_large_frees
 from tailor_ui.methods import REGISTRY
-from tailor_ui.patch import Patch, check_fits, tensor_patch
-from tailor_ui.routing import route_tensor, with_patch
+from tailor_ui.patch import MaskedPatch, Patch, PatchFile, PatchWriter, check_fits
+from tailor_ui.routing import merged_chunks, with_patch
 from tailor_ui.settings import Settings
 from tailor_ui.weights import parse_device
 
-CHUNK_ELEMS = 1 << 24  # entries per chunk of an element-wise merge (64 MiB in float32)
+CHUNK_ELEMS = 1 << 18  # entries per chunk of an element-wise merge (1 MiB in float32: in cache)
+# what the allocator keeps beyond the tensors: each of the three threads' heap holds freed
+# blocks under glibc's mmap threshold (`memory.release_large_frees`, 4 MiB), a few each
+ALLOCATOR_SLACK_BYTES = 32 * 2**20
 
 
 # ------------------------------------------------------------------------------- memory
 
 def memory_bound_bytes(numel: int, base_bytes: int, n_models: int, method: str,
-                       chunk_elems: int | None = None) -> int:
+                       chunk_elems: int | None = None, patch: bool = False) -> int:
     """Working set of merging one tensor of `numel` entries (`base_bytes` each in storage).
 
-    Storage copies of the base, the n fine-tuned tensors and the output, b·(n + 2), plus
-    float32 temporaries: the upcast base and models (n + 1), task vectors and their stack
-    (2n), result and change test (~3); plus the method's own per model (scores, masks and
-    top-k indices: `Method.temporaries`, ~4 for TIES and magnitude). Element-wise methods
-    compute on chunks of `chunk_elems` entries, so their temporaries are bounded by the
-    chunk, not the tensor.
+    Storage copies of the base (which the merged values overwrite in place) and the n
+    fine-tuned tensors, b·(n + 1), plus float32 temporaries: the upcast base and models
+    (n + 1), task vectors and their stack (2n), result and change test (~3); plus the
+    method's own per model (scores, masks and top-k indices: `Method.temporaries`, ~4 for
+    TIES and magnitude). Element-wise methods compute on chunks of `chunk_elems` entries,
+    so their temporaries are bounded by the chunk, not the tensor. With `patch`, the
+    changed entries' mask (a byte each) and values, and what encoding them takes at worst
+    (a packed mask, or the positions of at most one entry in 8 and their gaps: 2 bytes per
+    entry of the tensor).
     """
     info = REGISTRY[method]
     temps = 4 * (3 * n_models + 4 + info.temporaries * n_models)
+    held = numel * base_bytes * (n_models + 1) + (patch_bytes(numel, base_bytes) if patch else 0)
     if chunk_elems is not None and info.elementwise:
-        return numel * base_bytes * (n_models + 2) + min(numel, chunk_elems) * temps
-    return numel * (base_bytes * (n_models + 2) + temps)
+        return held + min(numel, chunk_elems) * temps
+    return held + numel * temps
 
 
-def _changed_entries(a: torch.Tensor, b: torch.Tensor) -> int:
+def patch_bytes(numel: int, base_bytes: int) -> int:
+    """A tensor's patch in hand (mask and values buffers) and being encoded, at worst."""
+    return numel * (1 + base_bytes + 2)
+
+
+def pipeline_bound_bytes(tensors: Sequence[tuple[int, int]], n_models: int, method: str,
+                         chunk_elems: int | None = None, patch: bool = False) -> int:
+    """Working set of the streamed merge over `tensors` ((entries, bytes per entry) in
+    checkpoint order): at worst, tensor i + 1 read (base and models), tensor i merged
+    (`memory_bound_bytes`) and tensor i − 1 being written (with its patch)."""
+    def read(k: int) -> int:
+        return tensors[k][0] * tensors[k][1] * (n_models + 1) if 0 <= k < len(tensors) else 0
+
+    def written(k: int) -> int:
+        if not 0 <= k < len(tensors):
+            return 0
+        return tensors[k][0] * tensors[k][1] + (patch_bytes(*tensors[k]) if patch else 0)
+
+    return max((read(i + 1) + memory_bound_bytes(numel, size, n_models, method, chunk_elems, patch)
+                + written(i - 1) for i, (numel, size) in enumerate(tensors)), default=0)
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Where `b` differs from `a` bit for bit (so -0.0 and NaNs count), flat."""
+    a, b = a.reshape(-1), b.reshape(-1)
     if a.dtype.is_floating_point and a.element_size() in (1, 2, 4, 8):
         view = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        return int(torch.count_nonzero(a.reshape(-1).view(view) != b.reshape(-1).view(view)))
-    return int(torch.count_nonzero(a != b))
+        return a.view(view) != b.view(view)
+    return a != b
 
 
 @dataclass
 class _Clock:
+    """Busy seconds per stage; stages run in their own threads, so they overlap."""
+
     timings: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, stage: str, start: float) -> float:
         now = time.perf_counter()
-        self.timings[stage] = self.timings.get(stage, 0.0) + now - start
+        with self._lock:
+            self.timings[stage] = self.timings.get(stage, 0.0) + now - start
         return now
 
 
@@ -87,16 +125,14 @@ class _Tally:
     selected_numel: int = 0
     selected_kept: int = 0
 
-    def add(self, key: str, name: str, old: torch.Tensor, new: torch.Tensor, selected: bool) -> int:
-        changed = _changed_entries(old, new)
+    def add(self, key: str, name: str, numel: int, changed: int, selected: bool) -> None:
         if changed:
-            self.per_tensor[name] = {"key": key, "changed": changed, "numel": old.numel(),
-                                     "fraction": changed / max(old.numel(), 1)}
+            self.per_tensor[name] = {"key": key, "changed": changed, "numel": numel,
+                                     "fraction": changed / max(numel, 1)}
         if selected:
             self.selected_changed += 1
-            self.selected_numel += old.numel()
+            self.selected_numel += numel
             self.selected_kept += changed
-        return changed
 
 
 @dataclass
@@ -110,36 +146,66 @@ class _Job:
     device: torch.device
     chunk_elems: int
     regex: re.Pattern | None
-    patch: Patch | None
+    patch: Patch | PatchWriter | None
     clock: _Clock = field(default_factory=_Clock)
     tally: _Tally = field(default_factory=_Tally)
     tensors_checked: int = 0  # tensors of the base found in the written folder
 
-    def merge_key(self, key: str) -> torch.Tensor:
-        """What the output holds for one checkpoint tensor: its merged value or the base's."""
+    def read_key(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The base's tensor and the fine-tuned ones (in the base's dtype)."""
         t0 = time.perf_counter()
         b = self.base.read(key)
         ts = [c.read(key).to(b.dtype) for c in self.tuned]
-        t0 = self.clock.add("read", t0)
+        self.clock.add("read", t0)
+        return b, ts
+
+    def merge_key(self, key: str, b: torch.Tensor, ts: list[torch.Tensor]
+                  ) -> tuple[torch.Tensor, MaskedPatch | None]:
+        """What the output holds for one checkpoint tensor: the merged value, written over
+        `b` in place (a fresh read), chunk by chunk; and its entries for the patch (None
+        where nothing changed or no patch is made)."""
+        t0 = time.perf_counter()
         name = self.names.param_of.get(key)
-        new = None
+        entries = None
         if name is not None and b.is_floating_point():
             selected = name in self.names.linears and (
                 self.regex is None or bool(self.regex.search(name[:-7])))  # drop ".weight"
-            new = route_tensor(name, b.to(self.device), [t.to(self.device) for t in ts],
-                               self.settings, selected, self.chunk_elems)
-            if new is not None:
-                new = new.to("cpu")
-                if self.tally.add(key, name, b, new, selected) and self.patch is not None:
-                    self.patch.tensors[name] = tensor_patch(b, new)
+            on_device = b.to(self.device)
+            chunks = merged_chunks(name, on_device, [t.to(self.device) for t in ts], self.settings,
+                                   selected, self.chunk_elems)
+            if chunks is not None:
+                changed, entries = self._take(b, on_device, chunks)
+                self.tally.add(key, name, b.numel(), changed, selected)
         self.clock.add("merge", t0)
-        return new if new is not None else b
+        return b, entries
+
+    def _take(self, out: torch.Tensor, base: torch.Tensor, chunks: Iterator[tuple[int, torch.Tensor]]
+              ) -> tuple[int, MaskedPatch | None]:
+        """Write each chunk into `out` after counting its changed entries and copying them
+        for the patch (into a mask and a values buffer of the tensor's size, so the patch
+        never takes more than 1 + b bytes per entry)."""
+        flat_out, flat_base = out.view(-1), base.reshape(-1)
+        mask = torch.empty(out.numel(), dtype=torch.bool) if self.patch is not None else None
+        values = torch.empty(out.numel(), dtype=out.dtype) if self.patch is not None else None
+        changed = 0
+        for start, new in chunks:
+            end = start + new.numel()
+            differs = _differs(flat_base[start:end], new)
+            count = int(torch.count_nonzero(differs))
+            if mask is not None:
+                mask[start:end] = differs
+                values[changed:changed + count] = new if count == new.numel() else new[differs]
+            changed += count
+            flat_out[start:end] = new  # after the comparison: on the CPU `base` is `out`
+        if not changed or mask is None:
+            return changed, None
+        return changed, MaskedPatch(mask=mask, values=values[:changed], shape=tuple(out.shape))
 
 
 def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str | Path],
                  settings: Settings, out_dir: str | Path | None, device: str = "cpu", *,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_elems: int = CHUNK_ELEMS,
-                 patch: Patch | None = None, progress: Progress | None = None,
+                 patch: Patch | PatchWriter | None = None, progress: Progress | None = None,
                  should_stop: StopCheck | None = None) -> dict[str, Any]:
     """Merge fine-tuned checkpoints into their base with a data-free method, streaming.
 
@@ -147,7 +213,8 @@ def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str
     merged weights in the base's names and dtypes), atomically. Equal, tensor for tensor,
     to `run_method(pair, settings)` applied to the base and saved. With `patch`, the
     changed entries are also collected into it, by parameter name, with its metadata: the
-    patch `run_method` returns (`out_dir=None` makes only the patch). Returns a report with
+    patch `run_method` returns (`out_dir=None` makes only the patch); a `PatchWriter`
+    takes each tensor's entries into its file as they come, so no patch is held. Returns a report with
     timings and peak memory. Compute runs on `device`; results are parked on the CPU.
     """
     method = REGISTRY[settings.method]
@@ -161,10 +228,17 @@ def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str
     start = time.perf_counter()
     job = _open(base_dir, dirs, settings, parse_device(device), chunk_elems, patch)
     job.clock.add("plan", start)
+    release_large_frees()  # what the threads free goes back, so the memory bound holds
     meter = PeakMemory([job.device]).start()  # stopped in `finally`; planning holds no tensors
+    threads = torch.get_num_threads()
+    # one thread per op: the chunks are small (in cache), and waking a second thread for each
+    # costs more than the arithmetic, most of all on a busy machine; the reader and writer
+    # threads use the other cores
+    torch.set_num_threads(1)
     try:
         files = _write(job, out_dir, max_shard_bytes, progress or no_progress, should_stop or never_stop)
     finally:
+        torch.set_num_threads(threads)
         job.base.close()
         for c in job.tuned:
             c.close()
@@ -175,7 +249,7 @@ def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str
 
 
 def _open(base_dir: str | Path, dirs: Sequence[str | Path], settings: Settings, device: torch.device,
-          chunk_elems: int, patch: Patch | None) -> _Job:
+          chunk_elems: int, patch: Patch | PatchWriter | None) -> _Job:
     """Open the checkpoints and check that their tensors can be merged name by name."""
     base = Checkpoint(base_dir)
     names = key_map(base.folder, base.keys)
@@ -192,21 +266,40 @@ def _open(base_dir: str | Path, dirs: Sequence[str | Path], settings: Settings, 
 def _write(job: _Job, out_dir: str | Path | None, max_shard_bytes: int, progress: Progress,
            should_stop: StopCheck) -> list[str]:
     """Merge every tensor in checkpoint order, writing each to the output as it comes;
-    returns the files written."""
+    returns the files written. Reading, merging and writing overlap: a reader thread
+    reads tensor i + 1 and a writer thread writes tensor i − 1 while tensor i is merged,
+    one tensor in flight per stage (file reads and writes, and torch's kernels, release
+    the GIL)."""
     keys = job.base.keys
     layout = [(k, job.base.tensors[k].dtype, job.base.tensors[k].shape) for k in keys]
     with atomic_path(out_dir) if out_dir is not None else nullcontext() as tmp:
         writer = ShardedWriter(tmp, layout, max_shard_bytes) if tmp is not None else None
-        for i, key in enumerate(keys):
-            if should_stop():
-                raise Cancelled
-            progress(f"merging {key}", i, len(keys))
-            value = job.merge_key(key)
+
+        def write(key: str, value: torch.Tensor, entries: MaskedPatch | None) -> None:
             t0 = time.perf_counter()
             if writer is not None:
                 writer.write(key, value)
-            del value
+            if entries is not None:
+                job.patch.add(job.names.param_of[key], entries)
             job.clock.add("write", t0)
+
+        with ThreadPoolExecutor(1) as reads, ThreadPoolExecutor(1) as writes:
+            ahead: Future | None = reads.submit(job.read_key, keys[0]) if keys else None
+            written: Future | None = None
+            for i, key in enumerate(keys):
+                if should_stop():
+                    raise Cancelled
+                progress(f"merging {key}", i, len(keys))
+                b, ts = ahead.result()
+                ahead = reads.submit(job.read_key, keys[i + 1]) if i + 1 < len(keys) else None
+                value, entries = job.merge_key(key, b, ts)
+                del b, ts
+                if written is not None:
+                    written.result()  # one write in flight; its error surfaces here
+                written = writes.submit(write, key, value, entries)
+                del value, entries
+            if written is not None:
+                written.result()
         t0 = time.perf_counter()
         copied = []
         if writer is not None:
@@ -222,15 +315,22 @@ def _write(job: _Job, out_dir: str | Path | None, max_shard_bytes: int, progress
 def _report(job: _Job, meter: PeakMemory, files: list[str], seconds: float, base_id: str,
             finetuned_ids: list[str]) -> dict[str, Any]:
     keys, tally, tensors = job.base.keys, job.tally, job.base.tensors
-    numel = sum(torch.Size(tensors[k].shape).numel() for k in keys)
+    sizes = [(torch.Size(tensors[k].shape).numel(), tensors[k].dtype.itemsize) for k in keys]
+    numel = sum(n for n, _ in sizes)
     entries = sum(t["changed"] for t in tally.per_tensor.values())
-    largest_numel = max((torch.Size(tensors[k].shape).numel() for k in keys), default=0)
-    largest_bytes = max((tensors[k].nbytes for k in keys), default=0)
-    bound = memory_bound_bytes(largest_numel, largest_bytes // max(largest_numel, 1), len(job.tuned),
-                               job.settings.method, job.chunk_elems) / 2**20
-    memory = {**meter.report(), "largest_tensor_mb": largest_bytes / 2**20, "one_tensor_bound_mb": bound,
-              # the stack (torch, transformers) at start, plus one tensor's working set
-              "predicted_peak_mb": meter.rss_at_start_mb + bound}
+    largest_numel, largest_size = max(sizes, key=lambda s: s[0] * s[1], default=(0, 0))
+    method, n, collects = job.settings.method, len(job.tuned), job.patch is not None
+    bound = memory_bound_bytes(largest_numel, largest_size, n, method, job.chunk_elems, collects)
+    pipeline = pipeline_bound_bytes(sizes, n, method, job.chunk_elems, collects)
+    held = 0.0  # a collected patch (not a file writer) stays in memory: what it grew to
+    if isinstance(job.patch, Patch):
+        held = sum(tp.index.nbytes + tp.values.nbytes for tp in job.patch.tensors.values()) / 2**20
+    memory = {**meter.report(), "largest_tensor_mb": largest_numel * largest_size / 2**20,
+              "one_tensor_bound_mb": bound / 2**20, "pipeline_bound_mb": pipeline / 2**20,
+              "patch_held_mb": held,
+              # the stack (torch, transformers) at start, the three stages in flight, the
+              # allocator's slack, the patch held
+              "predicted_peak_mb": meter.rss_at_start_mb + (pipeline + ALLOCATOR_SLACK_BYTES) / 2**20 + held}
     return {"settings": job.settings.to_dict(), "base": base_id, "finetuned": finetuned_ids,
             "streamed": True, "device": str(job.device), "tensors_total": len(keys),
             "tensors_checked": job.tensors_checked,
@@ -252,25 +352,26 @@ def _same_bytes(a: Checkpoint, b: Checkpoint, key: str) -> bool:
     return x.dtype == y.dtype and torch.equal(x.view(torch.uint8), y.view(torch.uint8))
 
 
-def stream_apply_patch(base_dir: str | Path, patch: Patch, out_dir: str | Path, *,
+def stream_apply_patch(base_dir: str | Path, patch: Patch | PatchFile, out_dir: str | Path, *,
                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: Progress | None = None,
                        should_stop: StopCheck | None = None) -> dict[str, Any]:
     """Write base + patch as a model folder, streaming the base tensor by tensor.
 
     The patch names parameters; they are found in the checkpoint through `key_map`.
     Equal to loading the base, `apply_patch`, and `save_pretrained`, tensor for tensor.
+    A `PatchFile` is read one tensor at a time, as its tensor is written.
     """
     progress = progress or no_progress
     should_stop = should_stop or never_stop
     start = time.perf_counter()
     base = Checkpoint(base_dir)
     keys = base.keys
-    if all(name in base.tensors for name in patch.tensors):  # names are the keys already
-        key_of = {name: name for name in patch.tensors}
+    if all(name in base.tensors for name in patch.shapes):  # names are the keys already
+        key_of = {name: name for name in patch.shapes}
     else:
         key_of = key_map(base.folder, keys).key_of
     check_fits({n: tuple(base.tensors[k].shape) for n, k in key_of.items()}, patch)
-    by_key = {key_of[n]: (n, tp) for n, tp in patch.tensors.items()}
+    name_of = {key_of[n]: n for n in patch.shapes}
     layout = [(k, base.tensors[k].dtype, base.tensors[k].shape) for k in keys]
     meter = PeakMemory().start()
     try:
@@ -281,8 +382,8 @@ def stream_apply_patch(base_dir: str | Path, patch: Patch, out_dir: str | Path, 
                     raise Cancelled
                 progress(f"writing {key}", i, len(keys))
                 tensor = base.read(key)
-                if key in by_key:
-                    tensor = with_patch(tensor, by_key[key][1], inplace=True)
+                if key in name_of:
+                    tensor = with_patch(tensor, patch.read(name_of[key]), inplace=True)
                 writer.write(key, tensor)
             writer.close()
             copied = copy_side_files(base.folder, tmp)

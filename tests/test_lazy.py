@@ -307,3 +307,17 @@ def test_cli_streams_data_free_merges_and_apply_by_default(disk_pair, tmp_path):
     assert all(torch.equal(expected[n], got[n]) for n in expected)
     assert main([*apply, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0  # loads to convert
     assert {t.dtype for t in Checkpoint(tmp_path / "bf16").tensors.values()} == {torch.bfloat16}
+
+
+def test_no_patch_writes_only_the_model_and_its_report(disk_pair, tmp_path):
+    args = ["tailor", "--base", str(disk_pair / "base"), "--finetuned", str(disk_pair / "ft"),
+            "--method", "task_arithmetic", "--save-model", "--no-patch"]
+    assert main([*args, "--out", str(tmp_path / "streamed")]) == 0
+    assert main([*args, "--out", str(tmp_path / "loaded"), "--in-memory"]) == 0
+    for run in ("streamed", "loaded"):
+        assert sorted(f.name for f in (tmp_path / run).iterdir()) == ["model", "report.json"]
+        assert _report(tmp_path / run)["patch_entries"] > 0
+    expected, got = _params(tmp_path / "loaded" / "model"), _params(tmp_path / "streamed" / "model")
+    assert all(torch.equal(expected[n], got[n]) for n in expected)
+    assert main([*args[:-2], "--no-patch", "--out", str(tmp_path / "nothing")]) == 2  # no --save-model
+    assert not (tmp_path / "nothing").exists()

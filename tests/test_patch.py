@@ -114,7 +114,7 @@ def test_save_leaves_no_partial_file_when_writing_fails(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(patch_module, "save_file", broken)
+    monkeypatch.setattr(patch_module, "encode", broken)
     with pytest.raises(OSError):
         save_patch(make_patch(tiny(), tiny(seed=1)), tmp_path / "p.safetensors")
     assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,7 @@ saved in several shards with a different shard layout per model.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from tailor_ui.control import Cancelled
 from tailor_ui.engine import run_method
 from tailor_ui.errors import UserError
 from tailor_ui.pair import load_pair
-from tailor_ui.patch import Patch, TensorPatch, apply_patch, load_patch, revert_patch, save_patch
+from tailor_ui.patch import (Patch, PatchFile, TensorPatch, apply_patch, load_patch, patch_writer,
+                             revert_patch, save_patch)
 from tailor_ui.settings import Settings
 from tailor_ui.stream import stream_apply_patch, stream_merge
 from tailor_ui.checkpoint import INDEX_NAME, Checkpoint, ShardedWriter, key_map
@@ -189,14 +191,17 @@ def test_key_map_follows_transformers_for_every_family(tmp_path):
     assert llava.key_of["lm_head.weight"] == "language_model.lm_head.weight"
 
 
-def test_stream_apply_patch_equals_apply_patch(disk_models, pairs, tmp_path):
+@pytest.mark.parametrize("source", ["loaded", "file"])
+def test_stream_apply_patch_equals_apply_patch(disk_models, pairs, tmp_path, source):
     d = disk_models
     pair = pairs[2]
     result = run_method(pair, Settings(method="magnitude", keep=0.15))
     save_patch(result.patch, tmp_path / "patch.safetensors")
-    patch = load_patch(tmp_path / "patch.safetensors")  # int32 indices, parameter names
+    patch = load_patch(tmp_path / "patch.safetensors")
     assert any(not Checkpoint(d["base"]).tensors.get(n) for n in patch.tensors)  # names ≠ keys
-    report = stream_apply_patch(d["base"], patch, tmp_path / "out", max_shard_bytes=80_000)
+    # a PatchFile is read tensor by tensor as the stream reaches each tensor
+    given = patch if source == "loaded" else PatchFile(tmp_path / "patch.safetensors")
+    report = stream_apply_patch(d["base"], given, tmp_path / "out", max_shard_bytes=80_000)
     applied = apply_patch(pair.base, patch)
     try:
         expected = {n: p.detach().clone() for n, p in pair.base.named_parameters()}
@@ -328,3 +333,61 @@ def test_gpu_compute_matches_cpu(disk_models, tmp_path):
         assert "gpu_peak_allocated_mb" in gpu["memory"] and cpu["patch_entries"] == gpu["patch_entries"]
         _assert_bit_equal(_streamed_params(tmp_path / f"{method}-cpu", d["base"]),
                           _streamed_params(tmp_path / f"{method}-gpu", d["base"]))
+
+
+def test_a_streamed_patch_file_equals_the_collected_patch_saved(disk_models, tmp_path):
+    """A `patch_writer` takes each tensor's entries into the file as the merge makes them:
+    the same bytes as collecting the patch in memory and saving it."""
+    d = disk_models
+    settings = Settings(method="ties", keep=0.3)
+    collected = Patch(tensors={})
+    stream_merge(d["base"], [d["ft_a"], d["ft_b"]], settings, None, patch=collected)
+    save_patch(collected, tmp_path / "collected.safetensors")
+    with patch_writer(tmp_path / "streamed.safetensors") as writer:
+        stream_merge(d["base"], [d["ft_a"], d["ft_b"]], settings, None, patch=writer)
+    assert writer.counts() == collected.counts() and collected.num_entries > 0
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "collected.safetensors").read_bytes()
+
+
+def _large_pair(root, n_models: int) -> list:
+    """A 106M-parameter Llama (fp16, hidden 1024, 8 layers, 8k vocabulary) and fine-tuned
+    copies with every entry moved, written tensor by tensor (values from cheap integer
+    hashing: random normals for 100M entries take minutes on a busy machine)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=8000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                         num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False)
+    config.architectures = ["LlamaForCausalLM"]
+    with torch.device("meta"):
+        layout = [(k, torch.float16, tuple(t.shape)) for k, t in LlamaForCausalLM(config).state_dict().items()]
+    folders = [root / name for name in ["base"] + [f"ft{k}" for k in range(n_models)]]
+    writers = []
+    for folder in folders:
+        config.save_pretrained(folder)
+        writers.append(ShardedWriter(folder, layout, 2**28))
+    for t, (key, _, shape) in enumerate(layout):
+        ints = torch.arange(torch.Size(shape).numel(), dtype=torch.int64) + 7919 * t
+        base = ((ints * 2654435761 % 65521).float() / 65521 - 0.5).half().reshape(shape)
+        writers[0].write(key, base)
+        for k, writer in enumerate(writers[1:]):
+            writer.write(key, base + ((ints * (40503 + k) % 251).float() / 251e2 - 0.004).half().reshape(shape))
+    for writer in writers:
+        writer.close()
+    return folders
+
+
+@pytest.mark.parametrize("method, models, with_patch", [("task_arithmetic", 1, True),
+                                                        ("ties", 2, False)])
+def test_measured_peak_stays_under_the_predicted_peak(tmp_path, method, models, with_patch):
+    """On a ≥ 100M-parameter pair, what the report predicts is an upper bound of what the
+    run held (the three pipeline stages in flight, the patch's buffers, each method's
+    temporaries), and not a loose one."""
+    base, *tuned = _large_pair(tmp_path, models)
+    assert sum(i.nbytes for i in Checkpoint(base).tensors.values()) > 2e8
+    with patch_writer(tmp_path / "patch.safetensors") if with_patch else nullcontext() as patch:
+        report = stream_merge(base, tuned, Settings(method=method, keep=0.2, others="linear"),
+                              tmp_path / "out", patch=patch)
+    memory = report["memory"]
+    used = memory["cpu_peak_rss_mb"] - memory["rss_at_start_mb"]
+    bound = memory["predicted_peak_mb"] - memory["rss_at_start_mb"]
+    assert memory["largest_tensor_mb"] < used <= bound < 4 * used

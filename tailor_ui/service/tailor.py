@@ -88,11 +88,13 @@ def tailor_run(handle: PairHandle, settings, examples: list[Example], source: st
 
 
 def save_run(folder: Path, patch, report: dict[str, Any]) -> tuple[Path, Path]:
-    """A merge's files in `folder`: patch.safetensors and report.json."""
+    """A merge's files in `folder`: patch.safetensors and report.json (no patch: the report
+    alone, the patch written already or not asked for)."""
     from tailor_ui.patch import save_patch
 
     patch_file, report_file = folder / "patch.safetensors", folder / "report.json"
-    save_patch(patch, patch_file)
+    if patch is not None:
+        save_patch(patch, patch_file)
     with atomic_path(report_file) as tmp:
         tmp.write_text(json.dumps(jsonable(report), indent=2), encoding="utf-8")
     return patch_file, report_file

@@ -1,0 +1,183 @@
+"""The patch file: each encoding chosen where it is smallest, bit-exact round trips (every
+encoding, empty, all kept, 1-D, fp16/bf16), format-1 files still read, streamed writing."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from tailor_ui.errors import UserError
+from tailor_ui.patch import (LEGACY_FORMAT, Patch, PatchFile, TensorPatch, encode, encoded_sizes,
+                             header_room, load_patch, patch_writer, save_patch)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+INT_VIEW = {4: torch.int32, 2: torch.int16}
+
+
+def same(a: TensorPatch, b: TensorPatch) -> bool:
+    view = INT_VIEW[a.values.element_size()]
+    return (a.shape == b.shape and a.values.dtype == b.values.dtype and torch.equal(a.index, b.index)
+            and torch.equal(a.values.view(view), b.values.view(view)))
+
+
+def random_patch(shape, count, dtype, seed=0) -> TensorPatch:
+    gen = torch.Generator().manual_seed(seed)
+    numel = int(torch.Size(shape).numel())
+    index = torch.randperm(numel, generator=gen)[:count].sort().values
+    values = torch.randn(count, generator=gen).to(dtype)
+    if count:  # a negative zero and a NaN must survive bit for bit
+        values[0] = -0.0
+        values[-1] = float("nan")
+    return TensorPatch(index=index, values=values, shape=tuple(shape))
+
+
+def round_trip(tmp_path, tp: TensorPatch, name="w") -> TensorPatch:
+    path = tmp_path / "p.safetensors"
+    save_patch(Patch(tensors={name: tp}, metadata={"method": "test"}), path)
+    loaded = load_patch(path)
+    assert loaded.metadata == {"method": "test"}
+    return loaded.tensors[name]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, count, encoding", [
+    ((64, 64), 0, "gaps"),        # empty
+    ((64, 64), 1, "gaps"),        # one entry: its position is in the header
+    ((64, 64), 40, "gaps"),       # sparse: narrow gaps beat a bit per entry
+    ((64, 64), 2000, "mask"),     # half kept: a bit per entry beats the gaps
+    ((64, 64), 4096, "dense"),    # all kept: values alone
+    ((4096,), 4095, "mask"),      # 1-D, all but one
+    ((7,), 7, "dense"),           # 1-D, shorter than a mask byte
+    ((3, 5, 7), 9, "gaps"),       # 3-D
+])
+def test_each_encoding_is_chosen_where_smallest_and_round_trips(tmp_path, dtype, shape, count, encoding):
+    tp = random_patch(shape, count, dtype)
+    entry, parts = encode(tp)
+    assert entry["encoding"] == encoding
+    stored = sum(t.numel() * t.element_size() for t in parts.values())
+    assert stored == min(encoded_sizes(count, tp.numel, tp.values.element_size(),
+                                       int(tp.index.diff().max()) if count > 1 else 0).values())
+    assert same(round_trip(tmp_path, tp), tp)
+
+
+def test_gaps_take_the_narrowest_integer_width():
+    for spacing, width in [(200, torch.uint8), (300, torch.int16), (40_000, torch.int32)]:
+        tp = TensorPatch(index=torch.arange(0, 10 * spacing, spacing), values=torch.ones(10),
+                         shape=(10 * spacing,))
+        assert encode(tp)[1]["gaps"].dtype == width
+
+
+def test_a_patch_never_outweighs_its_values_by_more_than_a_bit_per_entry():
+    """Whatever is kept, the stored bytes stay under one copy of the kept values plus one
+    bit per entry of the tensor (the mask), and at one copy when everything is kept."""
+    for count in (0, 1, 100, 2048, 4000, 4095, 4096):
+        tp = random_patch((4096,), count, torch.float16)
+        _, parts = encode(tp)
+        stored = sum(t.numel() * t.element_size() for t in parts.values())
+        assert stored <= 2 * count + 4096 // 8
+        if count == 4096:
+            assert stored == 2 * 4096
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3), fraction=st.floats(0, 1),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_round_trips_are_bit_exact(tmp_path_factory, shape, fraction, dtype, seed):
+    numel = int(torch.Size(shape).numel())
+    tp = random_patch(shape, round(fraction * numel), dtype, seed)
+    assert same(round_trip(tmp_path_factory.mktemp("p"), tp), tp)
+
+
+def test_unsorted_positions_are_stored_sorted_with_their_values(tmp_path):
+    tp = TensorPatch(index=torch.tensor([9, 2, 5]), values=torch.tensor([1.0, 2.0, 3.0]), shape=(10,))
+    back = round_trip(tmp_path, tp)
+    assert back.index.tolist() == [2, 5, 9] and back.values.tolist() == [2.0, 3.0, 1.0]
+    with pytest.raises(ValueError, match="twice"):
+        encode(TensorPatch(index=torch.tensor([3, 3]), values=torch.ones(2), shape=(10,)))
+
+
+def legacy_file(path, patch: Patch) -> None:
+    """A file as format 1 wrote it: int32 flat positions and values per tensor."""
+    tensors, shapes = {}, {}
+    for name, tp in patch.tensors.items():
+        tensors[f"{name}::index"] = tp.index.to(torch.int32)
+        tensors[f"{name}::values"] = tp.values
+        shapes[name] = list(tp.shape)
+    header = {"format": LEGACY_FORMAT, "shapes": shapes, "metadata": patch.metadata}
+    save_file(tensors, str(path), metadata={"tailor_ui": json.dumps(header)})
+
+
+def test_format_1_files_are_still_read(tmp_path):
+    patch = Patch(tensors={"a.weight": random_patch((8, 8), 20, torch.float16),
+                           "b.bias": random_patch((8,), 8, torch.bfloat16, seed=1)},
+                  metadata={"method": "ties"})
+    legacy_file(tmp_path / "old.safetensors", patch)
+    file = PatchFile(tmp_path / "old.safetensors")
+    assert file.counts() == {"a.weight": 20, "b.bias": 8} and file.num_entries == 28
+    loaded = load_patch(tmp_path / "old.safetensors")
+    assert loaded.metadata == {"method": "ties"}
+    assert all(same(loaded.tensors[n], patch.tensors[n]) for n in patch.tensors)
+    save_patch(loaded, tmp_path / "new.safetensors")  # and rewritten in the new format
+    again = load_patch(tmp_path / "new.safetensors")
+    assert all(same(again.tensors[n], patch.tensors[n]) for n in patch.tensors)
+
+
+def test_damaged_entries_are_refused(tmp_path):
+    patch = Patch(tensors={"w": random_patch((8, 8), 5, torch.float32)})
+    legacy = Patch(tensors={"w": TensorPatch(index=torch.tensor([70]), values=torch.ones(1), shape=(8, 8))})
+    legacy_file(tmp_path / "out.safetensors", legacy)
+    with pytest.raises(UserError, match="damaged: w: positions outside"):
+        load_patch(tmp_path / "out.safetensors")
+    path = tmp_path / "p.safetensors"
+    save_patch(patch, path)
+    tensors = {"w::values": torch.ones(5)}  # the gaps are gone
+    meta = PatchFile(path).entries
+    save_file(tensors, str(tmp_path / "cut.safetensors"), metadata={"tailor_ui": json.dumps(
+        {"format": "tailor_ui.patch/2", "tensors": meta, "metadata": {}})})
+    with pytest.raises(UserError, match="damaged: tensor w is incomplete"):
+        PatchFile(tmp_path / "cut.safetensors")
+
+
+def test_streamed_writer_appends_tensor_by_tensor_and_leaves_nothing_on_failure(tmp_path):
+    path = tmp_path / "p.safetensors"
+    parts = {f"layer{i}": random_patch((32, 32), 100 * i, torch.float16, seed=i) for i in range(4)}
+    with patch_writer(path) as writer:
+        for name, tp in parts.items():
+            writer.add(name, tp)
+            assert not path.exists()  # complete at the end of the body, not before
+        writer.metadata = {"counts": writer.counts()}
+    loaded = load_patch(path)
+    assert loaded.metadata == {"counts": {n: tp.index.numel() for n, tp in parts.items()}}
+    assert all(same(loaded.tensors[n], tp) for n, tp in parts.items())
+    with pytest.raises(RuntimeError), patch_writer(tmp_path / "q.safetensors") as writer:
+        writer.add("layer1", parts["layer1"])
+        raise RuntimeError("the merge failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors"]
+
+
+@pytest.mark.parametrize("room", [0, 64, None])
+def test_the_header_goes_in_its_room_or_the_data_moves_behind_it(tmp_path, room):
+    """Room enough (`header_room`'s estimate) for data 16 times larger: the data stays where
+    it was written; too little room: it is moved; the file reads the same either way."""
+    parts = {f"layer{i}": random_patch((512, 512), 50_000 * i, torch.bfloat16, seed=i) for i in range(3)}
+    estimated = room is None
+    room = header_room(parts) if estimated else room
+    with patch_writer(tmp_path / "p.safetensors", room) as writer:
+        for name, tp in parts.items():
+            writer.add(name, tp)
+    loaded = load_patch(tmp_path / "p.safetensors")
+    assert all(same(loaded.tensors[n], tp) for n, tp in parts.items())
+    header = int.from_bytes((tmp_path / "p.safetensors").read_bytes()[:8], "little")
+    assert (header == room + (-(8 + room) % 8)) == estimated
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.safetensors"]
+
+
+def test_a_small_patch_is_not_padded_to_its_room(tmp_path):
+    tp = random_patch((16, 16), 10, torch.float16)
+    with patch_writer(tmp_path / "p.safetensors", 100_000) as writer:
+        writer.add("w", tp)
+    assert (tmp_path / "p.safetensors").stat().st_size < 2_000
+    assert same(load_patch(tmp_path / "p.safetensors").tensors["w"], tp)
