@@ -152,6 +152,24 @@ def test_cli_tailors_a_lora_fine_tune_of_a_tiny_llava_and_writes_an_adapter(disk
         torch.testing.assert_close(again[name], value, rtol=0, atol=1e-5)
 
 
+def test_a_streamed_merge_fits_its_adapter_from_the_written_patch(disk_pair, adapters, tmp_path, capsys):
+    """A data-free merge streams its patch to disk tensor by tensor; --adapter-out reads it
+    back from the file. At full rank peft rebuilds the streamed model from the adapter."""
+    args = ["tailor", "--base", str(disk_pair / "base"), "--finetuned", str(adapters["patterns"]),
+            "--method", "magnitude", "--keep", "0.3", "--save-model",
+            "--adapter-out", str(tmp_path / "adapter"), "--adapter-rank", "64"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    report = _report(tmp_path / "run")
+    assert report["streamed"] and report["adapter"]["relative_error"] < 1e-5
+    tailored = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "model")
+    again = peft_merged(disk_pair / "base", tmp_path / "adapter")
+    for name, value in tailored.named_parameters():
+        torch.testing.assert_close(again[name], value.detach(), rtol=0, atol=1e-5)
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "other"), "--no-patch"]) != 0
+    assert "--no-patch" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
 def test_a_real_process_tailors_an_adapter_with_a_data_free_method(disk_pair, adapters, tmp_path):
     import subprocess
     import sys
