@@ -23,22 +23,22 @@ from tailor_ui.training.llaca import (CODE_FALLBACK, PAPER_FALLBACK, EMATracker,
 # ------------------------------------------------------------------ pure formulas
 
 def test_code_weight_inside_unit_interval():
-    assert code_weight(4.0, 1.0, 2.0) == pytest.approx(2 * 2 / 8)  # 0.5
-    assert code_weight(10.0, 0.0, 4.0) == pytest.approx(0.05)
+    assert code_weight(0.04, 1.0, 2.0) == pytest.approx(0.01 * 2 / 0.08)  # 0.25
+    assert code_weight(10.0, 0.0, 4.0) == pytest.approx(0.00025)
 
 
 @pytest.mark.parametrize("a, b, c", [
     (0.0, 1.0, 2.0),  # a·c = 0 (θ = θ*)
     (3.0, 1.0, 0.0),  # a·c = 0 (gradient unchanged)
-    (1.0, 1.0, 1.0),  # w = 4 ≥ 1
-    (4.0, 0.0, 0.5),  # w = 1 exactly: outside the open interval
+    (0.01, 1.0, 1.0),  # w = 2 ≥ 1
+    (0.02, 0.0, 0.5),  # w = 1 exactly: outside the open interval
     (-4.0, 1.0, 2.0),  # negative
     (4.0, -3.0, 2.0),  # negative numerator
     (math.inf, 1.0, 1.0),
     (math.nan, 1.0, 1.0),
 ])
 def test_code_weight_fallback(a, b, c):
-    assert code_weight(a, b, c) == CODE_FALLBACK == 0.01
+    assert code_weight(a, b, c) == CODE_FALLBACK == 0.001
 
 
 def test_paper_beta_and_fallback():
@@ -50,7 +50,7 @@ def test_paper_beta_and_fallback():
 
 
 def test_live_weight_forms():
-    assert live_weight("code", 4.0, 1.0, 2.0) == pytest.approx(0.5)
+    assert live_weight("code", 0.04, 1.0, 2.0) == pytest.approx(0.25)
     assert live_weight("paper", 4.0, 1.0, 1.0) == pytest.approx(1 - 0.5)
     assert live_weight("fixed", 4.0, 1.0, 1.0, beta=0.9) == pytest.approx(0.1)
     with pytest.raises(ValueError):
@@ -72,10 +72,10 @@ def _steps(form: str, beta: float = 0.99) -> tuple[EMATracker, torch.nn.Paramete
     return tracker, p
 
 
-def _second_step(tracker: EMATracker, p: torch.nn.Parameter) -> tuple[torch.Tensor, float]:
-    """Check the EMA after step 1 (both forms fell back to weight 0.01 on θ1), take step 2;
-    returns that first EMA θ*₁ and a = ‖θ2 − θ*₁‖₁ (3.98)."""
-    first = 0.99 * torch.zeros(2) + 0.01 * torch.tensor([1.0, -1.0])
+def _second_step(tracker: EMATracker, p: torch.nn.Parameter, w1: float) -> tuple[torch.Tensor, float]:
+    """Check the EMA after step 1 (the form fell back to weight `w1` on θ1), take step 2;
+    returns that first EMA θ*₁ and a = ‖θ2 − θ*₁‖₁."""
+    first = (1 - w1) * torch.zeros(2) + w1 * torch.tensor([1.0, -1.0])
     assert torch.allclose(tracker.ema["w"], first)
     with torch.no_grad():
         p.copy_(torch.tensor([2.0, -2.0]))
@@ -86,15 +86,15 @@ def _second_step(tracker: EMATracker, p: torch.nn.Parameter) -> tuple[torch.Tens
 
 def test_tracker_code_form_by_hand():
     tracker, p = _steps("code")
-    # step 1: w = 2(1 + 1)/(2·1) = 2 ≥ 1 → fallback 0.01
-    first, a = _second_step(tracker, p)
-    w = 2 * (1 + 0.5) / (a * 1.0)  # c = |0.25 − 0.5| + |0.25 + 0.5| = 1
+    # step 1: no previous gradient → fallback 0.001, as the authors' code
+    first, a = _second_step(tracker, p, 0.001)
+    w = 0.01 * (1 + 0.5) / (a * 1.0)  # c = |0.25 − 0.5| + |0.25 + 0.5| = 1
     assert 0 < w < 1
     expected = (1 - w) * first + w * torch.tensor([2.0, -2.0])
     assert torch.allclose(tracker.ema["w"], expected, atol=1e-7)
     stats = tracker.stats()
     assert stats["steps"] == 2 and stats["fallback_fraction"] == pytest.approx(0.5)
-    assert stats["mean_live_weight"] == pytest.approx((0.01 + w) / 2)
+    assert stats["mean_live_weight"] == pytest.approx((0.001 + w) / 2)
     tracker.swap_in()
     assert torch.equal(p.detach(), expected.to(p.dtype)) or torch.allclose(p.detach(), expected)
 
@@ -102,7 +102,7 @@ def test_tracker_code_form_by_hand():
 def test_tracker_paper_form_by_hand():
     tracker, p = _steps("paper")
     # step 1: β = (1 + 1)/(2·1) = 1 → fallback 0.99
-    first, a = _second_step(tracker, p)
+    first, a = _second_step(tracker, p, 0.01)
     beta = (0.5 + 1) / (a * 1.0)
     assert 0 < beta < 1
     assert torch.allclose(tracker.ema["w"], beta * first + (1 - beta) * torch.tensor([2.0, -2.0]))
@@ -230,7 +230,7 @@ def test_continual_rejects_bad_input(tmp_path):
 
 
 def test_lag_ratio_and_mean_form():
-    """The lag is ‖θ − θ*‖ / ‖θ − θ₀‖; the per-entry-means form falls back where a·c < 2."""
+    """The lag is ‖θ − θ*‖ / ‖θ − θ₀‖; the adaptive forms fall back on a task's first step."""
     p = torch.nn.Parameter(torch.zeros(4))
     tracker = EMATracker([("w", p)], form="fixed", beta=0.75)
     with torch.no_grad():
@@ -242,8 +242,8 @@ def test_lag_ratio_and_mean_form():
     p.grad = torch.full((4,), 2.0)
     with torch.no_grad():
         p.add_(1.0)
-    means.update()  # a = b = c = 1 per entry (sums 4): w = 2·2/1 = 4 → fallback
+    means.update()  # no previous gradient yet: the fallback, as the authors' code
     assert means.stats()["fallback_fraction"] == 1.0
     summed = EMATracker([("w", torch.nn.Parameter(torch.zeros(4)))], form="code")
-    assert live_weight("code", 4.0, 4.0, 4.0) == pytest.approx(2 * 5 / 16)  # the sums do not
+    assert live_weight("code", 4.0, 4.0, 4.0) == pytest.approx(0.01 * 5 / 16)
     assert math.isnan(summed.lag_ratio())  # nothing moved yet

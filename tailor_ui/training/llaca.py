@@ -4,10 +4,12 @@ METHODS.md §4. After every optimizer step each trainable tensor's EMA copy θ* 
 the live weights θ; at the end of a task the EMA weights replace the live ones. Four
 forms of the step, all reducing each quantity to one number per tensor by its L1 norm:
 
-- `code` (**default**; METHODS.md's transcription of the authors' code, which no stored copy
-  of their repositories holds, so it is unchecked: docs/AUDIT.md): a = ‖θ − θ*‖₁, b = ‖g‖₁,
-  c = ‖g − g_prev‖₁, w = 2(1 + b)/(a·c), w = 0.01 when it falls outside (0, 1);
-  θ* ← (1 − w)·θ* + w·θ.
+- `code` (**default**; the authors' released code, ECNU-SII's Continual-NExT, whose peft
+  LoRA tuner runs it as "CIA" after every optimizer step: docs/AUDIT.md): a = ‖θ − θ*‖₁,
+  b = ‖g‖₁, c = ‖g − g_prev‖₁, w = 0.01·(1 + b)/(a·c), w = 0.001 (their `base_weight`) when
+  it falls outside (0, 1) and on a task's first step, which has no previous gradient;
+  θ* ← (1 − w)·θ* + w·θ. (METHODS.md's transcription, w = 2(1 + b)/(a·c) with 0.01, is not
+  what their code does.)
 - `paper` (the paper's equations): β = (L' + 1)/((θ − θ*)·L'') with L' = ‖g‖₁,
   θ − θ* → ‖θ − θ*‖₁ and L'' ≈ ‖g − g_prev‖₁; β = 0.99 outside (0, 1);
   θ* ← β·θ* + (1 − β)·θ.
@@ -18,9 +20,9 @@ forms of the step, all reducing each quantity to one number per tensor by its L1
   show that, not as a better LLaCA (docs/AUDIT.md).
 - `fixed`: the plain EMA baseline, θ* ← β·θ* + (1 − β)·θ with one fixed β.
 
-Conventions this module fixes (the paper leaves them open): g is the gradient the
-optimizer just used (after clipping, and after any gradient masking); on a task's first
-step there is no previous gradient and g_prev = 0; θ* is kept in float32 whatever the
+Conventions: g is the gradient the optimizer just used (after clipping, and after any
+gradient masking), as in the authors' code; on a task's first step the code form falls back,
+as theirs does, and the paper form takes g_prev = 0 (ours); θ* is kept in float32 whatever the
 model's dtype, so a bfloat16 model's EMA does not round every small step away.
 
 `LLaCATraining` and `EMATraining` are the methods `finetune` runs: the tracker steps after
@@ -39,7 +41,8 @@ from tailor_ui.training.method import RunSetup, TrainingMethod
 
 Form = Literal["code", "paper", "mean", "fixed"]
 FORMS: tuple[Form, ...] = ("code", "paper", "mean", "fixed")
-CODE_FALLBACK = 0.01  # weight on the live weights when the code form's w leaves (0, 1)
+CODE_SCALE = 0.01  # the authors' code multiplies (1 + b)/(a·c) by this
+CODE_FALLBACK = 0.001  # their base_weight: the live weights' weight when w leaves (0, 1)
 PAPER_FALLBACK = 0.99  # β (weight on the EMA) when the paper form's β leaves (0, 1)
 
 
@@ -48,14 +51,14 @@ def _inside_unit(x: float) -> bool:
 
 
 def code_weight(a: float, b: float, c: float, fallback: float = CODE_FALLBACK) -> float:
-    """The authors' code: w = 2(1 + b)/(a·c), or `fallback` when a·c = 0 or w ∉ (0, 1).
+    """The authors' code: w = 0.01·(1 + b)/(a·c), or `fallback` when a·c = 0 or w ∉ (0, 1).
 
     w is the weight the *live* weights get: θ* ← (1 − w)·θ* + w·θ.
     """
     denominator = a * c
     if denominator == 0 or not math.isfinite(denominator):
         return fallback
-    w = 2.0 * (1.0 + b) / denominator
+    w = CODE_SCALE * (1.0 + b) / denominator
     return w if _inside_unit(w) else fallback
 
 
@@ -134,8 +137,10 @@ class EMATracker:
                 w = 1.0 - beta
                 ema.mul_(beta).add_(theta, alpha=w)
             else:
-                w = live_weight(self.form, a, b, c, self.beta)
-                fallback = self.form in ("code", "mean") and w == CODE_FALLBACK
+                adaptive = self.form in ("code", "mean")
+                w = (CODE_FALLBACK if adaptive and prev is None
+                     else live_weight(self.form, a, b, c, self.beta))
+                fallback = adaptive and w == CODE_FALLBACK
                 ema.mul_(1.0 - w).add_(theta, alpha=w)
             self.fallbacks += fallback
             self.adaptive_sum += 0.0 if fallback else w
@@ -175,9 +180,9 @@ class LLaCATraining(TrainingMethod):
     label = "LLaCA (adaptive EMA)"
     short = "llaca"
     about = ("an EMA copy of the trained weights follows them with a gradient-chosen weight "
-             "and replaces them at the end. The weight grows as tensors shrink: on the demo's "
-             "small tensors the copy stays on the live weights and ends where plain training "
-             "does (docs/AUDIT.md); the fixed EMA is the one that forgets less there.")
+             "(the authors' released form) and replaces them at the end. On the demo the copy "
+             "trails so far that a task is barely learnt: little forgetting, little new skill "
+             "(docs/AUDIT.md).")
     options = {"llaca_form": "code"}
 
     @classmethod
