@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     info = make_pair(args.work / "pair", args.size, args.dtype, "cuda" if args.device.startswith("cuda") else "cpu")
     build_s = time.perf_counter() - start
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the drawing's cached blocks would crowd the measured process
     calib = write_calibration(args.work / "calib", args.calib, VISION[args.size]["image"])
     cmd = tailor_command(Path(info["folders"][0]), Path(info["folders"][1]), calib, args.work / "out", args)
     run = run_tailor(cmd, args.work / "out")
