@@ -45,7 +45,7 @@ VISION = {  # CLIP towers; small images keep CPU calibration affordable (8x8 = 6
     "600m": dict(hidden=768, intermediate=3072, layers=12, heads=12, image=112, patch=14),
     "7b": dict(hidden=1024, intermediate=4096, layers=24, heads=16, image=336, patch=14),
 }
-IMAGE_TOKEN = 3  # LLaVA's <image> id in these random vocabularies
+IMAGE_TOKEN = 4  # <image>'s id in tailor_ui.demo.processor's vocabulary, so that processor fits
 
 
 def text_config(size: str) -> dict:
@@ -110,24 +110,27 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
-def base_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
+def base_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype,
+                device: str = "cpu") -> torch.Tensor:
+    """A random base tensor; on a GPU (`device`) the values differ from the CPU's, same seed."""
     if len(shape) == 1 and re.search(r"norm|layernorm", name, re.I) and name.endswith("weight"):
-        return torch.ones(shape, dtype=dtype)
+        return torch.ones(shape, dtype=dtype, device=device)
     if len(shape) == 1 and name.endswith("bias"):
-        return torch.zeros(shape, dtype=dtype)
-    gen = torch.Generator().manual_seed(_seed(seed, "base", name))
-    return (0.02 * torch.randn(shape, generator=gen)).to(dtype)
+        return torch.zeros(shape, dtype=dtype, device=device)
+    gen = torch.Generator(device=device).manual_seed(_seed(seed, "base", name))
+    return (0.02 * torch.randn(shape, generator=gen, device=device)).to(dtype)
 
 
 def tuned_tensor(base: torch.Tensor, name: str, seed: int, k: int, delta: float) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(_seed(seed, "ft", k, name))
-    new = (base.float() + delta * torch.randn(base.shape, generator=gen)).to(base.dtype)
+    gen = torch.Generator(device=base.device).manual_seed(_seed(seed, "ft", k, name))
+    new = (base.float() + delta * torch.randn(base.shape, generator=gen, device=base.device)).to(base.dtype)
     # every entry moves (rounding may have left some equal)
     return torch.where(new == base, torch.nextafter(base, torch.full_like(base, float("inf"))), new)
 
 
 def build(out: Path, arch: str, size: str, finetuned: int, changed: str | None, delta: float,
-          dtype: str, shard_mb: int, seed: int) -> dict:
+          dtype: str, shard_mb: int, seed: int, device: str = "cpu") -> dict:
+    """`device`: where the random values are drawn (a GPU builds a 7B pair in seconds)."""
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     config = make_config(arch, size, dtype)
     layout = checkpoint_layout(config)
@@ -142,11 +145,11 @@ def build(out: Path, arch: str, size: str, finetuned: int, changed: str | None, 
     start = time.perf_counter()
     params = changed_params = 0
     for key, name, shape in layout:
-        b = base_tensor(name, shape, seed, torch_dtype)
-        writers[0].write(key, b)
+        b = base_tensor(name, shape, seed, torch_dtype, device)
+        writers[0].write(key, b.cpu())
         hit = bool(pattern.search(name))
         for k, writer in enumerate(writers[1:]):
-            writer.write(key, tuned_tensor(b, name, seed, k, delta) if hit else b)
+            writer.write(key, tuned_tensor(b, name, seed, k, delta).cpu() if hit else b.cpu())
         params += b.numel()
         changed_params += b.numel() if hit else 0
     for writer in writers:

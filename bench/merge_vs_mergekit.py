@@ -15,11 +15,15 @@ anonymous and file-backed resident memory (RssAnon / RssFile: memory-mapped chec
 pages are file-backed), and the machine's load before each run. Then our model and
 mergekit's are compared tensor by tensor: where the method definitions coincide the
 values should agree (task arithmetic exactly; TIES up to top-k tie-breaking and
-k = round vs int of density·n).
+k = round vs int of density·n). DARE drops entries at random, and the two tools draw
+different random masks, so its outputs are compared by statistics instead: the fraction
+of entries left at the base value (the drop rate) and the RMS of model − base (τ's RMS
+/ √density for rescaled survivors), each tool's against the other's.
 
 Settings that make the definitions coincide: every tensor is merged by the method
 (our `--others linear`, as mergekit merges every tensor), λ = 1, unit weights, no
-normalisation for task arithmetic, disjoint mean (normalize: true) for TIES, float32
+normalisation for task arithmetic and DARE (mergekit's `dare_linear`, rescale on, density
+= 1 − our drop rate = our --keep), disjoint mean (normalize: true) for TIES, float32
 arithmetic, output in the base dtype.
 """
 
@@ -42,11 +46,12 @@ sys.path.insert(0, str(ROOT))
 
 CASES = "task_arithmetic:1,task_arithmetic:2,ties:2"
 TOOLS = ("mergekit", "ours", "ours --no-patch")
+MERGEKIT_METHOD = {"dare": "dare_linear"}  # our name -> mergekit's, where they differ
 
 
 def mergekit_config(method: str, base: Path, tuned: list[Path], density: float, lam: float) -> str:
-    params = {"weight": 1.0} | ({"density": density} if method == "ties" else {})
-    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    params = {"weight": 1.0} | ({"density": density} if method in ("ties", "dare") else {})
+    lines = [f"merge_method: {MERGEKIT_METHOD.get(method, method)}", f"base_model: {base}", "models:"]
     for t in tuned:
         lines += [f"  - model: {t}", f"    parameters: {json.dumps(params)}"]
     normalize = "true" if method == "ties" else "false"
@@ -155,6 +160,26 @@ def compare(ours: Path, theirs: Path) -> dict:
             "keys_not_in_both": only[:10]}
 
 
+def delta_statistics(model: Path, base: Path) -> dict:
+    """Of model − base over all shared tensors: the fraction of entries equal to the base
+    (bitwise) and the root mean square."""
+    from tailor_ui.checkpoint import Checkpoint
+
+    a, b = Checkpoint(model), Checkpoint(base)
+    total = same = 0
+    square = 0.0
+    with a, b:
+        for key in a.keys:
+            if key not in b.tensors:
+                continue
+            x = a.read(key)
+            y = b.read(key).to(x.dtype)
+            same += int((x == y).sum())
+            square += float(((x.float() - y.float()) ** 2).sum(dtype=torch.float64))
+            total += x.numel()
+    return {"entries": total, "fraction_at_base": same / max(total, 1), "rms_delta": (square / max(total, 1)) ** 0.5}
+
+
 def run_case(args: argparse.Namespace, method: str, n: int, env: dict, results: dict) -> None:
     base = args.models / "base"
     tuned = sorted(args.models.glob("ft*"))[:n]
@@ -187,7 +212,11 @@ def run_case(args: argparse.Namespace, method: str, n: int, env: dict, results: 
                 row["patch_mb"] = round(patch.stat().st_size / 2**20, 1) if patch.exists() else None
             results["runs"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
-    results["agreement"][case] = compare(outs["ours"] / "model", outs["mergekit"])
+    if method == "dare":  # different random masks: compare the statistics
+        results["agreement"][case] = {tool: delta_statistics(out, base) for tool, out in
+                                      (("ours", outs["ours"] / "model"), ("mergekit", outs["mergekit"]))}
+    else:
+        results["agreement"][case] = compare(outs["ours"] / "model", outs["mergekit"])
     print(case, json.dumps(results["agreement"][case]), flush=True)
     if not args.keep_outputs:
         for out in outs.values():
