@@ -274,7 +274,7 @@ class AdapterCheckpoint:
     def read(self, key: str) -> torch.Tensor:
         name = self.param_of.get(key)
         tensor = self.base.read(key)
-        return self.adapter.value(name, tensor) if name in self.adapter.params else tensor
+        return tensor if name is None else self.adapter.value(name, tensor)  # value: base where untouched
 
     def close(self) -> None:
         self.base.close()

@@ -434,7 +434,9 @@ def _check_adapter_out(args: argparse.Namespace) -> None:
         raise UserError("--adapter-rank must be positive")
     if args.no_patch:
         raise UserError("--adapter-out is fitted from the patch, so it cannot go with --no-patch")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "adapter_config.json").exists())):
+    from tailor_ui.adapter import ADAPTER_CONFIG
+
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / ADAPTER_CONFIG).exists())):
         raise UserError(f"{out} exists and is not an earlier adapter: choose a new or empty folder")
 
 
@@ -464,7 +466,8 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
     from tailor_ui.service.tailor import save_run
     from tailor_ui.stream import stream_merge
 
-    room = header_room(Checkpoint(sources[0]).tensors)  # the patch's header goes in front of its data
+    with Checkpoint(sources[0]) as base:  # the patch's header goes in front of its data
+        room = header_room(base.tensors)
     bar, update = _progress_bar()
     try:
         with atomic_path(args.out) as tmp:
@@ -781,6 +784,7 @@ def _finetune(args: argparse.Namespace) -> int:
 def _finetune_continual(args: argparse.Namespace) -> int:
     """The continual twin of the Fine-tune tab: shapes-world tasks one after another."""
     from tailor_ui.demo.tasks import shapes_sequence
+    from tailor_ui.io import atomic_path
     from tailor_ui.pair import load_model
     from tailor_ui.service.finetune import CONTINUAL_METHOD
     from tailor_ui.training.continual import run_continual, summary
@@ -802,7 +806,8 @@ def _finetune_continual(args: argparse.Namespace) -> int:
                               llaca_form=args.llaca_form, ema_beta=args.ema_beta, progress=update)
     finally:
         bar.close()
-    table.to_csv(args.out / "continual.csv", index=False, float_format="%.4f")
+    with atomic_path(args.out / "continual.csv") as tmp:  # complete or absent
+        table.to_csv(tmp, index=False, float_format="%.4f")
     print(table.drop(columns=["method"]).to_string(index=False, float_format="%.3f"))
     result = summary(table)
     print(f"{args.method}: average accuracy {result['average']:.3f}, forgetting "
