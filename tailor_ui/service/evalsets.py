@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from tailor_ui.demo.sets import DEMO_SETS
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.sets import EvalSpec, read_dataset_set, read_upload_set
 from tailor_ui.session import PairHandle, Session
 
 MAX_SETS = 12  # per visitor: each holds its images in the session's folder
-RESERVED = ("caption", "vqa", "target")  # the demo's built-in sets (demo.sets.DEMO_SETS)
+RESERVED = tuple(DEMO_SETS)  # names no visitor's set may take: the demo's built-in sets
 TABLE_COLUMNS = ["name", "role", "task", "examples", "source"]
 HOW_TO_ADD = ("Add evaluation sets in the Models tab, under Evaluation sets: upload a JSONL with its "
               "images (or a zip of both), one example a line: {\"image\": \"a.png\", \"question\": "
