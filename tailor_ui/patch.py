@@ -86,17 +86,21 @@ class Patch:
         return self.tensors[name]
 
 
+def bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Flat mask of where `b` differs from `a` (same dtype) bit for bit, so -0.0 and NaNs count."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype.is_floating_point:
+        view = _INT_VIEW[a.element_size()]
+        return a.view(view) != b.view(view)
+    return a != b
+
+
 def changed_entries(base: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """Flat indices where `new` differs from `base` bit for bit (so -0.0 and NaNs count)."""
     if base.shape != new.shape:
         raise ValueError(f"shape mismatch {tuple(base.shape)} vs {tuple(new.shape)}")
     new = new.to(device=base.device, dtype=base.dtype)
-    if base.dtype.is_floating_point:
-        view = _INT_VIEW[base.element_size()]
-        differs = base.reshape(-1).view(view) != new.reshape(-1).view(view)
-    else:
-        differs = base.reshape(-1) != new.reshape(-1)
-    return differs.nonzero().flatten().cpu()
+    return bits_differ(base, new).nonzero().flatten().cpu()
 
 
 def tensor_patch(base: torch.Tensor, new: torch.Tensor) -> TensorPatch:

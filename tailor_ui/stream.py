@@ -36,7 +36,7 @@ from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
 from tailor_ui.memory import PeakMemory, release_large_frees
 from tailor_ui.methods import REGISTRY
-from tailor_ui.patch import MaskedPatch, Patch, PatchFile, PatchWriter, check_fits
+from tailor_ui.patch import MaskedPatch, Patch, PatchFile, PatchWriter, bits_differ, check_fits
 from tailor_ui.routing import merged_chunks, with_patch
 from tailor_ui.settings import Settings
 from tailor_ui.weights import parse_device
@@ -91,15 +91,6 @@ def pipeline_bound_bytes(tensors: Sequence[tuple[int, int]], n_models: int, meth
 
     return max((read(i + 1) + memory_bound_bytes(numel, size, n_models, method, chunk_elems, patch)
                 + written(i - 1) for i, (numel, size) in enumerate(tensors)), default=0)
-
-
-def _differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Where `b` differs from `a` bit for bit (so -0.0 and NaNs count), flat."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    if a.dtype.is_floating_point and a.element_size() in (1, 2, 4, 8):
-        view = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        return a.view(view) != b.view(view)
-    return a != b
 
 
 @dataclass
@@ -190,7 +181,7 @@ class _Job:
         changed = 0
         for start, new in chunks:
             end = start + new.numel()
-            differs = _differs(flat_base[start:end], new)
+            differs = bits_differ(flat_base[start:end], new)
             count = int(torch.count_nonzero(differs))
             if mask is not None:
                 mask[start:end] = differs
