@@ -109,7 +109,7 @@ def main() -> None:
                     base_id="demo/base", finetuned_ids=[f"recipe {text}"])
         table = sweep(pair, settings, original, target, [batches], batch_size=50,
                       progress=lambda stage, *_: print(f"{text}: {stage}", flush=True))
-        tables.append(table.assign(recipe=text))
+        tables.append(table.assign(recipe=text, seed=args.seed))
         result = pd.concat(tables, ignore_index=True)
         args.out.write_text(result.to_csv(index=False))  # after each recipe: a long run keeps its rows
         print(table[["setting", "original_retention", "target_gain"]].round(3).to_string())
