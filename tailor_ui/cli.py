@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Hessians across keep/alpha)")
     p.add_argument("--compensation", default=Settings.compensation,
                    help="comma-separated compensation forms for tailor: exact, greedy")
+    p.add_argument("--scope", default=Settings.scope,
+                   help="comma-separated threshold scopes for tailor: block, row, tensor, global")
     p.add_argument("--limit", type=int, default=None, help="examples per evaluation set")
     p.add_argument("--calib-limit", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
@@ -673,8 +675,8 @@ def _sweep(args: argparse.Namespace) -> int:
     grid = sweep_grid(methods, {"keep": parse_numbers(args.keep, "--keep"),
                                 "alpha": parse_numbers(args.alpha, "--alpha"),
                                 "lam": parse_numbers(args.lam, "--lam", *LAMBDA_RANGE)},
-                      calibrated={"hessians": [args.hessians],
-                                  "compensation": [c.strip() for c in args.compensation.split(",") if c.strip()]})
+                      calibrated={"hessians": [args.hessians], "compensation": _words(args.compensation),
+                                  "scope": _words(args.scope)})
     calibrated = [m for m in methods if REGISTRY[m].needs_calibration]
     if calibrated and args.calib is None:
         raise UserError(f"the {calibrated[0]} method needs target-task calibration data: "

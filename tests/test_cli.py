@@ -101,10 +101,12 @@ def test_sweep_writes_the_forgetting_table(disk_pair, tmp_path):
     assert main(["sweep", "--base", str(disk_pair / "base"), "--finetuned", str(disk_pair / "ft"),
                  "--calib", data, "--original", f"{original}:vqa", "--target", data,
                  "--methods", "tailor,magnitude,wise_ft", "--keep", "0.1,0.5", "--lam", "0.5",
-                 "--hessians", "one-pass", "--limit", "4", "--out", str(out)]) == 0
+                 "--scope", "block,tensor", "--hessians", "one-pass", "--limit", "4", "--out", str(out)]) == 0
     table = pd.read_csv(out)
-    assert list(table["method"]) == ["base", "finetuned", "majority", "tailor", "tailor", "magnitude",
+    assert list(table["method"]) == ["base", "finetuned", "majority", *["tailor"] * 4, "magnitude",
                                      "magnitude", "wise_ft"]
+    tailored = table.loc[table["method"] == "tailor", "setting"]
+    assert sum("scope=tensor" in s for s in tailored) == 2
     for column in ("original", "target", "original_retention", "target_retention", "h_score", "seconds"):
         assert column in table.columns
 
@@ -117,6 +119,8 @@ def test_sweep_refuses_bad_grids(disk_pair, tmp_path, capsys):
     assert "--keep values must lie in [0, 1]" in capsys.readouterr().err
     assert main([*base, "--methods", "tailor"]) == 2
     assert "needs target-task calibration" in capsys.readouterr().err
+    assert main([*base, "--methods", "tailor", "--calib", data, "--scope", "layer"]) == 2
+    assert "unknown scope 'layer' (choose from block, row, tensor, global)" in capsys.readouterr().err
     assert not (tmp_path / "t.csv").exists()
 
 
