@@ -26,7 +26,7 @@ from story import open_story, story_parser  # noqa: E402
 from tailor_ui.calibration import calibration_batches  # noqa: E402
 from tailor_ui.data import read_examples  # noqa: E402
 from tailor_ui.demo import world  # noqa: E402
-from tailor_ui.demo.build import TRAIN_STREAM, Story, _finetune, _finetuned_layer_names, _train  # noqa: E402
+from tailor_ui.demo.build import TRAIN_STREAM, Story, finetune_story, finetuned_layers, train_batches  # noqa: E402
 from tailor_ui.training.finetune import encode_epoch  # noqa: E402
 from tailor_ui.demo.sets import DEMO_DIR, STORIES  # noqa: E402
 from tailor_ui.evaluation.evaluate import EvalSet  # noqa: E402
@@ -66,13 +66,13 @@ def lora_finetune(model, processor, story: Story, samples, layers: int, rank: in
     half of the decoder, merged into `model` afterwards."""
     from peft import LoraConfig, get_peft_model
 
-    tuned = _finetuned_layer_names(layers)
+    tuned = finetuned_layers(layers)
     targets = [n for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and tuned.search(n)]
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
     batches = list(encode_epoch(processor, samples, story.batch, np.random.default_rng(seed)))
-    _train(peft_model, batches, lambda name: "lora_" in name, lr=story.lr, epochs=story.epochs,
+    train_batches(peft_model, batches, lambda name: "lora_" in name, lr=story.lr, epochs=story.epochs,
            weight_decay=0.0, warmup_steps=story.warmup, progress=print)
     peft_model.merge_and_unload()
 
@@ -104,7 +104,7 @@ def main() -> None:
         if lora:
             lora_finetune(tuned, processor, story, samples, layers, int(lora[0]), args.seed)
         else:
-            _finetune(tuned, processor, story, samples, layers, np.random.default_rng(args.seed), print)
+            finetune_story(tuned, processor, story, samples, layers, np.random.default_rng(args.seed), print)
         pair = Pair(base=base, finetuned=[tuned.eval()], processor=processor,
                     base_id="demo/base", finetuned_ids=[f"recipe {text}"])
         table = sweep(pair, settings, original, target, [batches], batch_size=50,

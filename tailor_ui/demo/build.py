@@ -97,7 +97,8 @@ class Recipe:
     stories: tuple[Story, ...] = STORIES
 
 
-def _finetuned_layer_names(text_layers: int) -> re.Pattern[str]:
+def finetuned_layers(text_layers: int) -> re.Pattern[str]:
+    """The parameter names a story's fine-tune trains: the last half of the decoder."""
     first = text_layers // 2
     layers = "|".join(str(i) for i in range(first, text_layers))
     return re.compile(rf"language_model\.layers\.({layers})\.")
@@ -131,9 +132,9 @@ def _majority(examples, task: str) -> dict:
             "score": round(baseline.score, 4)}
 
 
-def _train(model: torch.nn.Module, batches: list[dict], trainable: Callable[[str], bool], *,
-           lr: float, epochs: int, weight_decay: float, warmup_steps: int,
-           progress: Progress) -> list[float]:
+def train_batches(model: torch.nn.Module, batches: list[dict], trainable: Callable[[str], bool], *,
+                  lr: float, epochs: int, weight_decay: float, warmup_steps: int,
+                  progress: Progress) -> list[float]:
     """The demo's recipe on the training package's loop: AdamW with β = (0.9, 0.95),
     gradients clipped at 1, the same encoded batches every epoch. Returns each epoch's
     mean loss."""
@@ -227,22 +228,22 @@ def _train_base(work: Path, seed: int, recipe: Recipe, processor, rng: np.random
         lr=recipe.vision_lr, epochs=recipe.vision_epochs, batch_size=recipe.vision_batch, rng=rng,
         progress=progress)
     progress("training the base model on captioning and VQA (vision tower frozen, as LLaVA)")
-    base_losses = _train(model, list(encode_epoch(processor, base_samples, recipe.base_batch, rng)),
-                         lambda name: "vision_tower" not in name, lr=recipe.base_lr,
-                         epochs=recipe.base_epochs, weight_decay=0.01,
-                         warmup_steps=recipe.base_warmup, progress=progress)
+    base_losses = train_batches(model, list(encode_epoch(processor, base_samples, recipe.base_batch, rng)),
+                                lambda name: "vision_tower" not in name, lr=recipe.base_lr,
+                                epochs=recipe.base_epochs, weight_decay=0.01,
+                                warmup_steps=recipe.base_warmup, progress=progress)
     model.save_pretrained(work / "base")
     processor.save_pretrained(work / "base")
     return model, {"vision_cell_accuracy": round(vision_accuracy, 4), "base_losses": base_losses}
 
 
-def _finetune(model: torch.nn.Module, processor, story: Story, samples: list[world.Sample],
-              text_layers: int, rng: np.random.Generator, progress: Progress) -> list[float]:
+def finetune_story(model: torch.nn.Module, processor, story: Story, samples: list[world.Sample],
+                   text_layers: int, rng: np.random.Generator, progress: Progress) -> list[float]:
     progress(f"fine-tuning the last half of the decoder on {story.name} ({story.task} questions)")
-    tuned = _finetuned_layer_names(text_layers)
-    return _train(model, list(encode_epoch(processor, samples, story.batch, rng)),
-                  lambda name: tuned.search(name) is not None, lr=story.lr, epochs=story.epochs,
-                  weight_decay=0.0, warmup_steps=story.warmup, progress=progress)
+    tuned = finetuned_layers(text_layers)
+    return train_batches(model, list(encode_epoch(processor, samples, story.batch, rng)),
+                         lambda name: tuned.search(name) is not None, lr=story.lr, epochs=story.epochs,
+                         weight_decay=0.0, warmup_steps=story.warmup, progress=progress)
 
 
 def _build(work: Path, seed: int, recipe: Recipe, progress: Progress) -> dict:
@@ -260,7 +261,7 @@ def _build(work: Path, seed: int, recipe: Recipe, progress: Progress) -> dict:
     for story in recipe.stories:
         model.load_state_dict(base_state)  # every story starts from the same base
         samples = world.generate(story.task, story.examples, seed, TRAIN_STREAM)
-        losses = _finetune(model, processor, story, samples, recipe.arch.text_layers, rng, progress)
+        losses = finetune_story(model, processor, story, samples, recipe.arch.text_layers, rng, progress)
         model.save_pretrained(work / story.folder / "finetuned")
         processor.save_pretrained(work / story.folder / "finetuned")
         sets = targets[story.name]
