@@ -194,7 +194,7 @@ def test_the_model_export_keeps_the_in_memory_path_for_a_converted_dtype(disk_pa
     assert export.streamable_base(pair.base) is None
     patch = run_method(pair, Settings(method="task_arithmetic")).patch
     before = _params(pair.base)
-    assert export.write_tailored(pair, patch, tmp_path / "model", never_stop) > 0
+    assert export.write_tailored(pair, patch, tmp_path / "model", no_progress, never_stop) > 0
     saved = AutoModelForImageTextToText.from_pretrained(tmp_path / "model", dtype=torch.bfloat16)
     with applied(pair.base, patch) as model:
         assert _same_params(_params(model), _params(saved))

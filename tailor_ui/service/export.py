@@ -71,7 +71,7 @@ def streamable_base(model) -> Path | None:
     return folder
 
 
-def write_tailored(pair, patch, folder: Path, should_stop: StopCheck) -> int | None:
+def write_tailored(pair, patch, folder: Path, progress: Progress, should_stop: StopCheck) -> int | None:
     """The tailored model and its processor in `folder`; the number of base tensors found
     there (see `save_model`). Streamed from the base's checkpoint with the patch read
     tensor by tensor (`stream_apply_patch`) where that equals the loaded base + patch
@@ -81,7 +81,8 @@ def write_tailored(pair, patch, folder: Path, should_stop: StopCheck) -> int | N
         return save_tailored(pair, patch, folder)
     from tailor_ui.stream import stream_apply_patch
 
-    checked = stream_apply_patch(base, patch, folder, should_stop=should_stop)["tensors_checked"]
+    checked = stream_apply_patch(base, patch, folder, progress=progress,
+                                 should_stop=should_stop)["tensors_checked"]
     pair.processor.save_pretrained(folder)  # as save_model writes it
     return checked
 
@@ -93,7 +94,7 @@ def model_zip(run: TailorRun, progress: Progress, should_stop: StopCheck) -> Pat
         progress("writing the tailored model", 0, 2)
         # one job on the pair at a time; the in-memory path writes the patch into the shared base
         with run.handle.lock:
-            checked = write_tailored(run.handle.pair, run.get_patch(), folder, should_stop)
+            checked = write_tailored(run.handle.pair, run.get_patch(), folder, progress, should_stop)
         (folder / "tailor_report.json").write_text(
             json.dumps(jsonable({**run.report, "tensors_checked": checked}), indent=2), encoding="utf-8")
         return folder
