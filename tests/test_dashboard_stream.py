@@ -199,3 +199,13 @@ def test_the_model_export_keeps_the_in_memory_path_for_a_converted_dtype(disk_pa
     with applied(pair.base, patch) as model:
         assert _same_params(_params(model), _params(saved))
     assert _same_params(before, _params(pair.base))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_pair_on_the_gpu_streams_the_engines_patch(folders, tmp_path):
+    """On the device the pair computes on, the dashboard's patch is still the engine's."""
+    handle = PairHandle(pair=load_pair(folders["base"], folders["ft"], device="cuda"), label="gpu",
+                        shared=False, lane="cuda", summary=pd.DataFrame())
+    for settings in (Settings(method="ties", keep=0.3), Settings(method="dare", keep=0.5)):
+        run = _dashboard(handle, settings, Session(id="s", folder=tmp_path / settings.method))
+        _assert_same_patch(run_method(handle.pair, settings).patch, run.get_patch())
