@@ -28,7 +28,7 @@ from tailor_ui.methods.tailor import (TensorScores, compensate, inverse_hessian_
                                       merge_without_compensation, tensor_scores)
 from tailor_ui.names import layer_groups, layer_index
 from tailor_ui.pair import Pair
-from tailor_ui.patch import Patch, TensorPatch, applied, tensor_patch, union
+from tailor_ui.patch import Patch, PatchFile, TensorPatch, applied, tensor_patch, union
 from tailor_ui.prompts import Batch
 from tailor_ui.routing import route_tensor
 from tailor_ui.settings import Settings
@@ -36,7 +36,7 @@ from tailor_ui.weights import compute_device, release, writable_param
 
 @dataclass
 class Result:
-    patch: Patch
+    patch: Patch | PatchFile  # a file: a merge that wrote its patch as it went (pair_stream)
     report: dict[str, Any]
 
 
@@ -85,6 +85,14 @@ def selected_linears(pair: Pair, pattern: str | None = None) -> list[str]:
     return names
 
 
+def chosen_linears(pair: Pair, pattern: str | None) -> list[str]:
+    """`selected_linears`, refusing a pattern that selects none."""
+    linears = selected_linears(pair, pattern)
+    if not linears and pattern:
+        raise UserError(f"no changed linear layer matches {pattern!r}")
+    return linears
+
+
 def patch_metadata(settings: Settings, base_id: str, finetuned_ids: Sequence[str], patch: Patch) -> dict:
     """What a patch file records about how it was made (shared with the streaming merge)."""
     return {"method": settings.method, "settings": settings.to_dict(), "base": base_id,
@@ -107,9 +115,7 @@ def run_method(pair: Pair, settings: Settings, calibration: Sequence[Sequence[Ba
     start = time.perf_counter()
     try:
         with PeakMemory() as meter:
-            linears = selected_linears(pair, settings.modules)
-            if not linears and settings.modules:
-                raise UserError(f"no changed linear layer matches {settings.modules!r}")
+            linears = chosen_linears(pair, settings.modules)
             if not method.needs_calibration:  # routing runs per model and unites where it must
                 models = list(range(len(pair.finetuned)))
                 patch = _nonempty(_routed(pair, pair.changed(), linears, run, models))
@@ -387,19 +393,29 @@ def _tailor_tensor(w_pre: torch.Tensor, w_ft: torch.Tensor, cached: _Scored, run
 
 
 def _report(pair: Pair, patch: Patch, linears: Sequence[str], run: _Run, seconds: float) -> dict:
+    return {**patch_report(pair, patch, linears, run.settings, {**run.timings, "total": seconds}),
+            "score_cache": dict(run.score_cache), "exact_fallbacks": run.fallbacks}
+
+
+def patch_report(pair: Pair, patch: Patch | PatchFile, linears: Sequence[str], settings: Settings,
+                 timings: dict[str, float]) -> dict:
+    """What a merge's report says about its patch (counted from the patch's header where
+    it is a file: nothing is read)."""
     params = pair.base_params()
-    per_tensor = {n: {"kept": t.index.numel(), "numel": t.numel, "fraction": t.fraction,
-                      "layer": layer_index(n)} for n, t in patch.tensors.items()}
+    counts, shapes = patch.counts(), patch.shapes
+    per_tensor = {}
+    for n, kept in counts.items():
+        numel = int(torch.Size(shapes[n]).numel())
+        per_tensor[n] = {"kept": kept, "numel": numel, "fraction": kept / max(numel, 1),
+                         "layer": layer_index(n)}
     linear_numel = sum(params[f"{n}.weight"].numel() for n in linears)
-    linear_kept = sum(patch.tensors[f"{n}.weight"].index.numel() for n in linears
-                      if f"{n}.weight" in patch.tensors)
+    linear_kept = sum(counts.get(f"{n}.weight", 0) for n in linears)
     return {
-        "settings": run.settings.to_dict(), "base": pair.base_id, "finetuned": pair.finetuned_ids,
+        "settings": settings.to_dict(), "base": pair.base_id, "finetuned": pair.finetuned_ids,
         "finetuned_loading": ["in memory" if isinstance(ft, torch.nn.Module) else "lazy"
                               for ft in pair.finetuned],
         "selected_linears": len(linears), "patch_entries": patch.num_entries,
         "linear_fraction": linear_kept / linear_numel if linear_numel else 0.0,
         "model_fraction": patch.num_entries / sum(p.numel() for p in params.values()),
-        "tensors": per_tensor, "timings_s": {**run.timings, "total": seconds},
-        "score_cache": dict(run.score_cache), "exact_fallbacks": run.fallbacks,
+        "tensors": per_tensor, "timings_s": timings,
     }

@@ -116,37 +116,45 @@ class AppliedPatch:
     """What a model held before a patch was written into it."""
 
     originals: dict[str, torch.Tensor]
-    patch: Patch
+    patch: Patch | PatchFile
 
 
 def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters())
 
 
-def apply_patch(model: torch.nn.Module, patch: Patch) -> AppliedPatch:
-    """Write the patch into the model in place; return what is needed to revert it."""
+def apply_patch(model: torch.nn.Module, patch: Patch | PatchFile) -> AppliedPatch:
+    """Write the patch into the model in place, tensor by tensor (a file's tensors are read
+    one at a time, as each is written); return what is needed to revert it. Where a tensor
+    cannot be read (a damaged file), those written before it are reverted."""
     params = _parameters(model)
     check_fits({n: tuple(p.shape) for n, p in params.items()}, patch)
-    originals: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, tp in patch.tensors.items():
-            flat = writable_param(model, name).view(-1)  # offloaded modules too
-            index = tp.index.to(flat.device)
-            originals[name] = flat[index].cpu()
-            flat[index] = tp.values.to(device=flat.device, dtype=flat.dtype)
-    return AppliedPatch(originals=originals, patch=patch)
+    state = AppliedPatch(originals={}, patch=patch)
+    try:
+        with torch.no_grad():
+            for name in patch.shapes:
+                tp = patch.read(name)
+                flat = writable_param(model, name).view(-1)  # offloaded modules too
+                index = tp.index.to(flat.device)
+                state.originals[name] = flat[index].cpu()
+                flat[index] = tp.values.to(device=flat.device, dtype=flat.dtype)
+    except BaseException:
+        revert_patch(model, state)
+        raise
+    return state
 
 
 def revert_patch(model: torch.nn.Module, applied: AppliedPatch) -> None:
-    """Put back the values an `apply_patch` overwrote (bit-exact)."""
+    """Put back the values an `apply_patch` overwrote (bit-exact); a file's positions are
+    read again, tensor by tensor."""
     with torch.no_grad():
         for name, values in applied.originals.items():
             flat = writable_param(model, name).view(-1)
-            flat[applied.patch.tensors[name].index.to(flat.device)] = values.to(flat.device)
+            flat[applied.patch.read(name).index.to(flat.device)] = values.to(flat.device)
 
 
 @contextmanager
-def applied(model: torch.nn.Module, patch: Patch | None) -> Iterator[torch.nn.Module]:
+def applied(model: torch.nn.Module, patch: Patch | PatchFile | None) -> Iterator[torch.nn.Module]:
     """`model` with `patch` written into it for the body, reverted bit-exactly after
     (however the body ends); no patch: the model as it is."""
     if patch is None:

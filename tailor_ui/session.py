@@ -36,7 +36,7 @@ from tailor_ui.demo.sets import DEFAULT_STORY
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.sets import EvalSpec
 from tailor_ui.pair import Pair
-from tailor_ui.patch import Patch, applied
+from tailor_ui.patch import Patch, PatchFile, applied
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 # every live PairHandle of this process by its key (process id, number); a fork inherits it
@@ -87,8 +87,9 @@ class PairHandle:
         return handle_by_key, (self.key,)
 
     @contextmanager
-    def patched(self, patch: Patch | None) -> Iterator[Any]:
-        """The base model with `patch` written into it, under the lock; reverted after."""
+    def patched(self, patch: Patch | PatchFile | None) -> Iterator[Any]:
+        """The base model with `patch` written into it, under the lock; reverted after (a
+        file is written and reverted tensor by tensor)."""
         with self.lock, applied(self.pair.base, patch) as model:
             yield model
 
@@ -109,7 +110,7 @@ class TailorRun:
     job_id: str
     label: str
     settings: dict
-    patch: Patch | None
+    patch: Patch | None  # None: only in `patch_file` (`get_patch`)
     report: dict
     handle: PairHandle = field(repr=False)
     patch_file: Path | None = None
@@ -120,15 +121,14 @@ class TailorRun:
     references: dict[str, dict[str, float]] = field(default_factory=dict, repr=False)
     seconds: float = 0.0
 
-    def get_patch(self) -> Patch:
-        """The patch, read back from its file when it was dropped from memory."""
-        if self.patch is None:
-            from tailor_ui.patch import load_patch
-
-            if self.patch_file is None:
-                raise UserError("this merge's patch is no longer available; run it again")
-            self.patch = load_patch(self.patch_file)
-        return self.patch
+    def get_patch(self) -> Patch | PatchFile:
+        """The patch in memory, or else its file, read tensor by tensor where it is used
+        (a data-free merge's patch is never in memory: it was written as it was made)."""
+        if self.patch is not None:
+            return self.patch
+        if self.patch_file is None:
+            raise UserError("this merge's patch is no longer available; run it again")
+        return PatchFile(self.patch_file)
 
     def offload(self) -> None:
         """Drop the in-memory patch when it is saved (a large model's patch is gigabytes)."""

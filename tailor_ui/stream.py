@@ -208,16 +208,45 @@ def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str
     takes each tensor's entries into its file as they come, so no patch is held. Returns a report with
     timings and peak memory. Compute runs on `device`; results are parked on the CPU.
     """
-    method = REGISTRY[settings.method]
-    if method.needs_calibration:
-        data_free = ", ".join(n for n, m in REGISTRY.items() if not m.needs_calibration)
-        raise UserError(f"{method.label} needs calibration data; stream only the data-free "
-                        f"methods ({data_free})")
+    _check_data_free(settings)
     dirs = [finetuned_dirs] if isinstance(finetuned_dirs, (str, Path)) else list(finetuned_dirs)
     if not dirs:
         raise UserError("give at least one fine-tuned model")
     start = time.perf_counter()
     job = _open(base_dir, dirs, settings, parse_device(device), chunk_elems, patch)
+    return _run(job, start, out_dir, max_shard_bytes, progress, should_stop, str(base_dir),
+                [str(d) for d in dirs])
+
+
+def stream_sources(base: Any, tuned: Sequence[Any], names: KeyMap, settings: Settings,
+                   patch: Patch | PatchWriter, device: str | torch.device = "cpu", *,
+                   chunk_elems: int = CHUNK_ELEMS, progress: Progress | None = None,
+                   should_stop: StopCheck | None = None, base_id: str = "base",
+                   finetuned_ids: Sequence[str] = ()) -> dict[str, Any]:
+    """`stream_merge`'s merge into `patch` alone, over sources already open: anything with
+    Checkpoint's reading interface (`keys`, `tensors`, `read`, `close`), e.g. a loaded
+    pair's own tensors (`tailor_ui.pair_stream`). `base.read` must return a fresh tensor
+    (the merge overwrites it); `names` maps its keys to parameter names."""
+    _check_data_free(settings)
+    start = time.perf_counter()
+    regex = re.compile(settings.modules) if settings.modules else None
+    device = device if isinstance(device, torch.device) else parse_device(device)
+    job = _Job(settings, base, list(tuned), names, device, chunk_elems, regex, patch)
+    return _run(job, start, None, DEFAULT_SHARD_BYTES, progress, should_stop, base_id, list(finetuned_ids))
+
+
+def _check_data_free(settings: Settings) -> None:
+    method = REGISTRY[settings.method]
+    if method.needs_calibration:
+        data_free = ", ".join(n for n, m in REGISTRY.items() if not m.needs_calibration)
+        raise UserError(f"{method.label} needs calibration data; stream only the data-free "
+                        f"methods ({data_free})")
+
+
+def _run(job: _Job, start: float, out_dir: str | Path | None, max_shard_bytes: int,
+         progress: Progress | None, should_stop: StopCheck | None, base_id: str,
+         finetuned_ids: list[str]) -> dict[str, Any]:
+    """Merge every tensor of an opened job (`_write`), with its memory metered; its report."""
     job.clock.add("plan", start)
     release_large_frees()  # what the threads free goes back, so the memory bound holds
     meter = PeakMemory([job.device]).start()  # stopped in `finally`; planning holds no tensors
@@ -234,9 +263,9 @@ def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str
         for c in job.tuned:
             c.close()
         meter.stop()
-    if patch is not None:
-        patch.metadata = patch_metadata(settings, str(base_dir), [str(d) for d in dirs], patch)
-    return _report(job, meter, files, time.perf_counter() - start, str(base_dir), [str(d) for d in dirs])
+    if job.patch is not None:
+        job.patch.metadata = patch_metadata(job.settings, base_id, finetuned_ids, job.patch)
+    return _report(job, meter, files, time.perf_counter() - start, base_id, finetuned_ids)
 
 
 def _open(base_dir: str | Path, dirs: Sequence[str | Path], settings: Settings, device: torch.device,

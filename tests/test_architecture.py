@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tailor_ui.gpu", "tailor_ui.jobs", "tailor_ui.session", "tailor_ui.plots"),
     ("tailor_ui.demo",),
     ("tailor_ui.training", "tailor_ui.evaluation"),
-    ("tailor_ui.stream",),
+    ("tailor_ui.stream", "tailor_ui.pair_stream"),
     ("tailor_ui.engine",),
     ("tailor_ui.routing",),
     ("tailor_ui.settings", "tailor_ui.calibration", "tailor_ui.methods"),

@@ -52,13 +52,49 @@ def checkpoint_folder(source: str) -> Path | None:
     return path
 
 
+def streamable_base(model) -> Path | None:
+    """The local safetensors folder `model` was loaded from, where base + patch streamed
+    from it equals the loaded base + patch saved: every floating tensor stored in the one
+    dtype the model was loaded in, and every tensor loaded 1:1 (none fused or split by
+    transformers); None otherwise."""
+    from tailor_ui.checkpoint import Checkpoint, key_map
+
+    folder = checkpoint_folder(str(getattr(model.config, "_name_or_path", "")))
+    if folder is None:
+        return None
+    with Checkpoint(folder) as checkpoint:
+        stored = {t.dtype for t in checkpoint.tensors.values() if t.dtype.is_floating_point}
+        keys = checkpoint.keys
+    loaded = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(loaded) != 1 or stored != loaded or key_map(folder, keys).converted:
+        return None
+    return folder
+
+
+def write_tailored(pair, patch, folder: Path, progress: Progress, should_stop: StopCheck) -> int | None:
+    """The tailored model and its processor in `folder`; the number of base tensors found
+    there (see `save_model`). Streamed from the base's checkpoint with the patch read
+    tensor by tensor (`stream_apply_patch`) where that equals the loaded base + patch
+    (`streamable_base`): nothing of the model is held; else `save_tailored`."""
+    base = streamable_base(pair.base)
+    if base is None:
+        return save_tailored(pair, patch, folder)
+    from tailor_ui.stream import stream_apply_patch
+
+    checked = stream_apply_patch(base, patch, folder, progress=progress,
+                                 should_stop=should_stop)["tensors_checked"]
+    pair.processor.save_pretrained(folder)  # as save_model writes it
+    return checked
+
+
 def model_zip(run: TailorRun, progress: Progress, should_stop: StopCheck) -> Path | None:
     """tailored-model.zip beside the run's patch: model, processor and report (None when
     stopped before zipping)."""
     def write(folder: Path) -> Path:
         progress("writing the tailored model", 0, 2)
-        with run.handle.lock:  # the shared base holds the patch while it is written
-            checked = save_tailored(run.handle.pair, run.get_patch(), folder)
+        # one job on the pair at a time; the in-memory path writes the patch into the shared base
+        with run.handle.lock:
+            checked = write_tailored(run.handle.pair, run.get_patch(), folder, progress, should_stop)
         (folder / "tailor_report.json").write_text(
             json.dumps(jsonable({**run.report, "tensors_checked": checked}), indent=2), encoding="utf-8")
         return folder

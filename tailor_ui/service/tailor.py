@@ -19,7 +19,10 @@ from tailor_ui.data import Example, import_examples, read_calibration
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.sets import EvalSpec
 from tailor_ui.io import atomic_path
+from tailor_ui.patch import PatchFile
 from tailor_ui.session import PairHandle, Session, TailorRun
+
+PATCH_NAME = "patch.safetensors"
 
 
 def calibration_examples(session: Session, handle: PairHandle, source: str,
@@ -60,31 +63,53 @@ def tailor_run(handle: PairHandle, settings, examples: list[Example], source: st
                should_stop: StopCheck, sets: Sequence[EvalSpec] | None = None) -> TailorRun:
     """Merge the pair, check the merge on `quick_examples` of each evaluation set (`sets`,
     by default the pair's built-in ones), and (given a session) save its patch and report
-    in a new folder of the session."""
-    from tailor_ui.engine import run_method
-
+    in a new folder of the session. A data-free merge with a folder writes its patch there
+    as it goes and keeps none in memory (`merge`)."""
     start = time.perf_counter()
-    with handle.lock:
-        handle.trim_cache()
-        calibration = None
-        if examples:
-            progress("preparing the calibration data", 0, 1)
-            calibration = [batches(handle, examples, source, batch_size)] * len(handle.pair.finetuned)
-        result = run_method(handle.pair, settings, calibration, progress=progress,
-                            should_stop=should_stop)
-        quick, references = quick_check(handle, handle.eval_sets if sets is None else sets,
-                                        result.patch, quick_examples, progress, should_stop)
+    folder = None
+    if session is not None:
+        folder = session.new_dir(f"run-{hashlib.sha1(f'{time.time()}{label}'.encode()).hexdigest()[:10]}")
+    try:
+        with handle.lock:
+            handle.trim_cache()
+            result = merge(handle, settings, examples, source, batch_size, folder, progress, should_stop)
+            quick, references = quick_check(handle, handle.eval_sets if sets is None else sets,
+                                            result.patch, quick_examples, progress, should_stop)
+    except BaseException:
+        if folder is not None:  # a failed or cancelled merge leaves no folder behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     report = dict(result.report)
     report["calibration"] = {"source": source, "examples": len(examples)}
     if quick is not None:
         report["quick_check"] = quick.to_dict(orient="records")
-    run = TailorRun(job_id="", label=label, settings=settings.to_dict(), patch=result.patch,
+    held = None if isinstance(result.patch, PatchFile) else result.patch  # a file is read when used
+    run = TailorRun(job_id="", label=label, settings=settings.to_dict(), patch=held,
                     report=report, handle=handle, quick=quick, references=references,
                     seconds=time.perf_counter() - start)
-    if session is not None:
-        name = hashlib.sha1(f"{time.time()}{label}".encode()).hexdigest()[:10]
-        run.patch_file, run.report_file = save_run(session.new_dir(f"run-{name}"), result.patch, report)
+    if folder is not None:
+        run.patch_file, run.report_file = save_run(folder, held, report)
     return run
+
+
+def merge(handle: PairHandle, settings, examples: list[Example], source: str, batch_size: int,
+          folder: Path | None, progress: Progress, should_stop: StopCheck):
+    """The method run on the pair (an `engine.Result`). A data-free method given a folder
+    streams its patch into folder/patch.safetensors tensor by tensor (`pair_stream`: the
+    result's patch is that file); otherwise the engine's patch, in memory."""
+    from tailor_ui.engine import run_method
+    from tailor_ui.methods import REGISTRY
+
+    if folder is not None and not REGISTRY[settings.method].needs_calibration:
+        from tailor_ui.pair_stream import merge_to_file
+
+        return merge_to_file(handle.pair, settings, folder / PATCH_NAME, progress=progress,
+                             should_stop=should_stop)
+    calibration = None
+    if examples:
+        progress("preparing the calibration data", 0, 1)
+        calibration = [batches(handle, examples, source, batch_size)] * len(handle.pair.finetuned)
+    return run_method(handle.pair, settings, calibration, progress=progress, should_stop=should_stop)
 
 
 def save_run(folder: Path, patch, report: dict[str, Any]) -> tuple[Path, Path]:
@@ -92,7 +117,7 @@ def save_run(folder: Path, patch, report: dict[str, Any]) -> tuple[Path, Path]:
     alone, the patch written already or not asked for)."""
     from tailor_ui.patch import save_patch
 
-    patch_file, report_file = folder / "patch.safetensors", folder / "report.json"
+    patch_file, report_file = folder / PATCH_NAME, folder / "report.json"
     if patch is not None:
         save_patch(patch, patch_file)
     with atomic_path(report_file) as tmp:
