@@ -205,6 +205,7 @@ class Session:
     trained: dict[str, TrainedModel] = field(default_factory=dict)  # Fine-tune tab
     # evaluation sets the visitor added (service.evalsets), used with any pair's built-in ones
     eval_sets: list[EvalSpec] = field(default_factory=list)
+    eval_set_folders: dict[str, Path] = field(default_factory=dict)  # each set's images, by set name
     live_losses: dict[str, list[float]] = field(default_factory=dict)  # per fine-tuning job
     # jobs whose result was filed above: filed once, even after it was pruned from there
     filed: set[str] = field(default_factory=set)
@@ -342,6 +343,7 @@ class SessionStore:
             session.searches.clear()
             session.trained.clear()
             session.eval_sets.clear()
+            session.eval_set_folders.clear()
             shutil.rmtree(session.folder, ignore_errors=True)
         return session
 

@@ -123,6 +123,8 @@ def test_added_sets_are_listed_used_by_every_tab_and_removed(bare, disk_pair, se
     folder = next(p for p in Path(image).parents if p.parent == session.folder)
     table = bare.remove_eval_set(session, "original")
     assert list(table["name"]) == ["target-2"] and not folder.exists()
+    kept = [p for p in session.folder.iterdir() if p.name.startswith("evalset-")]
+    assert len(kept) == 1 and any(kept[0] in e.image.parents for e in session.eval_sets[0].examples)
     with pytest.raises(UserError, match="no evaluation set named 'original'"):
         bare.remove_eval_set(session, "original")
     with pytest.raises(UserError, match="no original-task set"):

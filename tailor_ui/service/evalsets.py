@@ -79,6 +79,7 @@ def _add(session: Session, handle: PairHandle, name: str, read) -> EvalSpec:
         raise
     with session.lock:
         session.eval_sets.append(spec)
+        session.eval_set_folders[spec.name] = folder
     return spec
 
 
@@ -114,10 +115,9 @@ def remove(session: Session, handle: PairHandle, name: str) -> None:
                 raise UserError(f"{name!r} is a built-in set of this pair; it cannot be removed")
             raise UserError(f"you have no evaluation set named {name!r}")
         session.eval_sets.remove(found)
-    image = found.examples[0].image if found.examples else None
-    top = next((p for p in image.parents if p.parent == session.folder), None) if image else None
-    if top is not None and top.name.startswith(_NAME_FOLDER):  # the folder _add made for it
-        shutil.rmtree(top, ignore_errors=True)
+        folder = session.eval_set_folders.pop(name, None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def table(session: Session, handle: PairHandle | None) -> pd.DataFrame:
