@@ -264,11 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
     args = build_parser().parse_args(argv)
     try:
         if not args.debug:
             _quiet_libraries()
-        return COMMANDS[args.command](args)
+        # sets from zips and data sets are read into this folder, gone when the command ends
+        with tempfile.TemporaryDirectory(prefix="tailor-sets-") as scratch:
+            args.scratch = Path(scratch)
+            return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -598,7 +603,6 @@ def _eval(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from tailor_ui.evaluation.evaluate import evaluate, save_result
-    from tailor_ui.evaluation.sets import parse_set_spec
     from tailor_ui.io import atomic_path
     from tailor_ui.pair import load_model
 
@@ -607,9 +611,7 @@ def _eval(args: argparse.Namespace) -> int:
     if (args.data is not None) == bool(args.original or args.target):
         raise UserError("give --data, or --original-set / --target-set (not both)")
     if args.data is not None:
-        source, task = parse_set_spec(args.data)
-        sets = _read_sets(args, {"original": [f"{source}:{args.task or task}" if args.task or task
-                                             else source]})
+        sets = _read_sets(args, {"original": [args.data]}, task=args.task)
     else:
         sets = _read_sets(args, {"original": args.original, "target": args.target})
     model, processor = load_model(args.model, **_load_options(args))
@@ -631,29 +633,18 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-_SCRATCH: list = []  # the folder sets from zips and data sets are read into, for one command
-
-
-def _scratch() -> Path:
-    """A folder removed when the command ends (TemporaryDirectory's finalizer)."""
-    import tempfile
-
-    if not _SCRATCH:
-        _SCRATCH.append(tempfile.TemporaryDirectory(prefix="tailor-sets-"))
-    return Path(_SCRATCH[0].name)
-
-
-def _read_sets(args: argparse.Namespace, by_role: dict[str, list[str]]) -> list:
+def _read_sets(args: argparse.Namespace, by_role: dict[str, list[str]], task: str | None = None) -> list:
     """Every set named on the command line (`EvalSpec`s, originals first), read and checked
-    before any model loads; names must differ (the sweep's columns are named by them)."""
+    before any model loads; names must differ (the sweep's columns are named by them).
+    `task`, where given, overrides the sets' own PATH:TASK."""
     from tailor_ui.evaluation.sets import parse_set_spec, read_set
 
     sets = []
     for role, specs in by_role.items():
         for spec in specs:
-            source, task = parse_set_spec(spec)
+            source, named = parse_set_spec(spec)
             # no cap on the size here: the machine is the user's own (the dashboard caps it)
-            sets.append(read_set(source, _scratch() / f"set-{len(sets)}", role=role, task=task,
+            sets.append(read_set(source, args.scratch / f"set-{len(sets)}", role=role, task=task or named,
                                  split=args.split, columns=args.columns, max_examples=None))
     names = [s.name for s in sets]
     repeated = sorted({n for n in names if names.count(n) > 1})
