@@ -325,3 +325,21 @@ def test_the_export_tab_zips_the_patch_as_an_adapter(studio, tmp_path):
         delta = _tailored(base[name], patch.tensors[name]) - base[name]
         assert float((merged[name] - base[name] - delta).norm() / delta.norm()) == pytest.approx(error, rel=1e-3)
     studio.end_session(session.id)
+
+
+def test_a_bfloat16_adapter_merges_as_peft_merges_it_streamed_and_lazily(tmp_path):
+    """peft merges a bfloat16 base on the CPU by forming the delta in float32, rounding it to
+    bfloat16 and adding in bfloat16; the streamed merge (stored dtype) and the lazy reader
+    of a bfloat16-loaded pair must give its weights bit for bit."""
+    build_llava(seed=0).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    adapter = make_adapter(tmp_path / "base", tmp_path / "adapter", **CONFIGS["patterns"])
+    base = AutoModelForImageTextToText.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
+    expected = {n: p.detach() for n, p in PeftModel.from_pretrained(base, adapter).merge_and_unload().named_parameters()}
+    assert {p.dtype for p in expected.values()} == {torch.bfloat16}
+    stream_merge(tmp_path / "base", adapter, Settings(method="task_arithmetic"), tmp_path / "out")
+    streamed = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    lazy = load_pair(str(tmp_path / "base"), str(adapter), lazy=True, dtype="bfloat16")
+    assert lazy.changed()
+    for name, p in streamed.named_parameters():
+        assert torch.equal(p, expected[name]), name
+        assert torch.equal(lazy.finetuned_value(0, name), expected[name]), name
