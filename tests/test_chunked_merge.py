@@ -101,3 +101,14 @@ def test_routed_chunks_equal_the_whole_tensor_merge(settings, models):
         assert values.numel() == min(500, base.numel() - start)
         out.view(-1)[start:start + values.numel()] = values  # overwrites the base as it goes
     assert torch.equal(out.view(torch.int16), whole.view(torch.int16))
+
+
+@pytest.mark.parametrize("models", [1, 2, 3, 4, 5, 6])
+def test_sum_models_is_the_stacked_sum_bit_for_bit(models):
+    gen = torch.Generator().manual_seed(models)
+    values = [torch.randn(262147, generator=gen) * 10.0 ** torch.randint(-4, 5, (262147,), generator=gen)
+              for _ in range(models)]
+    for v in values:
+        v[::7] = -0.0
+    expected = torch.stack(values).sum(dim=0)
+    assert torch.equal(baselines.sum_models(values).view(torch.int32), expected.view(torch.int32))

@@ -14,6 +14,8 @@ import torch
 from tailor_ui.methods.selection import (Scope, keep_mask, magnitude_bits, top_k_chunk_mask,
                                        top_k_cut)
 
+_IN_ORDER = 4  # models torch's sum over a stacked dimension adds one after another (checked)
+
 
 def magnitude(w_pre: torch.Tensor, w_ft: torch.Tensor, keep: float, scope: Scope = "tensor",
               block_size: int = 128) -> torch.Tensor:
@@ -31,7 +33,19 @@ def wise_ft(w_pre: torch.Tensor, tau: torch.Tensor, lam: float) -> torch.Tensor:
 
 def task_arithmetic(w_pre: torch.Tensor, taus: list[torch.Tensor], lam: float) -> torch.Tensor:
     """W_pre + λ·Σ τ_t."""
-    return w_pre.float() + lam * torch.stack([t.float() for t in taus]).sum(dim=0)
+    return w_pre.float() + lam * sum_models([t.float() for t in taus])
+
+
+def sum_models(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ over models entry by entry, bit for bit `torch.stack(values).sum(dim=0)`: for up to
+    `_IN_ORDER` models that reduction adds them in order from +0.0, which plain adds repeat
+    without the stacked copy (a reduction over a short dimension is also slower than adds)."""
+    if len(values) > _IN_ORDER:
+        return torch.stack(list(values)).sum(dim=0)
+    total = values[0] + 0.0  # -0.0 becomes +0.0, as in the reduction
+    for v in values[1:]:
+        total = total + v
+    return total
 
 
 def ties(w_pre: torch.Tensor, taus: list[torch.Tensor], keep: float, lam: float) -> torch.Tensor:
@@ -82,16 +96,20 @@ def _ties_merged(pre: Callable[[int, int], torch.Tensor], tau: Callable[[int, in
                 continue
             mask, cuts[m][1] = top_k_chunk_mask(magnitude_bits(t), *cuts[m])
             trimmed.append(torch.where(mask, t, 0.0))
-        yield pre(i, i + step) + lam * disjoint_mean(torch.stack(trimmed))
+        yield pre(i, i + step) + lam * disjoint_mean(trimmed)
 
 
-def disjoint_mean(sparse: torch.Tensor) -> torch.Tensor:
-    """TIES's sign election and disjoint merge of stacked sparse task vectors: per entry,
-    the sign of the total mass wins and the nonzero entries that agree with it are averaged."""
-    elected = torch.sign(sparse.sum(dim=0))
-    agree = (torch.sign(sparse) == elected) & (sparse != 0)
-    count = agree.sum(dim=0).clamp(min=1)
-    return torch.where(agree, sparse, 0.0).sum(dim=0) / count
+def disjoint_mean(sparse: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """TIES's sign election and disjoint merge of sparse task vectors (stacked, or a list):
+    per entry, the sign of the total mass wins and the nonzero entries that agree with it
+    are averaged."""
+    rows = list(sparse)
+    elected = torch.sign(sum_models(rows))
+    agree = [(torch.sign(r) == elected) & (r != 0) for r in rows]
+    count = agree[0].float()  # whole numbers: any order of adding them is exact
+    for a in agree[1:]:
+        count += a
+    return sum_models([torch.where(a, r, 0.0) for a, r in zip(agree, rows)]) / count.clamp_(min=1)
 
 
 def tensor_seed(name: str, seed: int) -> int:
