@@ -138,7 +138,7 @@ def top_k_cut(bit_chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> tuple
 def _histogram(values: Iterable[torch.Tensor], bins: int) -> torch.Tensor:
     total = None
     for v in values:
-        counts = torch.bincount(v.reshape(-1).long(), minlength=bins)
+        counts = torch.bincount(v.reshape(-1), minlength=bins)  # int32 bits: no int64 copy
         total = counts if total is None else total + counts
     return total if total is not None else torch.zeros(bins, dtype=torch.long)
 
