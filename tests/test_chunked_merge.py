@@ -112,3 +112,14 @@ def test_sum_models_is_the_stacked_sum_bit_for_bit(models):
         v[::7] = -0.0
     expected = torch.stack(values).sum(dim=0)
     assert torch.equal(baselines.sum_models(values).view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_task_arithmetic_shortcuts_are_the_stacked_formula(lam):
+    """One task vector and λ = 1 skip the sum and the product; signed zeros included."""
+    base = torch.tensor([0.0, -0.0, 0.0, -0.0, 1.5, -2.0, 0.0]).half()
+    ft = torch.tensor([-0.0, 0.0, 0.0, -0.0, 1.5, 3.0, float("nan")]).half()
+    tau = ft.float() - base.float()
+    expected = (base.float() + lam * torch.stack([tau]).sum(dim=0)).half()
+    got = baselines.task_arithmetic(base, [tau], lam).half()
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))

@@ -33,7 +33,12 @@ def wise_ft(w_pre: torch.Tensor, tau: torch.Tensor, lam: float) -> torch.Tensor:
 
 def task_arithmetic(w_pre: torch.Tensor, taus: list[torch.Tensor], lam: float) -> torch.Tensor:
     """W_pre + λ·Σ τ_t."""
-    return w_pre.float() + lam * sum_models([t.float() for t in taus])
+    taus = [t.float() for t in taus]
+    # One τ is its own sum: the sum's +0.0 + τ differs from τ only where τ = -0.0, which
+    # only (-0.0) − (+0.0) gives, and there W_pre = +0.0 gives +0.0 either way. λ = 1
+    # multiplies exactly. Each op skipped is one pass less over a chunk.
+    total = taus[0] if len(taus) == 1 else sum_models(taus)
+    return w_pre.float() + (total if lam == 1.0 else lam * total)
 
 
 def sum_models(values: Sequence[torch.Tensor]) -> torch.Tensor:
