@@ -193,6 +193,7 @@ def run_case(args: argparse.Namespace, method: str, n: int, env: dict, results: 
     for tool in ("ours", "ours --no-patch"):
         commands[tool] = ours_command(base, tuned, method, args.density, args.lam, outs[tool],
                                       tool.endswith("--no-patch"))
+    commands = {tool: cmd for tool, cmd in commands.items() if tool in args.tools}
     envs = {tool: env for tool in commands}
     if args.old_tree:
         commands["ours@old"] = ours_command(base, tuned, method, args.density, args.lam, outs["ours@old"], False)
@@ -212,11 +213,12 @@ def run_case(args: argparse.Namespace, method: str, n: int, env: dict, results: 
                 row["patch_mb"] = round(patch.stat().st_size / 2**20, 1) if patch.exists() else None
             results["runs"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
+    mine = outs["ours"] / "model" if "ours" in commands else outs["ours --no-patch"] / "model"
     if method == "dare":  # different random masks: compare the statistics
         results["agreement"][case] = {tool: delta_statistics(out, base) for tool, out in
-                                      (("ours", outs["ours"] / "model"), ("mergekit", outs["mergekit"]))}
+                                      (("ours", mine), ("mergekit", outs["mergekit"]))}
     else:
-        results["agreement"][case] = compare(outs["ours"] / "model", outs["mergekit"])
+        results["agreement"][case] = compare(mine, outs["mergekit"])
     print(case, json.dumps(results["agreement"][case]), flush=True)
     if not args.keep_outputs:
         for out in outs.values():
@@ -251,11 +253,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--density", type=float, default=0.2, help="TIES keep fraction")
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--tools", type=lambda v: v.split(","), default=list(TOOLS),
+                   help=f"which of {','.join(TOOLS)} to run (mergekit always: ratios are to it)")
     p.add_argument("--old-tree", type=Path, default=None, help="a checkout of an older commit, timed too")
     p.add_argument("--threads", type=int, default=None, help="OMP threads for mergekit (default: torch's)")
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--keep-outputs", action="store_true")
     args = p.parse_args(argv)
+    args.tools = list(dict.fromkeys(["mergekit", *args.tools]))
     args.out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     if args.threads:

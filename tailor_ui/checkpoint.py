@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 import torch
 
 from tailor_ui.errors import UserError
+from tailor_ui.memory import prefer_huge_pages
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -145,6 +146,7 @@ class Checkpoint:
             self._handle = open(info.file, "rb")
             self._open_file = info.file
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        prefer_huge_pages(buffer)
         self._handle.seek(info.start)
         if info.nbytes and self._handle.readinto(memoryview(buffer.numpy())) != info.nbytes:
             raise UserError(f"{info.file.name} is truncated: tensor {key} is incomplete")

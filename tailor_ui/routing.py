@@ -44,29 +44,42 @@ def merged_chunks(name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor], 
     """None where the tensor stays the base; else its merged values in the base dtype as
     (flat start, flat values) pieces, lazily: chunks of `chunk_elems` entries where each
     entry depends on that entry alone (an element-wise method, the fine-tuned values, and
-    the union of such patches), one piece for the whole tensor otherwise. A chunk is
-    computed only when asked for, so a caller may overwrite the base's entries of a chunk
-    it has taken. (Chunks are large on purpose: on a busy CPU every parallel torch op pays
+    the union of such patches) or the method runs by chunks itself (`Method.chunks`: TIES's
+    cut, DARE's draws), one piece for the whole tensor otherwise. A chunk is computed only
+    when asked for (what a method reads of the whole tensor, before the first), so a caller
+    may overwrite the base's entries of a chunk it has taken. (Chunks are large on purpose: on a busy CPU every parallel torch op pays
     for waking its threads, so a million small ops cost more than the arithmetic.)
     """
     if all(torch.equal(base, t) for t in tuned):
         return None
     if not selected and s.others == "base":
         return None
+    method = REGISTRY[s.method]
     by_method = selected or s.others == "linear"
-    elementwise = REGISTRY[s.method].elementwise or not by_method
-    step = chunk_elems if chunk_elems is not None and elementwise else base.numel()
+    own_chunks = by_method and method.chunks is not None  # walks the tensor itself first
+    elementwise = method.elementwise or not by_method
+    step = chunk_elems if chunk_elems is not None and (elementwise or own_chunks) else base.numel()
     flat_base, flat_tuned = base.reshape(-1), [t.reshape(-1) for t in tuned]
 
     def pieces() -> Iterator[tuple[int, torch.Tensor]]:
         if step >= base.numel():
             yield 0, _merge_values(name, base, tuned, s, by_method).reshape(-1)
-            return
-        for i in range(0, base.numel(), step):
-            j = i + step
-            yield i, _merge_values(name, flat_base[i:j], [t[i:j] for t in flat_tuned], s, by_method)
+        elif own_chunks:
+            streams = [method.chunks(flat_base, [flat_tuned[k] for k in group], name, s, step)
+                       for group in _groups(s, len(tuned))]
+            for i, parts in zip(range(0, base.numel(), step), zip(*streams)):
+                yield i, _combine(name, flat_base[i:i + step], list(parts), s)
+        else:
+            for i in range(0, base.numel(), step):
+                j = i + step
+                yield i, _merge_values(name, flat_base[i:j], [t[i:j] for t in flat_tuned], s, by_method)
 
     return pieces()
+
+
+def _groups(s: Settings, models: int) -> list[list[int]]:
+    """The fine-tuned models merged together: all at once, or one by one (then united)."""
+    return [list(range(models))] if REGISTRY[s.method].multi_task_native else [[k] for k in range(models)]
 
 
 def _merge_values(name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor], s: Settings,
@@ -78,15 +91,20 @@ def _merge_values(name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor], 
     upcast = method.elementwise or not by_method
     base_in = base.float() if upcast else base
     tuned_in = [t.float() for t in tuned] if upcast else list(tuned)
-    groups = [list(range(len(tuned)))] if method.multi_task_native else [[k] for k in range(len(tuned))]
     parts = []
-    for group in groups:
+    for group in _groups(s, len(tuned)):
         models = [tuned_in[k] for k in group]
         if by_method:
             parts.append(method.merge(base_in, models, name, s))
         else:  # others == "finetuned": the fine-tuned values (several models: their mean)
             parts.append(torch.stack([t.float() for t in models]).mean(dim=0))
     del base_in, tuned_in
+    return _combine(name, base, parts, s)
+
+
+def _combine(name: str, base: torch.Tensor, parts: list[torch.Tensor], s: Settings) -> torch.Tensor:
+    """The merged values in the base dtype from each group's float32 result (several:
+    their patches united by the overlap policy)."""
     if len(parts) == 1:
         # base with tensor_patch(base, new) applied is new cast to the base dtype, bit for bit
         return parts[0].to(base.dtype)

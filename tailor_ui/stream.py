@@ -57,8 +57,9 @@ def memory_bound_bytes(numel: int, base_bytes: int, n_models: int, method: str,
     fine-tuned tensors, b·(n + 1), plus float32 temporaries: the upcast base and models
     (n + 1), task vectors and their stack (2n), result and change test (~3); plus the
     method's own per model (scores, masks and top-k indices: `Method.temporaries`, ~4 for
-    TIES and magnitude). Element-wise methods compute on chunks of `chunk_elems` entries,
-    so their temporaries are bounded by the chunk, not the tensor. With `patch`, the
+    TIES and magnitude). Element-wise methods, and those that run by chunks themselves
+    (`Method.chunks`: TIES, DARE), compute on chunks of `chunk_elems` entries, so their
+    temporaries are bounded by the chunk, not the tensor. With `patch`, the
     changed entries' mask (a byte each) and values, and what encoding them takes at worst
     (a packed mask, or the positions of at most one entry in 8 and their gaps: 2 bytes per
     entry of the tensor).
@@ -66,7 +67,7 @@ def memory_bound_bytes(numel: int, base_bytes: int, n_models: int, method: str,
     info = REGISTRY[method]
     temps = 4 * (3 * n_models + 4 + info.temporaries * n_models)
     held = numel * base_bytes * (n_models + 1) + (patch_bytes(numel, base_bytes) if patch else 0)
-    if chunk_elems is not None and info.elementwise:
+    if chunk_elems is not None and (info.elementwise or info.chunks is not None):
         return held + min(numel, chunk_elems) * temps
     return held + numel * temps
 

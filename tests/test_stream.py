@@ -377,7 +377,7 @@ def _large_pair(root, n_models: int) -> list:
 
 
 @pytest.mark.parametrize("method, models, with_patch", [("task_arithmetic", 1, True),
-                                                        ("ties", 2, False)])
+                                                        ("ties", 2, False), ("dare", 1, False)])
 def test_measured_peak_stays_under_the_predicted_peak(tmp_path, method, models, with_patch):
     """On a ≥ 100M-parameter pair, what the report predicts is an upper bound of what the
     run held (the three pipeline stages in flight, the patch's buffers, each method's

@@ -9,7 +9,7 @@ dashboard read these facts instead of naming methods.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,6 +36,8 @@ class Knobs(Protocol):
 
 # (base, fine-tuned values of the models merged together, parameter name, settings) → float32
 MergeFn = Callable[[torch.Tensor, Sequence[torch.Tensor], str, Knobs], torch.Tensor]
+# the same over flat values, `step` entries at a time: the float32 merged chunks in order
+ChunkFn = Callable[[torch.Tensor, Sequence[torch.Tensor], str, Knobs, int], Iterator[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class Method:
     multi_task_native: combines several fine-tuned models itself; the others run once per
       model and their patches are combined by `patch.union`.
     elementwise: each merged entry depends on that entry alone, so it can run on chunks.
+    chunks: for a method that is not element-wise, its merge run chunk by chunk (whatever
+      it needs of the whole tensor found by walking it first), bit for bit `merge`'s values.
     temporaries: float32 temporaries per entry and per model beyond the common working set
       (scores, masks, top-k indices), for `stream.memory_bound_bytes`.
     check: extra validation of settings that only this method has (problems, in words).
@@ -62,6 +66,7 @@ class Method:
     needs_calibration: bool = False
     multi_task_native: bool = False
     elementwise: bool = False
+    chunks: ChunkFn | None = None
     temporaries: int = 0
     check: Callable[[Knobs], list[str]] | None = None
 

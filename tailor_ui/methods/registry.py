@@ -3,7 +3,7 @@ one line here; nothing else in the program names methods."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -29,6 +29,16 @@ def _ties(base: torch.Tensor, tuned: Sequence[torch.Tensor], name: str, s: Knobs
     return baselines.ties(base, task_vectors(base, tuned), s.keep, s.effective_lambda)
 
 
+def _ties_chunks(base: torch.Tensor, tuned: Sequence[torch.Tensor], name: str, s: Knobs,
+                 step: int) -> Iterator[torch.Tensor]:
+    return baselines.ties_chunks(base, tuned, s.keep, s.effective_lambda, step)
+
+
+def _dare_chunks(base: torch.Tensor, tuned: Sequence[torch.Tensor], name: str, s: Knobs,
+                 step: int) -> Iterator[torch.Tensor]:
+    return baselines.dare_chunks(base, tuned[0], s.effective_drop, s.seed, name, step)
+
+
 def _dare(base: torch.Tensor, tuned: Sequence[torch.Tensor], name: str, s: Knobs) -> torch.Tensor:
     return baselines.dare(base, task_vectors(base, tuned)[0], s.effective_drop, s.seed, name)
 
@@ -50,9 +60,9 @@ REGISTRY: dict[str, Method] = {
                               defaults={"lam": 1.0}, sweep=("lam",), multi_task_native=True,
                               elementwise=True),
     "ties": Method("TIES", "trim, elect sign, disjoint mean", _ties, knobs=("keep", "lam"),
-                   defaults={"lam": 1.0}, multi_task_native=True, temporaries=4),
+                   defaults={"lam": 1.0}, multi_task_native=True, chunks=_ties_chunks, temporaries=4),
     "dare": Method("DARE", "drop 1 - keep of τ at random, rescale the rest", _dare,
-                   knobs=("keep", "drop", "seed")),
+                   knobs=("keep", "drop", "seed"), chunks=_dare_chunks),
     "breadcrumbs": breadcrumbs.METHOD,
     "della": della.METHOD,
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -114,3 +114,53 @@ def _share_out(total: int, masses: list[float], sizes: list[int]) -> list[int]:
     for i in by_remainder[:total - sum(counts)]:
         counts[i] += 1
     return counts
+
+
+def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """|x| (float32) as int32 bit patterns: for non-negative floats their order is the
+    values' order, so a top-k cut can be found by counting bit prefixes."""
+    return x.float().abs().view(torch.int32)
+
+
+def top_k_cut(bit_chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> tuple[int, int]:
+    """Where the top `k` of many magnitudes lie, without holding them together: (cut,
+    ties), the bits of the k-th largest (`magnitude_bits`) and how many entries equal to
+    it are in the top k (the first ones in flat order). `bit_chunks()` yields the bits
+    chunk by chunk, in order; it is walked twice (counting the high 16 bits, then the low
+    16 bits of the high half-word the k-th falls in), so memory is one chunk's. k ≥ 1."""
+    high = _histogram((c >> 16 for c in bit_chunks()), 1 << 15)
+    h, above_high = _kth_bin(high, k)
+    low = _histogram((c[(c >> 16) == h] & 0xFFFF for c in bit_chunks()), 1 << 16)
+    lo, above_low = _kth_bin(low, k - above_high)
+    return (h << 16) | lo, k - above_high - above_low
+
+
+def _histogram(values: Iterable[torch.Tensor], bins: int) -> torch.Tensor:
+    total = None
+    for v in values:
+        counts = torch.bincount(v.reshape(-1), minlength=bins)  # int32 bits: no int64 copy
+        total = counts if total is None else total + counts
+    return total if total is not None else torch.zeros(bins, dtype=torch.long)
+
+
+def _kth_bin(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin the k-th largest value falls in, and how many values lie in higher bins."""
+    from_top = counts.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, k))  # the first j with from_top[j] >= k
+    b = counts.numel() - 1 - j
+    return b, int(from_top[j]) - int(counts[b])
+
+
+def top_k_chunk_mask(bits: torch.Tensor, cut: int, ties: int) -> tuple[torch.Tensor, int]:
+    """Which entries of one chunk are in the top k given `top_k_cut`'s (cut, ties), and the
+    ties left for the chunks after it (entries equal to the cut are taken in flat order)."""
+    mask = bits > cut
+    if ties > 0:
+        equal = bits == cut
+        count = int(equal.sum())
+        if count <= ties:
+            mask |= equal
+        else:
+            mask |= equal & (equal.reshape(-1).cumsum(0) <= ties).reshape(equal.shape)
+        ties -= min(count, ties)
+    return mask, ties
