@@ -9,7 +9,9 @@ saved in several shards with a different shard layout per model.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -384,10 +386,23 @@ def test_measured_peak_stays_under_the_predicted_peak(tmp_path, method, models, 
     temporaries), and not a loose one."""
     base, *tuned = _large_pair(tmp_path, models)
     assert sum(i.nbytes for i in Checkpoint(base).tensors.values()) > 2e8
-    with patch_writer(tmp_path / "patch.safetensors") if with_patch else nullcontext() as patch:
-        report = stream_merge(base, tuned, Settings(method=method, keep=0.2, others="linear"),
-                              tmp_path / "out", patch=patch)
-    memory = report["memory"]
+    # in a fresh process: memory an earlier test freed but the allocator kept would hide
+    # this run's growth from its RSS
+    script = (
+        "import json, sys\n"
+        "from contextlib import nullcontext\n"
+        "from tailor_ui.patch import patch_writer\n"
+        "from tailor_ui.settings import Settings\n"
+        "from tailor_ui.stream import stream_merge\n"
+        f"with patch_writer({str(tmp_path / 'patch.safetensors')!r}) if {with_patch} else nullcontext() as patch:\n"
+        f"    report = stream_merge({str(base)!r}, {[str(t) for t in tuned]!r},\n"
+        f"                          Settings(method={method!r}, keep=0.2, others='linear'),\n"
+        f"                          {str(tmp_path / 'out')!r}, patch=patch)\n"
+        "print(json.dumps(report['memory']))\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    memory = json.loads(run.stdout.strip().splitlines()[-1])
     used = memory["cpu_peak_rss_mb"] - memory["rss_at_start_mb"]
     bound = memory["predicted_peak_mb"] - memory["rss_at_start_mb"]
     assert memory["largest_tensor_mb"] < used <= bound < 4 * used
