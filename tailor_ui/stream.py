@@ -15,6 +15,7 @@ Checkpoint keys are mapped to parameter names by `checkpoint.key_map`.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -137,11 +138,15 @@ class _Job:
     names: KeyMap
     device: torch.device
     chunk_elems: int
-    regex: re.Pattern | None
     patch: Patch | PatchWriter | None
     clock: _Clock = field(default_factory=_Clock)
     tally: _Tally = field(default_factory=_Tally)
     tensors_checked: int = 0  # tensors of the base found in the written folder
+
+    @functools.cached_property
+    def regex(self) -> re.Pattern | None:
+        """The module pattern (`--modules`) the linears merged by the method must match."""
+        return re.compile(self.settings.modules) if self.settings.modules else None
 
     def read_key(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The base's tensor and the fine-tuned ones (in the base's dtype)."""
@@ -230,9 +235,8 @@ def stream_sources(base: Any, tuned: Sequence[Any], names: KeyMap, settings: Set
     (the merge overwrites it); `names` maps its keys to parameter names."""
     _check_data_free(settings)
     start = time.perf_counter()
-    regex = re.compile(settings.modules) if settings.modules else None
     device = device if isinstance(device, torch.device) else parse_device(device)
-    job = _Job(settings, base, list(tuned), names, device, chunk_elems, regex, patch)
+    job = _Job(settings, base, list(tuned), names, device, chunk_elems, patch)
     return _run(job, start, None, DEFAULT_SHARD_BYTES, progress, should_stop, base_id, list(finetuned_ids))
 
 
@@ -280,8 +284,7 @@ def _open(base_dir: str | Path, dirs: Sequence[str | Path], settings: Settings, 
     if bad:
         raise UserError(f"transformers converts {bad[0]} when loading (not a 1:1 tensor), and the "
                         "fine-tuned model changed it; merge this model in memory instead")
-    regex = re.compile(settings.modules) if settings.modules else None
-    return _Job(settings, base, tuned, names, device, chunk_elems, regex, patch)
+    return _Job(settings, base, tuned, names, device, chunk_elems, patch)
 
 
 def _write(job: _Job, out_dir: str | Path | None, max_shard_bytes: int, progress: Progress,
