@@ -2,8 +2,10 @@
 
 The demo ships one calibration set per story (world seed 0, the calibration stream). This
 draws the same number of calibration examples from other seeds of the same stream, runs
-Model Tailor (sequential Hessians, both compensation forms, a few patch sizes) with each,
-and scores every merge on the story's full evaluation sets. The data-free baselines do not
+Model Tailor (sequential Hessians, the compensation forms asked for, a few patch sizes) with
+each, and scores every merge on the story's full evaluation sets. Anchored compensation's
+original-task calibration set is drawn from the same seed (half captions, half attribute
+questions, as the shipped one). The data-free baselines do not
 read calibration data, so one run of them (the README's sweep) stands for every seed.
 Run from the repository root:
 
@@ -31,14 +33,15 @@ from tailor_ui.evaluation.evaluate import EvalSet  # noqa: E402
 from tailor_ui.evaluation.sweep import sweep, sweep_grid  # noqa: E402
 
 
-def calibration(story: str, seed: int, n: int, folder: Path) -> list[Example]:
-    """`n` calibration examples of the story's task from world seed `seed` (seed 0: the
+def calibration(tasks: list[str], seed: int, n: int, folder: Path) -> list[Example]:
+    """`n` calibration examples of each world task from world seed `seed` (seed 0: the
     shipped set, drawn the same way)."""
     out = []
-    for i, sample in enumerate(world.generate(STORIES[story].task, n, seed, CALIB_STREAM)):
-        path = folder / f"{seed}-{i}.png"
-        sample.image.save(path)
-        out.append(Example(image=path, question=sample.question, answers=sample.answers))
+    for task in tasks:
+        for i, sample in enumerate(world.generate(task, n, seed, CALIB_STREAM)):
+            path = folder / f"{task}-{seed}-{i}.png"
+            sample.image.save(path)
+            out.append(Example(image=path, question=sample.question, answers=sample.answers))
     return out
 
 
@@ -49,9 +52,9 @@ def _grid(keeps: str, options: dict[str, list[str]]) -> list:
     grid = []
     for combo in itertools.product(*options.values()):
         try:
-            grid += sweep_grid(["tailor"], {"keep": [float(k) for k in keeps.split(",")], "alpha": [0.8]},
-                               calibrated={"hessians": ["sequential"],
-                                           **{k: [v] for k, v in zip(options, combo)}})
+            more = sweep_grid(["tailor"], {"keep": [float(k) for k in keeps.split(",")], "alpha": [0.8]},
+                              calibrated={"hessians": ["sequential"], **{k: [v] for k, v in zip(options, combo)}})
+            grid += [s for s in more if s not in grid]  # μ only tells anchored settings apart
         except UserError:  # e.g. SparseGPT's order with exact compensation
             continue
     return grid
@@ -61,7 +64,8 @@ def main() -> None:
     ap = story_parser(__doc__)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--keep", default="0.02,0.05,0.1")
-    ap.add_argument("--compensation", default="greedy,exact")
+    ap.add_argument("--compensation", default="greedy,exact", help="greedy,exact,anchored")
+    ap.add_argument("--anchor-weight", default="0.3", help="comma-separated μ (anchored)")
     ap.add_argument("--order", default="mask-first", help="mask-first,sparsegpt (greedy only)")
     ap.add_argument("--budget", default="uniform", help="uniform,per-layer")
     ap.add_argument("--n", type=int, default=128, help="calibration examples per seed")
@@ -72,12 +76,16 @@ def main() -> None:
                 for name in ("caption", "vqa")]
     target = [EvalSet("target", "vqa", read_examples(folder / "target_eval.jsonl"))]
     options = {k: getattr(args, k).split(",") for k in ("compensation", "order", "budget")}
+    options["anchor_weight"] = [float(w) for w in args.anchor_weight.split(",")]
     grid = _grid(args.keep, options)
     tables = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(s) for s in args.seeds.split(",")):
-            batches = calibration_batches(pair.processor, calibration(args.story, seed, args.n, Path(tmp)), 16)
-            table = sweep(pair, grid, original, target, [batches], batch_size=50,
+            batches = calibration_batches(pair.processor, calibration([STORIES[args.story].task], seed, args.n,
+                                                                      Path(tmp)), 16)
+            anchor = calibration_batches(pair.processor, calibration(["caption", "vqa"], seed, args.n // 2,
+                                                                     Path(tmp)), 16)
+            table = sweep(pair, grid, original, target, [batches], anchor=anchor, batch_size=50,
                           progress=lambda stage, *_: print(f"seed {seed}: {stage}", flush=True))
             tables.append(table.assign(calibration_seed=seed))
     result = pd.concat(tables, ignore_index=True)

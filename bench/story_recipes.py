@@ -22,43 +22,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from story import open_story, story_parser  # noqa: E402
+from story import front_gap, open_story, story_parser  # noqa: E402
 from tailor_ui.calibration import calibration_batches  # noqa: E402
 from tailor_ui.data import read_examples  # noqa: E402
 from tailor_ui.demo import world  # noqa: E402
 from tailor_ui.demo.build import TRAIN_STREAM, Story, finetune_story, finetuned_layers, train_batches  # noqa: E402
 from tailor_ui.training.finetune import encode_epoch  # noqa: E402
-from tailor_ui.demo.sets import DEMO_DIR, STORIES  # noqa: E402
+from tailor_ui.demo.sets import DEMO_DIR, STORIES, demo_anchor  # noqa: E402
 from tailor_ui.evaluation.evaluate import EvalSet  # noqa: E402
-from tailor_ui.evaluation.sweep import score_column, sweep, sweep_grid  # noqa: E402
+from tailor_ui.evaluation.sweep import sweep, sweep_grid  # noqa: E402
 from tailor_ui.pair import Pair  # noqa: E402
 
 
-def grid(keeps: list[float], lams: list[float]) -> list:
+def grid(keeps: list[float], lams: list[float], compensations: list[str], anchor_weights: list[float]) -> list:
     values = {"keep": keeps, "alpha": [0.8], "lam": lams}
-    return (sweep_grid(["tailor"], values, calibrated={"hessians": ["sequential"],
-                                                       "compensation": ["greedy", "exact"]})
-            + sweep_grid(["magnitude", "ties", "dare"], {**values, "lam": [1.0]})
+    plain = [c for c in compensations if c != "anchored"]
+    tailor = sweep_grid(["tailor"], values, calibrated={"hessians": ["sequential"], "compensation": plain}) \
+        if plain else []
+    if "anchored" in compensations:
+        tailor += sweep_grid(["tailor"], values, calibrated={"hessians": ["sequential"], "compensation": ["anchored"],
+                                                             "anchor_weight": anchor_weights})
+    return (tailor + sweep_grid(["magnitude", "ties", "dare"], {**values, "lam": [1.0]})
             + sweep_grid(["wise_ft"], values))
-
-
-def front_gap(table: pd.DataFrame, target: EvalSet, floor: float = 0.8, slack: float = 0.005) -> dict:
-    """Per baseline, its largest lead over Model Tailor's front, in target examples: for each
-    of its points keeping ≥ `floor` of the original score, its gain minus the best gain of a
-    Model Tailor point keeping at least as much (less `slack`, about one VQA answer in 150).
-    0 or less: Model Tailor's front is on or above it everywhere from `floor` up."""
-    merged = table[table["kind"] == "merged"]
-    tailor = merged[merged["method"] == "tailor"]
-    score = table[score_column(target.name)]
-    span = score[table["kind"] == "finetuned"].iloc[0] - score[table["kind"] == "base"].iloc[0]
-    gaps = {}
-    for method, points in merged[merged["method"] != "tailor"].groupby("method"):
-        worst = -np.inf
-        for _, p in points[points["original_retention"] >= floor].iterrows():
-            ours = tailor.loc[tailor["original_retention"] >= p["original_retention"] - slack, "target_gain"]
-            worst = max(worst, p["target_gain"] - (ours.max() if len(ours) else -np.inf))
-        gaps[method] = round(float(worst * span * len(target.examples)), 1)
-    return gaps
 
 
 def lora_finetune(model, processor, story: Story, samples, layers: int, rank: int, seed: int) -> None:
@@ -83,6 +68,10 @@ def main() -> None:
                     help="comma-separated examples:epochs:lr:batch[:LoRA rank], e.g. 1200:1:1e-3:8")
     ap.add_argument("--keep", default="0.02,0.05,0.1,0.2")
     ap.add_argument("--lam", default="0.25,0.5,0.75")
+    ap.add_argument("--compensation", default="greedy,exact",
+                    help="Model Tailor's compensation forms: greedy, exact, anchored (the demo's "
+                         "original-task calibration set)")
+    ap.add_argument("--anchor-weight", default="1", help="comma-separated μ of anchored compensation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -92,7 +81,9 @@ def main() -> None:
                 for name in ("caption", "vqa")]
     target = [EvalSet("target", "vqa", read_examples(folder / "target_eval.jsonl"))]
     batches = calibration_batches(processor, read_examples(folder / "target_calib.jsonl"), 16)
-    settings = grid([float(k) for k in args.keep.split(",")], [float(x) for x in args.lam.split(",")])
+    settings = grid([float(k) for k in args.keep.split(",")], [float(x) for x in args.lam.split(",")],
+                    args.compensation.split(","), [float(x) for x in args.anchor_weight.split(",")])
+    anchor = calibration_batches(processor, demo_anchor(DEMO_DIR), 16)
     layers = base.config.text_config.num_hidden_layers
     tables = []
     for text in args.recipes.split(","):
@@ -107,7 +98,7 @@ def main() -> None:
             finetune_story(tuned, processor, story, samples, layers, np.random.default_rng(args.seed), print)
         pair = Pair(base=base, finetuned=[tuned.eval()], processor=processor,
                     base_id="demo/base", finetuned_ids=[f"recipe {text}"])
-        table = sweep(pair, settings, original, target, [batches], batch_size=50,
+        table = sweep(pair, settings, original, target, [batches], anchor=anchor, batch_size=50,
                       progress=lambda stage, *_: print(f"{text}: {stage}", flush=True))
         tables.append(table.assign(recipe=text, seed=args.seed))
         result = pd.concat(tables, ignore_index=True)

@@ -37,8 +37,13 @@ def _merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-limit", type=int, default=128, help="examples used per calibration set")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-compensate", action="store_true")
-    p.add_argument("--compensation", default=Settings.compensation,
-                   help="exact (least squares per row) | greedy (SparseGPT's loop, the paper's)")
+    p.add_argument("--compensation", default=None,
+                   help="exact (least squares per row) | greedy (SparseGPT's loop, the paper's) | "
+                        "anchored (exact, also holding the base's outputs on --anchor's inputs); "
+                        f"default: anchored with --anchor, else {Settings.compensation}")
+    _anchor_options(p)
+    p.add_argument("--anchor-weight", type=float, default=Settings.anchor_weight,
+                   help="μ: weight of the original-task inputs against the target's (anchored)")
     p.add_argument("--order", default="mask-first",
                    help="mask-first | sparsegpt (each block's mask after the earlier blocks)")
     p.add_argument("--budget", default="uniform", help="uniform | per-layer (by each layer's score mass)")
@@ -57,6 +62,12 @@ def _merge_options(p: argparse.ArgumentParser) -> None:
                    help=f"window of keep probabilities around --keep ({_readers('epsilon')})")
     p.add_argument("--seed", type=int, default=0, help=f"random seed ({_readers('seed')})")
     p.add_argument("--overlap", default="mean", help="multi-task overlap rule: mean | sum | first")
+
+
+def _anchor_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--anchor", action="append", type=Path, default=[], metavar="FILE.jsonl",
+                   help="original-task calibration JSONL (repeatable): examples of the skills the "
+                        "base should keep, for --compensation anchored (not your evaluation sets)")
 
 
 SET_HELP = ("PATH[:caption|vqa], repeatable: a .jsonl (images beside it), a .zip holding one, a "
@@ -197,8 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", default="0.25,0.5,0.75", help="comma-separated λ (wise_ft, task_arithmetic)")
     p.add_argument("--hessians", default="sequential", help="sequential | one-pass (one-pass reuses "
                    "Hessians across keep/alpha)")
-    p.add_argument("--compensation", default=Settings.compensation,
-                   help="comma-separated compensation forms for tailor: exact, greedy")
+    p.add_argument("--compensation", default=None,
+                   help="comma-separated compensation forms for tailor: exact, greedy, anchored "
+                        f"(default: {Settings.compensation}, and anchored with --anchor)")
+    _anchor_options(p)
+    p.add_argument("--anchor-weight", default=f"{Settings.anchor_weight:g}",
+                   help="comma-separated μ for anchored compensation")
     p.add_argument("--scope", default=Settings.scope,
                    help="comma-separated threshold scopes for tailor: block, row, tensor, global")
     p.add_argument("--limit", type=int, default=None, help="examples per evaluation set")
@@ -216,7 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     _set_options(p, roles=("original",), required=True)
     p.add_argument("--keep", default="0.02,0.05,0.1", help="comma-separated patch sizes")
     p.add_argument("--alpha", default="0.5,0.8,1.0", help="comma-separated fusion weights")
-    p.add_argument("--compensation", default="exact,greedy", help="comma-separated: exact, greedy")
+    p.add_argument("--compensation", default=None,
+                   help="comma-separated: exact, greedy, anchored (needs --anchor); default: exact, "
+                        "greedy, and anchored with --anchor")
+    _anchor_options(p)
     p.add_argument("--order", default="mask-first", help="comma-separated: mask-first, sparsegpt")
     p.add_argument("--budget", default="uniform", help="comma-separated: uniform, per-layer")
     p.add_argument("--scope", default="block", help="comma-separated: block, row, tensor, global")
@@ -271,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.debug:
             _quiet_libraries()
         # sets from zips and data sets are read into this folder, gone when the command ends
+        if getattr(args, "compensation", "") is None:
+            args.compensation = _default_compensation(args)
         with tempfile.TemporaryDirectory(prefix="tailor-sets-") as scratch:
             args.scratch = Path(scratch)
             return COMMANDS[args.command](args)
@@ -287,6 +307,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)",
                   file=sys.stderr)
         return 1
+
+
+def _default_compensation(args: argparse.Namespace) -> str:
+    """`--compensation` left out: the paper's loop (find-settings: exact and greedy), with
+    anchored compensation where --anchor gives it original-task data (anchored alone for one
+    merge, beside the others for a sweep or a search)."""
+    from tailor_ui.settings import Settings
+
+    if args.command in ("tailor", "compare"):
+        return "anchored" if args.anchor else Settings.compensation
+    forms = ["exact", "greedy"] if args.command == "find-settings" else [Settings.compensation]
+    return ",".join(forms + (["anchored"] if args.anchor else []))
 
 
 def _quiet_libraries() -> None:
@@ -374,7 +406,7 @@ def _settings(args: argparse.Namespace, method: str):
         raise UserError("--batch-size and --calib-limit must be positive")
     return Settings(method=method, keep=args.keep, alpha=args.alpha, scope=args.scope,
                     compensate=not args.no_compensate, compensation=args.compensation,
-                    order=args.order, budget=args.budget, sign=args.sign,
+                    anchor_weight=args.anchor_weight, order=args.order, budget=args.budget, sign=args.sign,
                     sensitivity=args.sensitivity, hessians=args.hessians, damp=args.damp,
                     modules=args.modules, others=args.others, lam=args.lam, drop=args.drop,
                     seed=args.seed, gamma=args.gamma, epsilon=args.epsilon, overlap=args.overlap)
@@ -401,6 +433,7 @@ def _tailor(args: argparse.Namespace) -> int:
     _check_out_dir(args.out)
     _check_adapter_out(args)
     examples = [read_calibration(path)[: args.calib_limit] for path in args.calib]
+    anchor_examples = _read_anchor(args)
     sources = None if method.needs_calibration else _stream_sources(args, [args.base, *args.finetuned])
     if sources is not None:
         report = _tailor_streamed(args, settings, sources)
@@ -409,9 +442,10 @@ def _tailor(args: argparse.Namespace) -> int:
         # from their checkpoint block by block (lazy), unless --in-memory
         pair = load_pair(args.base, args.finetuned, lazy=not args.in_memory, **_load_options(args))
         calibration = [calibration_batches(pair.processor, ex, args.batch_size) for ex in examples]
+        anchor = calibration_batches(pair.processor, anchor_examples, args.batch_size)
         bar, update = _progress_bar()
         try:
-            result = run_method(pair, settings, calibration or None, progress=update)
+            result = run_method(pair, settings, calibration or None, anchor=anchor, progress=update)
         finally:
             bar.close()
         with atomic_path(args.out) as tmp:
@@ -526,13 +560,14 @@ def _compare(args: argparse.Namespace) -> int:
     patch = load_patch(args.patch) if args.patch is not None else None
     settings = _settings(args, "tailor") if args.calib is not None else None
     calib = _read_calibration(args.calib, args.calib_limit) if settings is not None else None
+    anchor = _read_anchor(args) if settings is not None else []
     pair = load_pair(args.base, args.finetuned, **_load_options(args))
     if patch is not None:
         check_fits({n: tuple(p.shape) for n, p in pair.base.named_parameters()}, patch)
     bar, update = _progress_bar()
     try:
         if settings is not None:
-            patch = _tailor_patch(pair, settings, calib, args.batch_size, update)
+            patch = _tailor_patch(pair, settings, calib, anchor, args.batch_size, update)
         merges = [("Tailored", patch)] if patch is not None else []
         answers = model_answers(pair, merges, [(row["image_data"], row["question"]) for row in rows],
                                 args.max_new_tokens, update)
@@ -548,13 +583,28 @@ def _read_calibration(path: Path, limit: int) -> list:
     return read_examples(path)[:limit]
 
 
-def _tailor_patch(pair, settings, examples: list, batch_size: int, progress):
+def _read_anchor(args: argparse.Namespace) -> list:
+    """`--anchor`'s examples (each file's first --calib-limit); refused when anchored
+    compensation is asked for without them, or they are given for nothing."""
+    from tailor_ui.data import read_calibration
+
+    anchored = "anchored" in _words(args.compensation)
+    if anchored and not args.anchor:
+        raise UserError("--compensation anchored needs original-task calibration data: pass "
+                        "--anchor FILE.jsonl")
+    if args.anchor and not anchored:
+        raise UserError("--anchor is read only by --compensation anchored")
+    return [ex for path in args.anchor for ex in read_calibration(path)[: args.calib_limit]]
+
+
+def _tailor_patch(pair, settings, examples: list, anchor: list, batch_size: int, progress):
     """The patch of a Model Tailor run on the loaded pair."""
     from tailor_ui.calibration import calibration_batches
     from tailor_ui.engine import run_method
 
     calibration = [calibration_batches(pair.processor, examples, batch_size)]
-    return run_method(pair, settings, calibration, progress=progress).patch
+    return run_method(pair, settings, calibration, anchor=calibration_batches(pair.processor, anchor, batch_size),
+                      progress=progress).patch
 
 
 def _compare_rows(args: argparse.Namespace) -> list[dict]:
@@ -667,7 +717,7 @@ def _sweep(args: argparse.Namespace) -> int:
                                 "alpha": parse_numbers(args.alpha, "--alpha"),
                                 "lam": parse_numbers(args.lam, "--lam", *LAMBDA_RANGE)},
                       calibrated={"hessians": [args.hessians], "compensation": _words(args.compensation),
-                                  "scope": _words(args.scope)})
+                                  "scope": _words(args.scope), **_anchor_weights(args)})
     calibrated = [m for m in methods if REGISTRY[m].needs_calibration]
     if calibrated and args.calib is None:
         raise UserError(f"the {calibrated[0]} method needs target-task calibration data: "
@@ -676,12 +726,13 @@ def _sweep(args: argparse.Namespace) -> int:
     original = [s.cut(args.limit) for s in sets if s.role == "original"]
     target = [s.cut(args.limit) for s in sets if s.role == "target"]
     calib = read_calibration(args.calib)[: args.calib_limit] if args.calib else None
+    anchor = _read_anchor(args)
     pair = load_pair(args.base, args.finetuned, **_load_options(args))
     calibration = [calibration_batches(pair.processor, calib)] if calib else None
     bar, update = _progress_bar()
     try:
         table = sweep(pair, grid, original, target, calibration, batch_size=args.batch_size,
-                      progress=update)
+                      anchor=calibration_batches(pair.processor, anchor), progress=update)
     finally:
         bar.close()
     with atomic_path(args.out) as tmp:
@@ -694,6 +745,15 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _words(text: str) -> list[str]:
     return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def _anchor_weights(args: argparse.Namespace) -> dict[str, list[float]]:
+    """The sweep's μ axis: only where anchored compensation is swept (it reads no other)."""
+    from tailor_ui.evaluation.sweep import parse_numbers
+
+    if "anchored" not in _words(args.compensation):
+        return {}
+    return {"anchor_weight": parse_numbers(args.anchor_weight, "--anchor-weight", 0.0, 1000.0)}
 
 
 def _find_settings(args: argparse.Namespace) -> int:
@@ -710,6 +770,7 @@ def _find_settings(args: argparse.Namespace) -> int:
     # cut by find_settings, which says so
     original = [s.cut() for s in _read_sets(args, {"original": args.original})]
     calibration = read_calibration(args.calib)[: args.calib_limit]
+    anchor = _read_anchor(args)
     candidate_grid(grid["keeps"], grid["alphas"], options)  # refused before the models load
     split_examples(calibration, args.holdout, args.seed)
     # the base is the working copy; a fine-tuned safetensors folder is read lazily
@@ -718,7 +779,7 @@ def _find_settings(args: argparse.Namespace) -> int:
     try:
         result = find_settings(pair, calibration, original, options=options, holdout=args.holdout,
                                seed=args.seed, limit=args.limit, batch_size=args.batch_size,
-                               progress=update, **grid)
+                               anchor=anchor, progress=update, **grid)
     finally:
         bar.close()
     with atomic_path(args.out) as tmp:
@@ -744,6 +805,10 @@ def tailor_command(settings, args: argparse.Namespace) -> str:
     for name in ("order", "budget", "scope", "hessians"):
         if getattr(settings, name) != getattr(Settings, name):
             words += [f"--{name}", getattr(settings, name)]
+    if settings.compensation == "anchored":
+        words += [w for path in args.anchor for w in ("--anchor", str(path))]
+        if settings.anchor_weight != Settings.anchor_weight:
+            words += ["--anchor-weight", f"{settings.anchor_weight:g}"]
     return " ".join(words[:1] + [shlex.quote(w) for w in words[1:]])
 
 

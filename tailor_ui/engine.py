@@ -22,7 +22,8 @@ from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_pro
 from tailor_ui.errors import UserError
 from tailor_ui.memory import PeakMemory
 from tailor_ui.methods import REGISTRY
-from tailor_ui.methods.exact import compensate_exact, compensate_in_sparsegpt_order, tailor_block_scorer
+from tailor_ui.methods.exact import (compensate_anchored, compensate_exact, compensate_in_sparsegpt_order,
+                                     tailor_block_scorer)
 from tailor_ui.methods.selection import global_threshold, keep_mask, layer_keep_budget
 from tailor_ui.methods.tailor import (TensorScores, compensate, inverse_hessian_factor,
                                       merge_without_compensation, tensor_scores)
@@ -51,6 +52,7 @@ class _Run:
     # per linear: its scores were cached (hit) or computed by this run (miss)
     score_cache: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
     fallbacks: int = 0  # linears whose exact compensation went greedy (over its memory bound)
+    anchor: Sequence[Batch] = ()  # original-task batches (anchored compensation)
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -100,17 +102,22 @@ def patch_metadata(settings: Settings, base_id: str, finetuned_ids: Sequence[str
 
 
 def run_method(pair: Pair, settings: Settings, calibration: Sequence[Sequence[Batch]] | None = None,
-               *, progress: Progress | None = None, should_stop: StopCheck | None = None) -> Result:
+               *, anchor: Sequence[Batch] | None = None, progress: Progress | None = None,
+               should_stop: StopCheck | None = None) -> Result:
     """Merge every fine-tuned model of the pair into its base with the chosen method.
 
     `calibration[k]` holds the target-task batches of fine-tuned model k (Model Tailor
-    needs them; the baselines do not).
+    needs them; the baselines do not). `anchor` holds original-task batches, the skills
+    of the base that anchored compensation keeps (one set for every fine-tuned model).
     """
-    run = _Run(settings, progress or no_progress, should_stop or never_stop)
+    run = _Run(settings, progress or no_progress, should_stop or never_stop, anchor=tuple(anchor or ()))
     method = REGISTRY[settings.method]
     if method.needs_calibration:
         if not calibration or len(calibration) != len(pair.finetuned) or not all(calibration):
             raise UserError(f"{method.label} needs calibration data for every fine-tuned model")
+        if settings.anchored and not run.anchor:
+            raise UserError("anchored compensation needs original-task calibration data "
+                            "(examples of the skills the base should keep)")
     reads_before = _lazy_reads(pair)
     start = time.perf_counter()
     try:
@@ -178,22 +185,33 @@ def _nonempty(tensors: dict[str, TensorPatch]) -> Patch:
     return Patch(tensors={n: t for n, t in tensors.items() if t.index.numel()})
 
 
-def _cache_key(s: Settings, k: int, calib: Sequence[Batch], sequential: bool) -> tuple:
+def _cache_key(s: Settings, k: int, calib: Sequence[Batch], anchor: Sequence[Batch],
+               sequential: bool) -> tuple:
     """What the Hessians and scores depend on (entries are per linear). One-pass Hessians
     come from the fine-tuned model alone. In sequential mode a layer's inputs come from the
     already tailored earlier layers, so every setting that shapes them is part of it: which
     linears are tailored and how, and what the other tensors hold."""
     key: tuple = ("scores", k, _fingerprint(calib), s.damp, s.block_size, s.sensitivity, sequential,
-                  _holds_hessians(s))
+                  _holds_hessians(s), _fingerprint(anchor) if s.anchored else None)
     if sequential:
         key += (s.modules, s.others, s.keep, s.alpha, s.scope, s.compensate, s.compensation, s.order,
-                s.sign)
+                s.sign, s.anchor_weight if s.anchored else None)
     return key
 
 
 def _holds_hessians(s: Settings) -> bool:
-    """Exact compensation solves with the Hessian itself, so its entries keep it."""
-    return s.compensate and s.compensation == "exact"
+    """Exact (and anchored) compensation solves with the Hessian itself, so its entries keep it."""
+    return s.compensate and s.compensation in ("exact", "anchored")
+
+
+def _hessians(model: torch.nn.Module, names: Sequence[str], calib: Sequence[Batch], run: _Run
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Each named linear's Hessian on the target batches and, for anchored compensation, on
+    the original-task ones (empty otherwise), from the same model."""
+    target = collect_hessians(model, names, calib, should_stop=run.should_stop)
+    if not run.settings.anchored:
+        return target, {}
+    return target, collect_hessians(model, names, run.anchor, should_stop=run.should_stop)
 
 
 def _needs_every_score(s: Settings) -> bool:
@@ -217,7 +235,7 @@ def _tailor(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch], 
     # the tensors outside the selected linears go as in a data-free merge of model k
     patch = _routed(pair, _others(pair, linears), [], run, [k])
     sequential = s.hessians == "sequential" and not _needs_every_score(s)
-    cache = pair.cache.setdefault(_cache_key(s, k, calib, sequential), {})
+    cache = pair.cache.setdefault(_cache_key(s, k, calib, run.anchor, sequential), {})
     hits = sum(n in cache for n in linears)
     run.score_cache["hits"] += hits
     run.score_cache["misses"] += len(linears) - hits
@@ -267,10 +285,11 @@ def _tailor_one_pass(pair: Pair, k: int, linears: Sequence[str], calib: Sequence
     s = run.settings
     missing = [n for n in linears if n not in cache]
     hessians: dict[str, torch.Tensor] = {}
+    anchors: dict[str, torch.Tensor] = {}
     if missing:
         run.progress("collecting Hessians (one pass)", 0, 1)
         with run.timed("calibration"), finetuned_model(pair, k) as model:
-            hessians = collect_hessians(model, missing, calib, should_stop=run.should_stop)
+            hessians, anchors = _hessians(model, missing, calib, run)
     ranked = _needs_every_score(s)
     out = {}
     for i, name in enumerate(linears):
@@ -278,7 +297,7 @@ def _tailor_one_pass(pair: Pair, k: int, linears: Sequence[str], calib: Sequence
         run.progress(f"tailoring {name}", i, len(linears))
         w_pre, [w_ft] = _values(pair, f"{name}.weight", [k])
         if name in hessians:
-            cache[name] = _score(w_pre, w_ft, hessians.pop(name), run)
+            cache[name] = _score(w_pre, w_ft, hessians.pop(name), anchors.pop(name, None), run)
         if not ranked:
             out[f"{name}.weight"] = _tailor_tensor(w_pre, w_ft, cache[name], run)
     if ranked:
@@ -330,11 +349,11 @@ def _tailor_sequential(pair: Pair, k: int, linears: Sequence[str], calib: Sequen
                 run.progress(f"collecting Hessians, block {g + 1}/{len(groups)}", g, len(groups))
                 fine = {f"{n}.weight": tuned[n][1][0] for n in todo}
                 with run.timed("calibration"), _holding(base, list(fine), fine.__getitem__):
-                    hessians = collect_hessians(base, todo, calib, should_stop=run.should_stop)
+                    hessians, anchors = _hessians(base, todo, calib, run)
                 del fine
                 for n in todo:
-                    cache[n] = _score(tuned[n][0], tuned[n][1][0], hessians.pop(n), run)
-                del hessians
+                    cache[n] = _score(tuned[n][0], tuned[n][1][0], hessians.pop(n), anchors.pop(n, None), run)
+                del hessians, anchors
             run.progress(f"tailoring block {g + 1}/{len(groups)}", g, len(groups))
             done = {f"{n}.weight": _tailor_tensor(tuned[n][0], tuned[n][1][0], cache[n], run)
                     for n in group}
@@ -348,19 +367,22 @@ def _tailor_sequential(pair: Pair, k: int, linears: Sequence[str], calib: Sequen
 class _Scored:
     """One linear's cache entry: the factor of its damped H⁻¹ and its scores, all on the
     CPU (the cache outlives the run; a GPU keeps room for the model); with exact
-    compensation also its Hessian."""
+    compensation also its Hessian, and with anchored compensation the original-task one."""
 
     factor: torch.Tensor
     scores: TensorScores
     hessian: torch.Tensor | None = None
+    anchor_hessian: torch.Tensor | None = None
 
 
-def _score(w_pre: torch.Tensor, w_ft: torch.Tensor, hessian: torch.Tensor, run: _Run) -> _Scored:
+def _score(w_pre: torch.Tensor, w_ft: torch.Tensor, hessian: torch.Tensor,
+           anchor_hessian: torch.Tensor | None, run: _Run) -> _Scored:
     s = run.settings
     with run.timed("scores"):
         factor = inverse_hessian_factor(hessian.to(w_pre.device), s.damp)
         scores = tensor_scores(w_pre, w_ft, factor, s.sensitivity, s.block_size)
-        return _Scored(factor.cpu(), scores.to("cpu"), hessian.cpu() if _holds_hessians(s) else None)
+        return _Scored(factor.cpu(), scores.to("cpu"), hessian.cpu() if _holds_hessians(s) else None,
+                       anchor_hessian.cpu() if anchor_hessian is not None else None)
 
 
 def _tailor_tensor(w_pre: torch.Tensor, w_ft: torch.Tensor, cached: _Scored, run: _Run, *,
@@ -386,6 +408,11 @@ def _tailor_tensor(w_pre: torch.Tensor, w_ft: torch.Tensor, cached: _Scored, run
         elif s.compensation == "exact":
             new, info = compensate_exact(w_pre, w_ft, mask, cached.hessian.to(device), s.damp,
                                          block_size=s.block_size)
+            run.fallbacks += info.method != "exact"
+        elif s.compensation == "anchored":
+            new, info = compensate_anchored(w_pre, w_ft, mask, cached.hessian.to(device),
+                                            cached.anchor_hessian.to(device), s.anchor_weight, s.damp,
+                                            block_size=s.block_size)
             run.fallbacks += info.method != "exact"
         else:
             new = compensate(w_pre, w_ft, mask, factor, s.sign, s.block_size)

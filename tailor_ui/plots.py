@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Mapping
 
 import pandas as pd
@@ -25,6 +26,7 @@ from tailor_ui.methods import REGISTRY
 from tailor_ui.names import component, layer_index, module_kind
 
 HEIGHT = 380
+LINE_DASHES = {"exact": "dash", "anchored": "dashdot"}  # Model Tailor's curves by compensation form
 COLOURS = {"tailor": "#d62728", "magnitude": "#1f77b4", "wise_ft": "#2ca02c",
            "task_arithmetic": "#9467bd", "ties": "#ff7f0e", "dare": "#8c564b",
            "base": "#444444", "finetuned": "#17becf", "majority": "#b0b0b0",
@@ -175,8 +177,23 @@ def _pareto(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
 
 
 def _series(table: pd.DataFrame) -> pd.Series:
-    """A line per method and fixed settings: the setting label without the swept knob."""
-    return table["setting"].str.replace(r" (?:keep|lam|drop)=\S+", "", regex=True)
+    """A line per method and fixed settings: the setting label without the swept knob, Model
+    Tailor's named by its compensation ("(paper)": SparseGPT's greedy loop)."""
+    names = table["setting"].str.replace(r" (?:keep|lam|drop)=\S+", "", regex=True)
+    tailor = table["method"] == "tailor"
+    names[tailor] = names[tailor].map(_tailor_series)
+    return names
+
+
+def _dash(series: str) -> str:
+    return next((d for form, d in LINE_DASHES.items() if f"+ {form} compensation" in series), "solid")
+
+
+def _tailor_series(name: str) -> str:
+    form = re.search(r" compensation=(\w+)", name)
+    if form is None or form.group(1) == "greedy":
+        return name.replace(" compensation=greedy", "").replace("Model Tailor", "Model Tailor (paper)", 1)
+    return name.replace(form.group(0), "").replace("Model Tailor", f"Model Tailor + {form.group(1)} compensation", 1)
 
 
 def tradeoff(table: pd.DataFrame | None) -> go.Figure:
@@ -203,7 +220,7 @@ def tradeoff(table: pd.DataFrame | None) -> go.Figure:
             name=method_label(method) if reference else series, text=group["setting"],
             marker={"size": 16 if reference else 9, "color": COLOURS.get(method),
                     "symbol": "star" if reference else "circle"},
-            line={"dash": "dash" if "compensation=exact" in series else "solid"},
+            line={"dash": _dash(series)},
             hovertemplate="%{text}<br>original retention %{x:.3f}<br>target gain %{y:.3f}<extra></extra>"))
     fig.update_layout(title=title, height=HEIGHT,
                       xaxis={"title": "original retention (mean over sets of score / base)"},
@@ -220,12 +237,13 @@ def scores_vs_keep(table: pd.DataFrame | None) -> go.Figure:
                         horizontal_spacing=0.12, figure=_figure())
     merged = table[(table["kind"] == "merged") & table["keep"].notna()] if "kind" in table else table
     for col, score in enumerate(("original", "target"), start=1):
-        for method, group in merged.groupby("method", sort=False):
+        for (method, series), group in merged.groupby([merged["method"], _series(merged)], sort=False):
             group = group.sort_values("keep")
+            name = series if method == "tailor" else method_label(method)
             fig.add_trace(go.Scatter(
-                x=group["keep"], y=group[score], mode="lines+markers", name=method_label(method),
-                legendgroup=method, showlegend=col == 1, text=group["setting"],
-                marker={"color": COLOURS.get(method)}, line={"color": COLOURS.get(method)},
+                x=group["keep"], y=group[score], mode="lines+markers", name=name,
+                legendgroup=name, showlegend=col == 1, text=group["setting"],
+                marker={"color": COLOURS.get(method)}, line={"color": COLOURS.get(method), "dash": _dash(series)},
                 hovertemplate="%{text}<br>keep %{x:.3g}<br>score %{y:.3f}<extra></extra>"),
                 row=1, col=col)
         # reference lines after the traces: plotly leaves empty subplots without them

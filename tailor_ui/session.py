@@ -68,6 +68,7 @@ class PairHandle:
     summary: pd.DataFrame
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     calibration: tuple[Example, ...] = ()  # the built-in calibration set, if any
+    anchor: tuple[Example, ...] = ()  # built-in original-task calibration set (anchored compensation)
     eval_sets: tuple[EvalSpec, ...] = ()  # built-in evaluation sets, if any
     examples: tuple[tuple[str, str], ...] = ()  # (image path, question) for Compare
     # quick-check scores of base / fine-tuned models by set key (service.tailor.set_key),

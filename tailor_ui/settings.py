@@ -15,7 +15,7 @@ from tailor_ui.methods import REGISTRY
 
 Others = Literal["finetuned", "base", "linear"]
 HessianMode = Literal["sequential", "one-pass"]
-Compensation = Literal["exact", "greedy"]
+Compensation = Literal["exact", "greedy", "anchored"]
 Order = Literal["mask-first", "sparsegpt"]
 Budget = Literal["uniform", "per-layer"]
 
@@ -23,7 +23,7 @@ Budget = Literal["uniform", "per-layer"]
 _CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
     "scope": ("scope", SCOPES),
     "sign": ("compensation sign", ("obs", "released")),
-    "compensation": ("compensation form", ("exact", "greedy")),
+    "compensation": ("compensation form", ("exact", "greedy", "anchored")),
     "order": ("mask order", ("mask-first", "sparsegpt")),
     "budget": ("patch budget", ("uniform", "per-layer")),
     "sensitivity": ("sensitivity form", ("change", "weight")),
@@ -48,7 +48,11 @@ class Settings:
     gamma: fraction of the largest |τ| that Model Breadcrumbs removes (mergekit's gamma).
     epsilon: width of DELLA's window of keep probabilities around keep (mergekit's epsilon).
     compensation (tailor): "exact", each row's kept entries solved by least squares given
-      the mask (`methods.exact`), or "greedy", SparseGPT's column loop (the paper's form).
+      the mask (`methods.exact`), "greedy", SparseGPT's column loop (the paper's form), or
+      "anchored", exact compensation that also holds the base's outputs on original-task
+      calibration inputs (needs them: `run_method(anchor=…)`).
+    anchor_weight (tailor, anchored): μ, the weight of the original-task term against the
+      target term (each a mean over its tokens).
     order (tailor, greedy): "sparsegpt" chooses each 128-column block's mask after the
       earlier blocks were compensated; "mask-first" chooses the whole mask first (paper).
     budget (tailor): "per-layer" shares the patch out by each layer's share of the raw
@@ -62,6 +66,7 @@ class Settings:
     scope: Scope = "block"
     compensate: bool = True
     compensation: Compensation = "greedy"
+    anchor_weight: float = 0.3
     order: Order = "mask-first"
     budget: Budget = "uniform"
     sign: Sign = "obs"
@@ -94,6 +99,8 @@ class Settings:
         if self.budget == "per-layer" and self.scope == "global":
             problems.append("a per-layer budget shares the patch between layers; the global scope "
                             "already ranks the whole model")
+        if not 0.0 < self.anchor_weight <= 1000.0:
+            problems.append(f"anchor weight must be above 0 and at most 1000, got {self.anchor_weight}")
         if not 0.0 <= self.damp <= 10.0:
             problems.append(f"damping must be between 0 and 10, got {self.damp}")
         if self.block_size < 1:
@@ -111,6 +118,11 @@ class Settings:
             problems += REGISTRY[self.method].problems(self)
         if problems:
             raise UserError("; ".join(problems))
+
+    @property
+    def anchored(self) -> bool:
+        """Anchored compensation: the merge needs original-task calibration data."""
+        return REGISTRY[self.method].needs_calibration and self.compensate and self.compensation == "anchored"
 
     @property
     def effective_lambda(self) -> float:

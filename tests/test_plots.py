@@ -91,8 +91,8 @@ def test_tradeoff_has_a_trace_per_method_and_the_frontier():
     names = [t.name for t in fig.data]
     assert names[0] == "frontier"
     # one line per method and fixed settings, named by the setting label without the swept knob
-    assert set(names[1:]) == {"Pre-trained", "Fine-tuned", "Model Tailor", "Magnitude", "WiSE-FT"}
-    tailor = next(t for t in fig.data if t.name == "Model Tailor")
+    assert set(names[1:]) == {"Pre-trained", "Fine-tuned", "Model Tailor (paper)", "Magnitude", "WiSE-FT"}
+    tailor = next(t for t in fig.data if t.name == "Model Tailor (paper)")
     assert list(tailor.x) == [0.975, 0.95]  # ordered by keep; retention, not raw score
     assert list(tailor.y) == pytest.approx([0.875, 0.975])
     frontier = fig.data[0]
@@ -101,10 +101,23 @@ def test_tradeoff_has_a_trace_per_method_and_the_frontier():
     fig.to_json()
 
 
+def test_each_compensation_form_of_model_tailor_is_its_own_named_curve():
+    table = sweep_table()
+    extra = table[table["method"] == "tailor"].copy()
+    anchored, exact = extra.copy(), extra.copy()
+    anchored["setting"] = anchored["setting"] + " alpha=0.8 compensation=anchored anchor_weight=1.0"
+    exact["setting"] = exact["setting"] + " alpha=0.8 compensation=exact"
+    fig = plots.tradeoff(pd.concat([table, anchored, exact], ignore_index=True))
+    lines = {t.name: t.line.dash for t in fig.data if t.mode == "lines+markers"}
+    assert lines == {"Model Tailor (paper)": "solid", "Magnitude": "solid", "WiSE-FT": "solid",
+                     "Model Tailor + anchored compensation alpha=0.8 anchor_weight=1.0": "dashdot",
+                     "Model Tailor + exact compensation alpha=0.8": "dash"}
+
+
 def test_scores_vs_keep_and_retention():
     table = sweep_table()
     fig = plots.scores_vs_keep(table)
-    traces = [t for t in fig.data if t.name == "Model Tailor"]
+    traces = [t for t in fig.data if t.name == "Model Tailor (paper)"]
     assert len(traces) == 2  # original and target panels
     assert list(traces[0].x) == [0.05, 0.1] and list(traces[1].y) == [0.7, 0.78]
     assert not any(t.name == "WiSE-FT" for t in fig.data)  # no keep knob
@@ -143,7 +156,7 @@ def test_tradeoff_without_a_target_gain_plots_target_retention():
     table = sweep_table()
     table["target_gain"] = np.nan
     fig = plots.tradeoff(table)
-    tailor = next(t for t in fig.data if t.name == "Model Tailor")
+    tailor = next(t for t in fig.data if t.name == "Model Tailor (paper)")
     assert list(tailor.y) == pytest.approx([0.875, 0.975])  # target / 0.8, the fine-tuned score
     assert "no gain to keep" in fig.layout.yaxis.title.text
     empty = plots.tradeoff(table[table["kind"] != "merged"])  # references only: no front

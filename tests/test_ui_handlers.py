@@ -351,15 +351,18 @@ def test_sweep_job_figures_and_csv(app):
     assert all(isinstance(f, go.Figure) and f.data for f in (tradeoff, by_keep, retention, heatmap))
     names = {t.name for t in tradeoff.data}
     assert {"Magnitude patch", "Pre-trained", "Majority answer"} <= names
-    assert any(n.startswith("Model Tailor alpha=0.8") for n in names)
+    # the demo has an original-task calibration set: the paper's loop and anchored compensation
+    assert {"Model Tailor (paper) alpha=0.8", "Model Tailor + anchored compensation alpha=0.8"} <= names
     assert isinstance(heatmap.data[0], go.Heatmap)
-    assert len(table) == 3 + 4  # base, fine-tuned, majority answer, 4 merges
+    assert len(table) == 3 + 6  # base, fine-tuned, majority answer, 6 merges
     saved = pd.read_csv(csv)
-    assert list(saved["method"]) == ["base", "finetuned", "majority", "tailor", "tailor", "magnitude",
+    assert list(saved["method"]) == ["base", "finetuned", "majority", *["tailor"] * 4, "magnitude",
                                      "magnitude"]
+    assert list(saved["setting"])[3:5] == ["Model Tailor keep=0.05 alpha=0.8", "Model Tailor keep=0.2 alpha=0.8"]
+    assert all(s.endswith("compensation=anchored") for s in list(saved["setting"])[5:7])
     assert {"original_retention", "target_retention", "h_score"} <= set(saved.columns)
     shown, path = app.forgetting.result(job_id, request=request)
-    assert path == csv and len(shown) == 7
+    assert path == csv and len(shown) == 9
     assert app.forgetting.poll(session) == [gr.skip()] * 7  # nothing new to send
     with pytest.raises(gr.Error, match="is not a number"):
         app.forgetting.run(["tailor"], "0.1, x", "0.5", 0.8, 4, request=request)
@@ -559,3 +562,23 @@ def test_cancel_buttons_stop_the_given_or_latest_unfinished_job(app, studio, tab
         assert f'data-job="{job.id}"' in finished and 'data-status="cancelled"' in finished
     else:
         assert "Nothing to cancel." in finished
+
+
+def test_anchored_compensation_runs_on_the_demo_and_is_refused_without_an_anchor_set(app):
+    """The demo pair ships its original skills' calibration set; a pair without one gets
+    exact or greedy compensation, and a clear refusal when it asks for anchored."""
+    import dataclasses
+
+    from tailor_ui.service import tailor as tailor_service
+
+    request = new_request()
+    job = run_tailor(app, request, compensation="anchored")
+    assert job.result.report["settings"]["compensation"] == "anchored"
+    assert job.result.report["exact_fallbacks"] == 0
+    demo = app.studio.demo
+    assert len(demo.anchor) == 128 and tailor_service.default_compensation(demo) == "anchored"
+    bare = dataclasses.replace(demo, anchor=())
+    assert tailor_service.default_compensation(bare) == "greedy"
+    with pytest.raises(UserError, match="has none built in"):
+        tailor_service.anchor_examples(bare, True)
+    assert tailor_service.anchor_examples(bare, False) == []

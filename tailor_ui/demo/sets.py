@@ -20,6 +20,8 @@ DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo"
 # the demo's evaluation files: name -> (metric family, role); the target set is the story's
 DEMO_SETS = {"caption": ("caption", "original"), "vqa": ("vqa", "original"),
              "target": ("vqa", "target")}
+# the original skills' calibration set (anchored compensation), beside the evaluation files
+ORIGINAL_CALIB = "original_calib"
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,12 @@ def story_pair(demo_dir: Path | None, story: str = DEFAULT_STORY, device: str = 
 
 def demo_calibration(demo_dir: Path, story: str = DEFAULT_STORY) -> tuple[Example, ...]:
     path = story_dir(demo_dir, story) / "target_calib.jsonl"
+    return tuple(read_examples(path, check_images=False)) if path.is_file() else ()
+
+
+def demo_anchor(demo_dir: Path) -> tuple[Example, ...]:
+    """The original skills' calibration examples (empty where the demo predates them)."""
+    path = Path(demo_dir) / f"{ORIGINAL_CALIB}.jsonl"
     return tuple(read_examples(path, check_images=False)) if path.is_file() else ()
 
 

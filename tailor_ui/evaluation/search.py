@@ -153,12 +153,15 @@ def find_settings(pair: Pair, calibration: Sequence[Example], original: Sequence
                   keeps: Sequence[float] = (0.02, 0.05, 0.1), alphas: Sequence[float] = (0.5, 0.8, 1.0),
                   options: Mapping[str, Sequence[str]] = DEFAULT_OPTIONS, holdout: float = 0.25,
                   seed: int = 0, limit: int | None = None, batch_size: int = 16, calib_batch: int = 8,
-                  progress: Progress | None = None, should_stop: StopCheck | None = None
-                  ) -> SearchResult:
+                  anchor: Sequence[Example] = (), progress: Progress | None = None,
+                  should_stop: StopCheck | None = None) -> SearchResult:
     """Score every candidate on the original sets (their first `limit` examples each) and on
-    the held-out split of `calibration`, which also calibrates Model Tailor (the rest)."""
+    the held-out split of `calibration`, which also calibrates Model Tailor (the rest);
+    `anchor` holds the original-task calibration examples anchored compensation needs."""
     if not original:
         raise UserError("finding settings needs at least one original-task evaluation set")
+    if "anchored" in options.get("compensation", ()) and not anchor:
+        raise UserError("anchored compensation needs original-task calibration data (an anchor set)")
     if len(pair.finetuned) != 1:
         raise UserError(f"finding settings works on a pair with one fine-tuned model, not "
                         f"{len(pair.finetuned)}")
@@ -174,8 +177,9 @@ def find_settings(pair: Pair, calibration: Sequence[Example], original: Sequence
         _check_gain(base, evaluate(tuned, pair.processor, held, target.task,
                                    batch_size=batch_size).score)  # refused before the long part
     batches = calibration_batches(pair.processor, fit, calib_batch)
-    table = sweep(pair, grid, sets, [target], [batches], batch_size=batch_size, progress=progress,
-                  should_stop=should_stop)
+    anchor_batches = calibration_batches(pair.processor, anchor, calib_batch) if anchor else None
+    table = sweep(pair, grid, sets, [target], [batches], anchor=anchor_batches, batch_size=batch_size,
+                  progress=progress, should_stop=should_stop)
     _check_retention(table)
     table = rank(table)
     used = {s.name: f"first {len(s.examples)} of {len(o.examples)}" for s, o in zip(sets, original)}

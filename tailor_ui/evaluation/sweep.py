@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import pandas as pd
@@ -144,13 +144,14 @@ def _check_sets(pair: Pair, original: Sequence[EvalSet], target: Sequence[EvalSe
 
 def sweep(pair: Pair, settings: Sequence[Settings], original: Sequence[EvalSet],
           target: Sequence[EvalSet], calibration: Sequence[Sequence[Batch]] | None = None, *,
-          batch_size: int = 16, progress: Progress | None = None,
+          anchor: Sequence[Batch] | None = None, batch_size: int = 16, progress: Progress | None = None,
           should_stop: StopCheck | None = None) -> pd.DataFrame:
     """Evaluate the base, each fine-tuned model and each setting's merge on every set.
 
     `target[k]` is the task fine-tuned model k learnt (a single fine-tuned model: every
     target set is its); `calibration[k]` its calibration
-    batches (needed by Model Tailor). Settings that share Hessians and scores reuse them
+    batches (needed by Model Tailor); `anchor` the original-task calibration batches
+    (anchored compensation). Settings that share Hessians and scores reuse them
     through the pair's cache (with one-pass Hessians, a sweep over keep and alpha computes
     them once). The pair's models are left exactly as they came.
     """
@@ -177,7 +178,7 @@ def sweep(pair: Pair, settings: Sequence[Settings], original: Sequence[EvalSet],
 
     for j, s in enumerate(settings):
         label = setting_label(s)
-        result = run_method(pair, s, calibration, should_stop=stop,
+        result = run_method(pair, s, calibration, anchor=anchor, should_stop=stop,
                             progress=_prefixed(report, f"[{j + 1}/{len(settings)}] {label}: "))
         with applied(pair.base, result.patch) as model:
             scores = run_eval(model, label)
@@ -290,8 +291,12 @@ def sweep_grid(methods: Sequence[str], values: Mapping[str, Sequence[float]], *,
             raise UserError(f"{name} needs at least one {_KNOB_NAMES.get(empty[0], empty[0])} value")
         for fixed in itertools.product(*extra.values()):
             for combo in itertools.product(*(values[k] for k in method.sweep)):
-                grid.append(Settings(method=name, **dict(zip(extra, fixed)),
-                                     **{k: float(v) for k, v in zip(method.sweep, combo)}))
+                s = Settings(method=name, **dict(zip(extra, fixed)),
+                             **{k: float(v) for k, v in zip(method.sweep, combo)})
+                if not s.anchored:  # μ means nothing to the other forms: one setting, not one per μ
+                    s = replace(s, anchor_weight=Settings.anchor_weight)
+                if s not in grid:
+                    grid.append(s)
     if limit is not None and len(grid) > limit:
         raise UserError(f"{len(grid)} settings is too many for one sweep (at most {limit})")
     return grid

@@ -15,6 +15,17 @@ reverted entry; this solves for all kept entries at once, so it is never worse o
 Each row takes the smaller of the two systems; rows of similar size are solved together
 in one batched Cholesky call on systems padded with the identity, in chunks whose
 estimated memory stays under a budget.
+
+Anchored compensation. Reproducing the fine-tuned layer on target inputs also brings the
+fine-tuned change back on original-task inputs wherever the two share directions, and
+that change is the forgetting (README, "Why compensation costs original skill"). With
+H_o the Hessian of original-task inputs and a weight μ, the anchored objective
+
+    (w − w_ft) H (w − w_ft)ᵀ + μ (w − w_pre) H_o (w − w_pre)ᵀ
+
+equals (w − c) A (w − c)ᵀ up to a constant, with A = H + μ H_o and c = w_pre + Δ H A⁻¹
+(Δ = w_ft − w_pre, per row). So it is exact compensation towards c under A
+(`anchored_problem`); μ → 0 is plain exact compensation.
 """
 
 from __future__ import annotations
@@ -91,6 +102,31 @@ def compensate_exact(w_pre: torch.Tensor, w_ft: torch.Tensor, keep: torch.Tensor
             out[chunk] += _chunk_correction(pre[chunk], ft[chunk], keep[chunk], matrices, size, use_kept)
     out = torch.where(keep, out, pre)  # reverted entries exactly W_pre, whatever the rounding
     return out, CompensationInfo("exact", chunks, peak)
+
+
+def anchored_problem(w_pre: torch.Tensor, w_ft: torch.Tensor, hessian: torch.Tensor,
+                     anchor_hessian: torch.Tensor, weight: float, damp: float = 0.01
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, A) of the anchored objective (module docstring), with the target Hessian damped
+    as exact compensation damps it (so a vanishing μ gives exact compensation back): A is
+    positive definite and needs no more damping. c is solved in float64."""
+    damped = damped_hessian(hessian, damp)
+    combined = damped + weight * anchor_hessian.to(hessian.device).double()
+    lower = torch.linalg.cholesky(combined)
+    delta = (w_ft.double() - w_pre.double()).to(hessian.device)
+    # rows of Δ H A⁻¹: solve A xᵀ = H Δᵀ (A and H symmetric)
+    shift = torch.cholesky_solve(damped @ delta.T, lower).T
+    return (w_pre.double().to(hessian.device) + shift).to(w_ft.dtype), combined.to(hessian.dtype)
+
+
+def compensate_anchored(w_pre: torch.Tensor, w_ft: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor,
+                        anchor_hessian: torch.Tensor, weight: float, damp: float = 0.01,
+                        max_bytes: int = DEFAULT_SOLVE_BYTES, dtype: torch.dtype = torch.float32,
+                        block_size: int = 128) -> tuple[torch.Tensor, CompensationInfo]:
+    """Exact compensation that also holds the base's outputs on original-task inputs
+    (`anchor_hessian`, weighted by `weight`): `compensate_exact` towards `anchored_problem`."""
+    target, combined = anchored_problem(w_pre, w_ft, hessian, anchor_hessian, weight, damp)
+    return compensate_exact(w_pre, target, keep, combined, 0.0, max_bytes, dtype, block_size)
 
 
 def _chunks(rows: torch.Tensor, sizes: torch.Tensor, cols: int, max_bytes: int,

@@ -55,8 +55,8 @@ def load_handle(base: str, finetuned: str, lane: str, progress: Progress,
 
 def load_demo_handle(demo_dir: Path | None, device: str, lane: str, story: str = "spatial") -> PairHandle:
     """A demo story's pair with its calibration and evaluation sets, ready to share."""
-    from tailor_ui.demo.sets import (DEMO_SETS, STORIES, demo_calibration, demo_sets, example_rows,
-                                     story_pair)
+    from tailor_ui.demo.sets import (DEMO_SETS, STORIES, demo_anchor, demo_calibration, demo_sets,
+                                     example_rows, story_pair)
     from tailor_ui.pair import summarize
 
     pair = story_pair(demo_dir, story, device)
@@ -64,7 +64,7 @@ def load_demo_handle(demo_dir: Path | None, device: str, lane: str, story: str =
     return PairHandle(pair=pair, label=f"built-in demo pair: {STORIES[story].title} (shapes world, "
                                        "mini-LLaVA)", shared=True,
                       lane=lane, summary=summarize(pair.base, pair.finetuned[0]),
-                      calibration=demo_calibration(demo_dir, story),
+                      calibration=demo_calibration(demo_dir, story), anchor=demo_anchor(demo_dir),
                       eval_sets=tuple(EvalSpec(name=s.name, task=s.task, examples=tuple(s.examples),
                                                role=DEMO_SETS[s.name][1]) for s in sets),
                       examples=tuple(example_rows(sets)))

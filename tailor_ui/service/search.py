@@ -29,6 +29,7 @@ class SearchPlan:
     examples: list[Example]
     holdout: float
     candidates: int
+    anchor: list[Example]  # original-task calibration examples (anchored compensation)
 
     @property
     def label(self) -> str:
@@ -46,7 +47,7 @@ def original_sets(sets: Sequence[EvalSpec]) -> list:
 
 def search_plan(sets: Sequence[EvalSpec], keeps: Sequence[float], alphas: Sequence[float],
                 options: Mapping[str, Sequence[str]], limit: int, examples: list[Example],
-                holdout: float, max_candidates: int) -> SearchPlan:
+                holdout: float, max_candidates: int, anchor: list[Example] | None = None) -> SearchPlan:
     """The plan, checked now so that a bad request is refused before it is queued."""
     from tailor_ui.evaluation.search import candidate_grid, split_examples
 
@@ -57,7 +58,7 @@ def search_plan(sets: Sequence[EvalSpec], keeps: Sequence[float], alphas: Sequen
     if len(grid) > max_candidates:
         raise UserError(f"{len(grid)} candidates is too many for one search (at most {max_candidates})")
     split_examples(examples, holdout)
-    return SearchPlan(keeps, alphas, options, original, limit, examples, holdout, len(grid))
+    return SearchPlan(keeps, alphas, options, original, limit, examples, holdout, len(grid), list(anchor or []))
 
 
 def search_run(handle: PairHandle, plan: SearchPlan, session: Session, calib_batch: int,
@@ -71,7 +72,7 @@ def search_run(handle: PairHandle, plan: SearchPlan, session: Session, calib_bat
         result = find_settings(handle.pair, plan.examples, plan.original, keeps=plan.keeps,
                                alphas=plan.alphas, options=plan.options, holdout=plan.holdout,
                                limit=plan.limit, batch_size=plan.limit, calib_batch=calib_batch,
-                               progress=progress, should_stop=should_stop)
+                               anchor=plan.anchor, progress=progress, should_stop=should_stop)
     csv_file = session.new_dir(f"search-{int(time.time() * 1000)}") / "candidates.csv"
     with atomic_path(csv_file) as tmp:
         result.table.to_csv(tmp, index=False)

@@ -255,6 +255,7 @@ class Studio:
         if REGISTRY[settings.method].needs_calibration:
             examples, source = self._calibration_examples(session, handle, calib_source,
                                                           calib_files, calib_examples)
+        tailor.anchor_examples(handle, settings.anchored)  # refused now, not in the job
         if supersede:
             for old in self.runner.active(session.id, "tailor"):
                 self.runner.cancel(old.id, session.id)
@@ -383,16 +384,20 @@ class Studio:
                      lams: Sequence[float], *, alpha: float = 0.8, examples: int = 24,
                      hessians: str = "one-pass", calib_examples: int | None = None,
                      scope: str = "block", compensate: bool = True, calib_source: str = "builtin",
-                     calib_files: Sequence[str] | None = None) -> Job:
+                     calib_files: Sequence[str] | None = None,
+                     compensations: Sequence[str] | None = None) -> Job:
         """Queue a sweep on the pair's evaluation sets (built-in and the visitor's); Model
-        Tailor calibrates on the pair's built-in set or on uploaded files."""
+        Tailor calibrates on the pair's built-in set or on uploaded files, and is swept over
+        `compensations` (default: `tailor.sweep_compensations` of the pair)."""
         from tailor_ui.evaluation.sweep import sweep_grid
         from tailor_ui.methods import REGISTRY
 
         handle = self.handle_for(session)
         grid = sweep_grid(methods, {"keep": keeps, "lam": lams, "alpha": [alpha]},
-                          calibrated={"hessians": [hessians], "scope": [scope], "compensate": [compensate]},
+                          calibrated={"hessians": [hessians], "scope": [scope], "compensate": [compensate],
+                                      "compensation": list(compensations or tailor.sweep_compensations(handle))},
                           limit=sweep_.MAX_SWEEP_SETTINGS)
+        anchor = tailor.anchor_examples(handle, any(s.anchored for s in grid))
         original, target = sweep_.eval_sets(evalsets_.pair_sets(session, handle), int(examples))
         self.sync(session, "finetune")
         trained = [(t.method, name, model) for t in session.trained_for(handle)
@@ -401,7 +406,7 @@ class Studio:
         if any(REGISTRY[s.method].needs_calibration for s in grid):
             calibration = self._calibration_examples(session, handle, calib_source, calib_files,
                                                      calib_examples)
-        plan = sweep_.SweepPlan(grid, original, target, int(examples), trained, calibration)
+        plan = sweep_.SweepPlan(grid, original, target, int(examples), trained, calibration, anchor)
 
         def job(progress, should_stop):
             return sweep_.sweep_run(handle, plan, session,
@@ -423,8 +428,9 @@ class Studio:
         search_.original_sets(sets)  # refused before an upload is unpacked
         calibration, _ = self._calibration_examples(session, handle, calib_source, calib_files,
                                                     calib_examples)
+        anchor = tailor.anchor_examples(handle, "anchored" in options.get("compensation", ()))
         plan = search_.search_plan(sets, keeps, alphas, options, int(examples), calibration,
-                                   float(holdout), sweep_.MAX_SWEEP_SETTINGS)
+                                   float(holdout), sweep_.MAX_SWEEP_SETTINGS, anchor)
 
         def job(progress, should_stop):
             return search_.search_run(handle, plan, session, self.config.calib_batch, progress,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -33,6 +33,7 @@ class SweepPlan:
     n: int
     trained: list[tuple[str, str, object]]  # (method, label, model)
     calibration: tuple[list, str] | None  # (examples, source) when a setting needs them
+    anchor: list = field(default_factory=list)  # original-task calibration examples, where needed
 
     @property
     def label(self) -> str:
@@ -65,11 +66,12 @@ def sweep_run(handle: PairHandle, plan: SweepPlan, session: Session, batches,
         calibration = None
         if plan.calibration is not None:
             calibration = [batches(*plan.calibration)] * len(handle.pair.finetuned)
-        table = sweep(handle.pair, plan.grid, plan.original, plan.target, calibration,
+        anchor = batches(plan.anchor, "anchor")
+        table = sweep(handle.pair, plan.grid, plan.original, plan.target, calibration, anchor=anchor,
                       batch_size=plan.n, progress=progress, should_stop=should_stop)
         if plan.trained:
             table = trained_rows(handle, table, plan, progress, should_stop)
-        report, shown_label = heatmap_report(handle, plan.grid, calibration, progress, should_stop)
+        report, shown_label = heatmap_report(handle, plan.grid, calibration, anchor, progress, should_stop)
     folder = session.new_dir(f"sweep-{int(time.time() * 1000)}")
     csv_file = folder / "forgetting.csv"
     with atomic_path(csv_file) as tmp:
@@ -78,7 +80,7 @@ def sweep_run(handle: PairHandle, plan: SweepPlan, session: Session, batches,
                     heatmap_label=shown_label, seconds=time.perf_counter() - start)
 
 
-def heatmap_report(handle: PairHandle, grid: Sequence, calibration, progress: Progress,
+def heatmap_report(handle: PairHandle, grid: Sequence, calibration, anchor, progress: Progress,
                    should_stop: StopCheck) -> tuple[dict | None, str]:
     """The report of the setting whose patch the dashboard maps (Model Tailor's first, else
     a patch-size baseline's), cut to the linear layers; (None, "") when there is none."""
@@ -90,7 +92,7 @@ def heatmap_report(handle: PairHandle, grid: Sequence, calibration, progress: Pr
     if shown is None:
         return None, ""
     progress("mapping where the patch lives", 0, 1)
-    report = run_method(handle.pair, shown, calibration, should_stop=should_stop).report
+    report = run_method(handle.pair, shown, calibration, anchor=anchor, should_stop=should_stop).report
     linear = set(handle.summary.loc[handle.summary["linear"], "name"])
     report = {**report, "tensors": {n: t for n, t in report["tensors"].items() if n in linear}}
     return report, settings_label(shown)

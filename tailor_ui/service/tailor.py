@@ -48,6 +48,34 @@ def calibration_examples(session: Session, handle: PairHandle, source: str,
     return list(handle.calibration[:n]), "builtin"
 
 
+def default_compensation(handle: PairHandle) -> str:
+    """Model Tailor's compensation where the user did not choose: anchored where the pair has
+    original-task calibration data (the measured best, README), else the paper's loop."""
+    from tailor_ui.settings import Settings
+
+    return "anchored" if handle.anchor else Settings.compensation
+
+
+def sweep_compensations(handle: PairHandle) -> list[str]:
+    """The compensation forms a sweep draws where the user did not choose: the paper's loop,
+    and beside it anchored compensation where the pair has original-task calibration data."""
+    from tailor_ui.settings import Settings
+
+    return list(dict.fromkeys([Settings.compensation, default_compensation(handle)]))
+
+
+def anchor_examples(handle: PairHandle, needed: bool) -> list[Example]:
+    """The pair's built-in original-task calibration set where anchored compensation needs
+    it (empty where nothing does); refused when the pair has none."""
+    if not needed:
+        return []
+    if not handle.anchor:
+        raise UserError("anchored compensation needs original-task calibration data and this pair "
+                        "has none built in: choose exact or greedy compensation (the command line "
+                        "takes your own set: tailor --anchor FILE.jsonl)")
+    return list(handle.anchor)
+
+
 def batches(handle: PairHandle, examples: list[Example], source: str, batch_size: int) -> list:
     """The calibration batches, built once per pair, source and size."""
     from tailor_ui.calibration import calibration_batches
@@ -109,7 +137,9 @@ def merge(handle: PairHandle, settings, examples: list[Example], source: str, ba
     if examples:
         progress("preparing the calibration data", 0, 1)
         calibration = [batches(handle, examples, source, batch_size)] * len(handle.pair.finetuned)
-    return run_method(handle.pair, settings, calibration, progress=progress, should_stop=should_stop)
+    anchor = batches(handle, anchor_examples(handle, settings.anchored), "anchor", batch_size)
+    return run_method(handle.pair, settings, calibration, anchor=anchor, progress=progress,
+                      should_stop=should_stop)
 
 
 def save_run(folder: Path, patch, report: dict[str, Any]) -> tuple[Path, Path]:

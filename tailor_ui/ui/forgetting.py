@@ -12,7 +12,13 @@ from tailor_ui.ui.common import (Slider, Tab, cancel_html, changed, fmt_table, l
                                  progress_html, queued, session_id, user_errors)
 from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers
 
-DEFAULT_METHODS = ["tailor", "magnitude", "wise_ft"]
+# the default sweep (bench/dashboard_sweep.py runs it): every baseline Model Tailor is judged
+# against, on every example of the demo's sets (fewer is faster but one answer moves a score more)
+DEFAULT_METHODS = ["tailor", "magnitude", "wise_ft", "ties", "dare"]
+DEFAULT_KEEPS = "0.02, 0.05, 0.1, 0.2"
+DEFAULT_LAMS = "0.3, 0.5, 0.7"
+DEFAULT_ALPHA = 0.8
+DEFAULT_EXAMPLES = 150
 
 
 def sweep_outputs(run: SweepRun | None) -> list:
@@ -86,15 +92,15 @@ class ForgettingTab(Tab):
             self.methods = gr.CheckboxGroup([(info.label, name) for name, info in REGISTRY.items()],
                                             value=DEFAULT_METHODS, label="Methods", scale=2,
                                             elem_id="sweep-methods")
-            self.keeps = gr.Textbox("0.02, 0.05, 0.1, 0.2", label="Patch sizes (keep)",
+            self.keeps = gr.Textbox(DEFAULT_KEEPS, label="Patch sizes (keep)",
                                     info="comma-separated, for the patch methods", scale=1,
                                     elem_id="sweep-keeps")
-            self.lams = gr.Textbox("0.3, 0.5, 0.7", label="λ values", scale=1,
+            self.lams = gr.Textbox(DEFAULT_LAMS, label="λ values", scale=1,
                                    info="for WiSE-FT and task arithmetic", elem_id="sweep-lams")
         with gr.Row():
-            self.alpha = Slider(0.0, 1.0, value=0.8, step=0.05, label="Fusion weight (alpha)",
+            self.alpha = Slider(0.0, 1.0, value=DEFAULT_ALPHA, step=0.05, label="Fusion weight (alpha)",
                                    elem_id="sweep-alpha")
-            self.examples = Slider(4, 150, value=24, step=4, label="Examples per evaluation set",
+            self.examples = Slider(4, 150, value=DEFAULT_EXAMPLES, step=2, label="Examples per evaluation set",
                                       elem_id="sweep-n")
             self.calib = gr.File(label="Calibration for Model Tailor: target-task JSONL + images, or a "
                                        "zip (the demo has its own)", file_count="multiple",

@@ -17,6 +17,7 @@ from tailor_ui.ui.common import (Slider, Tab, cancel_unfinished, changed, fmt_ta
                                  session_id, user_errors)
 from tailor_ui.ui.models import changed_modules
 from tailor_ui.service.config import default_settings
+from tailor_ui.service.tailor import default_compensation
 from tailor_ui.settings import Settings
 
 LAMBDA_LABEL = f"λ ({', '.join(m.label for m in REGISTRY.values() if 'lam' in m.knobs)})"
@@ -193,9 +194,10 @@ class TailorTab(Tab):
         else:
             out += [gr.skip()] * 3
         if handle is not None and changed(session, "tailor-modules", id(handle)):
-            out.append(gr.update(choices=changed_modules(handle), value=[]))
+            out += [gr.update(choices=changed_modules(handle), value=[]),
+                    gr.update(value=default_compensation(handle))]
         else:
-            out.append(gr.skip())
+            out += [gr.skip()] * 2
         every = runner.history(session.id)
         if changed(session, "job-history", tuple(job_signature(j) for j in every)):
             out.append(history_table(every))
@@ -204,7 +206,8 @@ class TailorTab(Tab):
         return out + self.search_poll(session)
 
     def poll_outputs(self) -> list:
-        return [self.progress, self.result, self.quick, self.heatmap, self.modules, self.history,
+        return [self.progress, self.result, self.quick, self.heatmap, self.modules, self.compensation,
+                self.history,
                 self.find_progress, self.find_plot, self.find_best]
 
     # -- layout ----------------------------------------------------------------------------
@@ -244,7 +247,9 @@ class TailorTab(Tab):
                                       elem_id="tailor-compensate")
         self.compensation = gr.Radio(
             [("exact: least squares per row, given the patch", "exact"),
-             ("greedy: SparseGPT's column loop (the paper's)", "greedy")],
+             ("greedy: SparseGPT's column loop (the paper's)", "greedy"),
+             ("anchored: least squares that also holds the base's outputs on original-task "
+              "examples (the pair's built-in set)", "anchored")],
             value=Settings.compensation, label="Compensation", elem_id="tailor-compensation")
         self.modules = gr.Dropdown([], value=[], multiselect=True, label="Modules",
                                    info="empty: every linear layer fine-tuning changed",
@@ -296,7 +301,7 @@ class TailorTab(Tab):
                                          elem_id="tailor-find-keeps")
             self.find_alphas = gr.Textbox("0.5, 0.8, 1.0", label="Fusion weights (alpha)",
                                           elem_id="tailor-find-alphas")
-            self.find_compensation = gr.CheckboxGroup(["exact", "greedy"], value=["exact", "greedy"],
+            self.find_compensation = gr.CheckboxGroup(["exact", "greedy", "anchored"], value=["exact", "greedy"],
                                                       label="Compensation forms",
                                                       elem_id="tailor-find-compensation")
             self.find_n = Slider(4, 150, value=16, step=4, label="Examples per original-task set",
