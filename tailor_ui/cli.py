@@ -39,7 +39,8 @@ def _merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compensate", action="store_true")
     p.add_argument("--compensation", default=None,
                    help="exact (least squares per row) | greedy (SparseGPT's loop, the paper's) | "
-                        "anchored (exact, also holding the base's outputs on --anchor's inputs); "
+                        "anchored (patch and least squares also holding the base's outputs on "
+                        "--anchor's inputs); "
                         f"default: anchored with --anchor, else {Settings.compensation}")
     _anchor_options(p)
     p.add_argument("--anchor-weight", type=float, default=Settings.anchor_weight,

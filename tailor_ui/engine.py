@@ -22,7 +22,7 @@ from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_pro
 from tailor_ui.errors import UserError
 from tailor_ui.memory import PeakMemory
 from tailor_ui.methods import REGISTRY
-from tailor_ui.methods.exact import (compensate_anchored, compensate_exact, compensate_in_sparsegpt_order,
+from tailor_ui.methods.exact import (anchored_problem, compensate_exact, compensate_in_sparsegpt_order,
                                      tailor_block_scorer)
 from tailor_ui.methods.selection import global_threshold, keep_mask, layer_keep_budget
 from tailor_ui.methods.tailor import (TensorScores, compensate, inverse_hessian_factor,
@@ -192,15 +192,16 @@ def _cache_key(s: Settings, k: int, calib: Sequence[Batch], anchor: Sequence[Bat
     already tailored earlier layers, so every setting that shapes them is part of it: which
     linears are tailored and how, and what the other tensors hold."""
     key: tuple = ("scores", k, _fingerprint(calib), s.damp, s.block_size, s.sensitivity, sequential,
-                  _holds_hessians(s), _fingerprint(anchor) if s.anchored else None)
+                  _holds_hessians(s), (_fingerprint(anchor), s.anchor_weight) if s.anchored else None)
     if sequential:
         key += (s.modules, s.others, s.keep, s.alpha, s.scope, s.compensate, s.compensation, s.order,
-                s.sign, s.anchor_weight if s.anchored else None)
+                s.sign)
     return key
 
 
 def _holds_hessians(s: Settings) -> bool:
-    """Exact (and anchored) compensation solves with the Hessian itself, so its entries keep it."""
+    """Exact (and anchored) compensation solves with the Hessian itself, so its entries keep it
+    (anchored: the combined one, and the weights it pulls towards)."""
     return s.compensate and s.compensation in ("exact", "anchored")
 
 
@@ -367,22 +368,28 @@ def _tailor_sequential(pair: Pair, k: int, linears: Sequence[str], calib: Sequen
 class _Scored:
     """One linear's cache entry: the factor of its damped H⁻¹ and its scores, all on the
     CPU (the cache outlives the run; a GPU keeps room for the model); with exact
-    compensation also its Hessian, and with anchored compensation the original-task one."""
+    compensation also its Hessian. With anchored compensation every part is of the anchored
+    problem (`methods.exact.anchored_problem`): its Hessian A, and in `target` the weights c
+    it pulls towards, which take the fine-tuned weights' place in scoring and compensation."""
 
     factor: torch.Tensor
     scores: TensorScores
     hessian: torch.Tensor | None = None
-    anchor_hessian: torch.Tensor | None = None
+    target: torch.Tensor | None = None
 
 
 def _score(w_pre: torch.Tensor, w_ft: torch.Tensor, hessian: torch.Tensor,
            anchor_hessian: torch.Tensor | None, run: _Run) -> _Scored:
     s = run.settings
     with run.timed("scores"):
-        factor = inverse_hessian_factor(hessian.to(w_pre.device), s.damp)
+        hessian, damp = hessian.to(w_pre.device), s.damp
+        if anchor_hessian is not None:
+            w_ft, hessian = anchored_problem(w_pre, w_ft.float(), hessian, anchor_hessian, s.anchor_weight, s.damp)
+            damp = 0.0  # A holds the target Hessian's damping already
+        factor = inverse_hessian_factor(hessian, damp)
         scores = tensor_scores(w_pre, w_ft, factor, s.sensitivity, s.block_size)
         return _Scored(factor.cpu(), scores.to("cpu"), hessian.cpu() if _holds_hessians(s) else None,
-                       anchor_hessian.cpu() if anchor_hessian is not None else None)
+                       w_ft.cpu() if anchor_hessian is not None else None)
 
 
 def _tailor_tensor(w_pre: torch.Tensor, w_ft: torch.Tensor, cached: _Scored, run: _Run, *,
@@ -405,14 +412,10 @@ def _tailor_tensor(w_pre: torch.Tensor, w_ft: torch.Tensor, cached: _Scored, run
     with run.timed("compensation"):
         if not s.compensate:
             new = merge_without_compensation(w_pre, w_ft, mask)
-        elif s.compensation == "exact":
-            new, info = compensate_exact(w_pre, w_ft, mask, cached.hessian.to(device), s.damp,
+        elif s.compensation == "exact" or s.anchored:
+            target, damp = (cached.target.to(device), 0.0) if s.anchored else (w_ft, s.damp)
+            new, info = compensate_exact(w_pre, target, mask, cached.hessian.to(device), damp,
                                          block_size=s.block_size)
-            run.fallbacks += info.method != "exact"
-        elif s.compensation == "anchored":
-            new, info = compensate_anchored(w_pre, w_ft, mask, cached.hessian.to(device),
-                                            cached.anchor_hessian.to(device), s.anchor_weight, s.damp,
-                                            block_size=s.block_size)
             run.fallbacks += info.method != "exact"
         else:
             new = compensate(w_pre, w_ft, mask, factor, s.sign, s.block_size)

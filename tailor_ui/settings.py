@@ -49,8 +49,9 @@ class Settings:
     epsilon: width of DELLA's window of keep probabilities around keep (mergekit's epsilon).
     compensation (tailor): "exact", each row's kept entries solved by least squares given
       the mask (`methods.exact`), "greedy", SparseGPT's column loop (the paper's form), or
-      "anchored", exact compensation that also holds the base's outputs on original-task
-      calibration inputs (needs them: `run_method(anchor=…)`).
+      "anchored": scores, mask and exact compensation all of an objective that also holds
+      the base's outputs on original-task calibration inputs (needs them:
+      `run_method(anchor=…)`; `methods.exact.anchored_problem`).
     anchor_weight (tailor, anchored): μ, the weight of the original-task term against the
       target term (each a mean over its tokens).
     order (tailor, greedy): "sparsegpt" chooses each 128-column block's mask after the

@@ -16,7 +16,7 @@ from tailor_ui.calibration import collect_hessians
 from tailor_ui.cli import main
 from tailor_ui.engine import run_method, selected_linears
 from tailor_ui.errors import UserError
-from tailor_ui.methods.exact import anchored_problem, compensate_anchored, compensate_exact
+from tailor_ui.methods.exact import anchored_problem, compensate_exact
 from tailor_ui.methods.selection import keep_mask
 from tailor_ui.methods.tailor import inverse_hessian_factor, tensor_scores
 from tailor_ui.pair import Pair
@@ -24,6 +24,12 @@ from tailor_ui.settings import Settings
 from test_exact_compensation import correlated_layer, hessian_of, mixed_mask, objective
 
 TUNED = r"^model\.language_model\.layers\.\d\."
+
+
+def compensate_anchored(w_pre, w_ft, keep, h_target, h_original, weight, damp=0.01, dtype=torch.float64):
+    """Exact compensation on the anchored problem (what the engine runs for a given mask)."""
+    target, combined = anchored_problem(w_pre, w_ft, h_target, h_original, weight, damp)
+    return compensate_exact(w_pre, target, keep, combined, 0.0, dtype=dtype)
 
 
 def anchored_objective(w, w_pre, w_ft, h_target, h_original, weight):
@@ -53,7 +59,7 @@ def test_anchored_matches_direct_least_squares_of_the_stacked_objective(seed, we
     _, _, x_original = correlated_layer(rows=12, cols=32, tokens=120, seed=seed + 10)
     keep = mixed_mask(12, 32, seed)
     got, info = compensate_anchored(w_pre, w_ft, keep, hessian_of(x_target), hessian_of(x_original),
-                                    weight, damp=0.0, dtype=torch.float64)
+                                    weight, damp=0.0)
     want = stacked_lstsq(w_pre, w_ft, keep, x_target, x_original, weight)
     assert info.method == "exact"
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
@@ -71,7 +77,7 @@ def test_anchoring_trades_target_fidelity_for_original_outputs(seed):
     exact = compensate_exact(w_pre, w_ft, keep, h_t, 0.01, dtype=torch.float64)[0]
     drift = [objective(exact, w_pre, h_o)]
     for weight in (0.5, 2.0, 8.0):
-        anchored = compensate_anchored(w_pre, w_ft, keep, h_t, h_o, weight, 0.01, dtype=torch.float64)[0]
+        anchored = compensate_anchored(w_pre, w_ft, keep, h_t, h_o, weight, 0.01)[0]
         assert objective(exact, w_ft, h_t) <= objective(anchored, w_ft, h_t) * (1 + 1e-9)
         assert (anchored_objective(anchored, w_pre, w_ft, h_t, h_o, weight)
                 <= anchored_objective(exact, w_pre, w_ft, h_t, h_o, weight) * (1 + 1e-9))
@@ -84,7 +90,7 @@ def test_a_vanishing_anchor_is_exact_compensation():
     keep = mixed_mask(10, 24, 4)
     h = hessian_of(x)
     exact = compensate_exact(w_pre, w_ft, keep, h, 0.01, dtype=torch.float64)[0]
-    anchored = compensate_anchored(w_pre, w_ft, keep, h, hessian_of(x[:50]), 1e-9, 0.01, dtype=torch.float64)[0]
+    anchored = compensate_anchored(w_pre, w_ft, keep, h, hessian_of(x[:50]), 1e-9, 0.01)[0]
     torch.testing.assert_close(anchored, exact, rtol=1e-6, atol=1e-8)
 
 
@@ -121,7 +127,8 @@ def _applied(pair, patch, name):
     return w.reshape(pair.base.get_parameter(f"{name}.weight").shape)
 
 
-def test_engine_runs_anchored_compensation_on_every_layer(pair, batches, anchor):
+def test_engine_runs_model_tailor_on_the_anchored_problem_on_every_layer(pair, batches, anchor):
+    """Scores, mask and compensation all of (c, A): c in the fine-tuned weights' place."""
     s = Settings(keep=0.1, hessians="one-pass", compensation="anchored", anchor_weight=2.0)
     result = run_method(pair, s, [batches], anchor=anchor)
     linears = selected_linears(pair)
@@ -130,21 +137,26 @@ def test_engine_runs_anchored_compensation_on_every_layer(pair, batches, anchor)
     for name in linears:
         w_pre = pair.base.get_parameter(f"{name}.weight").detach()
         w_ft = pair.finetuned[0].get_parameter(f"{name}.weight").detach()
-        scores = tensor_scores(w_pre, w_ft, inverse_hessian_factor(h_t[name], s.damp))
+        target, combined = anchored_problem(w_pre, w_ft, h_t[name], h_o[name], 2.0, s.damp)
+        scores = tensor_scores(w_pre, target, inverse_hessian_factor(combined, 0.0))
         mask = keep_mask(scores.importance(s.alpha), s.keep, s.scope)
-        want = compensate_anchored(w_pre, w_ft, mask, h_t[name], h_o[name], 2.0, s.damp)[0]
-        torch.testing.assert_close(_applied(pair, result.patch, name), want, rtol=1e-5, atol=1e-6)
+        want = compensate_exact(w_pre, target, mask, combined, 0.0)[0]
+        got = _applied(pair, result.patch, name)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got != w_pre, mask & (want != w_pre))  # the patch is the mask's entries
     assert result.report["exact_fallbacks"] == 0
 
 
-def test_engine_reuses_scores_only_for_the_same_anchor(pair, batches, anchor):
+def test_engine_reuses_scores_only_for_the_same_anchor_and_weight(pair, batches, anchor):
     s = Settings(keep=0.1, hessians="one-pass", compensation="anchored")
     run_method(pair, s, [batches], anchor=anchor)
     again = run_method(pair, Settings(keep=0.05, hessians="one-pass", compensation="anchored"),
                        [batches], anchor=anchor)
     other = run_method(pair, s, [batches], anchor=llava_batches(pair.base.config, 2, seed=8))
+    heavier = run_method(pair, Settings(keep=0.1, hessians="one-pass", compensation="anchored",
+                                        anchor_weight=3.0), [batches], anchor=anchor)
     assert again.report["score_cache"]["misses"] == 0
-    assert other.report["score_cache"]["hits"] == 0
+    assert other.report["score_cache"]["hits"] == 0 and heavier.report["score_cache"]["hits"] == 0
 
 
 def test_anchored_compensation_without_original_data_is_refused(pair, batches):

@@ -24,8 +24,9 @@ H_o the Hessian of original-task inputs and a weight μ, the anchored objective
     (w − w_ft) H (w − w_ft)ᵀ + μ (w − w_pre) H_o (w − w_pre)ᵀ
 
 equals (w − c) A (w − c)ᵀ up to a constant, with A = H + μ H_o and c = w_pre + Δ H A⁻¹
-(Δ = w_ft − w_pre, per row). So it is exact compensation towards c under A
-(`anchored_problem`); μ → 0 is plain exact compensation.
+(Δ = w_ft − w_pre, per row): Model Tailor's problem with c in the fine-tuned weights' place
+and A in the Hessian's (`anchored_problem`). The engine scores, selects and compensates
+(`compensate_exact`) on it; μ → 0 gives back the plain problem.
 """
 
 from __future__ import annotations
@@ -117,16 +118,6 @@ def anchored_problem(w_pre: torch.Tensor, w_ft: torch.Tensor, hessian: torch.Ten
     # rows of Δ H A⁻¹: solve A xᵀ = H Δᵀ (A and H symmetric)
     shift = torch.cholesky_solve(damped @ delta.T, lower).T
     return (w_pre.double().to(hessian.device) + shift).to(w_ft.dtype), combined.to(hessian.dtype)
-
-
-def compensate_anchored(w_pre: torch.Tensor, w_ft: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor,
-                        anchor_hessian: torch.Tensor, weight: float, damp: float = 0.01,
-                        max_bytes: int = DEFAULT_SOLVE_BYTES, dtype: torch.dtype = torch.float32,
-                        block_size: int = 128) -> tuple[torch.Tensor, CompensationInfo]:
-    """Exact compensation that also holds the base's outputs on original-task inputs
-    (`anchor_hessian`, weighted by `weight`): `compensate_exact` towards `anchored_problem`."""
-    target, combined = anchored_problem(w_pre, w_ft, hessian, anchor_hessian, weight, damp)
-    return compensate_exact(w_pre, target, keep, combined, 0.0, max_bytes, dtype, block_size)
 
 
 def _chunks(rows: torch.Tensor, sizes: torch.Tensor, cols: int, max_bytes: int,

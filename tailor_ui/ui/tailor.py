@@ -248,8 +248,8 @@ class TailorTab(Tab):
         self.compensation = gr.Radio(
             [("exact: least squares per row, given the patch", "exact"),
              ("greedy: SparseGPT's column loop (the paper's)", "greedy"),
-             ("anchored: least squares that also holds the base's outputs on original-task "
-              "examples (the pair's built-in set)", "anchored")],
+             ("anchored: patch and least squares of an objective that also holds the base's "
+              "outputs on original-task examples (the pair's built-in set)", "anchored")],
             value=Settings.compensation, label="Compensation", elem_id="tailor-compensation")
         self.modules = gr.Dropdown([], value=[], multiselect=True, label="Modules",
                                    info="empty: every linear layer fine-tuning changed",
