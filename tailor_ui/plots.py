@@ -26,7 +26,9 @@ from tailor_ui.methods import REGISTRY
 from tailor_ui.names import component, layer_index, module_kind
 
 HEIGHT = 380
-LINE_DASHES = {"exact": "dash", "anchored": "dashdot"}  # Model Tailor's curves by compensation form
+# Model Tailor's curves by compensation form (the paper's greedy loop: solid, COLOURS["tailor"])
+LINE_DASHES = {"exact": "dash", "anchored": "dashdot"}
+FORM_COLOURS = {"exact": "#ff9896", "anchored": "#7b0d0d"}
 COLOURS = {"tailor": "#d62728", "magnitude": "#1f77b4", "wise_ft": "#2ca02c",
            "task_arithmetic": "#9467bd", "ties": "#ff7f0e", "dare": "#8c564b",
            "base": "#444444", "finetuned": "#17becf", "majority": "#b0b0b0",
@@ -185,8 +187,16 @@ def _series(table: pd.DataFrame) -> pd.Series:
     return names
 
 
+def _form(series: str) -> str | None:
+    return next((form for form in LINE_DASHES if f"+ {form} compensation" in series), None)
+
+
 def _dash(series: str) -> str:
-    return next((d for form, d in LINE_DASHES.items() if f"+ {form} compensation" in series), "solid")
+    return LINE_DASHES.get(_form(series), "solid")
+
+
+def _colour(method: str, series: str) -> str | None:
+    return FORM_COLOURS.get(_form(series), COLOURS.get(method))
 
 
 def _tailor_series(name: str) -> str:
@@ -218,9 +228,9 @@ def tradeoff(table: pd.DataFrame | None) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=group[x], y=group[y], mode="markers" if reference else "lines+markers",
             name=method_label(method) if reference else series, text=group["setting"],
-            marker={"size": 16 if reference else 9, "color": COLOURS.get(method),
+            marker={"size": 16 if reference else 9, "color": _colour(method, series),
                     "symbol": "star" if reference else "circle"},
-            line={"dash": _dash(series)},
+            line={"dash": _dash(series), "color": _colour(method, series)},
             hovertemplate="%{text}<br>original retention %{x:.3f}<br>target gain %{y:.3f}<extra></extra>"))
     fig.update_layout(title=title, height=HEIGHT,
                       xaxis={"title": "original retention (mean over sets of score / base)"},
@@ -243,7 +253,8 @@ def scores_vs_keep(table: pd.DataFrame | None) -> go.Figure:
             fig.add_trace(go.Scatter(
                 x=group["keep"], y=group[score], mode="lines+markers", name=name,
                 legendgroup=name, showlegend=col == 1, text=group["setting"],
-                marker={"color": COLOURS.get(method)}, line={"color": COLOURS.get(method), "dash": _dash(series)},
+                marker={"color": _colour(method, series)},
+                line={"color": _colour(method, series), "dash": _dash(series)},
                 hovertemplate="%{text}<br>keep %{x:.3g}<br>score %{y:.3f}<extra></extra>"),
                 row=1, col=col)
         # reference lines after the traces: plotly leaves empty subplots without them

@@ -112,6 +112,8 @@ def test_each_compensation_form_of_model_tailor_is_its_own_named_curve():
     assert lines == {"Model Tailor (paper)": "solid", "Magnitude": "solid", "WiSE-FT": "solid",
                      "Model Tailor + anchored compensation alpha=0.8 anchor_weight=1.0": "dashdot",
                      "Model Tailor + exact compensation alpha=0.8": "dash"}
+    colours = {t.name: t.line.color for t in fig.data if t.name.startswith("Model Tailor")}
+    assert len(set(colours.values())) == 3  # one per compensation form
 
 
 def test_scores_vs_keep_and_retention():

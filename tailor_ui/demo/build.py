@@ -11,8 +11,12 @@ frozen. The two targets tell two stories:
   breaks sit apart -- the paper's case, where a small patch keeps the skill and drops the
   forgetting;
 - counting (`counting/`), answers balanced over one/two/three: learning it means answering
-  in a new format, and that change of format is itself the forgetting, so no patch can keep
-  one and drop the other.
+  in a new format, and that change of format is itself the forgetting, so a patch chosen
+  from counting data alone cannot keep one and drop the other (one that also sees the
+  original skills' calibration set, anchored, keeps most of both: README).
+
+The original skills' calibration set (`original_calib.jsonl`, half captions, half attribute
+questions, from the calibration stream) is what anchored Model Tailor holds the base to.
 
 Nothing is tuned to help or hurt any merging method; the recipes are ordinary ones and the
 forgetting is whatever plain fine-tuning does. scores.json holds every score and, per set,

@@ -43,7 +43,9 @@ STORIES = {
     "counting": Story("counting", "count", "Format forgetting: counting",
                       "fine-tuned to count (answers balanced over one, two, three): it learnt to "
                       "answer with numbers, and that change of format is itself what it forgot with, "
-                      "so no patch can keep the skill without the forgetting."),
+                      "so a patch chosen from counting data alone keeps the skill or the old ones, "
+                      "not both; one that also sees examples of the old skills (anchored) keeps most "
+                      "of both."),
 }
 DEFAULT_STORY = "spatial"
 
