@@ -9,7 +9,9 @@ questions, as the shipped one). The data-free baselines do not
 read calibration data, so one run of them (the README's sweep) stands for every seed.
 Run from the repository root:
 
-    python bench/demo_seeds.py --story spatial --seeds 0,1,2 --out bench/results/demo_seeds_spatial.csv
+    python bench/demo_seeds.py --story spatial --seeds 0,1,2 --keep 0.02,0.05,0.1,0.2 \
+        --compensation greedy,exact,anchored --baselines bench/results/demo_sweep_spatial.csv \
+        --out bench/results/demo_seeds_spatial.csv
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from story import open_story, story_parser  # noqa: E402
+from story import front_gap, open_story, story_parser  # noqa: E402
 from tailor_ui.calibration import calibration_batches  # noqa: E402
 from tailor_ui.data import Example, read_examples  # noqa: E402
 from tailor_ui.demo import world  # noqa: E402
@@ -69,6 +71,9 @@ def main() -> None:
     ap.add_argument("--order", default="mask-first", help="mask-first,sparsegpt (greedy only)")
     ap.add_argument("--budget", default="uniform", help="uniform,per-layer")
     ap.add_argument("--n", type=int, default=128, help="calibration examples per seed")
+    ap.add_argument("--baselines", type=Path, default=None,
+                    help="a sweep table of the same story (the README's): print each seed's "
+                         "baseline leads over Model Tailor's front, with its baselines' rows")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     folder, pair = open_story(args.story)
@@ -93,6 +98,20 @@ def main() -> None:
     merged = result[result["kind"] == "merged"]
     spread = merged.groupby("setting")[["original_retention", "target_gain"]].agg(["mean", "min", "max"])
     print(spread.round(3).to_string())
+    if args.baselines is not None:
+        print_leads(result, pd.read_csv(args.baselines), args.story)
+
+
+def print_leads(seeds: pd.DataFrame, baselines: pd.DataFrame, story: str) -> None:
+    """Each calibration seed's Model Tailor rows against the baselines' rows of a sweep of
+    the same story (the baselines read no calibration data, so one run stands for all)."""
+    folder, _ = open_story(story)
+    target = EvalSet("target", "vqa", read_examples(folder / "target_eval.jsonl"))
+    others = baselines[(baselines["kind"] == "merged") & (baselines["method"] != "tailor")]
+    for seed, table in seeds.groupby("calibration_seed"):
+        both = pd.concat([table, others], ignore_index=True)  # the base's and fine-tune's rows: the seed's
+        print(f"calibration seed {seed}: baselines' lead over Model Tailor's front, in target examples:",
+              front_gap(both, target))
 
 
 if __name__ == "__main__":
