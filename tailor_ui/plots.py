@@ -203,7 +203,8 @@ def _tailor_series(name: str) -> str:
     form = re.search(r" compensation=(\w+)", name)
     if form is None or form.group(1) == "greedy":
         return name.replace(" compensation=greedy", "").replace("Model Tailor", "Model Tailor (paper)", 1)
-    return name.replace(form.group(0), "").replace("Model Tailor", f"Model Tailor + {form.group(1)} compensation", 1)
+    named = f"Model Tailor + {form.group(1)} compensation"
+    return name.replace(form.group(0), "").replace("Model Tailor", named, 1)
 
 
 def tradeoff(table: pd.DataFrame | None) -> go.Figure:

@@ -197,3 +197,18 @@ def page(browser):
 def screenshots() -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     return SCREENSHOTS
+
+
+@pytest.fixture(scope="module")
+def decoder_pair():
+    """A tiny LLaVA and a fine-tune of its decoder layers, for Model Tailor's engine tests."""
+    from families import tuned_decoder_pair
+
+    return tuned_decoder_pair()
+
+
+@pytest.fixture(scope="module")
+def decoder_batches(decoder_pair):
+    from families import llava_batches
+
+    return llava_batches(decoder_pair.base.config, 2)

@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from tailor_ui.pair import Pair
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never reach the hub
 
 Batch = dict[str, torch.Tensor]
@@ -463,3 +465,18 @@ def tiny_llava(processor: Any, seed: int = 0, *, intermediate: int = 128) -> tor
     config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_select_strategy="default",
                          image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"))
     return LlavaForConditionalGeneration(config).eval()
+
+
+def tuned_decoder_pair() -> Pair:
+    """A tiny LLaVA and a fine-tune of its decoder layers (Model Tailor's engine tests)."""
+    tuned = finetune_like(build_llava(seed=0), r"^model\.language_model\.layers\.\d\.", seed=1)
+    return Pair(base=build_llava(seed=0), finetuned=[tuned], processor=None)
+
+
+def patched_weight(pair: Pair, patch, name: str) -> torch.Tensor:
+    """Linear `name`'s base weight with the patch's entries written in."""
+    w = pair.base.get_parameter(f"{name}.weight").detach().clone().reshape(-1)
+    tp = patch.tensors[f"{name}.weight"]
+    w[tp.index] = tp.values
+    return w.reshape(pair.base.get_parameter(f"{name}.weight").shape)
+

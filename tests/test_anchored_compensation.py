@@ -5,13 +5,14 @@ exact compensation, and through the engine, the CLI's checks and the demo's anch
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
 import torch
 
 from conftest import DEMO
-from families import build_llava, finetune_like, llava_batches
+from families import llava_batches, patched_weight
 from tailor_ui.calibration import collect_hessians
 from tailor_ui.cli import main
 from tailor_ui.engine import run_method, selected_linears
@@ -19,12 +20,8 @@ from tailor_ui.errors import UserError
 from tailor_ui.methods.exact import anchored_problem, compensate_exact
 from tailor_ui.methods.selection import keep_mask
 from tailor_ui.methods.tailor import inverse_hessian_factor, tensor_scores
-from tailor_ui.pair import Pair
 from tailor_ui.settings import Settings
 from test_exact_compensation import correlated_layer, hessian_of, mixed_mask, objective
-
-TUNED = r"^model\.language_model\.layers\.\d\."
-
 
 def compensate_anchored(w_pre, w_ft, keep, h_target, h_original, weight, damp=0.01, dtype=torch.float64):
     """Exact compensation on the anchored problem (what the engine runs for a given mask)."""
@@ -37,7 +34,7 @@ def anchored_objective(w, w_pre, w_ft, h_target, h_original, weight):
 
 
 def stacked_lstsq(w_pre, w_ft, keep, x_target, x_original, weight):
-    """Row by row: min ‖X_t(w − w_ft)ᵀ‖²·2/n_t + μ‖X_o(w − w_pre)ᵀ‖²·2/n_o with w[R] = W_pre[R],
+    """Row by row: min ‖X_t(w − w_ft)ᵀ‖²·2/n_t + μ‖X_o(w − w_pre)ᵀ‖²·2/n_o, w[R] = W_pre[R],
     as one least-squares problem in the kept entries' change e (w = W_pre + e on K)."""
     a_t = x_target * (2 / x_target.shape[0]) ** 0.5
     a_o = x_original * (2 * weight / x_original.shape[0]) ** 0.5
@@ -105,63 +102,45 @@ def test_anchored_problem_keeps_the_fine_tuned_weights_when_the_anchor_has_no_sa
 # -- through the engine ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def pair():
-    base = build_llava(seed=0)
-    return Pair(base=base, finetuned=[finetune_like(build_llava(seed=0), TUNED, seed=1)], processor=None)
+def anchor(decoder_pair):
+    return llava_batches(decoder_pair.base.config, 2, seed=7)
 
 
-@pytest.fixture(scope="module")
-def batches(pair):
-    return llava_batches(pair.base.config, 2)
-
-
-@pytest.fixture(scope="module")
-def anchor(pair):
-    return llava_batches(pair.base.config, 2, seed=7)
-
-
-def _applied(pair, patch, name):
-    w = pair.base.get_parameter(f"{name}.weight").detach().clone().reshape(-1)
-    tp = patch.tensors[f"{name}.weight"]
-    w[tp.index] = tp.values
-    return w.reshape(pair.base.get_parameter(f"{name}.weight").shape)
-
-
-def test_engine_runs_model_tailor_on_the_anchored_problem_on_every_layer(pair, batches, anchor):
+def test_engine_runs_model_tailor_on_the_anchored_problem_on_every_layer(decoder_pair, decoder_batches,
+                                                                        anchor):
     """Scores, mask and compensation all of (c, A): c in the fine-tuned weights' place."""
     s = Settings(keep=0.1, hessians="one-pass", compensation="anchored", anchor_weight=2.0)
-    result = run_method(pair, s, [batches], anchor=anchor)
-    linears = selected_linears(pair)
-    h_t = collect_hessians(pair.finetuned[0], linears, batches)
-    h_o = collect_hessians(pair.finetuned[0], linears, anchor)
+    result = run_method(decoder_pair, s, [decoder_batches], anchor=anchor)
+    linears = selected_linears(decoder_pair)
+    h_t = collect_hessians(decoder_pair.finetuned[0], linears, decoder_batches)
+    h_o = collect_hessians(decoder_pair.finetuned[0], linears, anchor)
     for name in linears:
-        w_pre = pair.base.get_parameter(f"{name}.weight").detach()
-        w_ft = pair.finetuned[0].get_parameter(f"{name}.weight").detach()
+        w_pre = decoder_pair.base.get_parameter(f"{name}.weight").detach()
+        w_ft = decoder_pair.finetuned[0].get_parameter(f"{name}.weight").detach()
         target, combined = anchored_problem(w_pre, w_ft, h_t[name], h_o[name], 2.0, s.damp)
         scores = tensor_scores(w_pre, target, inverse_hessian_factor(combined, 0.0))
         mask = keep_mask(scores.importance(s.alpha), s.keep, s.scope)
         want = compensate_exact(w_pre, target, mask, combined, 0.0)[0]
-        got = _applied(pair, result.patch, name)
+        got = patched_weight(decoder_pair, result.patch, name)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert torch.equal(got != w_pre, mask & (want != w_pre))  # the patch is the mask's entries
     assert result.report["exact_fallbacks"] == 0
 
 
-def test_engine_reuses_scores_only_for_the_same_anchor_and_weight(pair, batches, anchor):
+def test_engine_reuses_scores_only_for_the_same_anchor_and_weight(decoder_pair, decoder_batches, anchor):
     s = Settings(keep=0.1, hessians="one-pass", compensation="anchored")
-    run_method(pair, s, [batches], anchor=anchor)
-    again = run_method(pair, Settings(keep=0.05, hessians="one-pass", compensation="anchored"),
-                       [batches], anchor=anchor)
-    other = run_method(pair, s, [batches], anchor=llava_batches(pair.base.config, 2, seed=8))
-    heavier = run_method(pair, Settings(keep=0.1, hessians="one-pass", compensation="anchored",
-                                        anchor_weight=3.0), [batches], anchor=anchor)
+    run_method(decoder_pair, s, [decoder_batches], anchor=anchor)
+    again = run_method(decoder_pair, replace(s, keep=0.05), [decoder_batches], anchor=anchor)
+    other = run_method(decoder_pair, s, [decoder_batches],
+                       anchor=llava_batches(decoder_pair.base.config, 2, seed=8))
+    heavier = run_method(decoder_pair, replace(s, anchor_weight=3.0), [decoder_batches], anchor=anchor)
     assert again.report["score_cache"]["misses"] == 0
     assert other.report["score_cache"]["hits"] == 0 and heavier.report["score_cache"]["hits"] == 0
 
 
-def test_anchored_compensation_without_original_data_is_refused(pair, batches):
+def test_anchored_compensation_without_original_data_is_refused(decoder_pair, decoder_batches):
     with pytest.raises(UserError, match="original-task calibration data"):
-        run_method(pair, Settings(compensation="anchored"), [batches])
+        run_method(decoder_pair, Settings(compensation="anchored"), [decoder_batches])
 
 
 @pytest.mark.parametrize("weight", [0.0, -1.0, 1e4])
@@ -229,7 +208,9 @@ def test_the_demo_ships_the_original_skills_calibration_set_the_build_writes(tmp
     anchor = demo_anchor(DEMO_DIR)
     half = Recipe().calib_size // 2
     assert len(anchor) == 2 * half and sum(not ex.question for ex in anchor) == half
-    _write_split(tmp_path, ORIGINAL_CALIB, [s for task in ORIGINAL for s in world.generate(task, half, 0, CALIB_STREAM)])
-    assert (tmp_path / f"{ORIGINAL_CALIB}.jsonl").read_bytes() == (DEMO_DIR / f"{ORIGINAL_CALIB}.jsonl").read_bytes()
+    samples = [s for task in ORIGINAL for s in world.generate(task, half, 0, CALIB_STREAM)]
+    _write_split(tmp_path, ORIGINAL_CALIB, samples)
+    name = f"{ORIGINAL_CALIB}.jsonl"
+    assert (tmp_path / name).read_bytes() == (DEMO_DIR / name).read_bytes()
     for image in sorted((tmp_path / "images" / ORIGINAL_CALIB).iterdir()):
         assert image.read_bytes() == (DEMO_DIR / "images" / ORIGINAL_CALIB / image.name).read_bytes()

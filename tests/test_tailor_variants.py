@@ -7,28 +7,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from families import build_llava, finetune_like, llava_batches
+from families import patched_weight
 from tailor_ui.calibration import collect_hessians
 from tailor_ui.engine import run_method, selected_linears
 from tailor_ui.errors import UserError
 from tailor_ui.methods.exact import compensate_exact
 from tailor_ui.methods.selection import keep_mask
 from tailor_ui.methods.tailor import compensate, inverse_hessian_factor, tensor_scores
-from tailor_ui.pair import Pair
 from tailor_ui.settings import Settings
 
-TUNED = r"^model\.language_model\.layers\.\d\."
 
 
 @pytest.fixture(scope="module")
-def pair():
-    base = build_llava(seed=0)
-    return Pair(base=base, finetuned=[finetune_like(build_llava(seed=0), TUNED, seed=1)], processor=None)
+def pair(decoder_pair):
+    return decoder_pair
 
 
 @pytest.fixture(scope="module")
-def batches(pair):
-    return llava_batches(pair.base.config, 2)
+def batches(decoder_batches):
+    return decoder_batches
 
 
 def _by_hand(pair, batches, settings, solve):
@@ -46,13 +43,6 @@ def _by_hand(pair, batches, settings, solve):
     return out
 
 
-def _applied(pair, patch, name):
-    w = pair.base.get_parameter(f"{name}.weight").detach().clone().reshape(-1)
-    tp = patch.tensors[f"{name}.weight"]
-    w[tp.index] = tp.values
-    return w.reshape(pair.base.get_parameter(f"{name}.weight").shape)
-
-
 def _objective(w, w_ft, hessian):
     d = (w - w_ft).double()
     return float(torch.einsum("ij,jk,ik->", d, hessian.double(), d))
@@ -65,7 +55,7 @@ def test_exact_compensation_runs_the_least_squares_patch_on_every_layer(pair, ba
     greedy = _by_hand(pair, batches, s, lambda pre, ft, mask, _h, f: compensate(pre, ft, mask, f))
     hessians = collect_hessians(pair.finetuned[0], list(expected), batches)
     for name, want in expected.items():
-        got = _applied(pair, result.patch, name)
+        got = patched_weight(pair, result.patch, name)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         w_ft = pair.finetuned[0].get_parameter(f"{name}.weight").detach()
         assert _objective(got, w_ft, hessians[name]) <= _objective(greedy[name], w_ft, hessians[name]) * (1 + 1e-6)
@@ -82,8 +72,8 @@ def test_sequential_exact_run_tailors_block_by_block(pair, batches):
     later = [n for n in expected if ".layers.0." not in n]
     assert first and later
     for name in first:
-        torch.testing.assert_close(_applied(pair, sequential.patch, name), expected[name], rtol=1e-5, atol=1e-6)
-    assert any(not torch.allclose(_applied(pair, sequential.patch, n), expected[n]) for n in later)
+        torch.testing.assert_close(patched_weight(pair, sequential.patch, name), expected[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(patched_weight(pair, sequential.patch, n), expected[n]) for n in later)
 
 
 def test_sparsegpt_order_chooses_later_masks_after_compensating_earlier_blocks(pair, batches):
