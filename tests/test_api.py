@@ -50,11 +50,12 @@ def test_headless_session_load_tailor_compare_sweep_export(client, studio, tmp_p
 
     sweep_id, _ = client.predict(["tailor", "wise_ft"], "0.05, 0.1", "0.5", 0.8, 4, api_name="/sweep")
     info = wait(client, sweep_id, 180)
-    assert info["result"]["rows"] == 3 + 3  # base, fine-tuned, majority answer, 3 merges
+    # base, fine-tuned, majority answer; Model Tailor's paper and anchored forms x 2 keeps, WiSE-FT
+    assert info["result"]["rows"] == 3 + 5
     shown, csv_path = client.predict(sweep_id, api_name="/sweep_result")
     frame = pd.read_csv(csv_path)
-    assert len(frame) == 6 and {"original", "target", "h_score"} <= set(frame.columns)
-    assert len(shown["data"]) == 6
+    assert len(frame) == 8 and {"original", "target", "h_score"} <= set(frame.columns)
+    assert len(shown["data"]) == 8
 
     patch = load_patch(client.predict(second["id"], api_name="/export_patch"))
     report = json.loads(open(client.predict(second["id"], api_name="/export_report")).read())

@@ -573,6 +573,10 @@ def test_anchored_compensation_runs_on_the_demo_and_is_refused_without_an_anchor
     from tailor_ui.service import tailor as tailor_service
 
     request = new_request()
+    # a page on the demo pair is told the pair's defaults once: anchored, and in the search
+    outputs = app.tailor.poll(app.studio.session(request.session_hash), app.studio.demo)
+    assert outputs[5]["value"] == "anchored" and outputs[6]["value"] == ["exact", "greedy", "anchored"]
+    assert app.tailor.poll(app.studio.session(request.session_hash), app.studio.demo)[5:7] == [gr.skip()] * 2
     job = run_tailor(app, request, compensation="anchored")
     assert job.result.report["settings"]["compensation"] == "anchored"
     assert job.result.report["exact_fallbacks"] == 0
@@ -580,6 +584,7 @@ def test_anchored_compensation_runs_on_the_demo_and_is_refused_without_an_anchor
     assert len(demo.anchor) == 128 and tailor_service.default_compensation(demo) == "anchored"
     bare = dataclasses.replace(demo, anchor=())
     assert tailor_service.default_compensation(bare) == "greedy"
+    assert tailor_service.sweep_compensations(bare, search=True) == ["exact", "greedy"]
     with pytest.raises(UserError, match="has none built in"):
         tailor_service.anchor_examples(bare, True)
     assert tailor_service.anchor_examples(bare, False) == []

@@ -56,12 +56,14 @@ def default_compensation(handle: PairHandle) -> str:
     return "anchored" if handle.anchor else Settings.compensation
 
 
-def sweep_compensations(handle: PairHandle) -> list[str]:
+def sweep_compensations(handle: PairHandle, search: bool = False) -> list[str]:
     """The compensation forms a sweep draws where the user did not choose: the paper's loop,
-    and beside it anchored compensation where the pair has original-task calibration data."""
+    and beside it anchored compensation where the pair has original-task calibration data
+    (a search of settings: exact and greedy, and anchored where it can)."""
     from tailor_ui.settings import Settings
 
-    return list(dict.fromkeys([Settings.compensation, default_compensation(handle)]))
+    first = ["exact", "greedy"] if search else [Settings.compensation]
+    return list(dict.fromkeys([*first, default_compensation(handle)]))
 
 
 def anchor_examples(handle: PairHandle, needed: bool) -> list[Example]:

@@ -17,7 +17,7 @@ from tailor_ui.ui.common import (Slider, Tab, cancel_unfinished, changed, fmt_ta
                                  session_id, user_errors)
 from tailor_ui.ui.models import changed_modules
 from tailor_ui.service.config import default_settings
-from tailor_ui.service.tailor import default_compensation
+from tailor_ui.service.tailor import default_compensation, sweep_compensations
 from tailor_ui.settings import Settings
 
 LAMBDA_LABEL = f"λ ({', '.join(m.label for m in REGISTRY.values() if 'lam' in m.knobs)})"
@@ -195,9 +195,10 @@ class TailorTab(Tab):
             out += [gr.skip()] * 3
         if handle is not None and changed(session, "tailor-modules", id(handle)):
             out += [gr.update(choices=changed_modules(handle), value=[]),
-                    gr.update(value=default_compensation(handle))]
+                    gr.update(value=default_compensation(handle)),
+                    gr.update(value=sweep_compensations(handle, search=True))]
         else:
-            out += [gr.skip()] * 2
+            out += [gr.skip()] * 3
         every = runner.history(session.id)
         if changed(session, "job-history", tuple(job_signature(j) for j in every)):
             out.append(history_table(every))
@@ -207,7 +208,7 @@ class TailorTab(Tab):
 
     def poll_outputs(self) -> list:
         return [self.progress, self.result, self.quick, self.heatmap, self.modules, self.compensation,
-                self.history,
+                self.find_compensation, self.history,
                 self.find_progress, self.find_plot, self.find_best]
 
     # -- layout ----------------------------------------------------------------------------
