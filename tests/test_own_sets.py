@@ -131,6 +131,31 @@ def test_added_sets_are_listed_used_by_every_tab_and_removed(bare, disk_pair, se
         bare.submit_sweep(session, ["magnitude"], [0.1], [])
 
 
+def test_an_anchor_set_lets_an_own_pair_use_anchored_model_tailor(bare, disk_pair, sets):
+    """A pair without a built-in anchor set: anchored Model Tailor is refused, saying how to
+    add one; a visitor's set of role 'anchor' makes it the default and is never scored."""
+    from tailor_ui.service.config import default_settings
+    from tailor_ui.service.evalsets import pair_sets
+    from tailor_ui.service.tailor import default_compensation, sweep_compensations
+
+    session = own_session(bare, disk_pair)
+    handle = bare.handle_for(session)
+    calibration = dict(calib_source="upload", calib_files=[str(disk_pair / "calib.jsonl"),
+                                                           *map(str, sorted((disk_pair / "img").iterdir()))])
+    anchored = default_settings(compensation="anchored", keep=0.2)
+    assert default_compensation(handle, pair_sets(session, handle)) == "greedy"
+    with pytest.raises(UserError, match="role 'anchor'"):
+        bare.submit_tailor(session, anchored, **calibration)
+    bare.add_eval_set(session, role="anchor", task="vqa", name="keep", files=original_files(sets))
+    bare.add_eval_set(session, role="original", task="vqa", files=original_files(sets))
+    sets_now = pair_sets(session, handle)
+    assert default_compensation(handle, sets_now) == "anchored"
+    assert sweep_compensations(handle, sets_now) == ["greedy", "anchored"]
+    run = finished(bare, session, bare.submit_tailor(session, anchored, **calibration))
+    assert run.report["settings"]["compensation"] == "anchored" and run.report["patch_entries"] > 0
+    assert list(run.quick.columns).count("keep") == 0 and "original" in run.quick.columns
+
+
 def test_a_datasets_set_from_an_allowed_folder(bare, disk_pair, model_root, tmp_path):
     import datasets
 

@@ -585,6 +585,6 @@ def test_anchored_compensation_runs_on_the_demo_and_is_refused_without_an_anchor
     bare = dataclasses.replace(demo, anchor=())
     assert tailor_service.default_compensation(bare) == "greedy"
     assert tailor_service.sweep_compensations(bare, search=True) == ["exact", "greedy"]
-    with pytest.raises(UserError, match="has none built in"):
+    with pytest.raises(UserError, match="role 'anchor'"):
         tailor_service.anchor_examples(bare, True)
     assert tailor_service.anchor_examples(bare, False) == []

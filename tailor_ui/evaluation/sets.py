@@ -3,7 +3,8 @@
 image, the question and the answers).
 
 Each set has a name, a role (`original`: a skill the base model had; `target`: what
-fine-tuning taught) and a task (`caption` or `vqa`: how answers are scored). Rows are
+fine-tuning taught; `anchor`: examples of the original skills for anchored Model Tailor
+to calibrate on, never scored) and a task (`caption` or `vqa`: how answers are scored). Rows are
 checked one by one: a problem is a `UserError` naming the JSONL line, or the data set's
 row (numbered as the data set indexes it, from 0). Images from a data set are written to
 a folder as files, so every set is a list of `data.Example` like the JSONL format's.
@@ -23,7 +24,10 @@ from tailor_ui.data import (IMAGE_SUFFIXES, MAX_UPLOAD_BYTES, Example, check_ima
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.evaluate import TASKS, EvalSet
 
-ROLES = ("original", "target")
+# anchor: examples of the original skills that anchored Model Tailor holds the base to
+# (calibration data, never scored)
+ROLES = ("original", "target", "anchor")
+SCORED_ROLES = ("original", "target")
 # every model of a sweep answers every example: a few thousand already take hours on a CPU
 MAX_EVAL_EXAMPLES = 2000
 COLUMN_ROLES = ("image", "question", "answers")
@@ -47,8 +51,8 @@ class EvalSpec:
 
 def check_kind(role: str, task: str | None) -> None:
     if role not in ROLES:
-        raise UserError(f"unknown role {role!r}: original (a skill the base had) or target "
-                        "(what fine-tuning taught)")
+        raise UserError(f"unknown role {role!r}: original (a skill the base had), target "
+                        "(what fine-tuning taught) or anchor (original-task calibration data)")
     if task is not None and task not in TASKS:
         raise UserError(f"unknown task {task!r}: caption or vqa")
 

@@ -255,16 +255,16 @@ class Studio:
         if REGISTRY[settings.method].needs_calibration:
             examples, source = self._calibration_examples(session, handle, calib_source,
                                                           calib_files, calib_examples)
-        tailor.anchor_examples(handle, settings.anchored)  # refused now, not in the job
+        sets = evalsets_.pair_sets(session, handle)
+        anchor = tailor.anchor_examples(handle, settings.anchored, sets)  # refused now, not in the job
         if supersede:
             for old in self.runner.active(session.id, "tailor"):
                 self.runner.cancel(old.id, session.id)
         label = settings_label(settings)
-        sets = evalsets_.pair_sets(session, handle)
 
         def job(progress, should_stop):
             return self._tailor_job(handle, settings, examples, source, label, session,
-                                    progress, should_stop, sets)
+                                    progress, should_stop, sets, anchor)
 
         return self.runner.submit(session.id, "tailor", job, label=label, lane=handle.lane)
 
@@ -278,11 +278,11 @@ class Studio:
         return tailor.batches(handle, examples, source, self.config.calib_batch)
 
     def _tailor_job(self, handle: PairHandle, settings, examples: list, source: str, label: str,
-                    session: Session | None, progress, should_stop, sets=None) -> TailorRun:
+                    session: Session | None, progress, should_stop, sets=None, anchor=()) -> TailorRun:
         return tailor.tailor_run(handle, settings, examples, source, label, session,
                                  batch_size=self.config.calib_batch,
                                  quick_examples=self.config.quick_examples, progress=progress,
-                                 should_stop=should_stop, sets=sets)
+                                 should_stop=should_stop, sets=sets, anchor=anchor)
 
     def record(self, session: Session, job: Job) -> None:
         """File a finished job's merge, sweep or fine-tuned model under its session, once.
@@ -393,12 +393,14 @@ class Studio:
         from tailor_ui.methods import REGISTRY
 
         handle = self.handle_for(session)
+        sets = evalsets_.pair_sets(session, handle)
+        forms = list(compensations or tailor.sweep_compensations(handle, sets))
         grid = sweep_grid(methods, {"keep": keeps, "lam": lams, "alpha": [alpha]},
                           calibrated={"hessians": [hessians], "scope": [scope], "compensate": [compensate],
-                                      "compensation": list(compensations or tailor.sweep_compensations(handle))},
+                                      "compensation": forms},
                           limit=sweep_.MAX_SWEEP_SETTINGS)
-        anchor = tailor.anchor_examples(handle, any(s.anchored for s in grid))
-        original, target = sweep_.eval_sets(evalsets_.pair_sets(session, handle), int(examples))
+        anchor = tailor.anchor_examples(handle, any(s.anchored for s in grid), sets)
+        original, target = sweep_.eval_sets(sets, int(examples))
         self.sync(session, "finetune")
         trained = [(t.method, name, model) for t in session.trained_for(handle)
                    for name, model in t.models]
@@ -428,7 +430,7 @@ class Studio:
         search_.original_sets(sets)  # refused before an upload is unpacked
         calibration, _ = self._calibration_examples(session, handle, calib_source, calib_files,
                                                     calib_examples)
-        anchor = tailor.anchor_examples(handle, "anchored" in options.get("compensation", ()))
+        anchor = tailor.anchor_examples(handle, "anchored" in options.get("compensation", ()), sets)
         plan = search_.search_plan(sets, keeps, alphas, options, int(examples), calibration,
                                    float(holdout), sweep_.MAX_SWEEP_SETTINGS, anchor)
 

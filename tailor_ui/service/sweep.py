@@ -17,6 +17,7 @@ from tailor_ui.evaluation.sets import EvalSpec
 from tailor_ui.io import atomic_path
 from tailor_ui.service.config import settings_label
 from tailor_ui.session import PairHandle, Session, SweepRun
+from tailor_ui.service.tailor import anchor_source
 from tailor_ui.training.registry import TRAINING_METHODS
 
 MAX_SWEEP_SETTINGS = 24
@@ -66,7 +67,7 @@ def sweep_run(handle: PairHandle, plan: SweepPlan, session: Session, batches,
         calibration = None
         if plan.calibration is not None:
             calibration = [batches(*plan.calibration)] * len(handle.pair.finetuned)
-        anchor = batches(plan.anchor, "anchor")
+        anchor = batches(plan.anchor, anchor_source(plan.anchor))
         table = sweep(handle.pair, plan.grid, plan.original, plan.target, calibration, anchor=anchor,
                       batch_size=plan.n, progress=progress, should_stop=should_stop)
         if plan.trained:

@@ -17,7 +17,7 @@ import pandas as pd
 from tailor_ui.control import Progress, StopCheck
 from tailor_ui.data import Example, import_examples, read_calibration
 from tailor_ui.errors import UserError
-from tailor_ui.evaluation.sets import EvalSpec
+from tailor_ui.evaluation.sets import SCORED_ROLES, EvalSpec
 from tailor_ui.io import atomic_path
 from tailor_ui.patch import PatchFile
 from tailor_ui.session import PairHandle, Session, TailorRun
@@ -48,34 +48,47 @@ def calibration_examples(session: Session, handle: PairHandle, source: str,
     return list(handle.calibration[:n]), "builtin"
 
 
-def default_compensation(handle: PairHandle) -> str:
+def anchor_set(handle: PairHandle, sets: Sequence[EvalSpec] = ()) -> list[Example]:
+    """The original-task calibration examples anchored Model Tailor can use: the pair's
+    built-in set and the visitor's sets of role `anchor`."""
+    return [*handle.anchor, *(ex for s in sets if s.role == "anchor" for ex in s.examples)]
+
+
+def default_compensation(handle: PairHandle, sets: Sequence[EvalSpec] = ()) -> str:
     """Model Tailor's compensation where the user did not choose: anchored where the pair has
     original-task calibration data (the measured best, README), else the paper's loop."""
     from tailor_ui.settings import Settings
 
-    return "anchored" if handle.anchor else Settings.compensation
+    return "anchored" if anchor_set(handle, sets) else Settings.compensation
 
 
-def sweep_compensations(handle: PairHandle, search: bool = False) -> list[str]:
+def sweep_compensations(handle: PairHandle, sets: Sequence[EvalSpec] = (), search: bool = False) -> list[str]:
     """The compensation forms a sweep draws where the user did not choose: the paper's loop,
     and beside it anchored compensation where the pair has original-task calibration data
     (a search of settings: exact and greedy, and anchored where it can)."""
     from tailor_ui.settings import Settings
 
     first = ["exact", "greedy"] if search else [Settings.compensation]
-    return list(dict.fromkeys([*first, default_compensation(handle)]))
+    return list(dict.fromkeys([*first, default_compensation(handle, sets)]))
 
 
-def anchor_examples(handle: PairHandle, needed: bool) -> list[Example]:
-    """The pair's built-in original-task calibration set where anchored compensation needs
-    it (empty where nothing does); refused when the pair has none."""
+def anchor_examples(handle: PairHandle, needed: bool, sets: Sequence[EvalSpec] = ()) -> list[Example]:
+    """`anchor_set` where anchored compensation needs it (empty where nothing does); refused
+    when there is none."""
     if not needed:
         return []
-    if not handle.anchor:
+    examples = anchor_set(handle, sets)
+    if not examples:
         raise UserError("anchored compensation needs original-task calibration data and this pair "
-                        "has none built in: choose exact or greedy compensation (the command line "
-                        "takes your own set: tailor --anchor FILE.jsonl)")
-    return list(handle.anchor)
+                        "has none: add a set of the skills to keep with the role 'anchor' (Models "
+                        "tab, Evaluation sets), or choose exact or greedy compensation")
+    return examples
+
+
+def anchor_source(examples: Sequence[Example]) -> str:
+    """The batch cache's name for an anchor set: by content, as visitors' sets differ."""
+    content = repr([(str(e.image), e.question, e.answers) for e in examples]).encode()
+    return f"anchor:{hashlib.sha1(content).hexdigest()[:12]}"
 
 
 def batches(handle: PairHandle, examples: list[Example], source: str, batch_size: int) -> list:
@@ -90,11 +103,13 @@ def batches(handle: PairHandle, examples: list[Example], source: str, batch_size
 
 def tailor_run(handle: PairHandle, settings, examples: list[Example], source: str, label: str,
                session: Session | None, *, batch_size: int, quick_examples: int, progress: Progress,
-               should_stop: StopCheck, sets: Sequence[EvalSpec] | None = None) -> TailorRun:
+               should_stop: StopCheck, sets: Sequence[EvalSpec] | None = None,
+               anchor: Sequence[Example] = ()) -> TailorRun:
     """Merge the pair, check the merge on `quick_examples` of each evaluation set (`sets`,
     by default the pair's built-in ones), and (given a session) save its patch and report
     in a new folder of the session. A data-free merge with a folder writes its patch there
-    as it goes and keeps none in memory (`merge`)."""
+    as it goes and keeps none in memory (`merge`). `anchor`: anchored compensation's
+    original-task calibration examples."""
     start = time.perf_counter()
     folder = None
     if session is not None:
@@ -102,9 +117,11 @@ def tailor_run(handle: PairHandle, settings, examples: list[Example], source: st
     try:
         with handle.lock:
             handle.trim_cache()
-            result = merge(handle, settings, examples, source, batch_size, folder, progress, should_stop)
-            quick, references = quick_check(handle, handle.eval_sets if sets is None else sets,
-                                            result.patch, quick_examples, progress, should_stop)
+            result = merge(handle, settings, examples, source, batch_size, folder, progress, should_stop,
+                           anchor)
+            scored = [s for s in (handle.eval_sets if sets is None else sets) if s.role in SCORED_ROLES]
+            quick, references = quick_check(handle, scored, result.patch, quick_examples, progress,
+                                            should_stop)
     except BaseException:
         if folder is not None:  # a failed or cancelled merge leaves no folder behind
             shutil.rmtree(folder, ignore_errors=True)
@@ -123,7 +140,7 @@ def tailor_run(handle: PairHandle, settings, examples: list[Example], source: st
 
 
 def merge(handle: PairHandle, settings, examples: list[Example], source: str, batch_size: int,
-          folder: Path | None, progress: Progress, should_stop: StopCheck):
+          folder: Path | None, progress: Progress, should_stop: StopCheck, anchor: Sequence[Example] = ()):
     """The method run on the pair (an `engine.Result`). A data-free method given a folder
     streams its patch into folder/patch.safetensors tensor by tensor (`pair_stream`: the
     result's patch is that file); otherwise the engine's patch, in memory."""
@@ -139,9 +156,9 @@ def merge(handle: PairHandle, settings, examples: list[Example], source: str, ba
     if examples:
         progress("preparing the calibration data", 0, 1)
         calibration = [batches(handle, examples, source, batch_size)] * len(handle.pair.finetuned)
-    anchor = batches(handle, anchor_examples(handle, settings.anchored), "anchor", batch_size)
-    return run_method(handle.pair, settings, calibration, anchor=anchor, progress=progress,
-                      should_stop=should_stop)
+    anchored = list(anchor) if settings.anchored else []
+    return run_method(handle.pair, settings, calibration, progress=progress, should_stop=should_stop,
+                      anchor=batches(handle, anchored, anchor_source(anchored), batch_size))
 
 
 def save_run(folder: Path, patch, report: dict[str, Any]) -> tuple[Path, Path]:

@@ -8,9 +8,12 @@ import gradio as gr
 from tailor_ui.evaluation.sets import ROLES
 from tailor_ui.ui.common import Tab, changed, session_id, user_errors
 
+ROLE_LABELS = {"anchor": "anchor (original-task calibration for anchored Model Tailor, not scored)"}
+
 FORMAT = ("Sets score every merge: the quick check (Tailor), the sweep (Forgetting), Find settings "
           "and Compare's examples. **Original** sets hold skills the base model had, **target** "
-          "sets what fine-tuning taught. Upload a JSONL with its images, or a zip of both, one "
+          "sets what fine-tuning taught; **anchor** sets are other examples of the original skills, "
+          "which anchored Model Tailor holds the base to (never scored). Upload a JSONL with its images, or a zip of both, one "
           "example a line: `{\"image\": \"img/1.png\", \"question\": \"what is on the left?\", "
           "\"answers\": [\"a red circle\"]}` (a caption set has no question) — or name a `datasets` "
           "folder on the server or a hub id, its split (`test`, `test[:200]`) and columns "
@@ -76,7 +79,8 @@ class EvalSetsPanel(Tab):
                 with gr.Column(scale=1, min_width=220):
                     self.name = gr.Textbox(label="Name (optional)", elem_id="evalsets-name",
                                            placeholder="from the file or folder")
-                    self.role = gr.Radio(list(ROLES), value="original", label="Role", elem_id="evalsets-role")
+                    self.role = gr.Radio([(ROLE_LABELS.get(r, r), r) for r in ROLES], value="original",
+                                         label="Role", elem_id="evalsets-role")
                     self.task = gr.Radio(TASK_CHOICES, value="vqa", label="Task", elem_id="evalsets-task")
                     self.add_button = gr.Button("Add set", variant="primary", elem_id="evalsets-add")
             self.table = gr.Dataframe(headers=["name", "role", "task", "examples", "source"],

@@ -17,7 +17,8 @@ from tailor_ui.ui.common import (Slider, Tab, cancel_unfinished, changed, fmt_ta
                                  session_id, user_errors)
 from tailor_ui.ui.models import changed_modules
 from tailor_ui.service.config import default_settings
-from tailor_ui.service.tailor import default_compensation, sweep_compensations
+from tailor_ui.service.evalsets import pair_sets
+from tailor_ui.service.tailor import anchor_set, default_compensation, sweep_compensations
 from tailor_ui.settings import Settings
 
 LAMBDA_LABEL = f"λ ({', '.join(m.label for m in REGISTRY.values() if 'lam' in m.knobs)})"
@@ -194,11 +195,16 @@ class TailorTab(Tab):
         else:
             out += [gr.skip()] * 3
         if handle is not None and changed(session, "tailor-modules", id(handle)):
-            out += [gr.update(choices=changed_modules(handle), value=[]),
-                    gr.update(value=default_compensation(handle)),
-                    gr.update(value=sweep_compensations(handle, search=True))]
+            out.append(gr.update(choices=changed_modules(handle), value=[]))
         else:
-            out += [gr.skip()] * 3
+            out.append(gr.skip())
+        sets = pair_sets(session, handle) if handle is not None else ()
+        if handle is not None and changed(session, "tailor-forms", (id(handle), bool(anchor_set(handle, sets)))):
+            # the pair's defaults, again when an anchor set comes or goes
+            out += [gr.update(value=default_compensation(handle, sets)),
+                    gr.update(value=sweep_compensations(handle, sets, search=True))]
+        else:
+            out += [gr.skip()] * 2
         every = runner.history(session.id)
         if changed(session, "job-history", tuple(job_signature(j) for j in every)):
             out.append(history_table(every))
