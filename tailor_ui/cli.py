@@ -289,9 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.debug:
             _quiet_libraries()
-        # sets from zips and data sets are read into this folder, gone when the command ends
         if getattr(args, "compensation", "") is None:
             args.compensation = _default_compensation(args)
+        # sets from zips and data sets are read into this folder, gone when the command ends
         with tempfile.TemporaryDirectory(prefix="tailor-sets-") as scratch:
             args.scratch = Path(scratch)
             return COMMANDS[args.command](args)
@@ -434,6 +434,8 @@ def _tailor(args: argparse.Namespace) -> int:
     _check_out_dir(args.out)
     _check_adapter_out(args)
     examples = [read_calibration(path)[: args.calib_limit] for path in args.calib]
+    if args.anchor and not method.needs_calibration:
+        raise UserError(f"--anchor is read only by Model Tailor, not by {method.label}")
     anchor_examples = _read_anchor(args)
     sources = None if method.needs_calibration else _stream_sources(args, [args.base, *args.finetuned])
     if sources is not None:
@@ -604,8 +606,8 @@ def _tailor_patch(pair, settings, examples: list, anchor: list, batch_size: int,
     from tailor_ui.engine import run_method
 
     calibration = [calibration_batches(pair.processor, examples, batch_size)]
-    return run_method(pair, settings, calibration, anchor=calibration_batches(pair.processor, anchor, batch_size),
-                      progress=progress).patch
+    anchor_batches = calibration_batches(pair.processor, anchor, batch_size)
+    return run_method(pair, settings, calibration, anchor=anchor_batches, progress=progress).patch
 
 
 def _compare_rows(args: argparse.Namespace) -> list[dict]:

@@ -167,6 +167,7 @@ def _tailor_args(tmp_path, *extra):
     (["--compensation", "exact", "--anchor", str(DEMO / "original_calib.jsonl")],
      "--anchor is read only by --compensation anchored"),
     (["--compensation", "anchored", "--anchor", str(DEMO / "nothing.jsonl")], "data file not found"),
+    (["--method", "magnitude", "--anchor", str(DEMO / "original_calib.jsonl")], "read only by Model Tailor"),
     (["--compensation", "anchored", "--anchor", str(DEMO / "original_calib.jsonl"), "--anchor-weight", "0"],
      "anchor weight must be above 0"),
 ])
