@@ -149,6 +149,9 @@ def test_labels_and_h_score():
     assert setting_label(Settings(method="dare", keep=0.1)) == "DARE drop=0.9"
     assert setting_label(Settings(scope="row", compensate=False)) == (
         "Model Tailor keep=0.1 alpha=0.8 scope=row compensate=False")
+    # a setting the method does not read does not name it (the dashboard sends every widget)
+    assert setting_label(Settings(method="magnitude", compensation="anchored", others="base")) == (
+        "Magnitude patch keep=0.1 others=base")
     assert h_score(0.5, 0.5) == 0.5
     assert h_score(1.0, 0.0) == 0.0 and h_score(0.0, 0.0) == 0.0
     assert h_score(0.9, 0.6) == pytest.approx(0.72)

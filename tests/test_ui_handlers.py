@@ -42,9 +42,11 @@ def new_request():
 
 
 def tailor_inputs(**overrides):
+    # the Tailor tab's values on the demo pair (compensation: the pair's default, anchored)
     values = dict(method="tailor", keep=0.1, alpha=0.8, scope="block", compensate=True, modules=[],
                   lam=1.0, hessians="one-pass", sign="obs", sensitivity="change", others="finetuned",
-                  modules_regex="", calib_source="builtin", calib_files=None, calib_examples=32)
+                  modules_regex="", calib_source="builtin", calib_files=None, calib_examples=32,
+                  compensation="anchored")
     values.update(overrides)
     return values
 
@@ -327,7 +329,8 @@ def test_compare_side_by_side(app):
     run_tailor(app, request, method="magnitude", keep=0.15)
     base, tuned, tailored, table = app.compare.compare(image, "question", question, request=request)
     assert all(isinstance(a, str) and a for a in (base, tuned, tailored))
-    assert list(table["model"]) == ["Pre-trained", "Fine-tuned", "Model Tailor keep=0.15 alpha=0.8",
+    assert list(table["model"]) == ["Pre-trained", "Fine-tuned",
+                                    "Model Tailor keep=0.15 alpha=0.8 compensation=anchored",
                                     "Magnitude patch keep=0.15"]
     assert table["answer"].iloc[2] == tailored
     caption = app.compare.compare(image, "caption", "ignored", request=request)

@@ -53,6 +53,7 @@ from tailor_ui.weights import read_param
 LAMBDA_RANGE = (0.0, 2.0)
 # Shown in every label that uses them, so they are not repeated as "non-default" extras.
 _LABELLED = {"method", "keep", "alpha", "lam", "drop"}
+_READ_BY_EVERY_METHOD = {"modules", "others", "overlap"}
 _KNOB_NAMES = {"lam": "λ"}
 MAJORITY = "always the commonest answer"  # as the dashboard names them in errors
 
@@ -71,7 +72,9 @@ def _knob_values(s: Settings) -> dict[str, float | None]:
 
 
 def setting_label(s: Settings) -> str:
-    """A short readable name: the method, its knobs, then any other non-default setting."""
+    """A short readable name: the method, its knobs, then any other non-default setting it
+    reads (its knobs, and what every method reads: modules, others, overlap), so a value
+    a method ignores (a magnitude patch's compensation form) does not name it."""
     knobs = _knob_values(s)
     parts = [REGISTRY[s.method].label]
     if "drop" in REGISTRY[s.method].knobs:
@@ -79,8 +82,9 @@ def setting_label(s: Settings) -> str:
     else:
         parts += [f"{k}={v:g}" for k, v in knobs.items() if v is not None]
     defaults = Settings(method=s.method)
+    read = {*REGISTRY[s.method].knobs, *_READ_BY_EVERY_METHOD}
     parts += [f"{f.name}={getattr(s, f.name)}" for f in fields(Settings)
-              if f.name not in _LABELLED and getattr(s, f.name) != getattr(defaults, f.name)]
+              if f.name in read and f.name not in _LABELLED and getattr(s, f.name) != getattr(defaults, f.name)]
     return " ".join(parts)
 
 

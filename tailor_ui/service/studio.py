@@ -103,13 +103,15 @@ class Studio:
             self.warm.set()
 
     def _submit_warm_up(self, handle: PairHandle) -> None:
-        """Queue the default merge; _on_finish files it as the pair's default run."""
-        settings = default_settings()
+        """Queue the default merge (the Tailor tab's defaults for this pair, so a first slider
+        move re-thresholds its scores); _on_finish files it as the pair's default run."""
+        settings = default_settings(compensation=tailor.default_compensation(handle))
         examples = list(handle.calibration[: self.config.calib_examples])
+        anchor = tailor.anchor_examples(handle, settings.anchored)
 
         def job(progress, should_stop):
             return self._tailor_job(handle, settings, examples, "builtin", "warm-up", None,
-                                    progress, should_stop)
+                                    progress, should_stop, anchor=anchor)
 
         self.runner.submit(SYSTEM, "tailor", job, label="warm-up: default merge", lane=handle.lane)
 
