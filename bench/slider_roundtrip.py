@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from dataclasses import replace
+
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,13 +45,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calib-limit", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sequential-moves", type=int, default=3)
+    p.add_argument("--compensation", default="greedy",
+                   help="greedy | exact | anchored (the demo's original_calib.jsonl as its anchor)")
     p.add_argument("--results", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     pair = load_pair(str(args.assets / "base"), str(args.assets / "finetuned"))
     examples = read_examples(args.assets / "target_calib.jsonl")[: args.calib_limit]
     calib = [calibration_batches(pair.processor, examples)]
-    out: dict = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    anchor = calibration_batches(pair.processor, read_examples(args.assets / "original_calib.jsonl")) \
+        if args.compensation == "anchored" else None
+    out: dict = {"compensation": args.compensation, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                  "load_avg_at_start": os.getloadavg(), "calibration_examples": len(examples),
                  "parameters": sum(p.numel() for p in pair.base.parameters())}
 
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         if applied is not None:
             revert_patch(pair.base, applied)
-        result = run_method(pair, settings, calib)
+        result = run_method(pair, replace(settings, compensation=args.compensation), calib, anchor=anchor)
         applied = apply_patch(pair.base, result.patch)
         return time.perf_counter() - start, applied, result
 
