@@ -311,15 +311,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _default_compensation(args: argparse.Namespace) -> str:
-    """`--compensation` left out: the paper's loop (find-settings: exact and greedy), with
-    anchored compensation where --anchor gives it original-task data (anchored alone for one
-    merge, beside the others for a sweep or a search)."""
+    """`--compensation` left out: `Settings.default_compensations`, anchored where --anchor
+    gives it original-task data (alone for one merge, beside the others for a sweep or a
+    search)."""
     from tailor_ui.settings import Settings
 
-    if args.command in ("tailor", "compare"):
-        return "anchored" if args.anchor else Settings.compensation
-    forms = ["exact", "greedy"] if args.command == "find-settings" else [Settings.compensation]
-    return ",".join(forms + (["anchored"] if args.anchor else []))
+    forms = Settings.default_compensations(bool(args.anchor), search=args.command == "find-settings")
+    return forms[-1] if args.command in ("tailor", "compare") else ",".join(forms)
 
 
 def _quiet_libraries() -> None:

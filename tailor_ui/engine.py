@@ -384,7 +384,8 @@ def _score(w_pre: torch.Tensor, w_ft: torch.Tensor, hessian: torch.Tensor,
     with run.timed("scores"):
         hessian, damp = hessian.to(w_pre.device), s.damp
         if anchor_hessian is not None:
-            w_ft, hessian = anchored_problem(w_pre, w_ft.float(), hessian, anchor_hessian, s.anchor_weight, s.damp)
+            w_ft, hessian = anchored_problem(w_pre, w_ft.float(), hessian, anchor_hessian,
+                                             s.anchor_weight, s.damp)
             damp = 0.0  # A holds the target Hessian's damping already
         factor = inverse_hessian_factor(hessian, damp)
         scores = tensor_scores(w_pre, w_ft, factor, s.sensitivity, s.block_size)

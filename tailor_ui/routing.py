@@ -47,8 +47,9 @@ def merged_chunks(name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor], 
     the union of such patches) or the method runs by chunks itself (`Method.chunks`: TIES's
     cut, DARE's draws), one piece for the whole tensor otherwise. A chunk is computed only
     when asked for (what a method reads of the whole tensor, before the first), so a caller
-    may overwrite the base's entries of a chunk it has taken. (Chunks are large on purpose: on a busy CPU every parallel torch op pays
-    for waking its threads, so a million small ops cost more than the arithmetic.)
+    may overwrite the base's entries of a chunk it has taken. (Chunks are large on purpose:
+    on a busy CPU every parallel torch op pays for waking its threads, so a million small
+    ops cost more than the arithmetic.)
     """
     if all(torch.equal(base, t) for t in tuned):
         return None

@@ -120,6 +120,15 @@ class Settings:
         if problems:
             raise UserError("; ".join(problems))
 
+    @staticmethod
+    def default_compensations(anchor: bool, search: bool = False) -> list[str]:
+        """Model Tailor's compensation forms where the user chose none: a sweep draws the
+        paper's loop (a search: exact and greedy), and anchored beside it where there is
+        original-task calibration data (`anchor`); a single merge takes the last (anchored
+        where it can: the measured best, README)."""
+        first = ["exact", "greedy"] if search else [Settings.compensation]
+        return first + (["anchored"] if anchor else [])
+
     @property
     def anchored(self) -> bool:
         """Anchored compensation: the merge needs original-task calibration data."""

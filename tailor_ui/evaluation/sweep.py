@@ -82,9 +82,9 @@ def setting_label(s: Settings) -> str:
     else:
         parts += [f"{k}={v:g}" for k, v in knobs.items() if v is not None]
     defaults = Settings(method=s.method)
-    read = {*REGISTRY[s.method].knobs, *_READ_BY_EVERY_METHOD}
+    shown = {*REGISTRY[s.method].knobs, *_READ_BY_EVERY_METHOD} - _LABELLED
     parts += [f"{f.name}={getattr(s, f.name)}" for f in fields(Settings)
-              if f.name in read and f.name not in _LABELLED and getattr(s, f.name) != getattr(defaults, f.name)]
+              if f.name in shown and getattr(s, f.name) != getattr(defaults, f.name)]
     return " ".join(parts)
 
 

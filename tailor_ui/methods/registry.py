@@ -43,9 +43,8 @@ def _dare(base: torch.Tensor, tuned: Sequence[torch.Tensor], name: str, s: Knobs
     return baselines.dare(base, task_vectors(base, tuned)[0], s.effective_drop, s.seed, name)
 
 
-_TAILOR_KNOBS = ("keep", "alpha", "scope", "compensate", "compensation", "anchor_weight", "order", "budget", "sign",
-                 "sensitivity", "hessians", "damp",
-                 "block_size")
+_TAILOR_KNOBS = ("keep", "alpha", "scope", "compensate", "compensation", "anchor_weight", "order",
+                 "budget", "sign", "sensitivity", "hessians", "damp", "block_size")
 
 REGISTRY: dict[str, Method] = {
     # tensors without a Hessian (others merged "like linears") take the magnitude patch

@@ -58,7 +58,8 @@ def search_plan(sets: Sequence[EvalSpec], keeps: Sequence[float], alphas: Sequen
     if len(grid) > max_candidates:
         raise UserError(f"{len(grid)} candidates is too many for one search (at most {max_candidates})")
     split_examples(examples, holdout)
-    return SearchPlan(keeps, alphas, options, original, limit, examples, holdout, len(grid), list(anchor or []))
+    return SearchPlan(keeps, alphas, options, original, limit, examples, holdout, len(grid),
+                      list(anchor or []))
 
 
 def search_run(handle: PairHandle, plan: SearchPlan, session: Session, calib_batch: int,

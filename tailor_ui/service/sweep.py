@@ -67,7 +67,7 @@ def sweep_run(handle: PairHandle, plan: SweepPlan, session: Session, batches,
         calibration = None
         if plan.calibration is not None:
             calibration = [batches(*plan.calibration)] * len(handle.pair.finetuned)
-        anchor = batches(plan.anchor, anchor_source(plan.anchor))
+        anchor = batches(plan.anchor, anchor_source(plan.anchor)) if plan.anchor else None
         table = sweep(handle.pair, plan.grid, plan.original, plan.target, calibration, anchor=anchor,
                       batch_size=plan.n, progress=progress, should_stop=should_stop)
         if plan.trained:

@@ -54,22 +54,24 @@ def anchor_set(handle: PairHandle, sets: Sequence[EvalSpec] = ()) -> list[Exampl
     return [*handle.anchor, *(ex for s in sets if s.role == "anchor" for ex in s.examples)]
 
 
+def has_anchor(handle: PairHandle, sets: Sequence[EvalSpec] = ()) -> bool:
+    """Whether `anchor_set` has anything, without gathering it (the Tailor tab asks each poll)."""
+    return bool(handle.anchor) or any(s.role == "anchor" and s.examples for s in sets)
+
+
 def default_compensation(handle: PairHandle, sets: Sequence[EvalSpec] = ()) -> str:
-    """Model Tailor's compensation where the user did not choose: anchored where the pair has
-    original-task calibration data (the measured best, README), else the paper's loop."""
+    """Model Tailor's compensation for one merge where the user did not choose
+    (`Settings.default_compensations`)."""
     from tailor_ui.settings import Settings
 
-    return "anchored" if anchor_set(handle, sets) else Settings.compensation
+    return Settings.default_compensations(has_anchor(handle, sets))[-1]
 
 
 def sweep_compensations(handle: PairHandle, sets: Sequence[EvalSpec] = (), search: bool = False) -> list[str]:
-    """The compensation forms a sweep draws where the user did not choose: the paper's loop,
-    and beside it anchored compensation where the pair has original-task calibration data
-    (a search of settings: exact and greedy, and anchored where it can)."""
+    """The compensation forms a sweep (or a search) draws where the user did not choose."""
     from tailor_ui.settings import Settings
 
-    first = ["exact", "greedy"] if search else [Settings.compensation]
-    return list(dict.fromkeys([*first, default_compensation(handle, sets)]))
+    return Settings.default_compensations(has_anchor(handle, sets), search)
 
 
 def anchor_examples(handle: PairHandle, needed: bool, sets: Sequence[EvalSpec] = ()) -> list[Example]:
@@ -157,8 +159,9 @@ def merge(handle: PairHandle, settings, examples: list[Example], source: str, ba
         progress("preparing the calibration data", 0, 1)
         calibration = [batches(handle, examples, source, batch_size)] * len(handle.pair.finetuned)
     anchored = list(anchor) if settings.anchored else []
-    return run_method(handle.pair, settings, calibration, progress=progress, should_stop=should_stop,
-                      anchor=batches(handle, anchored, anchor_source(anchored), batch_size))
+    anchor_batches = batches(handle, anchored, anchor_source(anchored), batch_size) if anchored else None
+    return run_method(handle.pair, settings, calibration, anchor=anchor_batches, progress=progress,
+                      should_stop=should_stop)
 
 
 def save_run(folder: Path, patch, report: dict[str, Any]) -> tuple[Path, Path]:

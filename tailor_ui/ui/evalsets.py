@@ -13,8 +13,9 @@ ROLE_LABELS = {"anchor": "anchor (original-task calibration for anchored Model T
 FORMAT = ("Sets score every merge: the quick check (Tailor), the sweep (Forgetting), Find settings "
           "and Compare's examples. **Original** sets hold skills the base model had, **target** "
           "sets what fine-tuning taught; **anchor** sets are other examples of the original skills, "
-          "which anchored Model Tailor holds the base to (never scored). Upload a JSONL with its images, or a zip of both, one "
-          "example a line: `{\"image\": \"img/1.png\", \"question\": \"what is on the left?\", "
+          "which anchored Model Tailor holds the base to (never scored). Upload a JSONL with its "
+          "images, or a zip of both, one example a line: "
+          "`{\"image\": \"img/1.png\", \"question\": \"what is on the left?\", "
           "\"answers\": [\"a red circle\"]}` (a caption set has no question) — or name a `datasets` "
           "folder on the server or a hub id, its split (`test`, `test[:200]`) and columns "
           "(`image=img, question=q, answers=refs`).")

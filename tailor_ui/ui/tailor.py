@@ -18,7 +18,7 @@ from tailor_ui.ui.common import (Slider, Tab, cancel_unfinished, changed, fmt_ta
 from tailor_ui.ui.models import changed_modules
 from tailor_ui.service.config import default_settings
 from tailor_ui.service.evalsets import pair_sets
-from tailor_ui.service.tailor import anchor_set, default_compensation, sweep_compensations
+from tailor_ui.service.tailor import default_compensation, has_anchor, sweep_compensations
 from tailor_ui.settings import Settings
 
 LAMBDA_LABEL = f"λ ({', '.join(m.label for m in REGISTRY.values() if 'lam' in m.knobs)})"
@@ -199,7 +199,7 @@ class TailorTab(Tab):
         else:
             out.append(gr.skip())
         sets = pair_sets(session, handle) if handle is not None else ()
-        if handle is not None and changed(session, "tailor-forms", (id(handle), bool(anchor_set(handle, sets)))):
+        if handle is not None and changed(session, "tailor-forms", (id(handle), has_anchor(handle, sets))):
             # the pair's defaults, again when an anchor set comes or goes
             out += [gr.update(value=default_compensation(handle, sets)),
                     gr.update(value=sweep_compensations(handle, sets, search=True))]
@@ -308,7 +308,9 @@ class TailorTab(Tab):
                                          elem_id="tailor-find-keeps")
             self.find_alphas = gr.Textbox("0.5, 0.8, 1.0", label="Fusion weights (alpha)",
                                           elem_id="tailor-find-alphas")
-            self.find_compensation = gr.CheckboxGroup(["exact", "greedy", "anchored"], value=["exact", "greedy"],
+            # the pair's defaults (anchored where it has an anchor set) arrive with the first poll
+            self.find_compensation = gr.CheckboxGroup(["exact", "greedy", "anchored"],
+                                                      value=Settings.default_compensations(False, search=True),
                                                       label="Compensation forms",
                                                       elem_id="tailor-find-compensation")
             self.find_n = Slider(4, 150, value=16, step=4, label="Examples per original-task set",
