@@ -3,7 +3,8 @@
 On a ZeroGPU Space the process has no GPU of its own: a GPU is lent only while a function
 decorated with `spaces.GPU` runs. On a dedicated GPU, in Docker or locally, the job
 runner's worker thread calls the job directly (the `spaces` package, where installed,
-leaves functions alone there).
+leaves functions alone there; a fork of ours could not use the CUDA context the server
+holds, see workers.py).
 
 `mode()` decides once per process and `on_gpu()` is the one place that acts on it: the
 job runner calls every job of a GPU lane through it, so queueing, owners, progress and
@@ -21,8 +22,8 @@ Hence, on ZeroGPU:
   moment (pairs, runs, calibration) and nothing is pickled on the way in.
 - A job's result crosses processes: it holds CPU tensors only, and a `PairHandle` travels
   by reference (session.py), so a run arrives pointing at the main process's own pair. A
-  handle made in the fork cannot come back; so loading a pair (kind "load") runs in the
-  main process, where `spaces` emulates "cuda": the tensors stay in host memory and each
+  handle made in the fork cannot come back; so loading a pair (`JobKind.LOAD`, the one
+  kind that is not `in_worker`) runs in the main process, where `spaces` emulates "cuda": the tensors stay in host memory and each
   worker moves them to its GPU.
 - An exception comes back as the job's result (`_Raised`) and is raised again here, so a
   `UserError` keeps its message.
@@ -30,7 +31,9 @@ Hence, on ZeroGPU:
   its result by the runner's `on_finish` in the main process, in both modes (the warm-up's
   default run, the quick check's reference scores; an export's zip). Caches are simply
   lost: `Pair.cache` (the scores a slider move re-thresholds), `Pair.changed()` and the
-  calibration batches are recomputed by every job, so each slider move costs a full merge.
+  calibration batches are recomputed by every job, so each slider move costs a full merge
+  (our own workers send them back through a `workers.Relay`, which has no way out of
+  spaces' fork).
 - Progress and cancel checks inside the fork do not reach the page: the job shows one
   "running" stage until it ends, and a cancel asked meanwhile drops its result when it
   returns. A fine-tune's live loss curve appears only when it ends.
@@ -41,34 +44,19 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import pickle
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # importing the runner would import torch; `spaces` should come first
-    from tailor_ui.jobs import JobFn
+if TYPE_CHECKING:
+    from tailor_ui.jobs import JobFn, JobKind
 
 log = logging.getLogger(__name__)
 
 ZEROGPU, RUNNER = "zerogpu", "runner"
 # what one GPU job may hold a lent ZeroGPU device for (ZeroGPU's quota counts it)
 GPU_SECONDS = int(os.environ.get("MTS_GPU_SECONDS", "120"))
-
-# The job kinds that run inside spaces.GPU on ZeroGPU (the one place that decides), why,
-# and what each returns across the process boundary. Any other kind runs in the main
-# process: "load", because it makes a PairHandle, which only the main process may make.
-IN_GPU_WORKER = frozenset({
-    "tailor",    # calibration forwards, Hessians, compensation, quick check: GPU work;
-                 # a TailorRun (the patch on the CPU, the pair by reference)
-    "compare",   # generation with every model; (label, answer) strings
-    "sweep",     # a merge and an evaluation per setting; a SweepRun (a table, a file)
-    "finetune",  # training a copy of the base; a TrainedModel, its models sent on the CPU
-    "export",    # writes the patched base: in the worker it is a plain CUDA model (in the
-                 # main process every save_pretrained read would go through the emulation);
-                 # the zip's path
-})
 
 _mode: str | None = None
 _emulating = threading.local()
@@ -97,20 +85,22 @@ def mode() -> str:
     return _mode
 
 
-def on_gpu(fn: JobFn, kind: str, *, seconds: int = GPU_SECONDS,
+def on_gpu(fn: JobFn, kind: JobKind, *, seconds: int = GPU_SECONDS,
            fork: Callable[[Callable[[], Any]], Any] | None = None) -> JobFn:
     """The job as the runner calls it on a GPU lane: `fn` itself, or on ZeroGPU, for the
-    kinds in IN_GPU_WORKER, a call that runs it inside `spaces.GPU(duration=seconds)`.
+    kinds that compute in a worker (`JobKind.in_worker`: every kind but loading a pair,
+    which runs in the main process), a call that runs it inside
+    `spaces.GPU(duration=seconds)`.
 
     `fork(task)` runs `task()` in a forked worker and returns its result; it defaults to
     spaces.GPU on ZeroGPU. Given (tests/test_zerogpu.py), this path runs on any machine."""
     if fork is None:
         if mode() != ZEROGPU:
             return fn
-        if kind not in IN_GPU_WORKER:
+        if not kind.in_worker:
             return _emulating_cuda(fn)
         fork = functools.partial(_spaces_gpu, seconds=seconds)
-    elif kind not in IN_GPU_WORKER:
+    elif not kind.in_worker:
         return fn
 
     def job(progress, should_stop) -> Any:
@@ -139,17 +129,14 @@ def _returning_errors(fn: JobFn, progress, should_stop) -> Any:
     """In the worker: the job's result, or its exception as a `_Raised`."""
     from tailor_ui.control import Cancelled
     from tailor_ui.errors import UserError
+    from tailor_ui.workers import portable_error
 
     try:
         return fn(progress, should_stop)
     except Exception as exc:
         if not isinstance(exc, (UserError, Cancelled)):  # its traceback stays in this process
             log.exception("a job failed in the GPU worker")
-        try:
-            pickle.loads(pickle.dumps(exc))
-        except Exception:  # an exception that cannot cross processes: its text can
-            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-        return _Raised(exc)
+        return _Raised(portable_error(exc))
 
 
 def _spaces_gpu(task: Callable[[], Any], seconds: int) -> Any:

@@ -1,14 +1,21 @@
-"""Background jobs: progress, cancel, history, one worker per device.
+"""Background jobs: progress, cancel, history, fair queues, one lane per device.
 
 Every heavy action of the dashboard (loading a pair, a merge, a sweep, a comparison, an
-export) runs here rather than in the web server's request thread, so the page stays
-responsive for everyone. Each device has one lane: a queue and one worker thread, so one
-GPU job runs at a time (and on a CPU-only machine heavy jobs run one after another instead
-of fighting over the cores).
+export) runs here rather than in the web server's request thread. Each device has one
+lane: a queue and one worker thread, so one job runs at a time per device (on a CPU-only
+machine heavy jobs run one after another instead of fighting over the cores). A lane
+serves visitors in turn (round-robin over owners), so one visitor's queue cannot starve
+another's.
+
+A job of a kind that computes in a worker (`JobKind.in_worker`) runs in a fork of the
+server (workers.py) when the runner is made with `workers=True`: the web server's
+process only waits on a pipe, so pages, `/healthz` and job status answer while every core
+computes, and a worker that dies ends its job FAILED and nothing else.
 
 A job function receives `progress(stage, done, total)` and `should_stop()`. Cancelling
 sets a flag: `should_stop()` turns true and the next `progress` call raises `Cancelled`,
-so a job stops at its next check (the engine checks between layers and blocks).
+so a job stops at its next check (the engine checks between layers and blocks); a kind
+whose work has no such checks has its worker ended instead (`CancelRoute`).
 
 Jobs belong to an owner (a browser session): one owner never sees, waits on or cancels
 another's jobs. Nothing here knows about Gradio.
@@ -21,23 +28,71 @@ from __future__ import annotations
 
 import gc
 import logging
-import queue
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
+from tailor_ui import workers
 from tailor_ui.control import Cancelled, Progress, StopCheck
 from tailor_ui.errors import UserError
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = JobStatus
 FINISHED = frozenset({DONE, FAILED, CANCELLED})
 
+
+class CancelRoute(StrEnum):
+    """How a cancel reaches a running job."""
+
+    STOP_FLAG = "stop-flag"  # should_stop() turns true; the job stops at its next check
+    END_WORKER = "end-worker"  # its worker process is ended at once (in a thread: the flag)
+
+
+class JobKind(StrEnum):
+    """What a job does, and so where it computes and how it is cancelled."""
+
+    LOAD = "load"
+    TAILOR = "tailor"
+    COMPARE = "compare"
+    SWEEP = "sweep"
+    SEARCH = "search"
+    FINETUNE = "finetune"
+    CONTINUAL = "continual"
+    EXPORT = "export"
+
+    @property
+    def in_worker(self) -> bool:
+        """Whether it computes in a worker process (a fork of the server; on ZeroGPU the
+        `spaces.GPU` worker). Not loading a pair: it makes a `PairHandle`, which only the
+        server's process may make (a handle pickles by reference to it)."""
+        return self is not JobKind.LOAD
+
+    @property
+    def cancel(self) -> CancelRoute:
+        """Generation (compare) and writing a model (export) check for a cancel rarely or
+        never, and a worker holds nothing the server shares: end it. The others check
+        between layers, settings or steps, and tidy up as they stop."""
+        return CancelRoute.END_WORKER if self in (JobKind.COMPARE, JobKind.EXPORT) else CancelRoute.STOP_FLAG
+
+
 JobFn = Callable[[Progress, StopCheck], Any]
+RETRY_MAX_SECONDS = 10.0  # the longest a poller of a queued job is told to wait
 
 
 @dataclass
@@ -46,11 +101,13 @@ class Job:
 
     id: str
     owner: str
-    kind: str
+    kind: JobKind
     label: str
     lane: str
-    status: str = QUEUED
+    in_worker: bool = False  # computed in a worker process (when it can fork)
+    status: JobStatus = QUEUED
     stage: str = "waiting in the queue"
+    position: int = 0  # while queued: 1 = the lane's next job
     done: int = 0
     total: int = 0
     result: Any = field(default=None, repr=False)
@@ -58,6 +115,7 @@ class Job:
     submitted: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
+    worker_pid: int | None = None  # the worker process that computed it, if one did
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _over: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -85,44 +143,101 @@ class Job:
     def queued_seconds(self) -> float:
         return (self.started or self.finished or time.time()) - self.submitted
 
+    @property
+    def retry_after(self) -> float | None:
+        """When a poller should ask again, in seconds (None: finished, nothing will change):
+        a second while it runs, longer the further back it waits."""
+        if self.is_finished:
+            return None
+        if self.status == QUEUED:
+            return min(max(float(self.position), 1.0), RETRY_MAX_SECONDS)
+        return 1.0
+
     def to_dict(self) -> dict[str, Any]:
         """Everything but the result, JSON-ready (for API clients and the history table)."""
         run = self.run_seconds
-        return {"id": self.id, "kind": self.kind, "label": self.label, "status": self.status,
+        return {"id": self.id, "kind": str(self.kind), "label": self.label, "status": str(self.status),
                 "stage": self.stage, "progress": round(self.fraction, 4), "done": self.done,
                 "total": self.total, "error": self.error, "lane": self.lane,
+                "position": self.position if self.status == QUEUED else None,
+                "retry_after": self.retry_after,
                 "submitted": self.submitted, "queued_s": round(self.queued_seconds, 3),
                 "run_s": None if run is None else round(run, 3)}
 
 
+class _Lane:
+    """A lane's waiting jobs by owner, served in turn: the first owner's next job, then
+    the owner goes to the back of the line."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, deque[tuple[Job, JobFn]]] = {}
+        self.busy = False
+
+    def push(self, job: Job, fn: JobFn) -> None:
+        self.waiting.setdefault(job.owner, deque()).append((job, fn))
+
+    def pop(self) -> tuple[Job, JobFn]:
+        owner = next(iter(self.waiting))
+        jobs = self.waiting.pop(owner)
+        item = jobs.popleft()
+        if jobs:
+            self.waiting[owner] = jobs  # to the back of the line
+        return item
+
+    def remove(self, job: Job) -> None:
+        jobs = self.waiting.get(job.owner)
+        if jobs is None:
+            return
+        for item in [i for i in jobs if i[0] is job]:
+            jobs.remove(item)
+        if not jobs:
+            del self.waiting[job.owner]
+
+    def restage(self) -> None:
+        """Each waiting job's place in the round-robin order (1 = next)."""
+        lines = list(self.waiting.values())
+        for k, jobs in enumerate(lines):
+            for i, (job, _) in enumerate(jobs):
+                ahead = sum(min(len(other), i) for other in lines)
+                ahead += sum(len(other) > i for other in lines[:k]) + self.busy
+                job.position = ahead + 1
+                job.stage = f"waiting in the queue ({ahead} ahead)" if ahead else "next in the queue"
+
+
 class JobRunner:
-    """Lanes of background work (one worker thread each) with bounded queues.
+    """Lanes of background work (one worker thread each) with bounded, fair queues.
 
     `lanes` names the devices ("cpu", "cuda"); a job goes to the lane of the device it
     uses. `max_queued` bounds the jobs waiting over all owners, `max_queued_per_owner` the
     jobs one owner may have waiting; `keep_finished` is how many finished jobs (with their
-    results) each owner's history keeps. `on_finish(job)` runs in the worker after a job
-    ends, whatever the outcome. `gpu_call(fn, kind)` is how a job on a GPU lane is called
-    (tailor_ui.gpu.on_gpu: unchanged, or inside ZeroGPU's `@spaces.GPU`).
+    results) each owner's history keeps. `on_finish(job)` runs in the lane's thread after a
+    job ends, whatever the outcome, before its waiters wake. `gpu_call(fn, kind)` is how a
+    job on a GPU lane is called (tailor_ui.gpu.on_gpu: unchanged, or inside ZeroGPU's
+    `@spaces.GPU`). With `workers`, jobs of kinds that compute in a worker run in a fork
+    of this process (workers.py), made while `fork_guard()` is held.
     """
 
     def __init__(self, lanes: Iterable[str] = ("cpu",), *, max_queued: int = 32,
                  max_queued_per_owner: int = 4, keep_finished: int = 30,
                  on_finish: Callable[[Job], None] | None = None,
-                 gpu_call: Callable[[JobFn, str], JobFn] | None = None) -> None:
+                 gpu_call: Callable[[JobFn, JobKind], JobFn] | None = None, workers: bool = False,
+                 fork_guard: Callable[[], AbstractContextManager] = nullcontext) -> None:
         self.max_queued = max_queued
         self.max_queued_per_owner = max_queued_per_owner
         self.keep_finished = keep_finished
         self.on_finish = on_finish
         self.gpu_call = gpu_call
+        self.workers = workers
+        self.fork_guard = fork_guard
         self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
         self._jobs: dict[str, Job] = {}
         self._count = 0
         self._closed = False
-        self._queues: dict[str, queue.Queue] = {}
+        self._lanes: dict[str, _Lane] = {}
         self._threads: list[threading.Thread] = []
         for lane in dict.fromkeys(lanes):
-            self._queues[lane] = queue.Queue()
+            self._lanes[lane] = _Lane()
             thread = threading.Thread(target=self._work, args=(lane,), daemon=True,
                                       name=f"tailor-jobs-{lane}")
             thread.start()
@@ -130,15 +245,18 @@ class JobRunner:
 
     @property
     def lanes(self) -> tuple[str, ...]:
-        return tuple(self._queues)
+        return tuple(self._lanes)
 
     # -- submitting and controlling ---------------------------------------------------
 
-    def submit(self, owner: str, kind: str, fn: JobFn, *, label: str = "",
-               lane: str | None = None) -> Job:
-        lane = lane or next(iter(self._queues))
-        if lane not in self._queues:
-            raise UserError(f"no {lane} device on this server (available: {', '.join(self._queues)})")
+    def submit(self, owner: str, kind: JobKind | str, fn: JobFn, *, label: str = "",
+               lane: str | None = None, in_worker: bool | None = None) -> Job:
+        """Queue `fn`; refused at once (UserError) when the queue is full. `in_worker`
+        overrides the kind's choice (a job whose function shares state with its caller)."""
+        kind = JobKind(kind)
+        lane = lane or next(iter(self._lanes))
+        if lane not in self._lanes:
+            raise UserError(f"no {lane} device on this server (available: {', '.join(self._lanes)})")
         with self._lock:
             if self._closed:
                 raise UserError("the server is shutting down; try again in a moment")
@@ -146,18 +264,18 @@ class JobRunner:
             mine = sum(j.owner == owner for j in waiting)
             if mine >= self.max_queued_per_owner:
                 raise UserError(f"you already have {mine} jobs waiting; wait for one to finish "
-                                "or cancel one")
+                                f"or cancel one (the limit is {self.max_queued_per_owner} per visitor)")
             if len(waiting) >= self.max_queued:
                 raise UserError(f"the server's job queue is full ({len(waiting)} jobs waiting); "
-                                "try again in a minute")
+                                f"try again in {RETRY_MAX_SECONDS:.0f} s")
             self._count += 1
             job = Job(id=f"job-{self._count}-{secrets.token_hex(3)}", owner=owner, kind=kind,
-                      label=label or kind, lane=lane)
-            ahead = sum(j.lane == lane and j.status in (QUEUED, RUNNING) for j in self._jobs.values())
-            if ahead:
-                job.stage = f"waiting in the queue ({ahead} ahead)"
+                      label=label or str(kind), lane=lane,
+                      in_worker=kind.in_worker and self.workers if in_worker is None else in_worker)
             self._jobs[job.id] = job
-            self._queues[lane].put((job, fn))
+            self._lanes[lane].push(job, fn)
+            self._lanes[lane].restage()
+            self._wakeup.notify_all()
         return job
 
     def get(self, job_id: str, owner: str) -> Job:
@@ -167,13 +285,17 @@ class JobRunner:
         return job
 
     def cancel(self, job_id: str, owner: str) -> Job:
-        """Stop a job: a queued one never starts, a running one stops at its next check."""
+        """Stop a job: a queued one never starts, a running one stops at its next check
+        (or its worker is ended, for a kind whose cancel route says so)."""
         job = self.get(job_id, owner)
         with self._lock:
             if job.is_finished:
                 return job
             job._stop.set()
             if job.status == QUEUED:
+                lane = self._lanes[job.lane]
+                lane.remove(job)
+                lane.restage()
                 self._finish(job, CANCELLED, stage="cancelled before it started")
             else:
                 job.stage = f"cancelling… ({job.stage})"
@@ -185,13 +307,13 @@ class JobRunner:
         job._over.wait(timeout)
         return job
 
-    def history(self, owner: str, kind: str | None = None) -> list[Job]:
+    def history(self, owner: str, kind: JobKind | str | None = None) -> list[Job]:
         """The owner's jobs, newest first."""
         with self._lock:
             jobs = [j for j in self._jobs.values() if j.owner == owner and (kind is None or j.kind == kind)]
         return jobs[::-1]
 
-    def active(self, owner: str, kind: str | None = None) -> list[Job]:
+    def active(self, owner: str, kind: JobKind | str | None = None) -> list[Job]:
         return [j for j in self.history(owner, kind) if not j.is_finished]
 
     def counts(self) -> dict[str, int]:
@@ -213,54 +335,76 @@ class JobRunner:
                 del self._jobs[job_id]
 
     def shutdown(self, wait: bool = True, timeout: float = 10.0) -> None:
+        """Refuse new jobs, cancel the waiting ones and stop the running ones."""
         with self._lock:
             self._closed = True
-            jobs = list(self._jobs.values())
-        for job in jobs:
-            if not job.is_finished:
-                job._stop.set()
-        for q in self._queues.values():
-            q.put(None)
+            for job in self._jobs.values():
+                if not job.is_finished:
+                    job._stop.set()
+            for lane in self._lanes.values():
+                while lane.waiting:
+                    job, _ = lane.pop()
+                    self._finish(job, CANCELLED, stage="cancelled: the server stopped")
+            self._wakeup.notify_all()
         if wait:
             for thread in self._threads:
                 thread.join(timeout)
 
-    # -- the workers ----------------------------------------------------------------------
+    # -- the lanes' threads -----------------------------------------------------------------
 
-    def _work(self, lane: str) -> None:
-        q = self._queues[lane]
+    def _work(self, name: str) -> None:
+        lane = self._lanes[name]
         while True:
-            item = q.get()
-            if item is None:
-                return
-            job, fn = item
-            if job.is_finished or job.stop_requested:  # cancelled while it waited
-                with self._lock:
-                    if not job.is_finished:
-                        self._finish(job, CANCELLED, stage="cancelled before it started")
-            else:
-                self._run(job, fn)
+            with self._lock:
+                while not lane.waiting and not self._closed:
+                    self._wakeup.wait()
+                if self._closed:
+                    return
+                job, fn = lane.pop()
+                lane.busy = True
+                job.status, job.started, job.stage = RUNNING, time.time(), "starting"
+                lane.restage()
+            self._run(job, fn)
+            with self._lock:
+                lane.busy = False
+                lane.restage()
             # the function's closure may hold a whole model: do not keep it alive while idle
-            del item, job, fn
+            del job, fn
 
-    def _run(self, job: Job, fn: JobFn) -> None:
+    def _call(self, job: Job, fn: JobFn) -> Any:
+        """The job's function called where it computes: ZeroGPU's worker (a GPU lane's
+        gpu_call), a worker process of ours, or this thread."""
         def progress(stage: str, done: int, total: int) -> None:
             if job._stop.is_set():
                 raise Cancelled
+            update(stage, done, total)
+
+        def update(stage: str, done: int, total: int) -> None:
             job.stage, job.done, job.total = stage, int(done), int(total)
 
-        with self._lock:
-            job.status, job.started, job.stage = RUNNING, time.time(), "starting"
+        if job.lane.startswith("cuda") and self.gpu_call is not None:
+            return self.gpu_call(fn, job.kind)(progress, job._stop.is_set)
+        if job.in_worker and workers.can_fork():
+            def started(pid: int) -> None:
+                job.worker_pid = pid
+
+            return workers.run_in_worker(fn, job._stop, update, guard=self.fork_guard, on_start=started,
+                                         end_on_stop=job.kind.cancel is CancelRoute.END_WORKER)
+        return fn(progress, job._stop.is_set)
+
+    def _run(self, job: Job, fn: JobFn) -> None:
         outcome, stage, error, result = DONE, "done", None, None
         gpu = job.lane.startswith("cuda")
         try:
-            call = self.gpu_call(fn, job.kind) if gpu and self.gpu_call is not None else fn
-            result = call(progress, job._stop.is_set)
+            result = self._call(job, fn)
             if job._stop.is_set() and result is None:
                 outcome, stage = CANCELLED, "cancelled"
         except Cancelled:
             outcome, stage = CANCELLED, "cancelled"
         except UserError as exc:
+            outcome, stage, error = FAILED, "failed", str(exc)
+        except workers.WorkerDied as exc:
+            log.warning("job %s (%s): %s", job.id, job.kind, exc)
             outcome, stage, error = FAILED, "failed", str(exc)
         except Exception as exc:  # a bug or a resource problem: short message, full log
             device = out_of_memory_device(exc, job.lane)
@@ -282,15 +426,17 @@ class JobRunner:
                 _empty_cuda_cache()
         with self._lock:
             job.result = result
-            self._finish(job, outcome, stage=stage, error=error)
-            self._prune(job.owner)
+            job.status, job.stage, job.error, job.finished = outcome, stage, error, time.time()
         if self.on_finish is not None:
             try:
                 self.on_finish(job)
             except Exception:
                 log.exception("on_finish failed for job %s", job.id)
+        with self._lock:
+            job._over.set()
+            self._prune(job.owner)
 
-    def _finish(self, job: Job, status: str, *, stage: str, error: str | None = None) -> None:
+    def _finish(self, job: Job, status: JobStatus, *, stage: str, error: str | None = None) -> None:
         job.status, job.stage, job.error, job.finished = status, stage, error, time.time()
         job._over.set()
 

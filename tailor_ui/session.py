@@ -53,7 +53,7 @@ def handle_by_key(key: tuple[int, int]) -> PairHandle:
         raise LookupError(f"pair handle {key} was made in another process (pid {key[0]}), not in "
                           f"this one (pid {os.getpid()}): a job run in ZeroGPU's forked GPU worker "
                           "cannot send back a pair it loaded; load pairs in the main process "
-                          "(tailor_ui/gpu.py: IN_GPU_WORKER)")
+                          "(tailor_ui/jobs.py: JobKind.in_worker)")
     raise LookupError(f"pair handle {key} is gone: its pair was released")
 
 
