@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,19 @@ def handle_by_key(key: tuple[int, int]) -> PairHandle:
                           "cannot send back a pair it loaded; load pairs in the main process "
                           "(tailor_ui/jobs.py: JobKind.in_worker)")
     raise LookupError(f"pair handle {key} is gone: its pair was released")
+
+
+@contextmanager
+def every_pair_locked() -> Iterator[None]:
+    """Every live pair's lock, taken in one order (by key, so two callers cannot deadlock):
+    a job's worker forked meanwhile (workers.py) sees no pair half-patched, and its one
+    thread owns every lock it inherits."""
+    with ExitStack() as stack:
+        for key in sorted(list(_HANDLES.keys())):
+            handle = _HANDLES.get(key)
+            if handle is not None:
+                stack.enter_context(handle.lock)
+        yield
 
 
 @dataclass

@@ -36,7 +36,7 @@ import shutil
 import signal
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -225,20 +225,21 @@ def portable_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def remove_dead_temporaries(folder: Path, pid: int) -> list[Path]:
-    """Remove what process `pid` (a dead worker) left half-written under `folder`: the
-    temporaries `io.atomic_path` names after their process, and folders left empty."""
+def remove_dead_temporaries(folder: Path, pid: int, since: float | None = None) -> list[Path]:
+    """Remove what process `pid` (a worker that did not finish) left under `folder`: the
+    temporaries `io.atomic_path` names after their process, and then the folders directly
+    under `folder` left empty that were made since `since` (when its job started: a run's
+    folder it made before writing anything)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
     removed = []
-    for path in sorted(_temporaries(Path(folder), pid), reverse=True):
-        parent = path.parent
+    for path in folder.rglob(f".*.tmp-{pid}-*"):
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
-        if parent != folder and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
-            removed.append(parent)
+    if since is not None:
+        for path in folder.iterdir():
+            if path.is_dir() and path.stat().st_mtime >= since and not any(path.iterdir()):
+                path.rmdir()
+                removed.append(path)
     return removed
-
-
-def _temporaries(folder: Path, pid: int) -> Iterator[Path]:
-    if folder.is_dir():
-        yield from folder.rglob(f".*.tmp-{pid}-*")

@@ -106,7 +106,8 @@ def test_cancel_through_the_api(client, studio):
     release = threading.Event()
     job_id = tailor(client, keep=0.33)
     # hold the lane so the merge is still waiting when the cancel arrives
-    studio.runner.submit("someone-else", "tailor", lambda p, s: release.wait(10), lane=studio.demo.lane)
+    studio.runner.submit("someone-else", "tailor", lambda p, s: release.wait(10), lane=studio.demo.lane,
+                         in_worker=False)
     second = tailor(client, keep=0.34)
     info = client.predict(second, api_name="/cancel_job")
     release.set()

@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tailor_ui.ui",),
     ("tailor_ui.cli", "tailor_ui.__main__"),
     ("tailor_ui.service",),
-    ("tailor_ui.gpu", "tailor_ui.jobs", "tailor_ui.session", "tailor_ui.plots"),
+    ("tailor_ui.gpu", "tailor_ui.jobs", "tailor_ui.workers", "tailor_ui.session", "tailor_ui.plots"),
     ("tailor_ui.demo",),
     ("tailor_ui.training", "tailor_ui.evaluation"),
     ("tailor_ui.stream", "tailor_ui.pair_stream"),

@@ -21,7 +21,7 @@ import yaml
 
 from conftest import ROOT, demo_available, free_port, hold_lane
 from tailor_ui import gpu
-from tailor_ui.jobs import DONE, FAILED, JobRunner
+from tailor_ui.jobs import DONE, FAILED, JobKind, JobRunner
 
 
 def dockerfile() -> dict[str, list[str]]:
@@ -219,7 +219,7 @@ def test_zerogpu_mode_sends_gpu_jobs_through_spaces_gpu(fresh_mode, monkeypatch)
         ran.append(threading.current_thread().name)
         return "ran"
 
-    assert gpu.on_gpu(fn, "tailor") is not fn
+    assert gpu.on_gpu(fn, JobKind.TAILOR) is not fn
     runner = JobRunner(["cpu", "cuda"], gpu_call=gpu.on_gpu)
     try:
         on_gpu = runner.wait(runner.submit("a", "tailor", fn, lane="cuda").id, "a", 60)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import os
 import subprocess
 import sys
 import threading
@@ -155,11 +156,23 @@ def finished_merge(studio, session):
     return session.run(job.id)
 
 
-def test_export_cancelled_mid_way_leaves_nothing_and_the_next_export_works(studio):
+def test_export_cancelled_mid_way_leaves_nothing_and_the_next_export_works(studio, monkeypatch):
+    """A cancel ends an export's worker process while it writes: the export says so, the
+    run's folder holds what it held, the shared pair is untouched, the next export works."""
+    from tailor_ui.service import export as export_
+
     session = studio.session("faults-cancel-export")
     run = finished_merge(studio, session)
     folder, handle = run.patch_file.parent, studio.demo
     before = snapshot(handle.pair.base)
+    write = export_.write_tailored
+
+    def write_then_linger(*args):  # the worker is forked from here: it inherits this
+        checked = write(*args)
+        time.sleep(60)
+        return checked
+
+    monkeypatch.setattr(export_, "write_tailored", write_then_linger)
     outcome: dict[str, object] = {}
 
     def export():
@@ -169,19 +182,21 @@ def test_export_cancelled_mid_way_leaves_nothing_and_the_next_export_works(studi
             outcome["error"] = str(exc)
 
     thread = threading.Thread(target=export)
-    with handle.lock:  # the export waits here for the pair: cancel it while it is running
-        thread.start()
-        deadline = time.time() + 30
-        while not [j for j in studio.runner.active(session.id, "export") if j.stage.startswith("writing")]:
-            assert time.time() < deadline, "the export did not start"
-            time.sleep(0.01)
-        (job,) = studio.runner.active(session.id, "export")
-        studio.runner.cancel(job.id, session.id)
+    thread.start()
+    deadline = time.time() + 60
+    while not any(folder.glob(".tailored-model.tmp-*/*.safetensors")):  # half-way: weights written
+        assert time.time() < deadline, "the export did not start writing"
+        time.sleep(0.01)
+    (job,) = studio.runner.active(session.id, "export")
+    studio.runner.cancel(job.id, session.id)
     thread.join(60)
     assert outcome == {"error": "export was cancelled"}
     assert sorted(p.name for p in folder.iterdir()) == ["patch.safetensors", "report.json"]
     assert lock_is_free(handle) and same(handle.pair.base, before)
+    with pytest.raises(ProcessLookupError):
+        os.kill(job.worker_pid, 0)
 
+    monkeypatch.undo()
     zipped = studio.export(session, run.job_id, "model")  # the next job runs and succeeds
     assert zipped.is_file() and sorted(p.name for p in folder.iterdir()) == [
         "patch.safetensors", "report.json", "tailored-model.zip"]

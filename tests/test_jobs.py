@@ -36,7 +36,7 @@ def blocker(runner: JobRunner, owner: str = "a"):
         release.wait(5)
         return "released"
 
-    job = runner.submit(owner, "block", fn)
+    job = runner.submit(owner, "sweep", fn)
     assert started.wait(5)
     return job, release
 
@@ -226,10 +226,10 @@ def test_forget_cancels_and_drops_an_owners_jobs(runner):
 def test_on_finish_sees_every_outcome():
     seen = []
     runner = JobRunner(["cpu"], on_finish=lambda job: seen.append((job.kind, job.status)))
-    runner.wait(runner.submit("a", "ok", lambda p, s: 1).id, "a", 5)
-    runner.wait(runner.submit("a", "bad", lambda p, s: 1 / 0).id, "a", 5)
+    runner.wait(runner.submit("a", "compare", lambda p, s: 1).id, "a", 5)
+    runner.wait(runner.submit("a", "export", lambda p, s: 1 / 0).id, "a", 5)
     runner.shutdown()
-    assert seen == [("ok", DONE), ("bad", FAILED)]
+    assert seen == [("compare", DONE), ("export", FAILED)]
 
 
 def test_shutdown_refuses_new_jobs():

@@ -178,8 +178,8 @@ def test_slider_release_reruns_from_the_start_up_merge_unless_switched_off(app):
         < job.result.report["score_cache"]["hits"]
     # a newer release supersedes an unfinished one
     release = threading.Event()
-    app.studio.runner.submit(request.session_hash, "block", lambda p, s: release.wait(10),
-                             lane=app.studio.demo.lane)
+    app.studio.runner.submit(request.session_hash, "sweep", lambda p, s: release.wait(10),
+                             lane=app.studio.demo.lane, in_worker=False)
     older, _ = app.tailor.rerun(True, **tailor_inputs(keep=0.31), request=request)
     newer, _ = app.tailor.rerun(True, **tailor_inputs(keep=0.32), request=request)
     release.set()
@@ -244,7 +244,8 @@ def test_cancel_stops_a_merge_within_one_block_and_leaves_the_base_intact(studio
         with handle.lock:
             return run_method(handle.pair, settings, [batches], progress=spy, should_stop=should_stop)
 
-    holder["job"] = studio.runner.submit(owner, "tailor", fn, lane=handle.lane)
+    # in this process: the spy cancels through the test's runner
+    holder["job"] = studio.runner.submit(owner, "tailor", fn, lane=handle.lane, in_worker=False)
     job = studio.runner.wait(holder["job"].id, owner, 60)
     assert job.status == CANCELLED
     assert len(calls_after_cancel) <= 1  # stopped at the next check
@@ -255,7 +256,7 @@ def test_cancel_button_cancels_the_sessions_queued_merge(app):
     studio, request = app.studio, new_request()
     release = threading.Event()
     blocker = studio.runner.submit(request.session_hash, "tailor", lambda p, s: release.wait(10),
-                                   lane=studio.demo.lane)
+                                   lane=studio.demo.lane, in_worker=False)
     job_id, _ = app.tailor.run(**tailor_inputs(keep=0.42), request=request)
     html = app.tailor.cancel(job_id, request=request)
     assert 'data-status="cancelled"' in html

@@ -4,9 +4,10 @@ On a ZeroGPU Space `spaces.GPU` runs a GPU job in a forked worker and sends its 
 pickled (spaces/zero/wrappers.py). `run_in_fork` does the same with the same pieces: a
 fork, spaces' SimpleQueue (torch sends CPU tensors through it as shared memory), OkResult,
 and for an exception escaping the task only its class name. A Studio on the CPU gets a
-"cuda" lane whose jobs go through gpu.on_gpu with this fork, so the studio's own jobs
-(warm-up, tailor, compare, sweep, fine-tune, export) cross processes as on ZeroGPU, and
-loading a pair stays in the main process.
+"cuda" lane whose jobs go through gpu.on_gpu with this fork, so the studio's own jobs of
+every kind that computes in a worker (`JobKind.in_worker`: warm-up, tailor, compare, sweep,
+Find settings, fine-tune, continual, export) cross processes as on ZeroGPU, and loading a
+pair stays in the main process.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from spaces.zero.types import ExceptionResult, OkResult
 from conftest import DEMO, ROOT, demo_available
 from tailor_ui import gpu
 from tailor_ui.errors import UserError
-from tailor_ui.jobs import CANCELLED, DONE, FAILED, RUNNING
-from tailor_ui.session import PairHandle, SweepRun, TailorRun, TrainedModel
+from tailor_ui.jobs import CANCELLED, DONE, FAILED, RUNNING, JobKind
+from tailor_ui.session import PairHandle, SearchRun, SweepRun, TailorRun, TrainedModel
 
 FORK = multiprocessing.get_context("fork")
 
@@ -79,6 +80,9 @@ def run_in_fork(task):
     return res.value
 
 
+GPU_WORKER_KINDS = [kind for kind in JobKind if kind.in_worker]
+
+
 def wait_done(studio, job, timeout=120):
     job = studio.runner.wait(job.id, job.owner, timeout)
     assert job.status == DONE, job.error
@@ -106,10 +110,18 @@ def _zero_studio(tmp_path_factory, model_root):
     from tailor_ui.service.studio import Studio, StudioConfig, default_settings
 
     root = tmp_path_factory.mktemp("zerogpu")
+    forked: list[JobKind] = []  # the kind of every job that went through the fork
+
+    def gpu_call(fn, kind):
+        def fork(task):
+            forked.append(kind)
+            return run_in_fork(task)
+
+        return gpu.on_gpu(fn, kind, fork=fork)
+
     config = StudioConfig(workdir=root / "work", demo_dir=DEMO, device="auto",
                           model_roots=[ROOT / "assets", model_root], calib_examples=32,
-                          quick_examples=4, gpu_lane=True,
-                          gpu_call=functools.partial(gpu.on_gpu, fork=run_in_fork))
+                          quick_examples=4, gpu_lane=True, gpu_call=gpu_call)
     studio = Studio(config)
     studio.start(background=False)
     try:
@@ -127,12 +139,16 @@ def _zero_studio(tmp_path_factory, model_root):
             "compare": studio.compare(session, image, question, max_new_tokens=8),
             "sweep": wait_done(studio, studio.submit_sweep(session, ["tailor"], [0.1], [],
                                                            examples=2)).result,
+            "search": wait_done(studio, studio.submit_search(session, [0.1], [0.8], {},
+                                                             examples=2)).result,
+            "continual": wait_done(studio, studio.submit_continual(session, "full", examples=4,
+                                                                   batch_size=4)).result,
         }
         finetune = wait_done(studio, studio.submit_finetune(session, "full", examples=8,
                                                             batch_size=8))
         results["finetune"] = session.trained[finetune.id]  # filed by on_finish
         results["export"] = studio.export(session, tailor.id, "model")
-        yield SimpleNamespace(studio=studio, session=session, results=results,
+        yield SimpleNamespace(studio=studio, session=session, results=results, forked=forked,
                               cache_at_start=cache_at_start, settings=settings, image=image,
                               question=question, tailor_job=tailor, finetune_job=finetune)
     finally:
@@ -200,7 +216,7 @@ def test_compare_sweep_finetune_export_come_back(zero):
 def test_pairs_load_in_the_main_process(zero, disk_pair):
     studio = zero.studio
     fn = lambda progress, should_stop: None  # noqa: E731
-    assert gpu.on_gpu(fn, "load", fork=run_in_fork) is fn
+    assert gpu.on_gpu(fn, JobKind.LOAD, fork=run_in_fork) is fn
     session = studio.session("zerogpu-loader")
     job = wait_done(studio, studio.submit_load(session, str(disk_pair / "base"),
                                                str(disk_pair / "ft"), device="auto"))
@@ -291,9 +307,16 @@ def test_a_failing_job_in_the_fork_ends_failed_with_its_message(zero, fn, error)
     assert job.status == FAILED and job.error == error
 
 
-@pytest.mark.parametrize("kind", sorted(gpu.IN_GPU_WORKER))
+def test_every_kind_but_loading_computed_in_the_gpu_worker(zero):
+    """Each studio job above went through spaces.GPU's fork, one kind at a time; every kind
+    of the vocabulary that is not LOAD is among them."""
+    assert set(zero.forked) == set(GPU_WORKER_KINDS) == set(JobKind) - {JobKind.LOAD}
+    assert set(zero.results) == {str(kind) for kind in GPU_WORKER_KINDS}
+
+
+@pytest.mark.parametrize("kind", GPU_WORKER_KINDS)
 def test_every_result_of_a_gpu_worker_kind_pickles_with_the_pair_by_reference(zero, kind):
-    result = zero.results[kind]
+    result = zero.results[str(kind)]
     back = pickle.loads(pickle.dumps(result))
     handle = getattr(result, "handle", None)
     if handle is not None:
@@ -315,5 +338,11 @@ def test_every_result_of_a_gpu_worker_kind_pickles_with_the_pair_by_reference(ze
             assert answer_one(model_back, processor, zero.image, zero.question, 8) == answer
     elif isinstance(result, SweepRun):
         pd.testing.assert_frame_equal(back.table, result.table)
+    elif isinstance(result, SearchRun):
+        pd.testing.assert_frame_equal(back.result.table, result.result.table)
+        assert back.result.best == result.result.best and back.csv_file.is_file()
+    elif isinstance(result, pd.DataFrame):  # the continual run's stage table
+        assert len(result) > 0
+        pd.testing.assert_frame_equal(back, result)
     else:
         assert back == result

@@ -36,6 +36,9 @@ class StudioConfig:
     # cuda lane whose jobs run in a fork, as on ZeroGPU, with device "auto" for the demo
     gpu_lane: bool | None = None
     gpu_call: Callable | None = None
+    # jobs compute in a fork of the server (tailor_ui/workers.py), so the page answers while
+    # they run and a crash takes only its job; off: in the lanes' threads
+    workers: bool = True
 
 
 def env_config(workdir: Path | None = None) -> StudioConfig:
@@ -53,6 +56,7 @@ def env_config(workdir: Path | None = None) -> StudioConfig:
         quick_examples=int(env.get("MTS_QUICK_EXAMPLES", "16")),
         max_upload_mb=int(env.get("MTS_MAX_UPLOAD_MB", "512")),
         warm_up=env.get("MTS_WARM_UP", "1") not in ("0", "false", "no"),
+        workers=env.get("MTS_WORKERS", "1") not in ("0", "false", "no"),
     )
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -127,8 +128,9 @@ def _zipped(run: TailorRun, name: str, write, progress: Progress, should_stop: S
     """NAME.zip beside the run's patch, of the folder `write` fills in a scratch folder
     (None when stopped before zipping)."""
     target = run.patch_file.parent / f"{name}.zip"
-    # the folder is only the zip's source: a scratch folder, gone however the job ends
-    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=run.patch_file.parent) as scratch:
+    # the folder is only the zip's source: a scratch folder, gone however the job ends (named
+    # as atomic_path names its temporaries, so what a killed worker leaves is found)
+    with tempfile.TemporaryDirectory(prefix=f".{name}.tmp-{os.getpid()}-", dir=run.patch_file.parent) as scratch:
         source = write(Path(scratch))
         if should_stop():
             return None

@@ -10,6 +10,7 @@ tab modules only translate widgets to these calls.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -19,9 +20,9 @@ from typing import Any
 
 import pandas as pd
 
-from tailor_ui import gpu
+from tailor_ui import gpu, workers
 from tailor_ui.errors import UserError
-from tailor_ui.jobs import DONE, FAILED, Job, JobRunner
+from tailor_ui.jobs import DONE, FAILED, Job, JobKind, JobRunner
 from tailor_ui.demo.sets import DEFAULT_STORY, STORIES
 from tailor_ui.service import compare as compare_
 from tailor_ui.service import evalsets as evalsets_
@@ -32,7 +33,7 @@ from tailor_ui.service import sweep as sweep_
 from tailor_ui.service.config import SYSTEM, StudioConfig, default_settings, settings_label
 from tailor_ui.service.export import adapter_zip, model_zip
 from tailor_ui.session import (PairHandle, SearchRun, Session, SessionStore, SweepRun, TailorRun,
-                               TrainedModel)
+                               TrainedModel, every_pair_locked)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class Studio:
         self.demo_device = device
         gpu_lane = self.has_gpu if config.gpu_lane is None else config.gpu_lane
         self.runner = JobRunner(["cpu", "cuda"] if gpu_lane else ["cpu"],
-                                on_finish=self._on_finish, gpu_call=config.gpu_call or gpu.on_gpu)
+                                on_finish=self._on_finish, gpu_call=config.gpu_call or gpu.on_gpu,
+                                workers=config.workers, fork_guard=every_pair_locked)
         self.sessions = SessionStore(config.workdir / "sessions", idle_seconds=config.idle_seconds)
         self.demo: PairHandle | None = None  # the default story, loaded at start
         self.stories: dict[str, PairHandle] = {}  # the other stories, loaded when first asked for
@@ -113,7 +115,7 @@ class Studio:
             return self._tailor_job(handle, settings, examples, "builtin", "warm-up", None,
                                     progress, should_stop, anchor=anchor)
 
-        self.runner.submit(SYSTEM, "tailor", job, label="warm-up: default merge", lane=handle.lane)
+        self._submit(SYSTEM, JobKind.TAILOR, handle, job, "warm-up: default merge")
 
     def lane_for(self, device: str) -> str:
         return "cuda" if device in ("cuda", "auto") and "cuda" in self.runner.lanes else "cpu"
@@ -138,10 +140,22 @@ class Studio:
             for sid in self.sessions.expired():
                 self.end_session(sid)
 
+    def _submit(self, owner: str, kind: JobKind, handle: PairHandle, fn, label: str) -> Job:
+        """Queue `fn` on the pair's lane; what it caches on the pair (scores a slider move
+        re-thresholds, calibration batches) reaches the server's pair when it computes in a
+        worker process."""
+        return self.runner.submit(owner, kind, _keeping_caches(handle, fn), label=label,
+                                  lane=handle.lane)
+
     def _on_finish(self, job: Job) -> None:
         """File what a finished job found on its pair, and its merge, sweep or fine-tuned
-        model under its session. This runs in the main process: on ZeroGPU the job itself
-        ran in a fork, where whatever it set on shared objects stayed (gpu.py)."""
+        model under its session. This runs in the main process: the job itself may have run
+        in a fork, where whatever it set on shared objects stayed (workers.py, gpu.py). A
+        worker that did not finish its job leaves nothing half-written behind."""
+        if job.worker_pid is not None and job.status != DONE and job.started is not None:
+            session = self.sessions.peek(job.owner)
+            folder = session.folder if session is not None else self.config.workdir
+            workers.remove_dead_temporaries(folder, job.worker_pid, since=job.started)
         run = job.result if job.status == DONE and isinstance(job.result, TailorRun) else None
         if run is not None:  # the quick check's base / fine-tuned scores, per set
             for label, scores in run.references.items():
@@ -183,7 +197,7 @@ class Studio:
         """The session's own pair when it loaded one, else the shared demo pair."""
         if session.own is not None and not session.use_demo:
             return session.own
-        if not session.use_demo and self.runner.active(session.id, "load"):
+        if not session.use_demo and self.runner.active(session.id, JobKind.LOAD):
             raise UserError("your models are still loading (see the Models tab); wait for them or "
                             "use the demo pair")
         return self.demo_handle(session.demo_story)
@@ -240,7 +254,7 @@ class Studio:
             session.own, session.use_demo = handle, False
             return handle
 
-        return self.runner.submit(session.id, "load", job, label=f"load {base} + {finetuned}",
+        return self.runner.submit(session.id, JobKind.LOAD, job, label=f"load {base} + {finetuned}",
                                   lane=lane)
 
     # -- merging --------------------------------------------------------------------------
@@ -260,7 +274,7 @@ class Studio:
         sets = evalsets_.pair_sets(session, handle)
         anchor = tailor.anchor_examples(handle, settings.anchored, sets)  # refused now, not in the job
         if supersede:
-            for old in self.runner.active(session.id, "tailor"):
+            for old in self.runner.active(session.id, JobKind.TAILOR):
                 self.runner.cancel(old.id, session.id)
         label = settings_label(settings)
 
@@ -268,7 +282,7 @@ class Studio:
             return self._tailor_job(handle, settings, examples, source, label, session,
                                     progress, should_stop, sets, anchor)
 
-        return self.runner.submit(session.id, "tailor", job, label=label, lane=handle.lane)
+        return self._submit(session.id, JobKind.TAILOR, handle, job, label)
 
     def _calibration_examples(self, session: Session, handle: PairHandle, source: str,
                               files: Sequence[str] | None, n: int | None) -> tuple[list, str]:
@@ -290,9 +304,10 @@ class Studio:
         """File a finished job's merge, sweep or fine-tuned model under its session, once.
         The runner's on_finish does it; `sync` repeats it for a job a poller or an API
         client sees done in the moment before on_finish ran."""
-        filing = {"tailor": (TailorRun, session.add_run), "sweep": (SweepRun, session.add_sweep),
-                  "search": (SearchRun, session.add_search),
-                  "finetune": (TrainedModel, session.add_trained)}.get(job.kind)
+        filing = {JobKind.TAILOR: (TailorRun, session.add_run),
+                  JobKind.SWEEP: (SweepRun, session.add_sweep),
+                  JobKind.SEARCH: (SearchRun, session.add_search),
+                  JobKind.FINETUNE: (TrainedModel, session.add_trained)}.get(job.kind)
         if filing is None or job.status != DONE:
             return
         kind, add = filing
@@ -306,9 +321,8 @@ class Studio:
                 session.live_losses.pop(job.id, None)
                 job.result = job.result.summary()  # the session keeps the models, the history a summary
 
-    def sync(self, session: Session, kind: str) -> None:
-        """File every finished job of `kind` ("tailor", "sweep", "search", "finetune") of the
-        session."""
+    def sync(self, session: Session, kind: JobKind) -> None:
+        """File every finished job of `kind` (tailor, sweep, search, finetune) of the session."""
         for job in reversed(self.runner.history(session.id, kind)):
             self.record(session, job)
 
@@ -321,16 +335,16 @@ class Studio:
         if image is None:
             raise UserError("pick an example image or upload one")
         handle = self.handle_for(session)
-        self.sync(session, "tailor")
+        self.sync(session, JobKind.TAILOR)
         runs = compare_.compare_runs(session, handle)
-        self.sync(session, "finetune")
+        self.sync(session, JobKind.FINETUNE)
         trained = [m for t in session.trained_for(handle)[-2:][::-1] for m in t.models]
         question = (question or "").strip()
 
         def job(progress, should_stop):
             return compare_.answers(handle, runs, trained, image, question, max_new_tokens, progress)
 
-        return self._run_and_wait(session, "compare", job, "compare answers", handle.lane, timeout)
+        return self._run_and_wait(session, JobKind.COMPARE, handle, job, "compare answers", timeout)
 
     def eval_example(self, session: Session, name: str, number: int) -> tuple[str, str, list[str]]:
         """Example `number` (from 1) of one of the pair's evaluation sets, for Compare."""
@@ -368,9 +382,9 @@ class Studio:
                 pass
         return evalsets_.table(session, handle)
 
-    def _run_and_wait(self, session: Session, kind: str, fn, label: str, lane: str,
+    def _run_and_wait(self, session: Session, kind: JobKind, handle: PairHandle, fn, label: str,
                       timeout: float) -> Any:
-        job = self.runner.submit(session.id, kind, fn, label=label, lane=lane)
+        job = self._submit(session.id, kind, handle, fn, label)
         job = self.runner.wait(job.id, session.id, timeout)
         if job.status == DONE:
             return job.result
@@ -403,7 +417,7 @@ class Studio:
                           limit=sweep_.MAX_SWEEP_SETTINGS)
         anchor = tailor.anchor_examples(handle, any(s.anchored for s in grid), sets)
         original, target = sweep_.eval_sets(sets, int(examples))
-        self.sync(session, "finetune")
+        self.sync(session, JobKind.FINETUNE)
         trained = [(t.method, name, model) for t in session.trained_for(handle)
                    for name, model in t.models]
         calibration = None
@@ -417,7 +431,7 @@ class Studio:
                                     lambda ex, source: self._batches(handle, ex, source),
                                     progress, should_stop)
 
-        return self.runner.submit(session.id, "sweep", job, label=plan.label, lane=handle.lane)
+        return self._submit(session.id, JobKind.SWEEP, handle, job, plan.label)
 
     # -- finding settings -----------------------------------------------------------------
 
@@ -440,7 +454,7 @@ class Studio:
             return search_.search_run(handle, plan, session, self.config.calib_batch, progress,
                                       should_stop)
 
-        return self.runner.submit(session.id, "search", job, label=plan.label, lane=handle.lane)
+        return self._submit(session.id, JobKind.SEARCH, handle, job, plan.label)
 
     # -- fine-tuning ----------------------------------------------------------------------
 
@@ -465,17 +479,18 @@ class Studio:
             raise UserError("Model Tailor needs the pair's calibration set, which it lacks")
         calib = list(handle.calibration[: self.config.calib_examples]) if tailor_after else []
         live: list[float] = []
+        losses = _Losses(live)
 
         def job(progress, should_stop):
             def tailored(model, label):
                 return finetune_.tailor_trained(handle, model, label, calib, self.config.calib_batch,
                                                 progress, should_stop)
 
-            return finetune_.finetune_run(handle, request, live, tailored if tailor_after else None,
+            return finetune_.finetune_run(handle, request, losses, tailored if tailor_after else None,
                                           progress, should_stop)
 
-        submitted = self.runner.submit(session.id, "finetune", job,
-                                       label=f"fine-tune: {request.label}", lane=handle.lane)
+        submitted = self._submit(session.id, JobKind.FINETUNE, handle, job,
+                                 f"fine-tune: {request.label}")
         session.live_losses[submitted.id] = live
         return submitted
 
@@ -498,8 +513,7 @@ class Studio:
         def job(progress, should_stop):
             return finetune_.continual_run(handle, request, DEFAULT_SEQUENCE, progress, should_stop)
 
-        return self.runner.submit(session.id, "continual", job,
-                                  label=f"continual: {request.label}", lane=handle.lane)
+        return self._submit(session.id, JobKind.CONTINUAL, handle, job, f"continual: {request.label}")
 
     def finetune_losses(self, session: Session, job_id: str) -> list[float]:
         """The losses of a fine-tuning job so far (all of them once it is done)."""
@@ -513,7 +527,7 @@ class Studio:
     def export(self, session: Session, job_id: str | None, what: str, *,
                timeout: float = 600) -> Path:
         """The file for one of the session's merges: patch, report, model or adapter (zips)."""
-        self.sync(session, "tailor")
+        self.sync(session, JobKind.TAILOR)
         run = session.run(job_id) if job_id else session.latest_run()
         if run is None:
             raise UserError("run a merge first (Tailor tab)")
@@ -522,8 +536,9 @@ class Studio:
         if what == "report":
             return run.report_file
         if what == "adapter":  # refitted on each request: seconds, and nothing kept per run
-            return self._run_and_wait(session, "export", lambda p, s: adapter_zip(run, p, s),
-                                      f"export adapter of {run.label}", run.handle.lane, timeout)
+            return self._run_and_wait(session, JobKind.EXPORT, run.handle,
+                                      lambda p, s: adapter_zip(run, p, s),
+                                      f"export adapter of {run.label}", timeout)
         if what != "model":
             raise UserError(f"unknown export {what!r}: patch, report, model or adapter")
         if run.model_zip is not None and run.model_zip.is_file():
@@ -533,6 +548,54 @@ class Studio:
             return model_zip(run, progress, should_stop)
 
         # filed here, not in the job: on ZeroGPU the job runs in a fork (gpu.py)
-        run.model_zip = self._run_and_wait(session, "export", job, f"export model of {run.label}",
-                                           run.handle.lane, timeout)
+        run.model_zip = self._run_and_wait(session, JobKind.EXPORT, run.handle, job,
+                                           f"export model of {run.label}", timeout)
         return run.model_zip
+
+
+class _Losses(list):
+    """A fine-tune's losses as the run appends them: each one reaches `target`, the
+    server's list the page plots, also from a worker process (a `workers.Relay`)."""
+
+    def __init__(self, target: list[float]) -> None:
+        super().__init__()
+        self._send = workers.Relay(target.append)
+
+    def append(self, loss: float) -> None:
+        self._send(loss)
+
+
+def _keeping_caches(handle: PairHandle, fn):
+    """`fn` as a job that, computed in a worker process, sends what it added to the pair's
+    caches back to the server's pair (a `workers.Relay`; in the server they are there)."""
+    keep = workers.Relay(functools.partial(_absorb_caches, handle))
+
+    def job(progress, should_stop):
+        known = _cache_sizes(handle)
+        result = fn(progress, should_stop)
+        if workers.in_worker():
+            scores, batches = _learned(handle, known)
+            if scores or batches:
+                keep(scores, batches)
+        return result
+
+    return job
+
+
+def _cache_sizes(handle: PairHandle) -> tuple[dict, set]:
+    return {k: len(v) for k, v in handle.pair.cache.items()}, set(handle.batches)
+
+
+def _learned(handle: PairHandle, known: tuple[dict, set]) -> tuple[dict, dict]:
+    """The score cache entries that are new or grew since `known`, and the new batches."""
+    sizes, batches = known
+    scores = {k: v for k, v in handle.pair.cache.items() if len(v) > sizes.get(k, -1)}
+    return scores, {k: v for k, v in handle.batches.items() if k not in batches}
+
+
+def _absorb_caches(handle: PairHandle, scores: dict, batches: dict) -> None:
+    with handle.lock:
+        for key, entries in scores.items():
+            handle.pair.cache.setdefault(key, {}).update(entries)
+        handle.batches.update(batches)
+        handle.trim_cache()
