@@ -264,10 +264,10 @@ class JobRunner:
             mine = sum(j.owner == owner for j in waiting)
             if mine >= self.max_queued_per_owner:
                 raise UserError(f"you already have {mine} jobs waiting; wait for one to finish "
-                                f"or cancel one (the limit is {self.max_queued_per_owner} per visitor)")
+                                f"or cancel one (at most {self.max_queued_per_owner} per visitor)")
             if len(waiting) >= self.max_queued:
-                raise UserError(f"the server's job queue is full ({len(waiting)} jobs waiting); "
-                                f"try again in {RETRY_MAX_SECONDS:.0f} s")
+                raise UserError(f"the server's job queue is full ({len(waiting)} jobs waiting, its "
+                                f"limit); try again in {RETRY_MAX_SECONDS:.0f} s")
             self._count += 1
             job = Job(id=f"job-{self._count}-{secrets.token_hex(3)}", owner=owner, kind=kind,
                       label=label or str(kind), lane=lane,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import pytest
 from gradio_client import Client, handle_file
@@ -86,12 +87,22 @@ def test_a_full_queue_says_so(app, studio, monkeypatch):
     alice, bob, carol = (Client(app.url, verbose=False) for _ in range(3))
     with hold_lane(studio):  # whatever they submit now waits
         waiting = [(alice, sweep(alice)), (alice, sweep(alice))]
-        with pytest.raises(AppError, match="you already have 2 jobs waiting; wait for one to finish"):
+        start = time.perf_counter()
+        with pytest.raises(AppError, match=r"you already have 2 jobs waiting; wait for one to finish "
+                                           r"or cancel one \(at most 2 per visitor\)"):
             sweep(alice)
+        assert time.perf_counter() - start < 0.5  # refused at once, with the limit
         waiting.append((bob, sweep(bob)))
-        with pytest.raises(AppError, match=r"the server's job queue is full \(3 jobs waiting\); "
-                                           "try again in a minute"):
+        start = time.perf_counter()
+        with pytest.raises(AppError, match=r"the server's job queue is full \(3 jobs waiting, its "
+                                           r"limit\); try again in 10 s"):
             tailor(carol)
+        assert time.perf_counter() - start < 0.5
+        # visitors in turn behind the running job: alice's first, bob's, then alice's second;
+        # each told when to ask again
+        status = [c.predict(j, api_name="/job_status") for c, j in waiting]
+        assert [s["position"] for s in status] == [2, 4, 3]
+        assert [s["retry_after"] for s in status] == [2.0, 4.0, 3.0]
         for client, job_id in waiting:
             assert client.predict(job_id, api_name="/cancel_job")["status"] == "cancelled"
     wait(carol, tailor(carol, keep=0.06))  # room again
