@@ -36,6 +36,7 @@ from tailor_ui.session import (PairHandle, SearchRun, Session, SessionStore, Swe
                                TrainedModel, every_pair_locked)
 
 log = logging.getLogger(__name__)
+IDLE_POLL_SECONDS = 3.0  # how often a page with no unfinished job polls
 
 
 class Studio:
@@ -130,6 +131,15 @@ class Studio:
         return {"status": "stopping" if self.runner.closed else "ok", "demo": demo,
                 "jobs": self.runner.counts(), "device": self.demo_device,
                 "lanes": list(self.runner.lanes), "gpu_mode": gpu.mode()}
+
+    def poll_seconds(self, session: Session) -> float:
+        """When the page should poll again: the soonest `retry_after` of the session's
+        unfinished jobs; every second while the demo pair loads or warms up; else
+        IDLE_POLL_SECONDS (a hundred idle pages must not poll the server every second)."""
+        waits = [job.retry_after for job in self.runner.active(session.id)]
+        if not self.warm.is_set():
+            waits.append(1.0)
+        return min(waits, default=IDLE_POLL_SECONDS)
 
     def close(self) -> None:
         self._stop_reaper.set()

@@ -28,7 +28,7 @@ from tailor_ui.service.studio import Studio
 
 log = logging.getLogger(__name__)
 CSS_FILE = ROOT / "assets" / "style.css"
-POLL_SECONDS = 1.0
+POLL_SECONDS = 1.0  # the page's first poll interval; later ones follow Studio.poll_seconds
 
 INTRO = ("# Model Tailor Studio\n"
          "Fine-tuning taught a multimodal model a new skill and made it forget old ones. "
@@ -63,12 +63,21 @@ class App:
             outputs = [*self.models.poll(session), *self.tailor.poll(session, handle),
                        *self.forgetting.poll(session), *self.export.poll(session),
                        *self.finetune.poll(session), *self.compare.poll(session, handle),
-                       *self.models.evalsets.poll(session)]
+                       *self.models.evalsets.poll(session), self.poll_interval(session)]
             self.studio.warm_gate.set()  # a first page is up: the start-up merge may use the CPU now
             return outputs
         except Exception:  # polling must never pop an error every second
             log.exception("poll failed")
             return [gr.skip()] * len(self.outputs)
+
+    def poll_interval(self, session) -> Any:
+        """The timer's next interval when it changes: as soon as the session's jobs will
+        have news (their retry_after), slower when it has none."""
+        seconds = self.studio.poll_seconds(session)
+        if session.sent.get("timer", POLL_SECONDS) == seconds:
+            return gr.skip()
+        session.sent["timer"] = seconds
+        return seconds
 
     def unload(self, request: gr.Request) -> None:
         try:
@@ -126,6 +135,7 @@ class App:
                             *self.finetune.poll_outputs(), *self.compare.poll_outputs(),
                             *self.models.evalsets.poll_outputs()]
             timer = gr.Timer(POLL_SECONDS)
+            self.outputs.append(timer)
             timer.tick(self.poll, None, self.outputs, api_visibility="private", show_progress="hidden",
                        concurrency_limit=None, trigger_mode="always_last")
             demo.load(self.poll, None, self.outputs, api_visibility="private", show_progress="hidden",
