@@ -9,7 +9,8 @@ Environment: MTS_HOST / MTS_PORT (or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT),
 MTS_DEVICE (auto | cpu | cuda), MTS_DEMO_DIR, MTS_WORKDIR (session files),
 MTS_MODEL_ROOTS (local folders visitors may load models from, separated by ':'),
 MTS_MAX_USER_PAIRS, MTS_MAX_UPLOAD_MB, MTS_CALIB_EXAMPLES, MTS_QUICK_EXAMPLES, MTS_WARM_UP=0,
-MTS_DEMO_WAIT, MTS_WARM_DELAY, MTS_GPU_SECONDS (a GPU job's ZeroGPU duration).
+MTS_DEMO_WAIT, MTS_WARM_DELAY, MTS_GPU_SECONDS (a GPU job's ZeroGPU duration), MTS_WORKERS=0
+(jobs compute in the lanes' threads instead of worker processes).
 GET /healthz answers JSON for health checks.
 """
 

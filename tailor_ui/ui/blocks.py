@@ -28,6 +28,7 @@ from tailor_ui.service.studio import Studio
 
 log = logging.getLogger(__name__)
 CSS_FILE = ROOT / "assets" / "style.css"
+MAX_THREADS = 256
 POLL_SECONDS = 1.0  # the page's first poll interval; later ones follow Studio.poll_seconds
 
 INTRO = ("# Model Tailor Studio\n"
@@ -168,6 +169,9 @@ def launch_options(studio: Studio) -> dict[str, Any]:
     return {"css": css, "allowed_paths": allowed,
             "max_file_size": studio.config.max_upload_mb * 2**20,
             "theme": gr.themes.Soft(primary_hue="orange"),
+            # a compare or an export holds a thread while its job waits in the queue: enough
+            # threads that a hundred visitors waiting never keep a new one's first call out
+            "max_threads": MAX_THREADS,
             # launch() hands app_kwargs to its FastAPI app: routes given here exist from the
             # server's first request on
             "app_kwargs": {"routes": [health_route(studio)]}}

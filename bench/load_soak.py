@@ -1,0 +1,348 @@
+"""Load and soak: N gradio_client visitors against the dashboard on the loopback address.
+
+Starts `python app.py` on 127.0.0.1 (or uses --url, which must be a loopback address),
+waits for the demo pair, then starts --visitors visitors over --ramp seconds. Each is its
+own gradio_client session and loops until --minutes are up over a mixed stream: a tailor
+(random method and keep), a small sweep, a short fine-tune, a compare, an export of its
+last patch. It waits for each job, polling /job_status as its `retry_after` says. A
+monitor samples GET /healthz every 0.5 s and the server's RSS every 2 s. Everything
+stops by itself: visitors at the deadline, in-flight jobs after --grace seconds, the whole
+run at a hard limit.
+
+Reports jobs done / failed / lost / refused (with the refusal's latency and reason),
+start and first-call latency, /healthz percentiles, RSS over time, and the targets:
+
+    python bench/load_soak.py --visitors 100 --minutes 10           # load
+    python bench/load_soak.py --visitors 20 --minutes 30 --soak     # soak (RSS target)
+
+Output: bench/results/load_soak_<visitors>x<minutes>.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+MAX_VISITORS, MAX_MINUTES = 200, 60
+METHODS = ["tailor", "magnitude", "wise_ft", "task_arithmetic", "ties", "dare"]
+STREAM = ["tailor", "sweep", "finetune", "compare", "export"]
+REFUSALS = ("queue is full", "jobs waiting")  # the runner's two refusals
+TARGETS = {"first_call_p99_s": 3.0, "healthz_p99_s": 0.25, "refusal_max_s": 0.5, "soak_rss_growth_mb": 200}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.load(r)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of one process (VmRSS), MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))], 4)
+
+
+def summary(values: list[float]) -> dict:
+    return {"n": len(values), "p50": pct(values, 50), "p90": pct(values, 90), "p99": pct(values, 99),
+            "max": round(max(values), 4) if values else None}
+
+
+class Server:
+    """`python app.py` on the loopback address, its own work folder; stopped on exit."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.work = tempfile.mkdtemp(prefix="load-soak-")
+        env = {**os.environ, "MTS_WORKDIR": self.work, "MTS_WARM_DELAY": "0",
+               "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+        self.log = open(Path(self.work) / "server.log", "w")
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1",
+                                         "--port", str(self.port)], cwd=ROOT, env=env,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        self.pid = self.process.pid
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def wait_ready(url: str, limit: float = 180) -> None:
+    end = time.time() + limit
+    while time.time() < end:
+        try:
+            health = get_json(url + "healthz", 2)
+            if health.get("demo") == "ready":
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not get its demo pair ready in {limit:.0f} s")
+
+
+class Run:
+    """What every visitor and the monitor record (under one lock)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.outcomes: Counter = Counter()  # (kind, outcome)
+        self.refusals: list[dict] = []
+        self.errors: list[str] = []
+        self.start_s: list[float] = []
+        self.first_call_s: list[float] = []
+        self.job_s: dict[str, list[float]] = {}
+        self.healthz_s: list[float] = []
+        self.healthz_failed = 0
+        self.rss: list[dict] = []
+        self.no_start = 0
+
+    def count(self, kind: str, outcome: str, seconds: float | None = None) -> None:
+        with self.lock:
+            self.outcomes[(kind, outcome)] += 1
+            if seconds is not None and outcome == "done":
+                self.job_s.setdefault(kind, []).append(seconds)
+
+
+def monitor(url: str, pid: int | None, run: Run, stop: threading.Event, t0: float) -> None:
+    last_rss = 0.0
+    while not stop.wait(0.5):
+        start = time.perf_counter()
+        try:
+            get_json(url + "healthz", 5)
+            run.healthz_s.append(time.perf_counter() - start)
+        except OSError:
+            run.healthz_failed += 1
+        now = time.perf_counter()
+        if pid is not None and now - last_rss >= 2:
+            last_rss = now
+            workers = sum(rss_mb(c) for c in children(pid))
+            run.rss.append({"t_s": round(now - t0, 1), "server_mb": round(rss_mb(pid), 1),
+                            "workers_mb": round(workers, 1)})
+
+
+def visitor(index: int, url: str, image: str, run: Run, deadline: float, grace: float) -> None:
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    rng = random.Random(index)
+    start = time.perf_counter()
+    try:
+        client = Client(url, verbose=False)
+        run.start_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        client.predict(api_name="/load_demo")
+        run.first_call_s.append(time.perf_counter() - start)
+    except Exception as exc:  # a visitor that cannot start is a result, not a crash
+        with run.lock:
+            run.no_start += 1
+            run.errors.append(f"start: {type(exc).__name__}: {str(exc)[:200]}")
+        return
+    last_tailor = None
+    step = index  # visitors start at different points of the stream
+    while time.time() < deadline:
+        kind = STREAM[step % len(STREAM)]
+        step += 1
+        began = time.perf_counter()
+        try:
+            if kind == "export":
+                if last_tailor is None:
+                    continue
+                client.predict(last_tailor, api_name="/export_patch")
+                run.count(kind, "done", time.perf_counter() - began)
+                continue
+            if kind == "compare":
+                client.predict(handle_file(image), "question", "how many shapes are there?",
+                               api_name="/compare")
+                run.count(kind, "done", time.perf_counter() - began)
+                continue
+            job_id = submit(client, kind, rng)
+        except AppError as exc:
+            refused(run, kind, str(exc), time.perf_counter() - began)
+            continue
+        except Exception as exc:
+            run.count(kind, "error")
+            with run.lock:
+                run.errors.append(f"{kind}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        outcome = follow(client, job_id, deadline + grace)
+        run.count(kind, outcome, time.perf_counter() - began)
+        if kind == "tailor" and outcome == "done":
+            last_tailor = job_id
+
+
+def submit(client, kind: str, rng: random.Random) -> str:
+    if kind == "tailor":
+        job_id, _ = client.predict(method=rng.choice(METHODS), keep=round(rng.uniform(0.05, 0.3), 2),
+                                   api_name="/tailor")
+    elif kind == "sweep":
+        job_id, _ = client.predict(methods=["wise_ft"], keeps="0.1", lams="0.5", examples=2,
+                                   api_name="/sweep")
+    else:
+        job_id, _ = client.predict(method="full", epochs=1, examples=8, tailor_after=False,
+                                   api_name="/finetune")
+    return job_id
+
+
+def follow(client, job_id: str, until: float) -> str:
+    """Poll the job as told (retry_after) until it ends: its status, `lost` when the server
+    forgot it, `unfinished` when the run ends first."""
+    from gradio_client.exceptions import AppError
+
+    while time.time() < until:
+        try:
+            info = client.predict(job_id, api_name="/job_status")
+        except AppError:
+            return "lost"
+        if info["status"] in ("done", "failed", "cancelled"):
+            return info["status"]
+        time.sleep(min(info.get("retry_after") or 1.0, max(0.0, until - time.time())))
+    return "unfinished"
+
+
+def refused(run: Run, kind: str, message: str, seconds: float) -> None:
+    reason = next((r for r in REFUSALS if r in message), None)
+    run.count(kind, "refused" if reason else "error")
+    with run.lock:
+        if reason:
+            run.refusals.append({"s": seconds, "reason": message[:160]})
+        else:
+            run.errors.append(f"{kind}: {message[:200]}")
+
+
+def report(args, run: Run, seconds: float) -> dict:
+    outcomes: dict[str, dict[str, int]] = {}
+    for (kind, outcome), n in sorted(run.outcomes.items()):
+        outcomes.setdefault(kind, {})[outcome] = n
+    total = Counter()
+    for (_, outcome), n in run.outcomes.items():
+        total[outcome] += n
+    refusal_s = [r["s"] for r in run.refusals]
+    rss_1min = next((r["server_mb"] for r in run.rss if r["t_s"] >= 60), None)
+    rss_end = run.rss[-1]["server_mb"] if run.rss else None
+    checks = {
+        "first_call_p99": (pct(run.first_call_s, 99) or 1e9) < TARGETS["first_call_p99_s"],
+        "healthz_p99": (pct(run.healthz_s, 99) or 1e9) < TARGETS["healthz_p99_s"],
+        "no_lost_or_failed": total["lost"] == total["failed"] == total["error"] == 0 and run.no_start == 0,
+        "refusals_fast_with_reason": all(s < TARGETS["refusal_max_s"] for s in refusal_s),
+    }
+    if args.soak:
+        checks["soak_rss"] = (rss_1min is not None and rss_end is not None
+                              and abs(rss_end - rss_1min) < TARGETS["soak_rss_growth_mb"])
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "visitors": args.visitors, "minutes": args.minutes, "ramp_s": args.ramp, "grace_s": args.grace,
+        "wall_s": round(seconds, 1), "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
+        "jobs": {"total": dict(total), "by_kind": outcomes},
+        "visitors_that_could_not_start": run.no_start,
+        "start_s": summary(run.start_s), "first_call_s": summary(run.first_call_s),
+        "job_s": {kind: summary(v) for kind, v in run.job_s.items()},
+        "refusals": {"n": len(run.refusals), "s": summary(refusal_s),
+                     "reasons": sorted({r["reason"] for r in run.refusals})[:5]},
+        "healthz_s": summary(run.healthz_s), "healthz_failed": run.healthz_failed,
+        "rss_mb": {"after_1_min": rss_1min, "end": rss_end,
+                   "max": max((r["server_mb"] for r in run.rss), default=None), "series": run.rss},
+        "targets": TARGETS, "checks": checks, "errors": run.errors[:20],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--visitors", type=int, default=20)
+    parser.add_argument("--minutes", type=float, default=1.0)
+    parser.add_argument("--ramp", type=float, default=10.0, help="seconds over which visitors arrive")
+    parser.add_argument("--grace", type=float, default=60.0, help="seconds in-flight jobs get after the end")
+    parser.add_argument("--soak", action="store_true", help="check the RSS target too")
+    parser.add_argument("--url", help="a running dashboard on the loopback address (default: start one)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if not 1 <= args.visitors <= MAX_VISITORS or not 0 < args.minutes <= MAX_MINUTES:
+        parser.error(f"--visitors 1..{MAX_VISITORS}, --minutes up to {MAX_MINUTES}")
+    if args.url and urllib.parse.urlparse(args.url).hostname not in LOOPBACK:
+        parser.error("--url must be a loopback address (127.0.0.1, localhost)")
+    out = args.out or ROOT / "bench" / "results" / f"load_soak_{args.visitors}x{args.minutes:g}.json"
+    # whatever happens, this process ends: the run, the grace, and two minutes for the rest
+    limit = args.minutes * 60 + args.ramp + args.grace + 300
+    threading.Timer(limit, lambda: os._exit(3)).start()
+
+    server = None if args.url else Server()
+    url = args.url.rstrip("/") + "/" if args.url else server.url
+    run, stop = Run(), threading.Event()
+    try:
+        wait_ready(url)
+        image = str(next((ROOT / "assets" / "demo" / "images").rglob("*.png")))
+        t0 = time.perf_counter()
+        watcher = threading.Thread(target=monitor, args=(url, server.pid if server else None, run, stop, t0),
+                                   daemon=True)
+        watcher.start()
+        deadline = time.time() + args.ramp + args.minutes * 60
+        threads = []
+        for i in range(args.visitors):
+            thread = threading.Thread(target=visitor, args=(i, url, image, run, deadline, args.grace),
+                                      daemon=True)
+            thread.start()
+            threads.append(thread)
+            time.sleep(args.ramp / args.visitors)
+        for thread in threads:
+            thread.join(max(0.0, deadline + args.grace + 30 - time.time()))
+        stop.set()
+        result = report(args, run, time.perf_counter() - t0)
+    finally:
+        stop.set()
+        if server is not None:
+            server.stop()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    brief = {k: result[k] for k in ("jobs", "visitors_that_could_not_start", "first_call_s", "healthz_s",
+                                    "checks")}
+    brief["refusals"] = {k: result["refusals"][k] for k in ("n", "s")}
+    brief["rss_mb"] = {k: result["rss_mb"][k] for k in ("after_1_min", "end", "max")}
+    print(json.dumps(brief, indent=2))
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    os._exit(0 if all(result["checks"].values()) else 1)  # the hard-limit timer must not hold us
+
+
+if __name__ == "__main__":
+    main()
