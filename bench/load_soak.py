@@ -41,6 +41,9 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MAX_VISITORS, MAX_MINUTES = 200, 60
 METHODS = ["tailor", "magnitude", "wise_ft", "task_arithmetic", "ties", "dare"]
 STREAM = ["tailor", "sweep", "finetune", "compare", "export"]
+# a control whose page value is empty (gradio_client's example inputs would be text or a
+# sample file on the internet)
+EMPTY = {"Textbox": "", "File": None, "Files": None}
 REFUSALS = ("queue is full", "jobs waiting")  # the runner's two refusals
 TARGETS = {"first_call_p99_s": 3.0, "healthz_p99_s": 0.25, "refusal_max_s": 0.5, "soak_rss_growth_mb": 200}
 
@@ -215,15 +218,23 @@ def visitor(index: int, url: str, image: str, run: Run, deadline: float, grace: 
 
 def submit(client, kind: str, rng: random.Random) -> str:
     if kind == "tailor":
-        job_id, _ = client.predict(method=rng.choice(METHODS), keep=round(rng.uniform(0.05, 0.3), 2),
-                                   api_name="/tailor")
+        values = {"method": rng.choice(METHODS), "keep": round(rng.uniform(0.05, 0.3), 2)}
+        endpoint = "/tailor"
     elif kind == "sweep":
-        job_id, _ = client.predict(methods=["wise_ft"], keeps="0.1", lams="0.5", examples=2,
-                                   api_name="/sweep")
+        values, endpoint = {"methods": ["wise_ft"], "keeps": "0.1", "lams": "0.5", "examples": 4}, "/sweep"
     else:
-        job_id, _ = client.predict(method="full", epochs=1, examples=8, tailor_after=False,
-                                   api_name="/finetune")
+        values = {"method": "full", "epochs": 1, "examples": 8, "tailor_after": False}
+        endpoint = "/finetune"
+    job_id, _ = client.predict(**{**defaults(client, endpoint), **values}, api_name=endpoint)
     return job_id
+
+
+def defaults(client, endpoint: str) -> dict:
+    """Every parameter of the endpoint at the page's own initial value (as a visitor who
+    changes only a few controls sends them)."""
+    parameters = client.view_api(print_info=False, return_format="dict")["named_endpoints"][endpoint]
+    return {p["parameter_name"]: p["parameter_default"] if p.get("parameter_has_default")
+            else EMPTY.get(p["component"], p.get("example_input")) for p in parameters["parameters"]}
 
 
 def follow(client, job_id: str, until: float) -> str:

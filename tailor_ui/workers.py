@@ -35,6 +35,7 @@ import pickle
 import shutil
 import signal
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 _FORK = multiprocessing.get_context("fork")
 POLL_SECONDS = 0.1  # how often the server checks for a cancel while a worker computes
+PROGRESS_SECONDS = 0.05  # the most often a worker reports progress counts
 WORKER_NICENESS = 5  # a worker yields the cores to the web server when both want them
 
 _channel: Connection | None = None  # in a worker: its pipe to the server
@@ -191,10 +193,17 @@ def _worker(fn, stop: threading.Event, results: Connection, commands: Connection
 
     threading.Thread(target=listen, daemon=True).start()
 
+    sent = {"stage": None, "at": 0.0}
+
     def progress(stage: str, done: int, total: int) -> None:
         if stop.is_set():
             raise Cancelled
-        _put(results, ("progress", stage, int(done), int(total)))
+        now = time.monotonic()
+        # a new stage at once, counts at most every PROGRESS_SECONDS: each message costs the
+        # server's process a little time under its interpreter lock
+        if stage != sent["stage"] or now - sent["at"] >= PROGRESS_SECONDS:
+            sent["stage"], sent["at"] = stage, now
+            _put(results, ("progress", stage, int(done), int(total)))
 
     try:
         outcome = ("result", fn(progress, stop.is_set))
