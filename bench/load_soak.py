@@ -14,6 +14,7 @@ start and first-call latency, /healthz percentiles, RSS over time, and the targe
 
     python bench/load_soak.py --visitors 100 --minutes 10           # load
     python bench/load_soak.py --visitors 20 --minutes 30 --soak     # soak (RSS target)
+    MTS_WORKERS=0 python bench/load_soak.py ...                      # jobs in the server's threads
 
 Output: bench/results/load_soak_<visitors>x<minutes>.json (or --out).
 """
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -111,6 +113,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+        shutil.rmtree(self.work, ignore_errors=True)
 
 
 def wait_ready(url: str, limit: float = 180) -> None:
@@ -286,6 +289,7 @@ def report(args, run: Run, seconds: float) -> dict:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "visitors": args.visitors, "minutes": args.minutes, "ramp_s": args.ramp, "grace_s": args.grace,
         "wall_s": round(seconds, 1), "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
+        "worker_processes": os.environ.get("MTS_WORKERS", "1") not in ("0", "false", "no"),
         "jobs": {"total": dict(total), "by_kind": outcomes},
         "visitors_that_could_not_start": run.no_start,
         "start_s": summary(run.start_s), "first_call_s": summary(run.first_call_s),
