@@ -27,6 +27,7 @@ through `spaces.GPU` instead (gpu.py).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import multiprocessing
@@ -178,6 +179,9 @@ def _worker(fn, stop: threading.Event, results: Connection, commands: Connection
     """In the fork: run the job, send its progress and its outcome."""
     global _channel
     _channel = results
+    # the collector would touch every object the server made, copying each page they sit on
+    # into this process: they are the server's to collect
+    gc.freeze()
     stop._cond._at_fork_reinit()  # a server thread may have held it at the fork
     os.nice(WORKER_NICENESS)
 
