@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import demo_available
+from failing_jobs import fail_bug, fail_unpicklable_error, fail_user
 from tailor_ui import workers
-from tailor_ui.errors import UserError
 from tailor_ui.jobs import CANCELLED, DONE, FAILED, CancelRoute, JobKind, JobRunner
 
 
@@ -99,26 +99,14 @@ def test_cancel_reaches_the_worker_by_its_kinds_route(runner):
         os.kill(ended.worker_pid, 0)
 
 
-class TwoArgs(Exception):
-    def __init__(self, what, why):
-        super().__init__(f"{what} because {why}")
-
-
-def _refused(progress, should_stop):
-    raise UserError("this pair has no built-in calibration set")
-
-
-def _unpicklable_error(progress, should_stop):
-    raise TwoArgs("stopped", "of a test")
-
-
 def _unpicklable_result(progress, should_stop):
     return threading.Lock()
 
 
 @pytest.mark.parametrize("fn, error", [
-    (_refused, "this pair has no built-in calibration set"),
-    (_unpicklable_error, "unexpected RuntimeError: TwoArgs: stopped because of a test"),
+    (fail_user, "this pair has no built-in calibration set"),
+    (fail_bug, "unexpected ZeroDivisionError: division by zero"),
+    (fail_unpicklable_error, "unexpected RuntimeError: TwoArgs: stopped because of a test"),
     (_unpicklable_result, "unexpected RuntimeError: the job's result could not be sent back "
                           "(TypeError: cannot pickle '_thread.lock' object)"),
 ])
@@ -250,4 +238,30 @@ def test_a_merge_in_a_worker_leaves_its_scores_for_the_next_slider_move(studio):
                                 session.id, 120)
     cache = second.result.report["score_cache"]
     assert second.status == DONE and cache["misses"] == 0 < cache["hits"]
+    studio.end_session(session.id)
+
+
+@pytest.mark.skipif(not demo_available(), reason="the demo pair is not built")
+def test_the_page_polls_as_soon_as_its_jobs_have_news_and_slowly_when_idle(app):
+    import gradio as gr
+
+    from conftest import hold_lane, request_for
+    from tailor_ui.service.config import default_settings
+    from tailor_ui.service.studio import IDLE_POLL_SECONDS
+
+    studio = app.studio
+    session = studio.session("poll-timer")
+    assert studio.poll_seconds(session) == IDLE_POLL_SECONDS
+    assert app.poll_interval(session) == IDLE_POLL_SECONDS  # the page starts at one second
+    assert app.poll_interval(session) == gr.skip()  # sent once
+    with hold_lane(studio):
+        job = studio.submit_tailor(session, default_settings(keep=0.19))
+        assert job.position == 2 and studio.poll_seconds(session) == 2.0
+        assert app.poll_interval(session) == 2.0
+        assert app.job_status(job.id, request=request_for(session.id))["retry_after"] == 2.0
+    wait_until(lambda: job.status == "running" or job.is_finished, 60)
+    if not job.is_finished:
+        assert studio.poll_seconds(session) == 1.0
+    studio.runner.wait(job.id, session.id, 120)
+    assert studio.poll_seconds(session) == IDLE_POLL_SECONDS
     studio.end_session(session.id)

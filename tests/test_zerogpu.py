@@ -30,6 +30,7 @@ from spaces.utils import SimpleQueue
 from spaces.zero.types import ExceptionResult, OkResult
 
 from conftest import DEMO, ROOT, demo_available
+from failing_jobs import fail_bug, fail_unpicklable_error, fail_user
 from tailor_ui import gpu
 from tailor_ui.errors import UserError
 from tailor_ui.jobs import CANCELLED, DONE, FAILED, RUNNING, JobKind
@@ -271,33 +272,14 @@ def test_progress_and_cancel_stay_outside_the_fork(zero):
     assert job.status == CANCELLED and job.result is None and job.run_seconds >= 1.0
 
 
-class TwoArgs(Exception):
-    """An exception pickle cannot rebuild (its __init__ needs two arguments)."""
-
-    def __init__(self, what, why):
-        super().__init__(f"{what} because {why}")
-
-
-def _fail_user(progress, should_stop):
-    raise UserError("this pair has no built-in calibration set")
-
-
-def _fail_bug(progress, should_stop):
-    return 1 / 0
-
-
-def _fail_unpicklable_error(progress, should_stop):
-    raise TwoArgs("stopped", "of a test")
-
-
 def _unpicklable_result(progress, should_stop):
     return lambda: None
 
 
 @pytest.mark.parametrize("fn, error", [
-    (_fail_user, "this pair has no built-in calibration set"),
-    (_fail_bug, "unexpected ZeroDivisionError: division by zero"),
-    (_fail_unpicklable_error, "unexpected RuntimeError: TwoArgs: stopped because of a test"),
+    (fail_user, "this pair has no built-in calibration set"),
+    (fail_bug, "unexpected ZeroDivisionError: division by zero"),
+    (fail_unpicklable_error, "unexpected RuntimeError: TwoArgs: stopped because of a test"),
     # the result cannot leave the worker: spaces sends back the class name only
     (_unpicklable_result, "unexpected ZeroGPUWorkerError: PicklingError"),
 ])
