@@ -117,13 +117,18 @@ def run_in_worker(fn: Callable[[Callable, Callable], Any], stop: threading.Event
     if on_start is not None:
         on_start(process.pid)
     try:
-        return _follow(process, results, parent_end, stop, update, end_on_stop)
-    finally:
+        result = _follow(process, results, parent_end, stop, update, end_on_stop)
+    except BaseException:
         if process.is_alive():  # ended early (a cancel that ends it, or an error here)
             process.kill()
         process.join()
+        raise
+    finally:
         results.close()
         parent_end.close()
+    # it has sent its result and is exiting: the job need not wait while it frees its memory
+    threading.Thread(target=process.join, daemon=True, name="tailor-job-reaper").start()
+    return result
 
 
 def _follow(process, results: Connection, commands: Connection, stop: threading.Event,
