@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the tailored delta as a PEFT LoRA adapter (a rank --adapter-rank "
                         "SVD fit per changed linear; its error goes in report.json)")
     p.add_argument("--adapter-rank", type=int, default=16, help="rank of --adapter-out's fit")
+    p.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME",
+                   help="publish the model (with --save-model) or else the patch folder, with its card, "
+                        "to this Hub repository (token: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repository")
     _in_memory_option(p)
     _model_options(p)
 
@@ -286,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     args = build_parser().parse_args(argv)
+    args.command_line = _command_line(sys.argv[1:] if argv is None else argv)
     try:
         if not args.debug:
             _quiet_libraries()
@@ -308,6 +313,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)",
                   file=sys.stderr)
         return 1
+
+
+def _command_line(argv: list[str]) -> str:
+    """The command as typed, for model cards: what rebuilds the output (so not the push)."""
+    import shlex
+
+    words, skip = [], False
+    for word in argv:
+        if skip or word == "--private" or word.startswith("--push-to-hub="):
+            skip = False
+            continue
+        skip = word == "--push-to-hub"
+        if not skip:
+            words.append(word)
+    return "python -m tailor_ui " + shlex.join(words)
 
 
 def _default_compensation(args: argparse.Namespace) -> str:
@@ -431,6 +451,7 @@ def _tailor(args: argparse.Namespace) -> int:
         raise UserError("--no-patch leaves nothing to write: add --save-model")
     _check_out_dir(args.out)
     _check_adapter_out(args)
+    token = _hub_token(args)
     examples = [read_calibration(path)[: args.calib_limit] for path in args.calib]
     if args.anchor and not method.needs_calibration:
         raise UserError(f"--anchor is read only by Model Tailor, not by {method.label}")
@@ -455,6 +476,7 @@ def _tailor(args: argparse.Namespace) -> int:
                 result.report["tensors_checked"] = save_tailored(pair, result.patch, tmp / "model")
             _write_adapter(args, result.patch, result.report, pair=pair)
             save_run(tmp, None if args.no_patch else result.patch, result.report)
+            _write_cards(args, tmp, result.report)
         report = result.report
     print(f"{settings.method}: {report['patch_entries']:,} entries in the patch "
           f"({100 * report['linear_fraction']:.2f}% of selected linears, "
@@ -465,7 +487,38 @@ def _tailor(args: argparse.Namespace) -> int:
         print(f"adapter: rank {fit['rank']} fit of {fit['low_rank_tensors']} linears, relative error "
               f"{fit['relative_error']:.4f} ({len(fit['modules_saved_whole'])} modules saved whole) "
               f"-> {args.adapter_out}")
+    if token is not None:
+        from tailor_ui.hub import push_folder
+
+        folder = args.out / "model" if args.save_model else args.out
+        print(f"published {folder} -> {push_folder(folder, args.push_to_hub, token, private=args.private)}")
     return 0
+
+
+def _hub_token(args: argparse.Namespace) -> str | None:
+    """--push-to-hub's token (huggingface_hub's: HF_TOKEN or a saved login), checked with
+    the repository id before any model loads; None without --push-to-hub."""
+    if args.push_to_hub is None:
+        if args.private:
+            raise UserError("--private goes with --push-to-hub")
+        return None
+    from huggingface_hub import get_token
+
+    from tailor_ui.hub import check_repo_id, require_token
+
+    check_repo_id(args.push_to_hub)
+    return require_token(get_token(), "set HF_TOKEN or run `hf auth login`")
+
+
+def _write_cards(args: argparse.Namespace, folder: Path, report: dict) -> None:
+    """The model cards of a `tailor` run's outputs: the patch folder, the model, the adapter."""
+    from tailor_ui.model_card import Artifact, write_card
+
+    for written, path, artifact in ((not args.no_patch, folder, Artifact.PATCH),
+                                    (args.save_model, folder / "model", Artifact.MODEL),
+                                    (args.adapter_out is not None, args.adapter_out, Artifact.ADAPTER)):
+        if written:
+            write_card(path, artifact, report, command=args.command_line)
 
 
 def _check_adapter_out(args: argparse.Namespace) -> None:
@@ -523,6 +576,7 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
             if args.adapter_out is not None:  # fitted from the written patch, a tensor at a time
                 _write_adapter(args, PatchFile(tmp / "patch.safetensors"), report, base_folder=sources[0])
             save_run(tmp, None, report)
+            _write_cards(args, tmp, report)
     finally:
         bar.close()
     return report
@@ -534,18 +588,24 @@ def _apply(args: argparse.Namespace) -> int:
     from tailor_ui.patch import PatchFile, apply_patch
     from tailor_ui.service.export import save_model
 
+    from tailor_ui.model_card import Artifact, write_card
+
     _check_out_dir(args.out)
     patch = PatchFile(args.patch)
     sources = _stream_sources(args, [args.base])
-    if sources is not None:  # tensor by tensor, in the checkpoint's dtypes, the patch's too
-        from tailor_ui.stream import stream_apply_patch
+    made = patch.metadata  # how the patch was made, for the card
+    report = {"settings": made.get("settings"), "base": args.base, "finetuned": made.get("finetuned", []),
+              "patch_entries": patch.num_entries}
+    with atomic_path(args.out) as tmp:
+        if sources is not None:  # tensor by tensor, in the checkpoint's dtypes, the patch's too
+            from tailor_ui.stream import stream_apply_patch
 
-        stream_apply_patch(sources[0], patch, args.out)
-    else:
-        model, processor = load_model(args.base, **_load_options(args))
-        apply_patch(model, patch.load())
-        with atomic_path(args.out) as tmp:
+            stream_apply_patch(sources[0], patch, tmp)
+        else:
+            model, processor = load_model(args.base, **_load_options(args))
+            apply_patch(model, patch.load())
             save_model(model, processor, tmp)
+        write_card(tmp, Artifact.MODEL, report, command=args.command_line)
     print(f"applied {patch.num_entries:,} entries -> {args.out}")
     return 0
 
@@ -796,21 +856,10 @@ def _find_settings(args: argparse.Namespace) -> int:
 
 def tailor_command(settings, args: argparse.Namespace) -> str:
     """The `tailor` command line that builds the model with these settings."""
-    import shlex
+    from tailor_ui import model_card
 
-    from tailor_ui.settings import Settings
-
-    words = ["python -m tailor_ui tailor", "--base", args.base, "--finetuned", args.finetuned,
-             "--calib", str(args.calib), "--out", "tailored", "--keep", f"{settings.keep:g}",
-             "--alpha", f"{settings.alpha:g}", "--compensation", settings.compensation]
-    for name in ("order", "budget", "scope", "hessians"):
-        if getattr(settings, name) != getattr(Settings, name):
-            words += [f"--{name}", getattr(settings, name)]
-    if settings.compensation == "anchored":
-        words += [w for path in args.anchor for w in ("--anchor", str(path))]
-        if settings.anchor_weight != Settings.anchor_weight:
-            words += ["--anchor-weight", f"{settings.anchor_weight:g}"]
-    return " ".join(words[:1] + [shlex.quote(w) for w in words[1:]])
+    return model_card.tailor_command(settings, args.base, [args.finetuned], calib=[str(args.calib)],
+                                     anchor=[str(a) for a in args.anchor])
 
 
 def _finetune(args: argparse.Namespace) -> int:

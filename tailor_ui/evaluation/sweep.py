@@ -71,6 +71,11 @@ def _knob_values(s: Settings) -> dict[str, float | None]:
     return {k: (v if k in used else None) for k, v in values.items()}
 
 
+def settings_read(method: str) -> set[str]:
+    """The `Settings` fields a method reads: its knobs and what every method reads."""
+    return {"method", *REGISTRY[method].knobs, *_READ_BY_EVERY_METHOD}
+
+
 def setting_label(s: Settings) -> str:
     """A short readable name: the method, its knobs, then any other non-default setting it
     reads (its knobs, and what every method reads: modules, others, overlap), so a value
@@ -82,7 +87,7 @@ def setting_label(s: Settings) -> str:
     else:
         parts += [f"{k}={v:g}" for k, v in knobs.items() if v is not None]
     defaults = Settings(method=s.method)
-    shown = {*REGISTRY[s.method].knobs, *_READ_BY_EVERY_METHOD} - _LABELLED
+    shown = settings_read(s.method) - _LABELLED
     parts += [f"{f.name}={getattr(s, f.name)}" for f in fields(Settings)
               if f.name in shown and getattr(s, f.name) != getattr(defaults, f.name)]
     return " ".join(parts)

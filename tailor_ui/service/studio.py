@@ -30,7 +30,7 @@ from tailor_ui.service import pairs, tailor
 from tailor_ui.service import search as search_
 from tailor_ui.service import sweep as sweep_
 from tailor_ui.service.config import SYSTEM, StudioConfig, default_settings, settings_label
-from tailor_ui.service.export import adapter_zip, model_zip
+from tailor_ui.service import export as export_
 from tailor_ui.session import (PairHandle, SearchRun, Session, SessionStore, SweepRun, TailorRun,
                                TrainedModel)
 
@@ -148,6 +148,10 @@ class Studio:
                 run.handle.reference_scores.setdefault(label, {}).update(scores)
         if job.owner == SYSTEM:  # the start-up merge, the only system job
             if run is not None:
+                try:  # with files, so the Export tab offers it too
+                    export_.file_startup(run, self.config.workdir / f"start-up-{run.handle.key[1]}")
+                except OSError:
+                    log.exception("the start-up merge's files could not be written")
                 run.handle.default_run = run
             self.warm.set()
             return
@@ -512,17 +516,18 @@ class Studio:
 
     def export(self, session: Session, job_id: str | None, what: str, *,
                timeout: float = 600) -> Path:
-        """The file for one of the session's merges: patch, report, model or adapter (zips)."""
+        """The file for one of the session's merges (or its pair's start-up merge): patch,
+        report, model or adapter (zips, with their model cards)."""
         self.sync(session, "tailor")
-        run = session.run(job_id) if job_id else session.latest_run()
-        if run is None:
-            raise UserError("run a merge first (Tailor tab)")
+        run = export_.find_run(session, self.export_handle(session), job_id)
+        scores = export_.known_scores(session, run)
         if what == "patch":
             return run.patch_file
         if what == "report":
             return run.report_file
         if what == "adapter":  # refitted on each request: seconds, and nothing kept per run
-            return self._run_and_wait(session, "export", lambda p, s: adapter_zip(run, p, s),
+            return self._run_and_wait(session, "export",
+                                      lambda p, s: export_.adapter_zip(run, p, s, scores=scores),
                                       f"export adapter of {run.label}", run.handle.lane, timeout)
         if what != "model":
             raise UserError(f"unknown export {what!r}: patch, report, model or adapter")
@@ -530,9 +535,18 @@ class Studio:
             return run.model_zip
 
         def job(progress, should_stop):
-            return model_zip(run, progress, should_stop)
+            return export_.model_zip(run, progress, should_stop, scores=scores)
 
         # filed here, not in the job: on ZeroGPU the job runs in a fork (gpu.py)
         run.model_zip = self._run_and_wait(session, "export", job, f"export model of {run.label}",
                                            run.handle.lane, timeout)
         return run.model_zip
+
+    def export_handle(self, session: Session) -> PairHandle | None:
+        """The session's pair, whose start-up merge Export offers; None while there is none."""
+        if session.own is None and not self.demo_ready.is_set():
+            return None
+        try:
+            return self.handle_for(session)
+        except UserError:
+            return None

@@ -132,6 +132,7 @@ def tailor_run(handle: PairHandle, settings, examples: list[Example], source: st
     report["calibration"] = {"source": source, "examples": len(examples)}
     if quick is not None:
         report["quick_check"] = quick.to_dict(orient="records")
+        report["quick_examples"] = quick_examples
     held = None if isinstance(result.patch, PatchFile) else result.patch  # a file is read when used
     run = TailorRun(job_id="", label=label, settings=settings.to_dict(), patch=held,
                     report=report, handle=handle, quick=quick, references=references,
