@@ -212,7 +212,7 @@ def test_private_goes_with_push_to_hub(disk_pair, tmp_path, capsys):
 # -- the dashboard ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def app(studio):
+def handlers(studio):
     from tailor_ui.ui.blocks import App
 
     app = App(studio)
@@ -224,48 +224,48 @@ def fresh():
     return request_for(f"card-{uuid.uuid4().hex[:8]}")
 
 
-def test_export_offers_the_start_up_merge_in_a_fresh_session(app, tmp_path):
-    studio, request = app.studio, fresh()
+def test_export_offers_the_start_up_merge_in_a_fresh_session(handlers, tmp_path):
+    studio, request = handlers.studio, fresh()
     session = studio.session(request.session_hash)
     handle = studio.handle_for(session)
-    choices, info = app.export.poll(session, handle)
+    choices, info = handlers.export.poll(session, handle)
     assert choices["choices"] == [(f"start-up · {handle.default_run.label} (the start-up merge with the "
                                    "default settings)", "start-up")] and choices["value"] == "start-up"
     assert f"{handle.default_run.report['patch_entries']:,} entries" in info
     from tailor_ui.patch import load_patch
 
-    patch = load_patch(app.export.patch("", request=request))
+    patch = load_patch(handlers.export.patch("", request=request))
     assert patch.num_entries == handle.default_run.report["patch_entries"] > 0
-    report = json.loads(Path(app.export.report("start-up", request=request)).read_text())
+    report = json.loads(Path(handlers.export.report("start-up", request=request)).read_text())
     assert report["settings"] == handle.default_run.settings
-    with zipfile.ZipFile(app.export.model("start-up", request=request)) as archive:
+    with zipfile.ZipFile(handlers.export.model("start-up", request=request)) as archive:
         card = ModelCard(archive.read("tailored-model/README.md").decode())
     assert card.data.library_name == "transformers"
     assert "## Reproduce" in card.text and "--calib TARGET.jsonl" in card.text
     assert "### Quick check on" in card.text  # the start-up merge's own quick check
-    with zipfile.ZipFile(app.export.adapter("start-up", request=request)) as archive:
+    with zipfile.ZipFile(handlers.export.adapter("start-up", request=request)) as archive:
         assert ModelCard(archive.read("tailored-adapter/README.md").decode()).data.library_name == "peft"
 
 
-def test_export_push_publishes_the_patch_or_the_model_with_its_card(app, monkeypatch, caplog):
+def test_export_push_publishes_the_patch_or_the_model_with_its_card(handlers, monkeypatch, caplog):
     hub = FakeHub(monkeypatch)
     request = fresh()
     caplog.set_level(logging.DEBUG)
-    message = app.export.push("start-up", "patch", "me/demo-patch", True, TOKEN, request=request)
+    message = handlers.export.push("start-up", "patch", "me/demo-patch", True, TOKEN, request=request)
     assert "me/demo-patch" in message and TOKEN not in message
     (upload,) = hub.uploaded
     assert set(upload["files"]) == {"patch.safetensors", "report.json", "README.md"}
-    run = app.studio.handle_for(app.studio.session(request.session_hash)).default_run
+    run = handlers.studio.handle_for(handlers.studio.session(request.session_hash)).default_run
     assert upload["files"]["patch.safetensors"] == run.patch_file.read_bytes()
     assert ModelCard(upload["files"]["README.md"].decode()).data.library_name == "tailor_ui"
     assert hub.created[0]["private"] is True and hub.tokens == [TOKEN]
     # the model: exactly the export zip's files
-    app.export.push("", "model", "me/demo-model", False, TOKEN, request=request)
-    with zipfile.ZipFile(app.export.model("", request=request)) as archive:
+    handlers.export.push("", "model", "me/demo-model", False, TOKEN, request=request)
+    with zipfile.ZipFile(handlers.export.model("", request=request)) as archive:
         zipped = {n.removeprefix("tailored-model/"): archive.read(n) for n in archive.namelist()}
     assert hub.uploaded[1]["files"] == zipped and "README.md" in zipped
     # signed in on a Space: the OAuth token, whatever the field holds
-    app.export.push("", "patch", "me/demo-patch", False, "", request=request,
+    handlers.export.push("", "patch", "me/demo-patch", False, "", request=request,
                     oauth_token=gr.OAuthToken(token=TOKEN + "-oauth", scope="write-repos", expires_at=0))
     assert hub.tokens[-1] == TOKEN + "-oauth"
     assert TOKEN not in caplog.text
@@ -277,9 +277,47 @@ def test_export_push_publishes_the_patch_or_the_model_with_its_card(app, monkeyp
     (TOKEN, "me/demo", 401, r"the Hub refused the token for me/demo \(HTTP 401\)"),
     (TOKEN, "me/demo", 403, r"the Hub refused the token for me/demo \(HTTP 403\)"),
 ])
-def test_export_push_errors_are_shown_in_words(app, monkeypatch, caplog, token, repo, refuse, message):
+def test_export_push_errors_are_shown_in_words(handlers, monkeypatch, caplog, token, repo, refuse, message):
     hub = FakeHub(monkeypatch, refuse=refuse)
     caplog.set_level(logging.DEBUG)
     with pytest.raises(gr.Error, match=message) as raised:
-        app.export.push("", "patch", repo, False, token, request=fresh())
+        handlers.export.push("", "patch", repo, False, token, request=fresh())
     assert TOKEN not in str(raised.value) and TOKEN not in caplog.text and not hub.uploaded
+
+
+def test_the_sweep_row_of_a_merge_goes_on_its_card():
+    import pandas as pd
+
+    from tailor_ui.evaluation.sweep import setting_label
+    from tailor_ui.model_card import sweep_scores
+
+    ran, other = Settings(keep=0.05, compensation="exact"), Settings(keep=0.5)
+    table = pd.DataFrame([
+        {"kind": "base", "setting": "base", "h_score": 0.5, "score:caption": 0.6},
+        {"kind": "merged", "setting": setting_label(ran), "original_retention": 0.97, "target_retention": 0.8,
+         "target_gain": 0.7, "h_score": 0.81, "patch_fraction": 0.004, "score:caption": 0.58},
+        {"kind": "merged", "setting": setting_label(other), "h_score": 0.7, "score:caption": 0.4}])
+    (scores,) = sweep_scores(table, ran, ["caption"])
+    assert scores.title == "Forgetting sweep (sets: caption)"
+    assert [row["h_score"] for row in scores.rows] == [0.81] and scores.rows[0]["score:caption"] == 0.58
+    assert sweep_scores(table, Settings(keep=0.3), ["caption"]) == []
+    card = model_card(Artifact.MODEL, report_of(ran), scores=[scores])
+    assert "| Model Tailor keep=0.05 alpha=0.8 compensation=exact | 0.97 | 0.8 | 0.7 | 0.81 | 0.004 | 0.58 |" \
+        in card
+
+
+def test_without_any_merge_export_says_to_run_one():
+    from tailor_ui.service.export import find_run
+    from tailor_ui.session import Session
+
+    with pytest.raises(UserError, match=r"run a merge first \(Tailor tab\)"):
+        find_run(Session(id="empty", folder=Path("unused")), None, "")
+
+
+def test_export_push_through_the_api(client, monkeypatch):
+    """The endpoint as a client calls it: no sign-in outside a Space, the token as an input."""
+    hub = FakeHub(monkeypatch)
+    message = client.predict("start-up", "patch", "me/api-patch", False, TOKEN, api_name="/export_push")
+    assert "me/api-patch" in message and TOKEN not in message
+    assert hub.tokens == [TOKEN] and set(hub.uploaded[0]["files"]) == {"patch.safetensors", "report.json",
+                                                                        "README.md"}

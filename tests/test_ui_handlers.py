@@ -392,8 +392,8 @@ def test_sweep_can_be_cancelled(app):
 
 def test_export_patch_report_and_model(app, tmp_path):
     studio, request = app.studio, new_request()
-    with pytest.raises(gr.Error, match="run a merge first"):
-        app.export.patch("", request=request)
+    with pytest.raises(gr.Error, match="no finished merge 'job-none'"):
+        app.export.patch("job-none", request=request)
     job = run_tailor(app, request, keep=0.12)
     patch = load_patch(app.export.patch(job.id, request=request))
     assert patch.num_entries == job.result.patch.num_entries
@@ -420,8 +420,9 @@ def test_export_patch_report_and_model(app, tmp_path):
     finally:
         revert_patch(base, applied)
     assert app.export.model(job.id, request=request) == zipped  # built once
-    outputs = app.export.poll(studio.session(request.session_hash))
-    assert outputs[0]["choices"][0][1] == job.id
+    session = studio.session(request.session_hash)
+    outputs = app.export.poll(session, studio.handle_for(session))
+    assert [value for _, value in outputs[0]["choices"]] == [job.id, "start-up"]
 
 
 # -- Sessions and polling -------------------------------------------------------------------
