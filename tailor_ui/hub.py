@@ -58,7 +58,8 @@ def push_folder(folder: Path, repo_id: str, token: str, *, private: bool = False
         raise UserError(f"the Hub refused the upload to {repo_id} (HTTP {status}): "
                         f"{_first_line(str(exc), token)}") from None
     except (OSError, _client_error(HfHubHTTPError)) as exc:  # no connection, DNS, timeouts
-        raise UserError(f"could not reach the Hub to publish {repo_id}: {_first_line(str(exc), token)}") from None
+        raise UserError(f"could not reach the Hub to publish {repo_id}: "
+                        f"{_first_line(str(exc), token)}") from None
     return str(url)
 
 

@@ -91,7 +91,8 @@ def tailor_command(settings: Settings, base: str, finetuned: Sequence[str], *,
         if f.name not in read or f.name == "compensate":
             continue
         if f.name in ("keep", "compensation") or value != getattr(defaults, f.name):
-            words += [f"--{f.name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+            words += [f"--{f.name.replace('_', '-')}", text]
     if "compensate" in read and not settings.compensate:
         words.append("--no-compensate")
     if settings.anchored:

@@ -165,6 +165,16 @@ def app(studio):
     blocks.close()
 
 
+@pytest.fixture(scope="session")
+def handlers(studio):
+    """The dashboard's handlers, built once and called directly (`app` is the launched server)."""
+    from tailor_ui.ui.blocks import App
+
+    handlers = App(studio)
+    handlers.build()
+    return handlers
+
+
 @pytest.fixture
 def client(app, tmp_path):
     from gradio_client import Client

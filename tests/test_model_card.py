@@ -60,7 +60,8 @@ def test_the_card_holds_hub_metadata_every_setting_the_command_and_the_scores(tm
     assert "1,234 entries, 1.25% of the model" in card.text
     assert "### Quick check on 8 examples per set (sets: caption, vqa)" in card.text
     assert "| This merge | 0.5 | 0.9 | 0.98 | 0.93 |" in card.text
-    assert "### Forgetting sweep (sets: caption, vqa)" in card.text and "| Model Tailor keep=0.2 | 0.875 |" in card.text
+    assert "### Forgetting sweep (sets: caption, vqa)" in card.text
+    assert "| Model Tailor keep=0.2 | 0.875 |" in card.text
     adapter = ModelCard(model_card(Artifact.ADAPTER, report_of(settings)))
     assert adapter.data.library_name == "peft" and "No scores were measured" in adapter.text
     assert ModelCard(model_card(Artifact.PATCH, report_of(settings))).data.library_name == "tailor_ui"
@@ -143,14 +144,16 @@ class FakeHub:
         def create_repo(api, repo_id, **kwargs):
             hub.tokens.append(api.token)
             if refuse is not None:
-                response = httpx.Response(refuse, request=httpx.Request("POST", "https://huggingface.co/api/repos/create"))
+                request = httpx.Request("POST", "https://huggingface.co/api/repos/create")
+                response = httpx.Response(refuse, request=request)
                 raise HfHubHTTPError(f"{refuse} Client Error", response=response)
             hub.created.append({"repo_id": repo_id, **kwargs})
             return f"https://huggingface.co/{repo_id}"
 
         def upload_folder(api, *, repo_id, folder_path, **kwargs):
             folder = Path(folder_path)
-            files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+            files = {p.relative_to(folder).as_posix(): p.read_bytes()
+                     for p in folder.rglob("*") if p.is_file()}
             hub.uploaded.append({"repo_id": repo_id, "files": files, **kwargs})
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -161,9 +164,11 @@ def test_cli_push_to_hub_uploads_the_saved_model_with_its_card(disk_pair, tmp_pa
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     hub = FakeHub(monkeypatch)
     out = tmp_path / "run"
-    assert main(_tailor_args(disk_pair, out, "--save-model", "--push-to-hub", "me/tailored", "--private")) == 0
+    args = _tailor_args(disk_pair, out, "--save-model", "--push-to-hub", "me/tailored", "--private")
+    assert main(args) == 0
     printed = capsys.readouterr()
-    assert hub.created == [{"repo_id": "me/tailored", "repo_type": "model", "private": True, "exist_ok": True}]
+    assert hub.created == [{"repo_id": "me/tailored", "repo_type": "model", "private": True,
+                            "exist_ok": True}]
     assert hub.tokens == [TOKEN]
     (upload,) = hub.uploaded
     on_disk = {p.relative_to(out / "model").as_posix(): p.read_bytes()
@@ -187,7 +192,8 @@ def test_cli_push_to_hub_uploads_the_saved_model_with_its_card(disk_pair, tmp_pa
     ("forbidden", "the Hub refused the token for me/tailored (HTTP 403)"),
     ("bad-id", "'me/a b' is not a Hub repository id"),
 ])
-def test_cli_push_errors_are_one_line_without_the_token(disk_pair, tmp_path, monkeypatch, capsys, case, message):
+def test_cli_push_errors_are_one_line_without_the_token(disk_pair, tmp_path, monkeypatch, capsys, case,
+                                                        message):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no saved login
     if case == "missing":
         monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -210,15 +216,6 @@ def test_private_goes_with_push_to_hub(disk_pair, tmp_path, capsys):
 
 
 # -- the dashboard ----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def handlers(studio):
-    from tailor_ui.ui.blocks import App
-
-    app = App(studio)
-    app.build()
-    return app
-
 
 def fresh():
     return request_for(f"card-{uuid.uuid4().hex[:8]}")
@@ -302,8 +299,8 @@ def test_the_sweep_row_of_a_merge_goes_on_its_card():
     assert [row["h_score"] for row in scores.rows] == [0.81] and scores.rows[0]["score:caption"] == 0.58
     assert sweep_scores(table, Settings(keep=0.3), ["caption"]) == []
     card = model_card(Artifact.MODEL, report_of(ran), scores=[scores])
-    assert "| Model Tailor keep=0.05 alpha=0.8 compensation=exact | 0.97 | 0.8 | 0.7 | 0.81 | 0.004 | 0.58 |" \
-        in card
+    row = "| Model Tailor keep=0.05 alpha=0.8 compensation=exact | 0.97 | 0.8 | 0.7 | 0.81 | 0.004 | 0.58 |"
+    assert row in card
 
 
 def test_without_any_merge_export_says_to_run_one():
@@ -321,3 +318,31 @@ def test_export_push_through_the_api(client, monkeypatch):
     assert "me/api-patch" in message and TOKEN not in message
     assert hub.tokens == [TOKEN] and set(hub.uploaded[0]["files"]) == {"patch.safetensors", "report.json",
                                                                         "README.md"}
+
+
+def test_the_export_tab_signs_in_on_a_space_and_takes_a_token_elsewhere(studio, monkeypatch):
+    import importlib.util
+
+    from tailor_ui.ui.blocks import App
+    from tailor_ui.ui.export import signs_in_on_the_hub
+
+    monkeypatch.delenv("SYSTEM", raising=False)
+    assert not signs_in_on_the_hub()
+    # a Space without sign-in configured (no hf_oauth in its README), or without Gradio's
+    # OAuth extra, keeps the token field: a LoginButton could not start there
+    monkeypatch.setenv("SYSTEM", "spaces")
+    monkeypatch.setenv("SPACE_ID", "me/model-tailor-studio")
+    assert not signs_in_on_the_hub()
+    monkeypatch.setenv("OAUTH_CLIENT_ID", "client-id")
+    find_spec = importlib.util.find_spec
+
+    def authlib(installed: bool):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (object() if installed else None)
+                            if name == "authlib" else find_spec(name, *a))
+
+    authlib(False)
+    assert not signs_in_on_the_hub()
+    tab = App(studio)
+    assert not tab.build().expects_oauth and tab.export.token.visible
+    authlib(True)
+    assert signs_in_on_the_hub()

@@ -3,6 +3,7 @@ adapter (zips with model cards), and publishing the model or the patch to the Hu
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import gradio as gr
@@ -16,10 +17,11 @@ NO_MERGE = "*Run a merge in the Tailor tab; its files appear here.*"
 
 
 def signs_in_on_the_hub() -> bool:
-    """A Space with Hugging Face sign-in (`hf_oauth: true` in its README): the tab shows
-    Gradio's LoginButton instead of a token field (without the Space's OAuth settings the
-    button cannot start)."""
-    return get_space() is not None and bool(os.environ.get("OAUTH_CLIENT_ID"))
+    """A Space with Hugging Face sign-in (`hf_oauth: true` in its README) and Gradio's OAuth
+    extra (`gradio[oauth]`) installed: the tab shows Gradio's LoginButton instead of a token
+    field (without either, the button cannot start and the app would not launch)."""
+    return (get_space() is not None and bool(os.environ.get("OAUTH_CLIENT_ID"))
+            and importlib.util.find_spec("authlib") is not None)
 
 
 class ExportTab(Tab):
