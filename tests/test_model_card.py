@@ -226,8 +226,9 @@ def test_export_offers_the_start_up_merge_in_a_fresh_session(handlers, tmp_path)
     session = studio.session(request.session_hash)
     handle = studio.handle_for(session)
     choices, info = handlers.export.poll(session, handle)
-    assert choices["choices"] == [(f"start-up · {handle.default_run.label} (the start-up merge with the "
-                                   "default settings)", "start-up")] and choices["value"] == "start-up"
+    ((label, value),) = choices["choices"]
+    assert value == choices["value"] == "start-up"
+    assert label.startswith("start-up · start-up merge with the default settings: Model Tailor keep=0.1")
     assert f"{handle.default_run.report['patch_entries']:,} entries" in info
     from tailor_ui.patch import load_patch
 
@@ -346,3 +347,25 @@ def test_the_export_tab_signs_in_on_a_space_and_takes_a_token_elsewhere(studio, 
     assert not tab.build().expects_oauth and tab.export.token.visible
     authlib(True)
     assert signs_in_on_the_hub()
+
+
+def test_a_session_merge_card_takes_its_sweep_row_and_the_shared_start_up_merge_none(handlers, tmp_path):
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from tailor_ui.evaluation.sweep import setting_label
+    from tailor_ui.service.export import known_scores
+    from tailor_ui.session import Session, SweepRun
+
+    studio = handlers.studio
+    startup = studio.demo.default_run
+    session = Session(id="sweeper", folder=tmp_path)
+    mine = replace(startup, job_id="job-mine")
+    session.runs[mine.job_id] = mine
+    label = setting_label(Settings(**mine.settings))
+    table = pd.DataFrame([{"kind": "merged", "setting": label, "h_score": 0.8, "score:caption_eval": 0.5}])
+    session.sweeps["job-sweep"] = SweepRun(job_id="job-sweep", table=table, csv_file=tmp_path / "t.csv")
+    (scores,) = known_scores(session, mine)
+    assert scores.title == "Forgetting sweep (sets: caption_eval)" and scores.rows[0]["h_score"] == 0.8
+    assert known_scores(session, startup) == []

@@ -66,9 +66,10 @@ def dashboard_command(report: dict) -> str:
 
 def known_scores(session: Session, run: TailorRun) -> list[Scores]:
     """The session's latest forgetting sweep's row of this merge's settings, if it ran them
-    (the quick check is in the run's report)."""
+    (the quick check is in the run's report); none for the start-up merge, whose files all
+    sessions share."""
     sweep = session.latest_sweep()
-    if sweep is None:
+    if sweep is None or session.runs.get(run.job_id) is not run:
         return []
     sets = [c[len("score:"):] for c in sweep.table.columns if c.startswith("score:")]
     return sweep_scores(sweep.table, Settings(**run.settings), sets)

@@ -11,6 +11,8 @@ from gradio.utils import get_space
 
 from tailor_ui.model_card import Artifact
 from tailor_ui.service import export as export_
+from tailor_ui.service.config import settings_label
+from tailor_ui.settings import Settings
 from tailor_ui.ui.common import (Tab, changed, session_id, user_errors)
 
 NO_MERGE = "*Run a merge in the Tailor tab; its files appear here.*"
@@ -84,8 +86,8 @@ class ExportTab(Tab):
 
     @staticmethod
     def _label(run) -> str:
-        if run.job_id == export_.STARTUP:
-            return f"{run.label} (the start-up merge with the default settings)"
+        if run.job_id == export_.STARTUP:  # labelled "warm-up" where it ran
+            return f"start-up merge with the default settings: {settings_label(Settings(**run.settings))}"
         return run.label
 
     def poll_outputs(self) -> list:
