@@ -58,8 +58,10 @@ class Scores:
 
 
 def hub_ids(names: Sequence[str]) -> list[str]:
-    """The names that are Hub repository ids: the Hub refuses a card whose `base_model`
-    names anything else (a local folder), so those are named in the text only."""
+    """The names that are Hub repositories the models were loaded from (in the Hub's local
+    cache): the Hub refuses a card whose `base_model` names anything else, so a local
+    folder, or the demo pair's own names ("demo/base"), are named in the text only."""
+    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -71,7 +73,10 @@ def hub_ids(names: Sequence[str]) -> list[str]:
             validate_repo_id(name)
         except HFValidationError:
             continue
-        ids.append(name)
+        # a model, or a LoRA adapter as the fine-tuned model
+        files = ("config.json", "adapter_config.json")
+        if any(isinstance(try_to_load_from_cache(name, f), str) for f in files):
+            ids.append(name)
     return ids
 
 

@@ -27,6 +27,23 @@ from tailor_ui.settings import Settings
 TOKEN = "hf_TestSecretToken0123456789"
 
 
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A Hub cache holding org/base-vlm (a model) and org/ft-vlm (a LoRA adapter), as
+    loading them from the Hub leaves it."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub-cache"
+    for repo, file in (("org/base-vlm", "config.json"), ("org/ft-vlm", "adapter_config.json")):
+        folder = cache / f"models--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text("0" * 40)
+        (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        (folder / "snapshots" / ("0" * 40) / file).write_text("{}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
 def report_of(settings: Settings, **extra) -> dict:
     return {"settings": settings.to_dict(), "base": "org/base-vlm", "finetuned": ["org/ft-vlm"],
             "patch_entries": 1234, "model_fraction": 0.0125, "linear_fraction": 0.1,
@@ -35,7 +52,7 @@ def report_of(settings: Settings, **extra) -> dict:
 
 # -- the card ---------------------------------------------------------------------------------
 
-def test_the_card_holds_hub_metadata_every_setting_the_command_and_the_scores(tmp_path):
+def test_the_card_holds_hub_metadata_every_setting_the_command_and_the_scores(tmp_path, hub_cache):
     settings = Settings(keep=0.2, compensation="anchored", hessians="one-pass")
     quick = [{"model": "Pre-trained", "caption": 0.51, "vqa": 0.4, "original retention": 1.0,
               "target retention": 0.25},
@@ -43,13 +60,16 @@ def test_the_card_holds_hub_metadata_every_setting_the_command_and_the_scores(tm
               "target retention": 0.93}]
     local = tmp_path / "my-finetune"
     local.mkdir()
-    report = report_of(settings, finetuned=["org/ft-vlm", str(local)], quick_check=quick, quick_examples=8)
+    report = report_of(settings, finetuned=["org/ft-vlm", str(local), "demo/finetuned"], quick_check=quick,
+                       quick_examples=8)
     sweep = Scores("Forgetting sweep (sets: caption, vqa)", [{"setting": "Model Tailor keep=0.2",
                                                              "h_score": 0.875}])
     text = model_card(Artifact.MODEL, report, command="python -m tailor_ui tailor --keep 0.2", scores=[sweep])
     card = ModelCard(text)
-    # a local folder is no Hub id: the Hub refuses it in base_model, so only the text names it
+    # a local folder, or a name no model was loaded from the Hub by, is no Hub repository: the
+    # Hub refuses it in base_model, so only the text names it
     assert card.data.base_model == ["org/base-vlm", "org/ft-vlm"]
+    assert "| fine-tuned | `demo/finetuned` |" in card.text
     assert (card.data.library_name, card.data.pipeline_tag) == ("transformers", "image-text-to-text")
     assert {"model-tailor-studio", "merge", "model-tailor"} <= set(card.data.tags)
     assert f"`{local}`" in card.text
@@ -239,6 +259,7 @@ def test_export_offers_the_start_up_merge_in_a_fresh_session(handlers, tmp_path)
     with zipfile.ZipFile(handlers.export.model("start-up", request=request)) as archive:
         card = ModelCard(archive.read("tailored-model/README.md").decode())
     assert card.data.library_name == "transformers"
+    assert card.data.base_model is None  # the demo pair's names are no Hub repositories
     assert "## Reproduce" in card.text and "--calib TARGET.jsonl" in card.text
     assert "### Quick check on" in card.text  # the start-up merge's own quick check
     with zipfile.ZipFile(handlers.export.adapter("start-up", request=request)) as archive:
