@@ -35,7 +35,7 @@ _CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 @dataclass(frozen=True)
 class Settings:
-    """Every knob of a merge. Defaults are METHODS.md's defaults.
+    """Every knob of a merge. Defaults are docs/methods.md's defaults.
 
     keep: fraction of each selection group's entries taken from the fine-tuned model
       (tailor, magnitude, ties trimming; DARE keeps it in expectation: drop = 1 − keep).
