@@ -125,7 +125,7 @@ class Settings:
         """Model Tailor's compensation forms where the user chose none: a sweep draws the
         paper's loop (a search: exact and greedy), and anchored beside it where there is
         original-task calibration data (`anchor`); a single merge takes the last (anchored
-        where it can: the measured best, README)."""
+        where it can: the measured best, docs/results.md)."""
         first = ["exact", "greedy"] if search else [Settings.compensation]
         return first + (["anchored"] if anchor else [])
 

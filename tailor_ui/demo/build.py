@@ -13,7 +13,7 @@ frozen. The two targets tell two stories:
 - counting (`counting/`), answers balanced over one/two/three: learning it means answering
   in a new format, and that change of format is itself the forgetting, so a patch chosen
   from counting data alone cannot keep one and drop the other (one that also sees the
-  original skills' calibration set, anchored, keeps most of both: README).
+  original skills' calibration set, anchored, keeps most of both: docs/results.md).
 
 The original skills' calibration set (`original_calib.jsonl`, half captions, half attribute
 questions, from the calibration stream) is what anchored Model Tailor holds the base to.
