@@ -639,9 +639,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _read_calibration(path: Path, limit: int) -> list:
-    from tailor_ui.data import read_examples
+    from tailor_ui.data import read_calibration
 
-    return read_examples(path)[:limit]
+    return read_calibration(path)[:limit]
 
 
 def _read_anchor(args: argparse.Namespace) -> list:

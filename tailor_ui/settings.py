@@ -35,7 +35,7 @@ _CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 @dataclass(frozen=True)
 class Settings:
-    """Every knob of a merge. Defaults are METHODS.md's defaults.
+    """Every knob of a merge. Defaults are docs/methods.md's defaults.
 
     keep: fraction of each selection group's entries taken from the fine-tuned model
       (tailor, magnitude, ties trimming; DARE keeps it in expectation: drop = 1 − keep).
@@ -125,7 +125,7 @@ class Settings:
         """Model Tailor's compensation forms where the user chose none: a sweep draws the
         paper's loop (a search: exact and greedy), and anchored beside it where there is
         original-task calibration data (`anchor`); a single merge takes the last (anchored
-        where it can: the measured best, README)."""
+        where it can: the measured best, docs/results.md)."""
         first = ["exact", "greedy"] if search else [Settings.compensation]
         return first + (["anchored"] if anchor else [])
 

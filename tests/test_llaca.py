@@ -1,4 +1,4 @@
-"""LLaCA / EMA (METHODS.md §4) and the continual run (§5): formulas on hand-made numbers,
+"""LLaCA / EMA (docs/methods.md#llaca) and the continual run (#metrics): formulas on hand-made numbers,
 the tracker on hand-made gradients, training integration and the metrics table."""
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ FINETUNE_STREAM = 0
 MAX_FINETUNE_EXAMPLES = 2000
 _LOSS = re.compile(r"loss ([-+0-9.eEinfa]+)$")  # the training loop's stage: "epoch 1/2: loss 1.234"
 # each method's starting settings in the Fine-tune tab, from the learning-rate sweep on the
-# demo's spatial story (bench/training_sweep.py, README "During training")
+# demo's spatial story (bench/training_sweep.py, docs/results.md#archive-training)
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "full": {"lr": 1e-3}, "dowser": {"lr": 3e-3, "rho": 0.1},
     "random_mask": {"lr": 3e-3, "rho": 0.1}, "llaca": {"lr": 1e-3},

@@ -1,6 +1,6 @@
 """Fine-tuning with forgetting in mind: full, Model-Dowser (sparse), LLaCA / EMA (continual).
 
-The engine side of issue 7 (no Gradio here):
+The library side (no Gradio here):
 
 - `tailor_ui.training.finetune.finetune` trains a loaded model in place with any method of
   `TRAINING_METHODS` (imported from the module: re-exporting it here would shadow the

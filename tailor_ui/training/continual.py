@@ -1,7 +1,7 @@
 """Continual instruction tuning: tasks one after another, accuracy on all of them after each.
 
 `run_continual` trains a model on a sequence of tasks with plain sequential fine-tuning,
-a fixed-β EMA, or LLaCA, and returns the accuracy table (METHODS.md §5):
+a fixed-β EMA, or LLaCA, and returns the accuracy table (docs/methods.md#metrics):
 
 - one row per stage: stage 0 is the model before any training, stage t the model after
   task t; one `acc:<task>` column per task (the task's primary metric);

@@ -1,5 +1,5 @@
 """Model-Dowser: score every weight of the pre-trained model, then train only the least
-important ones (METHODS.md §3).
+important ones (docs/methods.md#model-dowser).
 
 Importance of weight (i, j) of a linear layer: ψ_i · |W_ij| · a_j, where
 

@@ -6,8 +6,8 @@ layers' norms. The vision tower, the projector, the embeddings, the final norm a
 stay frozen.
 
 The methods (`tailor_ui.training.registry.TRAINING_METHODS`): `full` (every entry of the
-trained layers), `dowser` (Model-Dowser, METHODS.md §3, in `dowser.py`), `llaca` (LLaCA,
-METHODS.md §4) and `ema` (its fixed-β baseline), both in `llaca.py`. `finetune` checks the
+trained layers), `dowser` (Model-Dowser, docs/methods.md#model-dowser, in `dowser.py`), `llaca` (LLaCA,
+docs/methods.md#llaca) and `ema` (its fixed-β baseline), both in `llaca.py`. `finetune` checks the
 options, picks the trained tensors, lets the method prepare, runs `loop.train_loop` with the
 method's hooks and writes the report. Everything is seeded: the batch order, the reference
 answer drawn for each example, dropout and Model-Dowser's probes.
