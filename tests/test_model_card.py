@@ -390,3 +390,14 @@ def test_a_session_merge_card_takes_its_sweep_row_and_the_shared_start_up_merge_
     (scores,) = known_scores(session, mine)
     assert scores.title == "Forgetting sweep (sets: caption_eval)" and scores.rows[0]["h_score"] == 0.8
     assert known_scores(session, startup) == []
+
+
+def test_the_space_asks_for_the_scopes_that_publishing_needs():
+    """Sign-in on the Space (README's metadata): uploading needs write-repos, creating the
+    repository manage-repos."""
+    from huggingface_hub import SpaceCard
+
+    from conftest import ROOT
+
+    data = SpaceCard.load(ROOT / "README.md").data
+    assert data.hf_oauth is True and {"write-repos", "manage-repos"} <= set(data.hf_oauth_scopes)
