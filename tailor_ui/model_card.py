@@ -81,8 +81,7 @@ def hub_ids(names: Sequence[str]) -> list[str]:
 
 
 def tailor_command(settings: Settings, base: str, finetuned: Sequence[str], *,
-                   calib: Sequence[str] = (), anchor: Sequence[str] = (), out: str = "tailored",
-                   extra: Sequence[str] = ()) -> str:
+                   calib: Sequence[str] = (), anchor: Sequence[str] = (), out: str = "tailored") -> str:
     """The `tailor` command line that merges with these settings: every setting the method
     reads that differs from its default, --keep always, and the compensation form always
     (the command line's own default depends on --anchor)."""
@@ -102,7 +101,6 @@ def tailor_command(settings: Settings, base: str, finetuned: Sequence[str], *,
         words.append("--no-compensate")
     if settings.anchored:
         words += [w for a in anchor for w in ("--anchor", a)]
-    words += list(extra)
     return "python -m tailor_ui tailor " + " ".join(shlex.quote(w) for w in words)
 
 
@@ -115,7 +113,7 @@ def model_card(artifact: Artifact, report: Mapping[str, Any], *, command: str | 
     from huggingface_hub import ModelCard, ModelCardData
 
     settings = dict(report.get("settings") or {})
-    method = settings.get("method", Settings.method)
+    method = settings.get("method", "unrecorded method")
     base = str(report.get("base") or "")
     finetuned = [str(f) for f in report.get("finetuned") or []]
     label = REGISTRY[method].label if method in REGISTRY else method
@@ -126,9 +124,12 @@ def model_card(artifact: Artifact, report: Mapping[str, Any], *, command: str | 
     lines = [f"# {label}: {_short(finetuned)} tailored onto {_short([base])}", "", _WHAT[artifact], "",
              "## Models", "", _table(["role", "model"], [["base", f"`{base}`"]]
                                      + [["fine-tuned", f"`{f}`"] for f in finetuned]), ""]
-    lines += ["## Method and settings", "", f"**{label}**"
-              + (f": {REGISTRY[method].summary}" if method in REGISTRY else ""), "",
-              _settings_table(method, settings), ""]
+    lines += ["## Method and settings", ""]
+    if settings:
+        lines += [f"**{label}**" + (f": {REGISTRY[method].summary}" if method in REGISTRY else ""), "",
+                  _settings_table(method, settings), ""]
+    else:  # a patch file written without its settings
+        lines += ["The settings that made this output are not recorded with it.", ""]
     size = _patch_size(report)
     if size:
         lines += ["## The patch", "", size, ""]

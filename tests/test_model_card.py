@@ -401,3 +401,9 @@ def test_the_space_asks_for_the_scopes_that_publishing_needs():
 
     data = SpaceCard.load(ROOT / "README.md").data
     assert data.hf_oauth is True and {"write-repos", "manage-repos"} <= set(data.hf_oauth_scopes)
+
+
+def test_a_card_without_recorded_settings_says_so_instead_of_guessing():
+    text = model_card(Artifact.MODEL, {"base": "b", "finetuned": [], "patch_entries": 3})
+    assert "The settings that made this output are not recorded with it." in text
+    assert "| `keep` |" not in text and "**Model Tailor**" not in text
