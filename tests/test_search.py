@@ -199,8 +199,8 @@ def app(studio):
 
 
 def find_inputs(**overrides):
-    values = dict(keeps="0.05, 0.5", alphas="0.8", compensations=["greedy"], examples=4, holdout=0.5,
-                  calib_source="builtin", calib_files=None, calib_examples=16)
+    values = dict(methods=["tailor"], keeps="0.05, 0.5", alphas="0.8", lams="", compensations=["greedy"],
+                  examples=4, holdout=0.5, calib_source="builtin", calib_files=None, calib_examples=16)
     return {**values, **overrides}
 
 
@@ -217,10 +217,10 @@ def test_find_settings_on_the_tailor_tab(app):
     traces = {t.name: t for t in figure.data}
     run = session.latest_search()
     best = run.result.best_row
-    assert list(traces["best"].x) == [best["original_retention"]]
-    assert len(traces["candidates"].x) + len(traces["on the front"].x) == 2
+    assert list(traces[f"best: {best['setting']}"].x) == [best["original_retention"]]
+    assert len(traces["Model Tailor"].x) == 2
     assert app.tailor.search_poll(session)[1:] == [gr.skip(), gr.skip()]  # sent once
-    method, keep, alpha, scope, compensate, compensation, order, budget, hessians = \
+    method, keep, alpha, scope, compensate, compensation, order, budget, hessians, lam, info = \
         app.tailor.use_best(request=request)
     assert (method, keep, alpha, compensation, hessians) == ("tailor", best["keep"], best["alpha"],
                                                             "greedy", "one-pass")
@@ -235,8 +235,14 @@ def test_find_settings_refuses_what_it_cannot_search(app, studio):
         app.tailor.use_best(request=request)
     with pytest.raises(gr.Error, match="'x' is not a number"):
         app.tailor.find(**find_inputs(keeps="0.1, x"), request=request)
-    with pytest.raises(gr.Error, match="cannot be split"):
-        app.tailor.find(**find_inputs(calib_examples=1), request=request)
+    with pytest.raises(gr.Error, match="strictly between 0 and 1"):
+        app.tailor.find(**find_inputs(holdout=1.0), request=request)
+    with pytest.raises(gr.Error, match="at least one calibration example"):
+        app.tailor.find(**find_inputs(calib_examples=0), request=request)
+    with pytest.raises(gr.Error, match="25 candidates is too many for one search \\(at most 24\\)"):
+        app.tailor.find(**find_inputs(methods=["tailor", "wise_ft"], keeps="0.02, 0.05, 0.1, 0.2",
+                                      alphas="0.5, 0.8, 1.0", lams="0.5", compensations=["exact", "greedy"]),
+                        request=request)
     session = app.studio.session(request.session_hash)
     demo = studio.demo  # the same models, without evaluation sets
     session.own = PairHandle(pair=demo.pair, label="no sets", shared=False, lane=demo.lane,

@@ -422,19 +422,25 @@ class Studio:
     # -- finding settings -----------------------------------------------------------------
 
     def submit_search(self, session: Session, keeps: Sequence[float], alphas: Sequence[float],
-                      options: dict[str, Sequence[str]], *, examples: int = 16, holdout: float = 0.25,
+                      options: dict[str, Sequence[str]], *, methods: Sequence[str] = ("tailor",),
+                      lams: Sequence[float] = (), examples: int = 16, holdout: float = 0.25,
                       calib_source: str = "builtin", calib_files: Sequence[str] | None = None,
                       calib_examples: int | None = None) -> Job:
-        """Queue a search of Model Tailor's settings (keep x alpha x options) on the pair's
-        original-task sets (`examples` each) and the held-out part of its calibration set."""
+        """Queue a search of which patch to use (`evaluation.search.candidate_grid`: Model
+        Tailor's keep x alpha x options, the data-free `methods` on keep or λ) on the pair's
+        original-task sets (`examples` each) and the held-out share of all its target-task
+        examples; Model Tailor calibrates on `calib_examples` of the others."""
         handle = self.handle_for(session)
         sets = evalsets_.pair_sets(session, handle)
         search_.original_sets(sets)  # refused before an upload is unpacked
-        calibration, _ = self._calibration_examples(session, handle, calib_source, calib_files,
-                                                    calib_examples)
-        anchor = tailor.anchor_examples(handle, "anchored" in options.get("compensation", ()), sets)
+        calibration, _ = tailor.calibration_examples(session, handle, calib_source, calib_files, None,
+                                                     self.config.max_upload_mb * 2**20)
+        anchored = "tailor" in methods and "anchored" in options.get("compensation", ())
+        anchor = tailor.anchor_examples(handle, anchored, sets)
+        fit = self.config.calib_examples if calib_examples is None else int(calib_examples)
         plan = search_.search_plan(sets, keeps, alphas, options, int(examples), calibration,
-                                   float(holdout), sweep_.MAX_SWEEP_SETTINGS, anchor)
+                                   float(holdout), fit, sweep_.MAX_SWEEP_SETTINGS, anchor,
+                                   methods=methods, lams=lams)
 
         def job(progress, should_stop):
             return search_.search_run(handle, plan, session, self.config.calib_batch, progress,

@@ -26,11 +26,12 @@ PATCH_NAME = "patch.safetensors"
 
 
 def calibration_examples(session: Session, handle: PairHandle, source: str,
-                         files: Sequence[str] | None, n: int, max_bytes: int
+                         files: Sequence[str] | None, n: int | None, max_bytes: int
                          ) -> tuple[list[Example], str]:
-    """The examples a merge calibrates on and their source's name: the pair's built-in
-    set, or an upload (kept in the session's folder, named by the files' digest)."""
-    if n < 1:
+    """The (first `n`; None: all) examples a merge calibrates on and their source's name:
+    the pair's own (`pair_calibration`), or an upload (kept in the session's folder, named
+    by the files' digest)."""
+    if n is not None and n < 1:
         raise UserError("use at least one calibration example")
     if source == "upload":
         if not files:
@@ -43,9 +44,29 @@ def calibration_examples(session: Session, handle: PairHandle, source: str,
             shutil.rmtree(folder, ignore_errors=True)  # a refused upload leaves nothing behind
             raise
         return examples, f"upload:{folder.name}"
-    if not handle.calibration:
-        raise UserError("this pair has no built-in calibration set: upload a target-task JSONL")
-    return list(handle.calibration[:n]), "builtin"
+    from tailor_ui.service.evalsets import pair_sets
+
+    examples, name, _ = pair_calibration(handle, pair_sets(session, handle))
+    if not examples:
+        raise UserError(f"{NO_CALIBRATION}, or upload a target-task JSONL (Calibration data)")
+    return examples[:n], name
+
+
+NO_CALIBRATION = ("this pair has no target-task data to calibrate on: add a set of the new skill with the "
+                  "role 'target' in the Models tab (Evaluation sets)")
+
+
+def pair_calibration(handle: PairHandle, sets: Sequence[EvalSpec] = ()) -> tuple[list[Example], str, str]:
+    """The pair's own target-task calibration examples, their batch-cache name and where
+    they come from, in words: its built-in set, else the visitor's sets of role `target`
+    (Find settings holds a share of them out to score on). No examples: none."""
+    if handle.calibration:
+        examples = list(handle.calibration)
+        return examples, "builtin", f"the pair's built-in target-task set ({len(examples)})"
+    targets = [s for s in sets if s.role == "target" and s.examples]
+    examples = [ex for s in targets for ex in s.examples]
+    names = ", ".join(repr(s.name) for s in targets)
+    return examples, by_content("target", examples), f"your target set {names} ({len(examples)}), Models tab"
 
 
 def anchor_set(handle: PairHandle, sets: Sequence[EvalSpec] = ()) -> list[Example]:
@@ -88,9 +109,15 @@ def anchor_examples(handle: PairHandle, needed: bool, sets: Sequence[EvalSpec] =
 
 
 def anchor_source(examples: Sequence[Example]) -> str:
-    """The batch cache's name for an anchor set: by content, as visitors' sets differ."""
+    """The batch cache's name for an anchor set."""
+    return by_content("anchor", examples)
+
+
+def by_content(kind: str, examples: Sequence[Example]) -> str:
+    """A batch-cache name for a visitor's examples: by content, as a set removed and added
+    again under its name may hold others."""
     content = repr([(str(e.image), e.question, e.answers) for e in examples]).encode()
-    return f"anchor:{hashlib.sha1(content).hexdigest()[:12]}"
+    return f"{kind}:{hashlib.sha1(content).hexdigest()[:12]}"
 
 
 def batches(handle: PairHandle, examples: list[Example], source: str, batch_size: int) -> list:
