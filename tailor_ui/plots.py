@@ -323,7 +323,8 @@ def settings_search(table: pd.DataFrame | None) -> go.Figure:
         text = [f"{s}<br>h {h:.3f}" if h == h else s for s, h in zip(rows["setting"], rows["h"])]
         fig.add_trace(go.Scatter(x=rows["original_retention"], y=rows["target_gain"], mode="markers",
                                  name=name, text=text, marker=marker, hovertemplate=hover))
-    fig.update_layout(title=title, height=HEIGHT, legend={"orientation": "h", "y": -0.2},
+    # a legend row per few methods: below the axis title, on a taller figure
+    fig.update_layout(title=title, height=HEIGHT + 80, legend={"orientation": "h", "yanchor": "top", "y": -0.25},
                       xaxis={"title": "original retention (score / base)"},
                       yaxis={"title": "target gain ((score − base) / (fine-tuned − base))"})
     return fig
