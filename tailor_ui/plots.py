@@ -324,7 +324,8 @@ def settings_search(table: pd.DataFrame | None) -> go.Figure:
         fig.add_trace(go.Scatter(x=rows["original_retention"], y=rows["target_gain"], mode="markers",
                                  name=name, text=text, marker=marker, hovertemplate=hover))
     # a legend row per few methods: below the axis title, on a taller figure
-    fig.update_layout(title=title, height=HEIGHT + 80, legend={"orientation": "h", "yanchor": "top", "y": -0.25},
+    fig.update_layout(title=title, height=HEIGHT + 80,
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.25},
                       xaxis={"title": "original retention (score / base)"},
                       yaxis={"title": "target gain ((score − base) / (fine-tuned − base))"})
     return fig

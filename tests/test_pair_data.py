@@ -36,7 +36,8 @@ def own_sets(tmp_path_factory, disk_pair) -> dict[str, list[str]]:
     for k, (role, (model, question, n)) in enumerate(plan.items()):
         names = [f"{role}-{i}.png" for i in range(n)]
         for i, name in enumerate(names):
-            Image.new("RGB", (32, 32), ((37 * i + 90 * k) % 256, 255 - 19 * i, (70 * i) % 256)).save(root / name)
+            colour = ((37 * i + 90 * k) % 256, 255 - 19 * i, (70 * i) % 256)
+            Image.new("RGB", (32, 32), colour).save(root / name)
         answers = generate_answers(model.eval(), pair.processor,
                                    [Example(root / name, question, ("-",)) for name in names])
         write_examples(root / f"{role}.jsonl", [{"image": name, "question": question, "answers": [a]}
