@@ -144,6 +144,8 @@ def test_find_settings_on_the_demo_pair(studio):
     assert [s.keep for s in result.settings] == [0.02, 0.5]
     assert all(f"first {n} of {len(s.examples)}" == result.used[s.name] for s in original)
     assert result.used[HELDOUT].startswith("8 of 16")
+    gained = tuned[f"score:{HELDOUT}"] - base[f"score:{HELDOUT}"]  # VQA accuracy on 8 examples
+    assert result.gain_step == pytest.approx(1 / (8 * gained))
 
 
 def test_cli_find_settings_prints_a_tailor_command_that_parses(tmp_path, capsys):
@@ -213,6 +215,7 @@ def test_find_settings_on_the_tailor_tab(app):
     session = app.studio.session(request.session_hash)
     progress, figure, markdown = app.tailor.search_poll(session)
     assert 'data-status="done"' in progress and "**Best:**" in markdown
+    assert f"moves a target gain by up to {session.latest_search().result.gain_step:.2f}" in markdown
     assert isinstance(figure, go.Figure)
     traces = {t.name: t for t in figure.data}
     run = session.latest_search()

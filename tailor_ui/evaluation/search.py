@@ -54,12 +54,16 @@ class SearchResult:
     """`table`: the sweep's table (base, fine-tuned, one row per candidate) with `h` (harmonic
     mean of original retention and target gain; candidates only), `front` (on the Pareto
     front) and `best` (the highest h); `settings`: each candidate's Settings, in the order
-    of its rows; `best`: the best candidate's; `used`: which examples scored and fit."""
+    of its rows; `best`: the best candidate's; `used`: which examples scored and fit;
+    `gain_step`: how far one held-out answer can move a target gain (1 / (held-out
+    examples x the fine-tune's gain in VQA accuracy)), the search's resolution on that
+    axis; NaN for a caption task, whose CIDEr-D per answer has no such bound."""
 
     table: pd.DataFrame
     settings: list[Settings]
     best: Settings
     used: dict[str, str]
+    gain_step: float
 
     @property
     def candidates(self) -> pd.DataFrame:
@@ -198,8 +202,8 @@ def find_settings(pair: Pair, calibration: Sequence[Example], original: Sequence
     (progress or no_progress)("checking what fine-tuning gained on the held-out examples", 0, 1)
     base = evaluate(pair.base, pair.processor, held, target.task, batch_size=batch_size).score
     with finetuned_model(pair, 0) as tuned:  # a lazy model: the base holding its values
-        _check_gain(base, evaluate(tuned, pair.processor, held, target.task,
-                                   batch_size=batch_size).score)  # refused before the long part
+        finetuned = evaluate(tuned, pair.processor, held, target.task, batch_size=batch_size).score
+    _check_gain(base, finetuned)  # refused before the long part
     calibrated = any(REGISTRY[s.method].needs_calibration for s in grid)
     batches = [calibration_batches(pair.processor, fit, calib_batch)] if calibrated else None
     anchor_batches = None
@@ -213,7 +217,8 @@ def find_settings(pair: Pair, calibration: Sequence[Example], original: Sequence
     used[HELDOUT] = f"{len(held)} of {len(calibration)} target-task examples (seed {seed}); " \
                     f"{len(fit)} of the others calibrated"
     best = list(table.loc[table["kind"] == "merged", "best"]).index(True)
-    return SearchResult(table=table, settings=grid, best=grid[best], used=used)
+    step = 1 / (len(held) * (finetuned - base)) if target.task == "vqa" else math.nan
+    return SearchResult(table=table, settings=grid, best=grid[best], used=used, gain_step=step)
 
 
 def _check_gain(base: float, finetuned: float) -> None:

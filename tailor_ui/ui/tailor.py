@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import gradio as gr
@@ -97,7 +98,10 @@ def search_markdown(run: SearchRun | None) -> str:
     used = "; ".join(f"{name}: {what}" for name, what in run.result.used.items())
     return (f"**Best:** {best['setting']} · original skills kept {100 * best['original_retention']:.0f}% "
             f"· target gain kept {100 * best['target_gain']:.0f}% · h {best['h']:.3f} "
-            f"({len(run.result.front)} on the front, {run.seconds:.0f} s)\n\n*Scored on {used}.*")
+            f"({len(run.result.front)} on the front, {run.seconds:.0f} s)\n\n*Scored on {used}."
+            + (f" One held-out answer moves a target gain by up to {run.result.gain_step:.2f}: read "
+               "closer candidates as ties." if not math.isnan(run.result.gain_step) else "")
+            + "*")
 
 
 class TailorTab(Tab):
