@@ -40,7 +40,8 @@ def main() -> None:
         first_poll = dict(zip(tab.poll_outputs(), tab.poll(session, studio.handle_for(session))))
         start = time.perf_counter()
         job = studio.submit_search(
-            session, parse_numbers(tab.find_keeps.value, "keep"), parse_numbers(tab.find_alphas.value, "alpha"),
+            session, parse_numbers(tab.find_keeps.value, "keep"),
+            parse_numbers(tab.find_alphas.value, "alpha"),
             {"compensation": first_poll[tab.find_compensation]["value"]}, methods=tab.find_methods.value,
             lams=parse_numbers(tab.find_lams.value, "λ", *LAMBDA_RANGE), examples=tab.find_n.value,
             holdout=tab.find_holdout.value, calib_examples=tab.calib_n.value)

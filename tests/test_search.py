@@ -151,7 +151,8 @@ def test_find_settings_on_the_demo_pair(studio):
 def test_cli_find_settings_prints_a_tailor_command_that_parses(tmp_path, capsys):
     command = ["find-settings", "--base", str(DEMO / "base"), "--finetuned", str(DEMO / "finetuned"),
                "--calib", str(DEMO / "target_calib.jsonl"), "--original", str(DEMO / "caption_eval.jsonl"),
-               f"{DEMO / 'vqa_eval.jsonl'}:vqa", "--keep", "0.05,0.5", "--alpha", "0.8",
+               f"{DEMO / 'vqa_eval.jsonl'}:vqa", "--methods", "tailor", "--keep", "0.05,0.5",
+               "--alpha", "0.8",
                "--compensation", "greedy", "--limit", "4", "--calib-limit", "16", "--holdout", "0.5"]
     out, loaded = tmp_path / "candidates.csv", tmp_path / "loaded.csv"
     assert main([*command, "--in-memory", "--out", str(loaded)]) == 0
@@ -174,11 +175,31 @@ def test_cli_find_settings_prints_a_tailor_command_that_parses(tmp_path, capsys)
     assert args.compensation == "greedy"
 
 
+def test_cli_find_settings_searches_the_baselines_and_prints_the_best_ones_command(tmp_path, capsys):
+    out = tmp_path / "candidates.csv"
+    code = main(["find-settings", "--base", str(DEMO / "base"), "--finetuned", str(DEMO / "finetuned"),
+                 "--calib", str(DEMO / "target_calib.jsonl"), "--original", str(DEMO / "caption_eval.jsonl"),
+                 "--methods", "magnitude,dare,wise_ft", "--keep", "0.1", "--lam", "0.25,0.5", "--limit", "4",
+                 "--calib-limit", "16", "--holdout", "0.5", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    table = pd.read_csv(out)
+    assert list(table.loc[table["kind"] == "merged", "setting"]) == [
+        "Magnitude patch keep=0.1", "DARE drop=0.9", "WiSE-FT lam=0.25", "WiSE-FT lam=0.5"]
+    best = table[table["best"]].iloc[0]
+    args = build_parser().parse_args(shlex.split(printed.strip().splitlines()[-1].strip())[3:])
+    assert args.method == best["method"] and "--calib" not in printed.splitlines()[-1]
+    knob = "lam" if best["method"] == "wise_ft" else "keep"  # DARE's keep: 1 - its drop
+    assert getattr(args, knob) == pytest.approx(best[knob])
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--holdout", "1.5"], "strictly between 0 and 1"),
     (["--calib-limit", "1"], "cannot be split"),
     (["--compensation", "fast"], "unknown compensation form 'fast'"),
     (["--keep", "0.1,x"], "'x' is not a number"),
+    (["--methods", "tailor,nope"], "unknown method 'nope'"),
+    (["--methods", "wise_ft", "--lam", ""], "wise_ft needs at least one λ value"),
 ])
 def test_cli_find_settings_refuses_bad_input_in_one_line(tmp_path, capsys, extra, message):
     code = main(["find-settings", "--base", str(DEMO / "base"), "--finetuned", str(DEMO / "finetuned"),

@@ -10,7 +10,7 @@ import pandas as pd
 
 from tailor_ui import plots
 from tailor_ui.methods import REGISTRY
-from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers
+from tailor_ui.evaluation.sweep import LAMBDA_RANGE, format_numbers, parse_numbers
 from tailor_ui.methods.selection import SCOPES
 from tailor_ui.session import PairHandle, SearchRun, TailorRun
 from tailor_ui.ui.common import (Slider, Tab, cancel_html, cancel_unfinished, changed, fmt_table,
@@ -29,10 +29,6 @@ LAMBDA_LABEL = f"λ ({', '.join(m.label for m in REGISTRY.values() if 'lam' in m
 FIND_IDLE = "Press Find settings: the search runs in the background."
 SCOPE_INFO = {"block": "per 128-column block (authors' code)", "row": "per output row",
               "tensor": "per weight matrix", "global": "across the whole model"}
-
-
-def _numbers(values) -> str:
-    return ", ".join(f"{v:g}" for v in values)
 
 
 def _reads(method: str, knob: str) -> bool:
@@ -341,11 +337,12 @@ class TailorTab(Tab):
             self.find_methods = gr.CheckboxGroup([(info.label, name) for name, info in REGISTRY.items()],
                                                  value=list(search.DEFAULT_METHODS), label="Methods",
                                                  elem_id="tailor-find-methods")
-            self.find_keeps = gr.Textbox(_numbers(search.DEFAULT_KEEPS), label="Patch sizes (keep)",
+            self.find_keeps = gr.Textbox(format_numbers(search.DEFAULT_KEEPS), label="Patch sizes (keep)",
                                          elem_id="tailor-find-keeps")
-            self.find_alphas = gr.Textbox(_numbers(search.DEFAULT_ALPHAS), label="Fusion weights (alpha)",
+            self.find_alphas = gr.Textbox(format_numbers(search.DEFAULT_ALPHAS),
+                                          label="Fusion weights (alpha)",
                                           elem_id="tailor-find-alphas")
-            self.find_lams = gr.Textbox(_numbers(search.DEFAULT_LAMS), label="λ values (WiSE-FT)",
+            self.find_lams = gr.Textbox(format_numbers(search.DEFAULT_LAMS), label="λ values (WiSE-FT)",
                                         elem_id="tailor-find-lams")
             # the pair's defaults (anchored where it has an anchor set) arrive with the first poll
             self.find_compensation = gr.CheckboxGroup(["exact", "greedy", "anchored"],
