@@ -58,7 +58,9 @@ def test_sets_added_once_serve_tailor_find_settings_and_the_sweep(bare, disk_pai
     from tailor_ui.evaluation import search
     from tailor_ui.service.config import default_settings
     from tailor_ui.service.evalsets import pair_sets
-    from tailor_ui.service.tailor import default_compensation, pair_calibration, sweep_compensations
+    from tailor_ui.evaluation.search import split_examples
+    from tailor_ui.service.tailor import (default_compensation, pair_calibration, scored_sets,
+                                          sweep_compensations)
 
     session = own_session(bare, disk_pair)
     handle = bare.handle_for(session)
@@ -66,7 +68,13 @@ def test_sets_added_once_serve_tailor_find_settings_and_the_sweep(bare, disk_pai
     add_sets_once(bare, session, own_sets)
     sets = pair_sets(session, handle)
     examples, _, where = pair_calibration(handle, sets)
-    assert len(examples) == 12 and "your target set 'colours' (12)" in where
+    assert len(examples) == 9 and where == ("9 of the 12 examples of your target set 'colours' (Models tab); "
+                                            "the other 3 are kept apart to score on")
+    # the share kept apart is what every merge's target score and Find settings' held-out use
+    kept_apart = next(s for s in scored_sets(handle, sets, True) if s.role == "target").examples
+    _, held = split_examples(pair_calibration(handle, sets, keep_apart=False)[0], search.DEFAULT_HOLDOUT)
+    assert list(kept_apart) == held and not set(kept_apart) & set(examples)
+    assert scored_sets(handle, sets, False) == sets  # a merge calibrated elsewhere: the whole set
 
     # the Tailor tab's defaults: the pair's own data, anchored where it has an anchor set
     settings = default_settings(compensation=default_compensation(handle, sets), keep=0.2)
@@ -128,7 +136,7 @@ def test_the_tailor_tab_says_where_its_calibration_comes_from(bare, disk_pair, o
     assert "no target-task data" in shown()[tab.calib_info]
     add_sets_once(bare, session, own_sets)
     first = shown()
-    assert "your target set 'colours' (12), Models tab" in first[tab.calib_info]
+    assert "9 of the 12 examples of your target set 'colours'" in first[tab.calib_info]
     assert first[tab.compensation]["value"] == "anchored"
     assert shown()[tab.calib_info] == gr.skip()  # sent once
     # the demo pair: its built-in set, whatever the visitor added
