@@ -102,9 +102,11 @@ def test_sets_added_once_serve_tailor_find_settings_and_the_sweep(bare, disk_pai
     assert {"score:counts", "score:colours"} <= set(table.columns) and "score:counts-kept" not in table
 
 
-def test_a_pair_without_target_data_says_where_to_add_it(bare, disk_pair, own_sets):
+def test_a_pair_without_target_data_says_where_to_add_it(bare, disk_pair, own_sets, tmp_path):
     from tailor_ui.errors import UserError
     from tailor_ui.service.config import default_settings
+    from tailor_ui.service.evalsets import pair_sets
+    from tailor_ui.ui.tailor import calibration_markdown
 
     session = own_session(bare, disk_pair)
     with pytest.raises(UserError, match="no target-task data to calibrate on: add a set of the new "
@@ -117,6 +119,14 @@ def test_a_pair_without_target_data_says_where_to_add_it(bare, disk_pair, own_se
     job = bare.submit_tailor(session, default_settings(compensation="greedy"), calib_source="upload",
                              calib_files=own_sets["target"])
     assert finished(bare, session, job).report["calibration"]["source"].startswith("upload:")
+    # one target example cannot both calibrate and be kept apart to score on
+    (tmp_path / "one.jsonl").write_text(open(own_sets["target"][0]).readline())
+    bare.add_eval_set(session, role="target", task="vqa", name="one",
+                      files=[str(tmp_path / "one.jsonl"), own_sets["target"][1]])
+    with pytest.raises(UserError, match="1 target-task example\\(s\\) cannot be split"):
+        bare.submit_tailor(session, default_settings(compensation="greedy"))
+    handle = bare.handle_for(session)
+    assert "cannot be split" in calibration_markdown(handle, pair_sets(session, handle))
 
 
 def test_the_tailor_tab_says_where_its_calibration_comes_from(bare, disk_pair, own_sets, studio):

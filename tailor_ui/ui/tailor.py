@@ -9,6 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from tailor_ui import plots
+from tailor_ui.errors import UserError
 from tailor_ui.methods import REGISTRY
 from tailor_ui.evaluation.sweep import LAMBDA_RANGE, format_numbers, parse_numbers
 from tailor_ui.methods.selection import SCOPES
@@ -79,7 +80,10 @@ def result_markdown(run: TailorRun | None, default: bool = False) -> str:
 
 def calibration_markdown(handle: PairHandle, sets) -> str:
     """Where the pair's own calibration data comes from, or how to give it some."""
-    examples, _, where = pair_calibration(handle, sets)
+    try:
+        examples, _, where = pair_calibration(handle, sets)
+    except UserError as exc:  # a single target example: nothing to keep apart
+        return f"*Calibration: {exc}*"
     return f"*Calibrates on {where}.*" if examples else f"*Calibration: {NO_CALIBRATION}, or upload one.*"
 
 
