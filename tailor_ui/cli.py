@@ -127,6 +127,8 @@ def _readers(knob: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tailor_ui.evaluation import search
+    from tailor_ui.evaluation.sweep import format_numbers
     from tailor_ui.methods import REGISTRY
     from tailor_ui.settings import Settings
     from tailor_ui.training.registry import TRAINING_METHODS
@@ -227,15 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="table CSV")
     _model_options(p)
 
-    p = sub.add_parser("find-settings", help="search Model Tailor's settings: original retention vs "
-                       "target gain on held-out target examples")
+    p = sub.add_parser("find-settings", help="search which patch to use (Model Tailor's settings and the "
+                       "data-free baselines): original retention vs target gain on held-out target examples")
     p.add_argument("--base", required=True)
     p.add_argument("--finetuned", required=True)
     p.add_argument("--calib", required=True, type=Path,
                    help="target-task JSONL: part calibrates, part (--holdout) scores the target task")
     _set_options(p, roles=("original",), required=True)
-    p.add_argument("--keep", default="0.02,0.05,0.1", help="comma-separated patch sizes")
-    p.add_argument("--alpha", default="0.5,0.8,1.0", help="comma-separated fusion weights")
+    p.add_argument("--methods", default=",".join(search.DEFAULT_METHODS),
+                   help="comma-separated: Model Tailor over keep x alpha x the options below, the "
+                        "data-free methods over keep (or λ: WiSE-FT, task arithmetic)")
+    p.add_argument("--keep", default=format_numbers(search.DEFAULT_KEEPS), help="comma-separated patch sizes")
+    p.add_argument("--alpha", default=format_numbers(search.DEFAULT_ALPHAS),
+                   help="comma-separated fusion weights")
+    p.add_argument("--lam", default=format_numbers(search.DEFAULT_LAMS), help="comma-separated λ (WiSE-FT, "
+                   "task arithmetic)")
     p.add_argument("--compensation", default=None,
                    help="comma-separated: exact, greedy, anchored (needs --anchor); default: exact, "
                         "greedy, and anchored with --anchor")
@@ -243,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", default="mask-first", help="comma-separated: mask-first, sparsegpt")
     p.add_argument("--budget", default="uniform", help="comma-separated: uniform, per-layer")
     p.add_argument("--scope", default="block", help="comma-separated: block, row, tensor, global")
-    p.add_argument("--holdout", type=float, default=0.25, help="share of --calib held out for scoring")
+    p.add_argument("--holdout", type=float, default=search.DEFAULT_HOLDOUT,
+                   help="share of --calib held out for scoring")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     p.add_argument("--limit", type=int, default=32, help="examples per original-task set")
     p.add_argument("--calib-limit", type=int, default=128, help="target-task examples read from --calib")
@@ -820,19 +829,20 @@ def _anchor_weights(args: argparse.Namespace) -> dict[str, list[float]]:
 def _find_settings(args: argparse.Namespace) -> int:
     from tailor_ui.data import read_calibration
     from tailor_ui.evaluation.search import candidate_grid, find_settings, split_examples
-    from tailor_ui.evaluation.sweep import parse_numbers
+    from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers
     from tailor_ui.io import atomic_path
     from tailor_ui.pair import load_pair
 
     if args.batch_size < 1 or args.calib_limit < 1 or args.limit < 1:
         raise UserError("--batch-size, --calib-limit and --limit must be positive")
     options = {name: _words(getattr(args, name)) for name in ("compensation", "order", "budget", "scope")}
-    grid = {"keeps": parse_numbers(args.keep, "--keep"), "alphas": parse_numbers(args.alpha, "--alpha")}
+    grid = {"keeps": parse_numbers(args.keep, "--keep"), "alphas": parse_numbers(args.alpha, "--alpha"),
+            "lams": parse_numbers(args.lam, "--lam", *LAMBDA_RANGE), "methods": _words(args.methods)}
     # cut by find_settings, which says so
     original = [s.cut() for s in _read_sets(args, {"original": args.original})]
     calibration = read_calibration(args.calib)[: args.calib_limit]
     anchor = _read_anchor(args)
-    candidate_grid(grid["keeps"], grid["alphas"], options)  # refused before the models load
+    candidate_grid(grid["keeps"], grid["alphas"], options, grid["methods"], grid["lams"])  # refused now
     split_examples(calibration, args.holdout, args.seed)
     # the base is the working copy; a fine-tuned safetensors folder is read lazily
     pair = load_pair(args.base, args.finetuned, lazy=not args.in_memory, **_load_options(args))
@@ -855,10 +865,13 @@ def _find_settings(args: argparse.Namespace) -> int:
 
 
 def tailor_command(settings, args: argparse.Namespace) -> str:
-    """The `tailor` command line that builds the model with these settings."""
+    """The `tailor` command line that builds the model with these settings (a data-free
+    method's without calibration data)."""
     from tailor_ui import model_card
+    from tailor_ui.methods import REGISTRY
 
-    return model_card.tailor_command(settings, args.base, [args.finetuned], calib=[str(args.calib)],
+    calib = [str(args.calib)] if REGISTRY[settings.method].needs_calibration else []
+    return model_card.tailor_command(settings, args.base, [args.finetuned], calib=calib,
                                      anchor=[str(a) for a in args.anchor])
 
 

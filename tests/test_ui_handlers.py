@@ -544,9 +544,11 @@ def test_filing_a_merge_once_survives_the_session_pruning_old_ones(studio):
     assert not (session.folder / "run-0").exists() and not (session.folder / "run-1").exists()
 
 
-@pytest.mark.parametrize("tab, kind", [("tailor", "tailor"), ("forgetting", "sweep"), ("finetune", "finetune")])
-def test_cancel_buttons_stop_the_given_or_latest_unfinished_job(app, studio, tab, kind):
-    cancel = getattr(app, tab).cancel
+@pytest.mark.parametrize("tab, kind, button", [
+    ("tailor", "tailor", "cancel"), ("tailor", "search", "cancel_search"), ("forgetting", "sweep", "cancel"),
+    ("finetune", "finetune", "cancel"), ("finetune", "continual", "cancel_continual")])
+def test_cancel_buttons_stop_the_given_or_latest_unfinished_job(app, studio, tab, kind, button):
+    cancel = getattr(getattr(app, tab), button)
     request = new_request()
     sid = request.session_hash
     assert 'data-status="idle"' in cancel("", request) and "Nothing to cancel." in cancel("", request)
@@ -563,7 +565,7 @@ def test_cancel_buttons_stop_the_given_or_latest_unfinished_job(app, studio, tab
     assert f'data-job="{again.id}"' in cancel(f" {again.id} ", request)
     assert studio.runner.wait(again.id, sid, timeout=30).status == CANCELLED
     finished = cancel(job.id, request)  # a finished job given, nothing running
-    if tab == "tailor":  # the merge tab shows that job's state
+    if kind == "tailor":  # the merge's Cancel shows that job's state
         assert f'data-job="{job.id}"' in finished and 'data-status="cancelled"' in finished
     else:
         assert "Nothing to cancel." in finished

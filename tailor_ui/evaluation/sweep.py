@@ -279,6 +279,11 @@ def parse_numbers(text: str | Sequence[float] | None, name: str, low: float = 0.
     return list(dict.fromkeys(values))
 
 
+def format_numbers(values: Sequence[float]) -> str:
+    """[0.05, 0.1] -> '0.05, 0.1': what `parse_numbers` reads back."""
+    return ", ".join(f"{v:g}" for v in values)
+
+
 def sweep_grid(methods: Sequence[str], values: Mapping[str, Sequence[float]], *,
                calibrated: Mapping[str, Sequence[Any]] | None = None,
                limit: int | None = None) -> list[Settings]:

@@ -263,6 +263,7 @@ class Studio:
                                                           calib_files, calib_examples)
         sets = evalsets_.pair_sets(session, handle)
         anchor = tailor.anchor_examples(handle, settings.anchored, sets)  # refused now, not in the job
+        sets = tailor.scored_sets(handle, sets, bool(examples) and calib_source != "upload")
         if supersede:
             for old in self.runner.active(session.id, "tailor"):
                 self.runner.cancel(old.id, session.id)
@@ -393,8 +394,9 @@ class Studio:
                      calib_files: Sequence[str] | None = None,
                      compensations: Sequence[str] | None = None) -> Job:
         """Queue a sweep on the pair's evaluation sets (built-in and the visitor's); Model
-        Tailor calibrates on the pair's built-in set or on uploaded files, and is swept over
-        `compensations` (default: `tailor.sweep_compensations` of the pair)."""
+        Tailor calibrates on the pair's own target-task data (`tailor.pair_calibration`: a
+        visitor's target sets are then scored on the share kept apart) or on uploaded files,
+        and is swept over `compensations` (default: `tailor.sweep_compensations` of the pair)."""
         from tailor_ui.evaluation.sweep import sweep_grid
         from tailor_ui.methods import REGISTRY
 
@@ -406,7 +408,7 @@ class Studio:
                                       "compensation": forms},
                           limit=sweep_.MAX_SWEEP_SETTINGS)
         anchor = tailor.anchor_examples(handle, any(s.anchored for s in grid), sets)
-        original, target = sweep_.eval_sets(sets, int(examples))
+        sweep_.eval_sets(sets, int(examples))  # refused before an upload is unpacked
         self.sync(session, "finetune")
         trained = [(t.method, name, model) for t in session.trained_for(handle)
                    for name, model in t.models]
@@ -414,6 +416,8 @@ class Studio:
         if any(REGISTRY[s.method].needs_calibration for s in grid):
             calibration = self._calibration_examples(session, handle, calib_source, calib_files,
                                                      calib_examples)
+        sets = tailor.scored_sets(handle, sets, calibration is not None and calib_source != "upload")
+        original, target = sweep_.eval_sets(sets, int(examples))
         plan = sweep_.SweepPlan(grid, original, target, int(examples), trained, calibration, anchor)
 
         def job(progress, should_stop):
@@ -426,19 +430,25 @@ class Studio:
     # -- finding settings -----------------------------------------------------------------
 
     def submit_search(self, session: Session, keeps: Sequence[float], alphas: Sequence[float],
-                      options: dict[str, Sequence[str]], *, examples: int = 16, holdout: float = 0.25,
+                      options: dict[str, Sequence[str]], *, methods: Sequence[str] = ("tailor",),
+                      lams: Sequence[float] = (), examples: int = 16, holdout: float = 0.25,
                       calib_source: str = "builtin", calib_files: Sequence[str] | None = None,
                       calib_examples: int | None = None) -> Job:
-        """Queue a search of Model Tailor's settings (keep x alpha x options) on the pair's
-        original-task sets (`examples` each) and the held-out part of its calibration set."""
+        """Queue a search of which patch to use (`evaluation.search.candidate_grid`: Model
+        Tailor's keep x alpha x options, the data-free `methods` on keep or λ) on the pair's
+        original-task sets (`examples` each) and the held-out share of all its target-task
+        examples; Model Tailor calibrates on `calib_examples` of the others."""
         handle = self.handle_for(session)
         sets = evalsets_.pair_sets(session, handle)
         search_.original_sets(sets)  # refused before an upload is unpacked
-        calibration, _ = self._calibration_examples(session, handle, calib_source, calib_files,
-                                                    calib_examples)
-        anchor = tailor.anchor_examples(handle, "anchored" in options.get("compensation", ()), sets)
+        calibration, _ = tailor.calibration_examples(session, handle, calib_source, calib_files, None,
+                                                     self.config.max_upload_mb * 2**20, keep_apart=False)
+        anchored = "tailor" in methods and "anchored" in options.get("compensation", ())
+        anchor = tailor.anchor_examples(handle, anchored, sets)
+        fit = self.config.calib_examples if calib_examples is None else int(calib_examples)
         plan = search_.search_plan(sets, keeps, alphas, options, int(examples), calibration,
-                                   float(holdout), sweep_.MAX_SWEEP_SETTINGS, anchor)
+                                   float(holdout), fit, sweep_.MAX_SWEEP_SETTINGS, anchor,
+                                   methods=methods, lams=lams)
 
         def job(progress, should_stop):
             return search_.search_run(handle, plan, session, self.config.calib_batch, progress,

@@ -82,6 +82,10 @@ class FinetuneTab(Tab):
         """Cancel a fine-tuning run: the given one if unfinished, else the latest unfinished."""
         return cancel_html(self.studio.runner, session_id(request), "finetune", job_id)
 
+    @user_errors
+    def cancel_continual(self, job_id: str, request: gr.Request):
+        return cancel_html(self.studio.runner, session_id(request), "continual", job_id)
+
     @staticmethod
     def method_changed(method: str):
         """The method's own knobs become editable, every knob takes the method's default
@@ -165,8 +169,11 @@ class FinetuneTab(Tab):
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 gr.Markdown(CONTINUAL)
-                self.continual_button = gr.Button("Run the continual sequence",
-                                                  elem_id="finetune-continual")
+                with gr.Row():
+                    self.continual_button = gr.Button("Run the continual sequence",
+                                                      elem_id="finetune-continual")
+                    self.continual_cancel = gr.Button("Cancel", variant="stop",
+                                                      elem_id="finetune-continual-cancel")
             with gr.Column(scale=2):
                 self.continual_job = gr.Textbox(label="Continual job id", interactive=False,
                                                 elem_id="finetune-continual-job-id")
@@ -184,6 +191,8 @@ class FinetuneTab(Tab):
                               concurrency_limit=None)
         self.cancel_button.click(self.cancel, [self.job_id], [self.progress],
                                  api_name="cancel_finetune", concurrency_limit=None)
+        self.continual_cancel.click(self.cancel_continual, [self.continual_job], [self.continual_progress],
+                                    api_name="cancel_continual", concurrency_limit=None)
         self.method.change(self.method_changed, [self.method],
                            [self.rho, self.lr, self.beta, self.continual_button, self.method_info],
                            api_visibility="private", queue=False)

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import gradio as gr
 import pandas as pd
 
 from tailor_ui import plots
+from tailor_ui.errors import UserError
 from tailor_ui.methods import REGISTRY
-from tailor_ui.evaluation.sweep import parse_numbers
+from tailor_ui.evaluation.sweep import LAMBDA_RANGE, format_numbers, parse_numbers
 from tailor_ui.methods.selection import SCOPES
 from tailor_ui.session import PairHandle, SearchRun, TailorRun
-from tailor_ui.ui.common import (Slider, Tab, cancel_unfinished, changed, fmt_table, history_table,
+from tailor_ui.ui.common import (Slider, Tab, cancel_html, cancel_unfinished, changed, fmt_table,
+                                 history_table,
                                  job_signature, latest_progress, progress_html, public_text, queued,
                                  session_id, user_errors)
 from tailor_ui.ui.models import changed_modules
 from tailor_ui.service.config import default_settings
 from tailor_ui.service.evalsets import pair_sets
-from tailor_ui.service.tailor import default_compensation, has_anchor, sweep_compensations
+from tailor_ui.evaluation import search
+from tailor_ui.service.tailor import (NO_CALIBRATION, default_compensation, has_anchor, pair_calibration,
+                                     sweep_compensations)
 from tailor_ui.settings import Settings
 
 LAMBDA_LABEL = f"λ ({', '.join(m.label for m in REGISTRY.values() if 'lam' in m.knobs)})"
@@ -73,17 +78,30 @@ def result_markdown(run: TailorRun | None, default: bool = False) -> str:
     return "\n\n".join(lines)
 
 
+def calibration_markdown(handle: PairHandle, sets) -> str:
+    """Where the pair's own calibration data comes from, or how to give it some."""
+    try:
+        examples, _, where = pair_calibration(handle, sets)
+    except UserError as exc:  # a single target example: nothing to keep apart
+        return f"*Calibration: {exc}*"
+    return f"*Calibrates on {where}.*" if examples else f"*Calibration: {NO_CALIBRATION}, or upload one.*"
+
+
 def search_markdown(run: SearchRun | None) -> str:
     """The best candidate of a search, and which examples scored it."""
     if run is None:
-        return ("*Find settings tries every keep x alpha x compensation of the grid below on part "
-                "of the calibration set and scores each on the rest (the new skill) and on the "
-                "original tasks.*")
+        return ("*Which patch should you use? Find settings tries Model Tailor's keep x alpha x "
+                "compensation and each chosen baseline on its own axis, calibrating on part of the "
+                "target-task data and scoring every candidate on the rest (the new skill) and on "
+                "the original tasks.*")
     best = run.result.best_row
     used = "; ".join(f"{name}: {what}" for name, what in run.result.used.items())
     return (f"**Best:** {best['setting']} · original skills kept {100 * best['original_retention']:.0f}% "
             f"· target gain kept {100 * best['target_gain']:.0f}% · h {best['h']:.3f} "
-            f"({len(run.result.front)} on the front, {run.seconds:.0f} s)\n\n*Scored on {used}.*")
+            f"({len(run.result.front)} on the front, {run.seconds:.0f} s)\n\n*Scored on {used}."
+            + (f" One held-out answer moves a target gain by up to {run.result.gain_step:.2f}: read "
+               "closer candidates as ties." if not math.isnan(run.result.gain_step) else "")
+            + "*")
 
 
 class TailorTab(Tab):
@@ -139,17 +157,22 @@ class TailorTab(Tab):
         return progress_html(cancelled, "Nothing to cancel.")
 
     @user_errors
-    def find(self, keeps: str, alphas: str, compensations: list[str] | None, examples: float,
-             holdout: float, calib_source: str, calib_files: list[str] | None, calib_examples: float,
-             request: gr.Request = None):
-        """Queue a search of Model Tailor's settings; returns its job id and progress."""
+    def find(self, methods: list[str] | None, keeps: str, alphas: str, lams: str,
+             compensations: list[str] | None, examples: float, holdout: float, calib_source: str,
+             calib_files: list[str] | None, calib_examples: float, request: gr.Request = None):
+        """Queue a search of which patch to use; returns its job id and progress."""
         session = self.studio.session(session_id(request))
         job = self.studio.submit_search(
             session, parse_numbers(keeps, "keep"), parse_numbers(alphas, "alpha"),
-            {"compensation": list(compensations or [])}, examples=int(examples),
+            {"compensation": list(compensations or [])}, methods=list(methods or []),
+            lams=parse_numbers(lams, "λ", *LAMBDA_RANGE), examples=int(examples),
             holdout=float(holdout), calib_source=calib_source, calib_files=calib_files or None,
             calib_examples=int(calib_examples))
         return queued(session, "search", job)
+
+    @user_errors
+    def cancel_search(self, job_id: str, request: gr.Request):
+        return cancel_html(self.studio.runner, session_id(request), "search", job_id)
 
     @user_errors
     def use_best(self, request: gr.Request = None) -> tuple:
@@ -161,7 +184,8 @@ class TailorTab(Tab):
             raise gr.Error("no finished search yet: press Find settings first")
         best = run.result.best
         return (best.method, best.keep, best.alpha, best.scope, best.compensate, best.compensation,
-                best.order, best.budget, best.hessians)
+                best.order, best.budget, best.hessians,
+                *self.method_changed(best.method, best.effective_lambda))
 
     def search_poll(self, session) -> list:
         self.studio.sync(session, "search")
@@ -172,9 +196,9 @@ class TailorTab(Tab):
         return out + [gr.skip()] * 2
 
     @staticmethod
-    def method_changed(method: str):
+    def method_changed(method: str, lam: float | None = None):
         info = REGISTRY.get(method)
-        lam = info.defaults.get("lam", 1.0) if info else 1.0
+        lam = lam if lam is not None else info.defaults.get("lam", 1.0) if info else 1.0
         return (gr.update(value=lam, interactive=_reads(method, "lam")), f"*{info.summary}*" if info else "")
 
     # -- polling ---------------------------------------------------------------------------
@@ -205,6 +229,11 @@ class TailorTab(Tab):
                     gr.update(value=sweep_compensations(handle, sets, search=True))]
         else:
             out += [gr.skip()] * 2
+        targets = tuple((s.name, len(s.examples)) for s in sets if s.role == "target")
+        if handle is not None and changed(session, "tailor-calib", (id(handle), targets)):
+            out.append(calibration_markdown(handle, sets))
+        else:
+            out.append(gr.skip())
         every = runner.history(session.id)
         if changed(session, "job-history", tuple(job_signature(j) for j in every)):
             out.append(history_table(every))
@@ -214,7 +243,7 @@ class TailorTab(Tab):
 
     def poll_outputs(self) -> list:
         return [self.progress, self.result, self.quick, self.heatmap, self.modules, self.compensation,
-                self.find_compensation, self.history,
+                self.find_compensation, self.calib_info, self.history,
                 self.find_progress, self.find_plot, self.find_best]
 
     # -- layout ----------------------------------------------------------------------------
@@ -228,7 +257,10 @@ class TailorTab(Tab):
                 with gr.Row():
                     self.run_button = gr.Button("Run", variant="primary", elem_id="tailor-run")
                     self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="tailor-cancel")
-                self.find_button = gr.Button("Find settings", elem_id="tailor-find")
+                with gr.Row():
+                    self.find_button = gr.Button("Find settings", elem_id="tailor-find")
+                    self.find_cancel = gr.Button("Cancel search", variant="stop",
+                                                 elem_id="tailor-find-cancel")
                 self._search_controls()
             with gr.Column(scale=2):
                 self._outputs()
@@ -256,7 +288,7 @@ class TailorTab(Tab):
             [("exact: least squares per row, given the patch", "exact"),
              ("greedy: SparseGPT's column loop (the paper's)", "greedy"),
              ("anchored: patch and least squares of an objective that also holds the base's "
-              "outputs on original-task examples (the pair's built-in set)", "anchored")],
+              "outputs on original-task examples (the pair's anchor set)", "anchored")],
             value=Settings.compensation, label="Compensation", elem_id="tailor-compensation")
         self.modules = gr.Dropdown([], value=[], multiselect=True, label="Modules",
                                    info="empty: every linear layer fine-tuning changed",
@@ -266,10 +298,12 @@ class TailorTab(Tab):
 
     def _calibration_controls(self) -> None:
         with gr.Accordion("Calibration data (target task)", open=False):
-            self.calib_source = gr.Radio([("built-in (demo target set)", "builtin"),
+            self.calib_source = gr.Radio([("the pair's own (its built-in set, or your target sets of the "
+                                           "Models tab)", "builtin"),
                                           ("upload JSONL + images, or a .zip", "upload")],
                                          value="builtin", label="Calibration set",
                                          elem_id="tailor-calib-source")
+            self.calib_info = gr.Markdown(elem_id="tailor-calib-info")
             self.calib_files = gr.File(file_count="multiple", type="filepath",
                                        label="JSONL ({image, question, answers} per line) with its images",
                                        elem_id="tailor-calib-files")
@@ -304,18 +338,25 @@ class TailorTab(Tab):
 
     def _search_controls(self) -> None:
         with gr.Accordion("Find settings: the grid", open=False):
-            self.find_keeps = gr.Textbox("0.02, 0.05, 0.1", label="Patch sizes (keep)",
+            self.find_methods = gr.CheckboxGroup([(info.label, name) for name, info in REGISTRY.items()],
+                                                 value=list(search.DEFAULT_METHODS), label="Methods",
+                                                 elem_id="tailor-find-methods")
+            self.find_keeps = gr.Textbox(format_numbers(search.DEFAULT_KEEPS), label="Patch sizes (keep)",
                                          elem_id="tailor-find-keeps")
-            self.find_alphas = gr.Textbox("0.5, 0.8, 1.0", label="Fusion weights (alpha)",
+            self.find_alphas = gr.Textbox(format_numbers(search.DEFAULT_ALPHAS),
+                                          label="Fusion weights (alpha)",
                                           elem_id="tailor-find-alphas")
+            self.find_lams = gr.Textbox(format_numbers(search.DEFAULT_LAMS), label="λ values (WiSE-FT)",
+                                        elem_id="tailor-find-lams")
             # the pair's defaults (anchored where it has an anchor set) arrive with the first poll
             self.find_compensation = gr.CheckboxGroup(["exact", "greedy", "anchored"],
                                                       value=Settings.default_compensations(False, search=True),
                                                       label="Compensation forms",
                                                       elem_id="tailor-find-compensation")
-            self.find_n = Slider(4, 150, value=16, step=4, label="Examples per original-task set",
+            self.find_n = Slider(4, 150, value=search.DEFAULT_LIMIT, step=4,
+                                 label="Examples per original-task set",
                                  elem_id="tailor-find-n")
-            self.find_holdout = Slider(0.1, 0.5, value=0.25, step=0.05,
+            self.find_holdout = Slider(0.1, 0.5, value=search.DEFAULT_HOLDOUT, step=0.05,
                                        label="Calibration share held out to score the new skill",
                                        elem_id="tailor-find-holdout")
 
@@ -350,14 +391,19 @@ class TailorTab(Tab):
                            trigger_mode="always_last")
         self.cancel_button.click(self.cancel, [self.job_id], [self.progress], api_name="cancel_tailor",
                                  concurrency_limit=None)
-        self.method.change(self.method_changed, [self.method], [self.lam, self.method_info],
+        self.method.input(self.method_changed, [self.method], [self.lam, self.method_info],
                            api_visibility="private", queue=False)
-        self.find_button.click(self.find, [self.find_keeps, self.find_alphas, self.find_compensation,
-                                           self.find_n, self.find_holdout, self.calib_source,
-                                           self.calib_files, self.calib_n],
+        self.find_button.click(self.find, [self.find_methods, self.find_keeps, self.find_alphas,
+                                           self.find_lams, self.find_compensation, self.find_n,
+                                           self.find_holdout, self.calib_source, self.calib_files,
+                                           self.calib_n],
                                [self.find_job_id, self.find_progress], api_name="find_settings",
                                concurrency_limit=None)
+        self.find_cancel.click(self.cancel_search, [self.find_job_id], [self.find_progress],
+                               api_name="cancel_find_settings", concurrency_limit=None)
+        # the method's λ and summary come with it (a method set here fires no `input`)
         self.use_best_button.click(self.use_best, None,
                                    [self.method, self.keep, self.alpha, self.scope, self.compensate,
-                                    self.compensation, self.order, self.budget, self.hessians],
+                                    self.compensation, self.order, self.budget, self.hessians,
+                                    self.lam, self.method_info],
                                    api_name="use_best_settings", concurrency_limit=None)
