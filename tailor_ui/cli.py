@@ -28,41 +28,64 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _merge_options(p: argparse.ArgumentParser) -> None:
-    """The settings of a merge (`tailor`, and `compare` when it tailors on the fly)."""
-    from tailor_ui.settings import Settings
+    """The settings of a merge (`tailor`, and `compare` when it tailors on the fly): one flag
+    per declared knob (`tailor_ui.settings.KNOBS`). A flag left out stays out of the
+    namespace, so `_settings` sees only what the user gave."""
+    from tailor_ui.settings import KNOBS
 
-    p.add_argument("--keep", type=_unit_interval, default=0.10, help="patch size (fraction)")
-    p.add_argument("--alpha", type=_unit_interval, default=0.8, help="fusion weight of salience")
-    p.add_argument("--scope", default="block", help="block | row | tensor | global")
+    for name in KNOBS:
+        _knob_flag(p, name)
     p.add_argument("--calib-limit", type=int, default=128, help="examples used per calibration set")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--no-compensate", action="store_true")
-    p.add_argument("--compensation", default=None,
-                   help="exact (least squares per row) | greedy (SparseGPT's loop, the paper's) | "
-                        "anchored (patch and least squares also holding the base's outputs on "
-                        "--anchor's inputs); "
-                        f"default: anchored with --anchor, else {Settings.compensation}")
     _anchor_options(p)
-    p.add_argument("--anchor-weight", type=float, default=Settings.anchor_weight,
-                   help="μ: weight of the original-task inputs against the target's (anchored)")
-    p.add_argument("--order", default="mask-first",
-                   help="mask-first | sparsegpt (each block's mask after the earlier blocks)")
-    p.add_argument("--budget", default="uniform", help="uniform | per-layer (by each layer's score mass)")
-    p.add_argument("--sign", default="obs", help="compensation sign: obs | released")
-    p.add_argument("--sensitivity", default="change", help="change | weight (authors' code)")
-    p.add_argument("--hessians", default="sequential", help="sequential | one-pass")
-    p.add_argument("--damp", type=float, default=0.01)
-    p.add_argument("--modules", default=None, help="regex over linear module names")
-    p.add_argument("--others", default="finetuned",
-                   help="non-selected tensors: finetuned | base | linear")
-    p.add_argument("--lam", type=float, default=None, help=f"λ of {_readers('lam')} (mergekit's lambda)")
-    p.add_argument("--drop", type=float, default=None, help="DARE drop rate (default 1 - keep)")
-    p.add_argument("--gamma", type=float, default=0.01,
-                   help=f"fraction of the largest |τ| removed ({_readers('gamma')}; --keep is the density)")
-    p.add_argument("--epsilon", type=float, default=0.1,
-                   help=f"window of keep probabilities around --keep ({_readers('epsilon')})")
-    p.add_argument("--seed", type=int, default=0, help=f"random seed ({_readers('seed')})")
-    p.add_argument("--overlap", default="mean", help="multi-task overlap rule: mean | sum | first")
+
+
+def _knob_flag(p: argparse.ArgumentParser, name: str) -> None:
+    """One knob's flag, from its declaration: type, default, words and readers in its help."""
+    from tailor_ui.settings import default, value_type
+
+    flag = _flag(name)
+    value = default(name)
+    if value_type(name) is bool:  # a switch that turns the default off (or on)
+        p.add_argument(f"--no-{flag[2:]}" if value else flag, dest=name, action="store_const",
+                       const=not value, default=argparse.SUPPRESS,
+                       help=("turn off: " if value else "") + _knob_help(name, None))
+        return
+    if name == "compensation":  # the default depends on --anchor: `_default_compensation`
+        value = "anchored with --anchor, else " + str(value)
+    p.add_argument(flag, dest=name, type=_knob_parser(name), default=argparse.SUPPRESS,
+                   metavar=name.upper(), help=_knob_help(name, value))
+
+
+def _knob_parser(name: str):
+    from tailor_ui.settings import value_type
+
+    kind = value_type(name)
+    if kind is str:
+        return str
+
+    def number(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+
+    return number
+
+
+def _knob_help(name: str, value: Any, words: bool = True) -> str:
+    """A knob's help: what it is, its words, which methods read it and its default."""
+    from tailor_ui.settings import KNOBS, choices, readers
+
+    spec = KNOBS[name]
+    parts = [spec.help]
+    if words and choices(name):
+        parts.append(" | ".join(f"{w}: {spec.words[w]}" if w in spec.words else w for w in choices(name)))
+    if not spec.common:
+        parts.append("read by " + ", ".join(readers(name)))
+    if value is not None:
+        parts.append(f"default {value}")
+    return "; ".join(parts).replace("%", "%%")
 
 
 def _anchor_options(p: argparse.ArgumentParser) -> None:
@@ -119,16 +142,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"error: {message} (see --help)\n")
 
 
-def _readers(knob: str) -> str:
-    """The methods that read a knob, for its --help."""
-    from tailor_ui.methods import REGISTRY
-
-    return " / ".join(name for name, m in REGISTRY.items() if knob in m.knobs)
+def _axis_flag(p: argparse.ArgumentParser, name: str, default: str | None) -> None:
+    """A knob a sweep or a search varies: comma-separated values, described by its declaration."""
+    p.add_argument(_flag(name), default=default, metavar=name.upper() + "S",
+                   help="comma-separated: " + _knob_help(name, default))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tailor_ui.evaluation.search import SEARCH_GRID
+    from tailor_ui.evaluation.sweep import SWEEP_GRID, SWEEP_METHODS
     from tailor_ui.methods import REGISTRY
-    from tailor_ui.settings import Settings
+    from tailor_ui.settings import Settings, default
     from tailor_ui.training.registry import TRAINING_METHODS
 
     parser = _Parser(prog="python -m tailor_ui",
@@ -147,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned", required=True, action="append",
                    help="fine-tuned model; repeat for multi-task (one --calib each)")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--method", default="tailor", help=" | ".join(REGISTRY))
+    p.add_argument("--method", default=Settings.method, help=" | ".join(REGISTRY))
     p.add_argument("--calib", action="append", type=Path, default=[],
                    help="target-task JSONL (one per --finetuned)")
     _merge_options(p)
@@ -203,20 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned", required=True)
     p.add_argument("--calib", type=Path, default=None, help="target-task JSONL (for tailor)")
     _set_options(p, roles=("original", "target"), required=True)
-    p.add_argument("--methods", default="tailor,magnitude,dare,ties,wise_ft")
-    p.add_argument("--keep", default="0.01,0.05,0.1,0.2,0.5", help="comma-separated patch sizes")
-    p.add_argument("--alpha", default="0.8", help="comma-separated fusion weights (tailor)")
-    p.add_argument("--lam", default="0.25,0.5,0.75", help="comma-separated λ (wise_ft, task_arithmetic)")
-    p.add_argument("--hessians", default="sequential", help="sequential | one-pass (one-pass reuses "
-                   "Hessians across keep/alpha)")
-    p.add_argument("--compensation", default=None,
-                   help="comma-separated compensation forms for tailor: exact, greedy, anchored "
-                        f"(default: {Settings.compensation}, and anchored with --anchor)")
+    p.add_argument("--methods", default=",".join(SWEEP_METHODS), help=" | ".join(REGISTRY))
+    for name in ("keep", "alpha", "lam"):
+        _axis_flag(p, name, ",".join(f"{v:g}" for v in SWEEP_GRID[name]))
+    _axis_flag(p, "hessians", default("hessians"))
+    _axis_flag(p, "compensation", None)
     _anchor_options(p)
-    p.add_argument("--anchor-weight", default=f"{Settings.anchor_weight:g}",
-                   help="comma-separated μ for anchored compensation")
-    p.add_argument("--scope", default=Settings.scope,
-                   help="comma-separated threshold scopes for tailor: block, row, tensor, global")
+    _axis_flag(p, "anchor_weight", f"{default('anchor_weight'):g}")
+    _axis_flag(p, "scope", default("scope"))
     p.add_argument("--limit", type=int, default=None, help="examples per evaluation set")
     p.add_argument("--calib-limit", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
@@ -230,15 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", required=True, type=Path,
                    help="target-task JSONL: part calibrates, part (--holdout) scores the target task")
     _set_options(p, roles=("original",), required=True)
-    p.add_argument("--keep", default="0.02,0.05,0.1", help="comma-separated patch sizes")
-    p.add_argument("--alpha", default="0.5,0.8,1.0", help="comma-separated fusion weights")
-    p.add_argument("--compensation", default=None,
-                   help="comma-separated: exact, greedy, anchored (needs --anchor); default: exact, "
-                        "greedy, and anchored with --anchor")
+    for name in ("keep", "alpha"):
+        _axis_flag(p, name, ",".join(f"{v:g}" for v in SEARCH_GRID[name]))
+    _axis_flag(p, "compensation", None)
     _anchor_options(p)
-    p.add_argument("--order", default="mask-first", help="comma-separated: mask-first, sparsegpt")
-    p.add_argument("--budget", default="uniform", help="comma-separated: uniform, per-layer")
-    p.add_argument("--scope", default="block", help="comma-separated: block, row, tensor, global")
+    for name in ("order", "budget", "scope"):
+        _axis_flag(p, name, default(name))
     p.add_argument("--holdout", type=float, default=0.25, help="share of --calib held out for scoring")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     p.add_argument("--limit", type=int, default=32, help="examples per original-task set")
@@ -311,13 +326,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _default_compensation(args: argparse.Namespace) -> str:
-    """`--compensation` left out: `Settings.default_compensations`, anchored where --anchor
-    gives it original-task data (alone for one merge, beside the others for a sweep or a
-    search)."""
+    """A sweep's or a search's `--compensation` left out: `Settings.default_compensations`,
+    with anchored beside the others where --anchor gives it original-task data (a single
+    merge's default: `_settings`)."""
     from tailor_ui.settings import Settings
 
-    forms = Settings.default_compensations(bool(args.anchor), search=args.command == "find-settings")
-    return forms[-1] if args.command in ("tailor", "compare") else ",".join(forms)
+    return ",".join(Settings.default_compensations(bool(args.anchor), search=args.command == "find-settings"))
 
 
 def _quiet_libraries() -> None:
@@ -398,23 +412,32 @@ def _progress_bar():
 
 
 def _settings(args: argparse.Namespace, method: str):
-    """The merge settings the `_merge_options` name."""
-    from tailor_ui.settings import Settings
+    """The merge settings the user gave (`_merge_options`), for `method`; a knob the method
+    does not read is refused, not dropped."""
+    from tailor_ui.methods import REGISTRY
+    from tailor_ui.settings import KNOBS, Settings, method_knobs, method_problem, reads, unread
 
     if args.batch_size < 1 or args.calib_limit < 1:
         raise UserError("--batch-size and --calib-limit must be positive")
-    return Settings(method=method, keep=args.keep, alpha=args.alpha, scope=args.scope,
-                    compensate=not args.no_compensate, compensation=args.compensation,
-                    anchor_weight=args.anchor_weight, order=args.order, budget=args.budget, sign=args.sign,
-                    sensitivity=args.sensitivity, hessians=args.hessians, damp=args.damp,
-                    modules=args.modules, others=args.others, lam=args.lam, drop=args.drop,
-                    seed=args.seed, gamma=args.gamma, epsilon=args.epsilon, overlap=args.overlap)
+    if method_problem(method):
+        raise UserError(method_problem(method))
+    given = {name: getattr(args, name) for name in KNOBS if hasattr(args, name)}
+    ignored = unread(method, given)
+    if ignored:
+        own = [_flag(name) for name in method_knobs(method) if not KNOBS[name].common]
+        raise UserError(f"{', '.join(map(_flag, ignored))}: not read by {REGISTRY[method].label} "
+                        f"(it reads {', '.join(own) or 'none of the merge options'})")
+    if reads(method, "compensation") and "compensation" not in given:
+        given["compensation"] = Settings.default_compensations(bool(args.anchor))[-1]
+    return Settings(method=method, **given)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _tailor(args: argparse.Namespace) -> int:
-    from tailor_ui.calibration import calibration_batches
     from tailor_ui.data import read_calibration
-    from tailor_ui.engine import run_method
     from tailor_ui.io import atomic_path
     from tailor_ui.methods import REGISTRY
     from tailor_ui.pair import load_pair
@@ -434,7 +457,7 @@ def _tailor(args: argparse.Namespace) -> int:
     examples = [read_calibration(path)[: args.calib_limit] for path in args.calib]
     if args.anchor and not method.needs_calibration:
         raise UserError(f"--anchor is read only by Model Tailor, not by {method.label}")
-    anchor_examples = _read_anchor(args)
+    anchor_examples = _read_anchor(args, settings.anchored)
     sources = None if method.needs_calibration else _stream_sources(args, [args.base, *args.finetuned])
     if sources is not None:
         report = _tailor_streamed(args, settings, sources)
@@ -442,11 +465,9 @@ def _tailor(args: argparse.Namespace) -> int:
         # Model Tailor runs calibration forwards on the base; the fine-tuned weights are read
         # from their checkpoint block by block (lazy), unless --in-memory
         pair = load_pair(args.base, args.finetuned, lazy=not args.in_memory, **_load_options(args))
-        calibration = [calibration_batches(pair.processor, ex, args.batch_size) for ex in examples]
-        anchor = calibration_batches(pair.processor, anchor_examples, args.batch_size)
         bar, update = _progress_bar()
         try:
-            result = run_method(pair, settings, calibration or None, anchor=anchor, progress=update)
+            result = _run_in_memory(pair, settings, examples, anchor_examples, args.batch_size, update)
         finally:
             bar.close()
         with atomic_path(args.out) as tmp:
@@ -551,6 +572,7 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from tailor_ui.data import read_calibration
     from tailor_ui.pair import load_pair
     from tailor_ui.patch import check_fits, load_patch
     from tailor_ui.service.compare import model_answers
@@ -559,16 +581,16 @@ def _compare(args: argparse.Namespace) -> int:
         raise UserError("--max-new-tokens and --limit must be positive")
     rows = _compare_rows(args)  # every input is read before any model loads
     patch = load_patch(args.patch) if args.patch is not None else None
-    settings = _settings(args, "tailor") if args.calib is not None else None
-    calib = _read_calibration(args.calib, args.calib_limit) if settings is not None else None
-    anchor = _read_anchor(args) if settings is not None else []
+    settings = _compare_settings(args)
+    calib = read_calibration(args.calib)[: args.calib_limit] if settings is not None else None
+    anchor = _read_anchor(args, settings.anchored) if settings is not None else []
     pair = load_pair(args.base, args.finetuned, **_load_options(args))
     if patch is not None:
         check_fits({n: tuple(p.shape) for n, p in pair.base.named_parameters()}, patch)
     bar, update = _progress_bar()
     try:
         if settings is not None:
-            patch = _tailor_patch(pair, settings, calib, anchor, args.batch_size, update)
+            patch = _run_in_memory(pair, settings, [calib], anchor, args.batch_size, update).patch
         merges = [("Tailored", patch)] if patch is not None else []
         answers = model_answers(pair, merges, [(row["image_data"], row["question"]) for row in rows],
                                 args.max_new_tokens, update)
@@ -578,18 +600,24 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_calibration(path: Path, limit: int) -> list:
-    from tailor_ui.data import read_calibration
+def _compare_settings(args: argparse.Namespace):
+    """`compare --calib`'s Model Tailor settings; without --calib the merge options have
+    nothing to set, so they are refused."""
+    from tailor_ui.settings import KNOBS, Settings
 
-    return read_calibration(path)[:limit]
+    if args.calib is not None:
+        return _settings(args, Settings.method)
+    given = [_flag(name) for name in KNOBS if hasattr(args, name)] + (["--anchor"] if args.anchor else [])
+    if given:
+        raise UserError(f"{', '.join(given)}: merge options go with --calib (which tailors on the fly)")
+    return None
 
 
-def _read_anchor(args: argparse.Namespace) -> list:
+def _read_anchor(args: argparse.Namespace, anchored: bool) -> list:
     """`--anchor`'s examples (each file's first --calib-limit); refused when anchored
     compensation is asked for without them, or they are given for nothing."""
     from tailor_ui.data import read_calibration
 
-    anchored = "anchored" in _words(args.compensation)
     if anchored and not args.anchor:
         raise UserError("--compensation anchored needs original-task calibration data: pass "
                         "--anchor FILE.jsonl")
@@ -598,14 +626,16 @@ def _read_anchor(args: argparse.Namespace) -> list:
     return [ex for path in args.anchor for ex in read_calibration(path)[: args.calib_limit]]
 
 
-def _tailor_patch(pair, settings, examples: list, anchor: list, batch_size: int, progress):
-    """The patch of a Model Tailor run on the loaded pair."""
+def _run_in_memory(pair, settings, examples: list[list], anchor: list, batch_size: int, progress):
+    """A merge of the loaded pair (`tailor`, and `compare --calib`): `examples` holds each
+    fine-tuned model's calibration examples (none for a data-free method), `anchor` the
+    original-task examples of anchored compensation."""
     from tailor_ui.calibration import calibration_batches
     from tailor_ui.engine import run_method
 
-    calibration = [calibration_batches(pair.processor, examples, batch_size)]
-    anchor_batches = calibration_batches(pair.processor, anchor, batch_size)
-    return run_method(pair, settings, calibration, anchor=anchor_batches, progress=progress).patch
+    calibration = [calibration_batches(pair.processor, ex, batch_size) for ex in examples]
+    return run_method(pair, settings, calibration or None,
+                      anchor=calibration_batches(pair.processor, anchor, batch_size), progress=progress)
 
 
 def _compare_rows(args: argparse.Namespace) -> list[dict]:
@@ -717,7 +747,7 @@ def _sweep(args: argparse.Namespace) -> int:
     grid = sweep_grid(methods, {"keep": parse_numbers(args.keep, "--keep"),
                                 "alpha": parse_numbers(args.alpha, "--alpha"),
                                 "lam": parse_numbers(args.lam, "--lam", *LAMBDA_RANGE)},
-                      calibrated={"hessians": [args.hessians], "compensation": _words(args.compensation),
+                      calibrated={"hessians": _words(args.hessians), "compensation": _words(args.compensation),
                                   "scope": _words(args.scope), **_anchor_weights(args)})
     calibrated = [m for m in methods if REGISTRY[m].needs_calibration]
     if calibrated and args.calib is None:
@@ -727,7 +757,7 @@ def _sweep(args: argparse.Namespace) -> int:
     original = [s.cut(args.limit) for s in sets if s.role == "original"]
     target = [s.cut(args.limit) for s in sets if s.role == "target"]
     calib = read_calibration(args.calib)[: args.calib_limit] if args.calib else None
-    anchor = _read_anchor(args)
+    anchor = _read_anchor(args, "anchored" in _words(args.compensation))
     pair = load_pair(args.base, args.finetuned, **_load_options(args))
     calibration = [calibration_batches(pair.processor, calib)] if calib else None
     bar, update = _progress_bar()
@@ -771,7 +801,7 @@ def _find_settings(args: argparse.Namespace) -> int:
     # cut by find_settings, which says so
     original = [s.cut() for s in _read_sets(args, {"original": args.original})]
     calibration = read_calibration(args.calib)[: args.calib_limit]
-    anchor = _read_anchor(args)
+    anchor = _read_anchor(args, "anchored" in _words(args.compensation))
     candidate_grid(grid["keeps"], grid["alphas"], options)  # refused before the models load
     split_examples(calibration, args.holdout, args.seed)
     # the base is the working copy; a fine-tuned safetensors folder is read lazily

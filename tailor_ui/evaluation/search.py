@@ -33,6 +33,8 @@ from tailor_ui.settings import Settings
 # the Settings knobs a search may vary besides keep and alpha
 OPTIONS = ("compensation", "order", "budget", "scope")
 DEFAULT_OPTIONS: Mapping[str, Sequence[str]] = {"compensation": ("exact", "greedy")}
+# the grid of keep and alpha values searched where none is given
+SEARCH_GRID: Mapping[str, Sequence[float]] = {"keep": (0.02, 0.05, 0.1), "alpha": (0.5, 0.8, 1.0)}
 HELDOUT = "held-out"  # the name of the held-out target set (its table column: score:held-out)
 RANKED = ("original_retention", "target_gain")  # the two axes of the front
 
@@ -150,7 +152,7 @@ def rank(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def find_settings(pair: Pair, calibration: Sequence[Example], original: Sequence[EvalSet], *,
-                  keeps: Sequence[float] = (0.02, 0.05, 0.1), alphas: Sequence[float] = (0.5, 0.8, 1.0),
+                  keeps: Sequence[float] = SEARCH_GRID["keep"], alphas: Sequence[float] = SEARCH_GRID["alpha"],
                   options: Mapping[str, Sequence[str]] = DEFAULT_OPTIONS, holdout: float = 0.25,
                   seed: int = 0, limit: int | None = None, batch_size: int = 16, calib_batch: int = 8,
                   anchor: Sequence[Example] = (), progress: Progress | None = None,
