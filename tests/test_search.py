@@ -220,8 +220,11 @@ def test_find_settings_on_the_tailor_tab(app):
     assert list(traces["best"].x) == [best["original_retention"]]
     assert len(traces["candidates"].x) + len(traces["on the front"].x) == 2
     assert app.tailor.search_poll(session)[1:] == [gr.skip(), gr.skip()]  # sent once
-    method, keep, alpha, scope, compensate, compensation, order, budget, hessians = \
-        app.tailor.use_best(request=request)
+    shown = app.tailor.use_best(request=request)
+    knobs = app.tailor.knobs
+    method, keep, alpha, compensation, hessians = (shown[app.tailor.method], shown[knobs["keep"]],
+                                                   shown[knobs["alpha"]], shown[knobs["compensation"]],
+                                                   shown[knobs["hessians"]])
     assert (method, keep, alpha, compensation, hessians) == ("tailor", best["keep"], best["alpha"],
                                                             "greedy", "one-pass")
     summary = job_result_summary(job)["result"]
