@@ -47,7 +47,7 @@ def _knob_flag(p: argparse.ArgumentParser, name: str) -> None:
     flag = _flag(name)
     value = default(name)
     if value_type(name) is bool:  # a switch that turns the default off (or on)
-        p.add_argument(f"--no-{flag[2:]}" if value else flag, dest=name, action="store_const",
+        p.add_argument(flag, dest=name, action="store_const",
                        const=not value, default=argparse.SUPPRESS,
                        help=("turn off: " if value else "") + _knob_help(name, None))
         return
@@ -125,21 +125,26 @@ def _in_memory_option(p: argparse.ArgumentParser) -> None:
                         "methods, apply) or reading the fine-tuned weights lazily (tailor)")
 
 
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]")
-    return value
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr like every other error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USER_ERROR, f"error: {message} (see --help)\n")
+
+
+def _training_options(p: argparse.ArgumentParser) -> None:
+    """One flag per fine-tuning method option that declares a help (`option_help`), its type
+    that of its default (none: a path); a flag left out stays out of the namespace."""
+    from tailor_ui.training.registry import TRAINING_METHODS, accepted_options
+
+    for name, value in accepted_options().items():
+        owners = [(method, cls) for method, cls in TRAINING_METHODS.items()
+                  if name in cls.options and name in cls.option_help]
+        if owners:
+            p.add_argument(_flag(name), dest=name, type=Path if value is None else type(value),
+                           default=argparse.SUPPRESS,
+                           help=f"{owners[0][1].option_help[name]} ({', '.join(m for m, _ in owners)}"
+                                + ("" if value is None else f"; default {value}") + ")")
 
 
 def _axis_flag(p: argparse.ArgumentParser, name: str, default: str | None) -> None:
@@ -277,12 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="train on the first N examples")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--rho", type=_unit_interval, default=0.1, help="Dowser: trainable fraction per matrix")
-    p.add_argument("--importance-cache", type=Path, default=None, help="Dowser: folder caching scores")
-    p.add_argument("--probe-prompts", type=int, default=64, help="Dowser: K self-generated prompts")
-    p.add_argument("--probes", type=int, default=8, help="Dowser: M Rademacher probes per batch")
-    p.add_argument("--llaca-form", default="code", help="LLaCA weight: code (authors') | paper | mean (ours: per-entry means)")
-    p.add_argument("--ema-beta", type=float, default=0.99, help="fixed-β EMA baseline")
+    _training_options(p)
     p.add_argument("--continual", default=None, metavar="TASKS",
                    help="train on the shapes world's tasks one after another instead of --data "
                    "(e.g. colour,count,spatial; methods full, ema, llaca): OUT/continual.csv holds "
@@ -433,7 +433,11 @@ def _settings(args: argparse.Namespace, method: str):
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """A knob's or an option's flag; a switch that turns a default on off is --no-NAME."""
+    from tailor_ui.settings import KNOBS, default, value_type
+
+    switch_off = name in KNOBS and value_type(name) is bool and default(name)
+    return ("--no-" if switch_off else "--") + name.replace("_", "-")
 
 
 def _tailor(args: argparse.Namespace) -> int:
@@ -579,9 +583,9 @@ def _compare(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--max-new-tokens and --limit must be positive")
+    settings = _compare_settings(args)
     rows = _compare_rows(args)  # every input is read before any model loads
     patch = load_patch(args.patch) if args.patch is not None else None
-    settings = _compare_settings(args)
     calib = read_calibration(args.calib)[: args.calib_limit] if settings is not None else None
     anchor = _read_anchor(args, settings.anchored) if settings is not None else []
     pair = load_pair(args.base, args.finetuned, **_load_options(args))
@@ -843,14 +847,31 @@ def tailor_command(settings, args: argparse.Namespace) -> str:
     return " ".join(words[:1] + [shlex.quote(w) for w in words[1:]])
 
 
+def _training_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The method options the user gave; another method's are refused, not dropped."""
+    from tailor_ui.training.registry import METHODS, TRAINING_METHODS, accepted_options, unread_options
+
+    if args.method not in METHODS:
+        raise UserError(f"unknown fine-tuning method {args.method!r} (choose from {', '.join(METHODS)})")
+    given = {name: getattr(args, name) for name in accepted_options() if hasattr(args, name)}
+    ignored = unread_options(args.method, given)
+    if ignored:
+        cls = TRAINING_METHODS[args.method]
+        own = [_flag(n) for n in cls.options if n in cls.option_help]
+        raise UserError(f"{', '.join(map(_flag, ignored))}: not read by {cls.label} "
+                        f"(it reads {', '.join(own) or 'none of the method options'})")
+    return given
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from tailor_ui.training.finetune import finetune_cli, parse_layers
 
-    if args.epochs < 1 or args.batch_size < 1 or args.probe_prompts < 1 or args.probes < 1:
-        raise UserError("--epochs, --batch-size, --probe-prompts and --probes must be positive")
+    if args.epochs < 1 or args.batch_size < 1:
+        raise UserError("--epochs and --batch-size must be positive")
     _check_out_dir(args.out)
+    options = _training_given(args)
     if args.continual is not None:
-        return _finetune_continual(args)
+        return _finetune_continual(args, options)
     if args.data is None:
         raise UserError("give --data (a training JSONL) or --continual TASKS")
     bar, update = _progress_bar()
@@ -859,9 +880,7 @@ def _finetune(args: argparse.Namespace) -> int:
             args.base, args.data, args.out, args.method, layers=parse_layers(args.layers),
             limit=args.limit, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
             seed=args.seed, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-            rho=args.rho, importance_cache=args.importance_cache, probe_prompts=args.probe_prompts,
-            probes=args.probes, llaca_form=args.llaca_form, ema_beta=args.ema_beta,
-            progress=update, **_load_options(args))
+            progress=update, **options, **_load_options(args))
     finally:
         bar.close()
     losses = report.losses
@@ -870,7 +889,7 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finetune_continual(args: argparse.Namespace) -> int:
+def _finetune_continual(args: argparse.Namespace, options: dict[str, Any]) -> int:
     """The continual twin of the Fine-tune tab: shapes-world tasks one after another."""
     from tailor_ui.demo.tasks import shapes_sequence
     from tailor_ui.io import atomic_path
@@ -892,7 +911,7 @@ def _finetune_continual(args: argparse.Namespace) -> int:
                               layers=parse_layers(args.layers), lr=args.lr, epochs=args.epochs,
                               batch_size=args.batch_size, seed=args.seed,
                               weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                              llaca_form=args.llaca_form, ema_beta=args.ema_beta, progress=update)
+                              progress=update, **options)
     finally:
         bar.close()
     with atomic_path(args.out / "continual.csv") as tmp:  # complete or absent

@@ -460,6 +460,8 @@ class DowserTraining(TrainingMethod):
              "probed once on the pre-trained model); the rest stay bit-identical.")
     options = {"rho": 0.1, "importance": None, "importance_cache": None, "probe_prompts": 64,
                "probes": 8}
+    option_help = {"rho": "trainable fraction per matrix", "importance_cache": "folder caching the scores",
+                   "probe_prompts": "K self-generated prompts", "probes": "M Rademacher probes per batch"}
 
     @classmethod
     def problems(cls, options: Mapping[str, Any]) -> list[str]:
