@@ -297,6 +297,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def reference() -> str:
+    """docs/cli.md: every command and its options, as Markdown, from `build_parser`
+    (`python tools/cli_docs.py` writes it)."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    about = {a.dest: a.help for a in commands._choices_actions}
+    lines = ["# Command line", "", "Generated from the parser by `python tools/cli_docs.py`; "
+             "`python -m tailor_ui COMMAND --help` prints the same.", ""]
+    for name, sub in commands.choices.items():
+        lines += [f"## {name}", "", f"{about[name]}.", "", "| option | meaning |", "| --- | --- |"]
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            words = ", ".join(action.option_strings)
+            if not action.option_strings:  # a positional: its words
+                words = " | ".join(action.choices or [action.dest])
+            elif action.nargs != 0:
+                words += " " + (action.metavar or action.dest.upper())
+            flags = f"`{words}`" + (" (required)" if action.required and action.option_strings else "")
+            text = (action.help or "").replace("%%", "%")
+            shown = not any(action.default is d for d in (None, False, argparse.SUPPRESS)) and action.default != []
+            if shown and "default" not in text:
+                text = f"{text} (default {action.default})".strip()
+            lines.append(f"| {_cell(flags)} | {_cell(text)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a Markdown table cell
+
+
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
