@@ -130,7 +130,7 @@ class Settings:
                           words={"finetuned": "keep the fine-tuned values", "base": "revert to the base",
                                  "linear": "merge them like the linears"})
     lam: float | None = knob(None, "λ of the methods that scale task vectors (mergekit's lambda; "
-                             "default: the method's own)", label="λ", range=(0.0, 2.0),
+                             "default: the method's own)", label="λ", noun="λ", range=(0.0, 2.0),
                              slider=(0.0, 2.0, 0.05))
     drop: float | None = knob(None, "DARE's drop rate (default 1 - keep; the dashboard sets it "
                               "through keep)", noun="DARE drop rate", range=(0.0, 1.0), bounds="[)",
