@@ -397,6 +397,16 @@ def _stream_sources(args: argparse.Namespace, specs: list[str]) -> list[str] | N
     return sources
 
 
+def _one_thread_per_op() -> None:
+    """Before a streamed merge or apply: its chunks are small (in cache), and waking a second
+    thread for each op costs more than the arithmetic, most of all on a busy machine, while
+    the reader and writer threads use the other cores. Set here, at the entry point of a
+    process that does nothing else, never by the library mid-run."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _stream_device(device: str) -> str:
     import torch
 
@@ -567,6 +577,7 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
 
     with Checkpoint(sources[0]) as base:  # the patch's header goes in front of its data
         room = header_room(base.tensors)
+    _one_thread_per_op()
     bar, update = _progress_bar()
     try:
         with atomic_path(args.out) as tmp:
@@ -597,6 +608,7 @@ def _apply(args: argparse.Namespace) -> int:
     if sources is not None:  # tensor by tensor, in the checkpoint's dtypes, the patch's too
         from tailor_ui.stream import stream_apply_patch
 
+        _one_thread_per_op()
         stream_apply_patch(sources[0], patch, args.out)
     else:
         model, processor = load_model(args.base, **_load_options(args))

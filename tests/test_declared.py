@@ -132,3 +132,17 @@ def test_a_method_added_at_run_time_is_in_the_cli_the_tab_and_a_sweep(half_step,
     merged = table[table["kind"] == "merged"]
     assert list(merged["method"]) == [half_step] * 2 and list(merged["lam"]) == [0.5, 1.0]
     assert reads(half_step, "others") and not reads(half_step, "keep")
+
+
+def test_streaming_leaves_the_thread_count_to_the_caller(disk_pair, tmp_path):
+    from tailor_ui.stream import stream_merge
+
+    seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stream_merge(disk_pair / "base", [disk_pair / "ft"], Settings(method="wise_ft"), tmp_path / "m",
+                     progress=lambda *_: seen.append(torch.get_num_threads()))
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {2}  # mid-run too: another lane may be computing
