@@ -5,7 +5,6 @@ tailored after; or trained on a continual sequence of the shapes world's tasks."
 from __future__ import annotations
 
 import copy
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ from tailor_ui.session import PairHandle, TrainedModel
 # streams 1 and 2 of demo/build.py)
 FINETUNE_STREAM = 0
 MAX_FINETUNE_EXAMPLES = 2000
-_LOSS = re.compile(r"loss ([-+0-9.eEinfa]+)$")  # the training loop's stage: "epoch 1/2: loss 1.234"
 # each method's starting settings in the Fine-tune tab, from the learning-rate sweep on the
 # demo's spatial story (bench/training_sweep.py, docs/results.md#archive-training)
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {
@@ -94,17 +92,11 @@ def finetune_run(handle: PairHandle, request: FinetuneRequest, live: list[float]
     with handle.lock:  # the shared base is only ever patched under its lock
         model = copy.deepcopy(handle.pair.base)
 
-    def report(stage: str, done: int, total: int) -> None:
-        match = _LOSS.search(stage)
-        if match:
-            live.append(float(match.group(1)))
-        progress(stage, done, total)
-
     result = finetune(model, handle.pair.processor, samples, method=request.method,
                       layers=request.layers, lr=request.lr, epochs=request.epochs,
                       batch_size=request.batch_size, seed=request.seed, rho=request.rho,
-                      ema_beta=request.ema_beta, progress=report, should_stop=should_stop)
-    live[:] = result.losses
+                      ema_beta=request.ema_beta, progress=progress, should_stop=should_stop,
+                      on_loss=live.append)
     label = request.label
     models = [(label, model)]
     if tailor_after is not None:
