@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tailor_ui.evaluation.sweep import SWEEP_GRID, SWEEP_METHODS
     from tailor_ui.methods import REGISTRY
     from tailor_ui.settings import Settings, default
+    from tailor_ui.training.continual import ContinualMethod
     from tailor_ui.training.registry import TRAINING_METHODS
 
     parser = _Parser(prog="python -m tailor_ui",
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _training_options(p)
     p.add_argument("--continual", default=None, metavar="TASKS",
                    help="train on the shapes world's tasks one after another instead of --data "
-                   "(e.g. colour,count,spatial; methods full, ema, llaca): OUT/continual.csv holds "
+                   f"(e.g. colour,count,spatial; methods {', '.join(ContinualMethod)}): OUT/continual.csv holds "
                    "every task's accuracy after each stage; --limit examples per task (default 1200)")
     _model_options(p)
 
@@ -938,12 +939,10 @@ def _finetune_continual(args: argparse.Namespace, options: dict[str, Any]) -> in
     from tailor_ui.demo.tasks import shapes_sequence
     from tailor_ui.io import atomic_path
     from tailor_ui.pair import load_model
-    from tailor_ui.service.finetune import CONTINUAL_METHOD
-    from tailor_ui.training.continual import run_continual, summary
+    from tailor_ui.training.continual import ContinualMethod, run_continual, summary
     from tailor_ui.training.finetune import parse_layers
 
-    if args.method not in CONTINUAL_METHOD:
-        raise UserError(f"--continual trains with {', '.join(CONTINUAL_METHOD)}, not {args.method}")
+    method = ContinualMethod.of(args.method)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
     model, processor = load_model(args.base, **_load_options(args))
@@ -951,7 +950,7 @@ def _finetune_continual(args: argparse.Namespace, options: dict[str, Any]) -> in
                             n_train=args.limit or 1200, seed=args.seed)
     bar, update = _progress_bar()
     try:
-        table = run_continual(model, processor, tasks, CONTINUAL_METHOD[args.method],
+        table = run_continual(model, processor, tasks, method,
                               layers=parse_layers(args.layers), lr=args.lr, epochs=args.epochs,
                               batch_size=args.batch_size, seed=args.seed,
                               weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,

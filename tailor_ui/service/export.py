@@ -5,12 +5,29 @@ from __future__ import annotations
 
 import json
 import tempfile
+from enum import StrEnum
 from pathlib import Path
 
 from tailor_ui.control import Progress, StopCheck
+from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path, zip_folder
 from tailor_ui.service.tailor import jsonable
 from tailor_ui.session import TailorRun
+
+
+class ExportKind(StrEnum):
+    """What the Export tab hands out for a merge."""
+
+    PATCH = "patch"  # the patch's safetensors file
+    REPORT = "report"  # the run's report.json
+    MODEL = "model"  # the tailored model, zipped (built once per run)
+    ADAPTER = "adapter"  # the patch as a LoRA adapter, zipped (fitted on each request)
+
+    @classmethod
+    def of(cls, word: str) -> ExportKind:
+        if word not in set(cls):
+            raise UserError(f"unknown export {word!r}: {', '.join(cls)}")
+        return cls(word)
 
 
 def save_tailored(pair, patch, folder: Path) -> int | None:

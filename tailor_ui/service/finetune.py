@@ -25,8 +25,6 @@ METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "full": {"lr": 1e-3}, "dowser": {"lr": 3e-3, "rho": 0.1},
     "random_mask": {"lr": 3e-3, "rho": 0.1}, "llaca": {"lr": 1e-3},
     "ema": {"lr": 1e-3, "ema_beta": 0.99}}
-# the continual methods the tab's methods run as (sparse masks have no continual form here)
-CONTINUAL_METHOD = {"full": "sequential", "ema": "ema", "llaca": "llaca"}
 CONTINUAL_EVAL_EXAMPLES = 50
 
 
@@ -131,21 +129,19 @@ def tailor_trained(handle: PairHandle, model, label: str, examples: list[Example
 def continual_run(handle: PairHandle, request: FinetuneRequest, tasks: tuple[str, ...],
                   progress: Progress, should_stop: StopCheck):
     """Train a copy of the base on the shapes world's `tasks` one after another with the
-    request's method as a continual method (full → sequential, ema, llaca) and settings;
+    request's method (a `ContinualMethod`) and settings;
     returns `run_continual`'s stage table (accuracy on every task after each stage)."""
     from tailor_ui.demo.tasks import shapes_sequence
-    from tailor_ui.training.continual import run_continual
+    from tailor_ui.training.continual import ContinualMethod, run_continual
 
-    if request.method not in CONTINUAL_METHOD:
-        raise UserError(f"a continual run trains with full fine-tuning, EMA or LLaCA, not "
-                        f"{request.method}")
+    method = ContinualMethod.of(request.method)
     with handle.lock:
         model = copy.deepcopy(handle.pair.base)
     with tempfile.TemporaryDirectory() as folder:  # the tasks' evaluation images
         sequence = shapes_sequence(folder, tasks, n_train=request.n,
                                    n_eval=CONTINUAL_EVAL_EXAMPLES, seed=request.seed + 1000)
         return run_continual(model, handle.pair.processor, sequence,
-                             CONTINUAL_METHOD[request.method], max_new_tokens=4,
+                             method, max_new_tokens=4,
                              layers=request.layers, lr=request.lr, epochs=request.epochs,
                              batch_size=request.batch_size, seed=request.seed,
                              ema_beta=request.ema_beta, progress=progress,

@@ -4,34 +4,35 @@ from __future__ import annotations
 
 import gradio as gr
 
+from tailor_ui.service.export import ExportKind
 from tailor_ui.ui.common import (Tab, changed, session_id, user_errors)
 
 
 class ExportTab(Tab):
-    def _file(self, job_id: str | None, what: str, request) -> str:
+    def _file(self, job_id: str | None, what: ExportKind, request) -> str:
         session = self.studio.session(session_id(request))
         return str(self.studio.export(session, (job_id or "").strip() or None, what))
 
     @user_errors
     def patch(self, job_id: str | None, request: gr.Request):
         """The merge's patch: indices and values of the entries that differ from the base."""
-        return self._file(job_id, "patch", request)
+        return self._file(job_id, ExportKind.PATCH, request)
 
     @user_errors
     def report(self, job_id: str | None, request: gr.Request):
         """The merge's report: settings, patch size per tensor, timings, quick check."""
-        return self._file(job_id, "report", request)
+        return self._file(job_id, ExportKind.REPORT, request)
 
     @user_errors
     def model(self, job_id: str | None, request: gr.Request):
         """The tailored model as a save_pretrained folder, zipped (built on first request)."""
-        return self._file(job_id, "model", request)
+        return self._file(job_id, ExportKind.MODEL, request)
 
     @user_errors
     def adapter(self, job_id: str | None, request: gr.Request):
         """The patch as a PEFT LoRA adapter (rank-16 fit per changed linear; the fit's
         relative errors in adapter_fit.json), zipped."""
-        return self._file(job_id, "adapter", request)
+        return self._file(job_id, ExportKind.ADAPTER, request)
 
     def poll(self, session) -> list:
         runs = list(session.runs.values())[::-1]
