@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,6 +26,7 @@ from tailor_ui.service.evalsets import pair_sets
 from tailor_ui.service.tailor import default_compensation, has_anchor, sweep_compensations
 from tailor_ui.settings import KNOBS, Settings, choices, method_problem, reads, readers, value_type
 
+log = logging.getLogger(__name__)
 FIND_IDLE = "Press Find settings: the search runs in the background."
 # the knobs the tab has a control for, in declaration order
 SHOWN = [name for name, spec in KNOBS.items() if spec.dashboard]
@@ -151,6 +153,8 @@ class TailorTab(Tab):
                 return gr.skip(), gr.skip()
             job = self._submit(session, values, supersede=True)
         except Exception as exc:  # a slider move never pops an error: the Run button does
+            if not isinstance(exc, UserError):
+                log.exception("re-running a merge after a slider move failed")
             gr.Warning(public_text(str(exc)))
             return gr.skip(), gr.skip()
         return queued(session, "tailor", job)
