@@ -147,6 +147,14 @@ def _training_options(p: argparse.ArgumentParser) -> None:
                                 + ("" if value is None else f"; default {value}") + ")")
 
 
+def _keyword_defaults(fn) -> dict[str, Any]:
+    """A library function's keyword defaults, which its flags show and keep."""
+    import inspect
+
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
 def _axis_flag(p: argparse.ArgumentParser, name: str, default: str | None) -> None:
     """A knob a sweep or a search varies: comma-separated values, described by its declaration."""
     p.add_argument(_flag(name), default=default, metavar=name.upper() + "S",
@@ -154,11 +162,12 @@ def _axis_flag(p: argparse.ArgumentParser, name: str, default: str | None) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tailor_ui.evaluation.search import SEARCH_GRID
+    from tailor_ui.evaluation.search import SEARCH_GRID, find_settings
     from tailor_ui.evaluation.sweep import SWEEP_GRID, SWEEP_METHODS
     from tailor_ui.methods import REGISTRY
     from tailor_ui.settings import Settings, default
     from tailor_ui.training.continual import ContinualMethod
+    from tailor_ui.training.finetune import finetune
     from tailor_ui.training.registry import TRAINING_METHODS
 
     parser = _Parser(prog="python -m tailor_ui",
@@ -260,11 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     _anchor_options(p)
     for name in ("order", "budget", "scope"):
         _axis_flag(p, name, default(name))
-    p.add_argument("--holdout", type=float, default=0.25, help="share of --calib held out for scoring")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    search = _keyword_defaults(find_settings)
+    p.add_argument("--holdout", type=float, default=search["holdout"],
+                   help="share of --calib held out for scoring")
+    p.add_argument("--seed", type=int, default=search["seed"], help="seed of the held-out split")
     p.add_argument("--limit", type=int, default=32, help="examples per original-task set")
     p.add_argument("--calib-limit", type=int, default=128, help="target-task examples read from --calib")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=search["batch_size"])
     p.add_argument("--out", required=True, type=Path, help="table CSV")
     _in_memory_option(p)
     _model_options(p)
@@ -276,13 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="full", help=" | ".join(TRAINING_METHODS))
     p.add_argument("--layers", default=None,
                    help="decoder layers to train: N / last:N (default: last half), 20-31, 0,2,5-7, all")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    recipe = _keyword_defaults(finetune)
+    for name in ("lr", "epochs", "batch_size", "seed"):
+        p.add_argument(_flag(name), type=type(recipe[name]), default=recipe[name])
     p.add_argument("--limit", type=int, default=None, help="train on the first N examples")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=0)
+    for name in ("weight_decay", "warmup_steps"):
+        p.add_argument(_flag(name), type=type(recipe[name]), default=recipe[name])
     _training_options(p)
     p.add_argument("--continual", default=None, metavar="TASKS",
                    help="train on the shapes world's tasks one after another instead of --data "
