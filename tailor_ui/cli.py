@@ -884,21 +884,28 @@ def _find_settings(args: argparse.Namespace) -> int:
 
 
 def tailor_command(settings, args: argparse.Namespace) -> str:
-    """The `tailor` command line that builds the model with these settings."""
+    """The `tailor` command line that builds the model with these settings: the patch size,
+    fusion weight and compensation form, and every other knob the method reads where it is
+    not the default (μ only where anchored compensation reads it)."""
     import shlex
 
-    from tailor_ui.settings import Settings
+    from tailor_ui.settings import Settings, default, method_knobs
 
     words = ["python -m tailor_ui tailor", "--base", args.base, "--finetuned", args.finetuned,
-             "--calib", str(args.calib), "--out", "tailored", "--keep", f"{settings.keep:g}",
-             "--alpha", f"{settings.alpha:g}", "--compensation", settings.compensation]
-    for name in ("order", "budget", "scope", "hessians"):
-        if getattr(settings, name) != getattr(Settings, name):
-            words += [f"--{name}", getattr(settings, name)]
-    if settings.compensation == "anchored":
+             "--calib", str(args.calib), "--out", "tailored"]
+    if settings.method != Settings.method:
+        words += ["--method", settings.method]
+    for name in method_knobs(settings.method):
+        value = getattr(settings, name)
+        shown = name in ("keep", "alpha", "compensation") or value != default(name)
+        if not shown or value is None or (name == "anchor_weight" and not settings.anchored):
+            continue
+        if isinstance(value, bool):
+            words.append(_flag(name))
+        else:
+            words += [_flag(name), f"{value:g}" if isinstance(value, float) else str(value)]
+    if settings.anchored:
         words += [w for path in args.anchor for w in ("--anchor", str(path))]
-        if settings.anchor_weight != Settings.anchor_weight:
-            words += ["--anchor-weight", f"{settings.anchor_weight:g}"]
     return " ".join(words[:1] + [shlex.quote(w) for w in words[1:]])
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import DEMO, request_for
-from tailor_ui.cli import build_parser, main
+from tailor_ui.cli import _settings, build_parser, main
 from tailor_ui.data import Example
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.search import (HELDOUT, _check_gain, _check_retention, balance,
@@ -26,6 +26,7 @@ from tailor_ui.evaluation.search import (HELDOUT, _check_gain, _check_retention,
                                          split_examples)
 from tailor_ui.jobs import DONE
 from tailor_ui.session import PairHandle
+from tailor_ui.settings import Settings
 from tailor_ui.ui.common import job_result_summary
 
 
@@ -170,6 +171,9 @@ def test_cli_find_settings_prints_a_tailor_command_that_parses(tmp_path, capsys)
     best = table[table["best"]].iloc[0]
     assert (args.keep, args.alpha, args.hessians) == (best["keep"], best["alpha"], "one-pass")
     assert args.compensation == "greedy"
+    # the command rebuilds the very settings the search scored, and nothing it does not read
+    assert _settings(args, args.method) == Settings(keep=best["keep"], alpha=best["alpha"],
+                                                    hessians="one-pass", compensation="greedy")
 
 
 @pytest.mark.parametrize("extra, message", [
