@@ -114,15 +114,15 @@ def test_a_method_added_at_run_time_is_in_the_cli_the_tab_and_a_sweep(half_step,
                  "--keep", "0.2"]) == 2
     assert "--keep: not read by Half step (it reads --lam, --gamma)" in capsys.readouterr().err
 
-    # the Tailor tab: in the method menu; choosing it makes its knobs editable with its λ
+    # the Tailor tab: in the method menu; choosing it shows its knobs (and only those), its λ
     tab = TailorTab(SimpleNamespace(config=SimpleNamespace(calib_examples=32)))
     with gr.Blocks():
         tab.render()
     assert (REGISTRY[half_step].label, half_step) in tab.method.choices
     updates = dict(zip([*tab.knobs, "info"], tab.method_changed(half_step)))
-    assert updates["lam"]["interactive"] and updates["lam"]["value"] == 0.6
-    assert updates["gamma"]["interactive"] and not updates["keep"]["interactive"]
-    assert updates["info"] == "*W_pre + λ/2·τ*" and "Half step" in tab.knobs["gamma"].info
+    assert updates["lam"]["visible"] and updates["lam"]["value"] == 0.6
+    assert [name for name in tab.knobs if updates[name]["visible"]] == ["lam", "gamma", "others", "overlap"]
+    assert updates["info"] == "*W_pre + λ/2·τ*"
 
     # a sweep: its grid over the knob it sweeps, rows labelled with what it reads
     grid = sweep_grid([half_step], {"lam": [0.5, 1.0], "keep": [0.1]})

@@ -24,7 +24,7 @@ from tailor_ui.ui.models import changed_modules
 from tailor_ui.service.config import default_settings
 from tailor_ui.service.evalsets import pair_sets
 from tailor_ui.service.tailor import default_compensation, has_anchor, sweep_compensations
-from tailor_ui.settings import KNOBS, Settings, choices, method_problem, reads, readers, value_type
+from tailor_ui.settings import KNOBS, Settings, choices, method_problem, reads, value_type
 
 log = logging.getLogger(__name__)
 FIND_IDLE = "Press Find settings: the search runs in the background."
@@ -50,24 +50,22 @@ def build_settings(method: str, knobs: Mapping[str, Any], modules: list[str] | N
 
 def knob_control(name: str, method: str) -> gr.components.Component:
     """The control of one knob, from its declaration: a checkbox, a choice of its words, a
-    slider or a number box; editable where `method` reads it."""
+    slider or a number box; shown where `method` reads it."""
     spec, start = KNOBS[name], default_settings(method=method)
     value = getattr(start, name)
     if value is None:  # a knob whose default is the method's (λ)
         value = REGISTRY[method].defaults.get(name, spec.slider[0] if spec.slider else 0)
-    who = "" if spec.common else " (" + ", ".join(REGISTRY[m].label for m in readers(name)) + ")"
-    common = dict(label=spec.label, elem_id="tailor-" + name.replace("_", "-"),
-                  interactive=reads(method, name))
+    common = dict(label=spec.label, info=spec.help, elem_id="tailor-" + name.replace("_", "-"),
+                  visible=reads(method, name))
     if value_type(name) is bool:
         return gr.Checkbox(value, **common)
     if choices(name):
         words = [(f"{w}: {spec.words[w]}" if w in spec.words else w, w) for w in choices(name)]
-        return gr.Radio(words, value=str(value), info=spec.help + who, **common)
+        return gr.Radio(words, value=str(value), **common)
     if spec.slider is not None:
         low, high, step = spec.slider
-        return Slider(low, high, value=value, step=step, info=spec.help + who, **common)
-    return Number(value, precision=0 if value_type(name) is int else None, info=spec.help + who,
-                  **common)
+        return Slider(low, high, value=value, step=step, **common)
+    return Number(value, precision=0 if value_type(name) is int else None, **common)
 
 
 def endpoint(fn: Callable, names: list[str]) -> Callable:
@@ -203,12 +201,12 @@ class TailorTab(Tab):
         return out + [gr.skip()] * 2
 
     def method_changed(self, method: str) -> list:
-        """Make the method's knobs editable, the others not; a knob whose default is the
-        method's own (λ) takes it."""
+        """Show the method's knobs and hide the others; a knob whose default is the method's
+        own (λ) takes it."""
         info = REGISTRY.get(method)
         if info is None:
             return [gr.skip()] * (len(self.knobs) + 1)
-        return [gr.update(interactive=reads(method, name),
+        return [gr.update(visible=reads(method, name),
                           **({"value": info.defaults[name]} if name in info.defaults else {}))
                 for name in self.knobs] + [f"*{info.summary}*"]
 
