@@ -171,6 +171,6 @@ def test_finetune_continual_writes_the_stage_table(disk_pair, tmp_path, capsys):
     assert table["ema_lag"].iloc[1:].between(0, 1).all() and "forgetting" in capsys.readouterr().out
     assert main([*args[:5], "--out", str(tmp_path / "d"), "--continual", "colour",
                  "--method", "dowser"]) == 2
-    assert "--continual trains with" in capsys.readouterr().err
+    assert "a continual run trains with full, ema, llaca, not 'dowser'" in capsys.readouterr().err
     assert main(["finetune", "--base", str(disk_pair / "base"), "--out", str(tmp_path / "n")]) == 2
     assert "give --data" in capsys.readouterr().err
