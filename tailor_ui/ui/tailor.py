@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 FIND_IDLE = "Press Find settings: the search runs in the background."
 # the knobs the tab has a control for, in declaration order
 SHOWN = [name for name, spec in KNOBS.items() if spec.dashboard]
-# what a merge reads besides the knobs and the method
-OTHER_INPUTS = ("modules", "modules_regex", "calib_source", "calib_files", "calib_examples")
 
 
 def build_settings(method: str, knobs: Mapping[str, Any], modules: list[str] | None = None,
@@ -134,9 +132,9 @@ class TailorTab(Tab):
 
     @user_errors
     def run(self, request: gr.Request = None, **values: Any):
-        """Queue a merge with these settings (the method, its knobs by name and
-        `OTHER_INPUTS`; a knob left out takes the dashboard's default); returns its job id
-        and progress."""
+        """Queue a merge with these settings (the method, its knobs by name, the module
+        picker and regex, the calibration source, files and example count; a knob left out
+        takes the dashboard's default); returns its job id and progress."""
         session = self.studio.session(session_id(request))
         return queued(session, "tailor", self._submit(session, values))
 
