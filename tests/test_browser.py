@@ -228,8 +228,9 @@ def test_a_method_shows_its_own_knobs_and_a_slider_move_merges_with_it(page, scr
     before = job_box.input_value()
     move_slider(page, "tailor-gamma", 0.2)
     gamma = float(page.locator("#tailor-gamma input[type=number]").input_value())
+    keep = float(page.locator("#tailor-keep input[type=number]").input_value())  # earlier tests
     expect(job_box).not_to_have_value(before, timeout=LONG)
     expect(page.locator("#tailor-progress .mts-progress")).to_have_attribute("data-status", "done",
                                                                           timeout=LONG)
-    expect(page.locator("#tailor-result")).to_contain_text(f"Model Breadcrumbs keep=0.1 lam=1 gamma={gamma:g}")
+    expect(page.locator("#tailor-result")).to_contain_text(f"Model Breadcrumbs keep={keep:g} lam=1 gamma={gamma:g}")
     page.screenshot(path=screenshots / "tailor-breadcrumbs.png", full_page=True)
