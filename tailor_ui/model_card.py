@@ -85,11 +85,11 @@ def tailor_command(settings: Settings, base: str, finetuned: Sequence[str], *,
     """The `tailor` command line that merges with these settings: every setting the method
     reads that differs from its default, --keep always, and the compensation form always
     (the command line's own default depends on --anchor)."""
-    from tailor_ui.evaluation.sweep import settings_read
+    from tailor_ui.settings import method_knobs
 
     words = ["--base", base, *[w for f in finetuned for w in ("--finetuned", f)],
              *[w for c in calib for w in ("--calib", c)], "--out", out]
-    read, defaults = settings_read(settings.method), Settings()
+    read, defaults = {"method", *method_knobs(settings.method)}, Settings()
     for f in fields(Settings):
         value = getattr(settings, f.name)
         if f.name not in read or f.name == "compensate":
@@ -185,9 +185,9 @@ def _quick_check(report: Mapping[str, Any]) -> list[Scores]:
 def _settings_table(method: str, settings: Mapping[str, Any]) -> str:
     """Every `Settings` field: its value, whether this method reads it, and its help where
     the fields declare one."""
-    from tailor_ui.evaluation.sweep import settings_read
+    from tailor_ui.settings import method_knobs
 
-    read = settings_read(method) if method in REGISTRY else set()
+    read = {"method", *method_knobs(method)} if method in REGISTRY else set()
     helps = [" ".join(str(f.metadata.get("help", "")).split()) for f in fields(Settings)]
     rows = [[f"`{f.name}`", _value(settings.get(f.name, getattr(Settings, f.name, None))),
              "yes" if f.name in read else "no", *([_value(h)] if any(helps) else [])]

@@ -221,7 +221,7 @@ def test_short_continual_run_table(tmp_path):
 
 def test_continual_rejects_bad_input(tmp_path):
     model, processor = tiny()
-    with pytest.raises(UserError, match="continual method"):
+    with pytest.raises(UserError, match="a continual run trains with full, ema, llaca, not 'dowser'"):
         run_continual(model, processor, [], method="dowser")
     with pytest.raises(UserError, match="at least one task"):
         run_continual(model, processor, [], method="ema")

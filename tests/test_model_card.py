@@ -19,7 +19,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from conftest import request_for
 from tailor_ui.cli import _default_compensation, _settings, build_parser, main
 from tailor_ui.errors import UserError
-from tailor_ui.evaluation.sweep import settings_read
+from tailor_ui.settings import method_knobs
 from tailor_ui.hub import check_repo_id
 from tailor_ui.model_card import Artifact, Scores, model_card, tailor_command
 from tailor_ui.settings import Settings
@@ -109,7 +109,7 @@ def test_the_command_on_the_card_parses_back_to_the_same_settings(settings):
     if args.compensation is None:  # as main() fills it in
         args.compensation = _default_compensation(args)
     parsed = _settings(args, args.method)
-    read = settings_read(settings.method)
+    read = {"method", *method_knobs(settings.method)}
     assert {k: getattr(parsed, k) for k in read} == {k: getattr(settings, k) for k in read}
     assert (args.anchor == [Path("a b.jsonl")]) == settings.anchored
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import DEMO, request_for
-from tailor_ui.cli import build_parser, main
+from tailor_ui.cli import _settings, build_parser, main
 from tailor_ui.data import Example
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.search import (HELDOUT, _check_gain, _check_retention, balance,
@@ -26,6 +26,7 @@ from tailor_ui.evaluation.search import (HELDOUT, _check_gain, _check_retention,
                                          split_examples)
 from tailor_ui.jobs import DONE
 from tailor_ui.session import PairHandle
+from tailor_ui.settings import Settings
 from tailor_ui.ui.common import job_result_summary
 
 
@@ -173,6 +174,9 @@ def test_cli_find_settings_prints_a_tailor_command_that_parses(tmp_path, capsys)
     best = table[table["best"]].iloc[0]
     assert (args.keep, args.alpha, args.hessians) == (best["keep"], best["alpha"], "one-pass")
     assert args.compensation == "greedy"
+    # the command rebuilds the very settings the search scored, and nothing it does not read
+    assert _settings(args, args.method) == Settings(keep=best["keep"], alpha=best["alpha"],
+                                                    hessians="one-pass", compensation="greedy")
 
 
 def test_cli_find_settings_searches_the_baselines_and_prints_the_best_ones_command(tmp_path, capsys):
@@ -244,8 +248,11 @@ def test_find_settings_on_the_tailor_tab(app):
     assert list(traces[f"best: {best['setting']}"].x) == [best["original_retention"]]
     assert len(traces["Model Tailor"].x) == 2
     assert app.tailor.search_poll(session)[1:] == [gr.skip(), gr.skip()]  # sent once
-    method, keep, alpha, scope, compensate, compensation, order, budget, hessians, lam, info = \
-        app.tailor.use_best(request=request)
+    shown = app.tailor.use_best(request=request)
+    knobs = app.tailor.knobs
+    method = shown[app.tailor.method]
+    keep, alpha, compensation, hessians = (shown[knobs[name]]["value"]
+                                           for name in ("keep", "alpha", "compensation", "hessians"))
     assert (method, keep, alpha, compensation, hessians) == ("tailor", best["keep"], best["alpha"],
                                                             "greedy", "one-pass")
     summary = job_result_summary(job)["result"]

@@ -202,7 +202,8 @@ def test_every_method_runs_from_the_tab(app):
 
 
 def test_module_picker_and_bad_settings(app):
-    settings = build_settings("tailor", 0.1, 0.8, "row", True, ["q_proj", "v_proj"], 1.0)
+    settings = build_settings("tailor", dict(keep=0.1, alpha=0.8, scope="row", compensate=True, lam=1.0),
+                              ["q_proj", "v_proj"])
     assert settings.modules == r"\.(?:q_proj|v_proj)$" and settings.hessians == "one-pass"
     request = new_request()
     job = run_tailor(app, request, modules=["q_proj"])

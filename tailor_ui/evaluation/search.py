@@ -36,13 +36,13 @@ from tailor_ui.settings import Settings
 # the Settings knobs a search may vary besides keep and alpha
 OPTIONS = ("compensation", "order", "budget", "scope")
 DEFAULT_OPTIONS: Mapping[str, Sequence[str]] = {"compensation": ("exact", "greedy")}
-# the dashboard's default grid (21 candidates with anchor data, 18 without: inside the
-# sweep's budget): the baselines a user would otherwise try by hand, and keeps that reach the
-# best trade-off of both demo stories (README: spatial near 0.05-0.1, counting near 0.2)
+# the default grid, read by the CLI and the dashboard (21 candidates with anchor data, 18
+# without: inside the sweep's budget): the baselines a user would otherwise try by hand, and
+# keeps that reach the best trade-off of both demo stories (spatial near 0.05-0.1, counting
+# near 0.2)
 DEFAULT_METHODS = ("tailor", "magnitude", "ties", "dare", "wise_ft")
-DEFAULT_KEEPS = (0.05, 0.1, 0.2)
-DEFAULT_ALPHAS = (0.8,)
-DEFAULT_LAMS = (0.25, 0.5, 0.75)
+SEARCH_GRID: Mapping[str, Sequence[float]] = {"keep": (0.05, 0.1, 0.2), "alpha": (0.8,),
+                                              "lam": (0.25, 0.5, 0.75)}
 DEFAULT_HOLDOUT = 0.25
 DEFAULT_LIMIT = 32  # examples per original-task set
 HELDOUT = "held-out"  # the name of the held-out target set (its table column: score:held-out)
@@ -174,7 +174,7 @@ def rank(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def find_settings(pair: Pair, calibration: Sequence[Example], original: Sequence[EvalSet], *,
-                  keeps: Sequence[float] = (0.02, 0.05, 0.1), alphas: Sequence[float] = (0.5, 0.8, 1.0),
+                  keeps: Sequence[float] = SEARCH_GRID["keep"], alphas: Sequence[float] = SEARCH_GRID["alpha"],
                   options: Mapping[str, Sequence[str]] = DEFAULT_OPTIONS,
                   methods: Sequence[str] = ("tailor",), lams: Sequence[float] = (),
                   holdout: float = DEFAULT_HOLDOUT, fit_limit: int | None = None, seed: int = 0,

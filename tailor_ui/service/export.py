@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import zipfile
 from collections.abc import Sequence
+from enum import StrEnum
 from pathlib import Path
 
 from tailor_ui.control import Progress, StopCheck
@@ -73,6 +74,21 @@ def known_scores(session: Session, run: TailorRun) -> list[Scores]:
         return []
     sets = [c[len("score:"):] for c in sweep.table.columns if c.startswith("score:")]
     return sweep_scores(sweep.table, Settings(**run.settings), sets)
+
+
+class ExportKind(StrEnum):
+    """What the Export tab hands out for a merge."""
+
+    PATCH = "patch"  # the patch's safetensors file
+    REPORT = "report"  # the run's report.json
+    MODEL = "model"  # the tailored model, zipped (built once per run)
+    ADAPTER = "adapter"  # the patch as a LoRA adapter, zipped (fitted on each request)
+
+    @classmethod
+    def of(cls, word: str) -> ExportKind:
+        if word not in set(cls):
+            raise UserError(f"unknown export {word!r}: {', '.join(cls)}")
+        return cls(word)
 
 
 def save_tailored(pair, patch, folder: Path) -> int | None:

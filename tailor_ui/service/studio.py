@@ -31,6 +31,7 @@ from tailor_ui.service import search as search_
 from tailor_ui.service import sweep as sweep_
 from tailor_ui.service.config import SYSTEM, StudioConfig, default_settings, settings_label
 from tailor_ui.service import export as export_
+from tailor_ui.service.export import ExportKind
 from tailor_ui.session import (PairHandle, SearchRun, Session, SessionStore, SweepRun, TailorRun,
                                TrainedModel)
 
@@ -499,13 +500,13 @@ class Studio:
         """Queue a continual run on a private copy of the pair's base: the shapes world's
         default task sequence, `examples` per task; the job's result is the stage table."""
         from tailor_ui.demo.tasks import DEFAULT_SEQUENCE
+        from tailor_ui.training.continual import ContinualMethod
 
         handle = self.handle_for(session)
         if not handle.shared:
             raise UserError("the continual run trains on the demo's shapes world: use the demo "
                             "pair (Models tab)")
-        if method not in finetune_.CONTINUAL_METHOD:
-            raise UserError("a continual run trains with full fine-tuning, EMA or LLaCA")
+        ContinualMethod.of(method)
         request = finetune_.checked_request(method, examples, lr, epochs, layers, 0.1, batch_size,
                                             seed, "continual", ema_beta)
 
@@ -524,23 +525,22 @@ class Studio:
 
     # -- export ---------------------------------------------------------------------------
 
-    def export(self, session: Session, job_id: str | None, what: str, *,
+    def export(self, session: Session, job_id: str | None, what: ExportKind | str, *,
                timeout: float = 600) -> Path:
-        """The file for one of the session's merges (or its pair's start-up merge): patch,
-        report, model or adapter (zips, with their model cards)."""
+        """The file for one of the session's merges (or its pair's start-up merge), by
+        `ExportKind`: patch, report, model or adapter (zips, with their model cards)."""
+        kind = ExportKind.of(what)
         self.sync(session, "tailor")
         run = export_.find_run(session, self.export_handle(session), job_id)
         scores = export_.known_scores(session, run)
-        if what == "patch":
+        if kind is ExportKind.PATCH:
             return run.patch_file
-        if what == "report":
+        if kind is ExportKind.REPORT:
             return run.report_file
-        if what == "adapter":  # refitted on each request: seconds, and nothing kept per run
+        if kind is ExportKind.ADAPTER:  # refitted on each request: seconds, and nothing kept per run
             return self._run_and_wait(session, "export",
                                       lambda p, s: export_.adapter_zip(run, p, s, scores=scores),
                                       f"export adapter of {run.label}", run.handle.lane, timeout)
-        if what != "model":
-            raise UserError(f"unknown export {what!r}: patch, report, model or adapter")
         if run.model_zip is not None and run.model_zip.is_file():
             return run.model_zip
 

@@ -184,6 +184,7 @@ class LLaCATraining(TrainingMethod):
              "trails so far that a task is barely learnt: little forgetting, little new skill "
              "(docs/AUDIT.md).")
     options = {"llaca_form": "code"}
+    option_help = {"llaca_form": "LLaCA's weight: code (authors') | paper | mean (ours: per-entry means)"}
 
     @classmethod
     def problems(cls, options: Mapping[str, Any]) -> list[str]:
@@ -221,6 +222,7 @@ class EMATraining(LLaCATraining):
     short = "ema"
     about = "the same with a fixed β (default 0.99), the baseline LLaCA is compared against."
     options = {"ema_beta": 0.99}
+    option_help = {"ema_beta": "the fixed β"}
 
     @classmethod
     def problems(cls, options: Mapping[str, Any]) -> list[str]:

@@ -11,6 +11,7 @@ from gradio.utils import get_space
 
 from tailor_ui.model_card import Artifact
 from tailor_ui.service import export as export_
+from tailor_ui.service.export import ExportKind
 from tailor_ui.service.config import settings_label
 from tailor_ui.settings import Settings
 from tailor_ui.ui.common import (Tab, changed, session_id, user_errors)
@@ -27,31 +28,31 @@ def signs_in_on_the_hub() -> bool:
 
 
 class ExportTab(Tab):
-    def _file(self, job_id: str | None, what: str, request) -> str:
+    def _file(self, job_id: str | None, what: ExportKind, request) -> str:
         session = self.studio.session(session_id(request))
         return str(self.studio.export(session, (job_id or "").strip() or None, what))
 
     @user_errors
     def patch(self, job_id: str | None, request: gr.Request):
         """The merge's patch: indices and values of the entries that differ from the base."""
-        return self._file(job_id, "patch", request)
+        return self._file(job_id, ExportKind.PATCH, request)
 
     @user_errors
     def report(self, job_id: str | None, request: gr.Request):
         """The merge's report: settings, patch size per tensor, timings, quick check."""
-        return self._file(job_id, "report", request)
+        return self._file(job_id, ExportKind.REPORT, request)
 
     @user_errors
     def model(self, job_id: str | None, request: gr.Request):
         """The tailored model as a save_pretrained folder with its model card, zipped (built
         on first request)."""
-        return self._file(job_id, "model", request)
+        return self._file(job_id, ExportKind.MODEL, request)
 
     @user_errors
     def adapter(self, job_id: str | None, request: gr.Request):
         """The patch as a PEFT LoRA adapter (rank-16 fit per changed linear; the fit's
         relative errors in adapter_fit.json) with its model card, zipped."""
-        return self._file(job_id, "adapter", request)
+        return self._file(job_id, ExportKind.ADAPTER, request)
 
     @user_errors
     def push(self, job_id: str | None, what: str, repo_id: str, private: bool, token: str | None,
@@ -68,7 +69,7 @@ class ExportTab(Tab):
         session = self.studio.session(session_id(request))
         job_id = (job_id or "").strip() or None
         # the model is published from its export zip (built once, as a job on the pair)
-        zipped = self.studio.export(session, job_id, "model") if artifact is Artifact.MODEL else None
+        zipped = self.studio.export(session, job_id, ExportKind.MODEL) if artifact is Artifact.MODEL else None
         self.studio.sync(session, "tailor")
         run = export_.find_run(session, self.studio.export_handle(session), job_id)
         url = export_.publish(run, artifact, repo_id, token, private=bool(private), zipped_model=zipped,

@@ -10,7 +10,8 @@ import pandas as pd
 
 from tailor_ui import plots
 from tailor_ui.demo.tasks import DEFAULT_SEQUENCE
-from tailor_ui.service.finetune import CONTINUAL_METHOD, METHOD_DEFAULTS
+from tailor_ui.service.finetune import METHOD_DEFAULTS
+from tailor_ui.training.continual import ContinualMethod
 from tailor_ui.session import TrainedModel
 from tailor_ui.ui.common import (Number, Slider, Tab, cancel_html, changed, job_signature,
                                  latest_progress, progress_html, queued, session_id, user_errors)
@@ -96,7 +97,7 @@ class FinetuneTab(Tab):
                 gr.update(value=defaults.get("lr", 1e-3)),
                 gr.update(interactive="ema_beta" in options,
                           **({"value": defaults["ema_beta"]} if "ema_beta" in defaults else {})),
-                gr.update(interactive=method in CONTINUAL_METHOD),
+                gr.update(interactive=method in set(ContinualMethod)),
                 method_info(method))
 
     # -- polling ---------------------------------------------------------------------------

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 import re
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -11,46 +15,72 @@ import pandas as pd
 from tailor_ui import plots
 from tailor_ui.errors import UserError
 from tailor_ui.methods import REGISTRY
+from tailor_ui.evaluation import search
 from tailor_ui.evaluation.sweep import LAMBDA_RANGE, format_numbers, parse_numbers
-from tailor_ui.methods.selection import SCOPES
 from tailor_ui.session import PairHandle, SearchRun, TailorRun
-from tailor_ui.ui.common import (Slider, Tab, cancel_html, cancel_unfinished, changed, fmt_table,
-                                 history_table,
-                                 job_signature, latest_progress, progress_html, public_text, queued,
-                                 session_id, user_errors)
+from tailor_ui.ui.common import (Number, Slider, Tab, cancel_html, cancel_unfinished, changed, fmt_table,
+                                 history_table, job_signature, latest_progress, progress_html,
+                                 public_text, queued, session_id, user_errors)
 from tailor_ui.ui.models import changed_modules
 from tailor_ui.service.config import default_settings
 from tailor_ui.service.evalsets import pair_sets
-from tailor_ui.evaluation import search
 from tailor_ui.service.tailor import (NO_CALIBRATION, default_compensation, has_anchor, pair_calibration,
                                      sweep_compensations)
-from tailor_ui.settings import Settings
+from tailor_ui.settings import KNOBS, Settings, choices, method_problem, reads, value_type
 
-LAMBDA_LABEL = f"λ ({', '.join(m.label for m in REGISTRY.values() if 'lam' in m.knobs)})"
+log = logging.getLogger(__name__)
 FIND_IDLE = "Press Find settings: the search runs in the background."
-SCOPE_INFO = {"block": "per 128-column block (authors' code)", "row": "per output row",
-              "tensor": "per weight matrix", "global": "across the whole model"}
+# the knobs the tab has a control for, in declaration order
+SHOWN = [name for name, spec in KNOBS.items() if spec.dashboard]
 
 
-def _reads(method: str, knob: str) -> bool:
-    return method in REGISTRY and knob in REGISTRY[method].knobs
-
-
-def build_settings(method: str, keep: float, alpha: float, scope: str, compensate: bool,
-                   modules: list[str] | None, lam: float | None, hessians: str = "one-pass",
-                   sign: str = "obs", sensitivity: str = "change", others: str = "finetuned",
-                   modules_regex: str = "", compensation: str | None = None,
-                   order: str = "mask-first", budget: str = "uniform"):
-    """Widget values -> engine Settings (which validates them)."""
+def build_settings(method: str, knobs: Mapping[str, Any], modules: list[str] | None = None,
+                   modules_regex: str = "") -> Settings:
+    """Widget values -> engine Settings (which validates them): of `knobs` (by name) only
+    those the method reads, since the others are other methods' controls."""
+    if method_problem(method):
+        raise UserError(method_problem(method))
     pattern = (modules_regex or "").strip() or None
     if pattern is None and modules:
         pattern = r"\.(?:" + "|".join(re.escape(m) for m in modules) + r")$"
-    lam_value = float(lam) if _reads(method, "lam") and lam is not None else None
-    return default_settings(method=method, keep=float(keep), alpha=float(alpha), scope=scope,
-                            compensate=bool(compensate), sign=sign, sensitivity=sensitivity,
-                            hessians=hessians, modules=pattern, others=others, lam=lam_value,
-                            compensation=compensation or Settings.compensation, order=order,
-                            budget=budget)
+    read = {name: value_type(name)(value) for name, value in knobs.items()
+            if name in SHOWN and reads(method, name) and value is not None}
+    return default_settings(method=method, modules=pattern, **read)
+
+
+def knob_control(name: str, method: str) -> gr.components.Component:
+    """The control of one knob, from its declaration: a checkbox, a choice of its words, a
+    slider or a number box; shown where `method` reads it."""
+    spec, start = KNOBS[name], default_settings(method=method)
+    value = getattr(start, name)
+    if value is None:  # a knob whose default is the method's (λ)
+        value = REGISTRY[method].defaults.get(name, spec.slider[0] if spec.slider else 0)
+    common = dict(label=spec.label, info=spec.help, elem_id="tailor-" + name.replace("_", "-"),
+                  visible=reads(method, name))
+    if value_type(name) is bool:
+        return gr.Checkbox(value, **common)
+    if choices(name):
+        words = [(f"{w}: {spec.words[w]}" if w in spec.words else w, w) for w in choices(name)]
+        return gr.Radio(words, value=str(value), **common)
+    if spec.slider is not None:
+        low, high, step = spec.slider
+        return Slider(low, high, value=value, step=step, **common)
+    return Number(value, precision=0 if value_type(name) is int else None, **common)
+
+
+def endpoint(fn: Callable, names: list[str]) -> Callable:
+    """`fn(request=…, **values)` as a Gradio handler taking one argument per input, in
+    `names`' order; its signature names them (what API clients see)."""
+    def handler(*args):
+        *values, request = args
+        return fn(request=request, **dict(zip(names, values)))
+
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    handler.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, positional) for n in names]
+        + [inspect.Parameter("request", positional, default=None, annotation=gr.Request)])
+    handler.__annotations__ = {"request": gr.Request}
+    return handler
 
 
 def result_markdown(run: TailorRun | None, default: bool = False) -> str:
@@ -107,26 +137,23 @@ def search_markdown(run: SearchRun | None) -> str:
 class TailorTab(Tab):
     # -- handlers ----------------------------------------------------------------------
 
-    @user_errors
-    def run(self, method: str, keep: float, alpha: float, scope: str, compensate: bool,
-            modules: list[str] | None, lam: float, hessians: str, sign: str, sensitivity: str,
-            others: str, modules_regex: str, calib_source: str, calib_files: list[str] | None,
-            calib_examples: float, compensation: str | None = None, order: str = "mask-first",
-            budget: str = "uniform", request: gr.Request = None):
-        """Queue a merge with these settings; returns its job id and progress."""
-        session = self.studio.session(session_id(request))
-        settings = build_settings(method, keep, alpha, scope, compensate, modules, lam, hessians,
-                                  sign, sensitivity, others, modules_regex, compensation, order, budget)
-        job = self.studio.submit_tailor(session, settings, calib_source=calib_source,
-                                        calib_files=calib_files or None,
-                                        calib_examples=int(calib_examples))
-        return queued(session, "tailor", job)
+    def _submit(self, session, values: Mapping[str, Any], supersede: bool = False):
+        settings = build_settings(values["method"], values, values.get("modules"),
+                                  values.get("modules_regex", ""))
+        return self.studio.submit_tailor(session, settings, calib_source=values["calib_source"],
+                                         calib_files=values.get("calib_files") or None,
+                                         calib_examples=int(values["calib_examples"]),
+                                         supersede=supersede)
 
-    def rerun(self, auto: bool, method: str, keep: float, alpha: float, scope: str,
-              compensate: bool, modules: list[str] | None, lam: float, hessians: str, sign: str,
-              sensitivity: str, others: str, modules_regex: str, calib_source: str,
-              calib_files: list[str] | None, calib_examples: float, compensation: str | None = None,
-              order: str = "mask-first", budget: str = "uniform", request: gr.Request = None):
+    @user_errors
+    def run(self, request: gr.Request = None, **values: Any):
+        """Queue a merge with these settings (the method, its knobs by name, the module
+        picker and regex, the calibration source, files and example count; a knob left out
+        takes the dashboard's default); returns its job id and progress."""
+        session = self.studio.session(session_id(request))
+        return queued(session, "tailor", self._submit(session, values))
+
+    def rerun(self, auto: bool, request: gr.Request = None, **values: Any):
         """A slider was released: after a first run (the visitor's, or the start-up merge of
         the demo pair) merge again with the new value; an unfinished earlier merge of the
         session is superseded. With one-pass Hessians this re-thresholds cached scores."""
@@ -135,13 +162,10 @@ class TailorTab(Tab):
             handle = self.studio.handle_for(session)
             if not auto or (session.latest_run(handle) is None and handle.default_run is None):
                 return gr.skip(), gr.skip()
-            settings = build_settings(method, keep, alpha, scope, compensate, modules, lam,
-                                      hessians, sign, sensitivity, others, modules_regex,
-                                      compensation, order, budget)
-            job = self.studio.submit_tailor(session, settings, calib_source=calib_source,
-                                            calib_files=calib_files or None,
-                                            calib_examples=int(calib_examples), supersede=True)
+            job = self._submit(session, values, supersede=True)
         except Exception as exc:  # a slider move never pops an error: the Run button does
+            if not isinstance(exc, UserError):
+                log.exception("re-running a merge after a slider move failed")
             gr.Warning(public_text(str(exc)))
             return gr.skip(), gr.skip()
         return queued(session, "tailor", job)
@@ -175,7 +199,7 @@ class TailorTab(Tab):
         return cancel_html(self.studio.runner, session_id(request), "search", job_id)
 
     @user_errors
-    def use_best(self, request: gr.Request = None) -> tuple:
+    def use_best(self, request: gr.Request = None) -> dict:
         """Set the merge widgets to the best settings of the session's latest search."""
         session = self.studio.session(session_id(request))
         self.studio.sync(session, "search")
@@ -183,9 +207,11 @@ class TailorTab(Tab):
         if run is None:
             raise gr.Error("no finished search yet: press Find settings first")
         best = run.result.best
-        return (best.method, best.keep, best.alpha, best.scope, best.compensate, best.compensation,
-                best.order, best.budget, best.hessians,
-                *self.method_changed(best.method, best.effective_lambda))
+        # the method's summary and knobs come with it (a method set here fires no `input`)
+        shown = dict(zip([*self.knobs.values(), self.method_info], self.method_changed(best.method)))
+        return {**shown, self.method: best.method,
+                **{control: gr.update(value=getattr(best, name), visible=reads(best.method, name))
+                   for name, control in self.knobs.items() if getattr(best, name) is not None}}
 
     def search_poll(self, session) -> list:
         self.studio.sync(session, "search")
@@ -195,11 +221,15 @@ class TailorTab(Tab):
             return out + [plots.settings_search(run.result.table if run else None), search_markdown(run)]
         return out + [gr.skip()] * 2
 
-    @staticmethod
-    def method_changed(method: str, lam: float | None = None):
+    def method_changed(self, method: str) -> list:
+        """Show the method's knobs and hide the others; a knob whose default is the method's
+        own (λ) takes it."""
         info = REGISTRY.get(method)
-        lam = lam if lam is not None else info.defaults.get("lam", 1.0) if info else 1.0
-        return (gr.update(value=lam, interactive=_reads(method, "lam")), f"*{info.summary}*" if info else "")
+        if info is None:
+            return [gr.skip()] * (len(self.knobs) + 1)
+        return [gr.update(visible=reads(method, name),
+                          **({"value": info.defaults[name]} if name in info.defaults else {}))
+                for name in self.knobs] + [f"*{info.summary}*"]
 
     # -- polling ---------------------------------------------------------------------------
 
@@ -242,7 +272,7 @@ class TailorTab(Tab):
         return out + self.search_poll(session)
 
     def poll_outputs(self) -> list:
-        return [self.progress, self.result, self.quick, self.heatmap, self.modules, self.compensation,
+        return [self.progress, self.result, self.quick, self.heatmap, self.modules, self.knobs["compensation"],
                 self.find_compensation, self.calib_info, self.history,
                 self.find_progress, self.find_plot, self.find_best]
 
@@ -271,30 +301,16 @@ class TailorTab(Tab):
 
     def _merge_controls(self) -> None:
         choices = [(info.label, name) for name, info in REGISTRY.items()]
-        self.method = gr.Dropdown(choices, value="tailor", label="Method", elem_id="tailor-method")
-        self.method_info = gr.Markdown(f"*{REGISTRY['tailor'].summary}*", elem_id="tailor-method-info")
-        self.keep = Slider(0.01, 1.0, value=0.10, step=0.01, label="Patch size (keep)",
-                           info="fraction of the changed weights taken from the fine-tuned model",
-                           elem_id="tailor-keep")
-        self.alpha = Slider(0.0, 1.0, value=0.8, step=0.05, label="Fusion weight (alpha)",
-                            info="salience vs sensitivity (Model Tailor)", elem_id="tailor-alpha")
+        self.method = gr.Dropdown(choices, value=Settings.method, label="Method", elem_id="tailor-method")
+        self.method_info = gr.Markdown(f"*{REGISTRY[Settings.method].summary}*",
+                                       elem_id="tailor-method-info")
+        self.knobs = {name: knob_control(name, Settings.method) for name in SHOWN
+                      if not KNOBS[name].advanced}
         self.auto = gr.Checkbox(True, label="Re-run when a slider is released",
                                 elem_id="tailor-auto")
-        self.scope = gr.Radio([(f"{s}: {SCOPE_INFO.get(s, s)}", s) for s in SCOPES], value="block",
-                              label="Threshold scope", elem_id="tailor-scope")
-        self.compensate = gr.Checkbox(True, label="Compensate the patch (OBS decoration)",
-                                      elem_id="tailor-compensate")
-        self.compensation = gr.Radio(
-            [("exact: least squares per row, given the patch", "exact"),
-             ("greedy: SparseGPT's column loop (the paper's)", "greedy"),
-             ("anchored: patch and least squares of an objective that also holds the base's "
-              "outputs on original-task examples (the pair's anchor set)", "anchored")],
-            value=Settings.compensation, label="Compensation", elem_id="tailor-compensation")
         self.modules = gr.Dropdown([], value=[], multiselect=True, label="Modules",
                                    info="empty: every linear layer fine-tuning changed",
                                    elem_id="tailor-modules")
-        self.lam = Slider(0.0, 2.0, value=1.0, step=0.05, label=LAMBDA_LABEL,
-                          interactive=False, elem_id="tailor-lam")
 
     def _calibration_controls(self) -> None:
         with gr.Accordion("Calibration data (target task)", open=False):
@@ -312,27 +328,9 @@ class TailorTab(Tab):
 
     def _advanced_controls(self) -> None:
         with gr.Accordion("Advanced", open=False):
-            self.hessians = gr.Radio(
-                [("one pass (slider moves re-threshold cached scores: fast)", "one-pass"),
-                 ("sequential (authors' order; every change recomputes)", "sequential")],
-                value="one-pass", label="Hessians", elem_id="tailor-hessians")
-            self.sign = gr.Radio([("OBS (subtract; default)", "obs"), ("released code (add)", "released")],
-                                 value="obs", label="Compensation sign (greedy)", elem_id="tailor-sign")
-            self.order = gr.Radio([("mask first (paper)", "mask-first"),
-                                   ("SparseGPT's: each block's mask after the earlier blocks", "sparsegpt")],
-                                  value="mask-first", label="Mask order (greedy, block scope)",
-                                  elem_id="tailor-order")
-            self.budget = gr.Radio([("uniform: keep in every layer", "uniform"),
-                                    ("per layer: by each layer's share of the fused score", "per-layer")],
-                                   value="uniform", label="Patch budget", elem_id="tailor-budget")
-            self.sensitivity = gr.Radio([("change (W_ft − W_pre)", "change"), ("weight (W_ft)", "weight")],
-                                        value="change", label="Sensitivity form",
-                                        elem_id="tailor-sensitivity")
-            self.others = gr.Radio([("keep fine-tuned", "finetuned"), ("revert to base", "base"),
-                                    ("merge like linears", "linear")], value="finetuned",
-                                   label="Other tensors (norms, biases, embeddings)",
-                                   elem_id="tailor-others")
-            self.modules_regex = gr.Textbox(label="Module regex (overrides the picker)",
+            self.knobs.update({name: knob_control(name, Settings.method) for name in SHOWN
+                               if KNOBS[name].advanced})
+            self.modules_regex = gr.Textbox(label=KNOBS["modules"].label + " (overrides the picker)",
                                             placeholder=r"language_model\.layers\.(2|3)\.",
                                             elem_id="tailor-modules-regex")
 
@@ -341,12 +339,12 @@ class TailorTab(Tab):
             self.find_methods = gr.CheckboxGroup([(info.label, name) for name, info in REGISTRY.items()],
                                                  value=list(search.DEFAULT_METHODS), label="Methods",
                                                  elem_id="tailor-find-methods")
-            self.find_keeps = gr.Textbox(format_numbers(search.DEFAULT_KEEPS), label="Patch sizes (keep)",
+            self.find_keeps = gr.Textbox(format_numbers(search.SEARCH_GRID["keep"]), label="Patch sizes (keep)",
                                          elem_id="tailor-find-keeps")
-            self.find_alphas = gr.Textbox(format_numbers(search.DEFAULT_ALPHAS),
+            self.find_alphas = gr.Textbox(format_numbers(search.SEARCH_GRID["alpha"]),
                                           label="Fusion weights (alpha)",
                                           elem_id="tailor-find-alphas")
-            self.find_lams = gr.Textbox(format_numbers(search.DEFAULT_LAMS), label="λ values (WiSE-FT)",
+            self.find_lams = gr.Textbox(format_numbers(search.SEARCH_GRID["lam"]), label="λ values (WiSE-FT)",
                                         elem_id="tailor-find-lams")
             # the pair's defaults (anchored where it has an anchor set) arrive with the first poll
             self.find_compensation = gr.CheckboxGroup(["exact", "greedy", "anchored"],
@@ -379,19 +377,19 @@ class TailorTab(Tab):
         self.heatmap = gr.Plot(plots.patch_map(None), elem_id="tailor-heatmap", show_label=False)
 
     def _wire(self) -> None:
-        inputs = [self.method, self.keep, self.alpha, self.scope, self.compensate, self.modules,
-                  self.lam, self.hessians, self.sign, self.sensitivity, self.others,
-                  self.modules_regex, self.calib_source, self.calib_files, self.calib_n,
-                  self.compensation, self.order, self.budget]
-        self.run_button.click(self.run, inputs, [self.job_id, self.progress], api_name="tailor",
-                              concurrency_limit=None)
-        for slider in (self.keep, self.alpha, self.lam):
-            slider.release(self.rerun, [self.auto, *inputs], [self.job_id, self.progress],
-                           api_visibility="private", concurrency_limit=None, show_progress="hidden",
-                           trigger_mode="always_last")
+        components = {"method": self.method, **self.knobs, "modules": self.modules,
+                      "modules_regex": self.modules_regex, "calib_source": self.calib_source,
+                      "calib_files": self.calib_files, "calib_examples": self.calib_n}
+        names, inputs = list(components), list(components.values())
+        self.run_button.click(endpoint(self.run, names), inputs, [self.job_id, self.progress],
+                              api_name="tailor", concurrency_limit=None)
+        for slider in (c for c in self.knobs.values() if isinstance(c, gr.Slider)):
+            slider.release(endpoint(self.rerun, ["auto", *names]), [self.auto, *inputs],
+                           [self.job_id, self.progress], api_visibility="private",
+                           concurrency_limit=None, show_progress="hidden", trigger_mode="always_last")
         self.cancel_button.click(self.cancel, [self.job_id], [self.progress], api_name="cancel_tailor",
                                  concurrency_limit=None)
-        self.method.input(self.method_changed, [self.method], [self.lam, self.method_info],
+        self.method.input(self.method_changed, [self.method], [*self.knobs.values(), self.method_info],
                            api_visibility="private", queue=False)
         self.find_button.click(self.find, [self.find_methods, self.find_keeps, self.find_alphas,
                                            self.find_lams, self.find_compensation, self.find_n,
@@ -401,9 +399,5 @@ class TailorTab(Tab):
                                concurrency_limit=None)
         self.find_cancel.click(self.cancel_search, [self.find_job_id], [self.find_progress],
                                api_name="cancel_find_settings", concurrency_limit=None)
-        # the method's λ and summary come with it (a method set here fires no `input`)
-        self.use_best_button.click(self.use_best, None,
-                                   [self.method, self.keep, self.alpha, self.scope, self.compensate,
-                                    self.compensation, self.order, self.budget, self.hessians,
-                                    self.lam, self.method_info],
+        self.use_best_button.click(self.use_best, None, [self.method, self.method_info, *self.knobs.values()],
                                    api_name="use_best_settings", concurrency_limit=None)
