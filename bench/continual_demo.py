@@ -36,7 +36,7 @@ from tailor_ui.training.continual import EMA_COLUMNS, acc_column, run_continual,
 
 DEMO = ROOT / "assets" / "demo"
 RESULTS = ROOT / "bench" / "results"
-METHODS = (("sequential", "sequential", {}),
+METHODS = (("sequential", "full", {}),
            ("EMA β=0.99", "ema", {"ema_beta": 0.99}),
            ("LLaCA (code form)", "llaca", {"llaca_form": "code"}),
            ("LLaCA (paper form)", "llaca", {"llaca_form": "paper"}),

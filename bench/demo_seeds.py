@@ -6,7 +6,7 @@ Model Tailor (sequential Hessians, the compensation forms asked for, a few patch
 each, and scores every merge on the story's full evaluation sets. Anchored compensation's
 original-task calibration set is drawn from the same seed (half captions, half attribute
 questions, as the shipped one). The data-free baselines do not
-read calibration data, so one run of them (the README's sweep) stands for every seed.
+read calibration data, so one run of them (the sweep of docs/results.md) stands for every seed.
 Run from the repository root:
 
     python bench/demo_seeds.py --story spatial --seeds 0,1,2 --keep 0.02,0.05,0.1,0.2 \
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--budget", default="uniform", help="uniform,per-layer")
     ap.add_argument("--n", type=int, default=128, help="calibration examples per seed")
     ap.add_argument("--baselines", type=Path, default=None,
-                    help="a sweep table of the same story (the README's): print each seed's "
+                    help="a sweep table of the same story (docs/results.md's): print each seed's "
                          "baseline leads over Model Tailor's front, with its baselines' rows")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()

@@ -1,5 +1,5 @@
 """Model Tailor on a GPU at LLaVA-1.5-7B's shape: the user's `tailor` command, timed, with
-its peak GPU memory against the issue-15 targets (< 10 min, < 1.5 × the model's bytes).
+its peak GPU memory against its targets (< 10 min, < 1.5 × the model's bytes).
 
     python bench/gpu_tailor_7b.py --results bench/results/gpu_tailor_7b.json
     python bench/gpu_tailor_7b.py --size tiny --device cpu      # the same path, in seconds

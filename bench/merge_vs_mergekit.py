@@ -119,9 +119,11 @@ def measure(cmd: list[str], env: dict | None = None, cwd: Path | None = None) ->
 def ours_command(base: Path, tuned: list[Path], method: str, density: float, lam: float, out: Path,
                  no_patch: bool) -> list[str]:
     """The user's command: a streamed merge writing the model (and the patch)."""
+    # only the knobs the method reads (the CLI refuses the others): density for TIES and
+    # DARE, as in mergekit_config, λ for all but DARE
     cmd = [sys.executable, "-m", "tailor_ui", "tailor", "--base", str(base), "--out", str(out),
-           "--method", method, "--keep", str(density), "--lam", str(lam), "--others", "linear",
-           "--save-model"]
+           "--method", method, *(["--keep", str(density)] if method in ("ties", "dare") else []),
+           *(["--lam", str(lam)] if method != "dare" else []), "--others", "linear", "--save-model"]
     for t in tuned:
         cmd += ["--finetuned", str(t)]
     return cmd + (["--no-patch"] if no_patch else [])

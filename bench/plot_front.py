@@ -1,4 +1,4 @@
-"""The Forgetting tab's trade-off figure for a saved sweep table, as a PNG for the README.
+"""The Forgetting tab's trade-off figure for a saved sweep table, as a PNG for docs/results.md.
 
 The figure is the dashboard's own (`tailor_ui.plots.tradeoff`: original retention against
 the share of the target gain kept, the front of the merges dotted); the PNG is a headless

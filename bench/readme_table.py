@@ -1,4 +1,4 @@
-"""A saved sweep table as the README's markdown table (scores, per-set retention, gain kept).
+"""A saved sweep table as docs/results.md's markdown table (scores, per-set retention, gain kept).
 
     python bench/readme_table.py bench/results/demo_sweep_spatial.csv
 """

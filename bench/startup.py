@@ -1,4 +1,4 @@
-"""Start-up: from `python app.py` to a first page that shows the demo pair ready (issue 4: < 10 s).
+"""Start-up: from `python app.py` to a first page that shows the demo pair ready (target: < 10 s).
 
 Each run starts the app as a user would (a fresh process, its own port and work folder),
 polls `/` until the server answers (and checks that the page config it serves already

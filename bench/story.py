@@ -26,7 +26,7 @@ def story_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def open_story(story: str) -> tuple[Path, Pair]:
-    """The story's folder and pair, on one thread (the figures in the README are so)."""
+    """The story's folder and pair, on one thread (the figures in docs/results.md are so)."""
     torch.set_num_threads(1)
     return story_dir(DEMO_DIR, story), story_pair(DEMO_DIR, story)
 

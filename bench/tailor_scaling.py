@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--text-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: steady timings on a shared machine, see README)")
+                   help="torch threads (1: steady timings on a shared machine, see docs/results.md)")
     p.add_argument("--results", type=Path, default=None)
     p.add_argument("--keep-models", action="store_true")
     # internal: one measured run

@@ -7,14 +7,14 @@ or calibration sets), one epoch at batch 16, warm-up 5 steps, the last half of t
 once on the base, K = 64 prompts, M = 8 probes), and the random mask of the same ρ (the
 control). Scores and retentions are the merge sweep's (`evaluation.sweep.summarize`: the
 story's fine-tuned model is the reference of target gain), so the rows sit on the same axes
-as the README's merge tables. The CSV is rewritten after every run.
+as the merge tables of docs/results.md. The CSV is rewritten after every run.
 
 `--stats` writes, instead, per trained weight matrix, the share of the story's training
 gradient (and of the original skills' gradient: captions and attribute questions) that
 each mask holds, and the importance of the masked entries, for the base model:
 
     python bench/training_sweep.py --steps 15 --seeds 0 --out bench/results/training_sweep_spatial.csv
-    (the README's "During training" lists the other parts of the grid)
+    (docs/results.md#archive-training lists the other parts of the grid)
     python bench/training_sweep.py --stats --out bench/results/dowser_mask_stats_spatial.csv
 """
 

@@ -1,4 +1,4 @@
-"""The README's "During training" tables from the training sweep's CSVs (bench/training_sweep.py).
+"""The training tables of docs/results.md from the training sweep's CSVs (bench/training_sweep.py).
 
 Prints, as markdown: (1) each method's front over its learning rates and step counts
 (original retention against target gain kept, the points no other setting of the same

@@ -28,41 +28,64 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _merge_options(p: argparse.ArgumentParser) -> None:
-    """The settings of a merge (`tailor`, and `compare` when it tailors on the fly)."""
-    from tailor_ui.settings import Settings
+    """The settings of a merge (`tailor`, and `compare` when it tailors on the fly): one flag
+    per declared knob (`tailor_ui.settings.KNOBS`). A flag left out stays out of the
+    namespace, so `_settings` sees only what the user gave."""
+    from tailor_ui.settings import KNOBS
 
-    p.add_argument("--keep", type=_unit_interval, default=0.10, help="patch size (fraction)")
-    p.add_argument("--alpha", type=_unit_interval, default=0.8, help="fusion weight of salience")
-    p.add_argument("--scope", default="block", help="block | row | tensor | global")
+    for name in KNOBS:
+        _knob_flag(p, name)
     p.add_argument("--calib-limit", type=int, default=128, help="examples used per calibration set")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--no-compensate", action="store_true")
-    p.add_argument("--compensation", default=None,
-                   help="exact (least squares per row) | greedy (SparseGPT's loop, the paper's) | "
-                        "anchored (patch and least squares also holding the base's outputs on "
-                        "--anchor's inputs); "
-                        f"default: anchored with --anchor, else {Settings.compensation}")
     _anchor_options(p)
-    p.add_argument("--anchor-weight", type=float, default=Settings.anchor_weight,
-                   help="μ: weight of the original-task inputs against the target's (anchored)")
-    p.add_argument("--order", default="mask-first",
-                   help="mask-first | sparsegpt (each block's mask after the earlier blocks)")
-    p.add_argument("--budget", default="uniform", help="uniform | per-layer (by each layer's score mass)")
-    p.add_argument("--sign", default="obs", help="compensation sign: obs | released")
-    p.add_argument("--sensitivity", default="change", help="change | weight (authors' code)")
-    p.add_argument("--hessians", default="sequential", help="sequential | one-pass")
-    p.add_argument("--damp", type=float, default=0.01)
-    p.add_argument("--modules", default=None, help="regex over linear module names")
-    p.add_argument("--others", default="finetuned",
-                   help="non-selected tensors: finetuned | base | linear")
-    p.add_argument("--lam", type=float, default=None, help=f"λ of {_readers('lam')} (mergekit's lambda)")
-    p.add_argument("--drop", type=float, default=None, help="DARE drop rate (default 1 - keep)")
-    p.add_argument("--gamma", type=float, default=0.01,
-                   help=f"fraction of the largest |τ| removed ({_readers('gamma')}; --keep is the density)")
-    p.add_argument("--epsilon", type=float, default=0.1,
-                   help=f"window of keep probabilities around --keep ({_readers('epsilon')})")
-    p.add_argument("--seed", type=int, default=0, help=f"random seed ({_readers('seed')})")
-    p.add_argument("--overlap", default="mean", help="multi-task overlap rule: mean | sum | first")
+
+
+def _knob_flag(p: argparse.ArgumentParser, name: str) -> None:
+    """One knob's flag, from its declaration: type, default, words and readers in its help."""
+    from tailor_ui.settings import default, value_type
+
+    flag = _flag(name)
+    value = default(name)
+    if value_type(name) is bool:  # a switch that turns the default off (or on)
+        p.add_argument(flag, dest=name, action="store_const",
+                       const=not value, default=argparse.SUPPRESS,
+                       help=("turn off: " if value else "") + _knob_help(name, None))
+        return
+    if name == "compensation":  # the default depends on --anchor: `_default_compensation`
+        value = "anchored with --anchor, else " + str(value)
+    p.add_argument(flag, dest=name, type=_knob_parser(name), default=argparse.SUPPRESS,
+                   metavar=name.upper(), help=_knob_help(name, value))
+
+
+def _knob_parser(name: str):
+    from tailor_ui.settings import value_type
+
+    kind = value_type(name)
+    if kind is str:
+        return str
+
+    def number(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+
+    return number
+
+
+def _knob_help(name: str, value: Any, words: bool = True) -> str:
+    """A knob's help: what it is, its words, which methods read it and its default."""
+    from tailor_ui.settings import KNOBS, choices, readers
+
+    spec = KNOBS[name]
+    parts = [spec.help]
+    if words and choices(name):
+        parts.append(" | ".join(f"{w}: {spec.words[w]}" if w in spec.words else w for w in choices(name)))
+    if not spec.common:
+        parts.append("read by " + ", ".join(readers(name)))
+    if value is not None:
+        parts.append(f"default {value}")
+    return "; ".join(parts).replace("%", "%%")
 
 
 def _anchor_options(p: argparse.ArgumentParser) -> None:
@@ -102,16 +125,6 @@ def _in_memory_option(p: argparse.ArgumentParser) -> None:
                         "methods, apply) or reading the fine-tuned weights lazily (tailor)")
 
 
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]")
-    return value
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr like every other error."""
 
@@ -119,16 +132,42 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"error: {message} (see --help)\n")
 
 
-def _readers(knob: str) -> str:
-    """The methods that read a knob, for its --help."""
-    from tailor_ui.methods import REGISTRY
+def _training_options(p: argparse.ArgumentParser) -> None:
+    """One flag per fine-tuning method option that declares a help (`option_help`), its type
+    that of its default (none: a path); a flag left out stays out of the namespace."""
+    from tailor_ui.training.registry import TRAINING_METHODS, accepted_options
 
-    return " / ".join(name for name, m in REGISTRY.items() if knob in m.knobs)
+    for name, value in accepted_options().items():
+        owners = [(method, cls) for method, cls in TRAINING_METHODS.items()
+                  if name in cls.options and name in cls.option_help]
+        if owners:
+            p.add_argument(_flag(name), dest=name, type=Path if value is None else type(value),
+                           default=argparse.SUPPRESS,
+                           help=f"{owners[0][1].option_help[name]} ({', '.join(m for m, _ in owners)}"
+                                + ("" if value is None else f"; default {value}") + ")")
+
+
+def _keyword_defaults(fn) -> dict[str, Any]:
+    """A library function's keyword defaults, which its flags show and keep."""
+    import inspect
+
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _axis_flag(p: argparse.ArgumentParser, name: str, default: str | None) -> None:
+    """A knob a sweep or a search varies: comma-separated values, described by its declaration."""
+    p.add_argument(_flag(name), default=default, metavar=name.upper() + "S",
+                   help="comma-separated: " + _knob_help(name, default))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tailor_ui.evaluation import search
+    from tailor_ui.evaluation.sweep import SWEEP_GRID, SWEEP_METHODS, format_numbers
     from tailor_ui.methods import REGISTRY
-    from tailor_ui.settings import Settings
+    from tailor_ui.settings import Settings, default
+    from tailor_ui.training.continual import ContinualMethod
+    from tailor_ui.training.finetune import finetune
     from tailor_ui.training.registry import TRAINING_METHODS
 
     parser = _Parser(prog="python -m tailor_ui",
@@ -147,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned", required=True, action="append",
                    help="fine-tuned model; repeat for multi-task (one --calib each)")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--method", default="tailor", help=" | ".join(REGISTRY))
+    p.add_argument("--method", default=Settings.method, help=" | ".join(REGISTRY))
     p.add_argument("--calib", action="append", type=Path, default=[],
                    help="target-task JSONL (one per --finetuned)")
     _merge_options(p)
@@ -158,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the tailored delta as a PEFT LoRA adapter (a rank --adapter-rank "
                         "SVD fit per changed linear; its error goes in report.json)")
     p.add_argument("--adapter-rank", type=int, default=16, help="rank of --adapter-out's fit")
+    p.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME",
+                   help="publish the model (with --save-model) or else the patch folder, with its card, "
+                        "to this Hub repository (token: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repository")
     _in_memory_option(p)
     _model_options(p)
 
@@ -203,47 +246,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned", required=True)
     p.add_argument("--calib", type=Path, default=None, help="target-task JSONL (for tailor)")
     _set_options(p, roles=("original", "target"), required=True)
-    p.add_argument("--methods", default="tailor,magnitude,dare,ties,wise_ft")
-    p.add_argument("--keep", default="0.01,0.05,0.1,0.2,0.5", help="comma-separated patch sizes")
-    p.add_argument("--alpha", default="0.8", help="comma-separated fusion weights (tailor)")
-    p.add_argument("--lam", default="0.25,0.5,0.75", help="comma-separated λ (wise_ft, task_arithmetic)")
-    p.add_argument("--hessians", default="sequential", help="sequential | one-pass (one-pass reuses "
-                   "Hessians across keep/alpha)")
-    p.add_argument("--compensation", default=None,
-                   help="comma-separated compensation forms for tailor: exact, greedy, anchored "
-                        f"(default: {Settings.compensation}, and anchored with --anchor)")
+    p.add_argument("--methods", default=",".join(SWEEP_METHODS), help=" | ".join(REGISTRY))
+    for name in ("keep", "alpha", "lam"):
+        _axis_flag(p, name, ",".join(f"{v:g}" for v in SWEEP_GRID[name]))
+    _axis_flag(p, "hessians", default("hessians"))
+    _axis_flag(p, "compensation", None)
     _anchor_options(p)
-    p.add_argument("--anchor-weight", default=f"{Settings.anchor_weight:g}",
-                   help="comma-separated μ for anchored compensation")
-    p.add_argument("--scope", default=Settings.scope,
-                   help="comma-separated threshold scopes for tailor: block, row, tensor, global")
+    _axis_flag(p, "anchor_weight", f"{default('anchor_weight'):g}")
+    _axis_flag(p, "scope", default("scope"))
     p.add_argument("--limit", type=int, default=None, help="examples per evaluation set")
     p.add_argument("--calib-limit", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True, type=Path, help="table CSV")
     _model_options(p)
 
-    p = sub.add_parser("find-settings", help="search Model Tailor's settings: original retention vs "
-                       "target gain on held-out target examples")
+    p = sub.add_parser("find-settings", help="search which patch to use (Model Tailor's settings and the "
+                       "data-free baselines): original retention vs target gain on held-out target examples")
     p.add_argument("--base", required=True)
     p.add_argument("--finetuned", required=True)
     p.add_argument("--calib", required=True, type=Path,
                    help="target-task JSONL: part calibrates, part (--holdout) scores the target task")
     _set_options(p, roles=("original",), required=True)
-    p.add_argument("--keep", default="0.02,0.05,0.1", help="comma-separated patch sizes")
-    p.add_argument("--alpha", default="0.5,0.8,1.0", help="comma-separated fusion weights")
-    p.add_argument("--compensation", default=None,
-                   help="comma-separated: exact, greedy, anchored (needs --anchor); default: exact, "
-                        "greedy, and anchored with --anchor")
+    p.add_argument("--methods", default=",".join(search.DEFAULT_METHODS),
+                   help="comma-separated: Model Tailor over keep x alpha x the options below, the "
+                        "data-free methods over keep (or λ: WiSE-FT, task arithmetic)")
+    for name in ("keep", "alpha", "lam"):
+        _axis_flag(p, name, format_numbers(search.SEARCH_GRID[name]))
+    _axis_flag(p, "compensation", None)
     _anchor_options(p)
-    p.add_argument("--order", default="mask-first", help="comma-separated: mask-first, sparsegpt")
-    p.add_argument("--budget", default="uniform", help="comma-separated: uniform, per-layer")
-    p.add_argument("--scope", default="block", help="comma-separated: block, row, tensor, global")
-    p.add_argument("--holdout", type=float, default=0.25, help="share of --calib held out for scoring")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    for name in ("order", "budget", "scope"):
+        _axis_flag(p, name, default(name))
+    defaults = _keyword_defaults(search.find_settings)
+    p.add_argument("--holdout", type=float, default=defaults["holdout"],
+                   help="share of --calib held out for scoring")
+    p.add_argument("--seed", type=int, default=defaults["seed"], help="seed of the held-out split")
     p.add_argument("--limit", type=int, default=32, help="examples per original-task set")
     p.add_argument("--calib-limit", type=int, default=128, help="target-task examples read from --calib")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"])
     p.add_argument("--out", required=True, type=Path, help="table CSV")
     _in_memory_option(p)
     _model_options(p)
@@ -255,22 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="full", help=" | ".join(TRAINING_METHODS))
     p.add_argument("--layers", default=None,
                    help="decoder layers to train: N / last:N (default: last half), 20-31, 0,2,5-7, all")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    recipe = _keyword_defaults(finetune)
+    for name in ("lr", "epochs", "batch_size", "seed"):
+        p.add_argument(_flag(name), type=type(recipe[name]), default=recipe[name])
     p.add_argument("--limit", type=int, default=None, help="train on the first N examples")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--rho", type=_unit_interval, default=0.1, help="Dowser: trainable fraction per matrix")
-    p.add_argument("--importance-cache", type=Path, default=None, help="Dowser: folder caching scores")
-    p.add_argument("--probe-prompts", type=int, default=64, help="Dowser: K self-generated prompts")
-    p.add_argument("--probes", type=int, default=8, help="Dowser: M Rademacher probes per batch")
-    p.add_argument("--llaca-form", default="code", help="LLaCA weight: code (authors') | paper | mean (ours: per-entry means)")
-    p.add_argument("--ema-beta", type=float, default=0.99, help="fixed-β EMA baseline")
+    for name in ("weight_decay", "warmup_steps"):
+        p.add_argument(_flag(name), type=type(recipe[name]), default=recipe[name])
+    _training_options(p)
     p.add_argument("--continual", default=None, metavar="TASKS",
                    help="train on the shapes world's tasks one after another instead of --data "
-                   "(e.g. colour,count,spatial; methods full, ema, llaca): OUT/continual.csv holds "
+                   f"(e.g. colour,count,spatial; methods {', '.join(ContinualMethod)}): OUT/continual.csv holds "
                    "every task's accuracy after each stage; --limit examples per task (default 1200)")
     _model_options(p)
 
@@ -282,10 +315,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def reference() -> str:
+    """docs/cli.md: every command and its options, as Markdown, from `build_parser`
+    (`python tools/cli_docs.py` writes it)."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    about = {a.dest: a.help for a in commands._choices_actions}
+    lines = ["# Command line", "", "Generated from the parser by `python tools/cli_docs.py`; "
+             "`python -m tailor_ui COMMAND --help` prints the same.", ""]
+    for name, sub in commands.choices.items():
+        lines += [f"## {name}", "", f"{about[name]}.", "", "| option | meaning |", "| --- | --- |"]
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            words = ", ".join(action.option_strings)
+            if not action.option_strings:  # a positional: its words
+                words = " | ".join(action.choices or [action.dest])
+            elif action.nargs != 0:
+                words += " " + (action.metavar or action.dest.upper())
+            flags = f"`{words}`" + (" (required)" if action.required and action.option_strings else "")
+            text = (action.help or "").replace("%%", "%")
+            shown = not any(action.default is d for d in (None, False, argparse.SUPPRESS)) and action.default != []
+            if shown and "default" not in text:
+                text = f"{text} (default {action.default})".strip()
+            lines.append(f"| {_cell(flags)} | {_cell(text)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a Markdown table cell
+
+
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     args = build_parser().parse_args(argv)
+    args.command_line = _command_line(sys.argv[1:] if argv is None else argv)
     try:
         if not args.debug:
             _quiet_libraries()
@@ -310,14 +376,28 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _command_line(argv: list[str]) -> str:
+    """The command as typed, for model cards: what rebuilds the output (so not the push)."""
+    import shlex
+
+    words, skip = [], False
+    for word in argv:
+        if skip or word == "--private" or word.startswith("--push-to-hub="):
+            skip = False
+            continue
+        skip = word == "--push-to-hub"
+        if not skip:
+            words.append(word)
+    return "python -m tailor_ui " + shlex.join(words)
+
+
 def _default_compensation(args: argparse.Namespace) -> str:
-    """`--compensation` left out: `Settings.default_compensations`, anchored where --anchor
-    gives it original-task data (alone for one merge, beside the others for a sweep or a
-    search)."""
+    """A sweep's or a search's `--compensation` left out: `Settings.default_compensations`,
+    with anchored beside the others where --anchor gives it original-task data (a single
+    merge's default: `_settings`)."""
     from tailor_ui.settings import Settings
 
-    forms = Settings.default_compensations(bool(args.anchor), search=args.command == "find-settings")
-    return forms[-1] if args.command in ("tailor", "compare") else ",".join(forms)
+    return ",".join(Settings.default_compensations(bool(args.anchor), search=args.command == "find-settings"))
 
 
 def _quiet_libraries() -> None:
@@ -349,6 +429,16 @@ def _stream_sources(args: argparse.Namespace, specs: list[str]) -> list[str] | N
     # read, not halfway through the stream
     check_local_pair(sources[0], sources[1:], allow_pickle=args.allow_pickle)
     return sources
+
+
+def _one_thread_per_op() -> None:
+    """Before a streamed merge or apply: its chunks are small (in cache), and waking a second
+    thread for each op costs more than the arithmetic, most of all on a busy machine, while
+    the reader and writer threads use the other cores. Set here, at the entry point of a
+    process that does nothing else, never by the library mid-run."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _stream_device(device: str) -> str:
@@ -398,23 +488,36 @@ def _progress_bar():
 
 
 def _settings(args: argparse.Namespace, method: str):
-    """The merge settings the `_merge_options` name."""
-    from tailor_ui.settings import Settings
+    """The merge settings the user gave (`_merge_options`), for `method`; a knob the method
+    does not read is refused, not dropped."""
+    from tailor_ui.methods import REGISTRY
+    from tailor_ui.settings import KNOBS, Settings, method_knobs, method_problem, reads, unread
 
     if args.batch_size < 1 or args.calib_limit < 1:
         raise UserError("--batch-size and --calib-limit must be positive")
-    return Settings(method=method, keep=args.keep, alpha=args.alpha, scope=args.scope,
-                    compensate=not args.no_compensate, compensation=args.compensation,
-                    anchor_weight=args.anchor_weight, order=args.order, budget=args.budget, sign=args.sign,
-                    sensitivity=args.sensitivity, hessians=args.hessians, damp=args.damp,
-                    modules=args.modules, others=args.others, lam=args.lam, drop=args.drop,
-                    seed=args.seed, gamma=args.gamma, epsilon=args.epsilon, overlap=args.overlap)
+    if method_problem(method):
+        raise UserError(method_problem(method))
+    given = {name: getattr(args, name) for name in KNOBS if hasattr(args, name)}
+    ignored = unread(method, given)
+    if ignored:
+        own = [_flag(name) for name in method_knobs(method) if not KNOBS[name].common]
+        raise UserError(f"{', '.join(map(_flag, ignored))}: not read by {REGISTRY[method].label} "
+                        f"(it reads {', '.join(own) or 'none of the merge options'})")
+    if reads(method, "compensation") and "compensation" not in given:
+        given["compensation"] = Settings.default_compensations(bool(args.anchor))[-1]
+    return Settings(method=method, **given)
+
+
+def _flag(name: str) -> str:
+    """A knob's or an option's flag; a switch that turns a default on off is --no-NAME."""
+    from tailor_ui.settings import KNOBS, default, value_type
+
+    switch_off = name in KNOBS and value_type(name) is bool and default(name)
+    return ("--no-" if switch_off else "--") + name.replace("_", "-")
 
 
 def _tailor(args: argparse.Namespace) -> int:
-    from tailor_ui.calibration import calibration_batches
     from tailor_ui.data import read_calibration
-    from tailor_ui.engine import run_method
     from tailor_ui.io import atomic_path
     from tailor_ui.methods import REGISTRY
     from tailor_ui.pair import load_pair
@@ -431,10 +534,11 @@ def _tailor(args: argparse.Namespace) -> int:
         raise UserError("--no-patch leaves nothing to write: add --save-model")
     _check_out_dir(args.out)
     _check_adapter_out(args)
+    token = _hub_token(args)
     examples = [read_calibration(path)[: args.calib_limit] for path in args.calib]
     if args.anchor and not method.needs_calibration:
         raise UserError(f"--anchor is read only by Model Tailor, not by {method.label}")
-    anchor_examples = _read_anchor(args)
+    anchor_examples = _read_anchor(args, settings.anchored)
     sources = None if method.needs_calibration else _stream_sources(args, [args.base, *args.finetuned])
     if sources is not None:
         report = _tailor_streamed(args, settings, sources)
@@ -442,11 +546,9 @@ def _tailor(args: argparse.Namespace) -> int:
         # Model Tailor runs calibration forwards on the base; the fine-tuned weights are read
         # from their checkpoint block by block (lazy), unless --in-memory
         pair = load_pair(args.base, args.finetuned, lazy=not args.in_memory, **_load_options(args))
-        calibration = [calibration_batches(pair.processor, ex, args.batch_size) for ex in examples]
-        anchor = calibration_batches(pair.processor, anchor_examples, args.batch_size)
         bar, update = _progress_bar()
         try:
-            result = run_method(pair, settings, calibration or None, anchor=anchor, progress=update)
+            result = _run_in_memory(pair, settings, examples, anchor_examples, args.batch_size, update)
         finally:
             bar.close()
         with atomic_path(args.out) as tmp:
@@ -455,6 +557,7 @@ def _tailor(args: argparse.Namespace) -> int:
                 result.report["tensors_checked"] = save_tailored(pair, result.patch, tmp / "model")
             _write_adapter(args, result.patch, result.report, pair=pair)
             save_run(tmp, None if args.no_patch else result.patch, result.report)
+            _write_cards(args, tmp, result.report)
         report = result.report
     print(f"{settings.method}: {report['patch_entries']:,} entries in the patch "
           f"({100 * report['linear_fraction']:.2f}% of selected linears, "
@@ -465,7 +568,38 @@ def _tailor(args: argparse.Namespace) -> int:
         print(f"adapter: rank {fit['rank']} fit of {fit['low_rank_tensors']} linears, relative error "
               f"{fit['relative_error']:.4f} ({len(fit['modules_saved_whole'])} modules saved whole) "
               f"-> {args.adapter_out}")
+    if token is not None:
+        from tailor_ui.hub import push_folder
+
+        folder = args.out / "model" if args.save_model else args.out
+        print(f"published {folder} -> {push_folder(folder, args.push_to_hub, token, private=args.private)}")
     return 0
+
+
+def _hub_token(args: argparse.Namespace) -> str | None:
+    """--push-to-hub's token (huggingface_hub's: HF_TOKEN or a saved login), checked with
+    the repository id before any model loads; None without --push-to-hub."""
+    if args.push_to_hub is None:
+        if args.private:
+            raise UserError("--private goes with --push-to-hub")
+        return None
+    from huggingface_hub import get_token
+
+    from tailor_ui.hub import check_repo_id, require_token
+
+    check_repo_id(args.push_to_hub)
+    return require_token(get_token(), "set HF_TOKEN or run `hf auth login`")
+
+
+def _write_cards(args: argparse.Namespace, folder: Path, report: dict) -> None:
+    """The model cards of a `tailor` run's outputs: the patch folder, the model, the adapter."""
+    from tailor_ui.model_card import Artifact, write_card
+
+    for written, path, artifact in ((not args.no_patch, folder, Artifact.PATCH),
+                                    (args.save_model, folder / "model", Artifact.MODEL),
+                                    (args.adapter_out is not None, args.adapter_out, Artifact.ADAPTER)):
+        if written:
+            write_card(path, artifact, report, command=args.command_line)
 
 
 def _check_adapter_out(args: argparse.Namespace) -> None:
@@ -510,6 +644,7 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
 
     with Checkpoint(sources[0]) as base:  # the patch's header goes in front of its data
         room = header_room(base.tensors)
+    _one_thread_per_op()
     bar, update = _progress_bar()
     try:
         with atomic_path(args.out) as tmp:
@@ -523,6 +658,7 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
             if args.adapter_out is not None:  # fitted from the written patch, a tensor at a time
                 _write_adapter(args, PatchFile(tmp / "patch.safetensors"), report, base_folder=sources[0])
             save_run(tmp, None, report)
+            _write_cards(args, tmp, report)
     finally:
         bar.close()
     return report
@@ -534,41 +670,49 @@ def _apply(args: argparse.Namespace) -> int:
     from tailor_ui.patch import PatchFile, apply_patch
     from tailor_ui.service.export import save_model
 
+    from tailor_ui.model_card import Artifact, write_card
+
     _check_out_dir(args.out)
     patch = PatchFile(args.patch)
     sources = _stream_sources(args, [args.base])
-    if sources is not None:  # tensor by tensor, in the checkpoint's dtypes, the patch's too
-        from tailor_ui.stream import stream_apply_patch
+    made = patch.metadata  # how the patch was made, for the card
+    report = {"settings": made.get("settings"), "base": args.base, "finetuned": made.get("finetuned", []),
+              "patch_entries": patch.num_entries}
+    with atomic_path(args.out) as tmp:
+        if sources is not None:  # tensor by tensor, in the checkpoint's dtypes, the patch's too
+            from tailor_ui.stream import stream_apply_patch
 
-        stream_apply_patch(sources[0], patch, args.out)
-    else:
-        model, processor = load_model(args.base, **_load_options(args))
-        apply_patch(model, patch.load())
-        with atomic_path(args.out) as tmp:
+            _one_thread_per_op()
+            stream_apply_patch(sources[0], patch, tmp)
+        else:
+            model, processor = load_model(args.base, **_load_options(args))
+            apply_patch(model, patch.load())
             save_model(model, processor, tmp)
+        write_card(tmp, Artifact.MODEL, report, command=args.command_line)
     print(f"applied {patch.num_entries:,} entries -> {args.out}")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from tailor_ui.data import read_calibration
     from tailor_ui.pair import load_pair
     from tailor_ui.patch import check_fits, load_patch
     from tailor_ui.service.compare import model_answers
 
     if args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--max-new-tokens and --limit must be positive")
+    settings = _compare_settings(args)
     rows = _compare_rows(args)  # every input is read before any model loads
     patch = load_patch(args.patch) if args.patch is not None else None
-    settings = _settings(args, "tailor") if args.calib is not None else None
-    calib = _read_calibration(args.calib, args.calib_limit) if settings is not None else None
-    anchor = _read_anchor(args) if settings is not None else []
+    calib = read_calibration(args.calib)[: args.calib_limit] if settings is not None else None
+    anchor = _read_anchor(args, settings.anchored) if settings is not None else []
     pair = load_pair(args.base, args.finetuned, **_load_options(args))
     if patch is not None:
         check_fits({n: tuple(p.shape) for n, p in pair.base.named_parameters()}, patch)
     bar, update = _progress_bar()
     try:
         if settings is not None:
-            patch = _tailor_patch(pair, settings, calib, anchor, args.batch_size, update)
+            patch = _run_in_memory(pair, settings, [calib], anchor, args.batch_size, update).patch
         merges = [("Tailored", patch)] if patch is not None else []
         answers = model_answers(pair, merges, [(row["image_data"], row["question"]) for row in rows],
                                 args.max_new_tokens, update)
@@ -578,18 +722,24 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_calibration(path: Path, limit: int) -> list:
-    from tailor_ui.data import read_examples
+def _compare_settings(args: argparse.Namespace):
+    """`compare --calib`'s Model Tailor settings; without --calib the merge options have
+    nothing to set, so they are refused."""
+    from tailor_ui.settings import KNOBS, Settings
 
-    return read_examples(path)[:limit]
+    if args.calib is not None:
+        return _settings(args, Settings.method)
+    given = [_flag(name) for name in KNOBS if hasattr(args, name)] + (["--anchor"] if args.anchor else [])
+    if given:
+        raise UserError(f"{', '.join(given)}: merge options go with --calib (which tailors on the fly)")
+    return None
 
 
-def _read_anchor(args: argparse.Namespace) -> list:
+def _read_anchor(args: argparse.Namespace, anchored: bool) -> list:
     """`--anchor`'s examples (each file's first --calib-limit); refused when anchored
     compensation is asked for without them, or they are given for nothing."""
     from tailor_ui.data import read_calibration
 
-    anchored = "anchored" in _words(args.compensation)
     if anchored and not args.anchor:
         raise UserError("--compensation anchored needs original-task calibration data: pass "
                         "--anchor FILE.jsonl")
@@ -598,14 +748,16 @@ def _read_anchor(args: argparse.Namespace) -> list:
     return [ex for path in args.anchor for ex in read_calibration(path)[: args.calib_limit]]
 
 
-def _tailor_patch(pair, settings, examples: list, anchor: list, batch_size: int, progress):
-    """The patch of a Model Tailor run on the loaded pair."""
+def _run_in_memory(pair, settings, examples: list[list], anchor: list, batch_size: int, progress):
+    """A merge of the loaded pair (`tailor`, and `compare --calib`): `examples` holds each
+    fine-tuned model's calibration examples (none for a data-free method), `anchor` the
+    original-task examples of anchored compensation."""
     from tailor_ui.calibration import calibration_batches
     from tailor_ui.engine import run_method
 
-    calibration = [calibration_batches(pair.processor, examples, batch_size)]
-    anchor_batches = calibration_batches(pair.processor, anchor, batch_size)
-    return run_method(pair, settings, calibration, anchor=anchor_batches, progress=progress).patch
+    calibration = [calibration_batches(pair.processor, ex, batch_size) for ex in examples]
+    return run_method(pair, settings, calibration or None,
+                      anchor=calibration_batches(pair.processor, anchor, batch_size), progress=progress)
 
 
 def _compare_rows(args: argparse.Namespace) -> list[dict]:
@@ -717,7 +869,7 @@ def _sweep(args: argparse.Namespace) -> int:
     grid = sweep_grid(methods, {"keep": parse_numbers(args.keep, "--keep"),
                                 "alpha": parse_numbers(args.alpha, "--alpha"),
                                 "lam": parse_numbers(args.lam, "--lam", *LAMBDA_RANGE)},
-                      calibrated={"hessians": [args.hessians], "compensation": _words(args.compensation),
+                      calibrated={"hessians": _words(args.hessians), "compensation": _words(args.compensation),
                                   "scope": _words(args.scope), **_anchor_weights(args)})
     calibrated = [m for m in methods if REGISTRY[m].needs_calibration]
     if calibrated and args.calib is None:
@@ -727,7 +879,7 @@ def _sweep(args: argparse.Namespace) -> int:
     original = [s.cut(args.limit) for s in sets if s.role == "original"]
     target = [s.cut(args.limit) for s in sets if s.role == "target"]
     calib = read_calibration(args.calib)[: args.calib_limit] if args.calib else None
-    anchor = _read_anchor(args)
+    anchor = _read_anchor(args, "anchored" in _words(args.compensation))
     pair = load_pair(args.base, args.finetuned, **_load_options(args))
     calibration = [calibration_batches(pair.processor, calib)] if calib else None
     bar, update = _progress_bar()
@@ -760,19 +912,20 @@ def _anchor_weights(args: argparse.Namespace) -> dict[str, list[float]]:
 def _find_settings(args: argparse.Namespace) -> int:
     from tailor_ui.data import read_calibration
     from tailor_ui.evaluation.search import candidate_grid, find_settings, split_examples
-    from tailor_ui.evaluation.sweep import parse_numbers
+    from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers
     from tailor_ui.io import atomic_path
     from tailor_ui.pair import load_pair
 
     if args.batch_size < 1 or args.calib_limit < 1 or args.limit < 1:
         raise UserError("--batch-size, --calib-limit and --limit must be positive")
     options = {name: _words(getattr(args, name)) for name in ("compensation", "order", "budget", "scope")}
-    grid = {"keeps": parse_numbers(args.keep, "--keep"), "alphas": parse_numbers(args.alpha, "--alpha")}
+    grid = {"keeps": parse_numbers(args.keep, "--keep"), "alphas": parse_numbers(args.alpha, "--alpha"),
+            "lams": parse_numbers(args.lam, "--lam", *LAMBDA_RANGE), "methods": _words(args.methods)}
     # cut by find_settings, which says so
     original = [s.cut() for s in _read_sets(args, {"original": args.original})]
     calibration = read_calibration(args.calib)[: args.calib_limit]
-    anchor = _read_anchor(args)
-    candidate_grid(grid["keeps"], grid["alphas"], options)  # refused before the models load
+    anchor = _read_anchor(args, "anchored" in _words(args.compensation))
+    candidate_grid(grid["keeps"], grid["alphas"], options, grid["methods"], grid["lams"])  # refused now
     split_examples(calibration, args.holdout, args.seed)
     # the base is the working copy; a fine-tuned safetensors folder is read lazily
     pair = load_pair(args.base, args.finetuned, lazy=not args.in_memory, **_load_options(args))
@@ -795,32 +948,41 @@ def _find_settings(args: argparse.Namespace) -> int:
 
 
 def tailor_command(settings, args: argparse.Namespace) -> str:
-    """The `tailor` command line that builds the model with these settings."""
-    import shlex
+    """The `tailor` command line that builds the model with these settings (a data-free
+    method's without calibration data)."""
+    from tailor_ui import model_card
+    from tailor_ui.methods import REGISTRY
 
-    from tailor_ui.settings import Settings
+    calib = [str(args.calib)] if REGISTRY[settings.method].needs_calibration else []
+    return model_card.tailor_command(settings, args.base, [args.finetuned], calib=calib,
+                                     anchor=[str(a) for a in args.anchor])
 
-    words = ["python -m tailor_ui tailor", "--base", args.base, "--finetuned", args.finetuned,
-             "--calib", str(args.calib), "--out", "tailored", "--keep", f"{settings.keep:g}",
-             "--alpha", f"{settings.alpha:g}", "--compensation", settings.compensation]
-    for name in ("order", "budget", "scope", "hessians"):
-        if getattr(settings, name) != getattr(Settings, name):
-            words += [f"--{name}", getattr(settings, name)]
-    if settings.compensation == "anchored":
-        words += [w for path in args.anchor for w in ("--anchor", str(path))]
-        if settings.anchor_weight != Settings.anchor_weight:
-            words += ["--anchor-weight", f"{settings.anchor_weight:g}"]
-    return " ".join(words[:1] + [shlex.quote(w) for w in words[1:]])
+
+def _training_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The method options the user gave; another method's are refused, not dropped."""
+    from tailor_ui.training.registry import METHODS, TRAINING_METHODS, accepted_options, unread_options
+
+    if args.method not in METHODS:
+        raise UserError(f"unknown fine-tuning method {args.method!r} (choose from {', '.join(METHODS)})")
+    given = {name: getattr(args, name) for name in accepted_options() if hasattr(args, name)}
+    ignored = unread_options(args.method, given)
+    if ignored:
+        cls = TRAINING_METHODS[args.method]
+        own = [_flag(n) for n in cls.options if n in cls.option_help]
+        raise UserError(f"{', '.join(map(_flag, ignored))}: not read by {cls.label} "
+                        f"(it reads {', '.join(own) or 'none of the method options'})")
+    return given
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from tailor_ui.training.finetune import finetune_cli, parse_layers
 
-    if args.epochs < 1 or args.batch_size < 1 or args.probe_prompts < 1 or args.probes < 1:
-        raise UserError("--epochs, --batch-size, --probe-prompts and --probes must be positive")
+    if args.epochs < 1 or args.batch_size < 1:
+        raise UserError("--epochs and --batch-size must be positive")
     _check_out_dir(args.out)
+    options = _training_given(args)
     if args.continual is not None:
-        return _finetune_continual(args)
+        return _finetune_continual(args, options)
     if args.data is None:
         raise UserError("give --data (a training JSONL) or --continual TASKS")
     bar, update = _progress_bar()
@@ -829,9 +991,7 @@ def _finetune(args: argparse.Namespace) -> int:
             args.base, args.data, args.out, args.method, layers=parse_layers(args.layers),
             limit=args.limit, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
             seed=args.seed, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-            rho=args.rho, importance_cache=args.importance_cache, probe_prompts=args.probe_prompts,
-            probes=args.probes, llaca_form=args.llaca_form, ema_beta=args.ema_beta,
-            progress=update, **_load_options(args))
+            progress=update, **options, **_load_options(args))
     finally:
         bar.close()
     losses = report.losses
@@ -840,17 +1000,15 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finetune_continual(args: argparse.Namespace) -> int:
+def _finetune_continual(args: argparse.Namespace, options: dict[str, Any]) -> int:
     """The continual twin of the Fine-tune tab: shapes-world tasks one after another."""
     from tailor_ui.demo.tasks import shapes_sequence
     from tailor_ui.io import atomic_path
     from tailor_ui.pair import load_model
-    from tailor_ui.service.finetune import CONTINUAL_METHOD
-    from tailor_ui.training.continual import run_continual, summary
+    from tailor_ui.training.continual import ContinualMethod, run_continual, summary
     from tailor_ui.training.finetune import parse_layers
 
-    if args.method not in CONTINUAL_METHOD:
-        raise UserError(f"--continual trains with {', '.join(CONTINUAL_METHOD)}, not {args.method}")
+    method = ContinualMethod.of(args.method)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
     model, processor = load_model(args.base, **_load_options(args))
@@ -858,11 +1016,11 @@ def _finetune_continual(args: argparse.Namespace) -> int:
                             n_train=args.limit or 1200, seed=args.seed)
     bar, update = _progress_bar()
     try:
-        table = run_continual(model, processor, tasks, CONTINUAL_METHOD[args.method],
+        table = run_continual(model, processor, tasks, method,
                               layers=parse_layers(args.layers), lr=args.lr, epochs=args.epochs,
                               batch_size=args.batch_size, seed=args.seed,
                               weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                              llaca_form=args.llaca_form, ema_beta=args.ema_beta, progress=update)
+                              progress=update, **options)
     finally:
         bar.close()
     with atomic_path(args.out / "continual.csv") as tmp:  # complete or absent

@@ -70,7 +70,7 @@ class _Run:
 def selected_linears(pair: Pair, pattern: str | None = None) -> list[str]:
     """Linear modules whose weight some fine-tuned model changed, in model order.
 
-    The output embedding (lm_head) is left to the policy for other tensors, as METHODS.md
+    The output embedding (lm_head) is left to the policy for other tensors, as docs/methods.md#tensors
     lists it with embeddings and norms. A pattern narrows the choice (regex search).
     """
     output = pair.base.get_output_embeddings() if hasattr(pair.base, "get_output_embeddings") else None

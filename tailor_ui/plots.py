@@ -294,9 +294,10 @@ def retention_bars(table: pd.DataFrame | None) -> go.Figure:
 
 
 def settings_search(table: pd.DataFrame | None) -> go.Figure:
-    """Find settings: each candidate's original retention against its target gain, the
-    Pareto front joined, the best (highest harmonic mean) starred, base and fine-tuned
-    as references at (1, 0) and (their retention, 1)."""
+    """Find settings: each candidate's original retention against its target gain, a
+    colour per method (those on the Pareto front ringed and joined), the best (highest
+    harmonic mean) starred and named, base and fine-tuned as references at (1, 0) and
+    (their retention, 1)."""
     title = "Find settings: original skills kept vs new skill kept"
     if table is None or table.empty or "front" not in table:
         return empty_figure("press Find settings to see the candidates", title)
@@ -305,19 +306,26 @@ def settings_search(table: pd.DataFrame | None) -> go.Figure:
     hover = "%{text}<br>original retention %{x:.3f}<br>target gain %{y:.3f}<extra></extra>"
     front = candidates[candidates["front"]].sort_values("original_retention")
     fig.add_trace(go.Scatter(x=front["original_retention"], y=front["target_gain"], mode="lines",
-                             name="front", line={"color": COLOURS["tailor"], "dash": "dot"},
-                             hoverinfo="skip"))
+                             name="front", line={"color": "#555555", "dash": "dot"}, hoverinfo="skip"))
+    best = candidates[candidates["best"]]  # exactly one (evaluation.search.rank)
+    groups = [(method_label(m), rows, {"size": [11 if f else 8 for f in rows["front"]],
+                                        "color": COLOURS.get(m, "#9ca3af"),
+                                        "line": {"width": [2 if f else 0 for f in rows["front"]],
+                                                 "color": "#222222"}})
+              for m, rows in candidates.groupby("method", sort=False)]
     for name, rows, marker in (
-            ("candidates", candidates[~candidates["front"]], {"size": 8, "color": "#9ca3af"}),
-            ("on the front", front, {"size": 10, "color": COLOURS["tailor"]}),
-            ("best", candidates[candidates["best"]],
-             {"size": 18, "color": COLOURS["tailor"], "symbol": "star", "line": {"width": 1}}),
+            *groups,
+            (f"best: {best['setting'].iloc[0]}", best,
+             {"size": 20, "color": COLOURS.get(best["method"].iloc[0], "#9ca3af"), "symbol": "star",
+              "line": {"width": 1.5, "color": "#222222"}}),
             *((method_label(kind), table[table["kind"] == kind],
                {"size": 14, "color": COLOURS[kind], "symbol": "diamond"}) for kind in ("base", "finetuned"))):
         text = [f"{s}<br>h {h:.3f}" if h == h else s for s, h in zip(rows["setting"], rows["h"])]
         fig.add_trace(go.Scatter(x=rows["original_retention"], y=rows["target_gain"], mode="markers",
                                  name=name, text=text, marker=marker, hovertemplate=hover))
-    fig.update_layout(title=title, height=HEIGHT, legend={"orientation": "h", "y": -0.2},
+    # a legend row per few methods: below the axis title, on a taller figure
+    fig.update_layout(title=title, height=HEIGHT + 80,
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.25},
                       xaxis={"title": "original retention (score / base)"},
                       yaxis={"title": "target gain ((score − base) / (fine-tuned − base))"})
     return fig

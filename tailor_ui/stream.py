@@ -255,15 +255,9 @@ def _run(job: _Job, start: float, out_dir: str | Path | None, max_shard_bytes: i
     job.clock.add("plan", start)
     release_large_frees()  # what the threads free goes back, so the memory bound holds
     meter = PeakMemory([job.device]).start()  # stopped in `finally`; planning holds no tensors
-    threads = torch.get_num_threads()
-    # one thread per op: the chunks are small (in cache), and waking a second thread for each
-    # costs more than the arithmetic, most of all on a busy machine; the reader and writer
-    # threads use the other cores
-    torch.set_num_threads(1)
     try:
         files = _write(job, out_dir, max_shard_bytes, progress or no_progress, should_stop or never_stop)
     finally:
-        torch.set_num_threads(threads)
         job.base.close()
         for c in job.tuned:
             c.close()

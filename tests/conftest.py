@@ -60,7 +60,7 @@ def tailor(client, keep: float = 0.1, method: str = "tailor", **extra) -> str:
                   modules_regex="", calib_source="builtin", calib_files=None, calib_examples=32,
                   compensation=Settings.compensation, order="mask-first", budget="uniform")
     values.update(extra)
-    job_id, progress = client.predict(*values.values(), api_name="/tailor")
+    job_id, progress = client.predict(**values, api_name="/tailor")
     assert job_id.startswith("job-") and job_id in progress  # the id comes back in a component
     return job_id
 
@@ -164,6 +164,16 @@ def app(studio):
     app.url = url.rstrip("/") + "/"
     yield app
     blocks.close()
+
+
+@pytest.fixture(scope="session")
+def handlers(studio):
+    """The dashboard's handlers, built once and called directly (`app` is the launched server)."""
+    from tailor_ui.ui.blocks import App
+
+    handlers = App(studio)
+    handlers.build()
+    return handlers
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ offline, in well under a second per model.
   images…), right-padded with attention masks that have zeros.
 - `finetuned`: regex (re.search on parameter names) of what a fine-tuning of this family
   changes: the last language-decoder layer, or for InstructBLIP the last Q-Former layer
-  (the part InstructBLIP fine-tunes and METHODS.md §1 tailors). Use with `finetune_like`.
+  (the part InstructBLIP fine-tunes and docs/methods.md#tensors tailors). Use with `finetune_like`.
 - `processor()`: the family's real processor, matching the model's token ids and image
   geometry.
 

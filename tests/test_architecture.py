@@ -18,6 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tailor_ui.service",),
     ("tailor_ui.gpu", "tailor_ui.jobs", "tailor_ui.workers", "tailor_ui.session", "tailor_ui.plots"),
     ("tailor_ui.demo",),
+    ("tailor_ui.model_card", "tailor_ui.hub"),
     ("tailor_ui.training", "tailor_ui.evaluation"),
     ("tailor_ui.stream", "tailor_ui.pair_stream"),
     ("tailor_ui.engine",),

@@ -214,3 +214,23 @@ def test_picking_the_counting_story_loads_its_fine_tune(browser, app, screenshot
                                                                        timeout=LONG)
     page.screenshot(path=screenshots / "story-counting.png", full_page=True)
     context.close()
+
+
+def test_a_method_shows_its_own_knobs_and_a_slider_move_merges_with_it(page, screenshots):
+    open_tab(page, "Tailor")
+    page.locator("#tailor-method input").click()
+    page.get_by_role("option", name="Model Breadcrumbs").click()
+    expect(page.locator("#tailor-method-info")).to_contain_text("drop the top gamma")
+    expect(page.locator("#tailor-gamma")).to_be_visible()  # declared knobs: γ has its slider
+    expect(page.locator("#tailor-alpha")).to_be_hidden()  # Model Tailor's alone
+    expect(page.locator("#tailor-epsilon")).to_be_hidden()  # DELLA's
+    job_box = page.locator("#tailor-job-id textarea")
+    before = job_box.input_value()
+    move_slider(page, "tailor-gamma", 0.2)
+    gamma = float(page.locator("#tailor-gamma input[type=number]").input_value())
+    keep = float(page.locator("#tailor-keep input[type=number]").input_value())  # earlier tests
+    expect(job_box).not_to_have_value(before, timeout=LONG)
+    expect(page.locator("#tailor-progress .mts-progress")).to_have_attribute("data-status", "done",
+                                                                          timeout=LONG)
+    expect(page.locator("#tailor-result")).to_contain_text(f"Model Breadcrumbs keep={keep:g} lam=1 gamma={gamma:g}")
+    page.screenshot(path=screenshots / "tailor-breadcrumbs.png", full_page=True)

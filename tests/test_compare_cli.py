@@ -108,6 +108,12 @@ def bad_lines(folder, run_dir):
     return ["--data", str(folder / "data.jsonl")]
 
 
+def empty_calibration_row(folder, run_dir):
+    (folder / "0.png").write_bytes((DEMO / "images" / "target_eval" / "0000.png").read_bytes())
+    (folder / "calib.jsonl").write_text('{"image": "0.png", "question": "", "answers": []}\n')
+    return ["--data", str(EVAL), "--calib", str(folder / "calib.jsonl")]
+
+
 BAD = [
     pytest.param(lambda f, r: ["--image", str(f / "nope.png")], ("image not found", "nope.png"), id="missing-image"),
     pytest.param(bad_patch, ("patch.safetensors is not a readable safetensors file",), id="unreadable-patch"),
@@ -119,6 +125,8 @@ BAD = [
     pytest.param(lambda f, r: ["--data", str(EVAL), "--limit", "0"], ("must be positive",), id="limit-0"),
     pytest.param(lambda f, r: ["--data", str(EVAL), "--patch", "p", "--calib", "c"], ("not allowed with",),
                  id="patch-and-calib"),
+    pytest.param(empty_calibration_row, ("calib.jsonl line 1: a calibration row needs a question or answers",),
+                 id="calibration-row-without-question-or-answers"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""`compensate` against closed-form OBS answers on tiny layers (METHODS.md §1, step 8).
+"""`compensate` against closed-form OBS answers on tiny layers (docs/methods.md#greedy).
 
 The references here are written plainly: explicit inverses of Hessian submatrices, one
 column at a time, no Cholesky factor and no lazy batches.

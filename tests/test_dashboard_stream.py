@@ -25,7 +25,7 @@ from tailor_ui.patch import Patch, PatchFile, applied, bits_differ, save_patch
 from tailor_ui.service import export
 from tailor_ui.service.tailor import tailor_run
 from tailor_ui.session import PairHandle, Session, TailorRun
-from tailor_ui.settings import Settings
+from tailor_ui.settings import Settings, method_knobs
 
 CASES = [
     (1, Settings(method="task_arithmetic", lam=0.7)),
@@ -59,8 +59,9 @@ def _dashboard(handle: PairHandle, settings: Settings, session: Session | None) 
 
 
 def _cli(folders, n: int, settings: Settings, out) -> PatchFile:
-    flags = ["--keep", str(settings.keep), "--seed", str(settings.seed), "--others", settings.others,
-             "--overlap", settings.overlap] + (["--lam", str(settings.lam)] if settings.lam is not None else [])
+    # every knob the method reads, as flags (the CLI refuses the others)
+    flags = [word for name in method_knobs(settings.method) if getattr(settings, name) is not None
+             for word in ("--" + name.replace("_", "-"), str(getattr(settings, name)))]
     tuned = [arg for ft in folders["ft"][:n] for arg in ("--finetuned", ft)]
     assert main(["tailor", "--base", folders["base"], *tuned,
                  "--method", settings.method, *flags, "--out", str(out)]) == 0

@@ -1,4 +1,4 @@
-"""Model-Dowser (METHODS.md §3): the probe against a direct Jacobian computation, the
+"""Model-Dowser (docs/methods.md#model-dowser): the probe against a direct Jacobian computation, the
 boundary rules, the exact ρ masks, the cache, and sparse training that leaves every other
 entry bit-identical."""
 

@@ -81,9 +81,10 @@ def test_parse_layers():
 def test_full_finetune_trains_only_the_chosen_layers(samples):
     base, processor = tiny()
     model = copy.deepcopy(base)
-    steps = []
+    steps, events = [], []
     report = finetune(model, processor, samples, lr=1e-3, batch_size=4, epochs=2,
-                      progress=lambda stage, done, total: steps.append((done, total)))
+                      progress=lambda stage, done, total: steps.append((done, total)),
+                      on_loss=lambda loss: events.append(("loss", loss, len(steps))))
     changed = _changed(base, model)
     assert changed and all(".language_model.layers.2." in n or ".language_model.layers.3." in n
                            for n in changed)
@@ -91,6 +92,8 @@ def test_full_finetune_trains_only_the_chosen_layers(samples):
     assert report.layers == [2, 3] and report.steps == 8 and len(report.losses) == 8
     assert len(report.epoch_losses) == 2 and report.seconds > 0
     assert steps[-1] == (8, 8)
+    # each step's loss is heard as it comes, before that step's progress
+    assert events == [("loss", loss, k) for k, loss in enumerate(report.losses)]
     assert report.trainable_entries == sum(base.get_parameter(n).numel()
                                            for n in trainable_parameters(base, [2, 3]))
     assert 0 < report.trainable_fraction < 1

@@ -1,4 +1,4 @@
-"""LLaCA / EMA (METHODS.md §4) and the continual run (§5): formulas on hand-made numbers,
+"""LLaCA / EMA (docs/methods.md#llaca) and the continual run (#metrics): formulas on hand-made numbers,
 the tracker on hand-made gradients, training integration and the metrics table."""
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def test_short_continual_run_table(tmp_path):
 
 def test_continual_rejects_bad_input(tmp_path):
     model, processor = tiny()
-    with pytest.raises(UserError, match="continual method"):
+    with pytest.raises(UserError, match="a continual run trains with full, ema, llaca, not 'dowser'"):
         run_continual(model, processor, [], method="dowser")
     with pytest.raises(UserError, match="at least one task"):
         run_continual(model, processor, [], method="ema")

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from tailor_ui.errors import UserError
-from tailor_ui.patch import (LEGACY_FORMAT, Patch, PatchFile, TensorPatch, encode, encoded_sizes,
-                             header_room, load_patch, patch_writer, save_patch)
+from tailor_ui.patch import (LEGACY_FORMAT, Patch, PatchFile, TensorPatch, encode, header_room,
+                             load_patch, patch_writer, save_patch)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INT_VIEW = {4: torch.int32, 2: torch.int16}
@@ -42,24 +42,33 @@ def round_trip(tmp_path, tp: TensorPatch, name="w") -> TensorPatch:
     return loaded.tensors[name]
 
 
+def spaced_patch(shape, count, spacing, dtype) -> TensorPatch:
+    """`count` entries at positions 0, spacing, 2·spacing, …, random values."""
+    values = random_patch((count,), count, dtype).values
+    return TensorPatch(index=torch.arange(count) * spacing, values=values, shape=tuple(shape))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, count, encoding", [
-    ((64, 64), 0, "gaps"),        # empty
-    ((64, 64), 1, "gaps"),        # one entry: its position is in the header
-    ((64, 64), 40, "gaps"),       # sparse: narrow gaps beat a bit per entry
-    ((64, 64), 2000, "mask"),     # half kept: a bit per entry beats the gaps
-    ((64, 64), 4096, "dense"),    # all kept: values alone
-    ((4096,), 4095, "mask"),      # 1-D, all but one
-    ((7,), 7, "dense"),           # 1-D, shorter than a mask byte
-    ((3, 5, 7), 9, "gaps"),       # 3-D
+@pytest.mark.parametrize("shape, count, spacing, encoding, overhead", [
+    # overhead: stored bytes beyond the values, by hand (a mask is numel/8 bytes rounded up;
+    # gaps take count − 1 integers of the narrowest width holding the largest gap)
+    ((64, 64), 0, 1, "gaps", 0),          # empty
+    ((64, 64), 1, 1, "gaps", 0),          # one entry: its position is in the header
+    ((64, 64), 40, 100, "gaps", 39),      # sparse: 39 one-byte gaps against a 512-byte mask
+    ((512, 64), 20, 1000, "gaps", 38),    # gaps of 1000 take two bytes each: 38 against 4096
+    ((64, 64), 2000, 2, "mask", 512),     # half kept: 1999 gaps would take more than the mask
+    ((64, 64), 4096, 1, "dense", 0),      # all kept: values alone
+    ((4096,), 4095, 1, "mask", 512),      # 1-D, all but one
+    ((7,), 7, 1, "dense", 0),             # 1-D, shorter than a mask byte
+    ((3, 5, 7), 9, 11, "gaps", 8),        # 3-D: 8 gaps against a 14-byte mask
 ])
-def test_each_encoding_is_chosen_where_smallest_and_round_trips(tmp_path, dtype, shape, count, encoding):
-    tp = random_patch(shape, count, dtype)
+def test_each_encoding_is_chosen_where_smallest_and_round_trips(tmp_path, dtype, shape, count, spacing,
+                                                                encoding, overhead):
+    tp = spaced_patch(shape, count, spacing, dtype)
     entry, parts = encode(tp)
     assert entry["encoding"] == encoding
     stored = sum(t.numel() * t.element_size() for t in parts.values())
-    assert stored == min(encoded_sizes(count, tp.numel, tp.values.element_size(),
-                                       int(tp.index.diff().max()) if count > 1 else 0).values())
+    assert stored == overhead + count * tp.values.element_size()
     assert same(round_trip(tmp_path, tp), tp)
 
 

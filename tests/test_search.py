@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import DEMO, request_for
-from tailor_ui.cli import build_parser, main
+from tailor_ui.cli import _settings, build_parser, main
 from tailor_ui.data import Example
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.search import (HELDOUT, _check_gain, _check_retention, balance,
@@ -26,6 +26,7 @@ from tailor_ui.evaluation.search import (HELDOUT, _check_gain, _check_retention,
                                          split_examples)
 from tailor_ui.jobs import DONE
 from tailor_ui.session import PairHandle
+from tailor_ui.settings import Settings
 from tailor_ui.ui.common import job_result_summary
 
 
@@ -144,12 +145,15 @@ def test_find_settings_on_the_demo_pair(studio):
     assert [s.keep for s in result.settings] == [0.02, 0.5]
     assert all(f"first {n} of {len(s.examples)}" == result.used[s.name] for s in original)
     assert result.used[HELDOUT].startswith("8 of 16")
+    gained = tuned[f"score:{HELDOUT}"] - base[f"score:{HELDOUT}"]  # VQA accuracy on 8 examples
+    assert result.gain_step == pytest.approx(1 / (8 * gained))
 
 
 def test_cli_find_settings_prints_a_tailor_command_that_parses(tmp_path, capsys):
     command = ["find-settings", "--base", str(DEMO / "base"), "--finetuned", str(DEMO / "finetuned"),
                "--calib", str(DEMO / "target_calib.jsonl"), "--original", str(DEMO / "caption_eval.jsonl"),
-               f"{DEMO / 'vqa_eval.jsonl'}:vqa", "--keep", "0.05,0.5", "--alpha", "0.8",
+               f"{DEMO / 'vqa_eval.jsonl'}:vqa", "--methods", "tailor", "--keep", "0.05,0.5",
+               "--alpha", "0.8",
                "--compensation", "greedy", "--limit", "4", "--calib-limit", "16", "--holdout", "0.5"]
     out, loaded = tmp_path / "candidates.csv", tmp_path / "loaded.csv"
     assert main([*command, "--in-memory", "--out", str(loaded)]) == 0
@@ -170,6 +174,27 @@ def test_cli_find_settings_prints_a_tailor_command_that_parses(tmp_path, capsys)
     best = table[table["best"]].iloc[0]
     assert (args.keep, args.alpha, args.hessians) == (best["keep"], best["alpha"], "one-pass")
     assert args.compensation == "greedy"
+    # the command rebuilds the very settings the search scored, and nothing it does not read
+    assert _settings(args, args.method) == Settings(keep=best["keep"], alpha=best["alpha"],
+                                                    hessians="one-pass", compensation="greedy")
+
+
+def test_cli_find_settings_searches_the_baselines_and_prints_the_best_ones_command(tmp_path, capsys):
+    out = tmp_path / "candidates.csv"
+    code = main(["find-settings", "--base", str(DEMO / "base"), "--finetuned", str(DEMO / "finetuned"),
+                 "--calib", str(DEMO / "target_calib.jsonl"), "--original", str(DEMO / "caption_eval.jsonl"),
+                 "--methods", "magnitude,dare,wise_ft", "--keep", "0.1", "--lam", "0.25,0.5", "--limit", "4",
+                 "--calib-limit", "16", "--holdout", "0.5", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    table = pd.read_csv(out)
+    assert list(table.loc[table["kind"] == "merged", "setting"]) == [
+        "Magnitude patch keep=0.1", "DARE drop=0.9", "WiSE-FT lam=0.25", "WiSE-FT lam=0.5"]
+    best = table[table["best"]].iloc[0]
+    args = build_parser().parse_args(shlex.split(printed.strip().splitlines()[-1].strip())[3:])
+    assert args.method == best["method"] and "--calib" not in printed.splitlines()[-1]
+    knob = "lam" if best["method"] == "wise_ft" else "keep"  # DARE's keep: 1 - its drop
+    assert getattr(args, knob) == pytest.approx(best[knob])
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -177,6 +202,8 @@ def test_cli_find_settings_prints_a_tailor_command_that_parses(tmp_path, capsys)
     (["--calib-limit", "1"], "cannot be split"),
     (["--compensation", "fast"], "unknown compensation form 'fast'"),
     (["--keep", "0.1,x"], "'x' is not a number"),
+    (["--methods", "tailor,nope"], "unknown method 'nope'"),
+    (["--methods", "wise_ft", "--lam", ""], "wise_ft needs at least one λ value"),
 ])
 def test_cli_find_settings_refuses_bad_input_in_one_line(tmp_path, capsys, extra, message):
     code = main(["find-settings", "--base", str(DEMO / "base"), "--finetuned", str(DEMO / "finetuned"),
@@ -199,8 +226,8 @@ def app(studio):
 
 
 def find_inputs(**overrides):
-    values = dict(keeps="0.05, 0.5", alphas="0.8", compensations=["greedy"], examples=4, holdout=0.5,
-                  calib_source="builtin", calib_files=None, calib_examples=16)
+    values = dict(methods=["tailor"], keeps="0.05, 0.5", alphas="0.8", lams="", compensations=["greedy"],
+                  examples=4, holdout=0.5, calib_source="builtin", calib_files=None, calib_examples=16)
     return {**values, **overrides}
 
 
@@ -213,15 +240,19 @@ def test_find_settings_on_the_tailor_tab(app):
     session = app.studio.session(request.session_hash)
     progress, figure, markdown = app.tailor.search_poll(session)
     assert 'data-status="done"' in progress and "**Best:**" in markdown
+    assert f"moves a target gain by up to {session.latest_search().result.gain_step:.2f}" in markdown
     assert isinstance(figure, go.Figure)
     traces = {t.name: t for t in figure.data}
     run = session.latest_search()
     best = run.result.best_row
-    assert list(traces["best"].x) == [best["original_retention"]]
-    assert len(traces["candidates"].x) + len(traces["on the front"].x) == 2
+    assert list(traces[f"best: {best['setting']}"].x) == [best["original_retention"]]
+    assert len(traces["Model Tailor"].x) == 2
     assert app.tailor.search_poll(session)[1:] == [gr.skip(), gr.skip()]  # sent once
-    method, keep, alpha, scope, compensate, compensation, order, budget, hessians = \
-        app.tailor.use_best(request=request)
+    shown = app.tailor.use_best(request=request)
+    knobs = app.tailor.knobs
+    method = shown[app.tailor.method]
+    keep, alpha, compensation, hessians = (shown[knobs[name]]["value"]
+                                           for name in ("keep", "alpha", "compensation", "hessians"))
     assert (method, keep, alpha, compensation, hessians) == ("tailor", best["keep"], best["alpha"],
                                                             "greedy", "one-pass")
     summary = job_result_summary(job)["result"]
@@ -235,8 +266,14 @@ def test_find_settings_refuses_what_it_cannot_search(app, studio):
         app.tailor.use_best(request=request)
     with pytest.raises(gr.Error, match="'x' is not a number"):
         app.tailor.find(**find_inputs(keeps="0.1, x"), request=request)
-    with pytest.raises(gr.Error, match="cannot be split"):
-        app.tailor.find(**find_inputs(calib_examples=1), request=request)
+    with pytest.raises(gr.Error, match="strictly between 0 and 1"):
+        app.tailor.find(**find_inputs(holdout=1.0), request=request)
+    with pytest.raises(gr.Error, match="at least one calibration example"):
+        app.tailor.find(**find_inputs(calib_examples=0), request=request)
+    with pytest.raises(gr.Error, match="25 candidates is too many for one search \\(at most 24\\)"):
+        app.tailor.find(**find_inputs(methods=["tailor", "wise_ft"], keeps="0.02, 0.05, 0.1, 0.2",
+                                      alphas="0.5, 0.8, 1.0", lams="0.5", compensations=["exact", "greedy"]),
+                        request=request)
     session = app.studio.session(request.session_hash)
     demo = studio.demo  # the same models, without evaluation sets
     session.own = PairHandle(pair=demo.pair, label="no sets", shared=False, lane=demo.lane,

@@ -202,7 +202,8 @@ def test_every_method_runs_from_the_tab(app):
 
 
 def test_module_picker_and_bad_settings(app):
-    settings = build_settings("tailor", 0.1, 0.8, "row", True, ["q_proj", "v_proj"], 1.0)
+    settings = build_settings("tailor", dict(keep=0.1, alpha=0.8, scope="row", compensate=True, lam=1.0),
+                              ["q_proj", "v_proj"])
     assert settings.modules == r"\.(?:q_proj|v_proj)$" and settings.hessians == "one-pass"
     request = new_request()
     job = run_tailor(app, request, modules=["q_proj"])
@@ -393,8 +394,8 @@ def test_sweep_can_be_cancelled(app):
 
 def test_export_patch_report_and_model(app, tmp_path):
     studio, request = app.studio, new_request()
-    with pytest.raises(gr.Error, match="run a merge first"):
-        app.export.patch("", request=request)
+    with pytest.raises(gr.Error, match="no finished merge 'job-none'"):
+        app.export.patch("job-none", request=request)
     job = run_tailor(app, request, keep=0.12)
     patch = load_patch(app.export.patch(job.id, request=request))
     assert patch.num_entries == job.result.patch.num_entries
@@ -421,8 +422,9 @@ def test_export_patch_report_and_model(app, tmp_path):
     finally:
         revert_patch(base, applied)
     assert app.export.model(job.id, request=request) == zipped  # built once
-    outputs = app.export.poll(studio.session(request.session_hash))
-    assert outputs[0]["choices"][0][1] == job.id
+    session = studio.session(request.session_hash)
+    outputs = app.export.poll(session, studio.handle_for(session))
+    assert [value for _, value in outputs[0]["choices"]] == [job.id, "start-up"]
 
 
 # -- Sessions and polling -------------------------------------------------------------------
@@ -544,9 +546,11 @@ def test_filing_a_merge_once_survives_the_session_pruning_old_ones(studio):
     assert not (session.folder / "run-0").exists() and not (session.folder / "run-1").exists()
 
 
-@pytest.mark.parametrize("tab, kind", [("tailor", "tailor"), ("forgetting", "sweep"), ("finetune", "finetune")])
-def test_cancel_buttons_stop_the_given_or_latest_unfinished_job(app, studio, tab, kind):
-    cancel = getattr(app, tab).cancel
+@pytest.mark.parametrize("tab, kind, button", [
+    ("tailor", "tailor", "cancel"), ("tailor", "search", "cancel_search"), ("forgetting", "sweep", "cancel"),
+    ("finetune", "finetune", "cancel"), ("finetune", "continual", "cancel_continual")])
+def test_cancel_buttons_stop_the_given_or_latest_unfinished_job(app, studio, tab, kind, button):
+    cancel = getattr(getattr(app, tab), button)
     request = new_request()
     sid = request.session_hash
     assert 'data-status="idle"' in cancel("", request) and "Nothing to cancel." in cancel("", request)
@@ -563,7 +567,7 @@ def test_cancel_buttons_stop_the_given_or_latest_unfinished_job(app, studio, tab
     assert f'data-job="{again.id}"' in cancel(f" {again.id} ", request)
     assert studio.runner.wait(again.id, sid, timeout=30).status == CANCELLED
     finished = cancel(job.id, request)  # a finished job given, nothing running
-    if tab == "tailor":  # the merge tab shows that job's state
+    if kind == "tailor":  # the merge's Cancel shows that job's state
         assert f'data-job="{job.id}"' in finished and 'data-status="cancelled"' in finished
     else:
         assert "Nothing to cancel." in finished

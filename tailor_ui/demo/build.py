@@ -13,7 +13,7 @@ frozen. The two targets tell two stories:
 - counting (`counting/`), answers balanced over one/two/three: learning it means answering
   in a new format, and that change of format is itself the forgetting, so a patch chosen
   from counting data alone cannot keep one and drop the other (one that also sees the
-  original skills' calibration set, anchored, keeps most of both: README).
+  original skills' calibration set, anchored, keeps most of both: docs/results.md).
 
 The original skills' calibration set (`original_calib.jsonl`, half captions, half attribute
 questions, from the calibration stream) is what anchored Model Tailor holds the base to.
@@ -76,9 +76,9 @@ class Story:
         return STORY_INFO[self.name].task
 
 
-# Spatial: the issue's control recipe (lr 1e-3, batch 8) run until it forgets at least 20 % of
+# Spatial: the control recipe (lr 1e-3, batch 8) run until it forgets at least 20 % of
 # the original score: on this base 150 steps forget 12 %, 450 steps 17 %, 600 steps 36 %
-# (README, "The built-in demo"). Counting: 563 steps at lr 1e-4 learn the format and forget
+# (docs/results.md, "The built-in demo"). Counting: 563 steps at lr 1e-4 learn the format and forget
 # most of the original score.
 STORIES = (Story("spatial", examples=4800, epochs=1, lr=1e-3, batch=8, warmup=20),
            Story("counting", examples=6000, epochs=3, lr=1e-4, batch=32, warmup=20))

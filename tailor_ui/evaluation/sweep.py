@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
@@ -46,15 +46,17 @@ from tailor_ui.evaluation.evaluate import EvalSet, evaluate_all, majority_baseli
 from tailor_ui.methods import REGISTRY
 from tailor_ui.pair import Pair
 from tailor_ui.patch import applied, changed_entries
-from tailor_ui.settings import Settings
+from tailor_ui.settings import KNOBS, Settings, method_knobs
 from tailor_ui.weights import read_param
 
 # The λ a sweep may try (WiSE-FT, task arithmetic): beyond 1 extrapolates past the fine-tuned model
-LAMBDA_RANGE = (0.0, 2.0)
+LAMBDA_RANGE = KNOBS["lam"].range
+# the CLI's default sweep: these methods over these values of the knobs they sweep
+SWEEP_METHODS = ("tailor", "magnitude", "dare", "ties", "wise_ft")
+SWEEP_GRID: Mapping[str, Sequence[float]] = {"keep": (0.01, 0.05, 0.1, 0.2, 0.5), "alpha": (0.8,),
+                                             "lam": (0.25, 0.5, 0.75)}
 # Shown in every label that uses them, so they are not repeated as "non-default" extras.
 _LABELLED = {"method", "keep", "alpha", "lam", "drop"}
-_READ_BY_EVERY_METHOD = {"modules", "others", "overlap"}
-_KNOB_NAMES = {"lam": "λ"}
 MAJORITY = "always the commonest answer"  # as the dashboard names them in errors
 
 
@@ -73,7 +75,7 @@ def _knob_values(s: Settings) -> dict[str, float | None]:
 
 def setting_label(s: Settings) -> str:
     """A short readable name: the method, its knobs, then any other non-default setting it
-    reads (its knobs, and what every method reads: modules, others, overlap), so a value
+    reads (`settings.method_knobs`: its own and what every method reads), so a value
     a method ignores (a magnitude patch's compensation form) does not name it."""
     knobs = _knob_values(s)
     parts = [REGISTRY[s.method].label]
@@ -82,9 +84,8 @@ def setting_label(s: Settings) -> str:
     else:
         parts += [f"{k}={v:g}" for k, v in knobs.items() if v is not None]
     defaults = Settings(method=s.method)
-    shown = {*REGISTRY[s.method].knobs, *_READ_BY_EVERY_METHOD} - _LABELLED
-    parts += [f"{f.name}={getattr(s, f.name)}" for f in fields(Settings)
-              if f.name in shown and getattr(s, f.name) != getattr(defaults, f.name)]
+    parts += [f"{name}={getattr(s, name)}" for name in method_knobs(s.method)
+              if name not in _LABELLED and getattr(s, name) != getattr(defaults, name)]
     return " ".join(parts)
 
 
@@ -274,6 +275,11 @@ def parse_numbers(text: str | Sequence[float] | None, name: str, low: float = 0.
     return list(dict.fromkeys(values))
 
 
+def format_numbers(values: Sequence[float]) -> str:
+    """[0.05, 0.1] -> '0.05, 0.1': what `parse_numbers` reads back."""
+    return ", ".join(f"{v:g}" for v in values)
+
+
 def sweep_grid(methods: Sequence[str], values: Mapping[str, Sequence[float]], *,
                calibrated: Mapping[str, Sequence[Any]] | None = None,
                limit: int | None = None) -> list[Settings]:
@@ -292,7 +298,7 @@ def sweep_grid(methods: Sequence[str], values: Mapping[str, Sequence[float]], *,
         extra = dict(calibrated or {}) if method.needs_calibration else {}
         empty = [k for k in (*extra, *method.sweep) if not (extra.get(k) or values.get(k))]
         if empty:
-            raise UserError(f"{name} needs at least one {_KNOB_NAMES.get(empty[0], empty[0])} value")
+            raise UserError(f"{name} needs at least one {KNOBS[empty[0]].label or empty[0]} value")
         for fixed in itertools.product(*extra.values()):
             for combo in itertools.product(*(values[k] for k in method.sweep)):
                 s = Settings(method=name, **dict(zip(extra, fixed)),

@@ -1,4 +1,4 @@
-"""The data-free baselines of METHODS.md §2, each on one tensor.
+"""The data-free baselines of docs/methods.md#baselines, each on one tensor.
 
 Every function takes the pre-trained tensor and one or more task vectors τ = W_ft − W_pre
 and returns the merged tensor in float32; the caller casts it to the model's dtype.

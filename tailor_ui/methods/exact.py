@@ -18,7 +18,7 @@ estimated memory stays under a budget.
 
 Anchored compensation. Reproducing the fine-tuned layer on target inputs also brings the
 fine-tuned change back on original-task inputs wherever the two share directions, and
-that change is the forgetting (README, "Why compensation costs original skill"). With
+that change is the forgetting (docs/results.md#findings). With
 H_o the Hessian of original-task inputs and a weight μ, the anchored objective
 
     (w − w_ft) H (w − w_ft)ᵀ + μ (w − w_pre) H_o (w − w_pre)ᵀ

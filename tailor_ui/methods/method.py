@@ -44,7 +44,9 @@ ChunkFn = Callable[[torch.Tensor, Sequence[torch.Tensor], str, Knobs, int], Iter
 class Method:
     """One merge method.
 
-    knobs: the `Settings` fields it reads (shown in its sweep rows and dashboard controls).
+    knobs: the `Settings` fields it reads besides those every method reads (declared in
+      `tailor_ui.settings`); the CLI refuses the others, the dashboard greys them out and
+      its sweep rows name only these.
     defaults: per-method defaults of knobs that `Settings` leaves as None (e.g. λ).
     sweep: the knobs a forgetting sweep varies for it, from the grid's value lists.
     multi_task_native: combines several fine-tuned models itself; the others run once per

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 Scope = Literal["block", "row", "tensor", "global"]
-SCOPES: tuple[Scope, ...] = ("block", "row", "tensor", "global")
+SCOPES: tuple[Scope, ...] = get_args(Scope)
 
 
 def column_blocks(cols: int, block_size: int) -> list[tuple[int, int]]:

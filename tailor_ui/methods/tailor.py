@@ -1,4 +1,4 @@
-"""Model Tailor on one weight matrix (METHODS.md §1, steps 3–8).
+"""Model Tailor on one weight matrix (docs/methods.md#model-tailor, §1.2–1.6).
 
 Given the pre-trained and fine-tuned weights and the Hessian of the layer's squared
 output error on target-task inputs, score every entry by salience and sensitivity, fuse

@@ -71,9 +71,9 @@ def default_settings(**overrides: Any):
 def settings_label(settings) -> str:
     """The sweep's readable label, relative to the dashboard's defaults (one-pass Hessians)."""
     from tailor_ui.evaluation.sweep import setting_label
-    from tailor_ui.methods import REGISTRY
+    from tailor_ui.settings import reads
 
     label = setting_label(settings).replace(" hessians=one-pass", "")
-    if "hessians" in REGISTRY[settings.method].knobs and settings.hessians == "sequential":
+    if reads(settings.method, "hessians") and settings.hessians == "sequential":
         label += " hessians=sequential"
     return label

@@ -5,7 +5,6 @@ tailored after; or trained on a continual sequence of the shapes world's tasks."
 from __future__ import annotations
 
 import copy
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,15 +19,12 @@ from tailor_ui.session import PairHandle, TrainedModel
 # streams 1 and 2 of demo/build.py)
 FINETUNE_STREAM = 0
 MAX_FINETUNE_EXAMPLES = 2000
-_LOSS = re.compile(r"loss ([-+0-9.eEinfa]+)$")  # the training loop's stage: "epoch 1/2: loss 1.234"
 # each method's starting settings in the Fine-tune tab, from the learning-rate sweep on the
-# demo's spatial story (bench/training_sweep.py, README "During training")
+# demo's spatial story (bench/training_sweep.py, docs/results.md#archive-training)
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "full": {"lr": 1e-3}, "dowser": {"lr": 3e-3, "rho": 0.1},
     "random_mask": {"lr": 3e-3, "rho": 0.1}, "llaca": {"lr": 1e-3},
     "ema": {"lr": 1e-3, "ema_beta": 0.99}}
-# the continual methods the tab's methods run as (sparse masks have no continual form here)
-CONTINUAL_METHOD = {"full": "sequential", "ema": "ema", "llaca": "llaca"}
 CONTINUAL_EVAL_EXAMPLES = 50
 
 
@@ -94,17 +90,11 @@ def finetune_run(handle: PairHandle, request: FinetuneRequest, live: list[float]
     with handle.lock:  # the shared base is only ever patched under its lock
         model = copy.deepcopy(handle.pair.base)
 
-    def report(stage: str, done: int, total: int) -> None:
-        match = _LOSS.search(stage)
-        if match:
-            live.append(float(match.group(1)))
-        progress(stage, done, total)
-
     result = finetune(model, handle.pair.processor, samples, method=request.method,
                       layers=request.layers, lr=request.lr, epochs=request.epochs,
                       batch_size=request.batch_size, seed=request.seed, rho=request.rho,
-                      ema_beta=request.ema_beta, progress=report, should_stop=should_stop)
-    live[:] = result.losses
+                      ema_beta=request.ema_beta, progress=progress, should_stop=should_stop,
+                      on_loss=live.append)
     label = request.label
     models = [(label, model)]
     if tailor_after is not None:
@@ -139,21 +129,19 @@ def tailor_trained(handle: PairHandle, model, label: str, examples: list[Example
 def continual_run(handle: PairHandle, request: FinetuneRequest, tasks: tuple[str, ...],
                   progress: Progress, should_stop: StopCheck):
     """Train a copy of the base on the shapes world's `tasks` one after another with the
-    request's method as a continual method (full → sequential, ema, llaca) and settings;
+    request's method (a `ContinualMethod`) and settings;
     returns `run_continual`'s stage table (accuracy on every task after each stage)."""
     from tailor_ui.demo.tasks import shapes_sequence
-    from tailor_ui.training.continual import run_continual
+    from tailor_ui.training.continual import ContinualMethod, run_continual
 
-    if request.method not in CONTINUAL_METHOD:
-        raise UserError(f"a continual run trains with full fine-tuning, EMA or LLaCA, not "
-                        f"{request.method}")
+    method = ContinualMethod.of(request.method)
     with handle.lock:
         model = copy.deepcopy(handle.pair.base)
     with tempfile.TemporaryDirectory() as folder:  # the tasks' evaluation images
         sequence = shapes_sequence(folder, tasks, n_train=request.n,
                                    n_eval=CONTINUAL_EVAL_EXAMPLES, seed=request.seed + 1000)
         return run_continual(model, handle.pair.processor, sequence,
-                             CONTINUAL_METHOD[request.method], max_new_tokens=4,
+                             method, max_new_tokens=4,
                              layers=request.layers, lr=request.lr, epochs=request.epochs,
                              batch_size=request.batch_size, seed=request.seed,
                              ema_beta=request.ema_beta, progress=progress,

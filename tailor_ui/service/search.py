@@ -1,6 +1,6 @@
 """Find settings on a session's pair: the search of `evaluation.search` over the pair's
-original-task sets and a calibration set (the pair's built-in one or an upload), its table
-saved as CSV in the session."""
+original-task sets and its target-task examples (`service.tailor.calibration_examples`:
+the pair's own, or an upload), its table saved as CSV in the session."""
 
 from __future__ import annotations
 
@@ -21,13 +21,16 @@ class SearchPlan:
     """What one search job runs: the grid, the original sets (scored on their first `limit`
     examples), the target-task examples and the held-out share."""
 
+    methods: Sequence[str]
     keeps: Sequence[float]
     alphas: Sequence[float]
+    lams: Sequence[float]
     options: Mapping[str, Sequence[str]]
     original: list
     limit: int
     examples: list[Example]
     holdout: float
+    fit_limit: int  # of the examples not held out, those Model Tailor calibrates on
     candidates: int
     anchor: list[Example]  # original-task calibration examples (anchored compensation)
 
@@ -47,19 +50,24 @@ def original_sets(sets: Sequence[EvalSpec]) -> list:
 
 def search_plan(sets: Sequence[EvalSpec], keeps: Sequence[float], alphas: Sequence[float],
                 options: Mapping[str, Sequence[str]], limit: int, examples: list[Example],
-                holdout: float, max_candidates: int, anchor: list[Example] | None = None) -> SearchPlan:
+                holdout: float, fit_limit: int, max_candidates: int,
+                anchor: list[Example] | None = None, *,
+                methods: Sequence[str] = ("tailor",), lams: Sequence[float] = ()) -> SearchPlan:
     """The plan, checked now so that a bad request is refused before it is queued."""
     from tailor_ui.evaluation.search import candidate_grid, split_examples
 
     original = original_sets(sets)
     if limit < 1:
         raise UserError("use at least one example per original-task set")
-    grid = candidate_grid(keeps, alphas, options)
+    if fit_limit < 1:
+        raise UserError("use at least one calibration example")
+    grid = candidate_grid(keeps, alphas, options, methods, lams)
     if len(grid) > max_candidates:
-        raise UserError(f"{len(grid)} candidates is too many for one search (at most {max_candidates})")
+        raise UserError(f"{len(grid)} candidates is too many for one search (at most {max_candidates}): "
+                        "give fewer values or methods")
     split_examples(examples, holdout)
-    return SearchPlan(keeps, alphas, options, original, limit, examples, holdout, len(grid),
-                      list(anchor or []))
+    return SearchPlan(list(methods), keeps, alphas, lams, options, original, limit, examples, holdout,
+                      fit_limit, len(grid), list(anchor or []))
 
 
 def search_run(handle: PairHandle, plan: SearchPlan, session: Session, calib_batch: int,
@@ -70,8 +78,9 @@ def search_run(handle: PairHandle, plan: SearchPlan, session: Session, calib_bat
     start = time.perf_counter()
     with handle.lock:
         handle.trim_cache()
-        result = find_settings(handle.pair, plan.examples, plan.original, keeps=plan.keeps,
-                               alphas=plan.alphas, options=plan.options, holdout=plan.holdout,
+        result = find_settings(handle.pair, plan.examples, plan.original, methods=plan.methods,
+                               keeps=plan.keeps, alphas=plan.alphas, lams=plan.lams,
+                               options=plan.options, holdout=plan.holdout, fit_limit=plan.fit_limit,
                                limit=plan.limit, batch_size=plan.limit, calib_batch=calib_batch,
                                anchor=plan.anchor, progress=progress, should_stop=should_stop)
     csv_file = session.new_dir(f"search-{int(time.time() * 1000)}") / "candidates.csv"

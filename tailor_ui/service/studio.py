@@ -31,7 +31,8 @@ from tailor_ui.service import pairs, tailor
 from tailor_ui.service import search as search_
 from tailor_ui.service import sweep as sweep_
 from tailor_ui.service.config import SYSTEM, StudioConfig, default_settings, settings_label
-from tailor_ui.service.export import adapter_zip, model_zip
+from tailor_ui.service import export as export_
+from tailor_ui.service.export import ExportKind
 from tailor_ui.session import (PairHandle, SearchRun, Session, SessionStore, SweepRun, TailorRun,
                                TrainedModel, every_pair_locked)
 
@@ -172,6 +173,10 @@ class Studio:
                 run.handle.reference_scores.setdefault(label, {}).update(scores)
         if job.owner == SYSTEM:  # the start-up merge, the only system job
             if run is not None:
+                try:  # with files, so the Export tab offers it too
+                    export_.file_startup(run, self.config.workdir / f"start-up-{run.handle.key[1]}")
+                except OSError:
+                    log.exception("the start-up merge's files could not be written")
                 run.handle.default_run = run
             self.warm.set()
             return
@@ -283,6 +288,7 @@ class Studio:
                                                           calib_files, calib_examples)
         sets = evalsets_.pair_sets(session, handle)
         anchor = tailor.anchor_examples(handle, settings.anchored, sets)  # refused now, not in the job
+        sets = tailor.scored_sets(handle, sets, bool(examples) and calib_source != "upload")
         if supersede:
             for old in self.runner.active(session.id, JobKind.TAILOR):
                 self.runner.cancel(old.id, session.id)
@@ -413,8 +419,9 @@ class Studio:
                      calib_files: Sequence[str] | None = None,
                      compensations: Sequence[str] | None = None) -> Job:
         """Queue a sweep on the pair's evaluation sets (built-in and the visitor's); Model
-        Tailor calibrates on the pair's built-in set or on uploaded files, and is swept over
-        `compensations` (default: `tailor.sweep_compensations` of the pair)."""
+        Tailor calibrates on the pair's own target-task data (`tailor.pair_calibration`: a
+        visitor's target sets are then scored on the share kept apart) or on uploaded files,
+        and is swept over `compensations` (default: `tailor.sweep_compensations` of the pair)."""
         from tailor_ui.evaluation.sweep import sweep_grid
         from tailor_ui.methods import REGISTRY
 
@@ -426,7 +433,7 @@ class Studio:
                                       "compensation": forms},
                           limit=sweep_.MAX_SWEEP_SETTINGS)
         anchor = tailor.anchor_examples(handle, any(s.anchored for s in grid), sets)
-        original, target = sweep_.eval_sets(sets, int(examples))
+        sweep_.eval_sets(sets, int(examples))  # refused before an upload is unpacked
         self.sync(session, JobKind.FINETUNE)
         trained = [(t.method, name, model) for t in session.trained_for(handle)
                    for name, model in t.models]
@@ -434,6 +441,8 @@ class Studio:
         if any(REGISTRY[s.method].needs_calibration for s in grid):
             calibration = self._calibration_examples(session, handle, calib_source, calib_files,
                                                      calib_examples)
+        sets = tailor.scored_sets(handle, sets, calibration is not None and calib_source != "upload")
+        original, target = sweep_.eval_sets(sets, int(examples))
         plan = sweep_.SweepPlan(grid, original, target, int(examples), trained, calibration, anchor)
 
         def job(progress, should_stop):
@@ -446,19 +455,25 @@ class Studio:
     # -- finding settings -----------------------------------------------------------------
 
     def submit_search(self, session: Session, keeps: Sequence[float], alphas: Sequence[float],
-                      options: dict[str, Sequence[str]], *, examples: int = 16, holdout: float = 0.25,
+                      options: dict[str, Sequence[str]], *, methods: Sequence[str] = ("tailor",),
+                      lams: Sequence[float] = (), examples: int = 16, holdout: float = 0.25,
                       calib_source: str = "builtin", calib_files: Sequence[str] | None = None,
                       calib_examples: int | None = None) -> Job:
-        """Queue a search of Model Tailor's settings (keep x alpha x options) on the pair's
-        original-task sets (`examples` each) and the held-out part of its calibration set."""
+        """Queue a search of which patch to use (`evaluation.search.candidate_grid`: Model
+        Tailor's keep x alpha x options, the data-free `methods` on keep or λ) on the pair's
+        original-task sets (`examples` each) and the held-out share of all its target-task
+        examples; Model Tailor calibrates on `calib_examples` of the others."""
         handle = self.handle_for(session)
         sets = evalsets_.pair_sets(session, handle)
         search_.original_sets(sets)  # refused before an upload is unpacked
-        calibration, _ = self._calibration_examples(session, handle, calib_source, calib_files,
-                                                    calib_examples)
-        anchor = tailor.anchor_examples(handle, "anchored" in options.get("compensation", ()), sets)
+        calibration, _ = tailor.calibration_examples(session, handle, calib_source, calib_files, None,
+                                                     self.config.max_upload_mb * 2**20, keep_apart=False)
+        anchored = "tailor" in methods and "anchored" in options.get("compensation", ())
+        anchor = tailor.anchor_examples(handle, anchored, sets)
+        fit = self.config.calib_examples if calib_examples is None else int(calib_examples)
         plan = search_.search_plan(sets, keeps, alphas, options, int(examples), calibration,
-                                   float(holdout), sweep_.MAX_SWEEP_SETTINGS, anchor)
+                                   float(holdout), fit, sweep_.MAX_SWEEP_SETTINGS, anchor,
+                                   methods=methods, lams=lams)
 
         def job(progress, should_stop):
             return search_.search_run(handle, plan, session, self.config.calib_batch, progress,
@@ -510,13 +525,13 @@ class Studio:
         """Queue a continual run on a private copy of the pair's base: the shapes world's
         default task sequence, `examples` per task; the job's result is the stage table."""
         from tailor_ui.demo.tasks import DEFAULT_SEQUENCE
+        from tailor_ui.training.continual import ContinualMethod
 
         handle = self.handle_for(session)
         if not handle.shared:
             raise UserError("the continual run trains on the demo's shapes world: use the demo "
                             "pair (Models tab)")
-        if method not in finetune_.CONTINUAL_METHOD:
-            raise UserError("a continual run trains with full fine-tuning, EMA or LLaCA")
+        ContinualMethod.of(method)
         request = finetune_.checked_request(method, examples, lr, epochs, layers, 0.1, batch_size,
                                             seed, "continual", ema_beta)
 
@@ -534,33 +549,41 @@ class Studio:
 
     # -- export ---------------------------------------------------------------------------
 
-    def export(self, session: Session, job_id: str | None, what: str, *,
+    def export(self, session: Session, job_id: str | None, what: ExportKind | str, *,
                timeout: float = 600) -> Path:
-        """The file for one of the session's merges: patch, report, model or adapter (zips)."""
+        """The file for one of the session's merges (or its pair's start-up merge), by
+        `ExportKind`: patch, report, model or adapter (zips, with their model cards)."""
+        kind = ExportKind.of(what)
         self.sync(session, JobKind.TAILOR)
-        run = session.run(job_id) if job_id else session.latest_run()
-        if run is None:
-            raise UserError("run a merge first (Tailor tab)")
-        if what == "patch":
+        run = export_.find_run(session, self.export_handle(session), job_id)
+        scores = export_.known_scores(session, run)
+        if kind is ExportKind.PATCH:
             return run.patch_file
-        if what == "report":
+        if kind is ExportKind.REPORT:
             return run.report_file
-        if what == "adapter":  # refitted on each request: seconds, and nothing kept per run
+        if kind is ExportKind.ADAPTER:  # refitted on each request: seconds, and nothing kept per run
             return self._run_and_wait(session, JobKind.EXPORT, run.handle,
-                                      lambda p, s: adapter_zip(run, p, s),
+                                      lambda p, s: export_.adapter_zip(run, p, s, scores=scores),
                                       f"export adapter of {run.label}", timeout)
-        if what != "model":
-            raise UserError(f"unknown export {what!r}: patch, report, model or adapter")
         if run.model_zip is not None and run.model_zip.is_file():
             return run.model_zip
 
         def job(progress, should_stop):
-            return model_zip(run, progress, should_stop)
+            return export_.model_zip(run, progress, should_stop, scores=scores)
 
         # filed here, not in the job: on ZeroGPU the job runs in a fork (gpu.py)
         run.model_zip = self._run_and_wait(session, JobKind.EXPORT, run.handle, job,
                                            f"export model of {run.label}", timeout)
         return run.model_zip
+
+    def export_handle(self, session: Session) -> PairHandle | None:
+        """The session's pair, whose start-up merge Export offers; None while there is none."""
+        if session.own is None and not self.demo_ready.is_set():
+            return None
+        try:
+            return self.handle_for(session)
+        except UserError:
+            return None
 
 
 class _Losses(list):

@@ -9,6 +9,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,12 @@ PATCH_NAME = "patch.safetensors"
 
 
 def calibration_examples(session: Session, handle: PairHandle, source: str,
-                         files: Sequence[str] | None, n: int, max_bytes: int
-                         ) -> tuple[list[Example], str]:
-    """The examples a merge calibrates on and their source's name: the pair's built-in
-    set, or an upload (kept in the session's folder, named by the files' digest)."""
-    if n < 1:
+                         files: Sequence[str] | None, n: int | None, max_bytes: int,
+                         keep_apart: bool = True) -> tuple[list[Example], str]:
+    """The (first `n`; None: all) examples a merge calibrates on and their source's name:
+    the pair's own (`pair_calibration`, `keep_apart` as there), or an upload (kept in the
+    session's folder, named by the files' digest)."""
+    if n is not None and n < 1:
         raise UserError("use at least one calibration example")
     if source == "upload":
         if not files:
@@ -43,9 +45,58 @@ def calibration_examples(session: Session, handle: PairHandle, source: str,
             shutil.rmtree(folder, ignore_errors=True)  # a refused upload leaves nothing behind
             raise
         return examples, f"upload:{folder.name}"
-    if not handle.calibration:
-        raise UserError("this pair has no built-in calibration set: upload a target-task JSONL")
-    return list(handle.calibration[:n]), "builtin"
+    from tailor_ui.service.evalsets import pair_sets
+
+    examples, name, _ = pair_calibration(handle, pair_sets(session, handle), keep_apart)
+    if not examples:
+        raise UserError(f"{NO_CALIBRATION}, or upload a target-task JSONL (Calibration data)")
+    return examples[:n], name
+
+
+NO_CALIBRATION = ("this pair has no target-task data to calibrate on: add a set of the new skill with the "
+                  "role 'target' in the Models tab (Evaluation sets)")
+
+
+def pair_calibration(handle: PairHandle, sets: Sequence[EvalSpec] = (), keep_apart: bool = True
+                     ) -> tuple[list[Example], str, str]:
+    """The pair's own target-task calibration examples, their batch-cache name and where
+    they come from, in words: its built-in set, else the visitor's sets of role `target`
+    less the share `held_apart` keeps to score on (`keep_apart=False`: all of them, for
+    Find settings, which splits them alike). No examples: none."""
+    if handle.calibration:
+        examples = list(handle.calibration)
+        return examples, "builtin", f"the pair's built-in target-task set ({len(examples)})"
+    targets = [s for s in sets if s.role == "target" and s.examples]
+    examples = [ex for s in targets for ex in s.examples]
+    names = ", ".join(repr(s.name) for s in targets)
+    if not keep_apart or not examples:
+        return examples, by_content("target", examples), f"your target set {names} ({len(examples)})"
+    fit, _ = held_apart(examples)
+    fit = [examples[i] for i in fit]
+    return (fit, by_content("target", fit), f"{len(fit)} of the {len(examples)} examples of your target "
+            f"set {names} (Models tab); the other {len(examples) - len(fit)} are kept apart to score on")
+
+
+def held_apart(examples: Sequence[Example]) -> tuple[list[int], list[int]]:
+    """Which of a visitor's target examples calibrate and which are kept apart to score
+    merges on, by position: Find settings' default split, so its held-out share is theirs."""
+    from tailor_ui.evaluation.search import DEFAULT_HOLDOUT, split_examples
+
+    return split_examples(range(len(examples)), DEFAULT_HOLDOUT)
+
+
+def scored_sets(handle: PairHandle, sets: Sequence[EvalSpec], calibrated: bool) -> tuple[EvalSpec, ...]:
+    """The sets a merge is scored on: where it `calibrated` on the visitor's target sets
+    (`pair_calibration`), each cut to the share kept apart from its calibration."""
+    if not calibrated or handle.calibration:
+        return tuple(sets)
+    targets = [s for s in sets if s.role == "target" and s.examples]
+    _, held = held_apart([ex for s in targets for ex in s.examples])
+    held, start, cut = set(held), 0, {}
+    for s in targets:
+        cut[s.name] = replace(s, examples=tuple(ex for i, ex in enumerate(s.examples, start) if i in held))
+        start += len(s.examples)
+    return tuple(cut.get(s.name, s) for s in sets)
 
 
 def anchor_set(handle: PairHandle, sets: Sequence[EvalSpec] = ()) -> list[Example]:
@@ -88,9 +139,15 @@ def anchor_examples(handle: PairHandle, needed: bool, sets: Sequence[EvalSpec] =
 
 
 def anchor_source(examples: Sequence[Example]) -> str:
-    """The batch cache's name for an anchor set: by content, as visitors' sets differ."""
+    """The batch cache's name for an anchor set."""
+    return by_content("anchor", examples)
+
+
+def by_content(kind: str, examples: Sequence[Example]) -> str:
+    """A batch-cache name for a visitor's examples: by content, as a set removed and added
+    again under its name may hold others."""
     content = repr([(str(e.image), e.question, e.answers) for e in examples]).encode()
-    return f"anchor:{hashlib.sha1(content).hexdigest()[:12]}"
+    return f"{kind}:{hashlib.sha1(content).hexdigest()[:12]}"
 
 
 def batches(handle: PairHandle, examples: list[Example], source: str, batch_size: int) -> list:
@@ -132,6 +189,7 @@ def tailor_run(handle: PairHandle, settings, examples: list[Example], source: st
     report["calibration"] = {"source": source, "examples": len(examples)}
     if quick is not None:
         report["quick_check"] = quick.to_dict(orient="records")
+        report["quick_examples"] = quick_examples
     held = None if isinstance(result.patch, PatchFile) else result.patch  # a file is read when used
     run = TailorRun(job_id="", label=label, settings=settings.to_dict(), patch=held,
                     report=report, handle=handle, quick=quick, references=references,

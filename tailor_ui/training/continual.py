@@ -1,7 +1,7 @@
 """Continual instruction tuning: tasks one after another, accuracy on all of them after each.
 
 `run_continual` trains a model on a sequence of tasks with plain sequential fine-tuning,
-a fixed-β EMA, or LLaCA, and returns the accuracy table (METHODS.md §5):
+a fixed-β EMA, or LLaCA, and returns the accuracy table (docs/methods.md#metrics):
 
 - one row per stage: stage 0 is the model before any training, stage t the model after
   task t; one `acc:<task>` column per task (the task's primary metric);
@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -33,8 +34,22 @@ from tailor_ui.errors import UserError
 from tailor_ui.evaluation.evaluate import EvalSet, Task, evaluate_all
 from tailor_ui.training.finetune import finetune
 
-CONTINUAL_METHODS = ("sequential", "ema", "llaca")
-_FINETUNE_METHOD = {"sequential": "full", "ema": "ema", "llaca": "llaca"}
+class ContinualMethod(StrEnum):
+    """The fine-tuning methods a continual run trains with, by their fine-tuning names
+    (sparse masks have no continual form here)."""
+
+    FULL = "full"  # plain full fine-tuning of the chosen layers, task after task
+    EMA = "ema"  # fixed-β EMA (`ema_beta`)
+    LLACA = "llaca"  # LLaCA (`llaca_form`)
+
+    @classmethod
+    def of(cls, method: str) -> ContinualMethod:
+        """The member named `method`; a `UserError` where there is none."""
+        if method not in set(cls):
+            raise UserError(f"a continual run trains with {', '.join(cls)}, not {method!r}")
+        return cls(method)
+
+
 # the stage table's EMA columns -> the key of the tracker's report they come from
 EMA_COLUMNS = {"ema_live_weight": "mean_live_weight", "ema_adaptive_weight": "mean_adaptive_weight",
                "ema_fallback": "fallback_fraction", "ema_lag": "lag_ratio"}
@@ -90,13 +105,12 @@ def _evaluate_all(model, processor, tasks: Sequence[ContinualTask], batch_size: 
 
 
 def run_continual(model: torch.nn.Module, processor: Any, tasks: Sequence[ContinualTask],
-                  method: str = "llaca", *, eval_batch_size: int = 32, max_new_tokens: int = 8,
+                  method: ContinualMethod | str = ContinualMethod.LLACA, *, eval_batch_size: int = 32, max_new_tokens: int = 8,
                   progress: Progress | None = None, should_stop: StopCheck | None = None,
                   **finetune_options: Any) -> pd.DataFrame:
     """Train `model` in place on `tasks` in order and score every task after each stage.
 
-    `method`: "sequential" (plain full fine-tuning of the chosen layers), "ema" (fixed-β
-    EMA; `ema_beta`) or "llaca" (`llaca_form` "code" or "paper"). Other keywords go to
+    `method`: a `ContinualMethod` (or its word). Other keywords go to
     `finetune` for every task (layers, lr, epochs, batch_size, seed, ...); task k uses
     seed + k so tasks do not share a shuffle. Columns: stage, after, method, acc:<task>…,
     average, forgetting, train_seconds, final_loss, and for the EMA methods the mean weight
@@ -105,8 +119,7 @@ def run_continual(model: torch.nn.Module, processor: Any, tasks: Sequence[Contin
     (`ema_fallback`) and, at the end of the task, how far the EMA trailed the live weights
     (`ema_lag`: ‖θ − θ*‖ / ‖θ − θ₀‖, θ₀ the weights the task started from).
     """
-    if method not in CONTINUAL_METHODS:
-        raise UserError(f"unknown continual method {method!r} (choose from {', '.join(CONTINUAL_METHODS)})")
+    method = ContinualMethod.of(method)
     if not tasks:
         raise UserError("a continual run needs at least one task")
     names = [t.name for t in tasks]
@@ -118,7 +131,7 @@ def run_continual(model: torch.nn.Module, processor: Any, tasks: Sequence[Contin
     stop = should_stop or never_stop
     seed = int(finetune_options.pop("seed", 0))
     total = len(tasks) + 1
-    rows = [{"stage": 0, "after": "base", "method": method, "train_seconds": 0.0,
+    rows = [{"stage": 0, "after": "base", "method": str(method), "train_seconds": 0.0,
              "final_loss": math.nan, **{c: math.nan for c in EMA_COLUMNS}}]
     report("evaluating before training", 0, total)
     rows[0].update(_evaluate_all(model, processor, tasks, eval_batch_size, max_new_tokens, stop))
@@ -127,12 +140,12 @@ def run_continual(model: torch.nn.Module, processor: Any, tasks: Sequence[Contin
             report(f"task {_k}/{len(tasks)} ({_name}): {stage}", _k, total)
 
         start = time.perf_counter()
-        result = finetune(model, processor, task.train, method=_FINETUNE_METHOD[method],
+        result = finetune(model, processor, task.train, method=str(method),
                           seed=seed + k - 1, progress=step, should_stop=stop, **finetune_options)
         seconds = time.perf_counter() - start
         report(f"evaluating after {task.name}", k, total)
         ema = result.extra.get("ema", {})
-        row = {"stage": k, "after": task.name, "method": method, "train_seconds": seconds,
+        row = {"stage": k, "after": task.name, "method": str(method), "train_seconds": seconds,
                "final_loss": result.epoch_losses[-1],
                **{c: ema.get(key, math.nan) for c, key in EMA_COLUMNS.items()}}
         row.update(_evaluate_all(model, processor, tasks, eval_batch_size, max_new_tokens, stop))

@@ -1,5 +1,5 @@
 """Model-Dowser: score every weight of the pre-trained model, then train only the least
-important ones (METHODS.md §3).
+important ones (docs/methods.md#model-dowser).
 
 Importance of weight (i, j) of a linear layer: ψ_i · |W_ij| · a_j, where
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from tailor_ui.control import Cancelled, Progress, StopCheck, no_progress
@@ -51,6 +52,8 @@ from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
 from tailor_ui.names import component
 from tailor_ui.training.method import RunSetup, TrainingMethod
+
+log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 FORMAT = "tailor_ui.dowser/1"
@@ -304,10 +307,10 @@ def self_generated_prompts(model: torch.nn.Module, processor: Any, n: int = 64, 
                                          **{**PROBE_SAMPLING, **(sampling or {})},
                                          max_new_tokens=max(length - ids.shape[1], 1),
                                          pad_token_id=pad, eos_token_id=eos)
-            except (TypeError, ValueError, RuntimeError) as exc:
+            except (TypeError, ValueError) as exc:  # what a model that needs its image raises
                 raise UserError("Model-Dowser probes the model with text-only prompts, and this "
                                 f"model cannot generate without an image ({type(exc).__name__}: "
-                                f"{str(exc).strip()[:200]})") from None
+                                f"{str(exc).strip()[:200]})") from exc
             for row in out.cpu().tolist():
                 if eos is not None and eos in row[ids.shape[1]:]:
                     row = row[:ids.shape[1] + row[ids.shape[1]:].index(eos)]
@@ -373,7 +376,9 @@ def dowser_scores(model: torch.nn.Module, processor: Any, *, K: int = 64, M: int
         if path.is_file():
             try:
                 scores = DowserScores.load(path)
-            except (UserError, OSError, ValueError, RuntimeError):
+            except (UserError, SafetensorError, OSError, ValueError) as exc:  # probed again below
+                log.warning("Model-Dowser: cached scores %s unreadable, probing again (%s: %s)", path,
+                            type(exc).__name__, exc)
                 scores = None
             if scores is not None and scores.meta.get("key") == key:
                 scores.meta["cached"] = True
@@ -460,6 +465,8 @@ class DowserTraining(TrainingMethod):
              "probed once on the pre-trained model); the rest stay bit-identical.")
     options = {"rho": 0.1, "importance": None, "importance_cache": None, "probe_prompts": 64,
                "probes": 8}
+    option_help = {"rho": "trainable fraction per matrix", "importance_cache": "folder caching the scores",
+                   "probe_prompts": "K self-generated prompts", "probes": "M Rademacher probes per batch"}
 
     @classmethod
     def problems(cls, options: Mapping[str, Any]) -> list[str]:

@@ -6,8 +6,8 @@ layers' norms. The vision tower, the projector, the embeddings, the final norm a
 stay frozen.
 
 The methods (`tailor_ui.training.registry.TRAINING_METHODS`): `full` (every entry of the
-trained layers), `dowser` (Model-Dowser, METHODS.md §3, in `dowser.py`), `llaca` (LLaCA,
-METHODS.md §4) and `ema` (its fixed-β baseline), both in `llaca.py`. `finetune` checks the
+trained layers), `dowser` (Model-Dowser, docs/methods.md#model-dowser, in `dowser.py`), `llaca` (LLaCA,
+docs/methods.md#llaca) and `ema` (its fixed-β baseline), both in `llaca.py`. `finetune` checks the
 options, picks the trained tensors, lets the method prepare, runs `loop.train_loop` with the
 method's hooks and writes the report. Everything is seeded: the batch order, the reference
 answer drawn for each example, dropout and Model-Dowser's probes.
@@ -35,7 +35,7 @@ from tailor_ui.io import atomic_path
 from tailor_ui.pair import load_model
 from tailor_ui.names import component, layer_index
 from tailor_ui.prompts import encode_with_answers
-from tailor_ui.training.loop import Batch, train_loop, training_only
+from tailor_ui.training.loop import Batch, LossCallback, train_loop, training_only
 from tailor_ui.training.method import RunSetup
 from tailor_ui.training.registry import (METHODS, TRAINING_METHODS, accepted_options,
                                          option_problems)
@@ -203,7 +203,8 @@ def finetune(model: torch.nn.Module, processor: Any, examples: Sequence[Any], *,
              lr: float = 1e-4, epochs: int = 1, batch_size: int = 8, seed: int = 0,
              weight_decay: float = 0.0, warmup_steps: int = 0, max_grad_norm: float | None = 1.0,
              betas: tuple[float, float] = (0.9, 0.999), progress: Progress | None = None,
-             should_stop: StopCheck | None = None, **method_options: Any) -> TrainReport:
+             should_stop: StopCheck | None = None, on_loss: LossCallback | None = None,
+             **method_options: Any) -> TrainReport:
     """Train `model` in place on `examples` and return the report.
 
     `examples`: objects with `.image` (a path or a PIL image), `.question` and `.answers`
@@ -212,6 +213,7 @@ def finetune(model: torch.nn.Module, processor: Any, examples: Sequence[Any], *,
     `method_options`: the registered methods' own options (Model-Dowser: rho, importance,
     importance_cache, probe_prompts, probes; LLaCA: llaca_form; EMA: ema_beta); the method
     that runs reads its own and ignores the rest.
+    `on_loss` hears each optimizer step's loss as it comes.
     Cancelling (`should_stop`) raises `Cancelled` and leaves the model part-trained.
     """
     check_options(method, lr, epochs, batch_size, weight_decay, warmup_steps, **method_options)
@@ -236,7 +238,8 @@ def finetune(model: torch.nn.Module, processor: Any, examples: Sequence[Any], *,
             model, params, lambda _epoch: encode_epoch(processor, examples, batch_size, rng),
             math.ceil(len(examples) / batch_size), lr=lr, epochs=epochs,
             weight_decay=weight_decay, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm,
-            betas=tuple(betas), hooks=training, progress=report, should_stop=should_stop)
+            betas=tuple(betas), hooks=training, progress=report, should_stop=should_stop,
+            on_loss=on_loss)
         training.finish()
     return TrainReport(
         method=method, layers=chosen, trainable_tensors=len(names),

@@ -1,6 +1,6 @@
 """LLaCA: an EMA copy of the trained weights that follows them with a gradient-chosen weight.
 
-METHODS.md §4. After every optimizer step each trainable tensor's EMA copy θ* moves toward
+docs/methods.md#llaca. After every optimizer step each trainable tensor's EMA copy θ* moves toward
 the live weights θ; at the end of a task the EMA weights replace the live ones. Four
 forms of the step, all reducing each quantity to one number per tensor by its L1 norm:
 
@@ -8,7 +8,7 @@ forms of the step, all reducing each quantity to one number per tensor by its L1
   LoRA tuner runs it as "CIA" after every optimizer step: docs/AUDIT.md): a = ‖θ − θ*‖₁,
   b = ‖g‖₁, c = ‖g − g_prev‖₁, w = 0.01·(1 + b)/(a·c), w = 0.001 (their `base_weight`) when
   it falls outside (0, 1) and on a task's first step, which has no previous gradient;
-  θ* ← (1 − w)·θ* + w·θ. (METHODS.md's transcription, w = 2(1 + b)/(a·c) with 0.01, is not
+  θ* ← (1 − w)·θ* + w·θ. (An earlier transcription, w = 2(1 + b)/(a·c) with 0.01, is not
   what their code does.)
 - `paper` (the paper's equations): β = (L' + 1)/((θ − θ*)·L'') with L' = ‖g‖₁,
   θ − θ* → ‖θ − θ*‖₁ and L'' ≈ ‖g − g_prev‖₁; β = 0.99 outside (0, 1);
@@ -184,6 +184,7 @@ class LLaCATraining(TrainingMethod):
              "trails so far that a task is barely learnt: little forgetting, little new skill "
              "(docs/AUDIT.md).")
     options = {"llaca_form": "code"}
+    option_help = {"llaca_form": "LLaCA's weight: code (authors') | paper | mean (ours: per-entry means)"}
 
     @classmethod
     def problems(cls, options: Mapping[str, Any]) -> list[str]:
@@ -221,6 +222,7 @@ class EMATraining(LLaCATraining):
     short = "ema"
     about = "the same with a fixed β (default 0.99), the baseline LLaCA is compared against."
     options = {"ema_beta": 0.99}
+    option_help = {"ema_beta": "the fixed β"}
 
     @classmethod
     def problems(cls, options: Mapping[str, Any]) -> list[str]:

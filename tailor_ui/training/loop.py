@@ -20,6 +20,7 @@ from tailor_ui.control import Cancelled, Progress, StopCheck, no_progress
 from tailor_ui.weights import to_model
 
 Batch = dict[str, torch.Tensor]
+LossCallback = Callable[[float], None]  # called with each optimizer step's loss, in order
 
 
 class LoopHooks:
@@ -87,8 +88,9 @@ def train_loop(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
                lr: float, epochs: int, weight_decay: float = 0.0, warmup_steps: int = 0,
                max_grad_norm: float | None = 1.0, betas: tuple[float, float] = (0.9, 0.999),
                hooks: LoopHooks | None = None, progress: Progress | None = None,
-               should_stop: StopCheck | None = None) -> LoopResult:
-    """Train `params` (already requiring gradients) on `epoch_batches(epoch)` per epoch."""
+               should_stop: StopCheck | None = None, on_loss: LossCallback | None = None) -> LoopResult:
+    """Train `params` (already requiring gradients) on `epoch_batches(epoch)` per epoch;
+    `on_loss` hears each step's loss as it comes (a live curve reads it, not the progress text)."""
     hooks = hooks or LoopHooks()
     report = progress or no_progress
     optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=0.0)
@@ -115,6 +117,8 @@ def train_loop(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
             hooks.after_step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            if on_loss is not None:
+                on_loss(losses[-1])
             report(f"epoch {epoch + 1}/{epochs}: loss {losses[-1]:.3f}", len(losses), total)
         epoch_losses.append(float(np.mean(losses[epoch_start:])) if len(losses) > epoch_start
                             else math.nan)

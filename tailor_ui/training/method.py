@@ -1,7 +1,7 @@
 """The interface every fine-tuning method implements, and `full`, the method that adds nothing.
 
 A method is a class: `options` names the keyword options it owns (with their defaults),
-`problems` checks them, `label` and `about` name and describe it for menus, and an
+`option_help` says what they mean, `problems` checks them, `label` and `about` name and describe it for menus, and an
 instance made with the options hooks into one run — `prepare` before the loop, the
 `LoopHooks` inside it, `finish` after it — and says what it did (`settings`,
 `trainable_entries`, `extra`). `finetune` does everything else: it picks the trained
@@ -40,6 +40,8 @@ class TrainingMethod(LoopHooks):
     short: ClassVar[str] = "full-ft"  # its rows' method in a forgetting table
     about: ClassVar[str] = "every entry of the trained layers moves."  # one line for the user
     options: ClassVar[dict[str, Any]] = {}  # the keyword options this method owns → defaults
+    # what each option means, for the CLI's flags (an option without one has no flag)
+    option_help: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **options: Any) -> None:
         self.values = {**self.options, **{k: v for k, v in options.items() if k in self.options}}

@@ -27,6 +27,11 @@ def accepted_options() -> dict[str, Any]:
     return {k: v for cls in TRAINING_METHODS.values() for k, v in cls.options.items()}
 
 
+def unread_options(method: str, options: dict[str, Any]) -> list[str]:
+    """The given options that `method` does not own (another method's)."""
+    return [name for name in options if name not in TRAINING_METHODS[method].options]
+
+
 def option_problems(options: dict[str, Any]) -> list[str]:
     """Each method checks the given options it owns; a problem is listed once."""
     problems = [problem for cls in TRAINING_METHODS.values()

@@ -62,7 +62,7 @@ class App:
             self.studio.sync(session, "sweep")
             handle, _ = self.models.current(session)
             outputs = [*self.models.poll(session), *self.tailor.poll(session, handle),
-                       *self.forgetting.poll(session), *self.export.poll(session),
+                       *self.forgetting.poll(session), *self.export.poll(session, handle),
                        *self.finetune.poll(session), *self.compare.poll(session, handle),
                        *self.models.evalsets.poll(session), self.poll_interval(session)]
             self.studio.warm_gate.set()  # a first page is up: the start-up merge may use the CPU now

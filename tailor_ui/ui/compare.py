@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import gradio as gr
 import pandas as pd
 
 from tailor_ui.errors import UserError
 from tailor_ui.ui.common import Number, Tab, changed, session_id, user_errors
 from tailor_ui.demo.sets import demo_examples
+
+log = logging.getLogger(__name__)
 
 MODES = [("Caption the image", "caption"), ("Ask a question", "question")]
 
@@ -54,7 +58,7 @@ class CompareTab(Tab):
             session = self.studio.session(session_id(request))
             self.studio.sync(session, "finetune")
             trained = session.trained_for(self.studio.handle_for(session))
-        except Exception:
+        except UserError:  # no pair (yet): nothing to show beside the comparison
             return ""
         if not trained:
             return "(fine-tune a model in the Fine-tune tab)"

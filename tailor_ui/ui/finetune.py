@@ -10,7 +10,8 @@ import pandas as pd
 
 from tailor_ui import plots
 from tailor_ui.demo.tasks import DEFAULT_SEQUENCE
-from tailor_ui.service.finetune import CONTINUAL_METHOD, METHOD_DEFAULTS
+from tailor_ui.service.finetune import METHOD_DEFAULTS
+from tailor_ui.training.continual import ContinualMethod
 from tailor_ui.session import TrainedModel
 from tailor_ui.ui.common import (Number, Slider, Tab, cancel_html, changed, job_signature,
                                  latest_progress, progress_html, queued, session_id, user_errors)
@@ -82,6 +83,10 @@ class FinetuneTab(Tab):
         """Cancel a fine-tuning run: the given one if unfinished, else the latest unfinished."""
         return cancel_html(self.studio.runner, session_id(request), "finetune", job_id)
 
+    @user_errors
+    def cancel_continual(self, job_id: str, request: gr.Request):
+        return cancel_html(self.studio.runner, session_id(request), "continual", job_id)
+
     @staticmethod
     def method_changed(method: str):
         """The method's own knobs become editable, every knob takes the method's default
@@ -92,7 +97,7 @@ class FinetuneTab(Tab):
                 gr.update(value=defaults.get("lr", 1e-3)),
                 gr.update(interactive="ema_beta" in options,
                           **({"value": defaults["ema_beta"]} if "ema_beta" in defaults else {})),
-                gr.update(interactive=method in CONTINUAL_METHOD),
+                gr.update(interactive=method in set(ContinualMethod)),
                 method_info(method))
 
     # -- polling ---------------------------------------------------------------------------
@@ -165,8 +170,11 @@ class FinetuneTab(Tab):
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 gr.Markdown(CONTINUAL)
-                self.continual_button = gr.Button("Run the continual sequence",
-                                                  elem_id="finetune-continual")
+                with gr.Row():
+                    self.continual_button = gr.Button("Run the continual sequence",
+                                                      elem_id="finetune-continual")
+                    self.continual_cancel = gr.Button("Cancel", variant="stop",
+                                                      elem_id="finetune-continual-cancel")
             with gr.Column(scale=2):
                 self.continual_job = gr.Textbox(label="Continual job id", interactive=False,
                                                 elem_id="finetune-continual-job-id")
@@ -184,6 +192,8 @@ class FinetuneTab(Tab):
                               concurrency_limit=None)
         self.cancel_button.click(self.cancel, [self.job_id], [self.progress],
                                  api_name="cancel_finetune", concurrency_limit=None)
+        self.continual_cancel.click(self.cancel_continual, [self.continual_job], [self.continual_progress],
+                                    api_name="cancel_continual", concurrency_limit=None)
         self.method.change(self.method_changed, [self.method],
                            [self.rho, self.lr, self.beta, self.continual_button, self.method_info],
                            api_visibility="private", queue=False)

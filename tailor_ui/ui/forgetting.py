@@ -46,7 +46,7 @@ class ForgettingTab(Tab):
     def run(self, methods: list[str], keeps: str, lams: str, alpha: float, examples: float,
             calib_files: list | None = None, request: gr.Request = None):
         """Queue a sweep over methods x settings on the pair's evaluation sets; Model Tailor
-        calibrates on the uploaded files, else on the pair's built-in calibration set."""
+        calibrates on the uploaded files, else on the pair's own (`service.tailor.pair_calibration`)."""
         session = self.studio.session(session_id(request))
         files = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (calib_files or [])]
         job = self.studio.submit_sweep(
@@ -102,8 +102,9 @@ class ForgettingTab(Tab):
                                    elem_id="sweep-alpha")
             self.examples = Slider(4, 150, value=DEFAULT_EXAMPLES, step=2, label="Examples per evaluation set",
                                       elem_id="sweep-n")
-            self.calib = gr.File(label="Calibration for Model Tailor: target-task JSONL + images, or a "
-                                       "zip (the demo has its own)", file_count="multiple",
+            self.calib = gr.File(label="Calibration for Model Tailor (optional: else the pair's own, its "
+                                       "built-in set or your target sets of the Models tab): JSONL + "
+                                       "images, or a zip", file_count="multiple",
                                  file_types=[".jsonl", ".zip", "image"], elem_id="sweep-calib", scale=2)
             with gr.Column(min_width=200):
                 self.run_button = gr.Button("Run sweep", variant="primary", elem_id="sweep-run")

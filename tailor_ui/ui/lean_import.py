@@ -1,4 +1,4 @@
-"""Import Gradio without the work a server never uses (start-up time, issue 4).
+"""Import Gradio without the work a server never uses (start-up time).
 
 Two costs of `import gradio` buy nothing in a running server:
 - IPython (about a second), imported only for the notebook magics;

@@ -2,50 +2,85 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
+import math
 import re
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import gradio as gr
 import pandas as pd
 
 from tailor_ui import plots
+from tailor_ui.errors import UserError
 from tailor_ui.methods import REGISTRY
-from tailor_ui.evaluation.sweep import parse_numbers
-from tailor_ui.methods.selection import SCOPES
+from tailor_ui.evaluation import search
+from tailor_ui.evaluation.sweep import LAMBDA_RANGE, format_numbers, parse_numbers
 from tailor_ui.session import PairHandle, SearchRun, TailorRun
-from tailor_ui.ui.common import (Slider, Tab, cancel_unfinished, changed, fmt_table, history_table,
-                                 job_signature, latest_progress, progress_html, public_text, queued,
-                                 session_id, user_errors)
+from tailor_ui.ui.common import (Number, Slider, Tab, cancel_html, cancel_unfinished, changed, fmt_table,
+                                 history_table, job_signature, latest_progress, progress_html,
+                                 public_text, queued, session_id, user_errors)
 from tailor_ui.ui.models import changed_modules
 from tailor_ui.service.config import default_settings
 from tailor_ui.service.evalsets import pair_sets
-from tailor_ui.service.tailor import default_compensation, has_anchor, sweep_compensations
-from tailor_ui.settings import Settings
+from tailor_ui.service.tailor import (NO_CALIBRATION, default_compensation, has_anchor, pair_calibration,
+                                     sweep_compensations)
+from tailor_ui.settings import KNOBS, Settings, choices, method_problem, reads, value_type
 
-LAMBDA_LABEL = f"λ ({', '.join(m.label for m in REGISTRY.values() if 'lam' in m.knobs)})"
+log = logging.getLogger(__name__)
 FIND_IDLE = "Press Find settings: the search runs in the background."
-SCOPE_INFO = {"block": "per 128-column block (authors' code)", "row": "per output row",
-              "tensor": "per weight matrix", "global": "across the whole model"}
+# the knobs the tab has a control for, in declaration order
+SHOWN = [name for name, spec in KNOBS.items() if spec.dashboard]
 
 
-def _reads(method: str, knob: str) -> bool:
-    return method in REGISTRY and knob in REGISTRY[method].knobs
-
-
-def build_settings(method: str, keep: float, alpha: float, scope: str, compensate: bool,
-                   modules: list[str] | None, lam: float | None, hessians: str = "one-pass",
-                   sign: str = "obs", sensitivity: str = "change", others: str = "finetuned",
-                   modules_regex: str = "", compensation: str | None = None,
-                   order: str = "mask-first", budget: str = "uniform"):
-    """Widget values -> engine Settings (which validates them)."""
+def build_settings(method: str, knobs: Mapping[str, Any], modules: list[str] | None = None,
+                   modules_regex: str = "") -> Settings:
+    """Widget values -> engine Settings (which validates them): of `knobs` (by name) only
+    those the method reads, since the others are other methods' controls."""
+    if method_problem(method):
+        raise UserError(method_problem(method))
     pattern = (modules_regex or "").strip() or None
     if pattern is None and modules:
         pattern = r"\.(?:" + "|".join(re.escape(m) for m in modules) + r")$"
-    lam_value = float(lam) if _reads(method, "lam") and lam is not None else None
-    return default_settings(method=method, keep=float(keep), alpha=float(alpha), scope=scope,
-                            compensate=bool(compensate), sign=sign, sensitivity=sensitivity,
-                            hessians=hessians, modules=pattern, others=others, lam=lam_value,
-                            compensation=compensation or Settings.compensation, order=order,
-                            budget=budget)
+    read = {name: value_type(name)(value) for name, value in knobs.items()
+            if name in SHOWN and reads(method, name) and value is not None}
+    return default_settings(method=method, modules=pattern, **read)
+
+
+def knob_control(name: str, method: str) -> gr.components.Component:
+    """The control of one knob, from its declaration: a checkbox, a choice of its words, a
+    slider or a number box; shown where `method` reads it."""
+    spec, start = KNOBS[name], default_settings(method=method)
+    value = getattr(start, name)
+    if value is None:  # a knob whose default is the method's (λ)
+        value = REGISTRY[method].defaults.get(name, spec.slider[0] if spec.slider else 0)
+    common = dict(label=spec.label, info=spec.help, elem_id="tailor-" + name.replace("_", "-"),
+                  visible=reads(method, name))
+    if value_type(name) is bool:
+        return gr.Checkbox(value, **common)
+    if choices(name):
+        words = [(f"{w}: {spec.words[w]}" if w in spec.words else w, w) for w in choices(name)]
+        return gr.Radio(words, value=str(value), **common)
+    if spec.slider is not None:
+        low, high, step = spec.slider
+        return Slider(low, high, value=value, step=step, **common)
+    return Number(value, precision=0 if value_type(name) is int else None, **common)
+
+
+def endpoint(fn: Callable, names: list[str]) -> Callable:
+    """`fn(request=…, **values)` as a Gradio handler taking one argument per input, in
+    `names`' order; its signature names them (what API clients see)."""
+    def handler(*args):
+        *values, request = args
+        return fn(request=request, **dict(zip(names, values)))
+
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    handler.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, positional) for n in names]
+        + [inspect.Parameter("request", positional, default=None, annotation=gr.Request)])
+    handler.__annotations__ = {"request": gr.Request}
+    return handler
 
 
 def result_markdown(run: TailorRun | None, default: bool = False) -> str:
@@ -73,42 +108,52 @@ def result_markdown(run: TailorRun | None, default: bool = False) -> str:
     return "\n\n".join(lines)
 
 
+def calibration_markdown(handle: PairHandle, sets) -> str:
+    """Where the pair's own calibration data comes from, or how to give it some."""
+    try:
+        examples, _, where = pair_calibration(handle, sets)
+    except UserError as exc:  # a single target example: nothing to keep apart
+        return f"*Calibration: {exc}*"
+    return f"*Calibrates on {where}.*" if examples else f"*Calibration: {NO_CALIBRATION}, or upload one.*"
+
+
 def search_markdown(run: SearchRun | None) -> str:
     """The best candidate of a search, and which examples scored it."""
     if run is None:
-        return ("*Find settings tries every keep x alpha x compensation of the grid below on part "
-                "of the calibration set and scores each on the rest (the new skill) and on the "
-                "original tasks.*")
+        return ("*Which patch should you use? Find settings tries Model Tailor's keep x alpha x "
+                "compensation and each chosen baseline on its own axis, calibrating on part of the "
+                "target-task data and scoring every candidate on the rest (the new skill) and on "
+                "the original tasks.*")
     best = run.result.best_row
     used = "; ".join(f"{name}: {what}" for name, what in run.result.used.items())
     return (f"**Best:** {best['setting']} · original skills kept {100 * best['original_retention']:.0f}% "
             f"· target gain kept {100 * best['target_gain']:.0f}% · h {best['h']:.3f} "
-            f"({len(run.result.front)} on the front, {run.seconds:.0f} s)\n\n*Scored on {used}.*")
+            f"({len(run.result.front)} on the front, {run.seconds:.0f} s)\n\n*Scored on {used}."
+            + (f" One held-out answer moves a target gain by up to {run.result.gain_step:.2f}: read "
+               "closer candidates as ties." if not math.isnan(run.result.gain_step) else "")
+            + "*")
 
 
 class TailorTab(Tab):
     # -- handlers ----------------------------------------------------------------------
 
-    @user_errors
-    def run(self, method: str, keep: float, alpha: float, scope: str, compensate: bool,
-            modules: list[str] | None, lam: float, hessians: str, sign: str, sensitivity: str,
-            others: str, modules_regex: str, calib_source: str, calib_files: list[str] | None,
-            calib_examples: float, compensation: str | None = None, order: str = "mask-first",
-            budget: str = "uniform", request: gr.Request = None):
-        """Queue a merge with these settings; returns its job id and progress."""
-        session = self.studio.session(session_id(request))
-        settings = build_settings(method, keep, alpha, scope, compensate, modules, lam, hessians,
-                                  sign, sensitivity, others, modules_regex, compensation, order, budget)
-        job = self.studio.submit_tailor(session, settings, calib_source=calib_source,
-                                        calib_files=calib_files or None,
-                                        calib_examples=int(calib_examples))
-        return queued(session, "tailor", job)
+    def _submit(self, session, values: Mapping[str, Any], supersede: bool = False):
+        settings = build_settings(values["method"], values, values.get("modules"),
+                                  values.get("modules_regex", ""))
+        return self.studio.submit_tailor(session, settings, calib_source=values["calib_source"],
+                                         calib_files=values.get("calib_files") or None,
+                                         calib_examples=int(values["calib_examples"]),
+                                         supersede=supersede)
 
-    def rerun(self, auto: bool, method: str, keep: float, alpha: float, scope: str,
-              compensate: bool, modules: list[str] | None, lam: float, hessians: str, sign: str,
-              sensitivity: str, others: str, modules_regex: str, calib_source: str,
-              calib_files: list[str] | None, calib_examples: float, compensation: str | None = None,
-              order: str = "mask-first", budget: str = "uniform", request: gr.Request = None):
+    @user_errors
+    def run(self, request: gr.Request = None, **values: Any):
+        """Queue a merge with these settings (the method, its knobs by name, the module
+        picker and regex, the calibration source, files and example count; a knob left out
+        takes the dashboard's default); returns its job id and progress."""
+        session = self.studio.session(session_id(request))
+        return queued(session, "tailor", self._submit(session, values))
+
+    def rerun(self, auto: bool, request: gr.Request = None, **values: Any):
         """A slider was released: after a first run (the visitor's, or the start-up merge of
         the demo pair) merge again with the new value; an unfinished earlier merge of the
         session is superseded. With one-pass Hessians this re-thresholds cached scores."""
@@ -117,13 +162,10 @@ class TailorTab(Tab):
             handle = self.studio.handle_for(session)
             if not auto or (session.latest_run(handle) is None and handle.default_run is None):
                 return gr.skip(), gr.skip()
-            settings = build_settings(method, keep, alpha, scope, compensate, modules, lam,
-                                      hessians, sign, sensitivity, others, modules_regex,
-                                      compensation, order, budget)
-            job = self.studio.submit_tailor(session, settings, calib_source=calib_source,
-                                            calib_files=calib_files or None,
-                                            calib_examples=int(calib_examples), supersede=True)
+            job = self._submit(session, values, supersede=True)
         except Exception as exc:  # a slider move never pops an error: the Run button does
+            if not isinstance(exc, UserError):
+                log.exception("re-running a merge after a slider move failed")
             gr.Warning(public_text(str(exc)))
             return gr.skip(), gr.skip()
         return queued(session, "tailor", job)
@@ -139,20 +181,25 @@ class TailorTab(Tab):
         return progress_html(cancelled, "Nothing to cancel.")
 
     @user_errors
-    def find(self, keeps: str, alphas: str, compensations: list[str] | None, examples: float,
-             holdout: float, calib_source: str, calib_files: list[str] | None, calib_examples: float,
-             request: gr.Request = None):
-        """Queue a search of Model Tailor's settings; returns its job id and progress."""
+    def find(self, methods: list[str] | None, keeps: str, alphas: str, lams: str,
+             compensations: list[str] | None, examples: float, holdout: float, calib_source: str,
+             calib_files: list[str] | None, calib_examples: float, request: gr.Request = None):
+        """Queue a search of which patch to use; returns its job id and progress."""
         session = self.studio.session(session_id(request))
         job = self.studio.submit_search(
             session, parse_numbers(keeps, "keep"), parse_numbers(alphas, "alpha"),
-            {"compensation": list(compensations or [])}, examples=int(examples),
+            {"compensation": list(compensations or [])}, methods=list(methods or []),
+            lams=parse_numbers(lams, "λ", *LAMBDA_RANGE), examples=int(examples),
             holdout=float(holdout), calib_source=calib_source, calib_files=calib_files or None,
             calib_examples=int(calib_examples))
         return queued(session, "search", job)
 
     @user_errors
-    def use_best(self, request: gr.Request = None) -> tuple:
+    def cancel_search(self, job_id: str, request: gr.Request):
+        return cancel_html(self.studio.runner, session_id(request), "search", job_id)
+
+    @user_errors
+    def use_best(self, request: gr.Request = None) -> dict:
         """Set the merge widgets to the best settings of the session's latest search."""
         session = self.studio.session(session_id(request))
         self.studio.sync(session, "search")
@@ -160,8 +207,11 @@ class TailorTab(Tab):
         if run is None:
             raise gr.Error("no finished search yet: press Find settings first")
         best = run.result.best
-        return (best.method, best.keep, best.alpha, best.scope, best.compensate, best.compensation,
-                best.order, best.budget, best.hessians)
+        # the method's summary and knobs come with it (a method set here fires no `input`)
+        shown = dict(zip([*self.knobs.values(), self.method_info], self.method_changed(best.method)))
+        return {**shown, self.method: best.method,
+                **{control: gr.update(value=getattr(best, name), visible=reads(best.method, name))
+                   for name, control in self.knobs.items() if getattr(best, name) is not None}}
 
     def search_poll(self, session) -> list:
         self.studio.sync(session, "search")
@@ -171,11 +221,15 @@ class TailorTab(Tab):
             return out + [plots.settings_search(run.result.table if run else None), search_markdown(run)]
         return out + [gr.skip()] * 2
 
-    @staticmethod
-    def method_changed(method: str):
+    def method_changed(self, method: str) -> list:
+        """Show the method's knobs and hide the others; a knob whose default is the method's
+        own (λ) takes it."""
         info = REGISTRY.get(method)
-        lam = info.defaults.get("lam", 1.0) if info else 1.0
-        return (gr.update(value=lam, interactive=_reads(method, "lam")), f"*{info.summary}*" if info else "")
+        if info is None:
+            return [gr.skip()] * (len(self.knobs) + 1)
+        return [gr.update(visible=reads(method, name),
+                          **({"value": info.defaults[name]} if name in info.defaults else {}))
+                for name in self.knobs] + [f"*{info.summary}*"]
 
     # -- polling ---------------------------------------------------------------------------
 
@@ -205,6 +259,11 @@ class TailorTab(Tab):
                     gr.update(value=sweep_compensations(handle, sets, search=True))]
         else:
             out += [gr.skip()] * 2
+        targets = tuple((s.name, len(s.examples)) for s in sets if s.role == "target")
+        if handle is not None and changed(session, "tailor-calib", (id(handle), targets)):
+            out.append(calibration_markdown(handle, sets))
+        else:
+            out.append(gr.skip())
         every = runner.history(session.id)
         if changed(session, "job-history", tuple(job_signature(j) for j in every)):
             out.append(history_table(every))
@@ -213,8 +272,8 @@ class TailorTab(Tab):
         return out + self.search_poll(session)
 
     def poll_outputs(self) -> list:
-        return [self.progress, self.result, self.quick, self.heatmap, self.modules, self.compensation,
-                self.find_compensation, self.history,
+        return [self.progress, self.result, self.quick, self.heatmap, self.modules, self.knobs["compensation"],
+                self.find_compensation, self.calib_info, self.history,
                 self.find_progress, self.find_plot, self.find_best]
 
     # -- layout ----------------------------------------------------------------------------
@@ -228,7 +287,10 @@ class TailorTab(Tab):
                 with gr.Row():
                     self.run_button = gr.Button("Run", variant="primary", elem_id="tailor-run")
                     self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="tailor-cancel")
-                self.find_button = gr.Button("Find settings", elem_id="tailor-find")
+                with gr.Row():
+                    self.find_button = gr.Button("Find settings", elem_id="tailor-find")
+                    self.find_cancel = gr.Button("Cancel search", variant="stop",
+                                                 elem_id="tailor-find-cancel")
                 self._search_controls()
             with gr.Column(scale=2):
                 self._outputs()
@@ -239,37 +301,25 @@ class TailorTab(Tab):
 
     def _merge_controls(self) -> None:
         choices = [(info.label, name) for name, info in REGISTRY.items()]
-        self.method = gr.Dropdown(choices, value="tailor", label="Method", elem_id="tailor-method")
-        self.method_info = gr.Markdown(f"*{REGISTRY['tailor'].summary}*", elem_id="tailor-method-info")
-        self.keep = Slider(0.01, 1.0, value=0.10, step=0.01, label="Patch size (keep)",
-                           info="fraction of the changed weights taken from the fine-tuned model",
-                           elem_id="tailor-keep")
-        self.alpha = Slider(0.0, 1.0, value=0.8, step=0.05, label="Fusion weight (alpha)",
-                            info="salience vs sensitivity (Model Tailor)", elem_id="tailor-alpha")
+        self.method = gr.Dropdown(choices, value=Settings.method, label="Method", elem_id="tailor-method")
+        self.method_info = gr.Markdown(f"*{REGISTRY[Settings.method].summary}*",
+                                       elem_id="tailor-method-info")
+        self.knobs = {name: knob_control(name, Settings.method) for name in SHOWN
+                      if not KNOBS[name].advanced}
         self.auto = gr.Checkbox(True, label="Re-run when a slider is released",
                                 elem_id="tailor-auto")
-        self.scope = gr.Radio([(f"{s}: {SCOPE_INFO.get(s, s)}", s) for s in SCOPES], value="block",
-                              label="Threshold scope", elem_id="tailor-scope")
-        self.compensate = gr.Checkbox(True, label="Compensate the patch (OBS decoration)",
-                                      elem_id="tailor-compensate")
-        self.compensation = gr.Radio(
-            [("exact: least squares per row, given the patch", "exact"),
-             ("greedy: SparseGPT's column loop (the paper's)", "greedy"),
-             ("anchored: patch and least squares of an objective that also holds the base's "
-              "outputs on original-task examples (the pair's built-in set)", "anchored")],
-            value=Settings.compensation, label="Compensation", elem_id="tailor-compensation")
         self.modules = gr.Dropdown([], value=[], multiselect=True, label="Modules",
                                    info="empty: every linear layer fine-tuning changed",
                                    elem_id="tailor-modules")
-        self.lam = Slider(0.0, 2.0, value=1.0, step=0.05, label=LAMBDA_LABEL,
-                          interactive=False, elem_id="tailor-lam")
 
     def _calibration_controls(self) -> None:
         with gr.Accordion("Calibration data (target task)", open=False):
-            self.calib_source = gr.Radio([("built-in (demo target set)", "builtin"),
+            self.calib_source = gr.Radio([("the pair's own (its built-in set, or your target sets of the "
+                                           "Models tab)", "builtin"),
                                           ("upload JSONL + images, or a .zip", "upload")],
                                          value="builtin", label="Calibration set",
                                          elem_id="tailor-calib-source")
+            self.calib_info = gr.Markdown(elem_id="tailor-calib-info")
             self.calib_files = gr.File(file_count="multiple", type="filepath",
                                        label="JSONL ({image, question, answers} per line) with its images",
                                        elem_id="tailor-calib-files")
@@ -278,44 +328,33 @@ class TailorTab(Tab):
 
     def _advanced_controls(self) -> None:
         with gr.Accordion("Advanced", open=False):
-            self.hessians = gr.Radio(
-                [("one pass (slider moves re-threshold cached scores: fast)", "one-pass"),
-                 ("sequential (authors' order; every change recomputes)", "sequential")],
-                value="one-pass", label="Hessians", elem_id="tailor-hessians")
-            self.sign = gr.Radio([("OBS (subtract; default)", "obs"), ("released code (add)", "released")],
-                                 value="obs", label="Compensation sign (greedy)", elem_id="tailor-sign")
-            self.order = gr.Radio([("mask first (paper)", "mask-first"),
-                                   ("SparseGPT's: each block's mask after the earlier blocks", "sparsegpt")],
-                                  value="mask-first", label="Mask order (greedy, block scope)",
-                                  elem_id="tailor-order")
-            self.budget = gr.Radio([("uniform: keep in every layer", "uniform"),
-                                    ("per layer: by each layer's share of the fused score", "per-layer")],
-                                   value="uniform", label="Patch budget", elem_id="tailor-budget")
-            self.sensitivity = gr.Radio([("change (W_ft − W_pre)", "change"), ("weight (W_ft)", "weight")],
-                                        value="change", label="Sensitivity form",
-                                        elem_id="tailor-sensitivity")
-            self.others = gr.Radio([("keep fine-tuned", "finetuned"), ("revert to base", "base"),
-                                    ("merge like linears", "linear")], value="finetuned",
-                                   label="Other tensors (norms, biases, embeddings)",
-                                   elem_id="tailor-others")
-            self.modules_regex = gr.Textbox(label="Module regex (overrides the picker)",
+            self.knobs.update({name: knob_control(name, Settings.method) for name in SHOWN
+                               if KNOBS[name].advanced})
+            self.modules_regex = gr.Textbox(label=KNOBS["modules"].label + " (overrides the picker)",
                                             placeholder=r"language_model\.layers\.(2|3)\.",
                                             elem_id="tailor-modules-regex")
 
     def _search_controls(self) -> None:
         with gr.Accordion("Find settings: the grid", open=False):
-            self.find_keeps = gr.Textbox("0.02, 0.05, 0.1", label="Patch sizes (keep)",
+            self.find_methods = gr.CheckboxGroup([(info.label, name) for name, info in REGISTRY.items()],
+                                                 value=list(search.DEFAULT_METHODS), label="Methods",
+                                                 elem_id="tailor-find-methods")
+            self.find_keeps = gr.Textbox(format_numbers(search.SEARCH_GRID["keep"]), label="Patch sizes (keep)",
                                          elem_id="tailor-find-keeps")
-            self.find_alphas = gr.Textbox("0.5, 0.8, 1.0", label="Fusion weights (alpha)",
+            self.find_alphas = gr.Textbox(format_numbers(search.SEARCH_GRID["alpha"]),
+                                          label="Fusion weights (alpha)",
                                           elem_id="tailor-find-alphas")
+            self.find_lams = gr.Textbox(format_numbers(search.SEARCH_GRID["lam"]), label="λ values (WiSE-FT)",
+                                        elem_id="tailor-find-lams")
             # the pair's defaults (anchored where it has an anchor set) arrive with the first poll
             self.find_compensation = gr.CheckboxGroup(["exact", "greedy", "anchored"],
                                                       value=Settings.default_compensations(False, search=True),
                                                       label="Compensation forms",
                                                       elem_id="tailor-find-compensation")
-            self.find_n = Slider(4, 150, value=16, step=4, label="Examples per original-task set",
+            self.find_n = Slider(4, 150, value=search.DEFAULT_LIMIT, step=4,
+                                 label="Examples per original-task set",
                                  elem_id="tailor-find-n")
-            self.find_holdout = Slider(0.1, 0.5, value=0.25, step=0.05,
+            self.find_holdout = Slider(0.1, 0.5, value=search.DEFAULT_HOLDOUT, step=0.05,
                                        label="Calibration share held out to score the new skill",
                                        elem_id="tailor-find-holdout")
 
@@ -338,26 +377,27 @@ class TailorTab(Tab):
         self.heatmap = gr.Plot(plots.patch_map(None), elem_id="tailor-heatmap", show_label=False)
 
     def _wire(self) -> None:
-        inputs = [self.method, self.keep, self.alpha, self.scope, self.compensate, self.modules,
-                  self.lam, self.hessians, self.sign, self.sensitivity, self.others,
-                  self.modules_regex, self.calib_source, self.calib_files, self.calib_n,
-                  self.compensation, self.order, self.budget]
-        self.run_button.click(self.run, inputs, [self.job_id, self.progress], api_name="tailor",
-                              concurrency_limit=None)
-        for slider in (self.keep, self.alpha, self.lam):
-            slider.release(self.rerun, [self.auto, *inputs], [self.job_id, self.progress],
-                           api_visibility="private", concurrency_limit=None, show_progress="hidden",
-                           trigger_mode="always_last")
+        components = {"method": self.method, **self.knobs, "modules": self.modules,
+                      "modules_regex": self.modules_regex, "calib_source": self.calib_source,
+                      "calib_files": self.calib_files, "calib_examples": self.calib_n}
+        names, inputs = list(components), list(components.values())
+        self.run_button.click(endpoint(self.run, names), inputs, [self.job_id, self.progress],
+                              api_name="tailor", concurrency_limit=None)
+        for slider in (c for c in self.knobs.values() if isinstance(c, gr.Slider)):
+            slider.release(endpoint(self.rerun, ["auto", *names]), [self.auto, *inputs],
+                           [self.job_id, self.progress], api_visibility="private",
+                           concurrency_limit=None, show_progress="hidden", trigger_mode="always_last")
         self.cancel_button.click(self.cancel, [self.job_id], [self.progress], api_name="cancel_tailor",
                                  concurrency_limit=None)
-        self.method.change(self.method_changed, [self.method], [self.lam, self.method_info],
+        self.method.input(self.method_changed, [self.method], [*self.knobs.values(), self.method_info],
                            api_visibility="private", queue=False)
-        self.find_button.click(self.find, [self.find_keeps, self.find_alphas, self.find_compensation,
-                                           self.find_n, self.find_holdout, self.calib_source,
-                                           self.calib_files, self.calib_n],
+        self.find_button.click(self.find, [self.find_methods, self.find_keeps, self.find_alphas,
+                                           self.find_lams, self.find_compensation, self.find_n,
+                                           self.find_holdout, self.calib_source, self.calib_files,
+                                           self.calib_n],
                                [self.find_job_id, self.find_progress], api_name="find_settings",
                                concurrency_limit=None)
-        self.use_best_button.click(self.use_best, None,
-                                   [self.method, self.keep, self.alpha, self.scope, self.compensate,
-                                    self.compensation, self.order, self.budget, self.hessians],
+        self.find_cancel.click(self.cancel_search, [self.find_job_id], [self.find_progress],
+                               api_name="cancel_find_settings", concurrency_limit=None)
+        self.use_best_button.click(self.use_best, None, [self.method, self.method_info, *self.knobs.values()],
                                    api_name="use_best_settings", concurrency_limit=None)
