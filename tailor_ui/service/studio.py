@@ -164,9 +164,12 @@ class Studio:
         in a fork, where whatever it set on shared objects stayed (workers.py, gpu.py). A
         worker that did not finish its job leaves nothing half-written behind."""
         if job.worker_pid is not None and job.status != DONE and job.started is not None:
+            # its temporaries anywhere (an export of the start-up merge writes beside its
+            # files, outside the session), and the run folders it made in its session
+            workers.remove_dead_temporaries(self.config.workdir, job.worker_pid)
             session = self.sessions.peek(job.owner)
-            folder = session.folder if session is not None else self.config.workdir
-            workers.remove_dead_temporaries(folder, job.worker_pid, since=job.started)
+            if session is not None:
+                workers.remove_dead_temporaries(session.folder, job.worker_pid, since=job.started)
         run = job.result if job.status == DONE and isinstance(job.result, TailorRun) else None
         if run is not None:  # the quick check's base / fine-tuned scores, per set
             for label, scores in run.references.items():
