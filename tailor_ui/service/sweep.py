@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from tailor_ui.control import Progress, StopCheck
+from tailor_ui.control import Progress, Stages, StopCheck
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.sets import EvalSpec
 from tailor_ui.io import atomic_path
@@ -38,8 +38,10 @@ class SweepPlan:
 
     @property
     def label(self) -> str:
-        label = (f"sweep: {len(self.grid)} settings x {len(self.original) + len(self.target)} sets "
-                 f"x {self.n} examples")
+        sets = [*self.original, *self.target]
+        sizes = sorted({len(s.examples) for s in sets})
+        each = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
+        label = f"sweep: {len(self.grid)} settings x {len(sets)} sets x {each} examples"
         return label + (f" (+{len(self.trained)} fine-tuned here)" if self.trained else "")
 
 
@@ -62,6 +64,9 @@ def sweep_run(handle: PairHandle, plan: SweepPlan, session: Session, batches,
     from tailor_ui.evaluation.sweep import sweep
 
     start = time.perf_counter()
+    # the shares of sweep(): a stage per reference model, two per setting (merge, scores)
+    stages = Stages(progress, [1 + len(handle.pair.finetuned) + 2 * len(plan.grid),
+                               len(plan.trained), 1])
     with handle.lock:
         handle.trim_cache()
         calibration = None
@@ -69,10 +74,11 @@ def sweep_run(handle: PairHandle, plan: SweepPlan, session: Session, batches,
             calibration = [batches(*plan.calibration)] * len(handle.pair.finetuned)
         anchor = batches(plan.anchor, anchor_source(plan.anchor)) if plan.anchor else None
         table = sweep(handle.pair, plan.grid, plan.original, plan.target, calibration, anchor=anchor,
-                      batch_size=plan.n, progress=progress, should_stop=should_stop)
+                      batch_size=plan.n, progress=stages.stage(0), should_stop=should_stop)
         if plan.trained:
-            table = trained_rows(handle, table, plan, progress, should_stop)
-        report, shown_label = heatmap_report(handle, plan.grid, calibration, anchor, progress, should_stop)
+            table = trained_rows(handle, table, plan, stages.stage(1), should_stop)
+        report, shown_label = heatmap_report(handle, plan.grid, calibration, anchor, stages.stage(2),
+                                             should_stop)
     folder = session.new_dir(f"sweep-{int(time.time() * 1000)}")
     csv_file = folder / "forgetting.csv"
     with atomic_path(csv_file) as tmp:
