@@ -4,6 +4,7 @@ setting's patch lives."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -128,3 +129,34 @@ def trained_rows(handle: PairHandle, table: pd.DataFrame, plan: SweepPlan, progr
                      "eval_seconds": sum(r.seconds for r in results.values())})
     return summarize(pd.concat([table, pd.DataFrame(rows)], ignore_index=True), plan.original,
                      plan.target)
+
+
+# the README's sweep of each demo story, run once and shipped in bench/results, so the
+# Forgetting tab shows a true table before a visitor runs one
+SHIPPED_COMMAND = (
+    "python -m tailor_ui sweep --base assets/demo/base --finetuned assets/demo/{folder}finetuned "
+    "--calib assets/demo/{folder}target_calib.jsonl --original assets/demo/caption_eval.jsonl "
+    "assets/demo/vqa_eval.jsonl --target assets/demo/{folder}target_eval.jsonl "
+    "--methods tailor,magnitude,wise_ft,ties,dare --compensation exact,greedy,anchored "
+    "--anchor assets/demo/original_calib.jsonl --anchor-weight 0.3,1 --keep 0.02,0.05,0.1,0.2 "
+    "--lam 0.25,0.5,0.75 --batch-size 50 --out bench/results/demo_sweep_{story}.csv")
+
+
+@dataclass(frozen=True)
+class ShippedSweep:
+    table: pd.DataFrame
+    command: str
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_sweep(story: str) -> ShippedSweep | None:
+    """The shipped sweep of a demo story (bench/results/demo_sweep_<story>.csv) and the
+    command that made it; None when the file is not there."""
+    from tailor_ui.demo.sets import STORIES
+    from tailor_ui.service.config import ROOT
+
+    path = ROOT / "bench" / "results" / f"demo_sweep_{story}.csv"
+    if story not in STORIES or not path.is_file():
+        return None
+    folder = f"{STORIES[story].folder}/" if STORIES[story].folder else ""
+    return ShippedSweep(pd.read_csv(path), SHIPPED_COMMAND.format(folder=folder, story=story))
