@@ -157,7 +157,13 @@ def patch_map(report: Mapping | None, label: str = "",
     cells["fraction"] = cells["kept"] / cells["numel"].clip(lower=1)
     cells["hover"] = [f"{100 * f:.2f}% kept ({k:,} of {n:,})"
                       for f, k, n in zip(cells["fraction"], cells["kept"], cells["numel"])]
-    return _heatmap(cells, "fraction", "hover", title, "kept", zmax=max(cells["fraction"].max(), 1e-9))
+    low, high = cells["fraction"].min(), cells["fraction"].max()
+    if high - low <= 1e-3 * max(high, 1e-12):
+        # a scope that thresholds each block, row or tensor on its own keeps the same share
+        # everywhere: one colour is the true map, and the title says why
+        title += (f"<br><sup>every weight keeps {100 * high:.2f}% of its entries: this scope "
+                  "thresholds each block, row or tensor on its own (global scope lets them differ)</sup>")
+    return _heatmap(cells, "fraction", "hover", title, "kept", zmax=max(high, 1e-9))
 
 
 def _check_sweep(table: pd.DataFrame | None) -> bool:

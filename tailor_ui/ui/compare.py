@@ -167,3 +167,6 @@ class CompareTab(Tab):
                         run_on_click=True, cache_examples=False, examples_per_page=12,
                         label="Examples (click one)", elem_id="compare-examples",
                         api_visibility="private")
+            # the reference answers shown belong to the example picked before
+            self.examples.dataset.click(lambda: "", None, [self.references], api_visibility="private",
+                                        queue=False)
