@@ -104,7 +104,8 @@ def test_every_tab_on_first_open_is_true_and_legible(browser, app, screenshots, 
         if tab == "Forgetting":  # the shipped sweep of the README, labelled as precomputed
             source = page.locator("#sweep-source")
             expect(source).to_contain_text("precomputed")
-            expect(source).to_contain_text("python -m tailor_ui sweep --base assets/demo/base")
+            expect(source).to_contain_text("python -m tailor_ui sweep")
+            expect(source).to_contain_text("--finetuned assets/demo/finetuned")
             expect(page.locator("#sweep-tradeoff")).to_contain_text("Model Tailor")
             expect(page.locator("#sweep-tradeoff")).to_contain_text("(precomputed)")
             expect(page.locator("#sweep-table")).to_contain_text("Model Tailor keep=0.02 alpha=0.8 compensation=exact")

@@ -35,7 +35,7 @@ def test_forgetting_shows_the_shipped_sweep_until_the_visitors_own(ui, studio):
     session = new_session(studio)
     progress, source, tradeoff, keep, retention, heatmap, table, csv = ui.forgetting.poll(session)
     assert "**precomputed**" in source
-    assert "python -m tailor_ui sweep --base assets/demo/base --finetuned assets/demo/finetuned" in source
+    assert "python -m tailor_ui sweep \\\n  --base assets/demo/base \\\n  --finetuned assets/demo/finetuned" in source
     assert "--out bench/results/demo_sweep_spatial.csv" in source
     assert "(precomputed)" in tradeoff.layout.title.text
     assert {"Model Tailor (paper) alpha=0.8", "Magnitude patch"} <= {t.name for t in tradeoff.data}
@@ -92,3 +92,22 @@ def test_empty_tables_show_their_column_names(ui):
         headers = table.value["headers"]
         assert headers and headers[:3] != ["1", "2", "3"], table.elem_id
     assert isinstance(ui.forgetting.table, gr.Dataframe)
+
+
+def test_a_greyed_out_continual_button_says_why(ui):
+    update = ui.finetune.method_changed("dowser")[3]
+    assert update["interactive"] is False
+    assert update["value"] == ("Run the continual sequence (not with Model-Dowser (sparse): choose "
+                               "Full fine-tuning, EMA (fixed β) or LLaCA (adaptive EMA))")
+    assert ui.finetune.method_changed("llaca")[3] == {"__type__": "update", "interactive": True,
+                                                       "value": "Run the continual sequence"}
+
+
+def test_the_counting_story_hints_at_a_larger_keep():
+    from tailor_ui.ui.models import story_text
+
+    counting = story_text("counting")
+    assert ("balances best at **Model Tailor keep=0.2 alpha=0.8 compensation=anchored**: 89% of the "
+            "original skills kept, 90% of the new skill's gain") in counting
+    assert "The Tailor tab starts at keep 0.1, which keeps less of the new skill: try keep 0.2." in counting
+    assert "try keep" not in story_text("spatial")  # its best balance is the default keep

@@ -160,3 +160,19 @@ def shipped_sweep(story: str) -> ShippedSweep | None:
         return None
     folder = f"{STORIES[story].folder}/" if STORIES[story].folder else ""
     return ShippedSweep(pd.read_csv(path), SHIPPED_COMMAND.format(folder=folder, story=story))
+
+
+def keep_hint(table: pd.DataFrame, default_keep: float) -> str:
+    """Model Tailor's best-balanced row of a sweep (highest H-score) in words, and a hint to
+    try its larger keep when the Tailor tab starts below it."""
+    rows = table[(table["method"] == "tailor") & table["h_score"].notna()]
+    if rows.empty:
+        return ""
+    best = rows.loc[rows["h_score"].idxmax()]
+    text = (f"In its precomputed sweep Model Tailor balances best at **{best['setting']}**: "
+            f"{100 * best['original_retention']:.0f}% of the original skills kept, "
+            f"{100 * best['target_gain']:.0f}% of the new skill's gain.")
+    if best["keep"] > default_keep:
+        text += (f" The Tailor tab starts at keep {default_keep:g}, which keeps less of the new "
+                 f"skill: try keep {best['keep']:g}.")
+    return text

@@ -54,7 +54,7 @@ def shown_source(run: SweepRun | None, shipped: ShippedSweep | None) -> str:
     if shipped is not None:
         return ("Showing the **precomputed** sweep of this demo story (shipped in `bench/results`, "
                 "every example of its sets; your own sweep replaces it), made by:\n\n"
-                f"```\n{shipped.command}\n```")
+                "```\n" + shipped.command.replace(" --", " \\\n  --") + "\n```")
     return ""
 
 
