@@ -43,6 +43,9 @@ def table_outputs(table: pd.DataFrame | None, report: dict | None = None, label:
     if note:
         for figure in figures[:3]:
             figure.update_layout(title_text=f"{figure.layout.title.text} {note}")
+        if report is None:
+            figures[3] = plots.empty_figure("a precomputed sweep keeps no patch: run a sweep to map "
+                                            "where one of its settings' patch lives", "Where the patch lives")
     return [*figures, fmt_table(table) if table is not None else pd.DataFrame(columns=TABLE_HEADERS), csv]
 
 
