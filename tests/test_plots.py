@@ -204,7 +204,12 @@ def test_the_quick_check_line_says_why_a_share_is_missing():
     quick = pd.DataFrame([{"model": "This merge", "original retention": np.nan, "target retention": 0.5}])
     report = {"patch_entries": 10, "linear_fraction": 0.1, "selected_linears": 2, "model_fraction": 0.01,
               "timings_s": {"total": 1.0}}
-    text = result_markdown(SimpleNamespace(report=report, label="x", job_id="job-1", seconds=1.0,
-                                           quick=quick))
+    run = SimpleNamespace(report=report, label="x", job_id="job-1", seconds=1.0, quick=quick,
+                          settings={"method": "tailor", "keep": 0.1})
+    text = result_markdown(run)
     assert "nan" not in text and "n/a (the pre-trained model scores 0 on them)" in text
-    assert "target skill kept 50%" in text
+    assert "target skill kept 50%" in text and "larger patch size" not in text
+    quick["target retention"] = 0.17  # the counting story's default: a larger keep is hinted
+    assert "keeps little of the new skill: try a larger patch size (keep)" in result_markdown(run)
+    run.settings = {"method": "wise_ft", "lam": 0.3}  # no keep to raise
+    assert "larger patch size" not in result_markdown(run)

@@ -48,6 +48,9 @@ def build_settings(method: str, keep: float, alpha: float, scope: str, compensat
                             budget=budget)
 
 
+LITTLE_OF_THE_TARGET = 0.5  # a quick check's target retention below which a larger keep is hinted
+
+
 def result_markdown(run: TailorRun | None, default: bool = False) -> str:
     if run is None:
         return "*Run a merge to see its patch here.*"
@@ -70,6 +73,8 @@ def result_markdown(run: TailorRun | None, default: bool = False) -> str:
                      f"{percent(row['target retention'], 'n/a (the fine-tuned model scores 0 on it)')}"
                      " (few examples; run a "
                      "sweep in *Forgetting* for the full picture)")
+        if row["target retention"] < LITTLE_OF_THE_TARGET and _reads(run.settings.get("method"), "keep"):
+            lines.append("*This patch keeps little of the new skill: try a larger patch size (keep).*")
     elif run.quick is None:
         lines.append("*No quick check: this pair has no evaluation sets. Add them in the Models tab "
                      "(Evaluation sets) to score each merge on a few examples.*")
@@ -236,8 +241,8 @@ class TailorTab(Tab):
             with gr.Column(scale=2):
                 self._outputs()
                 self._search_outputs()
-        self.history = gr.Dataframe(history_table([]), label="Your jobs", interactive=False, elem_id="job-history",
-                                    wrap=True, max_height=300)
+        self.history = gr.Dataframe(history_table([]), label="Your jobs", interactive=False,
+                                    elem_id="job-history", wrap=True, max_height=300)
         self._wire()
 
     def _merge_controls(self) -> None:
