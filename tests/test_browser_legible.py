@@ -108,7 +108,8 @@ def test_every_tab_on_first_open_is_true_and_legible(browser, app, screenshots, 
             expect(source).to_contain_text("--finetuned assets/demo/finetuned")
             expect(page.locator("#sweep-tradeoff")).to_contain_text("Model Tailor")
             expect(page.locator("#sweep-tradeoff")).to_contain_text("(precomputed)")
-            expect(page.locator("#sweep-table")).to_contain_text("Model Tailor keep=0.02 alpha=0.8 compensation=exact")
+            expect(page.locator("#sweep-table")).to_contain_text(
+                "Model Tailor keep=0.02 alpha=0.8 compensation=exact")
         if tab == "Compare":  # one example and every model's answer, without pressing anything
             expect(page.locator("#compare-image img")).to_be_visible(timeout=LONG)
             for elem_id in ("compare-base", "compare-finetuned", "compare-tailored"):

@@ -35,7 +35,8 @@ def test_forgetting_shows_the_shipped_sweep_until_the_visitors_own(ui, studio):
     session = new_session(studio)
     progress, source, tradeoff, keep, retention, heatmap, table, csv = ui.forgetting.poll(session)
     assert "**precomputed**" in source
-    assert "python -m tailor_ui sweep \\\n  --base assets/demo/base \\\n  --finetuned assets/demo/finetuned" in source
+    assert ("python -m tailor_ui sweep \\\n  --base assets/demo/base \\\n  --finetuned "
+            "assets/demo/finetuned") in source
     assert "--out bench/results/demo_sweep_spatial.csv" in source
     assert "(precomputed)" in tradeoff.layout.title.text
     assert {"Model Tailor (paper) alpha=0.8", "Magnitude patch"} <= {t.name for t in tradeoff.data}

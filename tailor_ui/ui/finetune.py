@@ -34,8 +34,9 @@ def continual_button(method: str) -> dict:
     if method in CONTINUAL_METHOD:
         return gr.update(interactive=True, value=CONTINUAL_BUTTON)
     *others, last = [TRAINING_METHODS[m].label for m in CONTINUAL_METHOD]
-    return gr.update(interactive=False, value=f"{CONTINUAL_BUTTON} (not with {TRAINING_METHODS[method].label}: "
-                                              f"choose {', '.join(others)} or {last})")
+    label = TRAINING_METHODS[method].label
+    return gr.update(interactive=False,
+                     value=f"{CONTINUAL_BUTTON} (not with {label}: choose {', '.join(others)} or {last})")
 
 
 CONTINUAL_BUTTON = "Run the continual sequence"

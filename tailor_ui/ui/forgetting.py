@@ -154,8 +154,8 @@ class ForgettingTab(Tab):
         self.keep_plot = gr.Plot(empty[1], elem_id="sweep-keep", show_label=False)
         self.retention = gr.Plot(empty[2], elem_id="sweep-retention", show_label=False)
         self.heatmap = gr.Plot(empty[3], elem_id="sweep-heatmap", show_label=False)
-        self.table = gr.Dataframe(empty[4], label="Forgetting table", interactive=False, elem_id="sweep-table",
-                                  wrap=True, max_height=360)
+        self.table = gr.Dataframe(empty[4], label="Forgetting table", interactive=False,
+                                  elem_id="sweep-table", wrap=True, max_height=360)
         with gr.Row():
             self.csv = gr.DownloadButton("Download the table (CSV)", value=None, elem_id="sweep-csv")
             self.refresh = gr.Button("Show the result of the sweep job id above", size="sm",
