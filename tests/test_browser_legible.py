@@ -143,6 +143,7 @@ def test_a_refused_upload_leaves_the_box_ready_for_the_next(browser, app, tmp_pa
     expect(page.locator("#evalsets-files")).to_contain_text("bad.jsonl")
     page.locator("#evalsets-add").click()
     expect(page.locator(".toast-body")).to_contain_text("image")
+    expect(page.locator("#evalsets-files")).to_contain_text("Drop File Here")  # emptied
     upload.set_input_files([str(good), *map(str, images)])
     page.locator("#evalsets-name textarea").fill("mine")
     page.locator("#evalsets-add").click()
