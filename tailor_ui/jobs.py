@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tailor_ui.control import Cancelled, Progress, StopCheck
+from tailor_ui.control import Cancelled, Progress, StopCheck, forward_only
 from tailor_ui.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ class JobRunner:
         gpu = job.lane.startswith("cuda")
         try:
             call = self.gpu_call(fn, job.kind) if gpu and self.gpu_call is not None else fn
-            result = call(progress, job._stop.is_set)
+            result = call(forward_only(progress), job._stop.is_set)
             if job._stop.is_set() and result is None:
                 outcome, stage = CANCELLED, "cancelled"
         except Cancelled:
