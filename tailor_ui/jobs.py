@@ -39,7 +39,7 @@ from enum import StrEnum
 from typing import Any
 
 from tailor_ui import workers
-from tailor_ui.control import Cancelled, Progress, StopCheck
+from tailor_ui.control import Cancelled, Progress, StopCheck, forward_only
 from tailor_ui.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -374,13 +374,15 @@ class JobRunner:
     def _call(self, job: Job, fn: JobFn) -> Any:
         """The job's function called where it computes: ZeroGPU's worker (a GPU lane's
         gpu_call), a worker process of ours, or this thread."""
+        def show(stage: str, done: int, total: int) -> None:
+            job.stage, job.done, job.total = stage, int(done), int(total)
+
+        update = forward_only(show)  # wherever the job computes, its bar never moves back
+
         def progress(stage: str, done: int, total: int) -> None:
             if job._stop.is_set():
                 raise Cancelled
             update(stage, done, total)
-
-        def update(stage: str, done: int, total: int) -> None:
-            job.stage, job.done, job.total = stage, int(done), int(total)
 
         if job.lane.startswith("cuda") and self.gpu_call is not None:
             return self.gpu_call(fn, job.kind)(progress, job._stop.is_set)

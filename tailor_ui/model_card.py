@@ -83,8 +83,9 @@ def hub_ids(names: Sequence[str]) -> list[str]:
 def tailor_command(settings: Settings, base: str, finetuned: Sequence[str], *,
                    calib: Sequence[str] = (), anchor: Sequence[str] = (), out: str = "tailored") -> str:
     """The `tailor` command line that merges with these settings: every setting the method
-    reads that differs from its default, --keep always, and the compensation form always
-    (the command line's own default depends on --anchor)."""
+    reads that differs from its default (μ only where anchored compensation reads it), and
+    always the patch size, the fusion weight and the compensation form (the command line's
+    own default form depends on --anchor)."""
     from tailor_ui.settings import method_knobs
 
     words = ["--base", base, *[w for f in finetuned for w in ("--finetuned", f)],
@@ -94,7 +95,9 @@ def tailor_command(settings: Settings, base: str, finetuned: Sequence[str], *,
         value = getattr(settings, f.name)
         if f.name not in read or f.name == "compensate":
             continue
-        if f.name in ("keep", "compensation") or value != getattr(defaults, f.name):
+        if f.name == "anchor_weight" and not settings.anchored:
+            continue
+        if f.name in ("keep", "alpha", "compensation") or value != getattr(defaults, f.name):
             text = f"{value:g}" if isinstance(value, float) else str(value)
             words += [f"--{f.name.replace('_', '-')}", text]
     if "compensate" in read and not settings.compensate:

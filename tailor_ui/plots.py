@@ -26,6 +26,7 @@ from tailor_ui.methods import REGISTRY
 from tailor_ui.names import component, layer_index, module_kind
 
 HEIGHT = 380
+WIDE_HEIGHT = 460  # the sweep's plots: a full row each, their legend beside them
 # Model Tailor's curves by compensation form (the paper's greedy loop: solid, COLOURS["tailor"])
 LINE_DASHES = {"exact": "dash", "anchored": "dashdot"}
 FORM_COLOURS = {"exact": "#ff9896", "anchored": "#7b0d0d"}
@@ -156,7 +157,13 @@ def patch_map(report: Mapping | None, label: str = "",
     cells["fraction"] = cells["kept"] / cells["numel"].clip(lower=1)
     cells["hover"] = [f"{100 * f:.2f}% kept ({k:,} of {n:,})"
                       for f, k, n in zip(cells["fraction"], cells["kept"], cells["numel"])]
-    return _heatmap(cells, "fraction", "hover", title, "kept", zmax=max(cells["fraction"].max(), 1e-9))
+    low, high = cells["fraction"].min(), cells["fraction"].max()
+    if high - low <= 1e-3 * max(high, 1e-12):
+        # a scope that thresholds each block, row or tensor on its own keeps the same share
+        # everywhere: one colour is the true map, and the title says why
+        title += (f"<br><sup>every weight keeps {100 * high:.2f}% of its entries: this scope "
+                  "thresholds each block, row or tensor on its own (global scope lets them differ)</sup>")
+    return _heatmap(cells, "fraction", "hover", title, "kept", zmax=max(high, 1e-9))
 
 
 def _check_sweep(table: pd.DataFrame | None) -> bool:
@@ -167,8 +174,8 @@ def _check_sweep(table: pd.DataFrame | None) -> bool:
 # target counts only what fine-tuning added over the base; where it added nothing on these
 # examples (a small sample) there is no gain to keep, and the target retention stands in
 TRADEOFF_AXES = ("original_retention", "target_gain")
-TRADEOFF_TITLES = {"target_gain": "target gain kept ((score − base) / (fine-tuned − base))",
-                   "target_retention": "target retention (score / fine-tuned; no gain to keep here)"}
+TRADEOFF_TITLES = {"target_gain": "target gain kept<br>(score − base) / (fine-tuned − base)",
+                   "target_retention": "target retention (score / fine-tuned)<br>no gain to keep here"}
 
 
 def _pareto(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -207,6 +214,16 @@ def _tailor_series(name: str) -> str:
     return name.replace(form.group(0), "").replace("Model Tailor", named, 1)
 
 
+def no_ratio_message(table: pd.DataFrame, *columns: str) -> str:
+    """Why a share cannot be drawn: the reference model it divides by scored 0."""
+    why = {"original_retention": "the pre-trained model scores 0 on every original-task set",
+           "target_retention": "the fine-tuned model scores 0 on every target set",
+           "target_gain": "the fine-tuned model scores no better than the pre-trained on the target"}
+    reasons = [why[c] for c in columns if c in why and table[c].isna().all()]
+    return ("nothing to draw: " + "; ".join(reasons or ["no row has both shares"])
+            + ",<br>so there is no share to keep (the table shows the raw scores)")
+
+
 def tradeoff(table: pd.DataFrame | None) -> go.Figure:
     """Original retention against the share of the target gain kept: up and right is better."""
     title = "Trade-off: original skills kept vs new skill kept"
@@ -217,6 +234,8 @@ def tradeoff(table: pd.DataFrame | None) -> go.Figure:
     if table[y].notna().sum() <= 1:  # only the fine-tuned row, or none
         y = "target_retention"
     data = table.dropna(subset=[x, y])
+    if data.empty:
+        return empty_figure(no_ratio_message(table, x, y), title)
     front = _pareto(data[data["kind"] == "merged"] if "kind" in data else data, x, y)
     if len(front) > 1:
         fig.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines",
@@ -233,7 +252,7 @@ def tradeoff(table: pd.DataFrame | None) -> go.Figure:
                     "symbol": "star" if reference else "circle"},
             line={"dash": _dash(series), "color": _colour(method, series)},
             hovertemplate="%{text}<br>original retention %{x:.3f}<br>target gain %{y:.3f}<extra></extra>"))
-    fig.update_layout(title=title, height=HEIGHT,
+    fig.update_layout(title=title, height=WIDE_HEIGHT,
                       xaxis={"title": "original retention (mean over sets of score / base)"},
                       yaxis={"title": TRADEOFF_TITLES[y]})
     return fig
@@ -259,14 +278,15 @@ def scores_vs_keep(table: pd.DataFrame | None) -> go.Figure:
                 hovertemplate="%{text}<br>keep %{x:.3g}<br>score %{y:.3f}<extra></extra>"),
                 row=1, col=col)
         # reference lines after the traces: plotly leaves empty subplots without them
-        for kind, dash in (("base", "dash"), ("finetuned", "dot")):
+        # labels at opposite ends, so two close lines' labels do not overlap
+        for kind, dash, position in (("base", "dash", "top left"), ("finetuned", "dot", "bottom right")):
             ref = table[table["method"] == kind]
             if not ref.empty:
                 fig.add_hline(y=float(ref[score].mean()), line={"dash": dash, "color": COLOURS[kind]},
-                              annotation_text=method_label(kind), annotation_position="top left",
+                              annotation_text=method_label(kind), annotation_position=position,
                               row=1, col=col, exclude_empty_subplots=False)
         fig.update_xaxes(title_text="patch size (keep)", row=1, col=col)
-    fig.update_layout(title=title, height=HEIGHT)
+    fig.update_layout(title=title, height=WIDE_HEIGHT)
     return fig
 
 
@@ -277,19 +297,23 @@ def retention_bars(table: pd.DataFrame | None) -> go.Figure:
     if not _check_sweep(table) or "original_retention" not in table:
         return empty_figure("run a sweep to see retention", title)
     rows = table[table["kind"] != "base"] if "kind" in table else table
+    if rows[["original_retention", "target_retention"]].isna().all().all():
+        return empty_figure(no_ratio_message(rows, "original_retention", "target_retention"), title)
     labels = list(rows["setting"])
     fig = _figure()
-    fig.add_trace(go.Bar(y=labels, x=100 * rows["original_retention"], orientation="h",
-                         name="original tasks (vs base)", marker_color="#1f77b4",
-                         hovertemplate="%{y}<br>%{x:.1f}%<extra></extra>"))
-    fig.add_trace(go.Bar(y=labels, x=100 * rows["target_retention"], orientation="h",
-                         name="target task (vs fine-tuned)", marker_color="#d62728",
-                         hovertemplate="%{y}<br>%{x:.1f}%<extra></extra>"))
+    for column, name, colour, reference in (
+            ("original_retention", "original tasks (vs base)", "#1f77b4", "the pre-trained model"),
+            ("target_retention", "target task (vs fine-tuned)", "#d62728", "the fine-tuned model")):
+        values = 100 * rows[column]
+        # a share of a 0 score is undefined: say so where the bar would be
+        fig.add_trace(go.Bar(y=labels, x=values.fillna(0), orientation="h", name=name, marker_color=colour,
+                             text=["" if v == v else f"n/a: {reference} scores 0" for v in values],
+                             textposition="outside", cliponaxis=False,
+                             hovertemplate="%{y}<br>%{x:.1f}%<extra></extra>"))
     fig.add_vline(x=100, line={"dash": "dash", "color": "#777"})
     fig.update_layout(title=title, height=max(HEIGHT, 120 + 34 * len(labels)), 
                       barmode="group", xaxis={"title": "retention (%)"},
-                      yaxis={"automargin": True, "autorange": "reversed", "type": "category"},
-                      legend={"orientation": "h", "y": 1.08})
+                      yaxis={"automargin": True, "autorange": "reversed", "type": "category"})
     return fig
 
 

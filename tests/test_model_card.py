@@ -17,7 +17,7 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
 from conftest import request_for
-from tailor_ui.cli import _default_compensation, _settings, build_parser, main
+from tailor_ui.cli import _settings, build_parser, main
 from tailor_ui.errors import UserError
 from tailor_ui.settings import method_knobs
 from tailor_ui.hub import check_repo_id
@@ -106,8 +106,6 @@ def test_the_command_on_the_card_parses_back_to_the_same_settings(settings):
     import shlex
 
     args = build_parser().parse_args(shlex.split(words[3]))
-    if args.compensation is None:  # as main() fills it in
-        args.compensation = _default_compensation(args)
     parsed = _settings(args, args.method)
     read = {"method", *method_knobs(settings.method)}
     assert {k: getattr(parsed, k) for k in read} == {k: getattr(settings, k) for k in read}

@@ -87,8 +87,8 @@ def test_sets_added_once_serve_tailor_find_settings_and_the_sweep(bare, disk_pai
     # Find settings: every default method, on the held-out share of the same target set
     forms = sweep_compensations(handle, sets, search=True)
     result = finished(bare, session, bare.submit_search(
-        session, search.DEFAULT_KEEPS, search.DEFAULT_ALPHAS, {"compensation": forms},
-        methods=search.DEFAULT_METHODS, lams=search.DEFAULT_LAMS, examples=4)).result
+        session, search.SEARCH_GRID["keep"], search.SEARCH_GRID["alpha"], {"compensation": forms},
+        methods=search.DEFAULT_METHODS, lams=search.SEARCH_GRID["lam"], examples=4)).result
     assert set(result.candidates["method"]) == set(search.DEFAULT_METHODS)
     assert result.used["held-out"].startswith("3 of 12 target-task examples")
     tuned = result.table[result.table["kind"] == "finetuned"].iloc[0]
@@ -147,7 +147,7 @@ def test_the_tailor_tab_says_where_its_calibration_comes_from(bare, disk_pair, o
     add_sets_once(bare, session, own_sets)
     first = shown()
     assert "9 of the 12 examples of your target set 'colours'" in first[tab.calib_info]
-    assert first[tab.compensation]["value"] == "anchored"
+    assert first[tab.knobs["compensation"]]["value"] == "anchored"
     assert shown()[tab.calib_info] == gr.skip()  # sent once
     # the demo pair: its built-in set, whatever the visitor added
     demo = studio.session(f"demo-{uuid.uuid4().hex[:6]}")

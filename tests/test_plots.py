@@ -163,3 +163,53 @@ def test_tradeoff_without_a_target_gain_plots_target_retention():
     assert "no gain to keep" in fig.layout.yaxis.title.text
     empty = plots.tradeoff(table[table["kind"] != "merged"])  # references only: no front
     assert "frontier" not in {t.name for t in empty.data}
+
+
+def test_a_model_scoring_zero_gives_a_reason_not_an_empty_plot():
+    """The pre-trained model scores 0 on the original sets, the fine-tuned on the target:
+    no share is defined, and each plot says which model's zero is why."""
+    table = sweep_table()
+    table["original_retention"] = np.nan
+    table["target_retention"] = np.nan
+    table["target_gain"] = np.nan
+    trade = plots.tradeoff(table)
+    assert not trade.data
+    message = trade.layout.annotations[0].text
+    assert "pre-trained model scores 0 on every original-task set" in message
+    assert "fine-tuned model scores 0 on every target set" in message
+    bars = plots.retention_bars(table)
+    assert "pre-trained model scores 0" in bars.layout.annotations[0].text
+    some = sweep_table()
+    some.loc[some["method"] == "magnitude", "original_retention"] = np.nan  # one row undefined
+    bars = plots.retention_bars(some)
+    row = list(bars.data[0].y).index("Magnitude keep=0.1")
+    assert bars.data[0].x[row] == 0 and bars.data[0].text[row] == "n/a: the pre-trained model scores 0"
+
+
+def test_a_patch_map_with_one_share_everywhere_says_why():
+    report = {"tensors": {
+        f"model.language_model.layers.{i}.self_attn.{m}.weight": {"kept": 10, "numel": 100, "layer": i}
+        for i in (2, 3) for m in ("q_proj", "k_proj")}}
+    fig = plots.patch_map(report, "Model Tailor keep=0.1")
+    assert "every weight keeps 10.00% of its entries" in fig.layout.title.text
+    report["tensors"]["model.language_model.layers.2.self_attn.q_proj.weight"]["kept"] = 30
+    assert "every weight keeps" not in plots.patch_map(report).layout.title.text
+
+
+def test_the_quick_check_line_says_why_a_share_is_missing():
+    from types import SimpleNamespace
+
+    from tailor_ui.ui.tailor import result_markdown
+
+    quick = pd.DataFrame([{"model": "This merge", "original retention": np.nan, "target retention": 0.5}])
+    report = {"patch_entries": 10, "linear_fraction": 0.1, "selected_linears": 2, "model_fraction": 0.01,
+              "timings_s": {"total": 1.0}}
+    run = SimpleNamespace(report=report, label="x", job_id="job-1", seconds=1.0, quick=quick,
+                          settings={"method": "tailor", "keep": 0.1})
+    text = result_markdown(run)
+    assert "nan" not in text and "n/a (the pre-trained model scores 0 on them)" in text
+    assert "target skill kept 50%" in text and "larger patch size" not in text
+    quick["target retention"] = 0.17  # the counting story's default: a larger keep is hinted
+    assert "keeps little of the new skill: try a larger patch size (keep)" in result_markdown(run)
+    run.settings = {"method": "wise_ft", "lam": 0.3}  # no keep to raise
+    assert "larger patch size" not in result_markdown(run)

@@ -79,7 +79,7 @@ def test_finetune_joins_the_forgetting_sweep(ui):
     sweep_id, _ = ui.forgetting.run(["magnitude"], "0.1", "0.5", 0.8, 4, request=request)
     job = ui.studio.runner.wait(sweep_id, request.session_hash, 180)
     assert job.status == DONE, job.error
-    table = ui.forgetting.poll(session)[5]
+    table = ui.forgetting.poll(session)[6]
     assert list(table["method"]) == ["base", "finetuned", "majority", "magnitude", "dowser", "tailor-ft"]
     assert table["target_retention"].notna().all()
 

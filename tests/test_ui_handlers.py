@@ -352,7 +352,8 @@ def test_sweep_job_figures_and_csv(app):
     assert job.status == DONE, job.error
     session = app.studio.session(request.session_hash)
     outputs = app.forgetting.poll(session)
-    tradeoff, by_keep, retention, heatmap, table, csv = outputs[1:]
+    source, tradeoff, by_keep, retention, heatmap, table, csv = outputs[1:]
+    assert source.startswith(f"Showing your sweep `{job_id}`")
     assert all(isinstance(f, go.Figure) and f.data for f in (tradeoff, by_keep, retention, heatmap))
     names = {t.name for t in tradeoff.data}
     assert {"Magnitude patch", "Pre-trained", "Majority answer"} <= names
@@ -369,7 +370,7 @@ def test_sweep_job_figures_and_csv(app):
     assert {"original_retention", "target_retention", "h_score"} <= set(saved.columns)
     shown, path = app.forgetting.result(job_id, request=request)
     assert path == csv and len(shown) == 9
-    assert app.forgetting.poll(session) == [gr.skip()] * 7  # nothing new to send
+    assert app.forgetting.poll(session) == [gr.skip()] * 8  # nothing new to send
     with pytest.raises(gr.Error, match="is not a number"):
         app.forgetting.run(["tailor"], "0.1, x", "0.5", 0.8, 4, request=request)
 

@@ -38,7 +38,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from tailor_ui.control import Progress, StopCheck, never_stop, no_progress
+from tailor_ui.control import Progress, Stages, StopCheck, never_stop, no_progress
 from tailor_ui.prompts import Batch
 from tailor_ui.engine import finetuned_model, run_method
 from tailor_ui.errors import UserError
@@ -113,19 +113,21 @@ def finetuned_fraction(pair: Pair, k: int) -> float:
 
 
 class _Evaluator:
-    """Runs every evaluation set on a model, counting evaluations for progress and
-    checking for cancellation between them."""
+    """Runs every evaluation set on a model, reporting each set as a step of the model's
+    stage and checking for cancellation between them."""
 
-    def __init__(self, processor, sets: Sequence[EvalSet], total_models: int, batch_size: int,
-                 progress: Progress, should_stop: StopCheck) -> None:
+    def __init__(self, processor, sets: Sequence[EvalSet], batch_size: int,
+                 should_stop: StopCheck) -> None:
         self.processor, self.sets, self.batch_size = processor, sets, batch_size
-        self.progress, self.should_stop = progress, should_stop
-        self.done, self.total = 0, total_models * len(sets)
+        self.should_stop = should_stop
 
-    def __call__(self, model: torch.nn.Module, label: str) -> dict[str, float]:
+    def __call__(self, model: torch.nn.Module, label: str, progress: Progress) -> dict[str, float]:
+        done = 0
+
         def starting(s: EvalSet) -> None:
-            self.progress(f"evaluating {label} on {s.name}", self.done, self.total)
-            self.done += 1
+            nonlocal done
+            progress(f"evaluating {label} on {s.name}", done, len(self.sets))
+            done += 1
 
         results = evaluate_all(model, self.processor, self.sets, batch_size=self.batch_size,
                                before_each=starting, should_stop=self.should_stop)
@@ -163,15 +165,16 @@ def sweep(pair: Pair, settings: Sequence[Settings], original: Sequence[EvalSet],
     _check_sets(pair, original, target)
     report = progress or no_progress
     stop = should_stop or never_stop
-    run_eval = _Evaluator(pair.processor, [*original, *target], 1 + len(pair.finetuned) + len(settings),
-                          batch_size, report, stop)
+    run_eval = _Evaluator(pair.processor, [*original, *target], batch_size, stop)
+    references = 1 + len(pair.finetuned)  # a stage each; a setting has two: its merge, its scores
+    stages = Stages(report, [1] * (references + 2 * len(settings)))
     blank = {"alpha": None, "lam": None, "linear_fraction": None, "seconds": math.nan}
 
     rows = [{"kind": "base", "method": "base", "setting": pair.base_id, **blank, "keep": 0.0,
-             "patch_fraction": 0.0, **run_eval(pair.base, "the base model")}]
+             "patch_fraction": 0.0, **run_eval(pair.base, "the base model", stages.stage(0))}]
     for k in range(len(pair.finetuned)):
         with finetuned_model(pair, k) as model:  # a lazy model: the base holding its values
-            scores = run_eval(model, pair.finetuned_ids[k])
+            scores = run_eval(model, pair.finetuned_ids[k], stages.stage(1 + k))
         rows.append({"kind": "finetuned", "method": "finetuned",
                      "setting": pair.finetuned_ids[k], **blank, "keep": 1.0,
                      "patch_fraction": finetuned_fraction(pair, k), **scores})
@@ -183,21 +186,16 @@ def sweep(pair: Pair, settings: Sequence[Settings], original: Sequence[EvalSet],
 
     for j, s in enumerate(settings):
         label = setting_label(s)
+        prefix = f"[{j + 1}/{len(settings)}] {label}: "
         result = run_method(pair, s, calibration, anchor=anchor, should_stop=stop,
-                            progress=_prefixed(report, f"[{j + 1}/{len(settings)}] {label}: "))
+                            progress=stages.stage(references + 2 * j, prefix))
         with applied(pair.base, result.patch) as model:
-            scores = run_eval(model, label)
+            scores = run_eval(model, label, stages.stage(references + 2 * j + 1, prefix))
         rows.append({"kind": "merged", "method": s.method, "setting": label, **_knob_values(s),
                      "patch_fraction": result.report["model_fraction"],
                      "linear_fraction": result.report["linear_fraction"],
                      "seconds": result.report["timings_s"]["total"], **scores})
     return summarize(pd.DataFrame(rows), original, target)
-
-
-def _prefixed(report: Progress, prefix: str) -> Progress:
-    def step(stage: str, done: int, total: int) -> None:
-        report(prefix + stage, done, total)
-    return step
 
 
 def retention(scores: Mapping[str, float], reference: Mapping[str, float]) -> float:

@@ -29,10 +29,34 @@ def compare_runs(session: Session, handle: PairHandle, limit: int = 4) -> list[T
             seen.add(method)
             runs.append(run)
     if not runs and handle.default_run is not None:
-        runs.append(replace(handle.default_run, label=f"{handle.default_run.label} (default)"))
+        runs.append(startup_run(handle))
     # a calibrated method (Model Tailor) first: it is the "tailored" column
     runs.sort(key=lambda r: not REGISTRY[r.settings.get("method", "tailor")].needs_calibration)
     return runs[:limit]
+
+
+def startup_run(handle: PairHandle) -> TailorRun:
+    """The pair's start-up merge, labelled as such."""
+    return replace(handle.default_run, label=f"{handle.default_run.label} (default)")
+
+
+def first_example(handle: PairHandle) -> tuple[str, str, list[str]] | None:
+    """What Compare opens with: the first example of the pair's first built-in target set
+    (image path, question, reference answers); None when it has none."""
+    spec = next((s for s in handle.eval_sets if s.role == "target" and s.examples), None)
+    if spec is None:
+        return None
+    chosen = spec.examples[0]
+    return str(chosen.image), chosen.question, list(chosen.answers)
+
+
+def first_answers(handle: PairHandle, max_new_tokens: int, progress: Progress) -> list[tuple[str, str]]:
+    """Every model's answer to `first_example`, the start-up merge's included."""
+    from tailor_ui.data import load_image
+
+    image, question, _ = first_example(handle)
+    return answers(handle, [startup_run(handle)], [], load_image(image), question, max_new_tokens,
+                   progress)
 
 
 def answers(handle: PairHandle, runs: list[TailorRun], trained: list[tuple[str, object]], image,

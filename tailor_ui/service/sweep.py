@@ -4,6 +4,7 @@ setting's patch lives."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from tailor_ui.control import Progress, StopCheck
+from tailor_ui.control import Progress, Stages, StopCheck
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.sets import EvalSpec
 from tailor_ui.io import atomic_path
@@ -38,8 +39,10 @@ class SweepPlan:
 
     @property
     def label(self) -> str:
-        label = (f"sweep: {len(self.grid)} settings x {len(self.original) + len(self.target)} sets "
-                 f"x {self.n} examples")
+        sets = [*self.original, *self.target]
+        sizes = sorted({len(s.examples) for s in sets})
+        each = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}–{sizes[-1]}"
+        label = f"sweep: {len(self.grid)} settings x {len(sets)} sets x {each} examples"
         return label + (f" (+{len(self.trained)} fine-tuned here)" if self.trained else "")
 
 
@@ -62,6 +65,9 @@ def sweep_run(handle: PairHandle, plan: SweepPlan, session: Session, batches,
     from tailor_ui.evaluation.sweep import sweep
 
     start = time.perf_counter()
+    # the shares of sweep(): a stage per reference model, two per setting (merge, scores)
+    stages = Stages(progress, [1 + len(handle.pair.finetuned) + 2 * len(plan.grid),
+                               len(plan.trained), 1])
     with handle.lock:
         handle.trim_cache()
         calibration = None
@@ -69,10 +75,11 @@ def sweep_run(handle: PairHandle, plan: SweepPlan, session: Session, batches,
             calibration = [batches(*plan.calibration)] * len(handle.pair.finetuned)
         anchor = batches(plan.anchor, anchor_source(plan.anchor)) if plan.anchor else None
         table = sweep(handle.pair, plan.grid, plan.original, plan.target, calibration, anchor=anchor,
-                      batch_size=plan.n, progress=progress, should_stop=should_stop)
+                      batch_size=plan.n, progress=stages.stage(0), should_stop=should_stop)
         if plan.trained:
-            table = trained_rows(handle, table, plan, progress, should_stop)
-        report, shown_label = heatmap_report(handle, plan.grid, calibration, anchor, progress, should_stop)
+            table = trained_rows(handle, table, plan, stages.stage(1), should_stop)
+        report, shown_label = heatmap_report(handle, plan.grid, calibration, anchor, stages.stage(2),
+                                             should_stop)
     folder = session.new_dir(f"sweep-{int(time.time() * 1000)}")
     csv_file = folder / "forgetting.csv"
     with atomic_path(csv_file) as tmp:
@@ -122,3 +129,50 @@ def trained_rows(handle: PairHandle, table: pd.DataFrame, plan: SweepPlan, progr
                      "eval_seconds": sum(r.seconds for r in results.values())})
     return summarize(pd.concat([table, pd.DataFrame(rows)], ignore_index=True), plan.original,
                      plan.target)
+
+
+# the README's sweep of each demo story, run once and shipped in bench/results, so the
+# Forgetting tab shows a true table before a visitor runs one
+SHIPPED_COMMAND = (
+    "python -m tailor_ui sweep --base assets/demo/base --finetuned assets/demo/{folder}finetuned "
+    "--calib assets/demo/{folder}target_calib.jsonl --original assets/demo/caption_eval.jsonl "
+    "assets/demo/vqa_eval.jsonl --target assets/demo/{folder}target_eval.jsonl "
+    "--methods tailor,magnitude,wise_ft,ties,dare --compensation exact,greedy,anchored "
+    "--anchor assets/demo/original_calib.jsonl --anchor-weight 0.3,1 --keep 0.02,0.05,0.1,0.2 "
+    "--lam 0.25,0.5,0.75 --batch-size 50 --out bench/results/demo_sweep_{story}.csv")
+
+
+@dataclass(frozen=True)
+class ShippedSweep:
+    table: pd.DataFrame
+    command: str
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_sweep(story: str) -> ShippedSweep | None:
+    """The shipped sweep of a demo story (bench/results/demo_sweep_<story>.csv) and the
+    command that made it; None when the file is not there."""
+    from tailor_ui.demo.sets import STORIES
+    from tailor_ui.service.config import ROOT
+
+    path = ROOT / "bench" / "results" / f"demo_sweep_{story}.csv"
+    if story not in STORIES or not path.is_file():
+        return None
+    folder = f"{STORIES[story].folder}/" if STORIES[story].folder else ""
+    return ShippedSweep(pd.read_csv(path), SHIPPED_COMMAND.format(folder=folder, story=story))
+
+
+def keep_hint(table: pd.DataFrame, default_keep: float) -> str:
+    """Model Tailor's best-balanced row of a sweep (highest H-score) in words, and a hint to
+    try its larger keep when the Tailor tab starts below it."""
+    rows = table[(table["method"] == "tailor") & table["h_score"].notna()]
+    if rows.empty:
+        return ""
+    best = rows.loc[rows["h_score"].idxmax()]
+    text = (f"In its precomputed sweep Model Tailor balances best at **{best['setting']}**: "
+            f"{100 * best['original_retention']:.0f}% of the original skills kept, "
+            f"{100 * best['target_gain']:.0f}% of the new skill's gain.")
+    if best["keep"] > default_keep:
+        text += (f" The Tailor tab starts at keep {default_keep:g}, which keeps less of the new "
+                 f"skill: try keep {best['keep']:g}.")
+    return text

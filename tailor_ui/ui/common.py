@@ -54,11 +54,12 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def named_errors(component: Any) -> Any:
+def named_errors(component: Any, unreadable: str | None = None) -> Any:
     """The component with its input errors prefixed by its label: Gradio's own ("Value 3
     is greater than maximum value 1") does not say which of an endpoint's inputs it means.
-    (Wrapped, not subclassed: Gradio writes a .pyi stub beside every module defining a
-    component.)"""
+    With `unreadable`, a file it cannot read (an upload that is no image) is refused with
+    that message rather than a traceback. (Wrapped, not subclassed: Gradio writes a .pyi
+    stub beside every module defining a component.)"""
     check = component.preprocess
 
     def preprocess(payload: Any) -> Any:
@@ -66,6 +67,10 @@ def named_errors(component: Any) -> Any:
             return check(payload)
         except gr.Error as exc:
             raise gr.Error(f"{component.label}: {exc.message}", print_exception=False) from None
+        except (OSError, ValueError):
+            if unreadable is None:
+                raise
+            raise gr.Error(f"{component.label}: {unreadable}", print_exception=False) from None
 
     component.preprocess = preprocess
     return component
@@ -165,6 +170,11 @@ def history_table(jobs: Sequence[Job]) -> pd.DataFrame:
             "started": time.strftime("%H:%M:%S", time.localtime(job.submitted)),
         })
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+
+
+def percent(share: float, undefined: str) -> str:
+    """A share as a percentage; NaN (its reference model scored 0) as `undefined`, which says so."""
+    return f"{100 * share:.0f}%" if share == share else undefined
 
 
 def fmt_table(table: pd.DataFrame | None, digits: int = 3) -> pd.DataFrame:

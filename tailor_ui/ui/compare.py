@@ -8,7 +8,9 @@ import gradio as gr
 import pandas as pd
 
 from tailor_ui.errors import UserError
-from tailor_ui.ui.common import Number, Tab, changed, session_id, user_errors
+from tailor_ui.jobs import CANCELLED, DONE, FAILED
+from tailor_ui.service import compare as compare_
+from tailor_ui.ui.common import Number, Tab, changed, named_errors, session_id, user_errors
 from tailor_ui.demo.sets import demo_examples
 
 log = logging.getLogger(__name__)
@@ -16,7 +18,20 @@ log = logging.getLogger(__name__)
 MODES = [("Caption the image", "caption"), ("Ask a question", "question")]
 
 
+FIRST_OPEN = "compare-first-open"  # the owner of the jobs answering the first example
+
+
+def references_text(answers: list[str]) -> str:
+    return "**Reference answers:** " + " | ".join(dict.fromkeys(answers))
+
+
 class CompareTab(Tab):
+    examples: gr.Examples | None = None
+
+    def __init__(self, studio) -> None:
+        super().__init__(studio)
+        self.first_jobs: dict[int, object] = {}  # pair handle id -> its first example's job
+
     @user_errors
     def compare(self, image, mode: str, question: str, request: gr.Request):
         """Answers of the pre-trained, fine-tuned and tailored models (and any other merge
@@ -26,8 +41,13 @@ class CompareTab(Tab):
             raise UserError("type a question, or choose 'Caption the image'")
         session = self.studio.session(session_id(request))
         answers = self.studio.compare(session, image, question if mode == "question" else "")
+        return self.shown(answers, self.studio.handle_for(session))
+
+    @staticmethod
+    def shown(answers: list[tuple[str, str]], handle) -> tuple:
+        """The pre-trained, fine-tuned and tailored answers and the table of all."""
         fine_tuned = [a for name, a in answers if name.startswith("Fine-tuned")]
-        merges = answers[1 + len(self.studio.handle_for(session).pair.finetuned):]
+        merges = answers[1 + len(handle.pair.finetuned):]
         tailored = merges[0][1] if merges else "(run a merge in the Tailor tab)"
         table = pd.DataFrame(answers, columns=["model", "answer"])
         return answers[0][1], fine_tuned[0] if fine_tuned else "", tailored, table
@@ -40,16 +60,47 @@ class CompareTab(Tab):
             raise UserError("choose an evaluation set (add your own in the Models tab)")
         session = self.studio.session(session_id(request))
         image, question, answers = self.studio.eval_example(session, name, int(number or 1))
-        references = "**Reference answers:** " + " | ".join(dict.fromkeys(answers))
-        return image, "question" if question else "caption", question, references
+        return image, "question" if question else "caption", question, references_text(answers)
 
     def poll(self, session, handle) -> list:
-        """The set picker's choices: the pair's sets, when they changed."""
+        """The set picker's choices (the pair's sets) when they changed, the demo's example
+        images only on the demo pair, and the first example with its answers on first open."""
         names = [] if handle is None else [s.name for s in (*handle.eval_sets, *session.eval_sets)]
-        return [gr.update(choices=names) if changed(session, "compare-sets", names) else gr.skip()]
+        out = [gr.update(choices=names) if changed(session, "compare-sets", names) else gr.skip()]
+        if self.examples is not None:
+            demo = session.use_demo
+            out.append(gr.update(visible=demo) if changed(session, "compare-examples", demo) else gr.skip())
+        return out + self.first_open(session, handle)
+
+    def first_open(self, session, handle) -> list:
+        """Compare opens on the demo pair's first target example with every model's answers
+        (computed once per pair, after its start-up merge) until the visitor compares."""
+        skip = [gr.skip()] * 8
+        if (handle is None or not session.use_demo or handle.default_run is None
+                or session.sent.get("compare-first") == id(handle)
+                or self.studio.runner.history(session.id, "compare")):
+            return skip
+        example = compare_.first_example(handle)
+        job = self.first_jobs.get(id(handle))
+        if example is None or (job is not None and job.status in (FAILED, CANCELLED)):
+            session.sent["compare-first"] = id(handle)
+            return skip
+        if job is None:
+            job = self.studio.runner.submit(
+                FIRST_OPEN, "compare", lambda progress, _stop: compare_.first_answers(handle, 32, progress),
+                label="Compare's first example", lane=handle.lane)
+            self.first_jobs[id(handle)] = job
+        if job.status != DONE:
+            return skip
+        session.sent["compare-first"] = id(handle)
+        image, question, references = example
+        return [image, "question" if question else "caption", question, references_text(references),
+                *self.shown(job.result, handle)]
 
     def poll_outputs(self) -> list:
-        return [self.set_choice]
+        return [self.set_choice, *([self.examples.dataset] if self.examples is not None else []),
+                self.image, self.mode, self.question, self.references, self.base, self.finetuned,
+                self.tailored, self.table]
 
     def trained_answer(self, table, request: gr.Request) -> str:
         """The answer of the session's latest model fine-tuned in the Fine-tune tab, read from
@@ -70,8 +121,10 @@ class CompareTab(Tab):
     def render(self) -> None:
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
-                self.image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"],
-                                      height=260, elem_id="compare-image")
+                self.image = named_errors(
+                    gr.Image(type="pil", label="Image", sources=["upload", "clipboard"], height=260,
+                             elem_id="compare-image"),
+                    unreadable="not an image this server can read; upload a PNG, JPEG or WebP file")
                 self.mode = gr.Radio(MODES, value="caption", label="Task", elem_id="compare-mode")
                 self.question = gr.Textbox(label="Question", placeholder="what shape is on the left?",
                                            elem_id="compare-question")
@@ -113,8 +166,11 @@ class CompareTab(Tab):
                           queue=False)
         rows = demo_examples(self.studio.config.demo_dir)
         if rows:
-            gr.Examples([[path, "caption" if not q else "question", q] for path, q in rows],
+            self.examples = gr.Examples([[path, "caption" if not q else "question", q] for path, q in rows],
                         [self.image, self.mode, self.question], outputs, fn=self.compare,
                         run_on_click=True, cache_examples=False, examples_per_page=12,
                         label="Examples (click one)", elem_id="compare-examples",
                         api_visibility="private")
+            # the reference answers shown belong to the example picked before
+            self.examples.dataset.click(lambda: "", None, [self.references], api_visibility="private",
+                                        queue=False)

@@ -95,6 +95,8 @@ class EvalSetsPanel(Tab):
         self.add_button.click(self.add, [self.files, self.dataset, self.split, self.columns, self.name,
                                          self.role, self.task],
                               [self.table, self.remove_choice, self.files], api_name="add_eval_set",
-                              concurrency_limit=None)
+                              concurrency_limit=None).failure(
+            # refused files would stay in the box and be sent again with the next upload
+            lambda: None, None, [self.files], api_visibility="private", queue=False)
         self.remove_button.click(self.remove, [self.remove_choice], [self.table, self.remove_choice],
                                  api_name="remove_eval_set", concurrency_limit=None)

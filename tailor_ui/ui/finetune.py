@@ -29,6 +29,18 @@ def method_info(method: str) -> str:
     return f"*{cls.label}: {cls.about}*"
 
 
+def continual_button(method: str) -> dict:
+    """The continual button, offered where the method has a continual form; greyed out, its
+    label says why."""
+    if method in set(ContinualMethod):
+        return gr.update(interactive=True, value=CONTINUAL_BUTTON)
+    *others, last = [TRAINING_METHODS[m].label for m in ContinualMethod]
+    label = TRAINING_METHODS[method].label
+    return gr.update(interactive=False,
+                     value=f"{CONTINUAL_BUTTON} (not with {label}: choose {', '.join(others)} or {last})")
+
+
+CONTINUAL_BUTTON = "Run the continual sequence"
 IDLE = "Press Fine-tune: training runs in the background."
 CONTINUAL = (f"**Continual:** the same method and settings on {' → '.join(DEFAULT_SEQUENCE)} "
              "questions, one after another (the number of examples is per task; full fine-tuning "
@@ -97,8 +109,7 @@ class FinetuneTab(Tab):
                 gr.update(value=defaults.get("lr", 1e-3)),
                 gr.update(interactive="ema_beta" in options,
                           **({"value": defaults["ema_beta"]} if "ema_beta" in defaults else {})),
-                gr.update(interactive=method in set(ContinualMethod)),
-                method_info(method))
+                continual_button(method), method_info(method))
 
     # -- polling ---------------------------------------------------------------------------
 
@@ -154,7 +165,10 @@ class FinetuneTab(Tab):
                                          placeholder="empty = last half; 2 = last two; 1,3; all",
                                          elem_id="finetune-layers")
                 self.examples = Slider(8, 512, value=32, step=8, label="Training examples",
-                                          info="a few dozen train in seconds on a CPU",
+                                          # bench/finetune_seconds.py, 2 shared CPU cores
+                                          info="on the demo, 32 take about 1 s (Model-Dowser 2–9 s); "
+                                               "512 take 9–13 s "
+                                               "(Model-Dowser 34 s)",
                                           elem_id="finetune-n")
                 self.tailor_after = gr.Checkbox(False, label="Also run Model Tailor on the result "
                                                 "(default settings)", elem_id="finetune-tailor")
@@ -171,8 +185,7 @@ class FinetuneTab(Tab):
             with gr.Column(scale=1, min_width=300):
                 gr.Markdown(CONTINUAL)
                 with gr.Row():
-                    self.continual_button = gr.Button("Run the continual sequence",
-                                                      elem_id="finetune-continual")
+                    self.continual_button = gr.Button(CONTINUAL_BUTTON, elem_id="finetune-continual")
                     self.continual_cancel = gr.Button("Cancel", variant="stop",
                                                       elem_id="finetune-continual-cancel")
             with gr.Column(scale=2):

@@ -11,6 +11,7 @@ from tailor_ui.session import SweepRun
 from tailor_ui.ui.common import (Slider, Tab, cancel_html, changed, fmt_table, latest_progress,
                                  progress_html, queued, session_id, user_errors)
 from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers
+from tailor_ui.service.sweep import ShippedSweep, shipped_sweep
 
 # the default sweep (bench/dashboard_sweep.py runs it): every baseline Model Tailor is judged
 # against, on every example of the demo's sets (fewer is faster but one answer moves a score more)
@@ -19,18 +20,45 @@ DEFAULT_KEEPS = "0.02, 0.05, 0.1, 0.2"
 DEFAULT_LAMS = "0.3, 0.5, 0.7"
 DEFAULT_ALPHA = 0.8
 DEFAULT_EXAMPLES = 150
+# the first columns of a forgetting table, shown before there is one
+TABLE_HEADERS = ["kind", "method", "setting", "original", "target", "original_retention",
+                 "target_retention", "target_gain", "h_score"]
 
 
 def sweep_outputs(run: SweepRun | None) -> list:
     """Figures, table and CSV of a sweep (empty figures before the first one)."""
-    table = run.table if run is not None else None
+    return table_outputs(run.table if run is not None else None,
+                         run.heatmap_report if run else None, run.heatmap_label if run else "",
+                         str(run.csv_file) if run is not None else None)
+
+
+def table_outputs(table: pd.DataFrame | None, report: dict | None = None, label: str = "",
+                  csv: str | None = None, note: str = "") -> list:
+    """Figures, table and CSV of a forgetting table; `note` follows each figure's title."""
     shown = None
     if table is not None:  # the one-pass Hessians are the dashboard's default: not worth a label
         shown = table.assign(setting=table["setting"].str.replace(" hessians=one-pass", "", regex=False))
-    return [plots.tradeoff(shown), plots.scores_vs_keep(shown), plots.retention_bars(shown),
-            plots.patch_map(run.heatmap_report if run else None, run.heatmap_label if run else ""),
-            fmt_table(table) if table is not None else pd.DataFrame(),
-            str(run.csv_file) if run is not None else None]
+    figures = [plots.tradeoff(shown), plots.scores_vs_keep(shown), plots.retention_bars(shown),
+               plots.patch_map(report, label)]
+    if note:
+        for figure in figures[:3]:
+            figure.update_layout(title_text=f"{figure.layout.title.text} {note}")
+        if report is None:
+            figures[3] = plots.empty_figure("a precomputed sweep keeps no patch: run a sweep to map "
+                                            "where one of its settings' patch lives", "Where the patch lives")
+    return [*figures, fmt_table(table) if table is not None else pd.DataFrame(columns=TABLE_HEADERS), csv]
+
+
+def shown_source(run: SweepRun | None, shipped: ShippedSweep | None) -> str:
+    """What the plots below show: the visitor's latest sweep, or the shipped one and the
+    command that made it."""
+    if run is not None:
+        return f"Showing your sweep `{run.job_id}` ({run.seconds:.0f} s)."
+    if shipped is not None:
+        return ("Showing the **precomputed** sweep of this demo story (shipped in `bench/results`, "
+                "every example of its sets; your own sweep replaces it), made by:\n\n"
+                "```\n" + shipped.command.replace(" --", " \\\n  --") + "\n```")
+    return ""
 
 
 INTRO = ("Evaluates the pre-trained and fine-tuned models, the majority answer and every method x "
@@ -76,14 +104,18 @@ class ForgettingTab(Tab):
         out = [latest_progress(self.studio.runner, session, "sweep",
                                "Run a sweep: it evaluates every setting in the background.")]
         run = session.latest_sweep()
-        if changed(session, "sweep-result", run.job_id if run else None):
-            out += sweep_outputs(run)
+        shipped = shipped_sweep(session.demo_story) if run is None and session.use_demo else None
+        key = run.job_id if run else ("shipped", session.demo_story) if shipped else None
+        if changed(session, "sweep-result", key):
+            out += [shown_source(run, shipped)]
+            out += (sweep_outputs(run) if run is not None or shipped is None
+                    else table_outputs(shipped.table, note="(precomputed)"))
         else:
-            out += [gr.skip()] * 6
+            out += [gr.skip()] * 7
         return out
 
     def poll_outputs(self) -> list:
-        return [self.progress, self.tradeoff, self.keep_plot, self.retention, self.heatmap,
+        return [self.progress, self.source, self.tradeoff, self.keep_plot, self.retention, self.heatmap,
                 self.table, self.csv]
 
     def render(self) -> None:
@@ -116,15 +148,15 @@ class ForgettingTab(Tab):
                 self.progress = gr.HTML(progress_html(None, "Run a sweep: it evaluates every setting "
                                                             "in the background."),
                                         elem_id="sweep-progress")
+        self.source = gr.Markdown(elem_id="sweep-source")
         empty = sweep_outputs(None)
-        with gr.Row():
-            self.tradeoff = gr.Plot(empty[0], elem_id="sweep-tradeoff", show_label=False)
-            self.keep_plot = gr.Plot(empty[1], elem_id="sweep-keep", show_label=False)
-        with gr.Row():
-            self.retention = gr.Plot(empty[2], elem_id="sweep-retention", show_label=False)
-            self.heatmap = gr.Plot(empty[3], elem_id="sweep-heatmap", show_label=False)
-        self.table = gr.Dataframe(label="Forgetting table", interactive=False, elem_id="sweep-table",
-                                  wrap=True, max_height=360)
+        # a full row each: a long legend beside half a row leaves the plot a strip
+        self.tradeoff = gr.Plot(empty[0], elem_id="sweep-tradeoff", show_label=False)
+        self.keep_plot = gr.Plot(empty[1], elem_id="sweep-keep", show_label=False)
+        self.retention = gr.Plot(empty[2], elem_id="sweep-retention", show_label=False)
+        self.heatmap = gr.Plot(empty[3], elem_id="sweep-heatmap", show_label=False)
+        self.table = gr.Dataframe(empty[4], label="Forgetting table", interactive=False,
+                                  elem_id="sweep-table", wrap=True, max_height=360)
         with gr.Row():
             self.csv = gr.DownloadButton("Download the table (CSV)", value=None, elem_id="sweep-csv")
             self.refresh = gr.Button("Show the result of the sweep job id above", size="sm",

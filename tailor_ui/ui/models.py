@@ -13,7 +13,9 @@ from tailor_ui.demo.sets import DEFAULT_STORY, STORIES
 from tailor_ui.ui.common import (Tab, changed, job_signature, progress_html, public_text, session_id,
                                  user_errors)
 from tailor_ui.ui.evalsets import EvalSetsPanel
+from tailor_ui.service.config import default_settings
 from tailor_ui.service.studio import Studio
+from tailor_ui.service.sweep import keep_hint, shipped_sweep
 
 DTYPE_CHOICES = [d for d in DTYPES if len(d) > 4]  # float32, bfloat16, float16
 LOADING_DEMO = "Loading the demo pair…"
@@ -101,7 +103,11 @@ INTRO = ("The **built-in demo** is a miniature LLaVA trained on a world of colou
 
 
 def story_text(story: str) -> str:
-    return f"*The fine-tuned model was {STORIES[story].about}*" if story in STORIES else ""
+    if story not in STORIES:
+        return ""
+    shipped = shipped_sweep(story)
+    hint = keep_hint(shipped.table, default_settings().keep) if shipped is not None else ""
+    return f"*The fine-tuned model was {STORIES[story].about}*" + (f"\n\n{hint}" if hint else "")
 
 
 class ModelsTab(Tab):

@@ -19,7 +19,7 @@ from tailor_ui.evaluation import search
 from tailor_ui.evaluation.sweep import LAMBDA_RANGE, format_numbers, parse_numbers
 from tailor_ui.session import PairHandle, SearchRun, TailorRun
 from tailor_ui.ui.common import (Number, Slider, Tab, cancel_html, cancel_unfinished, changed, fmt_table,
-                                 history_table, job_signature, latest_progress, progress_html,
+                                 history_table, job_signature, latest_progress, percent, progress_html,
                                  public_text, queued, session_id, user_errors)
 from tailor_ui.ui.models import changed_modules
 from tailor_ui.service.config import default_settings
@@ -83,6 +83,9 @@ def endpoint(fn: Callable, names: list[str]) -> Callable:
     return handler
 
 
+LITTLE_OF_THE_TARGET = 0.5  # a quick check's target retention below which a larger keep is hinted
+
+
 def result_markdown(run: TailorRun | None, default: bool = False) -> str:
     if run is None:
         return "*Run a merge to see its patch here.*"
@@ -99,9 +102,14 @@ def result_markdown(run: TailorRun | None, default: bool = False) -> str:
              + (f": {parts}" if parts else "") + ")"]
     if run.quick is not None and "This merge" in set(run.quick["model"]):
         row = run.quick[run.quick["model"] == "This merge"].iloc[0]
-        lines.append(f"**Quick check:** original skills kept {100 * row['original retention']:.0f}% · "
-                     f"target skill kept {100 * row['target retention']:.0f}% (few examples; run a "
+        lines.append(f"**Quick check:** original skills kept "
+                     f"{percent(row['original retention'], 'n/a (the pre-trained model scores 0 on them)')}"
+                     " · target skill kept "
+                     f"{percent(row['target retention'], 'n/a (the fine-tuned model scores 0 on it)')}"
+                     " (few examples; run a "
                      "sweep in *Forgetting* for the full picture)")
+        if row["target retention"] < LITTLE_OF_THE_TARGET and reads(run.settings.get("method"), "keep"):
+            lines.append("*This patch keeps little of the new skill: try a larger patch size (keep).*")
     elif run.quick is None:
         lines.append("*No quick check: this pair has no evaluation sets. Add them in the Models tab "
                      "(Evaluation sets) to score each merge on a few examples.*")
@@ -295,8 +303,8 @@ class TailorTab(Tab):
             with gr.Column(scale=2):
                 self._outputs()
                 self._search_outputs()
-        self.history = gr.Dataframe(label="Your jobs", interactive=False, elem_id="job-history",
-                                    wrap=True, max_height=300)
+        self.history = gr.Dataframe(history_table([]), label="Your jobs", interactive=False,
+                                    elem_id="job-history", wrap=True, max_height=300)
         self._wire()
 
     def _merge_controls(self) -> None:
@@ -372,7 +380,8 @@ class TailorTab(Tab):
         self.progress = gr.HTML(progress_html(None, "Press Run: the merge runs in the background."),
                                 elem_id="tailor-progress")
         self.result = gr.Markdown(result_markdown(None), elem_id="tailor-result")
-        self.quick = gr.Dataframe(label="Quick check (scores on a few examples per task)",
+        self.quick = gr.Dataframe(headers=["model", "original retention", "target retention"],
+                                  label="Quick check (scores on a few examples per task)",
                                   interactive=False, elem_id="tailor-quick")
         self.heatmap = gr.Plot(plots.patch_map(None), elem_id="tailor-heatmap", show_label=False)
 
