@@ -446,7 +446,8 @@ def _tailor(args: argparse.Namespace) -> int:
         anchor = calibration_batches(pair.processor, anchor_examples, args.batch_size)
         bar, update = _progress_bar()
         try:
-            result = run_method(pair, settings, calibration or None, anchor=anchor, progress=update)
+            result = run_method(pair, settings, calibration or None, anchor=anchor, progress=update,
+                                keep_scores=False)  # one shot: no slider re-thresholds its scores
         finally:
             bar.close()
         with atomic_path(args.out) as tmp:
@@ -605,7 +606,8 @@ def _tailor_patch(pair, settings, examples: list, anchor: list, batch_size: int,
 
     calibration = [calibration_batches(pair.processor, examples, batch_size)]
     anchor_batches = calibration_batches(pair.processor, anchor, batch_size)
-    return run_method(pair, settings, calibration, anchor=anchor_batches, progress=progress).patch
+    return run_method(pair, settings, calibration, anchor=anchor_batches, progress=progress,
+                      keep_scores=False).patch
 
 
 def _compare_rows(args: argparse.Namespace) -> list[dict]:
