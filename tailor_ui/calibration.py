@@ -203,6 +203,24 @@ class LayerInputs:
     kwargs: list[dict[str, Any]] = field(default_factory=list)
     masks: list[torch.Tensor | None] = field(default_factory=list)
 
+    def nbytes(self) -> int:
+        """What the cache holds (tensors shared between batches or arguments counted once)."""
+        seen: dict[int, int] = {}
+        for value in (self.hidden, self.args, self.kwargs, self.masks):
+            _tensor_bytes(value, seen)
+        return sum(seen.values())
+
+
+def _tensor_bytes(value: Any, seen: dict[int, int]) -> None:
+    if isinstance(value, torch.Tensor):
+        seen[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _tensor_bytes(item, seen)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _tensor_bytes(item, seen)
+
 
 def capture_layer_inputs(model: torch.nn.Module, plan: LayerPlan, batches: Sequence[Batch],
                          should_stop: StopCheck | None = None) -> LayerInputs | str:

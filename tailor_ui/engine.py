@@ -17,7 +17,7 @@ import torch
 
 from tailor_ui.control import Progress, StopCheck, never_stop, no_progress
 from tailor_ui.errors import UserError
-from tailor_ui.memory import PeakMemory
+from tailor_ui.memory import ALLOCATOR_SLACK_BYTES, PeakMemory, release_large_frees
 from tailor_ui.methods import REGISTRY
 from tailor_ui.methods.method import Method, MethodRun
 from tailor_ui.methods.tailor_run import pair_values
@@ -92,6 +92,7 @@ def run_method(pair: Pair, settings: Settings, calibration: Sequence[Sequence[Ba
             raise UserError("anchored compensation needs original-task calibration data "
                             "(examples of the skills the base should keep)")
     reads_before = _lazy_reads(pair)
+    release_large_frees()  # what a run frees goes back to the system, so its memory bound holds
     start = time.perf_counter()
     try:
         with PeakMemory() as meter:
@@ -103,6 +104,10 @@ def run_method(pair: Pair, settings: Settings, calibration: Sequence[Sequence[Ba
     patch.metadata = patch_metadata(settings, pair.base_id, pair.finetuned_ids, patch)
     report = _report(pair, patch, linears, run, seconds)
     report["memory"] = meter.report()
+    terms = report.get("memory_terms_mb")
+    if terms is not None:  # the run's terms, on what the process held when it started
+        report["memory"]["predicted_peak_mb"] = (report["memory"]["rss_at_start_mb"] + sum(terms.values())
+                                                 + ALLOCATOR_SLACK_BYTES / 2**20)
     if reads_before is not None:
         report["finetuned_reads"] = _lazy_reads(pair) - reads_before
     return Result(patch=patch, report=report)

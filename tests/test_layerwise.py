@@ -178,3 +178,39 @@ def test_a_random_bench_pair_agrees_with_the_reference(tmp_path):
         reference, got = both_paths(pair, settings, [batches])
         assert got.report["pipeline"]["path"] == "layer-wise"
         assert_agree(reference.patch, got.patch)
+
+
+_MEASURE = """
+import json, sys
+sys.path.insert(0, "bench")
+from make_random_model import build
+from tailor_scaling import synthetic_batches
+from tailor_ui.engine import run_method
+from tailor_ui.pair import load_pair
+from tailor_ui.settings import Settings
+root = sys.argv[1]
+build(__import__("pathlib").Path(root), "llava", "s", 1, r"language_model\\.layers\\.[4-7]\\.", 0.002, "float16", 1000, 0)
+pair = load_pair(root + "/base", root + "/ft1", lazy=True)
+report = run_method(pair, Settings(keep=0.1), [synthetic_batches(pair.base.config, 4, 4, 32)],
+                    keep_scores=False).report
+print(json.dumps({"memory": report["memory"], "pipeline": report["pipeline"]}))
+"""
+
+
+def test_the_predicted_peak_bounds_the_measured_one_tightly(tmp_path):
+    """A one-shot layer-wise run on a 70M-parameter LLaVA-shaped pair (the bench's size s,
+    half its decoder tuned), in a fresh process (memory an earlier test freed but the
+    allocator kept would hide this run's growth): what report.json predicts is an upper
+    bound of what the run added to the process, and not a loose one."""
+    import json
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path)], capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["pipeline"]["path"] == "layer-wise"
+    memory = result["memory"]
+    used = memory["cpu_peak_rss_mb"] - memory["rss_at_start_mb"]
+    bound = memory["predicted_peak_mb"] - memory["rss_at_start_mb"]
+    assert 20 < used <= bound < 2 * used

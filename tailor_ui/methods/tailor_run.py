@@ -29,6 +29,7 @@ from tailor_ui.methods.method import Batch, MethodRun
 from tailor_ui.methods.selection import global_threshold, keep_mask, layer_keep_budget
 from tailor_ui.methods.tailor import (TensorScores, compensate, inverse_hessian_factor,
                                       merge_without_compensation, tensor_scores)
+from tailor_ui.memory import layer_activation_bytes, linear_working_bytes, scored_bytes
 from tailor_ui.names import block_name, layer_groups
 from tailor_ui.pair import Pair
 from tailor_ui.patch import Patch, TensorPatch, applied, tensor_patch
@@ -58,6 +59,14 @@ def run_tailor(pair: Pair, k: int, calib: Sequence[Batch], linears: Sequence[str
     counts["misses"] += len(linears) - hits
     run.report.setdefault("exact_fallbacks", 0)
     plan = _plan(pair, linears, cache, run, sequential)
+    out = _tailored(pair, k, linears, calib, before, cache, run, plan, sequential)
+    if not all(n in cache for n in linears) or not run.keep_scores:
+        _predict_memory(pair, linears, calib, run, out, before, sequential)
+    return out
+
+
+def _tailored(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch], before: dict[str, TensorPatch],
+              cache: dict, run: MethodRun, plan: LayerPlan | None, sequential: bool) -> dict[str, TensorPatch]:
     if sequential:
         with ExitStack() as tailored:  # every block's patch stays written in until the end
             tailored.enter_context(applied(pair.base, Patch(tensors=dict(before))))
@@ -67,6 +76,47 @@ def run_tailor(pair: Pair, k: int, calib: Sequence[Batch], linears: Sequence[str
     if isinstance(plan, LayerPlan):
         return _one_pass_layerwise(pair, k, plan, calib, cache, run)
     return _one_pass(pair, k, linears, calib, cache, run)
+
+
+def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], run: MethodRun,
+                    out: dict[str, TensorPatch], before: dict[str, TensorPatch], sequential: bool) -> None:
+    """What the run held beyond the loaded models, term by term (`memory_terms_mb`), for
+    the path that ran: the cached layer inputs, the largest block's working set (fine-tuned
+    weights read and base values parked, its Hessians, its score entries), the score
+    cache where one is kept, one linear's scoring temporaries, one batch through one
+    layer, and the patch (with the base values it displaced while written in)."""
+    s = run.settings
+    shapes = {n: tuple(pair.base.get_parameter(f"{n}.weight").shape) for n in linears}
+    size = pair.base.get_parameter(f"{linears[0]}.weight").element_size()
+    sets = 2 if s.anchored else 1
+    entry = {n: scored_bytes(*shapes[n], hessian=_holds_hessians(s), target=s.anchored) for n in linears}
+    layerwise = run.report["pipeline"]["path"] == "layer-wise"
+    if layerwise or sequential:  # one block's fine-tuned weights read, its base values parked
+        groups = layer_groups(linears)
+        blocks = [2 * size * sum(out_ * in_ for out_, in_ in (shapes[n] for n in g))
+                  + 4 * sets * sum(shapes[n][1] ** 2 for n in g) + sum(entry[n] for n in g) for g in groups]
+        block = max(blocks)
+    else:  # the whole fine-tuned model's changed values written in, every Hessian alive
+        changed = sum(pair.base.get_parameter(n).numel() for n in pair.changed())
+        block = size * changed + 4 * sets * sum(shapes[n][1] ** 2 for n in linears) + max(entry.values())
+    patches = [*out.values(), *before.values()]
+    terms = {
+        "layer inputs": run.report.pop("inputs_bytes", 0),
+        "one block": block,
+        "score cache": sum(entry.values()) if run.keep_scores or _needs_every_score(s) else 0,
+        "one linear": max(linear_working_bytes(*shapes[n]) for n in linears),
+        "activations": _activations(pair, linears, calib),
+        "patch": sum(tp.index.nbytes + tp.values.nbytes * (2 if sequential else 1) for tp in patches)}
+    run.report["memory_terms_mb"] = {name: value / 2**20 for name, value in terms.items()}
+
+
+def _activations(pair: Pair, linears: Sequence[str], calib: Sequence[Batch]) -> int:
+    """`memory.layer_activation_bytes` for the widest batch and the widest layer."""
+    batch, seq = max((tuple(b["input_ids"].shape) for b in calib), key=lambda bs: bs[0] * bs[1])
+    widths = [tuple(pair.base.get_parameter(f"{n}.weight").shape) for n in linears]
+    config = getattr(pair.base.config, "text_config", pair.base.config)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    return layer_activation_bytes(batch, seq, max(i for _, i in widths), max(o for o, _ in widths), heads)
 
 
 def _plan(pair: Pair, linears: Sequence[str], cache: dict, run: MethodRun, sequential: bool
@@ -161,6 +211,7 @@ def _capture(pair: Pair, plan: LayerPlan, calib: Sequence[Batch], run: MethodRun
             if isinstance(found, str):
                 return found
             sets.append(found)
+    run.report["inputs_bytes"] = sum(inputs.nbytes() for inputs in sets)
     return sets
 
 
