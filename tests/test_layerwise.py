@@ -7,6 +7,7 @@ model that does more between its layers than call them falls back, saying why.""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -22,12 +23,15 @@ from tailor_ui.settings import Settings
 FALLS_BACK: dict[str, str] = {}
 
 
-def assert_agree(reference, got, share: float = 0.999) -> None:
+def assert_agree(reference, got, share: float = 0.999, *, exact: bool = False) -> None:
     """The same tensors, the same kept entries on ≥ `share` of each, and the entries both
-    keep within float32 tolerance."""
+    keep within float32 tolerance (`exact`: the same patch, bit for bit)."""
     assert reference.tensors.keys() == got.tensors.keys() and reference.tensors
     for name, want in reference.tensors.items():
         have = got.tensors[name]
+        if exact:
+            assert torch.equal(want.index, have.index) and torch.equal(want.values, have.values), name
+            continue
         same = torch.isin(want.index, have.index)
         assert int(same.sum()) >= share * want.index.numel() and have.index.numel() == want.index.numel(), name
         mine = dict(zip(have.index.tolist(), have.values.float().tolist()))
@@ -214,3 +218,25 @@ def test_the_predicted_peak_bounds_the_measured_one_tightly(tmp_path):
     used = memory["cpu_peak_rss_mb"] - memory["rss_at_start_mb"]
     bound = memory["predicted_peak_mb"] - memory["rss_at_start_mb"]
     assert 20 < used <= bound < 2 * used
+
+
+def test_a_kept_score_cache_is_memory_mapped_and_changes_nothing(decoder_pair, decoder_batches):
+    """The dashboard's cache (kept scores) lives in memory-mapped files that are already
+    unlinked; the patch is the one-shot run's, bit for bit, first run and re-threshold alike."""
+    settings = Settings(keep=0.1, compensation="exact", hessians="one-pass")
+    kept = Pair(base=decoder_pair.base, finetuned=decoder_pair.finetuned, processor=None)
+    first = run_method(kept, settings, [decoder_batches])
+    entries = [e for cache in kept.cache.values() for e in cache.values()]
+    assert len(entries) == first.report["selected_linears"] > 0
+    for entry in entries:
+        for tensor in (entry.factor, entry.scores.salience_z, entry.scores.sensitivity_z, entry.hessian):
+            path = tensor.untyped_storage().filename
+            assert path is not None and not Path(path).exists()
+    one_shot = run_method(Pair(base=decoder_pair.base, finetuned=decoder_pair.finetuned, processor=None),
+                          settings, [decoder_batches], keep_scores=False)
+    assert_agree(one_shot.patch, first.patch, exact=True)
+    again = run_method(kept, replace(settings, keep=0.2), [decoder_batches])
+    assert again.report["score_cache"]["misses"] == 0
+    fresh = run_method(Pair(base=decoder_pair.base, finetuned=decoder_pair.finetuned, processor=None),
+                       replace(settings, keep=0.2), [decoder_batches], keep_scores=False)
+    assert_agree(fresh.patch, again.patch, exact=True)

@@ -14,9 +14,11 @@ Hessians come from a forward of the whole model up to that block; the report's
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -396,6 +398,26 @@ class _Scored:
     hessian: torch.Tensor | None = None
     target: torch.Tensor | None = None
 
+    def on_disk(self) -> "_Scored":
+        """The same entry, every tensor memory-mapped from an unlinked temporary file (in
+        TMPDIR): a kept cache (the dashboard's) is backed by disk, so the kernel pages it
+        out when memory runs short instead of it crowding the models; values unchanged."""
+        scores = replace(self.scores, salience_z=_mapped(self.scores.salience_z),
+                         sensitivity_z=_mapped(self.scores.sensitivity_z))
+        return _Scored(_mapped(self.factor), scores, _mapped(self.hessian), _mapped(self.target))
+
+
+def _mapped(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    if tensor is None:
+        return None
+    handle, path = tempfile.mkstemp(prefix="tailor-scores-")
+    os.close(handle)
+    try:
+        mapped = torch.from_file(path, shared=True, size=tensor.numel(), dtype=tensor.dtype)
+    finally:
+        os.unlink(path)  # the mapping keeps the data; the file goes with the last reference
+    return mapped.copy_(tensor.reshape(-1)).view(tensor.shape)
+
 
 def _score(w_pre: torch.Tensor, w_ft: torch.Tensor, hessian: torch.Tensor,
            anchor_hessian: torch.Tensor | None, run: MethodRun) -> _Scored:
@@ -408,8 +430,9 @@ def _score(w_pre: torch.Tensor, w_ft: torch.Tensor, hessian: torch.Tensor,
             damp = 0.0  # A holds the target Hessian's damping already
         factor = inverse_hessian_factor(hessian, damp)
         scores = tensor_scores(w_pre, w_ft, factor, s.sensitivity, s.block_size)
-        return _Scored(factor.cpu(), scores.to("cpu"), hessian.cpu() if _holds_hessians(s) else None,
-                       w_ft.cpu() if anchor_hessian is not None else None)
+        entry = _Scored(factor.cpu(), scores.to("cpu"), hessian.cpu() if _holds_hessians(s) else None,
+                        w_ft.cpu() if anchor_hessian is not None else None)
+    return entry.on_disk() if run.keep_scores else entry
 
 
 def _tailor_tensor(w_pre: torch.Tensor, w_ft: torch.Tensor, cached: _Scored, run: MethodRun, *,
