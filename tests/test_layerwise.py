@@ -240,3 +240,17 @@ def test_a_kept_score_cache_is_memory_mapped_and_changes_nothing(decoder_pair, d
     fresh = run_method(Pair(base=decoder_pair.base, finetuned=decoder_pair.finetuned, processor=None),
                        replace(settings, keep=0.2), [decoder_batches], keep_scores=False)
     assert_agree(fresh.patch, again.patch, exact=True)
+
+
+def test_a_dashboard_run_predicts_its_score_cache(decoder_pair, decoder_batches):
+    """With scores kept the prediction carries the cache's size; a re-threshold of cached
+    scores computes nothing and predicts nothing."""
+    pair = Pair(base=decoder_pair.base, finetuned=decoder_pair.finetuned, processor=None)
+    report = run_method(pair, Settings(keep=0.1, hessians="one-pass"), [decoder_batches]).report
+    shapes = [tuple(pair.base.get_parameter(f"{n}.weight").shape)
+              for cache in pair.cache.values() for n in cache]
+    assert report["memory_terms_mb"]["score cache"] == pytest.approx(
+        sum(8 * o * i + 4 * i * i for o, i in shapes) / 2**20)
+    assert report["memory"]["predicted_peak_mb"] > report["memory"]["rss_at_start_mb"]
+    again = run_method(pair, Settings(keep=0.3, hessians="one-pass"), [decoder_batches]).report
+    assert again["score_cache"]["misses"] == 0 and "memory_terms_mb" not in again

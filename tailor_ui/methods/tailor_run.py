@@ -62,7 +62,7 @@ def run_tailor(pair: Pair, k: int, calib: Sequence[Batch], linears: Sequence[str
     run.report.setdefault("exact_fallbacks", 0)
     plan = _plan(pair, linears, cache, run, sequential)
     out = _tailored(pair, k, linears, calib, before, cache, run, plan, sequential)
-    if not all(n in cache for n in linears) or not run.keep_scores:
+    if hits < len(linears):  # a re-threshold of cached scores computes (and predicts) nothing
         _predict_memory(pair, linears, calib, run, out, before, sequential)
     return out
 
