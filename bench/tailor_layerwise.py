@@ -10,7 +10,8 @@ the same run: stage by stage, against one plain forward, with peak memory and ag
    C --out O` (sequential Hessians, the default), in a fresh process each: the code of
    `--baseline` (a git revision, exported with `git archive`) and the working tree's.
 3. Times one plain forward of the base over the same calibration batches (loaded as the
-   command loads it), and reports each run's calibration stage ÷ that forward.
+   command loads it) right before each run, and reports the run's calibration stage ÷
+   that forward (on a shared machine the load moves between runs: compare ratios).
 4. Compares the two patches: kept entries in common per tensor (the smallest share) and
    the largest value difference among them.
 
@@ -129,20 +130,20 @@ def main(argv: list[str] | None = None) -> None:
     calib = write_calibration(args.work / "calib", args.calib, VISION[args.size]["image"])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     runs = {}
+    disk = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     for label, code in (("baseline", export(args.baseline, args.work / "baseline")), ("layerwise", ROOT)):
+        # a plain forward right before each run: on a shared machine the load changes by the minute
+        text, _, _ = run([sys.executable, "-c", _FORWARD, str(base), str(calib), str(args.batch_size)], ROOT, env)
+        forward = json.loads(text.strip().splitlines()[-1])
         out = args.work / f"out-{label}"
         cmd = tailor_command(base, ft, calib, out, args)
-        runs[label] = tailor_run(code, cmd, out, env)
-        runs[label]["command"] = " ".join(cmd[1:])
-    text, _, _ = run([sys.executable, "-c", _FORWARD, str(base), str(calib), str(args.batch_size)], ROOT, env)
-    forward = json.loads(text.strip().splitlines()[-1])
-    disk = sum(f.stat().st_size for f in base.glob("*.safetensors"))
-    for r in runs.values():
+        r = runs[label] = {**tailor_run(code, cmd, out, env), "command": " ".join(cmd[1:]), "plain_forward": forward,
+                           "load_average_after": os.getloadavg()}
         r["calibration_over_forward"] = round(r["timings_s"].get("calibration", 0.0) / forward["forward_s"], 2)
         r["peak_rss_over_model_bytes"] = round(r["peak_rss_mb"] * 2**20 / disk, 2)
     result = {"size": args.size, "parameters": info["parameters"], "model_bytes_on_disk": disk,
               "calibration_examples": args.calib, "batch_size": args.batch_size, "threads": args.threads,
-              "baseline": args.baseline, "plain_forward": forward, "runs": runs,
+              "baseline": args.baseline, "runs": runs,
               "whole_command_speedup": round(runs["baseline"]["wall_s"] / runs["layerwise"]["wall_s"], 2),
               "calibration_speedup": round(runs["baseline"]["timings_s"].get("calibration", 0)
                                            / max(runs["layerwise"]["timings_s"].get("calibration", 0), 1e-9), 2),
