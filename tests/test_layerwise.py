@@ -254,3 +254,25 @@ def test_a_dashboard_run_predicts_its_score_cache(decoder_pair, decoder_batches)
     assert report["memory"]["predicted_peak_mb"] > report["memory"]["rss_at_start_mb"]
     again = run_method(pair, Settings(keep=0.3, hessians="one-pass"), [decoder_batches]).report
     assert again["score_cache"]["misses"] == 0 and "memory_terms_mb" not in again
+
+
+def test_the_engine_runs_any_method_by_its_run_hook(decoder_pair, decoder_batches, monkeypatch):
+    """The engine names no method: a method registered at run time with a `run` hook gets
+    each fine-tuned model's calibration, the selected linears and the other tensors' patch."""
+    from tailor_ui.engine import selected_linears
+    from tailor_ui.methods import REGISTRY
+
+    calls = []
+
+    def probe(pair, k, calib, linears, before, run):
+        calls.append((k, len(calib), tuple(linears), set(before), run.settings.method))
+        return {}
+
+    monkeypatch.setitem(REGISTRY, "probe", replace(REGISTRY["magnitude"], label="Probe", run=probe,
+                                                   needs_calibration=True))
+    pair = Pair(base=decoder_pair.base, finetuned=decoder_pair.finetuned, processor=None)
+    linears = selected_linears(pair)
+    others = set(pair.changed()) - {f"{n}.weight" for n in linears}
+    result = run_method(pair, Settings(method="probe"), [decoder_batches])
+    assert calls == [(0, len(decoder_batches), tuple(linears), others, "probe")]
+    assert set(result.patch.tensors) == others and others
