@@ -757,7 +757,8 @@ def _run_in_memory(pair, settings, examples: list[list], anchor: list, batch_siz
 
     calibration = [calibration_batches(pair.processor, ex, batch_size) for ex in examples]
     return run_method(pair, settings, calibration or None,
-                      anchor=calibration_batches(pair.processor, anchor, batch_size), progress=progress)
+                      anchor=calibration_batches(pair.processor, anchor, batch_size), progress=progress,
+                      keep_scores=False)  # one shot: no slider re-thresholds its scores
 
 
 def _compare_rows(args: argparse.Namespace) -> list[dict]:
