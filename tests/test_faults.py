@@ -19,7 +19,7 @@ import torch
 from conftest import DEMO, ROOT, demo_available
 from tailor_ui.cli import main
 from tailor_ui.errors import UserError
-from tailor_ui.jobs import DONE, FAILED, JobRunner
+from tailor_ui.app.jobs import DONE, FAILED, JobRunner
 
 pytestmark = pytest.mark.skipif(not demo_available(), reason="the demo pair is not built")
 
@@ -147,7 +147,7 @@ def lock_is_free(handle) -> bool:
 
 
 def finished_merge(studio, session):
-    from tailor_ui.service.config import default_settings
+    from tailor_ui.app.service.config import default_settings
 
     job = studio.submit_tailor(session, default_settings(keep=0.05), calib_examples=32)
     assert studio.runner.wait(job.id, session.id, 120).status == DONE

@@ -29,10 +29,10 @@ from spaces.utils import SimpleQueue
 from spaces.zero.types import ExceptionResult, OkResult
 
 from conftest import DEMO, ROOT, demo_available
-from tailor_ui import gpu
+from tailor_ui.app import gpu
 from tailor_ui.errors import UserError
-from tailor_ui.jobs import CANCELLED, DONE, FAILED, RUNNING
-from tailor_ui.session import PairHandle, SweepRun, TailorRun, TrainedModel
+from tailor_ui.app.jobs import CANCELLED, DONE, FAILED, RUNNING
+from tailor_ui.app.session import PairHandle, SweepRun, TailorRun, TrainedModel
 
 FORK = multiprocessing.get_context("fork")
 
@@ -103,7 +103,7 @@ def zero(tmp_path_factory, model_root):
 
 
 def _zero_studio(tmp_path_factory, model_root):
-    from tailor_ui.service.studio import Studio, StudioConfig, default_settings
+    from tailor_ui.app.service.studio import Studio, StudioConfig, default_settings
 
     root = tmp_path_factory.mktemp("zerogpu")
     config = StudioConfig(workdir=root / "work", demo_dir=DEMO, device="auto",

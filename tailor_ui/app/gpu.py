@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # importing the runner would import torch; `spaces` should come first
-    from tailor_ui.jobs import JobFn
+    from tailor_ui.app.jobs import JobFn
 
 log = logging.getLogger(__name__)
 

@@ -103,7 +103,7 @@ class JobRunner:
     jobs one owner may have waiting; `keep_finished` is how many finished jobs (with their
     results) each owner's history keeps. `on_finish(job)` runs in the worker after a job
     ends, whatever the outcome. `gpu_call(fn, kind)` is how a job on a GPU lane is called
-    (tailor_ui.gpu.on_gpu: unchanged, or inside ZeroGPU's `@spaces.GPU`).
+    (tailor_ui.app.gpu.on_gpu: unchanged, or inside ZeroGPU's `@spaces.GPU`).
     """
 
     def __init__(self, lanes: Iterable[str] = ("cpu",), *, max_queued: int = 32,
