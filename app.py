@@ -33,7 +33,7 @@ if __name__ == "__main__":
     # the cyclic collector would traverse them all again and again: a quarter of the start-up's
     # CPU (bench/startup.py). It resumes after the first page (collect_after_first_page).
     gc.disable()
-    from tailor_ui.ui import lean_import
+    from tailor_ui.app.ui import lean_import
 
     lean_import.prepare(keep_ipython=bool(os.environ.get("MTS_KEEP_IPYTHON")))
 
@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     # `docker stop` sends SIGTERM, which a process running as PID 1 otherwise ignores:
     # leave through the `finally` below (jobs cancelled, server closed) within seconds
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    from tailor_ui import gpu
+    from tailor_ui.app import gpu
 
     gpu.mode()  # on a ZeroGPU Space `spaces` must be imported before torch touches CUDA
-    from tailor_ui.service.config import env_config
-    from tailor_ui.service.studio import Studio
+    from tailor_ui.app.service.config import env_config
+    from tailor_ui.app.service.studio import Studio
 
     config = env_config()
     if args.no_warm_up:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
               f"(process CPU {time.process_time():.1f} s)", flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
-    from tailor_ui.ui.blocks import build_app, launch_options
+    from tailor_ui.app.ui.blocks import build_app, launch_options
 
     demo = build_app(studio)  # every event sets its own concurrency; no queue() (saves a rebuild)
     print(f"page built {time.perf_counter() - START:.1f} s after start", flush=True)

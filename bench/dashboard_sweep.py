@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from story import front_gap  # noqa: E402
 from tailor_ui.evaluation.evaluate import EvalSet  # noqa: E402
-from tailor_ui.service.config import StudioConfig  # noqa: E402
-from tailor_ui.service.studio import Studio  # noqa: E402
-from tailor_ui.ui import forgetting  # noqa: E402
-from tailor_ui.ui.blocks import App  # noqa: E402
+from tailor_ui.app.service.config import StudioConfig  # noqa: E402
+from tailor_ui.app.service.studio import Studio  # noqa: E402
+from tailor_ui.app.ui import forgetting  # noqa: E402
+from tailor_ui.app.ui.blocks import App  # noqa: E402
 
 
 class _Request:

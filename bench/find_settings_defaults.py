@@ -16,8 +16,8 @@ import torch
 
 from tailor_ui.demo.sets import STORIES
 from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers
-from tailor_ui.service.studio import Studio, StudioConfig
-from tailor_ui.ui.blocks import App
+from tailor_ui.app.service.studio import Studio, StudioConfig
+from tailor_ui.app.ui.blocks import App
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo"
 

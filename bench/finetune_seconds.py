@@ -19,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tailor_ui.jobs import DONE  # noqa: E402
-from tailor_ui.service.finetune import METHOD_DEFAULTS  # noqa: E402
-from tailor_ui.service.studio import Studio, StudioConfig  # noqa: E402
+from tailor_ui.app.jobs import DONE  # noqa: E402
+from tailor_ui.app.service.finetune import METHOD_DEFAULTS  # noqa: E402
+from tailor_ui.app.service.studio import Studio, StudioConfig  # noqa: E402
 
 
 def main() -> None:

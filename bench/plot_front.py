@@ -1,6 +1,6 @@
 """The Forgetting tab's trade-off figure for a saved sweep table, as a PNG for docs/results.md.
 
-The figure is the dashboard's own (`tailor_ui.plots.tradeoff`: original retention against
+The figure is the dashboard's own (`tailor_ui.app.plots.tradeoff`: original retention against
 the share of the target gain kept, the front of the merges dotted); the PNG is a headless
 chromium screenshot of it (plotly.js inlined, no network), so no image engine is needed
 beyond the browser the tests already use. Run from the repository root:
@@ -20,7 +20,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tailor_ui import plots  # noqa: E402
+from tailor_ui.app import plots  # noqa: E402
 
 
 def main() -> None:

@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def measure(workers_on: bool, moves: int) -> dict:
-    from tailor_ui import workers
-    from tailor_ui.service import tailor
-    from tailor_ui.service.config import default_settings
-    from tailor_ui.service.studio import Studio, StudioConfig
+    from tailor_ui.app import workers
+    from tailor_ui.app.service import tailor
+    from tailor_ui.app.service.config import default_settings
+    from tailor_ui.app.service.studio import Studio, StudioConfig
 
     studio = Studio(StudioConfig(workdir=Path(tempfile.mkdtemp(prefix="worker-overhead-")), device="cpu",
                                  workers=workers_on))

@@ -521,8 +521,8 @@ def _tailor(args: argparse.Namespace) -> int:
     from tailor_ui.io import atomic_path
     from tailor_ui.methods import REGISTRY
     from tailor_ui.pair import load_pair
-    from tailor_ui.service.export import save_tailored
-    from tailor_ui.service.tailor import save_run
+    from tailor_ui.outputs import save_tailored
+    from tailor_ui.outputs import save_run
 
     settings = _settings(args, args.method)
     if args.calib and len(args.calib) != len(args.finetuned):
@@ -639,7 +639,7 @@ def _tailor_streamed(args: argparse.Namespace, settings, sources: list[str]) -> 
     from tailor_ui.checkpoint import Checkpoint
     from tailor_ui.io import atomic_path
     from tailor_ui.patch import PatchFile, header_room, patch_writer
-    from tailor_ui.service.tailor import save_run
+    from tailor_ui.outputs import save_run
     from tailor_ui.stream import stream_merge
 
     with Checkpoint(sources[0]) as base:  # the patch's header goes in front of its data
@@ -668,7 +668,7 @@ def _apply(args: argparse.Namespace) -> int:
     from tailor_ui.io import atomic_path
     from tailor_ui.pair import load_model
     from tailor_ui.patch import PatchFile, apply_patch
-    from tailor_ui.service.export import save_model
+    from tailor_ui.outputs import save_model
 
     from tailor_ui.model_card import Artifact, write_card
 
@@ -697,7 +697,7 @@ def _compare(args: argparse.Namespace) -> int:
     from tailor_ui.data import read_calibration
     from tailor_ui.pair import load_pair
     from tailor_ui.patch import check_fits, load_patch
-    from tailor_ui.service.compare import model_answers
+    from tailor_ui.evaluation.answers import model_answers
 
     if args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--max-new-tokens and --limit must be positive")
@@ -757,7 +757,8 @@ def _run_in_memory(pair, settings, examples: list[list], anchor: list, batch_siz
 
     calibration = [calibration_batches(pair.processor, ex, batch_size) for ex in examples]
     return run_method(pair, settings, calibration or None,
-                      anchor=calibration_batches(pair.processor, anchor, batch_size), progress=progress)
+                      anchor=calibration_batches(pair.processor, anchor, batch_size), progress=progress,
+                      keep_scores=False)  # one shot: no slider re-thresholds its scores
 
 
 def _compare_rows(args: argparse.Namespace) -> list[dict]:

@@ -22,6 +22,9 @@ from typing import Any
 import torch
 
 SAMPLE_SECONDS = 0.01
+# what the allocator keeps beyond the tensors: each thread's heap holds freed blocks under
+# glibc's mmap threshold (`release_large_frees`, 4 MiB), a few each
+ALLOCATOR_SLACK_BYTES = 32 * 2**20
 
 
 def peak_rss_mb() -> float:
@@ -168,3 +171,26 @@ class PeakMemory:
         if self._report is None:
             raise RuntimeError("PeakMemory.report() before stop()")
         return dict(self._report)
+
+
+# ------------------------------------------------------- Model Tailor's working set
+
+def scored_bytes(out: int, inp: int, *, hessian: bool, target: bool) -> int:
+    """One linear's score-cache entry: float32 salience and sensitivity z-scores and the
+    inverse-Hessian factor; with exact compensation its Hessian, anchored also its target."""
+    return 8 * out * inp + 4 * inp * inp + (4 * inp * inp if hessian else 0) + (4 * out * inp if target else 0)
+
+
+def linear_working_bytes(out: int, inp: int) -> int:
+    """Scoring and compensating one linear at a time: the damped Hessian, its Cholesky
+    factor, inverse and upper factor in float64 (8·in² each), and about six float32
+    out×in temporaries (change, salience, sensitivity, importance, the compensated copy)."""
+    return 32 * inp * inp + 24 * out * inp
+
+
+def layer_activation_bytes(batch: int, seq: int, hidden: int, ffn: int, heads: int) -> int:
+    """One batch through one decoder layer, in float32 at most: some six hidden-wide
+    tensors per token (residual, norm, q, k, v, attention output), three MLP-wide ones, and
+    the attention weights (batch × heads × seq²)."""
+    tokens = batch * seq
+    return 4 * (6 * tokens * hidden + 3 * tokens * ffn + batch * heads * seq * seq)

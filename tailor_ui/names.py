@@ -31,10 +31,15 @@ def module_kind(name: str) -> str:
     return parts[-2] if len(parts) >= 2 else parts[-1]
 
 
+def block_name(name: str) -> str | None:
+    """The numbered block a module lives in (`model.layers.3` of `model.layers.3.mlp.up_proj`)."""
+    match = _BLOCK.match(name)
+    return match.group(1) if match else None
+
+
 def layer_groups(modules: Sequence[str]) -> list[list[str]]:
     """Modules grouped by the numbered block they live in, blocks in model order."""
     groups: dict[str, list[str]] = {}
     for name in modules:
-        match = _BLOCK.match(name)
-        groups.setdefault(match.group(1) if match else name, []).append(name)
+        groups.setdefault(block_name(name) or name, []).append(name)
     return list(groups.values())

@@ -35,7 +35,7 @@ from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_pro
 from tailor_ui.engine import patch_metadata
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
-from tailor_ui.memory import PeakMemory, release_large_frees
+from tailor_ui.memory import ALLOCATOR_SLACK_BYTES, PeakMemory, release_large_frees
 from tailor_ui.methods import REGISTRY
 from tailor_ui.patch import MaskedPatch, Patch, PatchFile, PatchWriter, bits_differ, check_fits
 from tailor_ui.routing import merged_chunks, with_patch
@@ -43,9 +43,6 @@ from tailor_ui.settings import Settings
 from tailor_ui.weights import parse_device
 
 CHUNK_ELEMS = 1 << 18  # entries per chunk of an element-wise merge (1 MiB in float32: in cache)
-# what the allocator keeps beyond the tensors: each of the three threads' heap holds freed
-# blocks under glibc's mmap threshold (`memory.release_large_frees`, 4 MiB), a few each
-ALLOCATOR_SLACK_BYTES = 32 * 2**20
 
 
 # ------------------------------------------------------------------------------- memory

@@ -135,7 +135,7 @@ def studio(tmp_path_factory, model_root):
     """One Studio for the whole run: the demo pair on the CPU, warmed up."""
     if not demo_available():
         pytest.skip("the demo pair is not built (python -m tailor_ui demo build)")
-    from tailor_ui.service.studio import Studio, StudioConfig
+    from tailor_ui.app.service.studio import Studio, StudioConfig
 
     root = tmp_path_factory.mktemp("studio")
     config = StudioConfig(workdir=root / "work", demo_dir=DEMO, device="cpu",
@@ -152,10 +152,10 @@ def studio(tmp_path_factory, model_root):
 @pytest.fixture(scope="session")
 def app(studio):
     """The dashboard, launched on a free port (shared by the API and browser tests)."""
-    from tailor_ui.ui import lean_import
+    from tailor_ui.app.ui import lean_import
 
     lean_import.prepare()  # as app.py does: no IPython, no stub writing
-    from tailor_ui.ui.blocks import App, launch_options
+    from tailor_ui.app.ui.blocks import App, launch_options
 
     app = App(studio)
     blocks = app.build()
@@ -169,7 +169,7 @@ def app(studio):
 @pytest.fixture(scope="session")
 def handlers(studio):
     """The dashboard's handlers, built once and called directly (`app` is the launched server)."""
-    from tailor_ui.ui.blocks import App
+    from tailor_ui.app.ui.blocks import App
 
     handlers = App(studio)
     handlers.build()

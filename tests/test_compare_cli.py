@@ -36,8 +36,8 @@ def dashboard_answers(patch_file, prompts):
     from tailor_ui.data import load_image
     from tailor_ui.pair import load_pair
     from tailor_ui.patch import load_patch
-    from tailor_ui.service.compare import answers
-    from tailor_ui.session import PairHandle, TailorRun
+    from tailor_ui.app.service.compare import answers
+    from tailor_ui.app.session import PairHandle, TailorRun
 
     handle = PairHandle(pair=load_pair(BASE, FINETUNED), label="demo", shared=False, lane="cpu",
                         summary=pd.DataFrame())

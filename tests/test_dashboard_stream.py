@@ -22,9 +22,9 @@ from tailor_ui.engine import run_method
 from tailor_ui.errors import UserError
 from tailor_ui.pair import load_pair
 from tailor_ui.patch import Patch, PatchFile, applied, bits_differ, save_patch
-from tailor_ui.service import export
-from tailor_ui.service.tailor import tailor_run
-from tailor_ui.session import PairHandle, Session, TailorRun
+from tailor_ui.app.service import export
+from tailor_ui.app.service.tailor import tailor_run
+from tailor_ui.app.session import PairHandle, Session, TailorRun
 from tailor_ui.settings import Settings, method_knobs
 
 CASES = [

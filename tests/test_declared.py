@@ -20,7 +20,7 @@ from tailor_ui.evaluation.sweep import setting_label, sweep, sweep_grid
 from tailor_ui.methods import REGISTRY, Method
 from tailor_ui.methods.method import task_vectors
 from tailor_ui.settings import KNOBS, Compensation, Settings, choices, knob_problem, reads
-from tailor_ui.ui.tailor import TailorTab, build_settings
+from tailor_ui.app.ui.tailor import TailorTab, build_settings
 
 
 def test_every_field_but_the_method_is_declared_and_every_word_described():

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, demo_available, free_port, hold_lane
-from tailor_ui import gpu
-from tailor_ui.jobs import DONE, FAILED, JobKind, JobRunner
+from tailor_ui.app import gpu
+from tailor_ui.app.jobs import DONE, FAILED, JobKind, JobRunner
 
 
 def dockerfile() -> dict[str, list[str]]:
@@ -158,7 +158,7 @@ def test_health_answers_while_a_job_runs(app, studio):
 
 
 def test_health_follows_the_demo_pair_and_shutdown(tmp_path):
-    from tailor_ui.service.studio import Studio, StudioConfig
+    from tailor_ui.app.service.studio import Studio, StudioConfig
 
     studio = Studio(StudioConfig(workdir=tmp_path / "work", demo_dir=tmp_path / "no-demo",
                                  device="cpu", warm_up=False))

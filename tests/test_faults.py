@@ -20,7 +20,7 @@ import torch
 from conftest import DEMO, ROOT, demo_available
 from tailor_ui.cli import main
 from tailor_ui.errors import UserError
-from tailor_ui.jobs import DONE, FAILED, JobRunner
+from tailor_ui.app.jobs import DONE, FAILED, JobRunner
 
 pytestmark = pytest.mark.skipif(not demo_available(), reason="the demo pair is not built")
 
@@ -148,7 +148,7 @@ def lock_is_free(handle) -> bool:
 
 
 def finished_merge(studio, session):
-    from tailor_ui.service.config import default_settings
+    from tailor_ui.app.service.config import default_settings
 
     job = studio.submit_tailor(session, default_settings(keep=0.05), calib_examples=32)
     assert studio.runner.wait(job.id, session.id, 120).status == DONE
@@ -159,7 +159,7 @@ def finished_merge(studio, session):
 def test_export_cancelled_mid_way_leaves_nothing_and_the_next_export_works(studio, monkeypatch):
     """A cancel ends an export's worker process while it writes: the export says so, the
     run's folder holds what it held, the shared pair is untouched, the next export works."""
-    from tailor_ui.service import export as export_
+    from tailor_ui.app.service import export as export_
 
     session = studio.session("faults-cancel-export")
     run = finished_merge(studio, session)

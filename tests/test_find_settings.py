@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from conftest import DEMO, ROOT, request_for
-from tailor_ui.jobs import CANCELLED, DONE, RUNNING
+from tailor_ui.app.jobs import CANCELLED, DONE, RUNNING
 
 README_SWEEP = ROOT / "bench" / "results" / "demo_sweep_spatial.csv"
 # The README's own reading of its fronts: ties within 5 of the 150 target examples (README,
@@ -62,8 +62,8 @@ def test_the_front_reading_separates_the_readme_rows():
 @pytest.fixture(scope="module")
 def stock(tmp_path_factory):
     """The dashboard as `python app.py` configures it (StudioConfig's own defaults), on the CPU."""
-    from tailor_ui.service.studio import Studio, StudioConfig
-    from tailor_ui.ui.blocks import App
+    from tailor_ui.app.service.studio import Studio, StudioConfig
+    from tailor_ui.app.ui.blocks import App
 
     studio = Studio(StudioConfig(workdir=tmp_path_factory.mktemp("stock"), demo_dir=DEMO, device="cpu",
                                  warm_up=False))

@@ -280,7 +280,7 @@ def test_finetune_cli_rejects_bad_input(saved, tmp_path):
 def test_every_training_method_has_its_own_table_name_and_colour():
     """The forgetting table names a trained model's rows by its method's `short`, and the
     plots colour them by it: one name and one colour per method."""
-    from tailor_ui.plots import COLOURS
+    from tailor_ui.app.plots import COLOURS
 
     shorts = [cls.short for cls in TRAINING_METHODS.values()]
     assert len(set(shorts)) == len(shorts)

@@ -11,8 +11,8 @@ import gradio as gr
 import pytest
 
 from conftest import request_for
-from tailor_ui.jobs import DONE
-from tailor_ui.ui.blocks import App
+from tailor_ui.app.jobs import DONE
+from tailor_ui.app.ui.blocks import App
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_a_greyed_out_continual_button_says_why(ui):
 
 
 def test_the_counting_story_hints_at_a_larger_keep():
-    from tailor_ui.ui.models import story_text
+    from tailor_ui.app.ui.models import story_text
 
     counting = story_text("counting")
     assert ("balances best at **Model Tailor keep=0.2 alpha=0.8 compensation=anchored**: 89% of the "

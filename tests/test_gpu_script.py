@@ -26,6 +26,7 @@ def test_tiny_run_end_to_end(tmp_path):
     r = json.loads(results.read_text())
     assert r["parameters"] == 340928 and r["model_mb"] == round(340928 * 4 / 2**20, 1)
     assert r["calibration_examples"] == 3 and "--hessians sequential --scope block" in r["command"]
+    assert r["pipeline"]["path"] == "layer-wise"  # the command calibrates layer by layer
     assert 0 < r["timings_s"]["total"] < r["wall_s"]
     assert r["targets"]["time_met"] is True and r["targets"]["gpu_memory_met"] is None  # no GPU ran
     calib = (tmp_path / "w" / "calib" / "calib.jsonl").read_text().splitlines()

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from tailor_ui import jobs
+from tailor_ui.app import jobs
 from tailor_ui.errors import UserError
-from tailor_ui.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobRunner
+from tailor_ui.app.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobRunner
 
 
 @pytest.fixture

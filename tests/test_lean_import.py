@@ -11,7 +11,7 @@ from conftest import ROOT
 
 CHECK = """
 import sys
-from tailor_ui.ui import lean_import
+from tailor_ui.app.ui import lean_import
 lean_import.prepare()
 import gradio as gr
 import gradio.component_meta as meta

@@ -280,7 +280,7 @@ def test_a_hub_id_is_found_as_an_adapter_in_the_offline_cache(disk_pair, adapter
 
 
 def test_the_dashboards_pair_loader_takes_an_adapter(disk_pair, adapters, model_root, tmp_path):
-    from tailor_ui.service.pairs import check_load_request, load_handle
+    from tailor_ui.app.service.pairs import check_load_request, load_handle
 
     roots = [disk_pair.parent]
     folder = disk_pair.parent / "lora-patterns"
@@ -304,9 +304,9 @@ def test_the_dashboards_pair_loader_takes_an_adapter(disk_pair, adapters, model_
 def test_the_export_tab_zips_the_patch_as_an_adapter(studio, tmp_path):
     import zipfile
 
-    from tailor_ui.jobs import DONE
-    from tailor_ui.service.config import default_settings
-    from tailor_ui.service.export import ADAPTER_RANK
+    from tailor_ui.app.jobs import DONE
+    from tailor_ui.app.service.config import default_settings
+    from tailor_ui.app.service.export import ADAPTER_RANK
 
     session = studio.session("lora-export")
     job = studio.submit_tailor(session, default_settings(keep=0.05), calib_examples=32)

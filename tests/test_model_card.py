@@ -324,8 +324,8 @@ def test_the_sweep_row_of_a_merge_goes_on_its_card():
 
 
 def test_without_any_merge_export_says_to_run_one():
-    from tailor_ui.service.export import find_run
-    from tailor_ui.session import Session
+    from tailor_ui.app.service.export import find_run
+    from tailor_ui.app.session import Session
 
     with pytest.raises(UserError, match=r"run a merge first \(Tailor tab\)"):
         find_run(Session(id="empty", folder=Path("unused")), None, "")
@@ -343,8 +343,8 @@ def test_export_push_through_the_api(client, monkeypatch):
 def test_the_export_tab_signs_in_on_a_space_and_takes_a_token_elsewhere(studio, monkeypatch):
     import importlib.util
 
-    from tailor_ui.ui.blocks import App
-    from tailor_ui.ui.export import signs_in_on_the_hub
+    from tailor_ui.app.ui.blocks import App
+    from tailor_ui.app.ui.export import signs_in_on_the_hub
 
     monkeypatch.delenv("SYSTEM", raising=False)
     assert not signs_in_on_the_hub()
@@ -374,8 +374,8 @@ def test_a_session_merge_card_takes_its_sweep_row_and_the_shared_start_up_merge_
     import pandas as pd
 
     from tailor_ui.evaluation.sweep import setting_label
-    from tailor_ui.service.export import known_scores
-    from tailor_ui.session import Session, SweepRun
+    from tailor_ui.app.service.export import known_scores
+    from tailor_ui.app.session import Session, SweepRun
 
     studio = handlers.studio
     startup = studio.demo.default_run

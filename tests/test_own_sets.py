@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import MAX_UPLOAD_MB, free_port
 from tailor_ui.data import write_examples
 from tailor_ui.errors import UserError
-from tailor_ui.jobs import DONE
+from tailor_ui.app.jobs import DONE
 
 COLOURS = {"red": (210, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 210), "white": (250, 250, 250)}
 
@@ -47,7 +47,7 @@ def original_files(sets: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def bare(tmp_path_factory, model_root, disk_pair):
     """A Studio without a demo pair: visitors can only load their own."""
-    from tailor_ui.service.studio import Studio, StudioConfig
+    from tailor_ui.app.service.studio import Studio, StudioConfig
 
     root = tmp_path_factory.mktemp("bare")
     studio = Studio(StudioConfig(workdir=root / "work", demo_dir=None, device="cpu",
@@ -75,7 +75,7 @@ def finished(studio, session, job, timeout=300):
 
 
 def test_a_pair_without_sets_says_how_to_add_them(bare, disk_pair):
-    from tailor_ui.service.config import default_settings
+    from tailor_ui.app.service.config import default_settings
 
     session = own_session(bare, disk_pair)
     with pytest.raises(UserError, match="The sweep needs original-task and target-task evaluation "
@@ -91,7 +91,7 @@ def test_a_pair_without_sets_says_how_to_add_them(bare, disk_pair):
 
 
 def test_added_sets_are_listed_used_by_every_tab_and_removed(bare, disk_pair, sets):
-    from tailor_ui.service.config import default_settings
+    from tailor_ui.app.service.config import default_settings
 
     session = own_session(bare, disk_pair)
     bare.add_eval_set(session, role="original", task="vqa", files=original_files(sets))
@@ -134,9 +134,9 @@ def test_added_sets_are_listed_used_by_every_tab_and_removed(bare, disk_pair, se
 def test_an_anchor_set_lets_an_own_pair_use_anchored_model_tailor(bare, disk_pair, sets):
     """A pair without a built-in anchor set: anchored Model Tailor is refused, saying how to
     add one; a visitor's set of role 'anchor' makes it the default and is never scored."""
-    from tailor_ui.service.config import default_settings
-    from tailor_ui.service.evalsets import pair_sets
-    from tailor_ui.service.tailor import default_compensation, sweep_compensations
+    from tailor_ui.app.service.config import default_settings
+    from tailor_ui.app.service.evalsets import pair_sets
+    from tailor_ui.app.service.tailor import default_compensation, sweep_compensations
 
     session = own_session(bare, disk_pair)
     handle = bare.handle_for(session)
@@ -184,7 +184,7 @@ def test_a_datasets_set_from_an_allowed_folder(bare, disk_pair, model_root, tmp_
 
 def test_a_visitor_adds_a_set_to_the_shared_demo_pair(studio, sets):
     """The demo's built-in sets keep working; a visitor's set joins them for that visitor only."""
-    from tailor_ui.service.config import default_settings
+    from tailor_ui.app.service.config import default_settings
 
     alice, bob = studio.session(f"alice-{uuid.uuid4().hex[:6]}"), studio.session(f"bob-{uuid.uuid4().hex[:6]}")
     with pytest.raises(UserError, match="already a set named 'target'"):
@@ -209,10 +209,10 @@ def test_a_visitor_adds_a_set_to_the_shared_demo_pair(studio, sets):
 
 @pytest.fixture(scope="module")
 def bare_app(bare):
-    from tailor_ui.ui import lean_import
+    from tailor_ui.app.ui import lean_import
 
     lean_import.prepare()
-    from tailor_ui.ui.blocks import App, launch_options
+    from tailor_ui.app.ui.blocks import App, launch_options
 
     app = App(bare)
     blocks = app.build()

@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import request_for
 from test_own_sets import bare, finished, own_session  # noqa: F401 (bare: a fixture)
 from tailor_ui.data import Example, write_examples
-from tailor_ui.jobs import DONE
+from tailor_ui.app.jobs import DONE
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +56,10 @@ def add_sets_once(studio, session, own_sets) -> None:
 
 def test_sets_added_once_serve_tailor_find_settings_and_the_sweep(bare, disk_pair, own_sets):
     from tailor_ui.evaluation import search
-    from tailor_ui.service.config import default_settings
-    from tailor_ui.service.evalsets import pair_sets
+    from tailor_ui.app.service.config import default_settings
+    from tailor_ui.app.service.evalsets import pair_sets
     from tailor_ui.evaluation.search import split_examples
-    from tailor_ui.service.tailor import (default_compensation, pair_calibration, scored_sets,
+    from tailor_ui.app.service.tailor import (default_compensation, pair_calibration, scored_sets,
                                           sweep_compensations)
 
     session = own_session(bare, disk_pair)
@@ -104,9 +104,9 @@ def test_sets_added_once_serve_tailor_find_settings_and_the_sweep(bare, disk_pai
 
 def test_a_pair_without_target_data_says_where_to_add_it(bare, disk_pair, own_sets, tmp_path):
     from tailor_ui.errors import UserError
-    from tailor_ui.service.config import default_settings
-    from tailor_ui.service.evalsets import pair_sets
-    from tailor_ui.ui.tailor import calibration_markdown
+    from tailor_ui.app.service.config import default_settings
+    from tailor_ui.app.service.evalsets import pair_sets
+    from tailor_ui.app.ui.tailor import calibration_markdown
 
     session = own_session(bare, disk_pair)
     with pytest.raises(UserError, match="no target-task data to calibrate on: add a set of the new "
@@ -130,7 +130,7 @@ def test_a_pair_without_target_data_says_where_to_add_it(bare, disk_pair, own_se
 
 
 def test_the_tailor_tab_says_where_its_calibration_comes_from(bare, disk_pair, own_sets, studio):
-    from tailor_ui.ui.blocks import App
+    from tailor_ui.app.ui.blocks import App
 
     app = App(bare)
     app.build()

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from tailor_ui import plots
+from tailor_ui.app import plots
 from tailor_ui.pair import summarize
 
 
@@ -199,7 +199,7 @@ def test_a_patch_map_with_one_share_everywhere_says_why():
 def test_the_quick_check_line_says_why_a_share_is_missing():
     from types import SimpleNamespace
 
-    from tailor_ui.ui.tailor import result_markdown
+    from tailor_ui.app.ui.tailor import result_markdown
 
     quick = pd.DataFrame([{"model": "This merge", "original retention": np.nan, "target retention": 0.5}])
     report = {"patch_entries": 10, "linear_fraction": 0.1, "selected_linears": 2, "model_fraction": 0.01,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tailor_ui.control import SCALE, Stages, forward_only
-from tailor_ui.jobs import DONE, JobRunner
+from tailor_ui.app.jobs import DONE, JobRunner
 
 
 def test_a_stage_that_starts_its_count_again_does_not_move_the_bar_back():
@@ -49,7 +49,7 @@ def test_a_job_whose_stages_restart_reports_a_fraction_that_never_falls():
 def test_a_sweeps_label_states_the_examples_its_sets_hold():
     from tailor_ui.data import Example
     from tailor_ui.evaluation.evaluate import EvalSet
-    from tailor_ui.service.sweep import SweepPlan
+    from tailor_ui.app.service.sweep import SweepPlan
 
     def made(name: str, n: int) -> EvalSet:
         return EvalSet(name, "vqa", [Example("a.png", "q?", ("a",))] * n)

@@ -15,7 +15,7 @@ from tailor_ui.engine import run_method
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
 from tailor_ui.pair import load_model, load_pair
-from tailor_ui.service.export import save_model, save_tailored
+from tailor_ui.outputs import save_model, save_tailored
 from tailor_ui.settings import Settings
 from tailor_ui.stream import stream_apply_patch, stream_merge
 

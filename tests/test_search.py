@@ -24,10 +24,10 @@ from tailor_ui.errors import UserError
 from tailor_ui.evaluation.search import (HELDOUT, _check_gain, _check_retention, balance,
                                          candidate_grid, find_settings, pareto_front, rank,
                                          split_examples)
-from tailor_ui.jobs import DONE
-from tailor_ui.session import PairHandle
+from tailor_ui.app.jobs import DONE
+from tailor_ui.app.session import PairHandle
 from tailor_ui.settings import Settings
-from tailor_ui.ui.common import job_result_summary
+from tailor_ui.app.ui.common import job_result_summary
 
 
 def examples(n: int) -> list[Example]:
@@ -118,7 +118,7 @@ def test_a_search_with_nothing_to_rank_is_refused():
 # -- end to end on the demo pair ----------------------------------------------------------------
 
 def test_find_settings_on_the_demo_pair(studio):
-    from tailor_ui.service.search import original_sets
+    from tailor_ui.app.service.search import original_sets
 
     handle, n = studio.demo, 4
     original = original_sets(handle.eval_sets)
@@ -218,7 +218,7 @@ def test_cli_find_settings_refuses_bad_input_in_one_line(tmp_path, capsys, extra
 
 @pytest.fixture(scope="module")
 def app(studio):
-    from tailor_ui.ui.blocks import App
+    from tailor_ui.app.ui.blocks import App
 
     app = App(studio)
     app.build()

@@ -98,8 +98,8 @@ def test_uploads_over_the_configured_limit_are_refused(app, tmp_path):
 
 
 def test_the_upload_limit_comes_from_the_environment(monkeypatch, tmp_path):
-    from tailor_ui.ui.blocks import launch_options
-    from tailor_ui.service.config import env_config
+    from tailor_ui.app.ui.blocks import launch_options
+    from tailor_ui.app.service.config import env_config
 
     monkeypatch.setenv("MTS_MAX_UPLOAD_MB", "3")
     config = env_config(tmp_path)

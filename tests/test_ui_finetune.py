@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import request_for
-from tailor_ui.jobs import CANCELLED, DONE
-from tailor_ui.ui.blocks import App
+from tailor_ui.app.jobs import CANCELLED, DONE
+from tailor_ui.app.ui.blocks import App
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_finetune_endpoint_names_the_input_out_of_range(client, args, words):
 
 
 def test_method_defaults_and_the_continual_run(ui):
-    from tailor_ui.service.finetune import METHOD_DEFAULTS
+    from tailor_ui.app.service.finetune import METHOD_DEFAULTS
 
     rho, lr, beta, continual, info = ui.finetune.method_changed("random_mask")
     assert rho["interactive"] and rho["value"] == METHOD_DEFAULTS["random_mask"]["rho"]

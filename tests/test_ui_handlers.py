@@ -20,14 +20,14 @@ from PIL import Image
 from conftest import DEMO, request_for
 from tailor_ui.control import Cancelled
 from tailor_ui.errors import UserError
-from tailor_ui.jobs import CANCELLED, DONE, FAILED
+from tailor_ui.app.jobs import CANCELLED, DONE, FAILED
 from tailor_ui.patch import apply_patch, load_patch, revert_patch
-from tailor_ui.ui.blocks import App
+from tailor_ui.app.ui.blocks import App
 from tailor_ui.data import import_examples
 from tailor_ui.evaluation.sweep import parse_numbers, sweep_grid
-from tailor_ui.service.config import default_settings
-from tailor_ui.ui.tailor import build_settings
-from tailor_ui.ui import models as models_tab
+from tailor_ui.app.service.config import default_settings
+from tailor_ui.app.ui.tailor import build_settings
+from tailor_ui.app.ui import models as models_tab
 
 
 @pytest.fixture(scope="module")
@@ -463,7 +463,7 @@ def test_poll_sends_what_differs_from_the_served_page_then_only_changes(app):
 
 
 def test_a_page_served_before_the_demo_loaded_gets_it_with_a_poll(tmp_path):
-    from tailor_ui.service.studio import Studio, StudioConfig
+    from tailor_ui.app.service.studio import Studio, StudioConfig
 
     studio = Studio(StudioConfig(workdir=tmp_path / "work", demo_dir=DEMO, warm_up=False))
     try:
@@ -494,13 +494,13 @@ def test_failed_job_shows_its_message(app):
 
 
 def test_cancelled_exception_type_is_the_engines():
-    from tailor_ui import jobs
+    from tailor_ui.app import jobs
 
     assert jobs.Cancelled is Cancelled
 
 
 def test_without_a_demo_pair_the_app_still_serves(tmp_path):
-    from tailor_ui.service.studio import Studio, StudioConfig
+    from tailor_ui.app.service.studio import Studio, StudioConfig
 
     studio = Studio(StudioConfig(workdir=tmp_path / "work", demo_dir=tmp_path / "missing"))
     studio.start(background=False)
@@ -522,7 +522,7 @@ def test_without_a_demo_pair_the_app_still_serves(tmp_path):
 def test_filing_a_merge_once_survives_the_session_pruning_old_ones(studio):
     """More merges than a session keeps: the oldest is pruned with its files, and later
     polls (sync) must not file it again, which would prune a kept one and delete its files."""
-    from tailor_ui.session import TailorRun
+    from tailor_ui.app.session import TailorRun
 
     session = studio.session(f"prune-{uuid.uuid4().hex}")
 
@@ -579,7 +579,7 @@ def test_anchored_compensation_runs_on_the_demo_and_is_refused_without_an_anchor
     exact or greedy compensation, and a clear refusal when it asks for anchored."""
     import dataclasses
 
-    from tailor_ui.service import tailor as tailor_service
+    from tailor_ui.app.service import tailor as tailor_service
 
     request = new_request()
     # a page on the demo pair is told the pair's defaults once: anchored, and in the search

@@ -14,8 +14,8 @@ import torch
 
 from conftest import demo_available
 from failing_jobs import fail_bug, fail_unpicklable_error, fail_user
-from tailor_ui import workers
-from tailor_ui.jobs import CANCELLED, DONE, FAILED, CancelRoute, JobKind, JobRunner
+from tailor_ui.app import workers
+from tailor_ui.app.jobs import CANCELLED, DONE, FAILED, CancelRoute, JobKind, JobRunner
 
 
 @pytest.fixture
@@ -182,7 +182,7 @@ def test_a_worker_killed_mid_merge_fails_that_job_alone(studio, monkeypatch):
     the shared pair and the server are as before."""
     from tailor_ui import patch as patch_
     from tailor_ui.io import atomic_path
-    from tailor_ui.service.config import default_settings
+    from tailor_ui.app.service.config import default_settings
 
     handle = studio.demo
     before = base_digest(handle)
@@ -227,7 +227,7 @@ def test_a_worker_killed_mid_merge_fails_that_job_alone(studio, monkeypatch):
 def test_a_merge_in_a_worker_leaves_its_scores_for_the_next_slider_move(studio):
     """What a merge cached on the pair in its worker comes back: the next merge of the same
     settings at another keep re-thresholds cached scores."""
-    from tailor_ui.service.config import default_settings
+    from tailor_ui.app.service.config import default_settings
 
     session = studio.session("cache-carrier")
     first = studio.runner.wait(studio.submit_tailor(session, default_settings(keep=0.17, damp=0.0123)).id,
@@ -246,8 +246,8 @@ def test_the_page_polls_as_soon_as_its_jobs_have_news_and_slowly_when_idle(app):
     import gradio as gr
 
     from conftest import hold_lane, request_for
-    from tailor_ui.service.config import default_settings
-    from tailor_ui.service.studio import IDLE_POLL_SECONDS
+    from tailor_ui.app.service.config import default_settings
+    from tailor_ui.app.service.studio import IDLE_POLL_SECONDS
 
     studio = app.studio
     session = studio.session("poll-timer")

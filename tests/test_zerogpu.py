@@ -31,10 +31,10 @@ from spaces.zero.types import ExceptionResult, OkResult
 
 from conftest import DEMO, ROOT, demo_available
 from failing_jobs import fail_bug, fail_unpicklable_error, fail_user
-from tailor_ui import gpu
+from tailor_ui.app import gpu
 from tailor_ui.errors import UserError
-from tailor_ui.jobs import CANCELLED, DONE, FAILED, RUNNING, JobKind
-from tailor_ui.session import PairHandle, SearchRun, SweepRun, TailorRun, TrainedModel
+from tailor_ui.app.jobs import CANCELLED, DONE, FAILED, RUNNING, JobKind
+from tailor_ui.app.session import PairHandle, SearchRun, SweepRun, TailorRun, TrainedModel
 
 FORK = multiprocessing.get_context("fork")
 
@@ -108,7 +108,7 @@ def zero(tmp_path_factory, model_root):
 
 
 def _zero_studio(tmp_path_factory, model_root):
-    from tailor_ui.service.studio import Studio, StudioConfig, default_settings
+    from tailor_ui.app.service.studio import Studio, StudioConfig, default_settings
 
     root = tmp_path_factory.mktemp("zerogpu")
     forked: list[JobKind] = []  # the kind of every job that went through the fork

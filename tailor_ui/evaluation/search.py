@@ -22,10 +22,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from tailor_ui.calibration import calibration_batches
+from tailor_ui.calibration import calibration_batches, finetuned_model
 from tailor_ui.control import Progress, StopCheck, no_progress
 from tailor_ui.data import Example
-from tailor_ui.engine import finetuned_model
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.evaluate import EvalSet, evaluate, task_of
 from tailor_ui.evaluation.sweep import h_score, sweep, sweep_grid

@@ -38,9 +38,10 @@ from typing import Any
 import pandas as pd
 import torch
 
+from tailor_ui.calibration import finetuned_model
 from tailor_ui.control import Progress, Stages, StopCheck, never_stop, no_progress
 from tailor_ui.prompts import Batch
-from tailor_ui.engine import finetuned_model, run_method
+from tailor_ui.engine import run_method
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.evaluate import EvalSet, evaluate_all, majority_baseline
 from tailor_ui.methods import REGISTRY

@@ -9,11 +9,17 @@ dashboard read these facts instead of naming methods.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+
+from tailor_ui.control import Cancelled, Progress, StopCheck
+
+Batch = dict[str, torch.Tensor]  # model inputs, as tailor_ui.prompts makes them
 
 
 class Knobs(Protocol):
@@ -40,6 +46,40 @@ MergeFn = Callable[[torch.Tensor, Sequence[torch.Tensor], str, Knobs], torch.Ten
 ChunkFn = Callable[[torch.Tensor, Sequence[torch.Tensor], str, Knobs, int], Iterator[torch.Tensor]]
 
 
+@dataclass
+class MethodRun:
+    """What one run of a method carries: its settings and callbacks, the original-task
+    batches (anchored compensation), whether per-tensor scores may stay in the pair's cache
+    (a slider re-thresholds them; a one-shot run keeps none), the layer-by-layer pipeline
+    (off: the whole model per block, today's reference), and what it measured and reports."""
+
+    settings: Any  # tailor_ui.settings.Settings (which imports this module)
+    progress: Progress
+    should_stop: StopCheck
+    anchor: Sequence[Batch] = ()
+    keep_scores: bool = True
+    layerwise: bool = True
+    timings: dict[str, float] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)  # what the method adds to the run's report
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+    def check(self) -> None:
+        if self.should_stop():
+            raise Cancelled
+
+
+# (pair, index of the fine-tuned model, its calibration batches, the selected linears, the
+# patch already made of the other tensors, the run) → the selected linears' patches
+RunFn = Callable[[Any, int, Sequence[Batch], Sequence[str], dict, MethodRun], dict]
+
+
 @dataclass(frozen=True)
 class Method:
     """One merge method.
@@ -57,6 +97,9 @@ class Method:
     temporaries: float32 temporaries per entry and per model beyond the common working set
       (scores, masks, top-k indices), for `stream.memory_bound_bytes`.
     check: extra validation of settings that only this method has (problems, in words).
+    run: a method that computes on the models (calibration forwards) rather than tensor by
+      tensor: it makes the selected linears' patches of one fine-tuned model itself
+      (`RunFn`); `merge` still serves the other tensors its policy merges.
     """
 
     label: str
@@ -71,6 +114,7 @@ class Method:
     chunks: ChunkFn | None = None
     temporaries: int = 0
     check: Callable[[Knobs], list[str]] | None = None
+    run: RunFn | None = None
 
     def problems(self, settings: Knobs) -> list[str]:
         return self.check(settings) if self.check is not None else []

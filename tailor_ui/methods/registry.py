@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from tailor_ui.methods import baselines, breadcrumbs, della
+from tailor_ui.methods.tailor_run import run_tailor
 from tailor_ui.methods.method import Knobs, Method, task_vectors
 
 
@@ -50,7 +51,7 @@ REGISTRY: dict[str, Method] = {
     # tensors without a Hessian (others merged "like linears") take the magnitude patch
     "tailor": Method("Model Tailor", "salience + sensitivity patch, OBS-compensated", _magnitude,
                      knobs=_TAILOR_KNOBS, sweep=("alpha", "keep"), needs_calibration=True,
-                     temporaries=4),
+                     temporaries=4, run=run_tailor),
     "magnitude": Method("Magnitude patch", "top-keep of |W_ft - W_pre|, no compensation", _magnitude,
                         knobs=("keep", "scope", "block_size"), temporaries=4),
     "wise_ft": Method("WiSE-FT", "(1 - λ)·W_pre + λ·W_ft", _wise_ft, knobs=("lam",),

@@ -9,7 +9,7 @@ from typing import Any
 
 from tailor_ui.control import Progress
 from tailor_ui.errors import UserError
-from tailor_ui.session import EvalSpec, PairHandle
+from tailor_ui.app.session import EvalSpec, PairHandle
 
 
 def split_models(text: str) -> list[str]:

@@ -16,9 +16,9 @@ from tailor_ui.control import Progress, Stages, StopCheck
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.sets import EvalSpec
 from tailor_ui.io import atomic_path
-from tailor_ui.service.config import settings_label
-from tailor_ui.session import PairHandle, Session, SweepRun
-from tailor_ui.service.tailor import anchor_source
+from tailor_ui.app.service.config import settings_label
+from tailor_ui.app.session import PairHandle, Session, SweepRun
+from tailor_ui.app.service.tailor import anchor_source
 from tailor_ui.training.registry import TRAINING_METHODS
 
 MAX_SWEEP_SETTINGS = 24
@@ -49,7 +49,7 @@ class SweepPlan:
 def eval_sets(sets: Sequence[EvalSpec], n: int) -> tuple[list, list]:
     """The original-task and target-task sets, `n` examples each; refused, saying how to
     add them, when either role has none."""
-    from tailor_ui.service.evalsets import require
+    from tailor_ui.app.service.evalsets import require
 
     if n < 1:
         raise UserError("use at least one example per evaluation set")
@@ -153,7 +153,7 @@ def shipped_sweep(story: str) -> ShippedSweep | None:
     """The shipped sweep of a demo story (bench/results/demo_sweep_<story>.csv) and the
     command that made it; None when the file is not there."""
     from tailor_ui.demo.sets import STORIES
-    from tailor_ui.service.config import ROOT
+    from tailor_ui.app.service.config import ROOT
 
     path = ROOT / "bench" / "results" / f"demo_sweep_{story}.csv"
     if story not in STORIES or not path.is_file():

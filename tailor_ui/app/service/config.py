@@ -36,7 +36,7 @@ class StudioConfig:
     # cuda lane whose jobs run in a fork, as on ZeroGPU, with device "auto" for the demo
     gpu_lane: bool | None = None
     gpu_call: Callable | None = None
-    # jobs compute in a fork of the server (tailor_ui/workers.py), so the page answers while
+    # jobs compute in a fork of the server (tailor_ui/app/workers.py), so the page answers while
     # they run and a crash takes only its job; off: in the lanes' threads
     workers: bool = True
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from tailor_ui import plots
+from tailor_ui.app import plots
 from tailor_ui.methods import REGISTRY
-from tailor_ui.session import SweepRun
-from tailor_ui.ui.common import (Slider, Tab, cancel_html, changed, fmt_table, latest_progress,
+from tailor_ui.app.session import SweepRun
+from tailor_ui.app.ui.common import (Slider, Tab, cancel_html, changed, fmt_table, latest_progress,
                                  progress_html, queued, session_id, user_errors)
 from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers
-from tailor_ui.service.sweep import ShippedSweep, shipped_sweep
+from tailor_ui.app.service.sweep import ShippedSweep, shipped_sweep
 
 # the default sweep (bench/dashboard_sweep.py runs it): every baseline Model Tailor is judged
 # against, on every example of the demo's sets (fewer is faster but one answer moves a score more)

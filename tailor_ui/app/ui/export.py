@@ -10,11 +10,11 @@ import gradio as gr
 from gradio.utils import get_space
 
 from tailor_ui.model_card import Artifact
-from tailor_ui.service import export as export_
-from tailor_ui.service.export import ExportKind
-from tailor_ui.service.config import settings_label
+from tailor_ui.app.service import export as export_
+from tailor_ui.app.service.export import ExportKind
+from tailor_ui.app.service.config import settings_label
 from tailor_ui.settings import Settings
-from tailor_ui.ui.common import (Tab, changed, session_id, user_errors)
+from tailor_ui.app.ui.common import (Tab, changed, session_id, user_errors)
 
 NO_MERGE = "*Run a merge in the Tailor tab; its files appear here.*"
 

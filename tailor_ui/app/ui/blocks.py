@@ -17,14 +17,14 @@ from typing import Any
 
 import gradio as gr
 
-from tailor_ui.ui.common import history_table, job_result_summary, session_id, user_errors
-from tailor_ui.ui.compare import CompareTab
-from tailor_ui.ui.export import ExportTab
-from tailor_ui.ui.finetune import FinetuneTab
-from tailor_ui.ui.forgetting import ForgettingTab
-from tailor_ui.ui.models import ModelsTab
-from tailor_ui.service.config import ROOT
-from tailor_ui.service.studio import Studio
+from tailor_ui.app.ui.common import history_table, job_result_summary, session_id, user_errors
+from tailor_ui.app.ui.compare import CompareTab
+from tailor_ui.app.ui.export import ExportTab
+from tailor_ui.app.ui.finetune import FinetuneTab
+from tailor_ui.app.ui.forgetting import ForgettingTab
+from tailor_ui.app.ui.models import ModelsTab
+from tailor_ui.app.service.config import ROOT
+from tailor_ui.app.service.studio import Studio
 
 log = logging.getLogger(__name__)
 CSS_FILE = ROOT / "assets" / "style.css"
@@ -42,7 +42,7 @@ class App:
     """The tabs of one dashboard and the handlers that span them (polling, job API)."""
 
     def __init__(self, studio: Studio) -> None:
-        from tailor_ui.ui.tailor import TailorTab
+        from tailor_ui.app.ui.tailor import TailorTab
 
         self.studio = studio
         self.models = ModelsTab(studio)

@@ -13,7 +13,7 @@ import gradio as gr
 import pandas as pd
 
 from tailor_ui.errors import UserError
-from tailor_ui.jobs import CANCELLED, DONE, FAILED, RUNNING, Job
+from tailor_ui.app.jobs import CANCELLED, DONE, FAILED, RUNNING, Job
 
 _BAR_COLOURS = {RUNNING: "#f97316", DONE: "#16a34a", FAILED: "#dc2626", CANCELLED: "#6b7280"}
 # an absolute path on the server: not a URL (://), not owner/name, not 1/2
@@ -190,7 +190,7 @@ def fmt_table(table: pd.DataFrame | None, digits: int = 3) -> pd.DataFrame:
 
 def job_result_summary(job: Job) -> dict:
     """What an API client learns about a job: its state and a JSON summary of its result."""
-    from tailor_ui.session import PairHandle, SearchRun, SweepRun, TailorRun, TrainedModel
+    from tailor_ui.app.session import PairHandle, SearchRun, SweepRun, TailorRun, TrainedModel
 
     info = job.to_dict()
     if info.get("error"):

@@ -13,7 +13,7 @@ from typing import Any
 from tailor_ui.control import Progress, StopCheck
 from tailor_ui.data import Example
 from tailor_ui.errors import UserError
-from tailor_ui.session import PairHandle, TrainedModel
+from tailor_ui.app.session import PairHandle, TrainedModel
 
 # drawn from the story's task's training stream (the evaluation and calibration sets are
 # streams 1 and 2 of demo/build.py)
@@ -111,8 +111,8 @@ def tailor_trained(handle: PairHandle, model, label: str, examples: list[Example
     from tailor_ui.engine import run_method
     from tailor_ui.pair import Pair
     from tailor_ui.patch import apply_patch
-    from tailor_ui.service.config import default_settings
-    from tailor_ui.service.tailor import batches
+    from tailor_ui.app.service.config import default_settings
+    from tailor_ui.app.service.tailor import batches
 
     with handle.lock:
         progress("Model Tailor on the fine-tuned model: calibration data", 0, 1)

@@ -12,19 +12,19 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from tailor_ui import plots
+from tailor_ui.app import plots
 from tailor_ui.errors import UserError
 from tailor_ui.methods import REGISTRY
 from tailor_ui.evaluation import search
 from tailor_ui.evaluation.sweep import LAMBDA_RANGE, format_numbers, parse_numbers
-from tailor_ui.session import PairHandle, SearchRun, TailorRun
-from tailor_ui.ui.common import (Number, Slider, Tab, cancel_html, cancel_unfinished, changed, fmt_table,
+from tailor_ui.app.session import PairHandle, SearchRun, TailorRun
+from tailor_ui.app.ui.common import (Number, Slider, Tab, cancel_html, cancel_unfinished, changed, fmt_table,
                                  history_table, job_signature, latest_progress, percent, progress_html,
                                  public_text, queued, session_id, user_errors)
-from tailor_ui.ui.models import changed_modules
-from tailor_ui.service.config import default_settings
-from tailor_ui.service.evalsets import pair_sets
-from tailor_ui.service.tailor import (NO_CALIBRATION, default_compensation, has_anchor, pair_calibration,
+from tailor_ui.app.ui.models import changed_modules
+from tailor_ui.app.service.config import default_settings
+from tailor_ui.app.service.evalsets import pair_sets
+from tailor_ui.app.service.tailor import (NO_CALIBRATION, default_compensation, has_anchor, pair_calibration,
                                      sweep_compensations)
 from tailor_ui.settings import KNOBS, Settings, choices, method_problem, reads, value_type
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from tailor_ui import plots
+from tailor_ui.app import plots
 from tailor_ui.errors import UserError
 from tailor_ui.pair import DTYPES
-from tailor_ui.session import PairHandle
+from tailor_ui.app.session import PairHandle
 from tailor_ui.demo.sets import DEFAULT_STORY, STORIES
-from tailor_ui.ui.common import (Tab, changed, job_signature, progress_html, public_text, session_id,
+from tailor_ui.app.ui.common import (Tab, changed, job_signature, progress_html, public_text, session_id,
                                  user_errors)
-from tailor_ui.ui.evalsets import EvalSetsPanel
-from tailor_ui.service.config import default_settings
-from tailor_ui.service.studio import Studio
-from tailor_ui.service.sweep import keep_hint, shipped_sweep
+from tailor_ui.app.ui.evalsets import EvalSetsPanel
+from tailor_ui.app.service.config import default_settings
+from tailor_ui.app.service.studio import Studio
+from tailor_ui.app.service.sweep import keep_hint, shipped_sweep
 
 DTYPE_CHOICES = [d for d in DTYPES if len(d) > 4]  # float32, bfloat16, float16
 LOADING_DEMO = "Loading the demo pair…"

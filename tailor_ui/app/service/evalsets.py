@@ -15,7 +15,7 @@ import pandas as pd
 from tailor_ui.demo.sets import DEMO_SETS
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.sets import EvalSpec, read_dataset_set, read_upload_set
-from tailor_ui.session import PairHandle, Session
+from tailor_ui.app.session import PairHandle, Session
 
 MAX_SETS = 12  # per visitor: each holds its images in the session's folder
 RESERVED = tuple(DEMO_SETS)  # names no visitor's set may take: the demo's built-in sets

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from tailor_ui.evaluation.sets import ROLES
-from tailor_ui.ui.common import Tab, changed, session_id, user_errors
+from tailor_ui.app.ui.common import Tab, changed, session_id, user_errors
 
 ROLE_LABELS = {"anchor": "anchor (original-task calibration for anchored Model Tailor, not scored)"}
 

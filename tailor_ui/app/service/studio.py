@@ -20,21 +20,21 @@ from typing import Any
 
 import pandas as pd
 
-from tailor_ui import gpu, workers
+from tailor_ui.app import gpu, workers
 from tailor_ui.errors import UserError
-from tailor_ui.jobs import DONE, FAILED, Job, JobKind, JobRunner
+from tailor_ui.app.jobs import DONE, FAILED, Job, JobKind, JobRunner
 from tailor_ui.demo.sets import DEFAULT_STORY, STORIES
-from tailor_ui.service import compare as compare_
-from tailor_ui.service import evalsets as evalsets_
-from tailor_ui.service import finetune as finetune_
-from tailor_ui.service import pairs, tailor
-from tailor_ui.service import search as search_
-from tailor_ui.service import sweep as sweep_
-from tailor_ui.service.config import SYSTEM, StudioConfig, default_settings, settings_label
-from tailor_ui.service import export as export_
-from tailor_ui.service.export import ExportKind
-from tailor_ui.session import (PairHandle, SearchRun, Session, SessionStore, SweepRun, TailorRun,
-                               TrainedModel, every_pair_locked)
+from tailor_ui.app.service import compare as compare_
+from tailor_ui.app.service import evalsets as evalsets_
+from tailor_ui.app.service import finetune as finetune_
+from tailor_ui.app.service import pairs, tailor
+from tailor_ui.app.service import search as search_
+from tailor_ui.app.service import sweep as sweep_
+from tailor_ui.app.service.config import SYSTEM, StudioConfig, default_settings, settings_label
+from tailor_ui.app.service import export as export_
+from tailor_ui.app.service.export import ExportKind
+from tailor_ui.app.session import (PairHandle, SearchRun, Session, SessionStore, SweepRun, TailorRun,
+                                   TrainedModel, every_pair_locked)
 
 log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 3.0  # how often a page with no unfinished job polls

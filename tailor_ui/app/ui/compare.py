@@ -8,9 +8,9 @@ import gradio as gr
 import pandas as pd
 
 from tailor_ui.errors import UserError
-from tailor_ui.jobs import CANCELLED, DONE, FAILED
-from tailor_ui.service import compare as compare_
-from tailor_ui.ui.common import Number, Tab, changed, named_errors, session_id, user_errors
+from tailor_ui.app.jobs import CANCELLED, DONE, FAILED
+from tailor_ui.app.service import compare as compare_
+from tailor_ui.app.ui.common import Number, Tab, changed, named_errors, session_id, user_errors
 from tailor_ui.demo.sets import demo_examples
 
 log = logging.getLogger(__name__)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from tailor_ui import plots
+from tailor_ui.app import plots
 from tailor_ui.demo.tasks import DEFAULT_SEQUENCE
-from tailor_ui.service.finetune import METHOD_DEFAULTS
+from tailor_ui.app.service.finetune import METHOD_DEFAULTS
 from tailor_ui.training.continual import ContinualMethod
-from tailor_ui.session import TrainedModel
-from tailor_ui.ui.common import (Number, Slider, Tab, cancel_html, changed, job_signature,
+from tailor_ui.app.session import TrainedModel
+from tailor_ui.app.ui.common import (Number, Slider, Tab, cancel_html, changed, job_signature,
                                  latest_progress, progress_html, queued, session_id, user_errors)
 from tailor_ui.training.registry import TRAINING_METHODS
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tailor_ui.jobs import JobFn, JobKind
+    from tailor_ui.app.jobs import JobFn, JobKind
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def _returning_errors(fn: JobFn, progress, should_stop) -> Any:
     """In the worker: the job's result, or its exception as a `_Raised`."""
     from tailor_ui.control import Cancelled
     from tailor_ui.errors import UserError
-    from tailor_ui.workers import portable_error
+    from tailor_ui.app.workers import portable_error
 
     try:
         return fn(progress, should_stop)

@@ -1,17 +1,15 @@
 """A merge of a pair: calibration data, the method, a quick check on a few examples of
 each built-in set, and the patch and report on disk. The command line writes its output
-folder with the same `save_run`."""
+folder with the same `outputs.save_run`."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -19,11 +17,9 @@ from tailor_ui.control import Progress, StopCheck
 from tailor_ui.data import Example, import_examples, read_calibration
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.sets import SCORED_ROLES, EvalSpec
-from tailor_ui.io import atomic_path
+from tailor_ui.outputs import PATCH_NAME, save_run
 from tailor_ui.patch import PatchFile
-from tailor_ui.session import PairHandle, Session, TailorRun
-
-PATCH_NAME = "patch.safetensors"
+from tailor_ui.app.session import PairHandle, Session, TailorRun
 
 
 def calibration_examples(session: Session, handle: PairHandle, source: str,
@@ -45,7 +41,7 @@ def calibration_examples(session: Session, handle: PairHandle, source: str,
             shutil.rmtree(folder, ignore_errors=True)  # a refused upload leaves nothing behind
             raise
         return examples, f"upload:{folder.name}"
-    from tailor_ui.service.evalsets import pair_sets
+    from tailor_ui.app.service.evalsets import pair_sets
 
     examples, name, _ = pair_calibration(handle, pair_sets(session, handle), keep_apart)
     if not examples:
@@ -222,19 +218,6 @@ def merge(handle: PairHandle, settings, examples: list[Example], source: str, ba
                       should_stop=should_stop)
 
 
-def save_run(folder: Path, patch, report: dict[str, Any]) -> tuple[Path, Path]:
-    """A merge's files in `folder`: patch.safetensors and report.json (no patch: the report
-    alone, the patch written already or not asked for)."""
-    from tailor_ui.patch import save_patch
-
-    patch_file, report_file = folder / PATCH_NAME, folder / "report.json"
-    if patch is not None:
-        save_patch(patch, patch_file)
-    with atomic_path(report_file) as tmp:
-        tmp.write_text(json.dumps(jsonable(report), indent=2), encoding="utf-8")
-    return patch_file, report_file
-
-
 def set_key(spec: EvalSpec, n: int) -> str:
     """Which scores a quick check may reuse: the set's name and its first `n` examples (two
     visitors' sets of one name on the shared demo pair differ in their examples)."""
@@ -304,16 +287,3 @@ def digest(items: Sequence[str]) -> str:
     return sha.hexdigest()[:12]
 
 
-def jsonable(value: Any) -> Any:
-    """`value` as JSON can hold it: NaN as null, tensors and numpy scalars as numbers."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)

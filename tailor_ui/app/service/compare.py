@@ -4,18 +4,12 @@ fine-tuned models, the session's merges and the models fine-tuned in it. The CLI
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
 
 from tailor_ui.methods import REGISTRY
 from tailor_ui.control import Progress
-from tailor_ui.session import PairHandle, Session, TailorRun
-
-if TYPE_CHECKING:
-    from tailor_ui.pair import Pair
-    from tailor_ui.patch import Patch
+from tailor_ui.evaluation.answers import model_answers
+from tailor_ui.app.session import PairHandle, Session, TailorRun
 
 
 def compare_runs(session: Session, handle: PairHandle, limit: int = 4) -> list[TailorRun]:
@@ -68,32 +62,3 @@ def answers(handle: PairHandle, runs: list[TailorRun], trained: list[tuple[str, 
                          lock=handle.lock, trained=trained)[0]
 
 
-def model_answers(pair: Pair, merges: Sequence[tuple[str, Patch]], prompts: Sequence[tuple[Any, str]],
-                  max_new_tokens: int, progress: Progress, *, lock: Any = None,
-                  trained: Sequence[tuple[str, object]] = ()) -> list[list[tuple[str, str]]]:
-    """For each (image, question) prompt, (model label, answer) of the base, each fine-tuned
-    model, each merge (written into the base in place, one at a time, under `lock`) and each
-    trained model. Model by model, so each merge is written once for all prompts."""
-    from tailor_ui.evaluation.generate import answer_one
-    from tailor_ui.patch import applied
-
-    models = [("Pre-trained", pair.base, None)]
-    models += [("Fine-tuned" if len(pair.finetuned) == 1 else f"Fine-tuned {pair.finetuned_ids[k]}",
-                model, None) for k, model in enumerate(pair.finetuned)]
-    models += [(label, pair.base, patch) for label, patch in merges]
-    total = len(models) + len(trained)
-    out: list[list[tuple[str, str]]] = [[] for _ in prompts]
-
-    def answer_all(name: str, model) -> None:
-        for row, (image, question) in zip(out, prompts):
-            row.append((name, answer_one(model, pair.processor, image, question, max_new_tokens)))
-
-    with lock if lock is not None else nullcontext():  # merges are written into the shared base
-        for i, (name, model, patch) in enumerate(models):
-            progress(f"answering with {'the pre-trained model' if i == 0 else name}", i, total)
-            with applied(model, patch) as answering:
-                answer_all(name, answering)
-    for j, (name, model) in enumerate(trained):  # private copies: no lock needed
-        progress(f"answering with {name}", len(models) + j, total)
-        answer_all(name, model)
-    return out

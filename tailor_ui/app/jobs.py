@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from tailor_ui import workers
+from tailor_ui.app import workers
 from tailor_ui.control import Cancelled, Progress, StopCheck, forward_only
 from tailor_ui.errors import UserError
 
@@ -212,7 +212,7 @@ class JobRunner:
     jobs one owner may have waiting; `keep_finished` is how many finished jobs (with their
     results) each owner's history keeps. `on_finish(job)` runs in the lane's thread after a
     job ends, whatever the outcome, before its waiters wake. `gpu_call(fn, kind)` is how a
-    job on a GPU lane is called (tailor_ui.gpu.on_gpu: unchanged, or inside ZeroGPU's
+    job on a GPU lane is called (tailor_ui.app.gpu.on_gpu: unchanged, or inside ZeroGPU's
     `@spaces.GPU`). With `workers`, jobs of kinds that compute in a worker run in a fork
     of this process (workers.py), made while `fork_guard()` is held.
     """

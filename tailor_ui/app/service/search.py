@@ -13,7 +13,7 @@ from tailor_ui.data import Example
 from tailor_ui.errors import UserError
 from tailor_ui.evaluation.sets import EvalSpec
 from tailor_ui.io import atomic_path
-from tailor_ui.session import PairHandle, SearchRun, Session
+from tailor_ui.app.session import PairHandle, SearchRun, Session
 
 
 @dataclass
@@ -42,7 +42,7 @@ class SearchPlan:
 
 def original_sets(sets: Sequence[EvalSpec]) -> list:
     """The original-task sets among the pair's sets, refused when there is none."""
-    from tailor_ui.service.evalsets import require
+    from tailor_ui.app.service.evalsets import require
 
     require(sets, ["original"], "Find settings", "it scores what the base model could already do")
     return [s.cut() for s in sets if s.role == "original"]

@@ -4,7 +4,7 @@ A `PairHandle` wraps a loaded pair with its lock: the shared demo pair is loaded
 used read-only by everyone (patches are written into its base in place only while its lock
 is held, and always reverted); a pair a visitor loads belongs to their `Session`. A handle
 pickles by reference (a key into this process's registry), so a result sent back from
-ZeroGPU's forked GPU worker (tailor_ui/gpu.py) points at the main process's own pair.
+ZeroGPU's forked GPU worker (tailor_ui/app/gpu.py) points at the main process's own pair.
 
 A `Session` is one browser tab (Gradio's session hash) or one API client: its own pair,
 its merge results and sweep tables, and a private folder for the files it downloads.
@@ -53,7 +53,7 @@ def handle_by_key(key: tuple[int, int]) -> PairHandle:
         raise LookupError(f"pair handle {key} was made in another process (pid {key[0]}), not in "
                           f"this one (pid {os.getpid()}): a job run in ZeroGPU's forked GPU worker "
                           "cannot send back a pair it loaded; load pairs in the main process "
-                          "(tailor_ui/jobs.py: JobKind.in_worker)")
+                          "(tailor_ui/app/jobs.py: JobKind.in_worker)")
     raise LookupError(f"pair handle {key} is gone: its pair was released")
 
 

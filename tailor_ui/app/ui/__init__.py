@@ -1,6 +1,6 @@
 """The Gradio dashboard: one module per tab, wiring widgets to the service layer.
 
-`build_app(studio)` (blocks.py) assembles the tabs; `Studio` (tailor_ui.service, no
+`build_app(studio)` (blocks.py) assembles the tabs; `Studio` (tailor_ui.app.service, no
 Gradio) holds the shared demo pair, the job runner and the sessions. Names are imported
 lazily so that importing this package does not import Gradio.
 """
@@ -16,4 +16,4 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(name)
     import importlib
 
-    return getattr(importlib.import_module(f"tailor_ui.ui.{_EXPORTS[name]}"), name)
+    return getattr(importlib.import_module(f"tailor_ui.app.ui.{_EXPORTS[name]}"), name)

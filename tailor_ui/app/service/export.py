@@ -18,8 +18,8 @@ from tailor_ui.control import Progress, StopCheck
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path, zip_folder
 from tailor_ui.model_card import Artifact, Scores, sweep_scores, tailor_command, write_card
-from tailor_ui.service.tailor import PATCH_NAME, jsonable, save_run
-from tailor_ui.session import PairHandle, Session, TailorRun
+from tailor_ui.outputs import PATCH_NAME, checkpoint_folder, jsonable, save_run, save_tailored
+from tailor_ui.app.session import PairHandle, Session, TailorRun
 from tailor_ui.settings import Settings
 
 STARTUP = "start-up"  # the job id the Export tab gives the pair's start-up merge
@@ -90,45 +90,6 @@ class ExportKind(StrEnum):
         if word not in set(cls):
             raise UserError(f"unknown export {word!r}: {', '.join(cls)}")
         return cls(word)
-
-
-def save_tailored(pair, patch, folder: Path) -> int | None:
-    """The base with the patch written in, saved with the processor; the base is reverted.
-    Returns the number of base tensors found in the saved folder (see `save_model`)."""
-    from tailor_ui.patch import applied
-
-    with applied(pair.base, patch) as model:
-        return save_model(model, pair.processor, folder)
-
-
-def save_model(model, processor, folder: Path) -> int | None:
-    """save_pretrained (model and processor), then check the folder holds every tensor of
-    the checkpoint the model was loaded from (a `UserError` names what is missing). Returns
-    the number of tensors checked; None where that checkpoint is no local safetensors folder."""
-    from tailor_ui.checkpoint import check_saved
-
-    model.save_pretrained(folder, max_shard_size="2GB")
-    processor.save_pretrained(folder)
-    base = checkpoint_folder(str(getattr(model.config, "_name_or_path", "")))
-    return check_saved(base, folder, dtype=model.dtype) if base is not None else None
-
-
-def checkpoint_folder(source: str) -> Path | None:
-    """The local safetensors folder a model was loaded from: the folder itself, or the hub
-    cache's snapshot of a repository id; None where there is none."""
-    from tailor_ui.checkpoint import INDEX_NAME, SINGLE_NAME
-
-    path = Path(source) if source else None
-    if path is not None and not path.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(source, local_files_only=True))
-        except Exception:  # not an id, or not cached: nothing on disk to compare with
-            return None
-    if path is None or not ((path / SINGLE_NAME).is_file() or (path / INDEX_NAME).is_file()):
-        return None
-    return path
 
 
 def streamable_base(model) -> Path | None:
