@@ -10,8 +10,8 @@ import hashlib
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -33,7 +33,7 @@ from tailor_ui.patch import Patch, PatchFile, TensorPatch, applied, tensor_patch
 from tailor_ui.prompts import Batch
 from tailor_ui.routing import route_tensor
 from tailor_ui.settings import Settings
-from tailor_ui.weights import compute_device, release, writable_param
+from tailor_ui.weights import compute_device, holding, release
 
 @dataclass
 class Result:
@@ -247,35 +247,9 @@ def _tailor(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch], 
     return _nonempty(patch)
 
 
-@contextmanager
-def _holding(model: torch.nn.Module, names: Sequence[str], value_of: Callable[[str], torch.Tensor]
-             ) -> Iterator[torch.nn.Module]:
-    """`model` with the named parameters set to `value_of(name)`; the values they held are
-    parked on the CPU meanwhile and written back at the end, bit for bit."""
-    saved: dict[str, torch.Tensor] = {}
-    try:
-        with torch.no_grad():
-            for name in names:
-                storage = writable_param(model, name)
-                saved[name] = storage.to("cpu", copy=True)
-                storage.copy_(value_of(name))
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, original in saved.items():
-                writable_param(model, name).copy_(original)
-
-
-@contextmanager
-def finetuned_model(pair: Pair, k: int) -> Iterator[torch.nn.Module]:
-    """A model that computes as fine-tuned model k does: the loaded model, or, for one read
-    lazily, the base holding fine-tuned values in every changed tensor (one read each)."""
-    tuned = pair.finetuned[k]
-    if isinstance(tuned, torch.nn.Module):
-        yield tuned
-        return
-    with _holding(pair.base, pair.changed(), lambda name: pair.finetuned_value(k, name)) as model:
-        yield model
+def finetuned_model(pair: Pair, k: int) -> AbstractContextManager[torch.nn.Module]:
+    """A model that computes as fine-tuned model k does (`Pair.finetuned_model`)."""
+    return pair.finetuned_model(k)
 
 
 def _tailor_one_pass(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch],
@@ -349,7 +323,7 @@ def _tailor_sequential(pair: Pair, k: int, linears: Sequence[str], calib: Sequen
             if todo:
                 run.progress(f"collecting Hessians, block {g + 1}/{len(groups)}", g, len(groups))
                 fine = {f"{n}.weight": tuned[n][1][0] for n in todo}
-                with run.timed("calibration"), _holding(base, list(fine), fine.__getitem__):
+                with run.timed("calibration"), holding(base, list(fine), fine.__getitem__):
                     hessians, anchors = _hessians(base, todo, calib, run)
                 del fine
                 for n in todo:
