@@ -147,16 +147,25 @@ class Checkpoint:
 
     def read(self, key: str) -> torch.Tensor:
         info = self.tensors[key]
+        return self._read(info, info.start, info.nbytes).view(info.dtype).reshape(info.shape)
+
+    def read_range(self, key: str, start: int, end: int) -> torch.Tensor:
+        """Flat entries [start, end) of a tensor, as a fresh 1-D tensor."""
+        info = self.tensors[key]
+        size = info.dtype.itemsize
+        return self._read(info, info.start + start * size, (end - start) * size).view(info.dtype)
+
+    def _read(self, info: TensorInfo, offset: int, length: int) -> torch.Tensor:
         if self._open_file != info.file:
             self.close()
             self._handle = open(info.file, "rb")
             self._open_file = info.file
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        buffer = torch.empty(length, dtype=torch.uint8)
         prefer_huge_pages(buffer)
-        self._handle.seek(info.start)
-        if info.nbytes and self._handle.readinto(memoryview(buffer.numpy())) != info.nbytes:
-            raise UserError(f"{info.file.name} is truncated: tensor {key} is incomplete")
-        return buffer.view(info.dtype).reshape(info.shape)
+        self._handle.seek(offset)
+        if length and self._handle.readinto(memoryview(buffer.numpy())) != length:
+            raise UserError(f"{info.file.name} is truncated: tensor {info.key} is incomplete")
+        return buffer
 
     def close(self) -> None:
         if self._handle is not None:
@@ -242,6 +251,7 @@ class ShardedWriter:
         self._queue = [(self.files[i], entry) for i, shard in enumerate(shards) for entry in shard]
         self._shards = dict(zip(self.files, shards))
         self._next = 0
+        self._part = 0  # entries of the next tensor written so far (it may come in parts)
         self._handle: BinaryIO | None = None
         self._file: str | None = None
         self.total_bytes = sum(nbytes(d, s) for _, d, s in layout)
@@ -262,17 +272,25 @@ class ShardedWriter:
         self._file = name
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
+        """The next planned tensor whole, or the next part of it as flat entries (parts in
+        order; the tensor is done when they add up to it)."""
         if self._next >= len(self._queue):
             raise ValueError(f"unexpected tensor {key}: every planned tensor is written")
         name, (want, dtype, shape) = self._queue[self._next]
-        if key != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"expected {want} {dtype} {shape}, got {key} {tensor.dtype} "
-                             f"{tuple(tensor.shape)}")
+        numel = torch.Size(shape).numel()
+        whole = tuple(tensor.shape) == shape and not self._part
+        part = tensor.dim() == 1 and self._part + tensor.numel() <= numel
+        if key != want or tensor.dtype != dtype or not (whole or part):
+            raise ValueError(f"expected {want} {dtype} {shape} (or its entries from {self._part}), "
+                             f"got {key} {tensor.dtype} {tuple(tensor.shape)}")
         if self._file != name:
             self._open(name)
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         self._handle.write(memoryview(data.view(torch.uint8).numpy()))
-        self._next += 1
+        self._part += tensor.numel()
+        if self._part == numel:
+            self._next += 1
+            self._part = 0
 
     def _finish_file(self) -> None:
         if self._handle is not None:
@@ -441,6 +459,10 @@ def _tower_prefix_changes() -> list[re.Pattern]:
 
 
 def _header_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the folder's safetensors headers (none for a config alone: then
+    no key is taken for a linear)."""
+    if not ((folder / SINGLE_NAME).is_file() or (folder / INDEX_NAME).is_file()):
+        return {}
     with Checkpoint(folder) as checkpoint:
         return {k: t.shape for k, t in checkpoint.tensors.items()}
 

@@ -22,6 +22,7 @@ from families import FAMILIES, build_llava, finetune_like, llava_batches
 from tailor_ui.control import Cancelled
 from tailor_ui.engine import run_method
 from tailor_ui.errors import UserError
+from tailor_ui.methods import REGISTRY
 from tailor_ui.pair import load_pair
 from tailor_ui.patch import (Patch, PatchFile, TensorPatch, apply_patch, load_patch, patch_writer,
                              revert_patch, save_patch)
@@ -130,6 +131,36 @@ def test_streaming_merge_equals_in_memory_merge_bit_exactly(disk_models, pairs, 
     # the report counts what changed like the patch does
     assert report["patch_entries"] == result.patch.num_entries
     assert {n: t["changed"] for n, t in report["tensors"].items()} == result.patch.counts()
+
+
+PART_CASES = [
+    (1, Settings(method="task_arithmetic", lam=0.7, others="base")),
+    (2, Settings(method="task_arithmetic", others="linear")),
+    (2, Settings(method="wise_ft", lam=0.6, overlap="first", others="linear")),
+    (1, Settings(method="magnitude", keep=0.3, others="finetuned")),
+]
+
+
+@pytest.mark.parametrize("n_models,settings", PART_CASES,
+                         ids=[f"{n}x-{s.method}-{s.others}" for n, s in PART_CASES])
+def test_tensors_merged_in_parts_equal_the_whole_tensor_merge(disk_models, pairs, tmp_path, monkeypatch,
+                                                              n_models, settings):
+    """Element-wise merges without a patch read, merge and write larger tensors in parts;
+    the output is the in-memory merge's bit for bit, the unchanged -0.0 and the NaN of
+    `_edges` included (parts of 16 entries split every tensor but the smallest)."""
+    import tailor_ui.stream as stream
+
+    monkeypatch.setattr(stream, "PART_ELEMS", 16)
+    d = disk_models
+    tuned = [d["ft_a"], d["ft_b"]][:n_models]
+    report = stream_merge(d["base"], tuned, settings, tmp_path / "out", max_shard_bytes=60_000,
+                          chunk_elems=5)
+    assert report["tensors_in_parts"] > report["tensors_total"] // 2
+    expected, result = _in_memory(pairs[n_models], settings)
+    _assert_bit_equal(expected, _streamed_params(tmp_path / "out", d["base"]))
+    assert {n: t["changed"] for n, t in report["tensors"].items()} == result.patch.counts()
+    if REGISTRY[settings.method].elementwise:  # every tensor goes in parts (magnitude's linears whole)
+        assert report["memory"]["largest_tensor_mb"] == pytest.approx(16 * 4 / 2**20)
 
 
 def test_streamed_folder_is_a_loadable_model_with_the_base_layout(disk_models, tmp_path):
