@@ -77,6 +77,21 @@ def has_safetensors(source: str) -> bool:
     return path.is_dir() and any(p.name.endswith(".safetensors") for p in path.iterdir())
 
 
+def weights_folder(source: str) -> str | None:
+    """Where a model's safetensors lie on this machine: its local folder, or for a hub id
+    the hub cache's snapshot of its safetensors and JSON files (fetched once; no pickle
+    files); None where it has none, or the hub cannot give them (loading it says why)."""
+    if Path(source).is_dir():
+        return source if has_safetensors(source) else None
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(source, allow_patterns=["*.safetensors", "*.json"])
+    except OSError:  # unreachable, missing, gated, offline and not cached
+        return None
+    return folder if has_safetensors(folder) else None
+
+
 def _check_weight_format(source: str, allow_pickle: bool) -> None:
     path = Path(source)
     if not path.is_dir():
@@ -326,9 +341,10 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
               **load_options: Any) -> Pair:
     """Load and match a base model with one or several fine-tuned models of it.
 
-    `lazy`: a fine-tuned model in a local folder with safetensors weights is not loaded but
+    `lazy`: a fine-tuned model with safetensors weights (a local folder, or a hub id's
+    snapshot in the hub cache: `weights_folder`) is not loaded but
     read tensor by tensor when the engine needs it (`tailor_ui.checkpoint.LazyWeights`); others
-    (hub ids, pickle checkpoints) are loaded as usual. A PEFT adapter (a folder or hub id
+    (pickle checkpoints) are loaded as usual. A PEFT adapter (a folder or hub id
     with adapter_config.json) is a fine-tuned model too: the base with the adapter merged,
     per tensor when lazy (`tailor_ui.adapter`). `progress` hears of each model
     (2 + one step per fine-tuned model). `before_loading` runs once every model's config has
@@ -361,9 +377,9 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
         if adapters[spec] is not None:
             tuned.append(_adapter_model(adapters[spec], spec, base, base_model, lazy, load_options))
             continue
-        source = resolve_source(spec, allowed_roots=roots) if lazy else ""
-        if lazy and has_safetensors(source):
-            tuned.append(LazyWeights(source, base_model))
+        folder = weights_folder(resolve_source(spec, allowed_roots=roots)) if lazy else None
+        if folder is not None:
+            tuned.append(LazyWeights(folder, base_model))
             continue
         model, _ = load_model(spec, **load_options)
         check_match(base_model, model)
@@ -373,13 +389,13 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
 
 
 def _base_checkpoint(spec: str, base_model: torch.nn.Module, roots: list[Path] | None) -> LazyWeights | None:
-    """The base's local safetensors read by parameter name, where every parameter is one
-    checkpoint tensor (none fused or split when loading); None otherwise."""
-    source = resolve_source(spec, allowed_roots=roots)
-    if not has_safetensors(source):
+    """The base's safetensors (`weights_folder`) read by parameter name, where every
+    parameter is one checkpoint tensor (none fused or split when loading); None otherwise."""
+    folder = weights_folder(resolve_source(spec, allowed_roots=roots))
+    if folder is None:
         return None
     try:
-        return LazyWeights(source, base_model)
+        return LazyWeights(folder, base_model)
     except UserError:
         return None
 
@@ -392,8 +408,9 @@ def _adapter_model(folder: Path, spec: str, base: str, base_model: torch.nn.Modu
     base_source = resolve_source(base, allowed_roots=load_options.get("allowed_roots"))
     shapes = {n: tuple(p.shape) for n, p in base_model.named_parameters()}
     adapter = read_adapter(folder, spec, shapes, base, base_source)
-    if lazy and has_safetensors(base_source):
-        return AdapterWeights(adapter, base_source, base_model)
+    base_folder = weights_folder(base_source) if lazy else None
+    if base_folder is not None:
+        return AdapterWeights(adapter, base_folder, base_model)
     model, _ = load_model(base, **load_options)
     merge_into(model, adapter)
     return model

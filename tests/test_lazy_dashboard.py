@@ -117,3 +117,23 @@ def test_compare_quick_check_merges_and_export_match_a_pair_holding_both(handles
             assert torch.equal(a.index, b.index) and torch.equal(a.values, b.values), (method, name)
         pd.testing.assert_frame_equal(run.quick, runs0[method].quick)
     assert same_bits(exported, exported0)
+
+
+def test_a_hub_fine_tune_is_read_from_the_hub_cache_snapshot(disk_pair, monkeypatch):
+    """A fine-tuned hub id is fetched as its safetensors and JSON files only (the snapshot in
+    the hub cache) and read lazily from there, like a local folder."""
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot(repo_id, allow_patterns=None, **_):
+        asked.append((repo_id, tuple(allow_patterns)))
+        return str(disk_pair / "ft")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    pair = load_pair(str(disk_pair / "base"), ["someone/tiny-ft"], lazy=True)
+    assert asked == [("someone/tiny-ft", ("*.safetensors", "*.json"))]
+    assert isinstance(pair.finetuned[0], LazyWeights)
+    loaded = load_pair(str(disk_pair / "base"), [str(disk_pair / "ft")])
+    for name, param in loaded.finetuned[0].named_parameters():
+        assert torch.equal(pair.finetuned_value(0, name).view(torch.uint8), param.detach().view(torch.uint8))

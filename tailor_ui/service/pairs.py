@@ -39,8 +39,9 @@ def load_handle(base: str, finetuned: str, lane: str, progress: Progress,
                 before_loading: Callable[[], None], **options: Any) -> PairHandle:
     """A visitor's pair, ready to use: `pair.load_pair` (which runs `before_loading` once
     the configs are read) and the summary of what fine-tuning changed. The base is loaded
-    once; a fine-tuned model in a local safetensors folder (or an adapter on a local base)
-    stays on disk and is read tensor by tensor where it is used, as the command line reads it."""
+    once; a fine-tuned model with safetensors (a local folder or a hub repository's, an
+    adapter over the base's) stays on disk and is read tensor by tensor where it is used,
+    as the command line reads it."""
     from tailor_ui.pair import load_pair
 
     specs = split_models(finetuned)
