@@ -538,6 +538,30 @@ def class_key_map(folder: str | Path, keys: Sequence[str]) -> KeyMap:
     return out
 
 
+# config entries that fix parameter shapes or counts (of the model or a nested tower)
+_SHAPE_FIELDS = {"num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size", "head_dim", "image_size", "patch_size",
+                 "num_query_tokens", "projection_dim", "embed_dim", "depth", "num_heads"}
+
+
+def check_same_shape_config(base: dict[str, Any], tuned: dict[str, Any], show: int = 5, where: str = "") -> None:
+    """A fine-tuned model read lazily computes with the base's config, so its own must
+    agree on what fixes the shapes (layers, widths, vocabulary…), at the top and in nested
+    configs: a folder whose config disagrees with the base is another model."""
+    problems = []
+    for key in base.keys() & tuned.keys():
+        a, b = base[key], tuned[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            try:
+                check_same_shape_config(a, b, show, f"{where}{key}.")
+            except UserError as exc:
+                problems.append(str(exc).removeprefix("the models do not match: "))
+        elif key in _SHAPE_FIELDS and a != b:
+            problems.append(f"config {where}{key}: base {a} vs fine-tuned {b}")
+    if problems:
+        raise UserError("the models do not match: " + "; ".join(problems[:show]))
+
+
 def check_shapes(a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, ...]], show: int = 5) -> None:
     """Base parameter shapes `a` against fine-tuned `b`: list the first names or shapes that differ."""
     problems = [f"{n} only in base" for n in a if n not in b]
@@ -563,6 +587,7 @@ class LazyWeights:
         if names.architecture != type(base).__name__:
             raise UserError(f"the models differ in architecture: base is {type(base).__name__}, "
                             f"fine-tuned is {names.architecture}")
+        check_same_shape_config(base.config.to_dict(), read_config(self.folder))
         params = {n: tuple(p.shape) for n, p in base.named_parameters()}
         if names.converted and any(n not in names.key_of for n in params):
             raise UserError(f"{self.folder.name}: transformers fuses or splits some tensors when loading "
