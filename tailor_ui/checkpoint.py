@@ -587,7 +587,6 @@ class LazyWeights:
         if names.architecture != type(base).__name__:
             raise UserError(f"the models differ in architecture: base is {type(base).__name__}, "
                             f"fine-tuned is {names.architecture}")
-        check_same_shape_config(base.config.to_dict(), read_config(self.folder))
         params = {n: tuple(p.shape) for n, p in base.named_parameters()}
         if names.converted and any(n not in names.key_of for n in params):
             raise UserError(f"{self.folder.name}: transformers fuses or splits some tensors when loading "
@@ -595,6 +594,7 @@ class LazyWeights:
                             "load it in memory")
         check_shapes(params, {names.param_of[k]: self.checkpoint.tensors[k].shape
                               for k in names.param_of})
+        check_same_shape_config(base.config.to_dict(), read_config(self.folder))
         self.key_of = {n: names.key_of[n] for n in params}
         self.reads: Counter[str] = Counter()
         self._lock = threading.Lock()  # one open shard handle: one read at a time
