@@ -199,20 +199,24 @@ class _Job:
             b = self.base.read(item.key)
             ts = [c.read(item.key).to(b.dtype) for c in self.tuned]
         else:
-            if item.start == 0:
-                self._changed[item.key] = self._differs(item)
-            b = self.base.read_range(item.key, item.start, item.end)
-            ts = [c.read_range(item.key, item.start, item.end).to(b.dtype) for c in self.tuned]
+            b, ts = self._read_part(item.key, item.start, item.end)
+            if item.start == 0:  # the merge of the first part must know whether the tensor changed
+                self._changed[item.key] = self._differs(item, b, ts)
         self.clock.add("read", t0)
         return b, ts
 
-    def _differs(self, item: _Item) -> bool:
-        """Whether a fine-tuned tensor differs from the base's (torch.equal), read part by
-        part: what the merge of its first part must know."""
-        for start in range(0, item.numel, item.end - item.start):
-            end = min(start + item.end - item.start, item.numel)
-            b = self.base.read_range(item.key, start, end)
-            if any(not torch.equal(b, c.read_range(item.key, start, end).to(b.dtype)) for c in self.tuned):
+    def _read_part(self, key: str, start: int, end: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        b = self.base.read_range(key, start, end)
+        return b, [c.read_range(key, start, end).to(b.dtype) for c in self.tuned]
+
+    def _differs(self, first: _Item, b: torch.Tensor, ts: list[torch.Tensor]) -> bool:
+        """Whether a fine-tuned tensor differs from the base's (torch.equal), from its first
+        part (`b`, `ts`) and, where that is equal, the others read once more."""
+        step = first.end - first.start
+        for start in range(0, first.numel, step):
+            if start:
+                b, ts = self._read_part(first.key, start, min(start + step, first.numel))
+            if any(not torch.equal(b, t) for t in ts):
                 return True
         return False
 
