@@ -7,7 +7,8 @@ writes OUT/base, OUT/ft1, OUT/ft2 (config.json + shards + index). The checkpoint
 the ones transformers' `save_pretrained` writes (for LLaVA its legacy names), found with
 transformers' own `revert_weight_conversion` on a meta-device skeleton. A fine-tuned copy
 is the base plus `--delta`·N(0, 1) noise on every tensor whose parameter name matches
-`--changed` (default: everything of the language model), every entry moved.
+`--changed` (default: everything of the language model), every entry moved, or with
+`--fraction F` a random share F of each such tensor's entries (a sparse-change fine-tune).
 
 Tensors are written one at a time with `tailor_ui.checkpoint.ShardedWriter`; each value is
 derived from a per-tensor seed, so runs are reproducible and the base is never re-read.
@@ -121,15 +122,21 @@ def base_tensor(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype
     return (0.02 * torch.randn(shape, generator=gen, device=device)).to(dtype)
 
 
-def tuned_tensor(base: torch.Tensor, name: str, seed: int, k: int, delta: float) -> torch.Tensor:
+def tuned_tensor(base: torch.Tensor, name: str, seed: int, k: int, delta: float,
+                 fraction: float = 1.0) -> torch.Tensor:
+    """The base moved by delta·N(0, 1) on a random `fraction` of its entries (all: a dense
+    fine-tune), each of them moved (rounding may have left some equal)."""
     gen = torch.Generator(device=base.device).manual_seed(_seed(seed, "ft", k, name))
     new = (base.float() + delta * torch.randn(base.shape, generator=gen, device=base.device)).to(base.dtype)
-    # every entry moves (rounding may have left some equal)
-    return torch.where(new == base, torch.nextafter(base, torch.full_like(base, float("inf"))), new)
+    new = torch.where(new == base, torch.nextafter(base, torch.full_like(base, float("inf"))), new)
+    if fraction >= 1.0:
+        return new
+    moved = torch.rand(base.shape, generator=gen, device=base.device) < fraction
+    return torch.where(moved, new, base)
 
 
 def build(out: Path, arch: str, size: str, finetuned: int, changed: str | None, delta: float,
-          dtype: str, shard_mb: int, seed: int, device: str = "cpu") -> dict:
+          dtype: str, shard_mb: int, seed: int, device: str = "cpu", fraction: float = 1.0) -> dict:
     """`device`: where the random values are drawn (a GPU builds a 7B pair in seconds)."""
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     config = make_config(arch, size, dtype)
@@ -143,20 +150,24 @@ def build(out: Path, arch: str, size: str, finetuned: int, changed: str | None, 
         writers.append(ShardedWriter(folder, [(key, torch_dtype, shape) for key, _, shape in layout],
                                      shard_mb * 2**20))
     start = time.perf_counter()
-    params = changed_params = 0
+    params = changed_params = changed_entries = 0
     for key, name, shape in layout:
         b = base_tensor(name, shape, seed, torch_dtype, device)
         writers[0].write(key, b.cpu())
         hit = bool(pattern.search(name))
         for k, writer in enumerate(writers[1:]):
-            writer.write(key, tuned_tensor(b, name, seed, k, delta).cpu() if hit else b.cpu())
+            tuned = tuned_tensor(b, name, seed, k, delta, fraction) if hit else b
+            changed_entries += int((tuned != b).sum()) if k == 0 else 0
+            writer.write(key, tuned.cpu())
         params += b.numel()
         changed_params += b.numel() if hit else 0
     for writer in writers:
         writer.close()
     info = {"arch": arch, "size": size, "dtype": dtype, "parameters": params,
             "changed_parameters": changed_params, "tensors": len(layout), "finetuned": finetuned,
-            "delta": delta, "seed": seed, "seconds": round(time.perf_counter() - start, 1),
+            "fraction": fraction, "changed_entries_ft1": changed_entries,
+            "changed_fraction_ft1": changed_entries / params, "delta": delta, "seed": seed,
+            "seconds": round(time.perf_counter() - start, 1),
             "folders": [str(f) for f in folders]}
     (out / "model_info.json").write_text(json.dumps(info, indent=2))
     return info
@@ -170,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--finetuned", type=int, default=2, help="how many fine-tuned copies")
     p.add_argument("--changed", default=None, help="regex over parameter names fine-tuning moves")
     p.add_argument("--delta", type=float, default=0.002, help="std of the fine-tuning noise")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="share of each changed tensor's entries the fine-tune moves (1: all, a dense fine-tune)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--shard-mb", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -178,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     if arch not in ("llama", "llava") or size not in TEXT:
         p.error(f"unknown preset {args.preset!r}")
     info = build(args.out, arch, size, args.finetuned, args.changed, args.delta, args.dtype,
-                 args.shard_mb, args.seed)
+                 args.shard_mb, args.seed, fraction=args.fraction)
     print(json.dumps(info))
 
 

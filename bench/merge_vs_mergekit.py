@@ -130,20 +130,25 @@ def ours_command(base: Path, tuned: list[Path], method: str, density: float, lam
 
 
 def compare(ours: Path, theirs: Path) -> dict:
-    """Tensor by tensor: bit-equal entries, differing entries, largest absolute difference."""
-    from tailor_ui.checkpoint import Checkpoint
+    """Tensor by tensor, by parameter name (ours keeps the base's checkpoint keys, mergekit
+    may save LLaVA under its parameter names): bit-equal entries, differing entries,
+    largest absolute difference."""
+    from tailor_ui.checkpoint import Checkpoint, key_map
 
     a, b = Checkpoint(ours), Checkpoint(theirs)
-    only = sorted(set(a.tensors) ^ set(b.tensors))
+    name_of = key_map(a.folder, a.keys).param_of
+    theirs_of = {name: key for key, name in key_map(b.folder, b.keys).param_of.items()}
+    only = sorted({name_of.get(k, k) for k in a.tensors} ^ set(theirs_of))
     total = differ = 0
     worst = 0.0
     worst_key = ""
     tensors_differing = 0
     with a, b:
         for key in a.keys:
-            if key not in b.tensors:
+            other = theirs_of.get(name_of.get(key, key))
+            if other is None:
                 continue
-            x, y = a.read(key), b.read(key)
+            x, y = a.read(key), b.read(other)
             if x.shape != y.shape:
                 only.append(f"{key} (shape)")
                 continue

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from tailor_ui.data import Example, load_image
 from tailor_ui.names import block_name, component
 from tailor_ui.pair import Pair
 from tailor_ui.prompts import Batch, encode_with_answers
-from tailor_ui.weights import to_model, writable_param
+from tailor_ui.weights import to_model
 
 
 class _ForwardDone(Exception):
@@ -343,32 +343,6 @@ def run_layer(model: torch.nn.Module, layer: torch.nn.Module, inputs: LayerInput
     return sums.hessians()
 
 
-@contextmanager
-def holding(model: torch.nn.Module, names: Sequence[str], value_of: Callable[[str], torch.Tensor]
-            ) -> Iterator[torch.nn.Module]:
-    """`model` with the named parameters set to `value_of(name)`; the values they held are
-    parked on the CPU meanwhile and written back at the end, bit for bit."""
-    saved: dict[str, torch.Tensor] = {}
-    try:
-        with torch.no_grad():
-            for name in names:
-                storage = writable_param(model, name)
-                saved[name] = storage.to("cpu", copy=True)
-                storage.copy_(value_of(name))
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, original in saved.items():
-                writable_param(model, name).copy_(original)
-
-
-@contextmanager
-def finetuned_model(pair: Pair, k: int) -> Iterator[torch.nn.Module]:
-    """A model that computes as fine-tuned model k does: the loaded model, or, for one read
-    lazily, the base holding fine-tuned values in every changed tensor (one read each)."""
-    tuned = pair.finetuned[k]
-    if isinstance(tuned, torch.nn.Module):
-        yield tuned
-        return
-    with holding(pair.base, pair.changed(), lambda name: pair.finetuned_value(k, name)) as model:
-        yield model
+def finetuned_model(pair: Pair, k: int) -> AbstractContextManager[torch.nn.Module]:
+    """A model that computes as fine-tuned model k does (`Pair.finetuned_model`)."""
+    return pair.finetuned_model(k)

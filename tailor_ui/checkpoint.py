@@ -8,13 +8,19 @@ is a fine-tuned model that is never loaded: its tensors are read when the engine
 Checkpoint keys are not always the model's parameter names: transformers 5 saves e.g.
 LLaVA with its legacy keys (`language_model.model.layers.0…`) while the loaded module is
 `model.language_model.layers.0…`. Patches and the methods speak parameter names, so
-`key_map` asks transformers itself how each key loads: it builds the model skeleton on
-the meta device and runs the same renaming `from_pretrained` runs.
+`key_map` renames each key with transformers' own conversion rules for the model's
+architecture, read from config.json, and classifies tensors from their names and header
+shapes, without importing or building the model class (that import is seconds of every
+run). Where the rules of a nested model could rename keys at a place only the module tree
+knows, it falls back to `class_key_map`, which builds the skeleton on the meta device and
+runs the renaming `from_pretrained` runs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import shutil
 import struct
 import threading
@@ -141,16 +147,25 @@ class Checkpoint:
 
     def read(self, key: str) -> torch.Tensor:
         info = self.tensors[key]
+        return self._read(info, info.start, info.nbytes).view(info.dtype).reshape(info.shape)
+
+    def read_range(self, key: str, start: int, end: int) -> torch.Tensor:
+        """Flat entries [start, end) of a tensor, as a fresh 1-D tensor."""
+        info = self.tensors[key]
+        size = info.dtype.itemsize
+        return self._read(info, info.start + start * size, (end - start) * size).view(info.dtype)
+
+    def _read(self, info: TensorInfo, offset: int, length: int) -> torch.Tensor:
         if self._open_file != info.file:
             self.close()
             self._handle = open(info.file, "rb")
             self._open_file = info.file
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        buffer = torch.empty(length, dtype=torch.uint8)
         prefer_huge_pages(buffer)
-        self._handle.seek(info.start)
-        if info.nbytes and self._handle.readinto(memoryview(buffer.numpy())) != info.nbytes:
-            raise UserError(f"{info.file.name} is truncated: tensor {key} is incomplete")
-        return buffer.view(info.dtype).reshape(info.shape)
+        self._handle.seek(offset)
+        if length and self._handle.readinto(memoryview(buffer.numpy())) != length:
+            raise UserError(f"{info.file.name} is truncated: tensor {info.key} is incomplete")
+        return buffer
 
     def close(self) -> None:
         if self._handle is not None:
@@ -236,6 +251,7 @@ class ShardedWriter:
         self._queue = [(self.files[i], entry) for i, shard in enumerate(shards) for entry in shard]
         self._shards = dict(zip(self.files, shards))
         self._next = 0
+        self._part = 0  # entries of the next tensor written so far (it may come in parts)
         self._handle: BinaryIO | None = None
         self._file: str | None = None
         self.total_bytes = sum(nbytes(d, s) for _, d, s in layout)
@@ -256,17 +272,25 @@ class ShardedWriter:
         self._file = name
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
+        """The next planned tensor whole, or the next part of it as flat entries (parts in
+        order; the tensor is done when they add up to it)."""
         if self._next >= len(self._queue):
             raise ValueError(f"unexpected tensor {key}: every planned tensor is written")
         name, (want, dtype, shape) = self._queue[self._next]
-        if key != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"expected {want} {dtype} {shape}, got {key} {tensor.dtype} "
-                             f"{tuple(tensor.shape)}")
+        numel = torch.Size(shape).numel()
+        whole = tuple(tensor.shape) == shape and not self._part
+        part = tensor.dim() == 1 and self._part + tensor.numel() <= numel
+        if key != want or tensor.dtype != dtype or not (whole or part):
+            raise ValueError(f"expected {want} {dtype} {shape} (or its entries from {self._part}), "
+                             f"got {key} {tensor.dtype} {tuple(tensor.shape)}")
         if self._file != name:
             self._open(name)
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         self._handle.write(memoryview(data.view(torch.uint8).numpy()))
-        self._next += 1
+        self._part += tensor.numel()
+        if self._part == numel:
+            self._next += 1
+            self._part = 0
 
     def _finish_file(self) -> None:
         if self._handle is not None:
@@ -311,6 +335,143 @@ class KeyMap:
     architecture: str = ""
 
 
+def read_config(folder: Path) -> dict[str, Any]:
+    """A model folder's config.json as plain JSON (no transformers)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{folder.name}: cannot read its config.json ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{folder.name}/config.json is not a JSON object")
+    return config
+
+
+def _architecture(folder: Path, config: dict[str, Any]) -> str:
+    names = config.get("architectures") or []
+    if not names or not isinstance(names[0], str):
+        raise UserError(f"{folder.name}: config.json names no architecture; streaming needs one "
+                        "to know the parameter names")
+    return names[0]
+
+
+# Module names whose 2-D weight is an embedding table, not a linear map
+_EMBEDDING = re.compile(r"(^|_)(embed|embeds|embedding|embeddings|wte|wpe)($|_)|^embed|embedding$")
+_OUTPUT_HEADS = ("lm_head", "embed_out")  # the output embedding, when it is a linear
+
+
+def _nested_configs(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The configs of the models nested in this one (vision tower, text model, Q-Former…)."""
+    return [v for v in config.values() if isinstance(v, dict) and "model_type" in v]
+
+
+def key_map(folder: str | Path, keys: Sequence[str]) -> KeyMap:
+    """Map checkpoint keys to parameter names from config.json and the keys alone.
+
+    Each key goes through the renamings transformers registers for the architecture (by
+    class name, else model type) and its legacy ones, in loading's order
+    (`core_model_loading.rename_source_key`); a key a WeightConverter catches (fused or
+    split on load) lands in `converted`. Linears are the 2-D `.weight` tensors of modules
+    that are neither an embedding table nor the output head. Keys of a nested model whose
+    registered rules drop a wrapper level (a CLIP tower saved under `vision_model.`) need
+    the module tree to place them: those checkpoints take `class_key_map`.
+    """
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    folder = Path(folder)
+    config = read_config(folder)
+    architecture = _architecture(folder, config)
+    rules = (get_checkpoint_conversion_mapping(architecture)
+             or get_checkpoint_conversion_mapping(config.get("model_type")) or [])
+    rules += get_checkpoint_conversion_mapping("legacy") or []
+    renamings = [r for r in rules if isinstance(r, WeightRenaming)]
+    converters = [r for r in rules if isinstance(r, WeightConverter)]
+    renamed = {key: rename_source_key(key, renamings, converters) for key in keys}
+    if _nested_rules_apply([name for name, pattern in renamed.values() if pattern is None]):
+        return class_key_map(folder, keys)
+    shapes = _header_shapes(folder)
+    tied_to = _tied_heads(config, keys, shapes)
+    out = KeyMap(param_of={}, key_of={}, architecture=architecture)
+    for key in sorted(keys, key=_natural_key):
+        name, pattern = renamed[tied_to.get(key, key)]
+        if pattern is not None:
+            out.converted.add(key)
+        elif name in out.key_of:
+            out.tied.add(key)  # the parameter another key already loads
+        else:
+            out.param_of[key] = name
+            out.key_of[name] = key
+            head = _module(name)
+            if (name.endswith(".weight") and len(shapes.get(key, ())) == 2
+                    and head not in _OUTPUT_HEADS and not _EMBEDDING.search(head)):
+                out.linears.add(name)
+    return out
+
+
+def _module(key: str) -> str:
+    """The last module name of a parameter key (`q_proj` of `….q_proj.weight`)."""
+    return key.rpartition(".")[0].rpartition(".")[2]
+
+
+def _tied_heads(config: dict[str, Any], keys: Sequence[str], shapes: dict[str, tuple[int, ...]]
+                ) -> dict[str, str]:
+    """Output-head key -> the input embedding's key it is tied to, where the config ties
+    them (at the top or in the text model's config) and the checkpoint holds both: they
+    load into one parameter."""
+    if not (config.get("tie_word_embeddings", False)
+            or any(c.get("tie_word_embeddings", False) for c in _nested_configs(config))):
+        return {}
+    out = {}
+    for head in (k for k in keys if _module(k) in _OUTPUT_HEADS):
+        tables = [k for k in keys if _EMBEDDING.search(_module(k)) and shapes.get(k) == shapes.get(head)]
+        if len(tables) == 1:
+            out[head] = tables[0]
+    return out
+
+
+def _nested_rules_apply(names: Sequence[str]) -> bool:
+    """Whether a rule that drops a wrapper level inside a nested vision or text tower (a
+    PrefixChange transformers registers for the tower's class, e.g. CLIPVisionModel's
+    `vision_model.`) could match where a tower sits: two levels down or more
+    (`model.vision_tower.vision_model.…`)."""
+    compiled = _tower_prefix_changes()
+    for name in names:
+        parts = name.split(".")
+        for i in range(2, len(parts)):
+            rest = ".".join(parts[i:])
+            if any(c.match(rest) for c in compiled):
+                return True
+    return False
+
+
+@functools.cache
+def _tower_prefix_changes() -> list[re.Pattern]:
+    """The PrefixChange patterns of the tower classes in transformers' table (the table has
+    no public listing, hence its builder)."""
+    from transformers.conversion_mapping import _build_checkpoint_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    table = _build_checkpoint_conversion_mapping()
+    return [re.compile(p) for p in sorted({p for cls, rules in table.items()
+                                           if cls.endswith(("VisionModel", "TextModel"))
+                                           for r in rules if isinstance(r, PrefixChange)
+                                           for p in r.source_patterns})]
+
+
+def _header_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the folder's safetensors headers (none for a config alone: then
+    no key is taken for a linear)."""
+    if not ((folder / SINGLE_NAME).is_file() or (folder / INDEX_NAME).is_file()):
+        return {}
+    with Checkpoint(folder) as checkpoint:
+        return {k: t.shape for k, t in checkpoint.tensors.items()}
+
+
+def _natural_key(key: str) -> list[tuple[int, Any]]:
+    """Dotted keys in loading's order: numeric parts compare as numbers."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in key.split(".")]
+
+
 def _skeleton(folder: Path) -> torch.nn.Module:
     """The model class of the folder's config, built on the meta device (no memory, no code
     from the checkpoint)."""
@@ -330,8 +491,8 @@ def _skeleton(folder: Path) -> torch.nn.Module:
         return cls._from_config(config)
 
 
-def key_map(folder: str | Path, keys: Sequence[str]) -> KeyMap:
-    """Map checkpoint keys to parameter names with transformers' own conversion mapping.
+def class_key_map(folder: str | Path, keys: Sequence[str]) -> KeyMap:
+    """`key_map` with transformers' model class: the skeleton built on the meta device.
 
     Runs `conversion_mapping.get_model_conversion_mapping` and
     `core_model_loading.rename_source_key` over the keys in the order loading visits them,
@@ -377,6 +538,30 @@ def key_map(folder: str | Path, keys: Sequence[str]) -> KeyMap:
     return out
 
 
+# config entries that fix parameter shapes or counts (of the model or a nested tower)
+_SHAPE_FIELDS = {"num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size", "head_dim", "image_size", "patch_size",
+                 "num_query_tokens", "projection_dim", "embed_dim", "depth", "num_heads"}
+
+
+def check_same_shape_config(base: dict[str, Any], tuned: dict[str, Any], show: int = 5, where: str = "") -> None:
+    """A fine-tuned model read lazily computes with the base's config, so its own must
+    agree on what fixes the shapes (layers, widths, vocabulary…), at the top and in nested
+    configs: a folder whose config disagrees with the base is another model."""
+    problems = []
+    for key in base.keys() & tuned.keys():
+        a, b = base[key], tuned[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            try:
+                check_same_shape_config(a, b, show, f"{where}{key}.")
+            except UserError as exc:
+                problems.append(str(exc).removeprefix("the models do not match: "))
+        elif key in _SHAPE_FIELDS and a != b:
+            problems.append(f"config {where}{key}: base {a} vs fine-tuned {b}")
+    if problems:
+        raise UserError("the models do not match: " + "; ".join(problems[:show]))
+
+
 def check_shapes(a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, ...]], show: int = 5) -> None:
     """Base parameter shapes `a` against fine-tuned `b`: list the first names or shapes that differ."""
     problems = [f"{n} only in base" for n in a if n not in b]
@@ -409,6 +594,7 @@ class LazyWeights:
                             "load it in memory")
         check_shapes(params, {names.param_of[k]: self.checkpoint.tensors[k].shape
                               for k in names.param_of})
+        check_same_shape_config(base.config.to_dict(), read_config(self.folder))
         self.key_of = {n: names.key_of[n] for n in params}
         self.reads: Counter[str] = Counter()
         self._lock = threading.Lock()  # one open shard handle: one read at a time

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,7 @@ from tailor_ui.checkpoint import Checkpoint, LazyWeights, check_shapes, key_map
 from tailor_ui.control import Progress, no_progress
 from tailor_ui.errors import UserError
 from tailor_ui.names import component, layer_index, module_kind
-from tailor_ui.weights import compute_device, read_param
+from tailor_ui.weights import compute_device, holding, read_param
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,6 +75,21 @@ def has_safetensors(source: str) -> bool:
     """A local folder holding safetensors weights (what streaming and lazy reading need)."""
     path = Path(source)
     return path.is_dir() and any(p.name.endswith(".safetensors") for p in path.iterdir())
+
+
+def weights_folder(source: str) -> str | None:
+    """Where a model's safetensors lie on this machine: its local folder, or for a hub id
+    the hub cache's snapshot of its safetensors and JSON files (fetched once; no pickle
+    files); None where it has none, or the hub cannot give them (loading it says why)."""
+    if Path(source).is_dir():
+        return source if has_safetensors(source) else None
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(source, allow_patterns=["*.safetensors", "*.json"])
+    except OSError:  # unreachable, missing, gated, offline and not cached
+        return None
+    return folder if has_safetensors(folder) else None
 
 
 def _check_weight_format(source: str, allow_pickle: bool) -> None:
@@ -262,6 +278,9 @@ class Pair:
     finetuned_ids: list[str] = field(default_factory=lambda: ["finetuned"])
     # per-tensor scores and Hessian factors, keyed by what they depend on (engine.py)
     cache: dict = field(default_factory=dict)
+    # the base's own checkpoint read by parameter name (a lazily loaded pair whose base is a
+    # local safetensors folder): what `finetuned_model` puts back, so it parks no copy
+    base_checkpoint: LazyWeights | None = None
     _changed: list[str] | None = field(default=None, init=False, repr=False)
 
     def base_params(self) -> dict[str, torch.Tensor]:
@@ -279,6 +298,27 @@ class Pair:
         if isinstance(tuned, torch.nn.Module):
             return read_param(tuned, name).to(device)
         return tuned.read(name, dtype=self.base.get_parameter(name).dtype, device=device)
+
+    @contextmanager
+    def finetuned_model(self, k: int) -> Iterator[torch.nn.Module]:
+        """A model that computes as fine-tuned model k does: the loaded model, or, for one
+        read lazily, the base holding fine-tuned values in every changed tensor (one read
+        each), put back bit for bit after. The base's values come back from its checkpoint
+        where the pair has it (`base_checkpoint`: nothing held meanwhile), else from copies
+        parked on the CPU. The caller holds the pair's lock (the base is shared)."""
+        tuned = self.finetuned[k]
+        if isinstance(tuned, torch.nn.Module):
+            yield tuned
+            return
+        stored = self.base_checkpoint
+        with holding(self.base, self.changed(), lambda name: self.finetuned_value(k, name),
+                     None if stored is None else lambda name, like: stored.read(name, like.dtype, like.device)
+                     ) as model:
+            yield model
+
+    def summary(self, k: int = 0) -> pd.DataFrame:
+        """`summarize` of fine-tuned model k, loaded or read lazily."""
+        return summarize(self.base, lambda name: self.finetuned_value(k, name))
 
     def changed(self) -> list[str]:
         """Base parameters that some fine-tuned model changed (torch.equal: a NaN counts as
@@ -301,9 +341,10 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
               **load_options: Any) -> Pair:
     """Load and match a base model with one or several fine-tuned models of it.
 
-    `lazy`: a fine-tuned model in a local folder with safetensors weights is not loaded but
+    `lazy`: a fine-tuned model with safetensors weights (a local folder, or a hub id's
+    snapshot in the hub cache: `weights_folder`) is not loaded but
     read tensor by tensor when the engine needs it (`tailor_ui.checkpoint.LazyWeights`); others
-    (hub ids, pickle checkpoints) are loaded as usual. A PEFT adapter (a folder or hub id
+    (pickle checkpoints) are loaded as usual. A PEFT adapter (a folder or hub id
     with adapter_config.json) is a fine-tuned model too: the base with the adapter merged,
     per tensor when lazy (`tailor_ui.adapter`). `progress` hears of each model
     (2 + one step per fine-tuned model). `before_loading` runs once every model's config has
@@ -329,21 +370,34 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
         before_loading()
     report(f"loading the base model {base}", 1, 2 + len(specs))
     base_model, processor = load_model(base, **load_options)
+    base_checkpoint = _base_checkpoint(base, base_model, roots) if lazy else None
     tuned = []
     for i, spec in enumerate(specs, start=2):
         report(f"loading the fine-tuned model {spec}", i, 2 + len(specs))
         if adapters[spec] is not None:
             tuned.append(_adapter_model(adapters[spec], spec, base, base_model, lazy, load_options))
             continue
-        source = resolve_source(spec, allowed_roots=roots) if lazy else ""
-        if lazy and has_safetensors(source):
-            tuned.append(LazyWeights(source, base_model))
+        folder = weights_folder(resolve_source(spec, allowed_roots=roots)) if lazy else None
+        if folder is not None:
+            tuned.append(LazyWeights(folder, base_model))
             continue
         model, _ = load_model(spec, **load_options)
         check_match(base_model, model)
         tuned.append(model)
     return Pair(base=base_model, finetuned=tuned, processor=processor,
-                base_id=base, finetuned_ids=specs)
+                base_id=base, finetuned_ids=specs, base_checkpoint=base_checkpoint)
+
+
+def _base_checkpoint(spec: str, base_model: torch.nn.Module, roots: list[Path] | None) -> LazyWeights | None:
+    """The base's safetensors (`weights_folder`) read by parameter name, where every
+    parameter is one checkpoint tensor (none fused or split when loading); None otherwise."""
+    folder = weights_folder(resolve_source(spec, allowed_roots=roots))
+    if folder is None:
+        return None
+    try:
+        return LazyWeights(folder, base_model)
+    except UserError:
+        return None
 
 
 def _adapter_model(folder: Path, spec: str, base: str, base_model: torch.nn.Module, lazy: bool,
@@ -354,8 +408,9 @@ def _adapter_model(folder: Path, spec: str, base: str, base_model: torch.nn.Modu
     base_source = resolve_source(base, allowed_roots=load_options.get("allowed_roots"))
     shapes = {n: tuple(p.shape) for n, p in base_model.named_parameters()}
     adapter = read_adapter(folder, spec, shapes, base, base_source)
-    if lazy and has_safetensors(base_source):
-        return AdapterWeights(adapter, base_source, base_model)
+    base_folder = weights_folder(base_source) if lazy else None
+    if base_folder is not None:
+        return AdapterWeights(adapter, base_folder, base_model)
     model, _ = load_model(base, **load_options)
     merge_into(model, adapter)
     return model
@@ -368,14 +423,16 @@ def check_match(base: torch.nn.Module, finetuned: torch.nn.Module, show: int = 5
                  {n: tuple(p.shape) for n, p in finetuned.named_parameters()}, show)
 
 
-def summarize(base: torch.nn.Module, finetuned: torch.nn.Module) -> pd.DataFrame:
-    """One row per parameter: where it lives, how much fine-tuning moved it."""
-    ft = dict(finetuned.named_parameters())
+def summarize(base: torch.nn.Module, finetuned: torch.nn.Module | Callable[[str], torch.Tensor]
+              ) -> pd.DataFrame:
+    """One row per parameter: where it lives, how much fine-tuning moved it. `finetuned`:
+    the fine-tuned model, or its value of a parameter by name (a lazy one: each read once)."""
+    value_of = (finetuned.get_parameter if isinstance(finetuned, torch.nn.Module) else finetuned)
     linears = {f"{n}.weight" for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
     rows = []
     with torch.no_grad():
         for name, p in base.named_parameters():
-            q = ft[name].to(p.device)
+            q = value_of(name).to(p.device)
             delta = q.float() - p.float()
             changed = int((delta != 0).sum())
             base_norm = float(p.float().norm())

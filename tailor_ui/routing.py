@@ -38,8 +38,14 @@ def route_tensor(name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor], s
     return out
 
 
+def runs_elementwise(s: Settings, selected: bool) -> bool:
+    """Whether each merged entry of a tensor depends on that entry alone: an element-wise
+    method, or a tensor the method leaves to the `others` policy."""
+    return REGISTRY[s.method].elementwise or not (selected or s.others == "linear")
+
+
 def merged_chunks(name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor], s: Settings,
-                  selected: bool, chunk_elems: int | None = None
+                  selected: bool, chunk_elems: int | None = None, changed: bool | None = None
                   ) -> Iterator[tuple[int, torch.Tensor]] | None:
     """None where the tensor stays the base; else its merged values in the base dtype as
     (flat start, flat values) pieces, lazily: chunks of `chunk_elems` entries where each
@@ -50,15 +56,19 @@ def merged_chunks(name: str, base: torch.Tensor, tuned: Sequence[torch.Tensor], 
     may overwrite the base's entries of a chunk it has taken. (Chunks are large on purpose:
     on a busy CPU every parallel torch op pays for waking its threads, so a million small
     ops cost more than the arithmetic.)
+
+    `changed`: where `base` and `tuned` are flat parts of their tensors (an element-wise
+    merge, `runs_elementwise`), whether the whole tensors differ (torch.equal), which
+    decides as it does for a whole tensor; None: they are whole, and this is found here.
     """
-    if all(torch.equal(base, t) for t in tuned):
+    if not (changed if changed is not None else any(not torch.equal(base, t) for t in tuned)):
         return None
     if not selected and s.others == "base":
         return None
     method = REGISTRY[s.method]
     by_method = selected or s.others == "linear"
     own_chunks = by_method and method.chunks is not None  # walks the tensor itself first
-    elementwise = method.elementwise or not by_method
+    elementwise = runs_elementwise(s, selected)
     step = chunk_elems if chunk_elems is not None and (elementwise or own_chunks) else base.numel()
     flat_base, flat_tuned = base.reshape(-1), [t.reshape(-1) for t in tuned]
 

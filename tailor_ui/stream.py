@@ -5,7 +5,8 @@ name together, one tensor at a time, with one shard file open per model
 (`tailor_ui.checkpoint`); each merged tensor goes straight into a sharded output whose
 headers are planned up front (the output has the base's names, shapes and dtypes), so peak
 memory is a few tensors' working set (one read ahead, one merged, one being written), not
-the model's.
+the model's; without a patch, large tensors merged entry by entry go in parts
+(`PART_ELEMS`), so it is a few parts'.
 
 Each tensor goes through `tailor_ui.routing.route_tensor`, the routing `run_method` uses
 too (the method's per-tensor merge from the registry, the `others` policy, `union` of
@@ -38,11 +39,15 @@ from tailor_ui.io import atomic_path
 from tailor_ui.memory import ALLOCATOR_SLACK_BYTES, PeakMemory, release_large_frees
 from tailor_ui.methods import REGISTRY
 from tailor_ui.patch import MaskedPatch, Patch, PatchFile, PatchWriter, bits_differ, check_fits
-from tailor_ui.routing import merged_chunks, with_patch
+from tailor_ui.routing import merged_chunks, runs_elementwise, with_patch
 from tailor_ui.settings import Settings
 from tailor_ui.weights import parse_device
 
 CHUNK_ELEMS = 1 << 18  # entries per chunk of an element-wise merge (1 MiB in float32: in cache)
+# entries per part of a larger tensor that an element-wise merge without a patch reads,
+# merges and writes in parts (8 MiB in fp16): the pipeline's working set is bounded by the
+# part, not by the largest tensor (an embedding or output head is 60-250 MB)
+PART_ELEMS = 1 << 22
 
 
 # ------------------------------------------------------------------------------- memory
@@ -125,6 +130,21 @@ class _Tally:
             self.selected_kept += changed
 
 
+@dataclass(frozen=True)
+class _Item:
+    """A checkpoint tensor, or a part of it (flat entries [start, end)), as the pipeline
+    reads, merges and writes it."""
+
+    key: str
+    start: int
+    end: int
+    numel: int  # the whole tensor's
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.end == self.numel
+
+
 @dataclass
 class _Job:
     """One streamed merge: its checkpoints, how keys map to parameters, what it counts."""
@@ -136,40 +156,86 @@ class _Job:
     device: torch.device
     chunk_elems: int
     patch: Patch | PatchWriter | None
+    # larger tensors merged entry by entry go in parts of this many entries (None: whole)
+    part_elems: int | None = None
     clock: _Clock = field(default_factory=_Clock)
     tally: _Tally = field(default_factory=_Tally)
     tensors_checked: int = 0  # tensors of the base found in the written folder
+    _changed: dict[str, bool] = field(default_factory=dict)  # reader's: a tensor in parts differs
+    _counted: int = 0  # merger's: changed entries of the tensor in parts so far
 
     @functools.cached_property
     def regex(self) -> re.Pattern | None:
         """The module pattern (`--modules`) the linears merged by the method must match."""
         return re.compile(self.settings.modules) if self.settings.modules else None
 
-    def read_key(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The base's tensor and the fine-tuned ones (in the base's dtype)."""
+    def selected(self, name: str) -> bool:
+        """A linear the method merges (the others go by the `others` policy)."""
+        return name in self.names.linears and (
+            self.regex is None or bool(self.regex.search(name[:-7])))  # drop ".weight"
+
+    def items(self) -> list[_Item]:
+        """Every base tensor in storage order; in parts where it is larger than
+        `part_elems` and each merged entry depends on that entry alone."""
+        out = []
+        for key in self.base.keys:
+            numel = torch.Size(self.base.tensors[key].shape).numel()
+            name = self.names.param_of.get(key)
+            if (self.part_elems and numel > self.part_elems and name is not None
+                    and runs_elementwise(self.settings, self.selected(name))):
+                out += [_Item(key, i, min(i + self.part_elems, numel), numel)
+                        for i in range(0, numel, self.part_elems)]
+            else:
+                out.append(_Item(key, 0, numel, numel))
+        return out
+
+    def read_item(self, item: _Item) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The base's tensor (or part) and the fine-tuned ones (in the base's dtype)."""
         t0 = time.perf_counter()
-        b = self.base.read(key)
-        ts = [c.read(key).to(b.dtype) for c in self.tuned]
+        if item.whole:
+            b = self.base.read(item.key)
+            ts = [c.read(item.key).to(b.dtype) for c in self.tuned]
+        else:
+            b, ts = self._read_part(item.key, item.start, item.end)
+            if item.start == 0:  # the merge of the first part must know whether the tensor changed
+                self._changed[item.key] = self._differs(item, b, ts)
         self.clock.add("read", t0)
         return b, ts
 
-    def merge_key(self, key: str, b: torch.Tensor, ts: list[torch.Tensor]
-                  ) -> tuple[torch.Tensor, MaskedPatch | None]:
-        """What the output holds for one checkpoint tensor: the merged value, written over
-        `b` in place (a fresh read), chunk by chunk; and its entries for the patch (None
-        where nothing changed or no patch is made)."""
+    def _read_part(self, key: str, start: int, end: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        b = self.base.read_range(key, start, end)
+        return b, [c.read_range(key, start, end).to(b.dtype) for c in self.tuned]
+
+    def _differs(self, first: _Item, b: torch.Tensor, ts: list[torch.Tensor]) -> bool:
+        """Whether a fine-tuned tensor differs from the base's (torch.equal), from its first
+        part (`b`, `ts`) and, where that is equal, the others read once more."""
+        step = first.end - first.start
+        for start in range(0, first.numel, step):
+            if start:
+                b, ts = self._read_part(first.key, start, min(start + step, first.numel))
+            if any(not torch.equal(b, t) for t in ts):
+                return True
+        return False
+
+    def merge_item(self, item: _Item, b: torch.Tensor, ts: list[torch.Tensor]
+                   ) -> tuple[torch.Tensor, MaskedPatch | None]:
+        """What the output holds for one checkpoint tensor or part: the merged value,
+        written over `b` in place (a fresh read), chunk by chunk; and its entries for the
+        patch (None where nothing changed or no patch is made)."""
         t0 = time.perf_counter()
-        name = self.names.param_of.get(key)
+        name = self.names.param_of.get(item.key)
         entries = None
         if name is not None and b.is_floating_point():
-            selected = name in self.names.linears and (
-                self.regex is None or bool(self.regex.search(name[:-7])))  # drop ".weight"
+            selected = self.selected(name)
             on_device = b.to(self.device)
             chunks = merged_chunks(name, on_device, [t.to(self.device) for t in ts], self.settings,
-                                   selected, self.chunk_elems)
+                                   selected, self.chunk_elems,
+                                   None if item.whole else self._changed[item.key])
             if chunks is not None:
                 changed, entries = self._take(b, on_device, chunks)
-                self.tally.add(key, name, b.numel(), changed, selected)
+                self._counted = (0 if item.start == 0 else self._counted) + changed
+                if item.end == item.numel:  # the tensor is done
+                    self.tally.add(item.key, name, item.numel, self._counted, selected)
         self.clock.add("merge", t0)
         return b, entries
 
@@ -217,6 +283,8 @@ def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str
         raise UserError("give at least one fine-tuned model")
     start = time.perf_counter()
     job = _open(base_dir, dirs, settings, parse_device(device), chunk_elems, patch)
+    if patch is None and all(type(c) is Checkpoint for c in job.tuned):  # an adapter reads whole tensors
+        job.part_elems = PART_ELEMS
     return _run(job, start, out_dir, max_shard_bytes, progress, should_stop, str(base_dir),
                 [str(d) for d in dirs])
 
@@ -285,7 +353,7 @@ def _write(job: _Job, out_dir: str | Path | None, max_shard_bytes: int, progress
     reads tensor i + 1 and a writer thread writes tensor i − 1 while tensor i is merged,
     one tensor in flight per stage (file reads and writes, and torch's kernels, release
     the GIL)."""
-    keys = job.base.keys
+    keys, items = job.base.keys, job.items()
     layout = [(k, job.base.tensors[k].dtype, job.base.tensors[k].shape) for k in keys]
     with atomic_path(out_dir) if out_dir is not None else nullcontext() as tmp:
         writer = ShardedWriter(tmp, layout, max_shard_bytes) if tmp is not None else None
@@ -299,19 +367,19 @@ def _write(job: _Job, out_dir: str | Path | None, max_shard_bytes: int, progress
             job.clock.add("write", t0)
 
         with ThreadPoolExecutor(1) as reads, ThreadPoolExecutor(1) as writes:
-            ahead: Future | None = reads.submit(job.read_key, keys[0]) if keys else None
+            ahead: Future | None = reads.submit(job.read_item, items[0]) if items else None
             written: Future | None = None
-            for i, key in enumerate(keys):
+            for i, item in enumerate(items):
                 if should_stop():
                     raise Cancelled
-                progress(f"merging {key}", i, len(keys))
+                progress(f"merging {item.key}", i, len(items))
                 b, ts = ahead.result()
-                ahead = reads.submit(job.read_key, keys[i + 1]) if i + 1 < len(keys) else None
-                value, entries = job.merge_key(key, b, ts)
+                ahead = reads.submit(job.read_item, items[i + 1]) if i + 1 < len(items) else None
+                value, entries = job.merge_item(item, b, ts)
                 del b, ts
                 if written is not None:
                     written.result()  # one write in flight; its error surfaces here
-                written = writes.submit(write, key, value, entries)
+                written = writes.submit(write, item.key, value, entries)
                 del value, entries
             if written is not None:
                 written.result()
@@ -330,8 +398,10 @@ def _write(job: _Job, out_dir: str | Path | None, max_shard_bytes: int, progress
 def _report(job: _Job, meter: PeakMemory, files: list[str], seconds: float, base_id: str,
             finetuned_ids: list[str]) -> dict[str, Any]:
     keys, tally, tensors = job.base.keys, job.tally, job.base.tensors
-    sizes = [(torch.Size(tensors[k].shape).numel(), tensors[k].dtype.itemsize) for k in keys]
-    numel = sum(n for n, _ in sizes)
+    numel = sum(torch.Size(t.shape).numel() for t in tensors.values())
+    # what goes through the pipeline at once: tensors, or their parts
+    items = job.items()
+    sizes = [(item.end - item.start, tensors[item.key].dtype.itemsize) for item in items]
     entries = sum(t["changed"] for t in tally.per_tensor.values())
     largest_numel, largest_size = max(sizes, key=lambda s: s[0] * s[1], default=(0, 0))
     method, n, collects = job.settings.method, len(job.tuned), job.patch is not None
@@ -348,6 +418,7 @@ def _report(job: _Job, meter: PeakMemory, files: list[str], seconds: float, base
               "predicted_peak_mb": meter.rss_at_start_mb + (pipeline + ALLOCATOR_SLACK_BYTES) / 2**20 + held}
     return {"settings": job.settings.to_dict(), "base": base_id, "finetuned": finetuned_ids,
             "streamed": True, "device": str(job.device), "tensors_total": len(keys),
+            "tensors_in_parts": len({i.key for i in items if not i.whole}),
             "tensors_checked": job.tensors_checked,
             "selected_linears": tally.selected_changed, "patch_entries": entries,
             "linear_fraction": tally.selected_kept / tally.selected_numel if tally.selected_numel else 0.0,

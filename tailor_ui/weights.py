@@ -14,7 +14,8 @@ copies again, so the model reads its (unchanged) disk weights once more.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -123,3 +124,29 @@ def to_model(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str
     dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
     return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
             for k, v in batch.items()}
+
+
+@contextmanager
+def holding(model: torch.nn.Module, names: Sequence[str], value_of: Callable[[str], torch.Tensor],
+            original_of: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+            ) -> Iterator[torch.nn.Module]:
+    """`model` with the named parameters set to `value_of(name)`, their values written back
+    bit for bit at the end: `original_of(name, storage)` where given (read again from the
+    checkpoint the model was loaded from: nothing is held meanwhile), else copies parked on
+    the CPU."""
+    saved: dict[str, torch.Tensor] = {}
+    written: list[str] = []
+    try:
+        with torch.no_grad():
+            for name in names:
+                storage = writable_param(model, name)
+                if original_of is None:
+                    saved[name] = storage.to("cpu", copy=True)
+                written.append(name)
+                storage.copy_(value_of(name))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name in written:
+                storage = writable_param(model, name)
+                storage.copy_(saved[name] if original_of is None else original_of(name, storage))

@@ -22,6 +22,7 @@ from families import FAMILIES, build_llava, finetune_like, llava_batches
 from tailor_ui.control import Cancelled
 from tailor_ui.engine import run_method
 from tailor_ui.errors import UserError
+from tailor_ui.methods import REGISTRY
 from tailor_ui.pair import load_pair
 from tailor_ui.patch import (Patch, PatchFile, TensorPatch, apply_patch, load_patch, patch_writer,
                              revert_patch, save_patch)
@@ -132,6 +133,36 @@ def test_streaming_merge_equals_in_memory_merge_bit_exactly(disk_models, pairs, 
     assert {n: t["changed"] for n, t in report["tensors"].items()} == result.patch.counts()
 
 
+PART_CASES = [
+    (1, Settings(method="task_arithmetic", lam=0.7, others="base")),
+    (2, Settings(method="task_arithmetic", others="linear")),
+    (2, Settings(method="wise_ft", lam=0.6, overlap="first", others="linear")),
+    (1, Settings(method="magnitude", keep=0.3, others="finetuned")),
+]
+
+
+@pytest.mark.parametrize("n_models,settings", PART_CASES,
+                         ids=[f"{n}x-{s.method}-{s.others}" for n, s in PART_CASES])
+def test_tensors_merged_in_parts_equal_the_whole_tensor_merge(disk_models, pairs, tmp_path, monkeypatch,
+                                                              n_models, settings):
+    """Element-wise merges without a patch read, merge and write larger tensors in parts;
+    the output is the in-memory merge's bit for bit, the unchanged -0.0 and the NaN of
+    `_edges` included (parts of 16 entries split every tensor but the smallest)."""
+    import tailor_ui.stream as stream
+
+    monkeypatch.setattr(stream, "PART_ELEMS", 16)
+    d = disk_models
+    tuned = [d["ft_a"], d["ft_b"]][:n_models]
+    report = stream_merge(d["base"], tuned, settings, tmp_path / "out", max_shard_bytes=60_000,
+                          chunk_elems=5)
+    assert report["tensors_in_parts"] > report["tensors_total"] // 2
+    expected, result = _in_memory(pairs[n_models], settings)
+    _assert_bit_equal(expected, _streamed_params(tmp_path / "out", d["base"]))
+    assert {n: t["changed"] for n, t in report["tensors"].items()} == result.patch.counts()
+    if REGISTRY[settings.method].elementwise:  # every tensor goes in parts (magnitude's linears whole)
+        assert report["memory"]["largest_tensor_mb"] == pytest.approx(16 * 4 / 2**20)
+
+
 def test_streamed_folder_is_a_loadable_model_with_the_base_layout(disk_models, tmp_path):
     d = disk_models
     report = stream_merge(d["base"], d["ft_a"], Settings(method="task_arithmetic"), tmp_path / "out",
@@ -213,13 +244,37 @@ def _expected_linears(family: str) -> set[str]:
     return out
 
 
-def test_key_map_follows_transformers_for_every_family(tmp_path):
-    """Every checkpoint key maps to exactly one parameter, however the family saves it."""
+def _assert_same_map(a, b, label):
+    for field in ("param_of", "key_of", "converted", "linears", "tied", "architecture"):
+        assert getattr(a, field) == getattr(b, field), f"{label}: {field}"
+
+
+def _resave(source: Path, target: Path, rename=lambda k: k, add=None) -> None:
+    """A copy of a checkpoint folder with its keys renamed (and tensors added): how other
+    transformers versions or tools save the same model."""
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir()
+    (target / "config.json").write_text((source / "config.json").read_text())
+    state = {}
+    for file in sorted(source.glob("*.safetensors")):
+        state.update(load_file(file))
+    state = {rename(k): v for k, v in state.items()}
+    state.update((add or (lambda s: {}))(state))
+    save_file(state, target / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_key_map_from_headers_equals_transformers_own_for_every_family(tmp_path, monkeypatch):
+    """config.json and the headers give the map the model class gives, for every family,
+    without the class: every checkpoint key maps to exactly one parameter."""
+    import tailor_ui.checkpoint as checkpoint
+
     for name, family in FAMILIES.items():
         model = family.build()
         model.save_pretrained(tmp_path / name, max_shard_size="60KB")
         ckpt = Checkpoint(tmp_path / name)
         names = key_map(tmp_path / name, ckpt.keys)
+        _assert_same_map(names, checkpoint.class_key_map(tmp_path / name, ckpt.keys), name)
         params = dict(model.named_parameters())
         assert set(names.param_of.values()) == set(params), name
         assert not names.converted
@@ -230,6 +285,40 @@ def test_key_map_follows_transformers_for_every_family(tmp_path):
     assert llava.key_of["model.language_model.layers.0.self_attn.q_proj.weight"] == \
         "language_model.model.layers.0.self_attn.q_proj.weight"
     assert llava.key_of["lm_head.weight"] == "language_model.lm_head.weight"
+
+    # older layouts: LLaVA-1.5's CLIP tower under `vision_model.` (placed by the class: a
+    # fallback), and BLIP-2 with its tied head saved beside the embedding
+    _resave(tmp_path / "llava", tmp_path / "llava15",
+            rename=lambda k: k.replace("vision_tower.", "vision_tower.vision_model.", 1))
+    _resave(tmp_path / "blip2", tmp_path / "blip2_head", add=lambda s: {
+        "language_model.lm_head.weight": s["language_model.model.decoder.embed_tokens.weight"].clone()})
+    for name in ("llava15", "blip2_head"):
+        keys = Checkpoint(tmp_path / name).keys
+        _assert_same_map(key_map(tmp_path / name, keys), checkpoint.class_key_map(tmp_path / name, keys), name)
+    assert key_map(tmp_path / "blip2_head", Checkpoint(tmp_path / "blip2_head").keys).tied == {
+        "language_model.model.decoder.embed_tokens.weight"}
+
+    # the families need no model class: building one fails the test
+    monkeypatch.setattr(checkpoint, "class_key_map", lambda *a: pytest.fail("model class used"))
+    for name in FAMILIES:
+        key_map(tmp_path / name, Checkpoint(tmp_path / name).keys)
+
+
+def test_streamed_merge_imports_no_model_class(disk_models, tmp_path):
+    """The data-free command's start-up: no transformers model class, no modeling stack."""
+    d = disk_models
+    code = (
+        "import sys\n"
+        "from tailor_ui.settings import Settings\n"
+        "from tailor_ui.stream import stream_merge\n"
+        f"stream_merge({str(d['base'])!r}, [{str(d['ft_a'])!r}], Settings(method='task_arithmetic'), "
+        f"{str(tmp_path / 'out')!r})\n"
+        "print(sorted(m for m in sys.modules if m.startswith('transformers.models.') "
+        "or m == 'transformers.modeling_utils'))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "out" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("source", ["loaded", "file"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from tailor_ui.control import Progress
@@ -24,10 +25,12 @@ def model_answers(pair: Pair, merges: Sequence[tuple[str, Patch]], prompts: Sequ
     from tailor_ui.evaluation.generate import answer_one
     from tailor_ui.patch import applied
 
-    models = [("Pre-trained", pair.base, None)]
+    # each model as a context to answer in: a fine-tuned model read lazily is the base
+    # holding its values, a merge the base with its patch written in
+    models = [("Pre-trained", partial(nullcontext, pair.base))]
     models += [("Fine-tuned" if len(pair.finetuned) == 1 else f"Fine-tuned {pair.finetuned_ids[k]}",
-                model, None) for k, model in enumerate(pair.finetuned)]
-    models += [(label, pair.base, patch) for label, patch in merges]
+                partial(pair.finetuned_model, k)) for k in range(len(pair.finetuned))]
+    models += [(label, partial(applied, pair.base, patch)) for label, patch in merges]
     total = len(models) + len(trained)
     out: list[list[tuple[str, str]]] = [[] for _ in prompts]
 
@@ -36,9 +39,9 @@ def model_answers(pair: Pair, merges: Sequence[tuple[str, Patch]], prompts: Sequ
             row.append((name, answer_one(model, pair.processor, image, question, max_new_tokens)))
 
     with lock if lock is not None else nullcontext():  # merges are written into the shared base
-        for i, (name, model, patch) in enumerate(models):
+        for i, (name, model) in enumerate(models):
             progress(f"answering with {'the pre-trained model' if i == 0 else name}", i, total)
-            with applied(model, patch) as answering:
+            with model() as answering:
                 answer_all(name, answering)
     for j, (name, model) in enumerate(trained):  # private copies: no lock needed
         progress(f"answering with {name}", len(models) + j, total)

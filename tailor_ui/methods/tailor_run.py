@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from tailor_ui.calibration import (LayerInputs, LayerPlan, capture_layer_inputs, collect_hessians,
-                                   finetuned_model, holding, plan_layers, run_layer)
+                                   finetuned_model, plan_layers, run_layer)
 from tailor_ui.methods.exact import (anchored_problem, compensate_exact, compensate_in_sparsegpt_order,
                                      tailor_block_scorer)
 from tailor_ui.methods.method import Batch, MethodRun
@@ -35,7 +35,7 @@ from tailor_ui.memory import layer_activation_bytes, linear_working_bytes, score
 from tailor_ui.names import block_name, layer_groups
 from tailor_ui.pair import Pair
 from tailor_ui.patch import Patch, TensorPatch, applied, tensor_patch
-from tailor_ui.weights import compute_device
+from tailor_ui.weights import compute_device, holding
 
 Hessians = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]  # target, anchor (or empty)
 HessiansOf = Callable[[list[str]], Hessians]

@@ -38,8 +38,11 @@ def check_load_request(base: str, finetuned: str, dtype: str, device: str, *,
 def load_handle(base: str, finetuned: str, lane: str, progress: Progress,
                 before_loading: Callable[[], None], **options: Any) -> PairHandle:
     """A visitor's pair, ready to use: `pair.load_pair` (which runs `before_loading` once
-    the configs are read) and the summary of what fine-tuning changed."""
-    from tailor_ui.pair import load_pair, summarize
+    the configs are read) and the summary of what fine-tuning changed. The base is loaded
+    once; a fine-tuned model with safetensors (a local folder or a hub repository's, an
+    adapter over the base's) stays on disk and is read tensor by tensor where it is used,
+    as the command line reads it."""
+    from tailor_ui.pair import load_pair
 
     specs = split_models(finetuned)
     steps = 3 + len(specs)  # load_pair's steps, then the summary
@@ -47,23 +50,22 @@ def load_handle(base: str, finetuned: str, lane: str, progress: Progress,
     def loading(stage: str, done: int, _total: int) -> None:
         progress(stage, done, steps)
 
-    pair = load_pair(base.strip(), specs, progress=loading, before_loading=before_loading, **options)
+    pair = load_pair(base.strip(), specs, lazy=True, progress=loading, before_loading=before_loading,
+                     **options)
     progress("summarising what fine-tuning changed", steps - 1, steps)
     return PairHandle(pair=pair, label=f"{base.strip()} + {finetuned.strip()}", shared=False,
-                      lane=lane, summary=summarize(pair.base, pair.finetuned[0]))
+                      lane=lane, summary=pair.summary())
 
 
 def load_demo_handle(demo_dir: Path | None, device: str, lane: str, story: str = "spatial") -> PairHandle:
     """A demo story's pair with its calibration and evaluation sets, ready to share."""
     from tailor_ui.demo.sets import (DEMO_SETS, STORIES, demo_anchor, demo_calibration, demo_sets,
                                      example_rows, story_pair)
-    from tailor_ui.pair import summarize
-
     pair = story_pair(demo_dir, story, device)
     sets = demo_sets(demo_dir, story)
     return PairHandle(pair=pair, label=f"built-in demo pair: {STORIES[story].title} (shapes world, "
                                        "mini-LLaVA)", shared=True,
-                      lane=lane, summary=summarize(pair.base, pair.finetuned[0]),
+                      lane=lane, summary=pair.summary(),
                       calibration=demo_calibration(demo_dir, story), anchor=demo_anchor(demo_dir),
                       eval_sets=tuple(EvalSpec(name=s.name, task=s.task, examples=tuple(s.examples),
                                                role=DEMO_SETS[s.name][1]) for s in sets),

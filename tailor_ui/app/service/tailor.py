@@ -8,7 +8,9 @@ import hashlib
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -244,11 +246,14 @@ def quick_check(handle: PairHandle, sets: Sequence[EvalSpec], patch, n: int, pro
     progress(f"quick check on {n} examples per task", 0, 1)
     with handle.lock:
         references = {}
-        for label, model in (("Pre-trained", handle.pair.base), ("Fine-tuned", handle.pair.finetuned[0])):
+        for label, model in (("Pre-trained", partial(nullcontext, handle.pair.base)),
+                             ("Fine-tuned", partial(handle.pair.finetuned_model, 0))):
             known = handle.reference_scores.get(label, {})
             missing = [k for k in keyed if k not in known]
-            found = {**known, **(scores(model, missing) if missing else {})}
-            references[label] = {k: found[k] for k in keyed}
+            if missing:  # a fine-tuned model read lazily: the base holding its values
+                with model() as scored:
+                    known = {**known, **scores(scored, missing)}
+            references[label] = {k: known[k] for k in keyed}
         with handle.patched(patch) as model:
             merged = scores(model, list(keyed))
     return quick_table(sets, n, references, merged), references
