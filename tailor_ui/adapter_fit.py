@@ -26,6 +26,8 @@ from tailor_ui.patch import Patch, PatchFile, TensorPatch
 
 _PREFIX = "base_model.model."
 
+ADAPTER_RANK = 16  # the rank of a fit where none is asked for (CLI --adapter-rank, dashboard export)
+
 
 def _tailored(base: torch.Tensor, tp: TensorPatch) -> torch.Tensor:
     out = base.clone()

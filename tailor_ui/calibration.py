@@ -29,6 +29,9 @@ from tailor_ui.pair import Pair
 from tailor_ui.prompts import Batch, encode_with_answers
 from tailor_ui.weights import to_model
 
+# examples a command-line merge, sweep or search reads from each calibration file at most
+CALIBRATION_LIMIT = 128
+
 
 class _ForwardDone(Exception):
     """Raised inside a hook to end a forward pass whose remaining layers are not needed."""

@@ -35,8 +35,10 @@ def _merge_options(p: argparse.ArgumentParser) -> None:
 
     for name in KNOBS:
         _knob_flag(p, name)
-    p.add_argument("--calib-limit", type=int, default=128, help="examples used per calibration set")
-    p.add_argument("--batch-size", type=int, default=8)
+    from tailor_ui.calibration import CALIBRATION_LIMIT, calibration_batches
+
+    p.add_argument("--calib-limit", type=int, default=CALIBRATION_LIMIT, help="examples used per calibration set")
+    p.add_argument("--batch-size", type=int, default=_keyword_defaults(calibration_batches)["batch_size"])
     _anchor_options(p)
 
 
@@ -162,8 +164,13 @@ def _axis_flag(p: argparse.ArgumentParser, name: str, default: str | None) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tailor_ui.adapter_fit import ADAPTER_RANK
+    from tailor_ui.calibration import CALIBRATION_LIMIT
+    from tailor_ui.demo.sets import DEMO_SEED
     from tailor_ui.evaluation import search
-    from tailor_ui.evaluation.sweep import SWEEP_GRID, SWEEP_METHODS, format_numbers
+    from tailor_ui.evaluation.evaluate import evaluate
+    from tailor_ui.evaluation.generate import answer_one
+    from tailor_ui.evaluation.sweep import SWEEP_GRID, SWEEP_METHODS, format_numbers, sweep
     from tailor_ui.methods import REGISTRY
     from tailor_ui.settings import Settings, default
     from tailor_ui.training.continual import ContinualMethod
@@ -196,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-out", type=Path, default=None, metavar="DIR",
                    help="also write the tailored delta as a PEFT LoRA adapter (a rank --adapter-rank "
                         "SVD fit per changed linear; its error goes in report.json)")
-    p.add_argument("--adapter-rank", type=int, default=16, help="rank of --adapter-out's fit")
+    p.add_argument("--adapter-rank", type=int, default=ADAPTER_RANK, help="rank of --adapter-out's fit")
     p.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME",
                    help="publish the model (with --save-model) or else the patch folder, with its card, "
                         "to this Hub repository (token: HF_TOKEN or `hf auth login`)")
@@ -223,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--data", type=Path, default=None, help="a JSONL: every row's image and question")
     p.add_argument("--question", default=None, help="with --image (default: caption the image)")
     p.add_argument("--limit", type=int, default=None, help="with --data: only the first N rows")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=_keyword_defaults(answer_one)["max_new_tokens"])
     p.add_argument("--json", action="store_true", help="one JSON object a line")
     _merge_options(p)
     _model_options(p)
@@ -237,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path,
                    help="results JSON (with --original-set / --target-set: one entry per set)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=_keyword_defaults(evaluate)["batch_size"])
+    p.add_argument("--max-new-tokens", type=int, default=_keyword_defaults(evaluate)["max_new_tokens"])
     _model_options(p)
 
     p = sub.add_parser("sweep", help="forgetting table: base, fine-tuned, every method x setting")
@@ -255,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     _axis_flag(p, "anchor_weight", f"{default('anchor_weight'):g}")
     _axis_flag(p, "scope", default("scope"))
     p.add_argument("--limit", type=int, default=None, help="examples per evaluation set")
-    p.add_argument("--calib-limit", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--calib-limit", type=int, default=CALIBRATION_LIMIT)
+    p.add_argument("--batch-size", type=int, default=_keyword_defaults(sweep)["batch_size"])
     p.add_argument("--out", required=True, type=Path, help="table CSV")
     _model_options(p)
 
@@ -280,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=defaults["holdout"],
                    help="share of --calib held out for scoring")
     p.add_argument("--seed", type=int, default=defaults["seed"], help="seed of the held-out split")
-    p.add_argument("--limit", type=int, default=32, help="examples per original-task set")
-    p.add_argument("--calib-limit", type=int, default=128, help="target-task examples read from --calib")
+    p.add_argument("--limit", type=int, default=search.DEFAULT_LIMIT, help="examples per original-task set")
+    p.add_argument("--calib-limit", type=int, default=CALIBRATION_LIMIT, help="target-task examples read from --calib")
     p.add_argument("--batch-size", type=int, default=defaults["batch_size"])
     p.add_argument("--out", required=True, type=Path, help="table CSV")
     _in_memory_option(p)
@@ -291,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True)
     p.add_argument("--data", type=Path, help="training JSONL (not with --continual)")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--method", default="full", help=" | ".join(TRAINING_METHODS))
+    p.add_argument("--method", default=_keyword_defaults(finetune)["method"], help=" | ".join(TRAINING_METHODS))
     p.add_argument("--layers", default=None,
                    help="decoder layers to train: N / last:N (default: last half), 20-31, 0,2,5-7, all")
     recipe = _keyword_defaults(finetune)
@@ -311,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["build"])
     p.add_argument("--assets", type=Path, default=None,
                    help="the folder to (re)write whole (default: assets/demo/)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=DEMO_SEED)
     return parser
 
 

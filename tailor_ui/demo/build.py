@@ -42,7 +42,7 @@ from tailor_ui.data import read_examples, write_examples
 from tailor_ui.demo import world
 from tailor_ui.demo.model import DemoArch, make_model
 from tailor_ui.demo.processor import build_processor
-from tailor_ui.demo.sets import ORIGINAL_CALIB, STORIES as STORY_INFO
+from tailor_ui.demo.sets import DEMO_SEED, ORIGINAL_CALIB, STORIES as STORY_INFO
 from tailor_ui.demo.train import Progress, pretrain_vision
 from tailor_ui.evaluation.evaluate import evaluate, majority_baseline
 from tailor_ui.training.finetune import encode_epoch
@@ -162,7 +162,7 @@ def _folder_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
 
-def build_demo(assets_dir: Path, *, seed: int = 0, recipe: Recipe = Recipe(),
+def build_demo(assets_dir: Path, *, seed: int = DEMO_SEED, recipe: Recipe = Recipe(),
                progress: Progress = print) -> dict:
     """Regenerate `assets_dir`: data sets, the base/ checkpoint, each story's finetuned/
     checkpoint and target sets (in the story's folder), and scores.json.

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from tailor_ui.pair import Pair
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo"
+DEMO_SEED = 0  # the world seed the shipped demo was built with (`demo build --seed`)
 # the demo's evaluation files: name -> (metric family, role); the target set is the story's
 DEMO_SETS = {"caption": ("caption", "original"), "vqa": ("vqa", "original"),
              "target": ("vqa", "target")}

@@ -18,6 +18,7 @@ from tailor_ui.control import Progress, StopCheck
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path, zip_folder
 from tailor_ui.model_card import Artifact, Scores, sweep_scores, tailor_command, write_card
+from tailor_ui.adapter_fit import ADAPTER_RANK
 from tailor_ui.outputs import PATCH_NAME, checkpoint_folder, jsonable, save_run, save_tailored
 from tailor_ui.app.session import PairHandle, Session, TailorRun
 from tailor_ui.settings import Settings
@@ -144,7 +145,6 @@ def model_zip(run: TailorRun, progress: Progress, should_stop: StopCheck,
     return _zipped(run, MODEL_ZIP, write, progress, should_stop)
 
 
-ADAPTER_RANK = 16  # the dashboard's adapter export (the CLI's --adapter-rank default)
 
 
 def adapter_zip(run: TailorRun, progress: Progress, should_stop: StopCheck,
