@@ -122,3 +122,12 @@ def test_app_py_turns_analytics_off_before_gradio_is_imported():
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"  # what gradio.analytics.analytics_enabled() reads
+
+
+def test_the_app_finds_the_project_root():
+    """The dashboard's stylesheet, the demo's assets and the shipped sweeps are read from
+    the project's root (a moved module must not change where that is)."""
+    from tailor_ui.app.service.config import ROOT
+
+    assert (ROOT / "app.py").is_file() and (ROOT / "assets" / "style.css").is_file()
+    assert (ROOT / "bench" / "results" / "demo_sweep_spatial.csv").is_file()

@@ -12,7 +12,7 @@ from typing import Any
 
 from tailor_ui.demo.sets import DEMO_DIR
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SYSTEM = "system"  # owner of the start-up jobs
 
 
