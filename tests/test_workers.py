@@ -234,6 +234,10 @@ def test_a_merge_in_a_worker_leaves_its_scores_for_the_next_slider_move(studio):
                                session.id, 120)
     assert first.status == DONE and first.worker_pid is not None
     assert first.result.report["score_cache"]["hits"] == 0
+    # in the server too the scores are backed by disk (unlinked files), as the engine keeps them
+    handle = studio.handle_for(session)
+    factors = [e.factor for cache in handle.pair.cache.values() for e in cache.values()]
+    assert factors and all(f.untyped_storage().filename is not None for f in factors)
     second = studio.runner.wait(studio.submit_tailor(session, default_settings(keep=0.27, damp=0.0123)).id,
                                 session.id, 120)
     cache = second.result.report["score_cache"]

@@ -632,6 +632,8 @@ def _learned(handle: PairHandle, known: tuple[dict, set]) -> tuple[dict, dict]:
 def _absorb_caches(handle: PairHandle, scores: dict, batches: dict) -> None:
     with handle.lock:
         for key, entries in scores.items():
-            handle.pair.cache.setdefault(key, {}).update(entries)
+            # they crossed the pipe as ordinary memory: back on disk, as the engine keeps them
+            handle.pair.cache.setdefault(key, {}).update(
+                {name: e.on_disk() if hasattr(e, "on_disk") else e for name, e in entries.items()})
         handle.batches.update(batches)
         handle.trim_cache()
