@@ -1,5 +1,5 @@
 """A visitor's own pair in the dashboard holds the base once and reads the fine-tuned model
-from disk where it is used (tailor_ui.service.pairs.load_handle with `load_pair(lazy=True)`):
+from disk where it is used (tailor_ui.app.service.pairs.load_handle with `load_pair(lazy=True)`):
 what the pair holds is one model's tensors, and merging, the quick check, Compare and
 Export give what a pair holding both models gives, bit for bit."""
 
@@ -18,11 +18,11 @@ from tailor_ui.control import never_stop, no_progress
 from tailor_ui.data import read_calibration
 from tailor_ui.evaluation.sets import EvalSpec
 from tailor_ui.pair import load_pair
-from tailor_ui.service import export
-from tailor_ui.service.compare import model_answers
-from tailor_ui.service.pairs import load_handle
-from tailor_ui.service.tailor import tailor_run
-from tailor_ui.session import PairHandle
+from tailor_ui.app.service import export
+from tailor_ui.app.service.compare import model_answers
+from tailor_ui.app.service.pairs import load_handle
+from tailor_ui.app.service.tailor import tailor_run
+from tailor_ui.app.session import PairHandle
 from tailor_ui.settings import Settings
 
 _OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
