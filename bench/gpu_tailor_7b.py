@@ -105,17 +105,23 @@ def run_tailor(cmd: list[str], out: Path) -> dict:
             "memory_terms_mb": report.get("memory_terms_mb"), "output_tail": text[-1500:]}
 
 
+def run_options(p: argparse.ArgumentParser, *, calib: int, threads: tuple[int, str], work: Path) -> None:
+    """The options of a timed `tailor` run that this script and tailor_layerwise.py share."""
+    p.add_argument("--calib", type=int, default=calib, help="calibration examples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--keep", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=threads[0], help=threads[1])
+    p.add_argument("--work", type=Path, default=work)
+    p.add_argument("--results", type=Path, default=None)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="7b", choices=sorted(TEXT), help="make_random_model.py preset")
     p.add_argument("--device", default="cuda", help="cuda | cpu (tailor's --device, and where the pair is drawn)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--calib", type=int, default=128, help="calibration examples")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--keep", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=0, help="torch threads for the CPU (0: torch's default)")
-    p.add_argument("--work", type=Path, default=Path("/tmp/bench/gpu_tailor"))
-    p.add_argument("--results", type=Path, default=None)
+    run_options(p, calib=128, threads=(0, "torch threads for the CPU (0: torch's default)"),
+                work=Path("/tmp/bench/gpu_tailor"))
     p.add_argument("--keep-models", action="store_true")
     args = p.parse_args(argv)
     require_device(args.device)

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_tailor_7b import make_pair, tailor_command, write_calibration  # noqa: E402
+from gpu_tailor_7b import make_pair, run_options, tailor_command, write_calibration  # noqa: E402
 from make_random_model import VISION  # noqa: E402
 
 TARGET_CALIBRATION_OVER_FORWARD = 1.5
@@ -116,12 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="s", help="make_random_model.py preset (tiny, s, m, 1b)")
     p.add_argument("--baseline", default="main", help="git revision of the code to compare with")
-    p.add_argument("--calib", type=int, default=32, help="calibration examples")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--keep", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every measured process")
-    p.add_argument("--work", type=Path, default=Path("/tmp/bench/tailor_layerwise"))
-    p.add_argument("--results", type=Path, default=None)
+    run_options(p, calib=32, threads=(2, "OMP_NUM_THREADS of every measured process"),
+                work=Path("/tmp/bench/tailor_layerwise"))
     args = p.parse_args(argv)
     args.device, args.dtype = "cpu", "float32"  # what `tailor` loads on a machine without a GPU
     shutil.rmtree(args.work, ignore_errors=True)

@@ -106,6 +106,16 @@ def cancel_html(runner: Any, owner: str, kind: str, job_id: str | None) -> str:
     return progress_html(cancel_unfinished(runner, owner, kind, job_id), "Nothing to cancel.")
 
 
+def cancel_button(kind: str) -> Callable:
+    """A tab's Cancel handler for its `kind` of job (a method): the given job if unfinished,
+    else the visitor's latest unfinished one."""
+    @user_errors
+    def cancel(self, job_id: str, request: gr.Request):
+        return cancel_html(self.studio.runner, session_id(request), kind, job_id)
+
+    return cancel
+
+
 def queued(session, kind: str, job: Job) -> tuple[str, str]:
     """A job just queued: its id and progress; the next poll shows its progress afresh."""
     session.sent.pop(f"{kind}-progress", None)

@@ -13,7 +13,7 @@ from tailor_ui.demo.tasks import DEFAULT_SEQUENCE
 from tailor_ui.app.service.finetune import METHOD_DEFAULTS
 from tailor_ui.training.continual import ContinualMethod
 from tailor_ui.app.session import TrainedModel
-from tailor_ui.app.ui.common import (Number, Slider, Tab, cancel_html, changed, job_signature,
+from tailor_ui.app.ui.common import (Number, Slider, Tab, cancel_button, changed, job_signature,
                                  latest_progress, progress_html, queued, session_id, user_errors)
 from tailor_ui.training.registry import TRAINING_METHODS
 
@@ -90,14 +90,8 @@ class FinetuneTab(Tab):
             layers=(layers or "").strip() or None, ema_beta=float(beta))
         return queued(session, "continual", job)
 
-    @user_errors
-    def cancel(self, job_id: str, request: gr.Request):
-        """Cancel a fine-tuning run: the given one if unfinished, else the latest unfinished."""
-        return cancel_html(self.studio.runner, session_id(request), "finetune", job_id)
-
-    @user_errors
-    def cancel_continual(self, job_id: str, request: gr.Request):
-        return cancel_html(self.studio.runner, session_id(request), "continual", job_id)
+    cancel = cancel_button("finetune")
+    cancel_continual = cancel_button("continual")
 
     @staticmethod
     def method_changed(method: str):

@@ -8,7 +8,7 @@ import pandas as pd
 from tailor_ui.app import plots
 from tailor_ui.methods import REGISTRY
 from tailor_ui.app.session import SweepRun
-from tailor_ui.app.ui.common import (Slider, Tab, cancel_html, changed, fmt_table, latest_progress,
+from tailor_ui.app.ui.common import (Slider, Tab, cancel_button, changed, fmt_table, latest_progress,
                                  progress_html, queued, session_id, user_errors)
 from tailor_ui.evaluation.sweep import LAMBDA_RANGE, parse_numbers
 from tailor_ui.app.service.sweep import ShippedSweep, shipped_sweep
@@ -83,9 +83,7 @@ class ForgettingTab(Tab):
             calib_source="upload" if files else "builtin", calib_files=files or None)
         return queued(session, "sweep", job)
 
-    @user_errors
-    def cancel(self, job_id: str, request: gr.Request):
-        return cancel_html(self.studio.runner, session_id(request), "sweep", job_id)
+    cancel = cancel_button("sweep")
 
     @user_errors
     def result(self, job_id: str, request: gr.Request):

@@ -18,7 +18,7 @@ from tailor_ui.methods import REGISTRY
 from tailor_ui.evaluation import search
 from tailor_ui.evaluation.sweep import LAMBDA_RANGE, format_numbers, parse_numbers
 from tailor_ui.app.session import PairHandle, SearchRun, TailorRun
-from tailor_ui.app.ui.common import (Number, Slider, Tab, cancel_html, cancel_unfinished, changed, fmt_table,
+from tailor_ui.app.ui.common import (Number, Slider, Tab, cancel_button, cancel_unfinished, changed, fmt_table,
                                  history_table, job_signature, latest_progress, percent, progress_html,
                                  public_text, queued, session_id, user_errors)
 from tailor_ui.app.ui.models import changed_modules
@@ -202,9 +202,7 @@ class TailorTab(Tab):
             calib_examples=int(calib_examples))
         return queued(session, "search", job)
 
-    @user_errors
-    def cancel_search(self, job_id: str, request: gr.Request):
-        return cancel_html(self.studio.runner, session_id(request), "search", job_id)
+    cancel_search = cancel_button("search")
 
     @user_errors
     def use_best(self, request: gr.Request = None) -> dict:
