@@ -213,8 +213,11 @@ def visitor(index: int, url: str, image: str, run: Run, deadline: float, grace: 
             with run.lock:
                 run.errors.append(f"{kind}: {type(exc).__name__}: {str(exc)[:200]}")
             continue
-        outcome = follow(client, job_id, deadline + grace)
+        outcome, error = follow(client, job_id, deadline + grace)
         run.count(kind, outcome, time.perf_counter() - began)
+        if error:
+            with run.lock:
+                run.errors.append(f"{kind}: {error[:200]}")
         if kind == "tailor" and outcome == "done":
             last_tailor = job_id
 
@@ -240,20 +243,20 @@ def defaults(client, endpoint: str) -> dict:
             else EMPTY.get(p["component"], p.get("example_input")) for p in parameters["parameters"]}
 
 
-def follow(client, job_id: str, until: float) -> str:
-    """Poll the job as told (retry_after) until it ends: its status, `lost` when the server
-    forgot it, `unfinished` when the run ends first."""
+def follow(client, job_id: str, until: float) -> tuple[str, str | None]:
+    """Poll the job as told (retry_after) until it ends: its status (`lost` when the server
+    forgot it, `unfinished` when the run ends first) and a failed job's error."""
     from gradio_client.exceptions import AppError
 
     while time.time() < until:
         try:
             info = client.predict(job_id, api_name="/job_status")
         except AppError:
-            return "lost"
+            return "lost", None
         if info["status"] in ("done", "failed", "cancelled"):
-            return info["status"]
+            return info["status"], info.get("error") if info["status"] == "failed" else None
         time.sleep(min(info.get("retry_after") or 1.0, max(0.0, until - time.time())))
-    return "unfinished"
+    return "unfinished", None
 
 
 def refused(run: Run, kind: str, message: str, seconds: float) -> None:
