@@ -119,18 +119,10 @@ class App:
             gr.Markdown(INTRO, elem_id="intro")
             self.pair_status = gr.Markdown(self.models.initial_status(), elem_id="pair-status")
             with gr.Tabs(elem_id="tabs"):
-                with gr.Tab("Models", id="models", elem_id="tab-models"):
-                    self.models.render()
-                with gr.Tab("Tailor", id="tailor", elem_id="tab-tailor"):
-                    self.tailor.render()
-                with gr.Tab("Fine-tune", id="finetune", elem_id="tab-finetune"):
-                    self.finetune.render()
-                with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
-                    self.compare.render()
-                with gr.Tab("Forgetting", id="forgetting", elem_id="tab-forgetting"):
-                    self.forgetting.render()
-                with gr.Tab("Export", id="export", elem_id="tab-export"):
-                    self.export.render()
+                for label, key in (("Models", "models"), ("Tailor", "tailor"), ("Fine-tune", "finetune"),
+                                   ("Compare", "compare"), ("Forgetting", "forgetting"), ("Export", "export")):
+                    with gr.Tab(label, id=key, elem_id=f"tab-{key}"):
+                        getattr(self, key).render()
             self.outputs = [*self.models.poll_outputs(self.pair_status), *self.tailor.poll_outputs(),
                             *self.forgetting.poll_outputs(), *self.export.poll_outputs(),
                             *self.finetune.poll_outputs(), *self.compare.poll_outputs(),
