@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     from tailor_ui.app.service.studio import Studio
 
     config = env_config()
+    if config.workers:
+        from tailor_ui.app import workers
+
+        workers.prepare_forks()  # before the demo pair computes anything
     if args.no_warm_up:
         config.warm_up = False
     studio = Studio(config)

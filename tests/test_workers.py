@@ -64,6 +64,40 @@ def test_a_job_computes_in_a_fork_and_its_progress_relays_and_result_come_back(r
     assert not workers.in_worker()
 
 
+# A server as app.py makes it (prepare_forks first, or not), whose lane runs a parallel torch
+# operation in the server (a load), then a job whose worker computes one (Pair.changed's
+# torch.equal): without a thread count the worker can use, that job never ends
+_FORKING_SERVER = """
+import os, sys, torch
+from tailor_ui.app import workers
+from tailor_ui.app.jobs import JobKind, JobRunner
+if sys.argv[1] == "prepared":
+    workers.prepare_forks()
+big = torch.randn(3000, 3000)
+runner = JobRunner(["cpu"], workers=True)
+runner.wait(runner.submit("a", JobKind.LOAD, lambda p, s: torch.equal(big, big.clone())).id, "a", 60)
+job = runner.wait(runner.submit("a", JobKind.TAILOR, lambda p, s: (torch.equal(big, big.clone()),
+                                                                   torch.get_num_threads())).id, "a", 30)
+print(job.status, job.result and job.result[1], torch.get_num_threads(), flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("mode", ["prepared", "plain"])
+def test_a_worker_forked_after_the_server_computed_finishes_on_its_threads(mode):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": root}  # a pool of two on any machine
+    out = subprocess.run([sys.executable, "-c", _FORKING_SERVER, mode], capture_output=True, text=True,
+                         timeout=120, env=env, cwd=root)
+    # prepared (app.py): the server computes on one thread, its workers on two; a server that
+    # did not prepare keeps its two and its workers compute on one
+    expected = "done 2 1" if mode == "prepared" else "done 1 2"
+    assert out.stdout.strip() == expected, out.stdout + out.stderr[-2000:]
+
+
 def test_loading_and_jobs_told_so_stay_in_the_server(runner):
     in_here = runner.wait(runner.submit("a", JobKind.LOAD, lambda p, s: os.getpid()).id, "a", 10)
     told = runner.wait(runner.submit("a", JobKind.TAILOR, lambda p, s: os.getpid(),

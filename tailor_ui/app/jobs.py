@@ -392,6 +392,8 @@ class JobRunner:
 
             return workers.run_in_worker(fn, job._stop, update, guard=self.fork_guard, on_start=started,
                                          end_on_stop=job.kind.cancel is CancelRoute.END_WORKER)
+        if job.in_worker:  # this process holds a CUDA context: it computes its jobs itself
+            workers.stop_forking()
         return fn(progress, job._stop.is_set)
 
     def _run(self, job: Job, fn: JobFn) -> None:

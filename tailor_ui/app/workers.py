@@ -20,6 +20,12 @@ the server, made when the job starts:
   writing stays in temporaries named after its process (`io.atomic_path`), which
   `remove_dead_temporaries` clears. The next job gets a fresh fork.
 
+A fork cannot use torch's OpenMP thread pool once the server has run it: the fork inherits
+the pool's bookkeeping but not its threads, and its first parallel operation waits for them
+forever. So a server that forks (app.py) computes on one thread from its start and never
+starts the pool (`prepare_forks`); each worker starts its own with the threads the server
+would have had.
+
 A fork cannot use CUDA once the server has initialised it: on a machine where the server
 holds a CUDA context, jobs run in the lane's thread (`can_fork`). ZeroGPU's GPU jobs fork
 through `spaces.GPU` instead (gpu.py).
@@ -55,6 +61,7 @@ PROGRESS_SECONDS = 0.05  # the most often a worker reports progress counts
 WORKER_NICENESS = 5  # a worker yields the cores to the web server when both want them
 
 _channel: Connection | None = None  # in a worker: its pipe to the server
+_worker_threads = 1  # torch threads a worker computes with (`prepare_forks`)
 _relays: weakref.WeakValueDictionary[int, Relay] = weakref.WeakValueDictionary()
 _relay_keys = itertools.count(1)
 
@@ -73,6 +80,28 @@ def can_fork() -> bool:
     import torch
 
     return not torch.cuda.is_initialized()
+
+
+def prepare_forks() -> None:
+    """Make this process one that can fork workers that compute on every core: from here on
+    it computes on one torch thread (its OpenMP pool never starts), and each worker on as
+    many as it had. Call before the process runs any torch operation; a process that did
+    not call it forks workers that compute on one thread."""
+    global _worker_threads
+    import torch
+
+    if torch.get_num_threads() > 1:
+        _worker_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+
+def stop_forking() -> None:
+    """This process computes its jobs itself from now on (it holds a CUDA context): give it
+    back the threads `prepare_forks` kept for the workers."""
+    import torch
+
+    if _worker_threads > torch.get_num_threads():
+        torch.set_num_threads(_worker_threads)
 
 
 class Relay:
@@ -189,6 +218,11 @@ def _worker(fn, stop: threading.Event, results: Connection, commands: Connection
     gc.freeze()
     stop._cond._at_fork_reinit()  # a server thread may have held it at the fork
     os.nice(WORKER_NICENESS)
+    import torch
+
+    # a pool of its own where the server never started one (`prepare_forks`); else one thread,
+    # as the pool it inherited cannot run
+    torch.set_num_threads(_worker_threads)
 
     def listen() -> None:
         while True:
