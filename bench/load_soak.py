@@ -284,8 +284,9 @@ def submit(client, kind: str, rng: random.Random) -> str:
 
 def defaults(client, endpoint: str) -> dict:
     """Every parameter of the endpoint at the page's own initial value (as a visitor who
-    changes only a few controls sends them)."""
-    parameters = client.view_api(print_info=False, return_format="dict")["named_endpoints"][endpoint]
+    changes only a few controls sends them). From the API description the client fetched
+    when it connected (`_info`: `view_api` would render every endpoint's text each call)."""
+    parameters = client._info["named_endpoints"][endpoint]
     return {p["parameter_name"]: p["parameter_default"] if p.get("parameter_has_default")
             else EMPTY.get(p["component"], p.get("example_input")) for p in parameters["parameters"]}
 
