@@ -194,6 +194,19 @@ def plan_layers(model: torch.nn.Module, linears: Sequence[str]) -> LayerPlan | s
     return LayerPlan(stack, tuple(prefix), by_layer)
 
 
+def front_params(model: torch.nn.Module, plan: LayerPlan) -> list[str]:
+    """The parameters registered before the plan's first driven layer: what runs before it
+    (vision tower, projector, embeddings, earlier layers). What comes after its last layer
+    (final norm, output head) never runs in a layer-by-layer run."""
+    first = f"{plan.stack}.{plan.first}."
+    out = []
+    for name, _ in model.named_parameters():
+        if name.startswith(first):
+            break
+        out.append(name)
+    return out
+
+
 @dataclass
 class LayerInputs:
     """One calibration set's inputs to the current layer, batch by batch: the hidden

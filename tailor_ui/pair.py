@@ -229,11 +229,13 @@ def model_type(spec: str, *, trust_remote_code: bool = False,
 
 def load_model(spec: str, *, dtype: str = "float32", device: Device = "cpu",
                allow_pickle: bool = False, trust_remote_code: bool = False,
-               allowed_roots: list[Path] | None = None) -> tuple[torch.nn.Module, Any]:
+               allowed_roots: list[Path] | None = None,
+               device_map: dict[str, str] | None = None) -> tuple[torch.nn.Module, Any]:
     """Load any image-text-to-text model with its processor.
 
     `device="auto"` hands placement to accelerate (`device_map="auto"`: several GPUs, CPU
-    offload); `cuda` puts everything on the current GPU.
+    offload); `cuda` puts everything on the current GPU. A `device_map` (`onload_map`)
+    places modules itself.
     """
     from transformers import AutoModelForImageTextToText
 
@@ -246,7 +248,7 @@ def load_model(spec: str, *, dtype: str = "float32", device: Device = "cpu",
         raise UserError(f"unknown device {device!r}; choose cpu, cuda or auto")
     _refuse_adapter(source, spec)
     _check_weight_format(source, allow_pickle)
-    device_map: Any = "auto" if device == "auto" else {"": device}
+    device_map = device_map or ("auto" if device == "auto" else {"": device})
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             source, dtype=DTYPES[dtype], device_map=device_map,
@@ -265,6 +267,31 @@ def load_model(spec: str, *, dtype: str = "float32", device: Device = "cpu",
     return model, _load_processor(source, trust_remote_code)
 
 
+def onload_map(folder: str, device: str) -> dict[str, str] | str:
+    """An accelerate device map that leaves every weight of a safetensors folder on disk,
+    read from the checkpoint's own files when its module runs (transformers points disk
+    offload at them) and dropped after: the model holds one module's weights at a time.
+    Accelerate needs one resident module; the smallest one stays on `device`. Or why the
+    folder cannot be read so: a tensor fused or split when loading (then it is re-saved)."""
+    from tailor_ui.checkpoint import _skeleton
+
+    with Checkpoint(folder) as checkpoint:
+        names = key_map(folder, checkpoint.keys)
+    if names.converted:
+        return (f"transformers fuses or splits some tensors when loading (e.g. {sorted(names.converted)[0]}), "
+                "so they cannot be read from the checkpoint one module at a time")
+    model = _skeleton(Path(folder))
+    owners = {n: sum(p.numel() for p in m.parameters(recurse=False)) for n, m in model.named_modules()}
+    owners = {n: size for n, size in owners.items() if size}
+    parents = {n.rpartition(".")[0] for n in owners} | {n.rpartition(".")[0] for n, _ in model.named_modules()}
+    leaves = [n for n in owners if n and n not in parents]
+    if not leaves:
+        return "the model has no module of its own weights to onload"
+    out = dict.fromkeys(owners, "disk")
+    out[min(leaves, key=owners.__getitem__)] = device
+    return out
+
+
 @dataclass
 class Pair:
     """A base model, one or more fine-tuned models of it, and the shared processor."""
@@ -281,6 +308,8 @@ class Pair:
     # the base's own checkpoint read by parameter name (a lazily loaded pair whose base is a
     # local safetensors folder): what `finetuned_model` puts back, so it parks no copy
     base_checkpoint: LazyWeights | None = None
+    # how the base is held: {"base": "in memory"} or {"base": "onloaded", ...}, with why not
+    loading: dict[str, str] = field(default_factory=lambda: {"base": "in memory"})
     _changed: list[str] | None = field(default=None, init=False, repr=False)
 
     def base_params(self) -> dict[str, torch.Tensor]:
@@ -336,7 +365,7 @@ class Pair:
         return self._changed
 
 
-def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
+def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False, onload: bool = False,
               progress: Progress | None = None, before_loading: Callable[[], None] | None = None,
               **load_options: Any) -> Pair:
     """Load and match a base model with one or several fine-tuned models of it.
@@ -350,7 +379,9 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
     (2 + one step per fine-tuned model). `before_loading` runs once every model's config has
     been read (a hub id: config.json only), so a model that cannot be reached or is of
     another architecture is refused before it runs (the dashboard lets go of a visitor's
-    current pair there).
+    current pair there). `onload`: the base's weights stay in its safetensors and each
+    module reads its own when it runs (`onload_map`), where the base has them; `Pair.loading`
+    says how the base is held and why.
     """
     specs = [finetuned] if isinstance(finetuned, str) else list(finetuned)
     if not specs:
@@ -369,7 +400,8 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
                                                               allowed_roots=roots))
         before_loading()
     report(f"loading the base model {base}", 1, 2 + len(specs))
-    base_model, processor = load_model(base, **load_options)
+    loading, device_map = _base_loading(base, roots, load_options) if onload else ({"base": "in memory"}, None)
+    base_model, processor = load_model(base, **load_options, device_map=device_map)
     base_checkpoint = _base_checkpoint(base, base_model, roots) if lazy else None
     tuned = []
     for i, spec in enumerate(specs, start=2):
@@ -385,7 +417,22 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
         check_match(base_model, model)
         tuned.append(model)
     return Pair(base=base_model, finetuned=tuned, processor=processor,
-                base_id=base, finetuned_ids=specs, base_checkpoint=base_checkpoint)
+                base_id=base, finetuned_ids=specs, base_checkpoint=base_checkpoint, loading=loading)
+
+
+def _base_loading(spec: str, roots: list[Path] | None, load_options: dict[str, Any]
+                  ) -> tuple[dict[str, str], dict[str, str] | None]:
+    """How to hold the base when it may be onloaded: its `onload_map`, or in memory and why."""
+    folder = weights_folder(resolve_source(spec, allowed_roots=roots))
+    if folder is None:
+        return {"base": "in memory", "why": "the base has no safetensors weights to read module by module"}, None
+    device = load_options.get("device", "cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    found = onload_map(folder, device)
+    if isinstance(found, str):
+        return {"base": "in memory", "why": found}, None
+    return {"base": "onloaded", "from": "its safetensors, one module at a time", "device": device}, found
 
 
 def _base_checkpoint(spec: str, base_model: torch.nn.Module, roots: list[Path] | None) -> LazyWeights | None:

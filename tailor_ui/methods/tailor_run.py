@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from tailor_ui.calibration import (LayerInputs, LayerPlan, capture_layer_inputs, collect_hessians,
-                                   finetuned_model, plan_layers, run_layer)
+                                   finetuned_model, front_params, plan_layers, run_layer)
 from tailor_ui.methods.exact import (anchored_problem, compensate_exact, compensate_in_sparsegpt_order,
                                      tailor_block_scorer)
 from tailor_ui.methods.method import Batch, MethodRun
@@ -69,11 +69,11 @@ def run_tailor(pair: Pair, k: int, calib: Sequence[Batch], linears: Sequence[str
 
 def _tailored(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch], before: dict[str, TensorPatch],
               cache: dict, run: MethodRun, plan: LayerPlan | None, sequential: bool) -> dict[str, TensorPatch]:
+    if sequential and isinstance(plan, LayerPlan):
+        return _sequential_layerwise(pair, k, plan, calib, before, cache, run)
     if sequential:
         with ExitStack() as tailored:  # every block's patch stays written in until the end
             tailored.enter_context(applied(pair.base, Patch(tensors=dict(before))))
-            if isinstance(plan, LayerPlan):
-                return _sequential_layerwise(pair, k, plan, calib, cache, run, tailored)
             return _sequential(pair, k, layer_groups(linears), calib, cache, run, tailored)
     if isinstance(plan, LayerPlan):
         return _one_pass_layerwise(pair, k, plan, calib, cache, run)
@@ -231,30 +231,47 @@ def _sequential(pair: Pair, k: int, groups: Sequence[Sequence[str]], calib: Sequ
     return out
 
 
-def _sequential_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[Batch], cache: dict,
-                          run: MethodRun, tailored: ExitStack) -> dict[str, TensorPatch]:
+def _sequential_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[Batch],
+                          before: dict[str, TensorPatch], cache: dict, run: MethodRun) -> dict[str, TensorPatch]:
     """The authors' order, one layer at a time: linears before the driven layers go block by
     block on the whole model; then each layer's Hessians come from a run of that layer on
     its cached inputs while it holds its fine-tuned weights, its patch is written in, and
-    it runs once more to make the next layer's inputs."""
-    out = _sequential(pair, k, layer_groups(plan.prefix), calib, cache, run, tailored)
-    sets = _capture(pair, plan, calib, run)
-    if isinstance(sets, str):
-        _fallback(run, sets)
-        rest = layer_groups([n for i in sorted(plan.layers) for n in plan.layers[i]])
-        return {**out, **_sequential(pair, k, rest, calib, cache, run, tailored)}
+    it runs once more to make the next layer's inputs. What is written in (`before`: the
+    other tensors' patch) is written where it runs and taken out once it has run: the
+    front's until the first layer's inputs are captured, a layer's until its outputs are
+    made (an onloaded base holds no finished layer)."""
+    front = set(front_params(pair.base, plan))
+    with ExitStack() as written:
+        written.enter_context(applied(pair.base, _part(before, front.__contains__)))
+        out = _sequential(pair, k, layer_groups(plan.prefix), calib, cache, run, written)
+        sets = _capture(pair, plan, calib, run)
+        if isinstance(sets, str):
+            _fallback(run, sets)
+            written.enter_context(applied(pair.base, _part(before, lambda n: n not in front)))
+            rest = layer_groups([n for i in sorted(plan.layers) for n in plan.layers[i]])
+            return {**out, **_sequential(pair, k, rest, calib, cache, run, written)}
     layers = pair.base.get_submodule(plan.stack)
     for i in range(plan.first, plan.last + 1):
         run.check()
         run.progress(f"tailoring layer {i}", i - plan.first, plan.last - plan.first + 1)
-        if i in plan.layers:
-            hessians_of = _layer_hessians(pair.base, layers[i], sets, run, advance=False)
-            out.update(_tailor_block(pair, k, plan.layers[i], cache, run, hessians_of, tailored))
-        if i < plan.last:
-            with run.timed("calibration"), run.timed("calibration: next layer's inputs"):
-                for inputs in sets:
-                    run_layer(pair.base, layers[i], inputs, advance=True, should_stop=run.should_stop)
+        with ExitStack() as written:
+            written.enter_context(applied(pair.base, _part(before, _in_layer(plan, i))))
+            if i in plan.layers:
+                hessians_of = _layer_hessians(pair.base, layers[i], sets, run, advance=False)
+                out.update(_tailor_block(pair, k, plan.layers[i], cache, run, hessians_of, written))
+            if i < plan.last:
+                with run.timed("calibration"), run.timed("calibration: next layer's inputs"):
+                    for inputs in sets:
+                        run_layer(pair.base, layers[i], inputs, advance=True, should_stop=run.should_stop)
     return out
+
+
+def _part(patch: dict[str, TensorPatch], keep: Callable[[str], bool]) -> Patch:
+    return Patch(tensors={n: tp for n, tp in patch.items() if keep(n)})
+
+
+def _in_layer(plan: LayerPlan, i: int) -> Callable[[str], bool]:
+    return lambda name: name.startswith(f"{plan.stack}.{i}.")
 
 
 def _tailor_block(pair: Pair, k: int, group: list[str], cache: dict, run: MethodRun, hessians_of: HessiansOf,
@@ -327,14 +344,15 @@ def _score_read(pair: Pair, k: int, name: str, hessians: dict, anchors: dict, ca
 def _one_pass_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[Batch], cache: dict,
                         run: MethodRun) -> dict[str, TensorPatch]:
     """One-pass Hessians one layer at a time: the base holds the fine-tuned values of the
-    changed tensors before the driven layers while their inputs are captured, then of each
-    layer's while it runs (Hessians and its outputs, the next layer's inputs, in one run)."""
+    changed tensors of its front (`front_params`) while the first layer's inputs are
+    captured, then of each layer's while it runs (Hessians and its outputs, the next
+    layer's inputs, in one run)."""
     value = lambda name: pair.finetuned_value(k, name)  # noqa: E731
     driven = {i: [n for n in pair.changed() if block_name(n) == f"{plan.stack}.{i}"]
               for i in range(plan.first, plan.last + 1)}
-    inside = {n for names in driven.values() for n in names}
+    front = set(front_params(pair.base, plan))
     out: dict[str, TensorPatch] = {}
-    with holding(pair.base, [n for n in pair.changed() if n not in inside], value):
+    with holding(pair.base, [n for n in pair.changed() if n in front], value):
         missing = [n for n in plan.prefix if n not in cache]
         with run.timed("calibration"):
             found = _whole_model_hessians(pair.base, calib, run)(missing) if missing else ({}, {})
