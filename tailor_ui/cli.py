@@ -7,6 +7,7 @@ when complete.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 from pathlib import Path
@@ -413,6 +414,8 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    # accelerate says so when it offloads, as an onloaded base always does
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
     if not sys.stderr.isatty():
         hf_logging.disable_progress_bar()
 
@@ -528,7 +531,6 @@ def _tailor(args: argparse.Namespace) -> int:
     from tailor_ui.io import atomic_path
     from tailor_ui.methods import REGISTRY
     from tailor_ui.pair import load_pair
-    from tailor_ui.outputs import save_tailored
     from tailor_ui.outputs import save_run
 
     settings = _settings(args, args.method)
@@ -552,7 +554,12 @@ def _tailor(args: argparse.Namespace) -> int:
     else:
         # Model Tailor runs calibration forwards on the base; the fine-tuned weights are read
         # from their checkpoint block by block (lazy), unless --in-memory
-        pair = load_pair(args.base, args.finetuned, lazy=not args.in_memory, **_load_options(args))
+        # the fine-tuned weights are read from their checkpoint block by block (lazy) and, for
+        # a run that goes layer by layer, the base's from its own, module by module (onloaded)
+        from tailor_ui.methods.tailor_run import needs_every_score
+
+        pair = load_pair(args.base, args.finetuned, lazy=not args.in_memory,
+                         onload=not args.in_memory and not needs_every_score(settings), **_load_options(args))
         bar, update = _progress_bar()
         try:
             result = _run_in_memory(pair, settings, examples, anchor_examples, args.batch_size, update)
@@ -561,7 +568,7 @@ def _tailor(args: argparse.Namespace) -> int:
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
             if args.save_model:  # first: its check counts in the report
-                result.report["tensors_checked"] = save_tailored(pair, result.patch, tmp / "model")
+                result.report["tensors_checked"] = _save_tailored(pair, result.patch, tmp / "model")
             _write_adapter(args, result.patch, result.report, pair=pair)
             save_run(tmp, None if args.no_patch else result.patch, result.report)
             _write_cards(args, tmp, result.report)
@@ -581,6 +588,18 @@ def _tailor(args: argparse.Namespace) -> int:
         folder = args.out / "model" if args.save_model else args.out
         print(f"published {folder} -> {push_folder(folder, args.push_to_hub, token, private=args.private)}")
     return 0
+
+
+def _save_tailored(pair, patch, folder: Path) -> int | None:
+    """The tailored model: an onloaded base's checkpoint streamed with the patch written in,
+    tensor by tensor (the checkpoint's dtypes, as every streamed output), else the loaded
+    base saved with it."""
+    from tailor_ui.outputs import save_tailored
+    from tailor_ui.stream import stream_apply_patch
+
+    if pair.loading["base"] != "onloaded":
+        return save_tailored(pair, patch, folder)
+    return stream_apply_patch(pair.loading["from"], patch, folder)["tensors_checked"]
 
 
 def _hub_token(args: argparse.Namespace) -> str | None:

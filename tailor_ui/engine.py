@@ -191,6 +191,7 @@ def patch_report(pair: Pair, patch: Patch | PatchFile, linears: Sequence[str], s
         "settings": settings.to_dict(), "base": pair.base_id, "finetuned": pair.finetuned_ids,
         "finetuned_loading": ["in memory" if isinstance(ft, torch.nn.Module) else "lazy"
                               for ft in pair.finetuned],
+        "base_loading": pair.loading,
         "selected_linears": len(linears), "patch_entries": patch.num_entries,
         "linear_fraction": linear_kept / linear_numel if linear_numel else 0.0,
         "model_fraction": patch.num_entries / sum(p.numel() for p in params.values()),

@@ -271,7 +271,7 @@ def onload_map(folder: str, device: str) -> dict[str, str] | str:
     """An accelerate device map that leaves every weight of a safetensors folder on disk,
     read from the checkpoint's own files when its module runs (transformers points disk
     offload at them) and dropped after: the model holds one module's weights at a time.
-    Accelerate needs one resident module; the smallest one stays on `device`. Or why the
+    Accelerate needs one resident module, which stays on `device`. Or why the
     folder cannot be read so: a tensor fused or split when loading (then it is re-saved)."""
     from tailor_ui.checkpoint import _skeleton
 
@@ -287,8 +287,11 @@ def onload_map(folder: str, device: str) -> dict[str, str] | str:
     leaves = [n for n in owners if n and n not in parents]
     if not leaves:
         return "the model has no module of its own weights to onload"
+    # the module of the model's first parameter where it can be (models take `self.device`
+    # from their first parameter), else the smallest
+    first = next(n for n, _ in model.named_parameters()).rpartition(".")[0]
     out = dict.fromkeys(owners, "disk")
-    out[min(leaves, key=owners.__getitem__)] = device
+    out[first if first in leaves else min(leaves, key=owners.__getitem__)] = device
     return out
 
 
@@ -308,7 +311,8 @@ class Pair:
     # the base's own checkpoint read by parameter name (a lazily loaded pair whose base is a
     # local safetensors folder): what `finetuned_model` puts back, so it parks no copy
     base_checkpoint: LazyWeights | None = None
-    # how the base is held: {"base": "in memory"} or {"base": "onloaded", ...}, with why not
+    # how the base is held: {"base": "in memory"} (with why, where onloading was asked for),
+    # or {"base": "onloaded", "from": its safetensors folder, "device": where modules run}
     loading: dict[str, str] = field(default_factory=lambda: {"base": "in memory"})
     _changed: list[str] | None = field(default=None, init=False, repr=False)
 
@@ -401,7 +405,14 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False, onlo
         before_loading()
     report(f"loading the base model {base}", 1, 2 + len(specs))
     loading, device_map = _base_loading(base, roots, load_options) if onload else ({"base": "in memory"}, None)
-    base_model, processor = load_model(base, **load_options, device_map=device_map)
+    try:
+        base_model, processor = load_model(base, **load_options, device_map=device_map)
+    except UserError as exc:
+        if device_map is None:
+            raise
+        # accelerate cannot place some models so (a module that must be resident is not)
+        loading = {"base": "in memory", "why": f"onloading failed: {str(exc).removeprefix(f'could not load {base}: ')}"}
+        base_model, processor = load_model(base, **load_options)
     base_checkpoint = _base_checkpoint(base, base_model, roots) if lazy else None
     tuned = []
     for i, spec in enumerate(specs, start=2):
@@ -432,7 +443,7 @@ def _base_loading(spec: str, roots: list[Path] | None, load_options: dict[str, A
     found = onload_map(folder, device)
     if isinstance(found, str):
         return {"base": "in memory", "why": found}, None
-    return {"base": "onloaded", "from": "its safetensors, one module at a time", "device": device}, found
+    return {"base": "onloaded", "from": folder, "device": device}, found
 
 
 def _base_checkpoint(spec: str, base_model: torch.nn.Module, roots: list[Path] | None) -> LazyWeights | None:

@@ -52,7 +52,7 @@ def run_tailor(pair: Pair, k: int, calib: Sequence[Batch], linears: Sequence[str
     """The selected linears' patches of fine-tuned model k (`before`: the other tensors'
     patch, written into the working copy in sequential mode)."""
     s = run.settings
-    sequential = s.hessians == "sequential" and not _needs_every_score(s)
+    sequential = s.hessians == "sequential" and not needs_every_score(s)
     key = _cache_key(s, k, calib, run.anchor, sequential)
     cache = pair.cache.setdefault(key, {}) if run.keep_scores else {}
     hits = sum(n in cache for n in linears)
@@ -105,7 +105,7 @@ def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], 
     terms = {
         "layer inputs": run.report.pop("inputs_bytes", 0),
         "one block": block,
-        "score cache": sum(entry.values()) if run.keep_scores or _needs_every_score(s) else 0,
+        "score cache": sum(entry.values()) if run.keep_scores or needs_every_score(s) else 0,
         "one linear": max(linear_working_bytes(*shapes[n]) for n in linears),
         "activations": _activations(pair, linears, calib),
         "patch": sum(tp.index.nbytes + tp.values.nbytes * (2 if sequential else 1) for tp in patches)}
@@ -128,7 +128,7 @@ def _plan(pair: Pair, linears: Sequence[str], cache: dict, run: MethodRun, seque
         reason = "every score was cached: no calibration ran"
     elif not run.layerwise:
         reason = "layer by layer was turned off"
-    elif not sequential and _needs_every_score(run.settings):
+    elif not sequential and needs_every_score(run.settings):
         reason = ("a model-wide ranking (global scope or per-layer budget) needs every score "
                   "before the first compensation: one-pass Hessians of the whole model")
     else:
@@ -165,7 +165,7 @@ def _holds_hessians(s: Any) -> bool:
     return s.compensate and s.compensation in ("exact", "anchored")
 
 
-def _needs_every_score(s: Any) -> bool:
+def needs_every_score(s: Any) -> bool:
     """A model-wide threshold or a per-layer budget ranks layers against each other, so
     every score is needed before the first layer is compensated (one-pass Hessians)."""
     return s.scope == "global" or s.budget == "per-layer"
@@ -314,7 +314,7 @@ def _one_pass(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch]
         run.progress("collecting Hessians (one pass)", 0, 1)
         with run.timed("calibration"), finetuned_model(pair, k) as model:
             hessians, anchors = _whole_model_hessians(model, calib, run)(missing)
-    if _needs_every_score(run.settings):
+    if needs_every_score(run.settings):
         for name in linears:
             _score_read(pair, k, name, hessians, anchors, cache, run)
         return _ranked(pair, k, linears, cache, run)
