@@ -86,16 +86,21 @@ def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], 
     the path that ran: the cached layer inputs, the largest block's working set (fine-tuned
     weights read and base values parked, its Hessians, its score entries), the score
     cache where one is kept, one linear's scoring temporaries, one batch through one
-    layer, and the patch (with the base values it displaced while written in)."""
+    layer, and the patch (with the base values it displaced while written in). An onloaded
+    base (`Pair.loading`) holds none of its weights: a block also holds its base values
+    read and a written copy, and the largest tensor is read from disk, converted and
+    compared with the fine-tuned one's; nothing displaced is parked."""
     s = run.settings
     shapes = {n: tuple(pair.base.get_parameter(f"{n}.weight").shape) for n in linears}
     size = pair.base.get_parameter(f"{linears[0]}.weight").element_size()
     sets = 2 if s.anchored else 1
+    onloaded = pair.loading["base"] == "onloaded"
     entry = {n: scored_bytes(*shapes[n], hessian=_holds_hessians(s), target=s.anchored) for n in linears}
     layerwise = run.report["pipeline"]["path"] == "layer-wise"
     if layerwise or sequential:  # one block's fine-tuned weights read, its base values parked
+        copies = 3 if onloaded else 2
         groups = layer_groups(linears)
-        blocks = [2 * size * sum(out_ * in_ for out_, in_ in (shapes[n] for n in g))
+        blocks = [copies * size * sum(out_ * in_ for out_, in_ in (shapes[n] for n in g))
                   + 4 * sets * sum(shapes[n][1] ** 2 for n in g) + sum(entry[n] for n in g) for g in groups]
         block = max(blocks)
     else:  # the whole fine-tuned model's changed values written in, every Hessian alive
@@ -108,7 +113,10 @@ def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], 
         "score cache": sum(entry.values()) if run.keep_scores or needs_every_score(s) else 0,
         "one linear": max(linear_working_bytes(*shapes[n]) for n in linears),
         "activations": _activations(pair, linears, calib),
-        "patch": sum(tp.index.nbytes + tp.values.nbytes * (2 if sequential else 1) for tp in patches)}
+        "patch": run.report.pop("patch_bytes_held", 0)
+        + sum(tp.index.nbytes + tp.values.nbytes * (2 if sequential and not onloaded else 1) for tp in patches)}
+    if onloaded:
+        terms["one tensor read"] = 3 * max(p.element_size() * p.numel() for p in pair.base.parameters())
     run.report["memory_terms_mb"] = {name: value / 2**20 for name, value in terms.items()}
 
 
@@ -250,20 +258,36 @@ def _sequential_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[B
             written.enter_context(applied(pair.base, _part(before, lambda n: n not in front)))
             rest = layer_groups([n for i in sorted(plan.layers) for n in plan.layers[i]])
             return {**out, **_sequential(pair, k, rest, calib, cache, run, written)}
+    out = _hand_over(run, out)
     layers = pair.base.get_submodule(plan.stack)
     for i in range(plan.first, plan.last + 1):
         run.check()
         run.progress(f"tailoring layer {i}", i - plan.first, plan.last - plan.first + 1)
+        done: dict[str, TensorPatch] = {}
         with ExitStack() as written:
             written.enter_context(applied(pair.base, _part(before, _in_layer(plan, i))))
             if i in plan.layers:
                 hessians_of = _layer_hessians(pair.base, layers[i], sets, run, advance=False)
-                out.update(_tailor_block(pair, k, plan.layers[i], cache, run, hessians_of, written))
+                done = _tailor_block(pair, k, plan.layers[i], cache, run, hessians_of, written)
             if i < plan.last:
                 with run.timed("calibration"), run.timed("calibration: next layer's inputs"):
                     for inputs in sets:
                         run_layer(pair.base, layers[i], inputs, advance=True, should_stop=run.should_stop)
+        out.update(_hand_over(run, done))
     return out
+
+
+def _hand_over(run: MethodRun, done: dict[str, TensorPatch]) -> dict[str, TensorPatch]:
+    """Finished patches that nothing reads any more go to `run.sink` where there is one
+    (none is returned then); the most bytes of patch held at once is noted for the memory
+    prediction (`patch_bytes_held`)."""
+    if run.sink is None:
+        return done
+    held = sum(tp.index.nbytes + tp.values.nbytes for tp in done.values())
+    run.report["patch_bytes_held"] = max(run.report.get("patch_bytes_held", 0), held)
+    for name, tp in done.items():
+        run.sink(name, tp)
+    return {}
 
 
 def _part(patch: dict[str, TensorPatch], keep: Callable[[str], bool]) -> Patch:
@@ -362,6 +386,7 @@ def _one_pass_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[Bat
         _fallback(run, sets)
         rest = [n for i in sorted(plan.layers) for n in plan.layers[i]]
         return {**out, **_one_pass(pair, k, rest, calib, cache, run)}
+    out = _hand_over(run, out)
     layers = pair.base.get_submodule(plan.stack)
     for i in range(plan.first, plan.last + 1):
         run.check()
@@ -370,7 +395,7 @@ def _one_pass_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[Bat
         with run.timed("calibration"), holding(pair.base, driven[i], value):
             hessians, anchors = _layer_hessians(pair.base, layers[i], sets, run, advance=i < plan.last)(
                 [n for n in names if n not in cache])
-        out.update(_score_and_tailor(pair, k, names, hessians, anchors, cache, run))
+        out.update(_hand_over(run, _score_and_tailor(pair, k, names, hessians, anchors, cache, run)))
     return out
 
 
