@@ -88,8 +88,9 @@ def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], 
     cache where one is kept, one linear's scoring temporaries, one batch through one
     layer, and the patch (with the base values it displaced while written in). An onloaded
     base (`Pair.loading`) holds none of its weights: a block also holds its base values
-    read and a written copy, and the largest tensor is read from disk, converted and
-    compared with the fine-tuned one's; nothing displaced is parked."""
+    read and a written copy, the largest tensor is read from disk, converted and compared
+    with the fine-tuned one's, and nothing displaced is parked; where finished patches go
+    to a file as they are made, only the largest layer's is held."""
     s = run.settings
     shapes = {n: tuple(pair.base.get_parameter(f"{n}.weight").shape) for n in linears}
     size = pair.base.get_parameter(f"{linears[0]}.weight").element_size()
@@ -115,8 +116,8 @@ def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], 
         "activations": _activations(pair, linears, calib),
         "patch": run.report.pop("patch_bytes_held", 0)
         + sum(tp.index.nbytes + tp.values.nbytes * (2 if sequential and not onloaded else 1) for tp in patches)}
-    if onloaded:
-        terms["one tensor read"] = 3 * max(p.element_size() * p.numel() for p in pair.base.parameters())
+    if onloaded:  # base and fine-tuned values of the largest tensor, and one half-precision read
+        terms["one tensor read"] = 2.5 * max(p.element_size() * p.numel() for p in pair.base.parameters())
     run.report["memory_terms_mb"] = {name: value / 2**20 for name, value in terms.items()}
 
 
