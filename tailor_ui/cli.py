@@ -125,7 +125,8 @@ def _source_options(p: argparse.ArgumentParser) -> None:
 def _in_memory_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-memory", action="store_true",
                    help="load every model in full instead of streaming tensor by tensor (data-free "
-                        "methods, apply) or reading the fine-tuned weights lazily (tailor)")
+                        "methods, apply) or reading the base module by module and the fine-tuned "
+                        "weights lazily (tailor)")
 
 
 class _Parser(argparse.ArgumentParser):
