@@ -83,14 +83,15 @@ def _tailored(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch]
 def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], run: MethodRun,
                     out: dict[str, TensorPatch], before: dict[str, TensorPatch], sequential: bool) -> None:
     """What the run held beyond the loaded models, term by term (`memory_terms_mb`), for
-    the path that ran: the cached layer inputs, the largest block's working set (fine-tuned
-    weights read and base values parked, its Hessians, its score entries), the score
-    cache where one is kept, one linear's scoring temporaries, one batch through one
-    layer, and the patch (with the base values it displaced while written in). An onloaded
-    base (`Pair.loading`) holds none of its weights: a block also holds its base values
-    read and a written copy, the largest tensor is read from disk, converted and compared
-    with the fine-tuned one's, and nothing displaced is parked; where finished patches go
-    to a file as they are made, only the largest layer's is held."""
+    the path that ran: the cached layer inputs, the largest block's working set while its
+    Hessians are gathered (its fine-tuned values written in, the values they displaced,
+    its Hessians), the score cache where one is kept, one linear scored and tailored at a
+    time (its base and fine-tuned weights, its score entry, the temporaries), one batch
+    through one layer, and the patch (with the base values it displaced while written in).
+    An onloaded base (`Pair.loading`) holds none of its weights: a linear's base values are
+    a fresh read, the largest tensor is read from disk, converted and compared with the
+    fine-tuned one's, and nothing displaced is parked; where finished patches go to a file
+    as they are made, only the largest layer's is held."""
     s = run.settings
     shapes = {n: tuple(pair.base.get_parameter(f"{n}.weight").shape) for n in linears}
     size = pair.base.get_parameter(f"{linears[0]}.weight").element_size()
@@ -98,21 +99,20 @@ def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], 
     onloaded = pair.loading["base"] == "onloaded"
     entry = {n: scored_bytes(*shapes[n], hessian=_holds_hessians(s), target=s.anchored) for n in linears}
     layerwise = run.report["pipeline"]["path"] == "layer-wise"
-    if layerwise or sequential:  # one block's fine-tuned weights read, its base values parked
-        copies = 3 if onloaded else 2
-        groups = layer_groups(linears)
-        blocks = [copies * size * sum(out_ * in_ for out_, in_ in (shapes[n] for n in g))
-                  + 4 * sets * sum(shapes[n][1] ** 2 for n in g) + sum(entry[n] for n in g) for g in groups]
-        block = max(blocks)
+    if layerwise or sequential:  # one block's fine-tuned values written in, its Hessians
+        block = max(size * sum(shapes[n][0] * shapes[n][1] for n in g) + 4 * sets * sum(shapes[n][1] ** 2 for n in g)
+                    for g in layer_groups(linears))
     else:  # the whole fine-tuned model's changed values written in, every Hessian alive
         changed = sum(pair.base.get_parameter(n).numel() for n in pair.changed())
-        block = size * changed + 4 * sets * sum(shapes[n][1] ** 2 for n in linears) + max(entry.values())
+        block = size * changed + 4 * sets * sum(shapes[n][1] ** 2 for n in linears)
+    weights = 2 if onloaded else 1  # the fine-tuned weights read, and the base's where not resident
+    linear = max(linear_working_bytes(o, i) + weights * size * o * i + entry[n] for n, (o, i) in shapes.items())
     patches = [*out.values(), *before.values()]
     terms = {
         "layer inputs": run.report.pop("inputs_bytes", 0),
         "one block": block,
         "score cache": sum(entry.values()) if run.keep_scores or needs_every_score(s) else 0,
-        "one linear": max(linear_working_bytes(*shapes[n]) for n in linears),
+        "one linear": linear,
         "activations": _activations(pair, linears, calib),
         "patch": run.report.pop("patch_bytes_held", 0)
         + sum(tp.index.nbytes + tp.values.nbytes * (2 if sequential and not onloaded else 1) for tp in patches)}
@@ -302,20 +302,17 @@ def _in_layer(plan: LayerPlan, i: int) -> Callable[[str], bool]:
 def _tailor_block(pair: Pair, k: int, group: list[str], cache: dict, run: MethodRun, hessians_of: HessiansOf,
                   tailored: ExitStack) -> dict[str, TensorPatch]:
     """One block of the sequential order: its Hessians (unless cached) while it holds its
-    fine-tuned weights (read once each), its patch, written into the base until the end."""
-    tuned = {n: pair_values(pair, f"{n}.weight", [k]) for n in group}  # (w_pre, [w_ft])
+    fine-tuned weights, then each linear read, scored and patched in turn (one linear's
+    weights and scores held at a time), the block's patch written into the base until
+    `tailored` closes."""
     todo = [n for n in group if n not in cache]
+    hessians: dict[str, torch.Tensor] = {}
+    anchors: dict[str, torch.Tensor] = {}
     if todo:
-        fine = {f"{n}.weight": tuned[n][1][0] for n in todo}
-        with run.timed("calibration"), holding(pair.base, list(fine), fine.__getitem__):
+        with run.timed("calibration"), holding(pair.base, [f"{n}.weight" for n in todo],
+                                               lambda name: pair.finetuned_value(k, name)):
             hessians, anchors = hessians_of(todo)
-        del fine
-        for n in todo:
-            cache[n] = _score(tuned[n][0], tuned[n][1][0], hessians.pop(n), anchors.pop(n, None), run)
-        del hessians, anchors
-    done = {f"{n}.weight": _tailor_tensor(tuned[n][0], tuned[n][1][0], cache[n], run) for n in group}
-    del tuned  # this block's fine-tuned weights go before the next block's are read
-    _forget(cache, group, run)
+    done = _score_and_tailor(pair, k, group, hessians, anchors, cache, run)
     tailored.enter_context(applied(pair.base, Patch(tensors=done)))
     return done
 
@@ -354,6 +351,7 @@ def _score_and_tailor(pair: Pair, k: int, linears: Sequence[str], hessians: dict
         run.check()
         w_pre, w_ft = _score_read(pair, k, name, hessians, anchors, cache, run)
         out[f"{name}.weight"] = _tailor_tensor(w_pre, w_ft, cache[name], run)
+        del w_pre, w_ft  # before the next linear's are read
         _forget(cache, [name], run)
     return out
 
