@@ -9,11 +9,14 @@ monitor samples GET /healthz every 0.5 s and the server's RSS every 2 s. Everyth
 stops by itself: visitors at the deadline, in-flight jobs after --grace seconds, the whole
 run at a hard limit.
 
+With --kill-at S the monitor SIGKILLs the busiest job worker S seconds in: that job must
+fail with a message saying so (counted `killed`), and nothing else may fail.
+
 Reports jobs done / failed / lost / refused (with the refusal's latency and reason),
 start and first-call latency, /healthz percentiles, RSS over time, and the targets:
 
     python bench/load_soak.py --visitors 100 --minutes 10           # load
-    python bench/load_soak.py --visitors 20 --minutes 30 --soak     # soak (RSS target)
+    python bench/load_soak.py --visitors 20 --minutes 30 --soak --kill-at 900   # soak, and a fault
     MTS_WORKERS=0 python bench/load_soak.py ...                      # jobs in the server's threads
 
 Output: bench/results/load_soak_<visitors>x<minutes>.json (or --out).
@@ -23,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
+import re
 import shutil
+import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,10 +78,15 @@ def rss_mb(pid: int) -> float:
 
 
 def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    """The process's children, whichever of its threads forked them (the job workers are
+    forked by the lanes' threads, not the main one)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -144,6 +154,7 @@ class Run:
         self.healthz_failed = 0
         self.rss: list[dict] = []
         self.no_start = 0
+        self.kills: list[dict] = []  # workers the monitor killed (--kill-at)
 
     def count(self, kind: str, outcome: str, seconds: float | None = None) -> None:
         with self.lock:
@@ -152,9 +163,38 @@ class Run:
                 self.job_s.setdefault(kind, []).append(seconds)
 
 
-def monitor(url: str, pid: int | None, run: Run, stop: threading.Event, t0: float) -> None:
+def cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def kill_busiest_worker(pid: int, run: Run, t_s: float) -> bool:
+    """SIGKILL the server's child that computed most over the last 0.3 s (mid-job, not one
+    that has sent its result and is exiting)."""
+    before = {c: cpu_ticks(c) for c in children(pid)}
+    time.sleep(0.3)
+    gained = {c: cpu_ticks(c) - ticks for c, ticks in before.items() if c in children(pid)}
+    busy = [c for c, ticks in gained.items() if ticks > 0]
+    if not busy:
+        return False
+    worker = max(busy, key=gained.__getitem__)
+    os.kill(worker, signal.SIGKILL)
+    run.kills.append({"pid": worker, "t_s": round(t_s, 1)})
+    return True
+
+
+def monitor(url: str, pid: int | None, stop, t0: float, kill_at: float | None, out) -> None:
+    """In a process of its own (so the visitors' threads, on this process's interpreter
+    lock, do not delay its requests): GET /healthz every 0.5 s, the server's RSS every 2 s,
+    the fault at `kill_at`; what it saw goes to `out` when `stop` is set."""
+    run = Run()
     last_rss = 0.0
     while not stop.wait(0.5):
+        if kill_at is not None and pid is not None and not run.kills and time.perf_counter() - t0 >= kill_at:
+            kill_busiest_worker(pid, run, time.perf_counter() - t0)
         start = time.perf_counter()
         try:
             get_json(url + "healthz", 5)
@@ -167,6 +207,8 @@ def monitor(url: str, pid: int | None, run: Run, stop: threading.Event, t0: floa
             workers = sum(rss_mb(c) for c in children(pid))
             run.rss.append({"t_s": round(now - t0, 1), "server_mb": round(rss_mb(pid), 1),
                             "workers_mb": round(workers, 1)})
+    out.put({"healthz_s": run.healthz_s, "healthz_failed": run.healthz_failed, "rss": run.rss,
+             "kills": run.kills})
 
 
 def visitor(index: int, url: str, image: str, run: Run, deadline: float, grace: float) -> None:
@@ -207,6 +249,9 @@ def visitor(index: int, url: str, image: str, run: Run, deadline: float, grace: 
             job_id = submit(client, kind, rng)
         except AppError as exc:
             refused(run, kind, str(exc), time.perf_counter() - began)
+            wait = re.search(r"try again in (\d+(?:\.\d+)?) s", str(exc))
+            if wait:  # as the refusal says, as a polite client does (with jitter)
+                time.sleep(float(wait.group(1)) * rng.uniform(0.8, 1.2))
             continue
         except Exception as exc:
             run.count(kind, "error")
@@ -214,6 +259,8 @@ def visitor(index: int, url: str, image: str, run: Run, deadline: float, grace: 
                 run.errors.append(f"{kind}: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         outcome, error = follow(client, job_id, deadline + grace)
+        if outcome == "failed" and error and "killed by SIGKILL" in error:
+            outcome = "killed"
         run.count(kind, outcome, time.perf_counter() - began)
         if error:
             with run.lock:
@@ -237,8 +284,9 @@ def submit(client, kind: str, rng: random.Random) -> str:
 
 def defaults(client, endpoint: str) -> dict:
     """Every parameter of the endpoint at the page's own initial value (as a visitor who
-    changes only a few controls sends them)."""
-    parameters = client.view_api(print_info=False, return_format="dict")["named_endpoints"][endpoint]
+    changes only a few controls sends them). From the API description the client fetched
+    when it connected (`_info`: `view_api` would render every endpoint's text each call)."""
+    parameters = client._info["named_endpoints"][endpoint]
     return {p["parameter_name"]: p["parameter_default"] if p.get("parameter_has_default")
             else EMPTY.get(p["component"], p.get("example_input")) for p in parameters["parameters"]}
 
@@ -283,6 +331,8 @@ def report(args, run: Run, seconds: float) -> dict:
         "first_call_p99": (pct(run.first_call_s, 99) or 1e9) < TARGETS["first_call_p99_s"],
         "healthz_p99": (pct(run.healthz_s, 99) or 1e9) < TARGETS["healthz_p99_s"],
         "no_lost_or_failed": total["lost"] == total["failed"] == total["error"] == 0 and run.no_start == 0,
+        # each killed worker fails its own job, with a message saying so, and nothing else
+        "kill_fails_one_job": total["killed"] == len(run.kills),
         "refusals_fast_with_reason": all(s < TARGETS["refusal_max_s"] for s in refusal_s),
     }
     if args.soak:
@@ -294,7 +344,7 @@ def report(args, run: Run, seconds: float) -> dict:
         "wall_s": round(seconds, 1), "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
         "worker_processes": os.environ.get("MTS_WORKERS", "1") not in ("0", "false", "no"),
         "jobs": {"total": dict(total), "by_kind": outcomes},
-        "visitors_that_could_not_start": run.no_start,
+        "visitors_that_could_not_start": run.no_start, "workers_killed": run.kills,
         "start_s": summary(run.start_s), "first_call_s": summary(run.first_call_s),
         "job_s": {kind: summary(v) for kind, v in run.job_s.items()},
         "refusals": {"n": len(run.refusals), "s": summary(refusal_s),
@@ -313,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ramp", type=float, default=10.0, help="seconds over which visitors arrive")
     parser.add_argument("--grace", type=float, default=60.0, help="seconds in-flight jobs get after the end")
     parser.add_argument("--soak", action="store_true", help="check the RSS target too")
+    parser.add_argument("--kill-at", type=float, help="SIGKILL the busiest job worker this many seconds in")
     parser.add_argument("--url", help="a running dashboard on the loopback address (default: start one)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -327,13 +378,16 @@ def main(argv: list[str] | None = None) -> int:
 
     server = None if args.url else Server()
     url = args.url.rstrip("/") + "/" if args.url else server.url
-    run, stop = Run(), threading.Event()
+    run, watched = Run(), None
     try:
         wait_ready(url)
         image = str(next((ROOT / "assets" / "demo" / "images").rglob("*.png")))
         t0 = time.perf_counter()
-        watcher = threading.Thread(target=monitor, args=(url, server.pid if server else None, run, stop, t0),
-                                   daemon=True)
+        # time.perf_counter is the same clock in both processes (CLOCK_MONOTONIC)
+        spawn = multiprocessing.get_context("spawn")
+        watched, seen = spawn.Event(), spawn.Queue()
+        watcher = spawn.Process(target=monitor, args=(url, server.pid if server else None, watched, t0,
+                                                      args.kill_at, seen), daemon=True)
         watcher.start()
         deadline = time.time() + args.ramp + args.minutes * 60
         threads = []
@@ -345,10 +399,14 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.ramp / args.visitors)
         for thread in threads:
             thread.join(max(0.0, deadline + args.grace + 30 - time.time()))
-        stop.set()
+        watched.set()
+        for key, value in seen.get(timeout=60).items():
+            setattr(run, key, value)
+        watcher.join(10)
         result = report(args, run, time.perf_counter() - t0)
     finally:
-        stop.set()
+        if watched is not None:
+            watched.set()
         if server is not None:
             server.stop()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -356,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     brief = {k: result[k] for k in ("jobs", "visitors_that_could_not_start", "first_call_s", "healthz_s",
                                     "checks")}
     brief["refusals"] = {k: result["refusals"][k] for k in ("n", "s")}
+    brief["workers_killed"] = result["workers_killed"]
     brief["rss_mb"] = {k: result["rss_mb"][k] for k in ("after_1_min", "end", "max")}
     print(json.dumps(brief, indent=2))
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")

@@ -376,6 +376,14 @@ class Pair:
         """`summarize` of fine-tuned model k, loaded or read lazily."""
         return summarize(self.base, lambda name: self.finetuned_value(k, name))
 
+    def changed_if_known(self) -> list[str] | None:
+        """`changed()` where it has been computed, else None (nothing is read)."""
+        return self._changed
+
+    def remember_changed(self, names: list[str]) -> None:
+        """`changed()` as computed elsewhere for these same models (a job's worker)."""
+        self._changed = list(names)
+
     def changed(self) -> list[str]:
         """Base parameters that some fine-tuned model changed (torch.equal: a NaN counts as
         a change, a zero's sign does not), in model order. Computed once per pair (with lazy

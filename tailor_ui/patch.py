@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from tailor_ui.checkpoint import DTYPE_NAMES
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
-from tailor_ui.weights import drop, on_disk_only, writable_param
+from tailor_ui.weights import drop, on_disk_only, read_param, writable_param
 
 FORMAT = "tailor_ui.patch/2"
 LEGACY_FORMAT = "tailor_ui.patch/1"
@@ -109,6 +109,15 @@ def tensor_patch(base: torch.Tensor, new: torch.Tensor) -> TensorPatch:
     index = changed_entries(base, new)
     values = new.reshape(-1)[index.to(base.device)].cpu()
     return TensorPatch(index=index, values=values, shape=tuple(base.shape))
+
+
+def model_patch(base: torch.nn.Module, model: torch.nn.Module) -> Patch:
+    """The patch that makes `base` compute as `model` (a trained copy of it): every entry
+    that differs, parameter by parameter."""
+    with torch.no_grad():
+        found = {name: tensor_patch(read_param(base, name), value)
+                 for name, value in model.named_parameters()}
+    return Patch(tensors={name: tp for name, tp in found.items() if tp.index.numel()})
 
 
 @dataclass

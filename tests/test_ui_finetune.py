@@ -53,9 +53,10 @@ def test_finetune_job_loss_curve_compare_and_base_untouched(ui):
     for name, param in studio.demo.pair.base.named_parameters():  # trained a copy
         assert torch.equal(param, before[name]), name
     trained = session.trained[job_id]
-    model = trained.models[0][1]
-    assert model is not studio.demo.pair.base
-    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    [(label, patch)] = trained.patches()  # the trained model: its patch over the base, on disk
+    assert label == trained.label and patch.path.is_relative_to(session.folder)
+    with studio.demo.patched(patch) as model:
+        assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
     image_path, question = next((p, q) for p, q in studio.demo.examples if "target_eval" in p)
     image = Image.open(image_path).convert("RGB")
@@ -145,3 +146,20 @@ def test_method_defaults_and_the_continual_run(ui):
     figure = ui.finetune.poll(session)[4]
     assert [trace.name for trace in figure.data] == ["colour", "count", "spatial"]
     assert list(figure.data[0].y) == list(table["acc:colour"])
+
+
+def test_a_session_keeps_its_last_three_trained_models_and_only_their_files(tmp_path):
+    from tailor_ui.app.session import Session, TrainedModel
+
+    session = Session("s", tmp_path)
+    folders = []
+    for i in range(5):
+        folder = tmp_path / f"trained-{i}"
+        folder.mkdir()
+        (folder / "model-0.safetensors").write_bytes(b"patch")
+        session.add_trained(TrainedModel(f"job-{i}", f"m{i}", "full", {}, {},
+                                         [(f"m{i}", folder / "model-0.safetensors")], handle=None,
+                                         folder=folder))
+        folders.append(folder)
+    assert list(session.trained) == ["job-2", "job-3", "job-4"]
+    assert [f.exists() for f in folders] == [False, False, True, True, True]

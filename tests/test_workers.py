@@ -260,16 +260,20 @@ def test_a_worker_killed_mid_merge_fails_that_job_alone(studio, monkeypatch):
 @pytest.mark.skipif(not demo_available(), reason="the demo pair is not built")
 def test_a_merge_in_a_worker_leaves_its_scores_for_the_next_slider_move(studio):
     """What a merge cached on the pair in its worker comes back: the next merge of the same
-    settings at another keep re-thresholds cached scores."""
+    settings at another keep re-thresholds cached scores, and no later job reads every
+    fine-tuned tensor again to learn which ones changed."""
     from tailor_ui.app.service.config import default_settings
 
     session = studio.session("cache-carrier")
+    handle = studio.handle_for(session)
+    expected = handle.pair.changed()
+    handle.pair._changed = None  # as a pair no job has used yet
     first = studio.runner.wait(studio.submit_tailor(session, default_settings(keep=0.17, damp=0.0123)).id,
                                session.id, 120)
     assert first.status == DONE and first.worker_pid is not None
     assert first.result.report["score_cache"]["hits"] == 0
+    assert handle.pair.changed_if_known() == expected  # computed in the worker, kept here
     # in the server too the scores are backed by disk (unlinked files), as the engine keeps them
-    handle = studio.handle_for(session)
     factors = [e.factor for cache in handle.pair.cache.values() for e in cache.values()]
     assert factors and all(f.untyped_storage().filename is not None for f in factors)
     second = studio.runner.wait(studio.submit_tailor(session, default_settings(keep=0.27, damp=0.0123)).id,

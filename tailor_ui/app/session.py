@@ -14,10 +14,8 @@ while without activity. Nothing here knows about Gradio.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import os
-import pickle
 import re
 import shutil
 import threading
@@ -173,23 +171,34 @@ class SearchRun:
 
 @dataclass
 class TrainedModel:
-    """A model fine-tuned in the dashboard (Fine-tune tab): a private copy of the pair's
-    base, trained in place, that joins Compare and the Forgetting sweep as extra models.
-    `models` holds (label, model): the trained model and, when asked, Model Tailor's merge
-    of it into the base."""
+    """A model fine-tuned in the dashboard (Fine-tune tab), trained on a private copy of the
+    pair's base, that joins Compare and the Forgetting sweep as extra models. It is kept as
+    the patch that turns the base into it, in a file in the session's folder (`folder`):
+    the server holds no copy of a model per visitor, and a job writes it into the base as
+    it does a merge. `models` holds (label, patch file): the trained model and, when asked,
+    Model Tailor's merge of it into the base."""
 
     job_id: str
     label: str
     method: str  # full, dowser, llaca or ema
     settings: dict
     report: dict  # TrainReport.to_dict()
-    models: list[tuple[str, Any]] = field(repr=False)
+    models: list[tuple[str, Path]] = field(repr=False)
     handle: PairHandle = field(repr=False)
+    folder: Path | None = None
     seconds: float = 0.0
 
     @property
     def losses(self) -> list[float]:
         return list(self.report.get("losses", []))
+
+    def patches(self) -> list[tuple[str, PatchFile]]:
+        """(label, patch) of each model, read tensor by tensor where it is written in."""
+        return [(label, PatchFile(path)) for label, path in self.models]
+
+    def remove(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def summary(self) -> dict:
         """What was trained and how the loss went, without the models (the job history
@@ -200,10 +209,6 @@ class TrainedModel:
                 "trainable_fraction": self.report.get("trainable_fraction"),
                 "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                 "models": [name for name, _ in self.models], "seconds": self.seconds}
-
-    def __getstate__(self) -> dict[str, Any]:
-        # pickled (sent from ZeroGPU's GPU worker to the main process): see _portable
-        return {**self.__dict__, "models": [(label, _portable(model)) for label, model in self.models]}
 
 
 @dataclass
@@ -273,11 +278,11 @@ class Session:
                 shutil.rmtree(runs.pop(job_id).csv_file.parent, ignore_errors=True)
 
     def add_trained(self, model: TrainedModel, keep: int = 3) -> None:
-        """File a fine-tuned model; keep only the last `keep` (each is a copy of the model)."""
+        """File a fine-tuned model; keep only the last `keep` (and their files)."""
         with self.lock:
             self.trained[model.job_id] = model
             for job_id in list(self.trained)[:-keep]:
-                del self.trained[job_id]
+                self.trained.pop(job_id).remove()
 
     def trained_for(self, handle: PairHandle | None) -> list[TrainedModel]:
         """This session's fine-tuned models of `handle` (oldest first)."""
@@ -287,7 +292,7 @@ class Session:
         """Drop the merges made on `handle` (they keep its models alive) and their files."""
         with self.lock:
             for job_id in [j for j, t in self.trained.items() if t.handle is handle]:
-                del self.trained[job_id]
+                self.trained.pop(job_id).remove()
             for job_id in [j for j, r in self.runs.items() if r.handle is handle]:
                 old = self.runs.pop(job_id)
                 if old.patch_file is not None:
@@ -298,28 +303,6 @@ class Session:
         if run is None:
             raise UserError(f"no finished merge {job_id!r} in this session")
         return run
-
-
-def _portable(model):
-    """A copy of `model` that pickles and can be rebuilt in a main process without a GPU
-    of its own: on the CPU, and without the forward hooks that can not be pickled (those
-    transformers installs on a first forward are local functions; unmarked, the model
-    installs them again on its next forward)."""
-    model = copy.deepcopy(model).to("cpu")
-    dropped = False
-    for module in model.modules():
-        for hook_id, hook in list(module._forward_hooks.items()):
-            try:
-                pickle.dumps(hook)
-            except Exception:
-                for hooks in (module._forward_hooks, module._forward_hooks_with_kwargs,
-                              module._forward_hooks_always_called):
-                    hooks.pop(hook_id, None)
-                dropped = True
-    if dropped:  # the mark sits on the (sub)models that installed them
-        for module in model.modules():
-            module.__dict__.pop("_output_capturing_hooks_installed", None)
-    return model
 
 
 class SessionStore:

@@ -1,6 +1,6 @@
 """Every model of a pair answering the same prompts: the pre-trained and fine-tuned
-models, merges written into the base one at a time, and trained copies (the CLI's `compare`
-and the dashboard's Compare tab)."""
+models and merges written into the base one at a time (the CLI's `compare` and the
+dashboard's Compare tab)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,10 @@ if TYPE_CHECKING:
 
 
 def model_answers(pair: Pair, merges: Sequence[tuple[str, Patch]], prompts: Sequence[tuple[Any, str]],
-                  max_new_tokens: int, progress: Progress, *, lock: Any = None,
-                  trained: Sequence[tuple[str, object]] = ()) -> list[list[tuple[str, str]]]:
+                  max_new_tokens: int, progress: Progress, *, lock: Any = None) -> list[list[tuple[str, str]]]:
     """For each (image, question) prompt, (model label, answer) of the base, each fine-tuned
-    model, each merge (written into the base in place, one at a time, under `lock`) and each
-    trained model. Model by model, so each merge is written once for all prompts."""
+    model and each merge (written into the base in place, one at a time, under `lock`).
+    Model by model, so each merge is written once for all prompts."""
     from tailor_ui.evaluation.generate import answer_one
     from tailor_ui.patch import applied
 
@@ -31,7 +30,7 @@ def model_answers(pair: Pair, merges: Sequence[tuple[str, Patch]], prompts: Sequ
     models += [("Fine-tuned" if len(pair.finetuned) == 1 else f"Fine-tuned {pair.finetuned_ids[k]}",
                 partial(pair.finetuned_model, k)) for k in range(len(pair.finetuned))]
     models += [(label, partial(applied, pair.base, patch)) for label, patch in merges]
-    total = len(models) + len(trained)
+    total = len(models)
     out: list[list[tuple[str, str]]] = [[] for _ in prompts]
 
     def answer_all(name: str, model) -> None:
@@ -43,7 +42,4 @@ def model_answers(pair: Pair, merges: Sequence[tuple[str, Patch]], prompts: Sequ
             progress(f"answering with {'the pre-trained model' if i == 0 else name}", i, total)
             with model() as answering:
                 answer_all(name, answering)
-    for j, (name, model) in enumerate(trained):  # private copies: no lock needed
-        progress(f"answering with {name}", len(models) + j, total)
-        answer_all(name, model)
     return out

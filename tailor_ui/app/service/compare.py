@@ -10,6 +10,7 @@ from tailor_ui.methods import REGISTRY
 from tailor_ui.control import Progress
 from tailor_ui.evaluation.answers import model_answers
 from tailor_ui.app.session import PairHandle, Session, TailorRun
+from tailor_ui.patch import PatchFile
 
 
 def compare_runs(session: Session, handle: PairHandle, limit: int = 4) -> list[TailorRun]:
@@ -53,12 +54,12 @@ def first_answers(handle: PairHandle, max_new_tokens: int, progress: Progress) -
                    progress)
 
 
-def answers(handle: PairHandle, runs: list[TailorRun], trained: list[tuple[str, object]], image,
+def answers(handle: PairHandle, runs: list[TailorRun], trained: list[tuple[str, PatchFile]], image,
             question: str, max_new_tokens: int, progress: Progress) -> list[tuple[str, str]]:
-    """(model label, answer) for the base, each fine-tuned model, each merge (written into
-    the shared base under its lock) and each model trained in the session."""
-    merges = [(run.label, run.get_patch()) for run in runs]
+    """(model label, answer) for the base, each fine-tuned model, each merge and each model
+    trained in the session (each written into the shared base under its lock in turn)."""
+    merges = [(run.label, run.get_patch()) for run in runs] + list(trained)
     return model_answers(handle.pair, merges, [(image, question)], max_new_tokens, progress,
-                         lock=handle.lock, trained=trained)[0]
+                         lock=handle.lock)[0]
 
 

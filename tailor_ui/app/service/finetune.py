@@ -8,6 +8,7 @@ import copy
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tailor_ui.control import Progress, StopCheck
@@ -76,10 +77,12 @@ def checked_request(method: str, examples: int, lr: float, epochs: int, layers: 
 
 
 def finetune_run(handle: PairHandle, request: FinetuneRequest, live: list[float], tailor_after,
-                 progress: Progress, should_stop: StopCheck) -> TrainedModel:
+                 folder: Path, progress: Progress, should_stop: StopCheck) -> TrainedModel:
     """Train a copy of the base; `live` gathers the losses as they come. `tailor_after`
-    (or None) makes Model Tailor's merge of the trained model."""
+    (or None) makes Model Tailor's merge of the trained model (its patch). Each model is
+    kept as its patch over the base, saved in `folder` (made here)."""
     from tailor_ui.demo import world
+    from tailor_ui.patch import model_patch, save_patch
     from tailor_ui.training.finetune import finetune
 
     start = time.perf_counter()
@@ -96,21 +99,26 @@ def finetune_run(handle: PairHandle, request: FinetuneRequest, live: list[float]
                       ema_beta=request.ema_beta, progress=progress, should_stop=should_stop,
                       on_loss=live.append)
     label = request.label
-    models = [(label, model)]
+    with handle.lock:
+        patches = [(label, model_patch(handle.pair.base, model))]
     if tailor_after is not None:
-        models.append((f"Model Tailor on {label}", tailor_after(model, label)))
+        patches.append((f"Model Tailor on {label}", tailor_after(model, label)))
+    folder.mkdir(parents=True, exist_ok=True)
+    models = []
+    for i, (name, patch) in enumerate(patches):
+        save_patch(patch, folder / f"model-{i}.safetensors")
+        models.append((name, folder / f"model-{i}.safetensors"))
     return TrainedModel(job_id="", label=label, method=request.method, settings=request.settings,
-                        report=result.to_dict(), models=models, handle=handle,
+                        report=result.to_dict(), models=models, handle=handle, folder=folder,
                         seconds=time.perf_counter() - start)
 
 
 def tailor_trained(handle: PairHandle, model, label: str, examples: list[Example],
                    batch_size: int, progress: Progress, should_stop: StopCheck):
-    """Model Tailor's merge (dashboard defaults) of a model fine-tuned here into the base,
-    as a new copy."""
+    """Model Tailor's merge (dashboard defaults) of a model fine-tuned here into the base:
+    its patch."""
     from tailor_ui.engine import run_method
     from tailor_ui.pair import Pair
-    from tailor_ui.patch import apply_patch
     from tailor_ui.app.service.config import default_settings
     from tailor_ui.app.service.tailor import batches
 
@@ -119,11 +127,8 @@ def tailor_trained(handle: PairHandle, model, label: str, examples: list[Example
         calibration = batches(handle, examples, "builtin", batch_size)
         pair = Pair(base=handle.pair.base, finetuned=[model], processor=handle.pair.processor,
                     base_id=handle.pair.base_id, finetuned_ids=[label])
-        result = run_method(pair, default_settings(), [calibration], progress=progress,
-                            should_stop=should_stop)
-        tailored = copy.deepcopy(handle.pair.base)
-    apply_patch(tailored, result.patch)
-    return tailored
+        return run_method(pair, default_settings(), [calibration], progress=progress,
+                          should_stop=should_stop).patch
 
 
 def continual_run(handle: PairHandle, request: FinetuneRequest, tasks: tuple[str, ...],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Sequence
@@ -357,7 +358,7 @@ class Studio:
         self.sync(session, JobKind.TAILOR)
         runs = compare_.compare_runs(session, handle)
         self.sync(session, JobKind.FINETUNE)
-        trained = [m for t in session.trained_for(handle)[-2:][::-1] for m in t.models]
+        trained = [m for t in session.trained_for(handle)[-2:][::-1] for m in t.patches()]
         question = (question or "").strip()
 
         def job(progress, should_stop):
@@ -438,8 +439,8 @@ class Studio:
         anchor = tailor.anchor_examples(handle, any(s.anchored for s in grid), sets)
         sweep_.eval_sets(sets, int(examples))  # refused before an upload is unpacked
         self.sync(session, JobKind.FINETUNE)
-        trained = [(t.method, name, model) for t in session.trained_for(handle)
-                   for name, model in t.models]
+        trained = [(t.method, name, patch) for t in session.trained_for(handle)
+                   for name, patch in t.patches()]
         calibration = None
         if any(REGISTRY[s.method].needs_calibration for s in grid):
             calibration = self._calibration_examples(session, handle, calib_source, calib_files,
@@ -508,6 +509,7 @@ class Studio:
         calib = list(handle.calibration[: self.config.calib_examples]) if tailor_after else []
         live: list[float] = []
         losses = _Losses(live)
+        folder = session.folder / f"trained-{secrets.token_hex(6)}"  # its patches (made by the job)
 
         def job(progress, should_stop):
             def tailored(model, label):
@@ -515,7 +517,7 @@ class Studio:
                                                 progress, should_stop)
 
             return finetune_.finetune_run(handle, request, losses, tailored if tailor_after else None,
-                                          progress, should_stop)
+                                          folder, progress, should_stop)
 
         submitted = self._submit(session.id, JobKind.FINETUNE, handle, job,
                                  f"fine-tune: {request.label}")
@@ -603,16 +605,20 @@ class _Losses(list):
 
 def _keeping_caches(handle: PairHandle, fn):
     """`fn` as a job that, computed in a worker process, sends what it added to the pair's
-    caches back to the server's pair (a `workers.Relay`; in the server they are there)."""
+    caches (scores, batches, the changed tensors) back to the server's pair (a
+    `workers.Relay`; in the server they are there)."""
     keep = workers.Relay(functools.partial(_absorb_caches, handle))
 
     def job(progress, should_stop):
         known = _cache_sizes(handle)
+        knew_changed = handle.pair.changed_if_known() is not None
         result = fn(progress, should_stop)
         if workers.in_worker():
             scores, batches = _learned(handle, known)
-            if scores or batches:
-                keep(scores, batches)
+            # which tensors changed: one read of every fine-tuned tensor, done once per pair
+            changed = None if knew_changed else handle.pair.changed_if_known()
+            if scores or batches or changed is not None:
+                keep(scores, batches, changed)
         return result
 
     return job
@@ -629,8 +635,10 @@ def _learned(handle: PairHandle, known: tuple[dict, set]) -> tuple[dict, dict]:
     return scores, {k: v for k, v in handle.batches.items() if k not in batches}
 
 
-def _absorb_caches(handle: PairHandle, scores: dict, batches: dict) -> None:
+def _absorb_caches(handle: PairHandle, scores: dict, batches: dict, changed: list[str] | None) -> None:
     with handle.lock:
+        if changed is not None:
+            handle.pair.remember_changed(changed)
         for key, entries in scores.items():
             # they crossed the pipe as ordinary memory: back on disk, as the engine keeps them
             handle.pair.cache.setdefault(key, {}).update(

@@ -19,6 +19,7 @@ from tailor_ui.io import atomic_path
 from tailor_ui.app.service.config import settings_label
 from tailor_ui.app.session import PairHandle, Session, SweepRun
 from tailor_ui.app.service.tailor import anchor_source
+from tailor_ui.patch import PatchFile
 from tailor_ui.training.registry import TRAINING_METHODS
 
 MAX_SWEEP_SETTINGS = 24
@@ -33,7 +34,7 @@ class SweepPlan:
     original: list
     target: list
     n: int
-    trained: list[tuple[str, str, object]]  # (method, label, model)
+    trained: list[tuple[str, str, PatchFile]]  # (method, label, its patch over the base)
     calibration: tuple[list, str] | None  # (examples, source) when a setting needs them
     anchor: list = field(default_factory=list)  # original-task calibration examples, where needed
 
@@ -111,19 +112,21 @@ def trained_rows(handle: PairHandle, table: pd.DataFrame, plan: SweepPlan, progr
     """The sweep's table with a row per model fine-tuned in the session, scored on the same
     sets and examples (retention and H-score recomputed against the same references)."""
     from tailor_ui.evaluation.evaluate import evaluate_all
-    from tailor_ui.evaluation.sweep import changed_fraction, score_column, summarize
+    from tailor_ui.evaluation.sweep import score_column, summarize
 
+    size = sum(p.numel() for p in handle.pair.base.parameters())
     rows = []
-    for i, (method, name, model) in enumerate(plan.trained):
+    for i, (method, name, patch) in enumerate(plan.trained):
         def starting(s, _i: int = i, _name: str = name) -> None:
             progress(f"evaluating {_name} on {s.name}", _i, len(plan.trained))
 
-        results = evaluate_all(model, handle.pair.processor, [*plan.original, *plan.target],
-                               batch_size=plan.n, before_each=starting, should_stop=should_stop)
+        with handle.patched(patch) as model:
+            results = evaluate_all(model, handle.pair.processor, [*plan.original, *plan.target],
+                                   batch_size=plan.n, before_each=starting, should_stop=should_stop)
         rows.append({"kind": "trained", "setting": name, "keep": None, "alpha": None, "lam": None,
                      "method": ("tailor-ft" if name.startswith("Model Tailor on ")
                                 else TRAINING_METHODS[method].short),
-                     "patch_fraction": changed_fraction(handle.pair.base, model.get_parameter),
+                     "patch_fraction": patch.num_entries / size,
                      "linear_fraction": None, "seconds": math.nan,
                      **{score_column(k): r.score for k, r in results.items()},
                      "eval_seconds": sum(r.seconds for r in results.values())})

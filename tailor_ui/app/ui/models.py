@@ -110,6 +110,9 @@ def story_text(story: str) -> str:
     return f"*The fine-tuned model was {STORIES[story].about}*" + (f"\n\n{hint}" if hint else "")
 
 
+SUMMARIES_KEPT = 8  # pairs whose summary stays drawn (the demo's stories, recent visitors' pairs)
+
+
 class ModelsTab(Tab):
     def __init__(self, studio: Studio) -> None:
         super().__init__(studio)
@@ -120,6 +123,7 @@ class ModelsTab(Tab):
         # what such a page shows before its first poll, as poll's signatures (see _as_served)
         self.served = {"models-progress": job_signature(None), "pair-status": self.initial_status(),
                        "models-summary": _summary_signature(self.first_pair, LOADING_DEMO)}
+        self._summaries: dict[tuple, tuple] = {}  # pair handle's key → what `_summary` shows
 
     # -- handlers ----------------------------------------------------------------------
 
@@ -140,7 +144,14 @@ class ModelsTab(Tab):
         return job.id, progress_html(job)
 
     def _summary(self, handle: PairHandle):
-        return summary_markdown(handle), plots.change_map(handle.summary), changed_table(handle)
+        """The pair's summary, change map and table: made once per pair (every visitor of
+        the demo opens with it: a hundred arriving at once would each redraw it)."""
+        shown = self._summaries.get(handle.key)
+        if shown is None:
+            shown = summary_markdown(handle), plots.change_map(handle.summary), changed_table(handle)
+            self._summaries = {**dict(list(self._summaries.items())[-(SUMMARIES_KEPT - 1):]),
+                               handle.key: shown}
+        return shown
 
     # -- polling ---------------------------------------------------------------------------
 
