@@ -105,7 +105,8 @@ def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], 
     else:  # the whole fine-tuned model's changed values written in, every Hessian alive
         changed = sum(pair.base.get_parameter(n).numel() for n in pair.changed())
         block = size * changed + 4 * sets * sum(shapes[n][1] ** 2 for n in linears)
-    weights = 2 if onloaded else 1  # the fine-tuned weights read, and the base's where not resident
+    # the fine-tuned weights read; onloaded, the base's too, each through a half-precision buffer
+    weights = 3 if onloaded else 1
     linear = max(linear_working_bytes(o, i) + weights * size * o * i + entry[n] for n, (o, i) in shapes.items())
     patches = [*out.values(), *before.values()]
     terms = {
