@@ -31,7 +31,7 @@ from tailor_ui.methods.method import Batch, MethodRun
 from tailor_ui.methods.selection import global_threshold, keep_mask, layer_keep_budget
 from tailor_ui.methods.tailor import (TensorScores, compensate, inverse_hessian_factor,
                                       merge_without_compensation, tensor_scores)
-from tailor_ui.memory import layer_activation_bytes, linear_working_bytes, scored_bytes
+from tailor_ui.memory import layer_activation_bytes, linear_working_bytes, return_freed_heap, scored_bytes
 from tailor_ui.names import block_name, layer_groups
 from tailor_ui.pair import Pair
 from tailor_ui.patch import Patch, TensorPatch, applied, tensor_patch
@@ -224,6 +224,7 @@ def _capture(pair: Pair, plan: LayerPlan, calib: Sequence[Batch], run: MethodRun
                 return found
             sets.append(found)
     run.report["inputs_bytes"] = sum(inputs.nbytes() for inputs in sets)
+    return_freed_heap()  # the front's activations, freed among the inputs kept
     return sets
 
 
@@ -276,6 +277,7 @@ def _sequential_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[B
                     for inputs in sets:
                         run_layer(pair.base, layers[i], inputs, advance=True, should_stop=run.should_stop)
         out.update(_hand_over(run, done))
+        return_freed_heap()
     return out
 
 
@@ -396,6 +398,7 @@ def _one_pass_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[Bat
             hessians, anchors = _layer_hessians(pair.base, layers[i], sets, run, advance=i < plan.last)(
                 [n for n in names if n not in cache])
         out.update(_hand_over(run, _score_and_tailor(pair, k, names, hessians, anchors, cache, run)))
+        return_freed_heap()
     return out
 
 
