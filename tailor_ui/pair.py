@@ -484,6 +484,8 @@ def _onloaded(spec: str, roots: list[Path] | None, load_options: dict[str, Any]
     device = load_options.get("device", "cpu")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        return None, {"base": "in memory", "why": f"device {device!r} is not available"}  # loading says so
     found = onload_model(folder, load_options.get("dtype", "float32"), device)
     if isinstance(found, str):
         return None, {"base": "in memory", "why": found}
