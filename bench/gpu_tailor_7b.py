@@ -53,11 +53,12 @@ def require_device(device: str) -> None:
                          "to run the same path on the CPU)")
 
 
-def make_pair(out: Path, size: str, dtype: str, device: str) -> dict:
-    """Base + one dense fine-tune of the decoder layers, with a processor saved in both."""
+def make_pair(out: Path, size: str, dtype: str, device: str, depth: int = 1) -> dict:
+    """Base + one dense fine-tune of the decoder layers, with a processor saved in both
+    (`depth`: times the preset's decoder layers)."""
     from tailor_ui.demo.processor import build_processor
 
-    info = build(out, "llava", size, 1, r"language_model\.layers\.", 0.002, dtype, 2000, 0, device)
+    info = build(out, "llava", size, 1, r"language_model\.layers\.", 0.002, dtype, 2000, 0, device, depth=depth)
     processor = build_processor(WORDS, image_size=VISION[size]["image"], patch_size=VISION[size]["patch"])
     for folder in info["folders"]:
         processor.save_pretrained(folder)

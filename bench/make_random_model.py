@@ -49,20 +49,21 @@ VISION = {  # CLIP towers; small images keep CPU calibration affordable (8x8 = 6
 IMAGE_TOKEN = 4  # <image>'s id in tailor_ui.demo.processor's vocabulary, so that processor fits
 
 
-def text_config(size: str) -> dict:
+def text_config(size: str, depth: int = 1) -> dict:
+    """The preset's text model; `depth` times its decoder layers."""
     t = TEXT[size]
     return dict(model_type="llama", vocab_size=t["vocab"], hidden_size=t["hidden"],
-                intermediate_size=t["intermediate"], num_hidden_layers=t["layers"],
+                intermediate_size=t["intermediate"], num_hidden_layers=depth * t["layers"],
                 num_attention_heads=t["heads"], num_key_value_heads=t["kv"],
                 max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def make_config(arch: str, size: str, dtype: str):
+def make_config(arch: str, size: str, dtype: str, depth: int = 1):
     from transformers import LlamaConfig, LlavaConfig
 
     if arch == "llama":
-        config = LlamaConfig(**{k: v for k, v in text_config(size).items() if k != "model_type"})
+        config = LlamaConfig(**{k: v for k, v in text_config(size, depth).items() if k != "model_type"})
         config.architectures = ["LlamaForCausalLM"]
     else:
         v = VISION[size]
@@ -70,7 +71,7 @@ def make_config(arch: str, size: str, dtype: str):
                       intermediate_size=v["intermediate"], num_hidden_layers=v["layers"],
                       num_attention_heads=v["heads"], image_size=v["image"], patch_size=v["patch"],
                       projection_dim=v["hidden"])
-        config = LlavaConfig(vision_config=vision, text_config=text_config(size),
+        config = LlavaConfig(vision_config=vision, text_config=text_config(size, depth),
                              image_token_index=IMAGE_TOKEN,
                              image_seq_length=(v["image"] // v["patch"]) ** 2,
                              vision_feature_select_strategy="default", vision_feature_layer=-2,
@@ -136,10 +137,12 @@ def tuned_tensor(base: torch.Tensor, name: str, seed: int, k: int, delta: float,
 
 
 def build(out: Path, arch: str, size: str, finetuned: int, changed: str | None, delta: float,
-          dtype: str, shard_mb: int, seed: int, device: str = "cpu", fraction: float = 1.0) -> dict:
-    """`device`: where the random values are drawn (a GPU builds a 7B pair in seconds)."""
+          dtype: str, shard_mb: int, seed: int, device: str = "cpu", fraction: float = 1.0,
+          depth: int = 1) -> dict:
+    """`device`: where the random values are drawn (a GPU builds a 7B pair in seconds);
+    `depth`: times the preset's decoder layers."""
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    config = make_config(arch, size, dtype)
+    config = make_config(arch, size, dtype, depth)
     layout = checkpoint_layout(config)
     pattern = re.compile(changed or (r"language_model|^model\.layers|embed_tokens|^model\.norm|lm_head"))
     folders = [out / "base"] + [out / f"ft{k + 1}" for k in range(finetuned)]
@@ -163,7 +166,7 @@ def build(out: Path, arch: str, size: str, finetuned: int, changed: str | None, 
         changed_params += b.numel() if hit else 0
     for writer in writers:
         writer.close()
-    info = {"arch": arch, "size": size, "dtype": dtype, "parameters": params,
+    info = {"arch": arch, "size": size, "depth": depth, "dtype": dtype, "parameters": params,
             "changed_parameters": changed_params, "tensors": len(layout), "finetuned": finetuned,
             "fraction": fraction, "changed_entries_ft1": changed_entries,
             "changed_fraction_ft1": changed_entries / params, "delta": delta, "seed": seed,

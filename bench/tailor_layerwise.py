@@ -2,6 +2,7 @@
 the same run: stage by stage, against one plain forward, with peak memory and agreement.
 
     python bench/tailor_layerwise.py --size s --baseline main --results bench/results/tailor_layerwise_s.json
+    python bench/tailor_layerwise.py --size m --baseline none --depth 2 --threads 1
 
 1. Builds a random LLaVA-shaped pair with make_random_model.py's preset (`--size`, fp16 on
    disk; the fine-tune moved every entry of the decoder layers) with the demo's processor,
@@ -14,6 +15,11 @@ the same run: stage by stage, against one plain forward, with peak memory and ag
    that forward (on a shared machine the load moves between runs: compare ratios).
 4. Compares the two patches: kept entries in common per tensor (the smallest share) and
    the largest value difference among them.
+
+5. With `--depth 2`, also runs the working tree's command on a pair with twice the decoder
+   layers (make_random_model.py's `depth`) and reports its peak RSS against the first
+   pair's (`depth_peak_ratio`; the target is at most 1.10). `--baseline none` skips the
+   baseline run.
 
 Stages come from each run's report.json (`timings_s`: calibration = every forward the run
 made, scores, selection, compensation, merge of the other tensors); `outside_engine_s` is
@@ -42,6 +48,8 @@ from gpu_tailor_7b import make_pair, run_options, tailor_command, write_calibrat
 from make_random_model import VISION  # noqa: E402
 
 TARGET_CALIBRATION_OVER_FORWARD = 1.5
+TARGET_PEAK_OVER_MODEL_BYTES = 1.0
+TARGET_DEPTH_PEAK_RATIO = 1.10
 
 _FORWARD = """
 import json, sys, time
@@ -109,44 +117,60 @@ def tailor_run(code: Path, cmd: list[str], out: Path, env: dict[str, str]) -> di
     return {"code": str(code), "wall_s": round(wall, 2), "peak_rss_mb": round(peak, 1),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "outside_engine_s": round(wall - timings["total"], 2), "pipeline": report.get("pipeline"),
-            "memory": report["memory"], "memory_terms_mb": report.get("memory_terms_mb")}
+            "base_loading": report.get("base_loading"), "memory": report["memory"],
+            "memory_terms_mb": report.get("memory_terms_mb")}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="s", help="make_random_model.py preset (tiny, s, m, 1b)")
-    p.add_argument("--baseline", default="main", help="git revision of the code to compare with")
+    p.add_argument("--baseline", default="main", help="git revision of the code to compare with (none: no baseline run)")
+    p.add_argument("--depth", type=int, default=1,
+                   help="also run on a pair with this many times the decoder layers (1: no such run)")
     run_options(p, calib=32, threads=(2, "OMP_NUM_THREADS of every measured process"),
                 work=Path("/tmp/bench/tailor_layerwise"))
     args = p.parse_args(argv)
     args.device, args.dtype = "cpu", "float32"  # what `tailor` loads on a machine without a GPU
     shutil.rmtree(args.work, ignore_errors=True)
-    info = make_pair(args.work / "pair", args.size, "float16", "cpu")
-    base, ft = (Path(f) for f in info["folders"])
     calib = write_calibration(args.work / "calib", args.calib, VISION[args.size]["image"])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    jobs = [] if args.baseline == "none" else [("baseline", export(args.baseline, args.work / "baseline"), 1)]
+    jobs += [("layerwise", ROOT, 1)] + ([(f"layerwise-depth-{args.depth}", ROOT, args.depth)] if args.depth > 1 else [])
+    pairs: dict[int, tuple[dict, Path, Path, int]] = {}
     runs = {}
-    disk = sum(f.stat().st_size for f in base.glob("*.safetensors"))
-    for label, code in (("baseline", export(args.baseline, args.work / "baseline")), ("layerwise", ROOT)):
+    for label, code, depth in jobs:
+        if depth not in pairs:
+            info = make_pair(args.work / f"pair-{depth}", args.size, "float16", "cpu", depth)
+            base, ft = (Path(f) for f in info["folders"])
+            pairs[depth] = (info, base, ft, sum(f.stat().st_size for f in base.glob("*.safetensors")))
+        info, base, ft, disk = pairs[depth]
         # a plain forward right before each run: on a shared machine the load changes by the minute
         text, _, _ = run([sys.executable, "-c", _FORWARD, str(base), str(calib), str(args.batch_size)], ROOT, env)
         forward = json.loads(text.strip().splitlines()[-1])
         out = args.work / f"out-{label}"
         cmd = tailor_command(base, ft, calib, out, args)
         r = runs[label] = {**tailor_run(code, cmd, out, env), "command": " ".join(cmd[1:]), "plain_forward": forward,
+                           "parameters": info["parameters"], "model_bytes_on_disk": disk,
                            "load_average_after": os.getloadavg()}
         r["calibration_over_forward"] = round(r["timings_s"].get("calibration", 0.0) / forward["forward_s"], 2)
         r["peak_rss_over_model_bytes"] = round(r["peak_rss_mb"] * 2**20 / disk, 2)
-    result = {"size": args.size, "parameters": info["parameters"], "model_bytes_on_disk": disk,
+    result = {"size": args.size, "parameters": pairs[1][0]["parameters"], "model_bytes_on_disk": pairs[1][3],
               "calibration_examples": args.calib, "batch_size": args.batch_size, "threads": args.threads,
               "baseline": args.baseline, "runs": runs,
-              "whole_command_speedup": round(runs["baseline"]["wall_s"] / runs["layerwise"]["wall_s"], 2),
-              "calibration_speedup": round(runs["baseline"]["timings_s"].get("calibration", 0)
-                                           / max(runs["layerwise"]["timings_s"].get("calibration", 0), 1e-9), 2),
-              "agreement": agreement(args.work / "out-baseline" / "patch.safetensors",
-                                     args.work / "out-layerwise" / "patch.safetensors"),
               "target_calibration_over_forward": TARGET_CALIBRATION_OVER_FORWARD,
+              "target_peak_over_model_bytes": TARGET_PEAK_OVER_MODEL_BYTES,
               "load_average": os.getloadavg(), "cpus": os.cpu_count()}
+    if "baseline" in runs:
+        result.update(
+            whole_command_speedup=round(runs["baseline"]["wall_s"] / runs["layerwise"]["wall_s"], 2),
+            calibration_speedup=round(runs["baseline"]["timings_s"].get("calibration", 0)
+                                      / max(runs["layerwise"]["timings_s"].get("calibration", 0), 1e-9), 2),
+            agreement=agreement(args.work / "out-baseline" / "patch.safetensors",
+                                args.work / "out-layerwise" / "patch.safetensors"))
+    if args.depth > 1:
+        result.update(depth_peak_ratio=round(runs[f"layerwise-depth-{args.depth}"]["peak_rss_mb"]
+                                             / runs["layerwise"]["peak_rss_mb"], 3),
+                      target_depth_peak_ratio=TARGET_DEPTH_PEAK_RATIO)
     print(json.dumps(result, indent=2))
     if args.results is not None:
         args.results.parent.mkdir(parents=True, exist_ok=True)

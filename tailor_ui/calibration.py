@@ -24,6 +24,7 @@ import torch
 
 from tailor_ui.control import Cancelled, StopCheck
 from tailor_ui.data import Example, load_image
+from tailor_ui.memory import return_freed_heap
 from tailor_ui.names import block_name, component
 from tailor_ui.pair import Pair
 from tailor_ui.prompts import Batch, encode_with_answers
@@ -194,6 +195,19 @@ def plan_layers(model: torch.nn.Module, linears: Sequence[str]) -> LayerPlan | s
     return LayerPlan(stack, tuple(prefix), by_layer)
 
 
+def front_params(model: torch.nn.Module, plan: LayerPlan) -> list[str]:
+    """The parameters registered before the plan's first driven layer: what runs before it
+    (vision tower, projector, embeddings, earlier layers). What comes after its last layer
+    (final norm, output head) never runs in a layer-by-layer run."""
+    first = f"{plan.stack}.{plan.first}."
+    out = []
+    for name, _ in model.named_parameters():
+        if name.startswith(first):
+            break
+        out.append(name)
+    return out
+
+
 @dataclass
 class LayerInputs:
     """One calibration set's inputs to the current layer, batch by batch: the hidden
@@ -277,6 +291,7 @@ def _checking_hooks(layers: torch.nn.ModuleList, plan: LayerPlan, found: LayerIn
     forward at the plan's last layer or at the first difference (`check["reason"]`)."""
     def output(_module: torch.nn.Module, _args: tuple, out: Any) -> None:
         check["out"] = layer_output(out)
+        return_freed_heap()  # the layer's activations: what the heap keeps would grow with depth
 
     def compare(index: int) -> Callable:
         def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

@@ -7,6 +7,7 @@ when complete.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import traceback
 from pathlib import Path
@@ -124,7 +125,8 @@ def _source_options(p: argparse.ArgumentParser) -> None:
 def _in_memory_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-memory", action="store_true",
                    help="load every model in full instead of streaming tensor by tensor (data-free "
-                        "methods, apply) or reading the fine-tuned weights lazily (tailor)")
+                        "methods, apply) or reading the base module by module and the fine-tuned "
+                        "weights lazily (tailor)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -413,6 +415,8 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    # accelerate says so when it offloads, as an onloaded base always does
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
     if not sys.stderr.isatty():
         hf_logging.disable_progress_bar()
 
@@ -528,8 +532,7 @@ def _tailor(args: argparse.Namespace) -> int:
     from tailor_ui.io import atomic_path
     from tailor_ui.methods import REGISTRY
     from tailor_ui.pair import load_pair
-    from tailor_ui.outputs import save_tailored
-    from tailor_ui.outputs import save_run
+    from tailor_ui.outputs import PATCH_NAME, save_run
 
     settings = _settings(args, args.method)
     if args.calib and len(args.calib) != len(args.finetuned):
@@ -551,19 +554,30 @@ def _tailor(args: argparse.Namespace) -> int:
         report = _tailor_streamed(args, settings, sources)
     else:
         # Model Tailor runs calibration forwards on the base; the fine-tuned weights are read
-        # from their checkpoint block by block (lazy), unless --in-memory
-        pair = load_pair(args.base, args.finetuned, lazy=not args.in_memory, **_load_options(args))
+        # from their checkpoint block by block (lazy) and, for a run that goes layer by layer,
+        # the base's from its own, module by module (onloaded); --in-memory loads both
+        from tailor_ui.methods.tailor_run import needs_every_score
+
+        pair = load_pair(args.base, args.finetuned, lazy=not args.in_memory,
+                         onload=not args.in_memory and not needs_every_score(settings), **_load_options(args))
+        onloaded = pair.loading["base"] == "onloaded"
         bar, update = _progress_bar()
-        try:
-            result = _run_in_memory(pair, settings, examples, anchor_examples, args.batch_size, update)
-        finally:
-            bar.close()
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
+            try:  # an onloaded run writes its patch as it goes, where the folder keeps it
+                result = _run_in_memory(pair, settings, examples, anchor_examples, args.batch_size, update,
+                                        patch_path=tmp / PATCH_NAME if onloaded else None)
+            finally:
+                bar.close()
             if args.save_model:  # first: its check counts in the report
-                result.report["tensors_checked"] = save_tailored(pair, result.patch, tmp / "model")
-            _write_adapter(args, result.patch, result.report, pair=pair)
-            save_run(tmp, None if args.no_patch else result.patch, result.report)
+                result.report["tensors_checked"] = _save_tailored(pair, result.patch, tmp / "model")
+            if onloaded:
+                _write_adapter(args, result.patch, result.report, base_folder=pair.loading["from"])
+            else:
+                _write_adapter(args, result.patch, result.report, pair=pair)
+            if onloaded and args.no_patch:
+                (tmp / PATCH_NAME).unlink()
+            save_run(tmp, None if args.no_patch or onloaded else result.patch, result.report)
             _write_cards(args, tmp, result.report)
         report = result.report
     print(f"{settings.method}: {report['patch_entries']:,} entries in the patch "
@@ -581,6 +595,18 @@ def _tailor(args: argparse.Namespace) -> int:
         folder = args.out / "model" if args.save_model else args.out
         print(f"published {folder} -> {push_folder(folder, args.push_to_hub, token, private=args.private)}")
     return 0
+
+
+def _save_tailored(pair, patch, folder: Path) -> int | None:
+    """The tailored model: an onloaded base's checkpoint streamed with the patch written in,
+    tensor by tensor (the checkpoint's dtypes, as every streamed output), else the loaded
+    base saved with it."""
+    from tailor_ui.outputs import save_tailored
+    from tailor_ui.stream import stream_apply_patch
+
+    if pair.loading["base"] != "onloaded":
+        return save_tailored(pair, patch, folder)
+    return stream_apply_patch(pair.loading["from"], patch, folder)["tensors_checked"]
 
 
 def _hub_token(args: argparse.Namespace) -> str | None:
@@ -755,17 +781,19 @@ def _read_anchor(args: argparse.Namespace, anchored: bool) -> list:
     return [ex for path in args.anchor for ex in read_calibration(path)[: args.calib_limit]]
 
 
-def _run_in_memory(pair, settings, examples: list[list], anchor: list, batch_size: int, progress):
+def _run_in_memory(pair, settings, examples: list[list], anchor: list, batch_size: int, progress,
+                   patch_path: Path | None = None):
     """A merge of the loaded pair (`tailor`, and `compare --calib`): `examples` holds each
     fine-tuned model's calibration examples (none for a data-free method), `anchor` the
-    original-task examples of anchored compensation."""
+    original-task examples of anchored compensation; `patch_path`: the patch is written
+    there as it is made."""
     from tailor_ui.calibration import calibration_batches
     from tailor_ui.engine import run_method
 
     calibration = [calibration_batches(pair.processor, ex, batch_size) for ex in examples]
     return run_method(pair, settings, calibration or None,
                       anchor=calibration_batches(pair.processor, anchor, batch_size), progress=progress,
-                      keep_scores=False)  # one shot: no slider re-thresholds its scores
+                      keep_scores=False, patch_path=patch_path)  # one shot: no slider re-thresholds its scores
 
 
 def _compare_rows(args: argparse.Namespace) -> list[dict]:

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,8 @@ from tailor_ui.methods.method import Method, MethodRun
 from tailor_ui.methods.tailor_run import pair_values
 from tailor_ui.names import layer_index
 from tailor_ui.pair import Pair
-from tailor_ui.patch import Patch, PatchFile, TensorPatch, tensor_patch, union
+from tailor_ui.patch import (Patch, PatchFile, TensorPatch, header_room, patch_writer, save_patch, tensor_patch,
+                             union)
 from tailor_ui.prompts import Batch
 from tailor_ui.routing import route_tensor
 from tailor_ui.settings import Settings
@@ -72,7 +74,7 @@ def patch_metadata(settings: Settings, base_id: str, finetuned_ids: Sequence[str
 def run_method(pair: Pair, settings: Settings, calibration: Sequence[Sequence[Batch]] | None = None,
                *, anchor: Sequence[Batch] | None = None, progress: Progress | None = None,
                should_stop: StopCheck | None = None, keep_scores: bool = True,
-               layerwise: bool = True) -> Result:
+               layerwise: bool = True, patch_path: Path | None = None) -> Result:
     """Merge every fine-tuned model of the pair into its base with the chosen method.
 
     `calibration[k]` holds the target-task batches of fine-tuned model k (methods that
@@ -81,6 +83,8 @@ def run_method(pair: Pair, settings: Settings, calibration: Sequence[Sequence[Ba
     fine-tuned model). `keep_scores`: per-tensor scores stay in the pair's cache for a
     later re-threshold (the dashboard's slider); a one-shot run (the CLI) keeps none.
     `layerwise` off runs calibration on the whole model per block (the reference path).
+    `patch_path` (one fine-tuned model): the patch is written to that file as it is made,
+    none of it held once finished (`_merged_to_file`); the result's patch is the file.
     """
     run = MethodRun(settings, progress or no_progress, should_stop or never_stop, anchor=tuple(anchor or ()),
                     keep_scores=keep_scores, layerwise=layerwise)
@@ -97,7 +101,8 @@ def run_method(pair: Pair, settings: Settings, calibration: Sequence[Sequence[Ba
     try:
         with PeakMemory() as meter:
             linears = chosen_linears(pair, settings.modules)
-            patch = _merged(pair, method, linears, calibration, run)
+            patch = (_merged(pair, method, linears, calibration, run) if patch_path is None
+                     else _merged_to_file(pair, method, linears, calibration, run, patch_path))
     finally:
         release(pair.base)  # every value written into the base is reverted by now
     seconds = time.perf_counter() - start
@@ -129,6 +134,28 @@ def _merged(pair: Pair, method: Method, linears: Sequence[str],
         patches.append(_nonempty(patch))
     return patches[0] if len(patches) == 1 else union(
         patches, _overlapping_base_values(pair, patches), run.settings.overlap)
+
+
+def _merged_to_file(pair: Pair, method: Method, linears: Sequence[str],
+                    calibration: Sequence[Sequence[Batch]] | None, run: MethodRun, path: Path) -> PatchFile:
+    """`_merged` written to a patch file: what the method's run hook finishes goes to the
+    file at once (`MethodRun.sink`), the rest when the run ends. Several fine-tuned models
+    are united at the end, so their patches are written then."""
+    if len(pair.finetuned) > 1:
+        merged = _merged(pair, method, linears, calibration, run)
+        merged.metadata = patch_metadata(run.settings, pair.base_id, pair.finetuned_ids, merged)
+        save_patch(merged, path)
+        return PatchFile(path)
+    with patch_writer(path, header_room(pair.changed())) as writer:
+        run.sink = lambda name, tp: writer.add(name, tp) if tp.index.numel() else None
+        try:
+            patch = _merged(pair, method, linears, calibration, run)
+        finally:
+            run.sink = None
+        for name, tp in patch.tensors.items():
+            writer.add(name, tp)
+        writer.metadata = patch_metadata(run.settings, pair.base_id, pair.finetuned_ids, writer)
+    return PatchFile(path)
 
 
 def _lazy_reads(pair: Pair) -> int | None:
@@ -191,6 +218,7 @@ def patch_report(pair: Pair, patch: Patch | PatchFile, linears: Sequence[str], s
         "settings": settings.to_dict(), "base": pair.base_id, "finetuned": pair.finetuned_ids,
         "finetuned_loading": ["in memory" if isinstance(ft, torch.nn.Module) else "lazy"
                               for ft in pair.finetuned],
+        "base_loading": pair.loading,
         "selected_linears": len(linears), "patch_entries": patch.num_entries,
         "linear_fraction": linear_kept / linear_numel if linear_numel else 0.0,
         "model_fraction": patch.num_entries / sum(p.numel() for p in params.values()),

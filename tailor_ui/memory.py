@@ -76,6 +76,17 @@ def release_large_frees(threshold_bytes: int = 4 * 2**20) -> bool:
         return False
 
 
+def return_freed_heap() -> bool:
+    """Give the pages of freed chunks inside glibc's heaps back to the system
+    (`malloc_trim`). A layer-by-layer run frees a layer's activations, a few MiB each, among
+    the cached inputs it keeps: the heap fragments, and what it held after each layer would
+    add up with depth. False where the C library is not glibc."""
+    try:
+        return bool(_libc().malloc_trim(0))
+    except AttributeError:
+        return False
+
+
 _MADV_HUGEPAGE = 14  # Linux's madvise advice
 _HUGE_PAGE = 2 * 2**20
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -265,6 +266,58 @@ def load_model(spec: str, *, dtype: str = "float32", device: Device = "cpu",
     return model, _load_processor(source, trust_remote_code)
 
 
+def onload_model(folder: str, dtype: str, device: str) -> torch.nn.Module | str:
+    """The model of a safetensors folder with no weight read: built with its parameters on
+    the meta device (buffers computed as loading computes them), then dispatched by
+    accelerate with every module's weights offloaded to the checkpoint's own files, read
+    when the module runs and dropped after, so the model holds one module's weights at a
+    time. Accelerate needs one resident module, on `device` (`_resident`). Or why the
+    folder cannot be read so."""
+    from accelerate import dispatch_model, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with Checkpoint(folder) as checkpoint:
+        names = key_map(folder, checkpoint.keys)
+        if names.converted:
+            return (f"transformers fuses or splits some tensors when loading (e.g. {sorted(names.converted)[0]}), "
+                    "so they cannot be read from the checkpoint one module at a time")
+        try:
+            config = AutoConfig.from_pretrained(folder)
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForImageTextToText.from_config(config, dtype=DTYPES[dtype])
+            # as loading ties them, one parameter (outside: the context re-creates assigned ones)
+            model.tie_weights(recompute_mapping=False)
+        except (OSError, ValueError, KeyError, ImportError) as exc:
+            return f"its model cannot be built ({_first_line(exc)[:200]})"
+        canonical = {id(p): n for n, p in reversed(list(model.named_parameters(remove_duplicate=False)))}
+        index = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            key = names.key_of.get(canonical[id(param)])
+            if key is None:
+                return f"{canonical[id(param)]} is not in the checkpoint"
+            info = checkpoint.tensors[key]
+            index[name] = {"safetensors_file": str(info.file), "weight_name": key,
+                           "dtype": str(param.dtype).removeprefix("torch.")}
+        for name, buffer in model.named_buffers():  # persistent buffers the checkpoint holds
+            if name in names.key_of:
+                buffer.copy_(checkpoint.read(names.key_of[name]).to(buffer.dtype))
+        owners = {n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
+        resident = _resident(model, owners)
+        if resident is None:
+            return "accelerate needs one resident module and the model has none to spare"
+        for name, param in model.get_submodule(resident).named_parameters():
+            full = f"{resident}.{name}"
+            set_module_tensor_to_device(model, full, device, value=checkpoint.read(index[full]["weight_name"]),
+                                        dtype=param.dtype)
+    device_map = {**dict.fromkeys(owners, "disk"), resident: device}
+    dispatch_model(model, device_map=device_map, offload_index={n: i for n, i in index.items()
+                                                                 if not n.startswith(f"{resident}.")},
+                   skip_keys=getattr(model, "_skip_keys_device_placement", None))
+    model.config._name_or_path = folder
+    return model.eval()
+
+
 @dataclass
 class Pair:
     """A base model, one or more fine-tuned models of it, and the shared processor."""
@@ -281,6 +334,9 @@ class Pair:
     # the base's own checkpoint read by parameter name (a lazily loaded pair whose base is a
     # local safetensors folder): what `finetuned_model` puts back, so it parks no copy
     base_checkpoint: LazyWeights | None = None
+    # how the base is held: {"base": "in memory"} (with why, where onloading was asked for),
+    # or {"base": "onloaded", "from": its safetensors folder, "device": where modules run}
+    loading: dict[str, str] = field(default_factory=lambda: {"base": "in memory"})
     _changed: list[str] | None = field(default=None, init=False, repr=False)
 
     def base_params(self) -> dict[str, torch.Tensor]:
@@ -344,7 +400,7 @@ class Pair:
         return self._changed
 
 
-def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
+def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False, onload: bool = False,
               progress: Progress | None = None, before_loading: Callable[[], None] | None = None,
               **load_options: Any) -> Pair:
     """Load and match a base model with one or several fine-tuned models of it.
@@ -358,7 +414,9 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
     (2 + one step per fine-tuned model). `before_loading` runs once every model's config has
     been read (a hub id: config.json only), so a model that cannot be reached or is of
     another architecture is refused before it runs (the dashboard lets go of a visitor's
-    current pair there).
+    current pair there). `onload`: the base's weights stay in its safetensors and each
+    module reads its own when it runs (`onload_model`), where the base has them; `Pair.loading`
+    says how the base is held and why.
     """
     specs = [finetuned] if isinstance(finetuned, str) else list(finetuned)
     if not specs:
@@ -377,7 +435,12 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
                                                               allowed_roots=roots))
         before_loading()
     report(f"loading the base model {base}", 1, 2 + len(specs))
-    base_model, processor = load_model(base, **load_options)
+    base_model, loading = _onloaded(base, roots, load_options) if onload else (None, {"base": "in memory"})
+    if base_model is not None:
+        processor = _load_processor(resolve_source(base, allowed_roots=roots),
+                                    load_options.get("trust_remote_code", False))
+    else:
+        base_model, processor = load_model(base, **load_options)
     base_checkpoint = _base_checkpoint(base, base_model, roots) if lazy else None
     tuned = []
     for i, spec in enumerate(specs, start=2):
@@ -393,7 +456,40 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False,
         check_match(base_model, model)
         tuned.append(model)
     return Pair(base=base_model, finetuned=tuned, processor=processor,
-                base_id=base, finetuned_ids=specs, base_checkpoint=base_checkpoint)
+                base_id=base, finetuned_ids=specs, base_checkpoint=base_checkpoint, loading=loading)
+
+
+def _resident(model: torch.nn.Module, owners: set[str]) -> str | None:
+    """The module an onloaded model keeps on its device. Accelerate places it with all its
+    submodules and offloads whatever lies below an offloaded module, so it is the module of
+    the first parameter (models take `self.device` from it) where it has no submodules, no
+    module above it holds weights and one path leads to it; else the first module with no
+    tensors at all (an activation), which holds nothing."""
+    paths = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    first = next(n for n, _ in model.named_parameters()).rpartition(".")[0]
+    module = model.get_submodule(first)
+    above = {first.rsplit(".", i)[0] for i in range(1, first.count(".") + 1)} | {""}
+    if first and not above & owners and not any(True for _ in module.children()) and paths[id(module)] == 1:
+        return first
+    return next((n for n, m in model.named_modules() if n and not any(True for _ in m.parameters())
+                 and not any(True for _ in m.buffers())), None)
+
+
+def _onloaded(spec: str, roots: list[Path] | None, load_options: dict[str, Any]
+              ) -> tuple[torch.nn.Module | None, dict[str, str]]:
+    """The base onloaded from its safetensors (`onload_model`), or None and why not."""
+    folder = weights_folder(resolve_source(spec, allowed_roots=roots))
+    if folder is None:
+        return None, {"base": "in memory", "why": "the base has no safetensors weights to read module by module"}
+    device = load_options.get("device", "cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        return None, {"base": "in memory", "why": f"device {device!r} is not available"}  # loading says so
+    found = onload_model(folder, load_options.get("dtype", "float32"), device)
+    if isinstance(found, str):
+        return None, {"base": "in memory", "why": found}
+    return found, {"base": "onloaded", "from": folder, "device": device}
 
 
 def _base_checkpoint(spec: str, base_model: torch.nn.Module, roots: list[Path] | None) -> LazyWeights | None:

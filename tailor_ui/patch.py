@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from tailor_ui.checkpoint import DTYPE_NAMES
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
-from tailor_ui.weights import read_param, writable_param
+from tailor_ui.weights import drop, on_disk_only, read_param, writable_param
 
 FORMAT = "tailor_ui.patch/2"
 LEGACY_FORMAT = "tailor_ui.patch/1"
@@ -126,6 +126,8 @@ class AppliedPatch:
 
     originals: dict[str, torch.Tensor]
     patch: Patch | PatchFile
+    # parameters read from their file alone (`weights.on_disk_only`): reverted by dropping the copy
+    dropped: set[str] = field(default_factory=set)
 
 
 def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -143,9 +145,13 @@ def apply_patch(model: torch.nn.Module, patch: Patch | PatchFile) -> AppliedPatc
         with torch.no_grad():
             for name in patch.shapes:
                 tp = patch.read(name)
+                fresh = on_disk_only(model, name)
                 flat = writable_param(model, name).view(-1)  # offloaded modules too
                 index = tp.index.to(flat.device)
-                state.originals[name] = flat[index].cpu()
+                if fresh:
+                    state.dropped.add(name)
+                else:
+                    state.originals[name] = flat[index].cpu()
                 flat[index] = tp.values.to(device=flat.device, dtype=flat.dtype)
     except BaseException:
         revert_patch(model, state)
@@ -156,6 +162,8 @@ def apply_patch(model: torch.nn.Module, patch: Patch | PatchFile) -> AppliedPatc
 def revert_patch(model: torch.nn.Module, applied: AppliedPatch) -> None:
     """Put back the values an `apply_patch` overwrote (bit-exact); a file's positions are
     read again, tensor by tensor."""
+    for name in applied.dropped:
+        drop(model, name)
     with torch.no_grad():
         for name, values in applied.originals.items():
             flat = writable_param(model, name).view(-1)

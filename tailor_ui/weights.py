@@ -62,21 +62,44 @@ def read_param(model: torch.nn.Module, name: str) -> torch.Tensor:
 def writable_param(model: torch.nn.Module, name: str) -> torch.Tensor:
     """The tensor holding a parameter's value, to write into in place: the parameter itself,
     or the offloaded copy its hook loads before each forward (disk: held in memory until
-    `release`)."""
+    `release` or `drop`)."""
     param = model.get_parameter(name)
     if param.device.type != "meta":
         return param.data
-    hook, key = _offload_hook(model, name)
-    loader, full = _store(hook.weights_map, key)
-    memory = getattr(loader, "state_dict", loader)  # OffloadedWeightsLoader: its dict comes first
-    if not isinstance(memory, MutableMapping):
-        raise UserError(f"{name} is offloaded in a way that cannot be written to ({type(loader).__name__})")
+    loader, memory, full = _memory(model, name)
     if full not in memory:
         memory[full] = loader[full].detach().clone()
         if not hasattr(loader, _HELD):
             setattr(loader, _HELD, set())
         getattr(loader, _HELD).add(full)
     return memory[full]
+
+
+def _memory(model: torch.nn.Module, name: str) -> tuple[Any, MutableMapping, str]:
+    """An offloaded parameter's loader, the in-memory dict it reads first, and its key there."""
+    hook, key = _offload_hook(model, name)
+    loader, full = _store(hook.weights_map, key)
+    memory = getattr(loader, "state_dict", loader)  # OffloadedWeightsLoader: its dict comes first
+    if not isinstance(memory, MutableMapping):
+        raise UserError(f"{name} is offloaded in a way that cannot be written to ({type(loader).__name__})")
+    return loader, memory, full
+
+
+def on_disk_only(model: torch.nn.Module, name: str) -> bool:
+    """A disk-offloaded parameter with no copy held in memory: what it reads is its file's
+    value, so putting it back after a write is dropping the copy (`drop`), nothing parked."""
+    if model.get_parameter(name).device.type != "meta":
+        return False
+    loader, memory, full = _memory(model, name)
+    return full not in memory and hasattr(loader, "index") and full in loader.index
+
+
+def drop(model: torch.nn.Module, name: str) -> None:
+    """Let go of the in-memory copy `writable_param` made of a disk-offloaded parameter:
+    it reads its file's value again."""
+    loader, memory, full = _memory(model, name)
+    memory.pop(full, None)
+    getattr(loader, _HELD, set()).discard(full)
 
 
 def release(model: torch.nn.Module) -> None:
@@ -133,14 +156,17 @@ def holding(model: torch.nn.Module, names: Sequence[str], value_of: Callable[[st
     """`model` with the named parameters set to `value_of(name)`, their values written back
     bit for bit at the end: `original_of(name, storage)` where given (read again from the
     checkpoint the model was loaded from: nothing is held meanwhile), else copies parked on
-    the CPU."""
+    the CPU; a parameter read from its file alone (`on_disk_only`) just drops its copy."""
     saved: dict[str, torch.Tensor] = {}
     written: list[str] = []
+    dropped: set[str] = set()
     try:
         with torch.no_grad():
             for name in names:
+                if on_disk_only(model, name):
+                    dropped.add(name)
                 storage = writable_param(model, name)
-                if original_of is None:
+                if original_of is None and name not in dropped:
                     saved[name] = storage.to("cpu", copy=True)
                 written.append(name)
                 storage.copy_(value_of(name))
@@ -148,5 +174,8 @@ def holding(model: torch.nn.Module, names: Sequence[str], value_of: Callable[[st
     finally:
         with torch.no_grad():
             for name in written:
+                if name in dropped:
+                    drop(model, name)
+                    continue
                 storage = writable_param(model, name)
                 storage.copy_(saved[name] if original_of is None else original_of(name, storage))

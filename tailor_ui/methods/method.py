@@ -59,6 +59,9 @@ class MethodRun:
     anchor: Sequence[Batch] = ()
     keep_scores: bool = True
     layerwise: bool = True
+    # where a finished tensor's patch may go as soon as nothing reads it (a patch file
+    # written as it goes); what goes there is not returned
+    sink: Callable[[str, Any], None] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)  # what the method adds to the run's report
 
@@ -76,7 +79,8 @@ class MethodRun:
 
 
 # (pair, index of the fine-tuned model, its calibration batches, the selected linears, the
-# patch already made of the other tensors, the run) → the selected linears' patches
+# patch already made of the other tensors, the run) → the selected linears' patches (less
+# those handed to `run.sink`)
 RunFn = Callable[[Any, int, Sequence[Batch], Sequence[str], dict, MethodRun], dict]
 
 

@@ -24,14 +24,14 @@ from typing import Any
 import torch
 
 from tailor_ui.calibration import (LayerInputs, LayerPlan, capture_layer_inputs, collect_hessians,
-                                   finetuned_model, plan_layers, run_layer)
+                                   finetuned_model, front_params, plan_layers, run_layer)
 from tailor_ui.methods.exact import (anchored_problem, compensate_exact, compensate_in_sparsegpt_order,
                                      tailor_block_scorer)
 from tailor_ui.methods.method import Batch, MethodRun
 from tailor_ui.methods.selection import global_threshold, keep_mask, layer_keep_budget
 from tailor_ui.methods.tailor import (TensorScores, compensate, inverse_hessian_factor,
                                       merge_without_compensation, tensor_scores)
-from tailor_ui.memory import layer_activation_bytes, linear_working_bytes, scored_bytes
+from tailor_ui.memory import layer_activation_bytes, linear_working_bytes, return_freed_heap, scored_bytes
 from tailor_ui.names import block_name, layer_groups
 from tailor_ui.pair import Pair
 from tailor_ui.patch import Patch, TensorPatch, applied, tensor_patch
@@ -52,7 +52,7 @@ def run_tailor(pair: Pair, k: int, calib: Sequence[Batch], linears: Sequence[str
     """The selected linears' patches of fine-tuned model k (`before`: the other tensors'
     patch, written into the working copy in sequential mode)."""
     s = run.settings
-    sequential = s.hessians == "sequential" and not _needs_every_score(s)
+    sequential = s.hessians == "sequential" and not needs_every_score(s)
     key = _cache_key(s, k, calib, run.anchor, sequential)
     cache = pair.cache.setdefault(key, {}) if run.keep_scores else {}
     hits = sum(n in cache for n in linears)
@@ -69,11 +69,11 @@ def run_tailor(pair: Pair, k: int, calib: Sequence[Batch], linears: Sequence[str
 
 def _tailored(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch], before: dict[str, TensorPatch],
               cache: dict, run: MethodRun, plan: LayerPlan | None, sequential: bool) -> dict[str, TensorPatch]:
+    if sequential and isinstance(plan, LayerPlan):
+        return _sequential_layerwise(pair, k, plan, calib, before, cache, run)
     if sequential:
         with ExitStack() as tailored:  # every block's patch stays written in until the end
             tailored.enter_context(applied(pair.base, Patch(tensors=dict(before))))
-            if isinstance(plan, LayerPlan):
-                return _sequential_layerwise(pair, k, plan, calib, cache, run, tailored)
             return _sequential(pair, k, layer_groups(linears), calib, cache, run, tailored)
     if isinstance(plan, LayerPlan):
         return _one_pass_layerwise(pair, k, plan, calib, cache, run)
@@ -83,32 +83,42 @@ def _tailored(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch]
 def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], run: MethodRun,
                     out: dict[str, TensorPatch], before: dict[str, TensorPatch], sequential: bool) -> None:
     """What the run held beyond the loaded models, term by term (`memory_terms_mb`), for
-    the path that ran: the cached layer inputs, the largest block's working set (fine-tuned
-    weights read and base values parked, its Hessians, its score entries), the score
-    cache where one is kept, one linear's scoring temporaries, one batch through one
-    layer, and the patch (with the base values it displaced while written in)."""
+    the path that ran: the cached layer inputs, the largest block's working set while its
+    Hessians are gathered (its fine-tuned values written in, the values they displaced,
+    its Hessians), the score cache where one is kept, one linear scored and tailored at a
+    time (its base and fine-tuned weights, its score entry, the temporaries), one batch
+    through one layer, and the patch (with the base values it displaced while written in).
+    An onloaded base (`Pair.loading`) holds none of its weights: a linear's base values are
+    a fresh read, the largest tensor is read from disk, converted and compared with the
+    fine-tuned one's, and nothing displaced is parked; where finished patches go to a file
+    as they are made, only the largest layer's is held."""
     s = run.settings
     shapes = {n: tuple(pair.base.get_parameter(f"{n}.weight").shape) for n in linears}
     size = pair.base.get_parameter(f"{linears[0]}.weight").element_size()
     sets = 2 if s.anchored else 1
+    onloaded = pair.loading["base"] == "onloaded"
     entry = {n: scored_bytes(*shapes[n], hessian=_holds_hessians(s), target=s.anchored) for n in linears}
     layerwise = run.report["pipeline"]["path"] == "layer-wise"
-    if layerwise or sequential:  # one block's fine-tuned weights read, its base values parked
-        groups = layer_groups(linears)
-        blocks = [2 * size * sum(out_ * in_ for out_, in_ in (shapes[n] for n in g))
-                  + 4 * sets * sum(shapes[n][1] ** 2 for n in g) + sum(entry[n] for n in g) for g in groups]
-        block = max(blocks)
+    if layerwise or sequential:  # one block's fine-tuned values written in, its Hessians
+        block = max(size * sum(shapes[n][0] * shapes[n][1] for n in g) + 4 * sets * sum(shapes[n][1] ** 2 for n in g)
+                    for g in layer_groups(linears))
     else:  # the whole fine-tuned model's changed values written in, every Hessian alive
         changed = sum(pair.base.get_parameter(n).numel() for n in pair.changed())
-        block = size * changed + 4 * sets * sum(shapes[n][1] ** 2 for n in linears) + max(entry.values())
+        block = size * changed + 4 * sets * sum(shapes[n][1] ** 2 for n in linears)
+    # the fine-tuned weights read; onloaded, the base's too, each through a half-precision buffer
+    weights = 3 if onloaded else 1
+    linear = max(linear_working_bytes(o, i) + weights * size * o * i + entry[n] for n, (o, i) in shapes.items())
     patches = [*out.values(), *before.values()]
     terms = {
         "layer inputs": run.report.pop("inputs_bytes", 0),
         "one block": block,
-        "score cache": sum(entry.values()) if run.keep_scores or _needs_every_score(s) else 0,
-        "one linear": max(linear_working_bytes(*shapes[n]) for n in linears),
+        "score cache": sum(entry.values()) if run.keep_scores or needs_every_score(s) else 0,
+        "one linear": linear,
         "activations": _activations(pair, linears, calib),
-        "patch": sum(tp.index.nbytes + tp.values.nbytes * (2 if sequential else 1) for tp in patches)}
+        "patch": run.report.pop("patch_bytes_held", 0)
+        + sum(tp.index.nbytes + tp.values.nbytes * (2 if sequential and not onloaded else 1) for tp in patches)}
+    if onloaded:  # base and fine-tuned values of the largest tensor, and one half-precision read
+        terms["one tensor read"] = 2.5 * max(p.element_size() * p.numel() for p in pair.base.parameters())
     run.report["memory_terms_mb"] = {name: value / 2**20 for name, value in terms.items()}
 
 
@@ -128,7 +138,7 @@ def _plan(pair: Pair, linears: Sequence[str], cache: dict, run: MethodRun, seque
         reason = "every score was cached: no calibration ran"
     elif not run.layerwise:
         reason = "layer by layer was turned off"
-    elif not sequential and _needs_every_score(run.settings):
+    elif not sequential and needs_every_score(run.settings):
         reason = ("a model-wide ranking (global scope or per-layer budget) needs every score "
                   "before the first compensation: one-pass Hessians of the whole model")
     else:
@@ -165,7 +175,7 @@ def _holds_hessians(s: Any) -> bool:
     return s.compensate and s.compensation in ("exact", "anchored")
 
 
-def _needs_every_score(s: Any) -> bool:
+def needs_every_score(s: Any) -> bool:
     """A model-wide threshold or a per-layer budget ranks layers against each other, so
     every score is needed before the first layer is compensated (one-pass Hessians)."""
     return s.scope == "global" or s.budget == "per-layer"
@@ -214,6 +224,7 @@ def _capture(pair: Pair, plan: LayerPlan, calib: Sequence[Batch], run: MethodRun
                 return found
             sets.append(found)
     run.report["inputs_bytes"] = sum(inputs.nbytes() for inputs in sets)
+    return_freed_heap()  # the front's activations, freed among the inputs kept
     return sets
 
 
@@ -231,49 +242,80 @@ def _sequential(pair: Pair, k: int, groups: Sequence[Sequence[str]], calib: Sequ
     return out
 
 
-def _sequential_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[Batch], cache: dict,
-                          run: MethodRun, tailored: ExitStack) -> dict[str, TensorPatch]:
+def _sequential_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[Batch],
+                          before: dict[str, TensorPatch], cache: dict, run: MethodRun) -> dict[str, TensorPatch]:
     """The authors' order, one layer at a time: linears before the driven layers go block by
     block on the whole model; then each layer's Hessians come from a run of that layer on
     its cached inputs while it holds its fine-tuned weights, its patch is written in, and
-    it runs once more to make the next layer's inputs."""
-    out = _sequential(pair, k, layer_groups(plan.prefix), calib, cache, run, tailored)
-    sets = _capture(pair, plan, calib, run)
-    if isinstance(sets, str):
-        _fallback(run, sets)
-        rest = layer_groups([n for i in sorted(plan.layers) for n in plan.layers[i]])
-        return {**out, **_sequential(pair, k, rest, calib, cache, run, tailored)}
+    it runs once more to make the next layer's inputs. What is written in (`before`: the
+    other tensors' patch) is written where it runs and taken out once it has run: the
+    front's until the first layer's inputs are captured, a layer's until its outputs are
+    made (an onloaded base holds no finished layer)."""
+    front = set(front_params(pair.base, plan))
+    with ExitStack() as written:
+        written.enter_context(applied(pair.base, _part(before, front.__contains__)))
+        out = _sequential(pair, k, layer_groups(plan.prefix), calib, cache, run, written)
+        sets = _capture(pair, plan, calib, run)
+        if isinstance(sets, str):
+            _fallback(run, sets)
+            written.enter_context(applied(pair.base, _part(before, lambda n: n not in front)))
+            rest = layer_groups([n for i in sorted(plan.layers) for n in plan.layers[i]])
+            return {**out, **_sequential(pair, k, rest, calib, cache, run, written)}
+    out = _hand_over(run, out)
     layers = pair.base.get_submodule(plan.stack)
     for i in range(plan.first, plan.last + 1):
         run.check()
         run.progress(f"tailoring layer {i}", i - plan.first, plan.last - plan.first + 1)
-        if i in plan.layers:
-            hessians_of = _layer_hessians(pair.base, layers[i], sets, run, advance=False)
-            out.update(_tailor_block(pair, k, plan.layers[i], cache, run, hessians_of, tailored))
-        if i < plan.last:
-            with run.timed("calibration"), run.timed("calibration: next layer's inputs"):
-                for inputs in sets:
-                    run_layer(pair.base, layers[i], inputs, advance=True, should_stop=run.should_stop)
+        done: dict[str, TensorPatch] = {}
+        with ExitStack() as written:
+            written.enter_context(applied(pair.base, _part(before, _in_layer(plan, i))))
+            if i in plan.layers:
+                hessians_of = _layer_hessians(pair.base, layers[i], sets, run, advance=False)
+                done = _tailor_block(pair, k, plan.layers[i], cache, run, hessians_of, written)
+            if i < plan.last:
+                with run.timed("calibration"), run.timed("calibration: next layer's inputs"):
+                    for inputs in sets:
+                        run_layer(pair.base, layers[i], inputs, advance=True, should_stop=run.should_stop)
+        out.update(_hand_over(run, done))
+        return_freed_heap()
     return out
+
+
+def _hand_over(run: MethodRun, done: dict[str, TensorPatch]) -> dict[str, TensorPatch]:
+    """Finished patches that nothing reads any more go to `run.sink` where there is one
+    (none is returned then); the most bytes of patch held at once is noted for the memory
+    prediction (`patch_bytes_held`)."""
+    if run.sink is None:
+        return done
+    held = sum(tp.index.nbytes + tp.values.nbytes for tp in done.values())
+    run.report["patch_bytes_held"] = max(run.report.get("patch_bytes_held", 0), held)
+    for name, tp in done.items():
+        run.sink(name, tp)
+    return {}
+
+
+def _part(patch: dict[str, TensorPatch], keep: Callable[[str], bool]) -> Patch:
+    return Patch(tensors={n: tp for n, tp in patch.items() if keep(n)})
+
+
+def _in_layer(plan: LayerPlan, i: int) -> Callable[[str], bool]:
+    return lambda name: name.startswith(f"{plan.stack}.{i}.")
 
 
 def _tailor_block(pair: Pair, k: int, group: list[str], cache: dict, run: MethodRun, hessians_of: HessiansOf,
                   tailored: ExitStack) -> dict[str, TensorPatch]:
     """One block of the sequential order: its Hessians (unless cached) while it holds its
-    fine-tuned weights (read once each), its patch, written into the base until the end."""
-    tuned = {n: pair_values(pair, f"{n}.weight", [k]) for n in group}  # (w_pre, [w_ft])
+    fine-tuned weights, then each linear read, scored and patched in turn (one linear's
+    weights and scores held at a time), the block's patch written into the base until
+    `tailored` closes."""
     todo = [n for n in group if n not in cache]
+    hessians: dict[str, torch.Tensor] = {}
+    anchors: dict[str, torch.Tensor] = {}
     if todo:
-        fine = {f"{n}.weight": tuned[n][1][0] for n in todo}
-        with run.timed("calibration"), holding(pair.base, list(fine), fine.__getitem__):
+        with run.timed("calibration"), holding(pair.base, [f"{n}.weight" for n in todo],
+                                               lambda name: pair.finetuned_value(k, name)):
             hessians, anchors = hessians_of(todo)
-        del fine
-        for n in todo:
-            cache[n] = _score(tuned[n][0], tuned[n][1][0], hessians.pop(n), anchors.pop(n, None), run)
-        del hessians, anchors
-    done = {f"{n}.weight": _tailor_tensor(tuned[n][0], tuned[n][1][0], cache[n], run) for n in group}
-    del tuned  # this block's fine-tuned weights go before the next block's are read
-    _forget(cache, group, run)
+    done = _score_and_tailor(pair, k, group, hessians, anchors, cache, run)
     tailored.enter_context(applied(pair.base, Patch(tensors=done)))
     return done
 
@@ -297,7 +339,7 @@ def _one_pass(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch]
         run.progress("collecting Hessians (one pass)", 0, 1)
         with run.timed("calibration"), finetuned_model(pair, k) as model:
             hessians, anchors = _whole_model_hessians(model, calib, run)(missing)
-    if _needs_every_score(run.settings):
+    if needs_every_score(run.settings):
         for name in linears:
             _score_read(pair, k, name, hessians, anchors, cache, run)
         return _ranked(pair, k, linears, cache, run)
@@ -312,6 +354,7 @@ def _score_and_tailor(pair: Pair, k: int, linears: Sequence[str], hessians: dict
         run.check()
         w_pre, w_ft = _score_read(pair, k, name, hessians, anchors, cache, run)
         out[f"{name}.weight"] = _tailor_tensor(w_pre, w_ft, cache[name], run)
+        del w_pre, w_ft  # before the next linear's are read
         _forget(cache, [name], run)
     return out
 
@@ -327,14 +370,15 @@ def _score_read(pair: Pair, k: int, name: str, hessians: dict, anchors: dict, ca
 def _one_pass_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[Batch], cache: dict,
                         run: MethodRun) -> dict[str, TensorPatch]:
     """One-pass Hessians one layer at a time: the base holds the fine-tuned values of the
-    changed tensors before the driven layers while their inputs are captured, then of each
-    layer's while it runs (Hessians and its outputs, the next layer's inputs, in one run)."""
+    changed tensors of its front (`front_params`) while the first layer's inputs are
+    captured, then of each layer's while it runs (Hessians and its outputs, the next
+    layer's inputs, in one run)."""
     value = lambda name: pair.finetuned_value(k, name)  # noqa: E731
     driven = {i: [n for n in pair.changed() if block_name(n) == f"{plan.stack}.{i}"]
               for i in range(plan.first, plan.last + 1)}
-    inside = {n for names in driven.values() for n in names}
+    front = set(front_params(pair.base, plan))
     out: dict[str, TensorPatch] = {}
-    with holding(pair.base, [n for n in pair.changed() if n not in inside], value):
+    with holding(pair.base, [n for n in pair.changed() if n in front], value):
         missing = [n for n in plan.prefix if n not in cache]
         with run.timed("calibration"):
             found = _whole_model_hessians(pair.base, calib, run)(missing) if missing else ({}, {})
@@ -344,6 +388,7 @@ def _one_pass_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[Bat
         _fallback(run, sets)
         rest = [n for i in sorted(plan.layers) for n in plan.layers[i]]
         return {**out, **_one_pass(pair, k, rest, calib, cache, run)}
+    out = _hand_over(run, out)
     layers = pair.base.get_submodule(plan.stack)
     for i in range(plan.first, plan.last + 1):
         run.check()
@@ -352,7 +397,8 @@ def _one_pass_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[Bat
         with run.timed("calibration"), holding(pair.base, driven[i], value):
             hessians, anchors = _layer_hessians(pair.base, layers[i], sets, run, advance=i < plan.last)(
                 [n for n in names if n not in cache])
-        out.update(_score_and_tailor(pair, k, names, hessians, anchors, cache, run))
+        out.update(_hand_over(run, _score_and_tailor(pair, k, names, hessians, anchors, cache, run)))
+        return_freed_heap()
     return out
 
 
