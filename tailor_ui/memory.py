@@ -193,10 +193,11 @@ def scored_bytes(out: int, inp: int, *, hessian: bool, target: bool) -> int:
 
 
 def linear_working_bytes(out: int, inp: int) -> int:
-    """Scoring and compensating one linear at a time: the damped Hessian, its Cholesky
-    factor, inverse and upper factor in float64 (8·in² each), and about six float32
-    out×in temporaries (change, salience, sensitivity, importance, the compensated copy)."""
-    return 32 * inp * inp + 24 * out * inp
+    """Scoring and compensating one linear at a time: two of the damped Hessian, its
+    Cholesky factor, inverse and upper factor in float64 at once (8·in² each), the factor in
+    float32 (4·in²), and about six float32 out×in temporaries (change, salience,
+    sensitivity, importance, the compensated copy)."""
+    return 20 * inp * inp + 24 * out * inp
 
 
 def layer_activation_bytes(batch: int, seq: int, hidden: int, ffn: int, heads: int) -> int:

@@ -40,8 +40,14 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> torch.T
     except torch.linalg.LinAlgError:
         raise ValueError("the Hessian is not positive definite even after damping; "
                          "raise the damping or use more calibration data") from None
+    # each float64 in×in matrix goes as soon as the next is made: at most two live at once
+    # (a quarter of a gigabyte each for a 5632-wide input)
+    del h
     inverse = torch.cholesky_inverse(lower)
-    return torch.linalg.cholesky(inverse, upper=True).float()
+    del lower
+    upper = torch.linalg.cholesky(inverse, upper=True)
+    del inverse
+    return upper.float()
 
 
 @dataclass
