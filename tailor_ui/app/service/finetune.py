@@ -106,8 +106,9 @@ def finetune_run(handle: PairHandle, request: FinetuneRequest, live: list[float]
     folder.mkdir(parents=True, exist_ok=True)
     models = []
     for i, (name, patch) in enumerate(patches):
-        save_patch(patch, folder / f"model-{i}.safetensors")
-        models.append((name, folder / f"model-{i}.safetensors"))
+        path = folder / f"model-{i}.safetensors"
+        save_patch(patch, path)
+        models.append((name, path))
     return TrainedModel(job_id="", label=label, method=request.method, settings=request.settings,
                         report=result.to_dict(), models=models, handle=handle, folder=folder,
                         seconds=time.perf_counter() - start)
