@@ -171,10 +171,19 @@ def cpu_ticks(pid: int) -> int:
         return -1
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def kill_busiest_worker(pid: int, run: Run, t_s: float) -> bool:
     """SIGKILL the server's child that computed most over the last 0.3 s (mid-job, not one
     that has sent its result and is exiting)."""
-    before = {c: cpu_ticks(c) for c in children(pid)}
+    # a job's worker is a fork of the server (its command line); other children are not jobs
+    server = Path(f"/proc/{pid}/cmdline").read_bytes()
+    before = {c: cpu_ticks(c) for c in children(pid) if _cmdline(c) == server}
     time.sleep(0.3)
     gained = {c: cpu_ticks(c) - ticks for c, ticks in before.items() if c in children(pid)}
     busy = [c for c, ticks in gained.items() if ticks > 0]

@@ -259,6 +259,9 @@ def _worker(fn, stop: threading.Event, results: Connection, commands: Connection
     except Exception as exc:  # the result cannot be pickled: say so instead
         _put(results, ("raised", RuntimeError(
             f"the job's result could not be sent back ({type(exc).__name__}: {exc})")))
+    # the outcome is in the pipe: end now, without tearing down what the fork inherited (a
+    # worker killed while it would be freeing its memory would have no job left to fail)
+    os._exit(0)
 
 
 def _put(conn: Connection, message: tuple) -> None:
