@@ -18,7 +18,7 @@ import torch
 
 from tailor_ui.control import Progress, StopCheck, never_stop, no_progress
 from tailor_ui.errors import UserError
-from tailor_ui.memory import ALLOCATOR_SLACK_BYTES, PeakMemory, release_large_frees
+from tailor_ui.memory import PeakMemory, release_large_frees, run_overhead_mb
 from tailor_ui.methods import REGISTRY
 from tailor_ui.methods.method import Method, MethodRun
 from tailor_ui.methods.tailor_run import pair_values
@@ -112,7 +112,7 @@ def run_method(pair: Pair, settings: Settings, calibration: Sequence[Sequence[Ba
     terms = report.get("memory_terms_mb")
     if terms is not None:  # the run's terms, on what the process held when it started
         report["memory"]["predicted_peak_mb"] = (report["memory"]["rss_at_start_mb"] + sum(terms.values())
-                                                 + ALLOCATOR_SLACK_BYTES / 2**20)
+                                                 + run_overhead_mb())
     if reads_before is not None:
         report["finetuned_reads"] = _lazy_reads(pair) - reads_before
     return Result(patch=patch, report=report)

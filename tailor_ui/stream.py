@@ -36,7 +36,7 @@ from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_pro
 from tailor_ui.engine import patch_metadata
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
-from tailor_ui.memory import ALLOCATOR_SLACK_BYTES, PeakMemory, release_large_frees
+from tailor_ui.memory import PeakMemory, release_large_frees, run_overhead_mb
 from tailor_ui.methods import REGISTRY
 from tailor_ui.patch import MaskedPatch, Patch, PatchFile, PatchWriter, bits_differ, check_fits
 from tailor_ui.routing import merged_chunks, runs_elementwise, with_patch
@@ -414,8 +414,8 @@ def _report(job: _Job, meter: PeakMemory, files: list[str], seconds: float, base
               "one_tensor_bound_mb": bound / 2**20, "pipeline_bound_mb": pipeline / 2**20,
               "patch_held_mb": held,
               # the stack (torch, transformers) at start, the three stages in flight, the
-              # allocator's slack, the patch held
-              "predicted_peak_mb": meter.rss_at_start_mb + (pipeline + ALLOCATOR_SLACK_BYTES) / 2**20 + held}
+              # allocator's slack and the kernels' code, the patch held
+              "predicted_peak_mb": meter.rss_at_start_mb + pipeline / 2**20 + run_overhead_mb() + held}
     return {"settings": job.settings.to_dict(), "base": base_id, "finetuned": finetuned_ids,
             "streamed": True, "device": str(job.device), "tensors_total": len(keys),
             "tensors_in_parts": len({i.key for i in items if not i.whole}),
