@@ -165,6 +165,32 @@ def test_queue_is_bounded_per_owner_and_overall(runner):
     runner.submit("c", "tailor", lambda p, s: None)  # room again
 
 
+def test_a_full_queue_tells_visitors_to_come_back_when_it_would_have_drained(runner, monkeypatch):
+    """The refusal's wait is the waiting jobs at the pace of the recent runs (median), at
+    least a poller's wait and at most the cap: sooner, refused visitors would come back to
+    a queue as full as they left it."""
+    def refusal() -> str:
+        with pytest.raises(UserError, match="queue is full") as refused:
+            runner.submit("d", "tailor", lambda p, s: None)
+        return str(refused.value)
+
+    monkeypatch.setattr(runner, "max_queued", 0)
+    assert refusal().endswith("try again in 10 s")  # no job has run yet: a poller's wait
+    monkeypatch.setattr(runner, "max_queued", 6)
+    for seconds in (0.2, 0.3, 0.9):  # median 0.3 s
+        runner.wait(runner.submit("a", "tailor", lambda p, s, t=seconds: time.sleep(t)).id, "a", 5)
+    job, release = blocker(runner, owner="x")
+    queued = [runner.submit(owner, "tailor", lambda p, s: None) for owner in "bbbccc"]
+    assert refusal().endswith("(6 jobs waiting, its limit); try again in 10 s")  # 1.8 s: the floor
+    monkeypatch.setattr(jobs, "RETRY_MAX_SECONDS", 0.5)
+    assert refusal().endswith("try again in 2 s")  # 6 waiting × 0.3 s
+    monkeypatch.setattr(jobs, "FULL_QUEUE_RETRY_MAX_SECONDS", 1.0)
+    assert refusal().endswith("try again in 1 s")
+    release.set()
+    for j in [job, *queued]:
+        runner.wait(j.id, j.owner, 5)
+
+
 def test_one_job_at_a_time_per_lane_and_lanes_in_parallel():
     runner = JobRunner(["cpu", "cuda"], max_queued=20, max_queued_per_owner=20)
     running = {"cpu": 0, "cuda": 0}

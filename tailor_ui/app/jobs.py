@@ -29,6 +29,7 @@ from __future__ import annotations
 import gc
 import logging
 import secrets
+import statistics
 import threading
 import time
 from collections import deque
@@ -93,6 +94,10 @@ class JobKind(StrEnum):
 
 JobFn = Callable[[Progress, StopCheck], Any]
 RETRY_MAX_SECONDS = 10.0  # the longest a poller of a queued job is told to wait
+# a visitor refused by a full queue is told to come back once the waiting jobs would have
+# started, at the pace recent jobs ran (not sooner than a poller, not later than this)
+FULL_QUEUE_RETRY_MAX_SECONDS = 300.0
+RECENT_RUNS = 20  # finished jobs whose run times set that pace
 
 
 @dataclass
@@ -232,6 +237,7 @@ class JobRunner:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._jobs: dict[str, Job] = {}
+        self._recent_runs: deque[float] = deque(maxlen=RECENT_RUNS)
         self._count = 0
         self._closed = False
         self._lanes: dict[str, _Lane] = {}
@@ -267,7 +273,7 @@ class JobRunner:
                                 f"or cancel one (at most {self.max_queued_per_owner} per visitor)")
             if len(waiting) >= self.max_queued:
                 raise UserError(f"the server's job queue is full ({len(waiting)} jobs waiting, its "
-                                f"limit); try again in {RETRY_MAX_SECONDS:.0f} s")
+                                f"limit); try again in {self._full_queue_retry(len(waiting)):.0f} s")
             self._count += 1
             job = Job(id=f"job-{self._count}-{secrets.token_hex(3)}", owner=owner, kind=kind,
                       label=label or str(kind), lane=lane,
@@ -277,6 +283,15 @@ class JobRunner:
             self._lanes[lane].restage()
             self._wakeup.notify_all()
         return job
+
+    def _full_queue_retry(self, waiting: int) -> float:
+        """Seconds until `waiting` jobs would all have started, each lane running the median
+        of the recent jobs' run times (a poller's wait while none has finished yet): told
+        less, refused visitors would come back to a queue as full as they left it."""
+        if not self._recent_runs:
+            return RETRY_MAX_SECONDS
+        drain = waiting * statistics.median(self._recent_runs) / len(self._lanes)
+        return min(max(drain, RETRY_MAX_SECONDS), FULL_QUEUE_RETRY_MAX_SECONDS)
 
     def get(self, job_id: str, owner: str) -> Job:
         job = self._jobs.get((job_id or "").strip())
@@ -431,6 +446,8 @@ class JobRunner:
         with self._lock:
             job.result = result
             job.status, job.stage, job.error, job.finished = outcome, stage, error, time.time()
+            if job.started is not None:
+                self._recent_runs.append(job.finished - job.started)
         if self.on_finish is not None:
             try:
                 self.on_finish(job)
