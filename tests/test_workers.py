@@ -47,7 +47,8 @@ def test_a_job_computes_in_a_fork_and_its_progress_relays_and_result_come_back(r
         for i in range(3):
             progress(f"step {i + 1}/3", i, 3)
             relay(i * 10)
-        return {"pid": os.getpid(), "tensor": torch.arange(4), "handled": workers.in_worker()}
+        return {"pid": os.getpid(), "tensor": torch.arange(4), "handled": workers.in_worker(),
+                "nice": os.nice(0)}
 
     stages = []
     job = runner.submit("a", JobKind.TAILOR, report)
@@ -58,6 +59,8 @@ def test_a_job_computes_in_a_fork_and_its_progress_relays_and_result_come_back(r
     job = runner.wait(job.id, "a", 30)
     assert job.status == DONE, job.error
     assert job.result["pid"] == job.worker_pid != os.getpid() and job.result["handled"]
+    # it yields the cores to the server
+    assert job.result["nice"] == min(os.nice(0) + workers.WORKER_NICENESS, 19)
     assert torch.equal(job.result["tensor"], torch.arange(4))
     assert seen == [0, 10, 20]  # the relay ran here, in order
     assert job.done == 2 and job.total == 3

@@ -58,7 +58,9 @@ log = logging.getLogger(__name__)
 _FORK = multiprocessing.get_context("fork")
 POLL_SECONDS = 0.1  # how often the server checks for a cancel while a worker computes
 PROGRESS_SECONDS = 0.05  # the most often a worker reports progress counts
-WORKER_NICENESS = 5  # a worker yields the cores to the web server when both want them
+# a worker yields the cores to the web server when both want them: at 10 its two compute
+# threads weigh about a fifth of one server thread with the kernel's scheduler
+WORKER_NICENESS = 10
 
 _channel: Connection | None = None  # in a worker: its pipe to the server
 _worker_threads = 1  # torch threads a worker computes with (`prepare_forks`)
