@@ -291,7 +291,7 @@ def _masked_encoding(bits: np.ndarray, count: int, numel: int, value_bytes: int)
     if count - 1 > (numel + 7) // 8:  # every gap takes a byte at least: the mask is smaller
         return "mask", 0, 0
     first = next(int(p[0]) for p in _positions(bits, numel) if p.size)
-    largest = max((int(g.max()) for g in _gaps(bits, numel) if g.size), default=0)
+    largest = max((int(g.max()) for g in _gaps(bits, numel)), default=0)
     sizes = encoded_sizes(count, numel, value_bytes, largest)
     encoding = min(sizes, key=sizes.__getitem__)  # as `encode` chooses
     return encoding, first if encoding == "gaps" else 0, largest
@@ -307,8 +307,9 @@ def _gaps(bits: np.ndarray, numel: int) -> Iterator[np.ndarray]:
     """The distances between consecutive set bits (int64), a step of the mask at a time."""
     previous = None
     for positions in _positions(bits, numel):
-        if positions.size:
+        if positions.size > (previous is None):  # none before the first position
             yield np.diff(positions) if previous is None else np.diff(positions, prepend=previous)
+        if positions.size:
             previous = positions[-1:]
 
 
@@ -401,7 +402,8 @@ class PatchWriter:
     def add(self, name: str, tp: TensorPatch | MaskedPatch) -> None:
         """A tensor's patch. A `MaskedPatch` may come in consecutive parts: the values are
         written as they come, the mask or gaps after the last part, so the file's bytes are
-        the same however the tensor was split."""
+        the same however the tensor was split (and a tensor whose parts keep nothing is left
+        out)."""
         if isinstance(tp, MaskedPatch):
             self._add_masked(name, tp)
             return

@@ -20,6 +20,7 @@ import functools
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -165,6 +166,11 @@ class _Job:
     tensors_checked: int = 0  # tensors of the base found in the written folder
     _changed: dict[str, bool] = field(default_factory=dict)  # reader's: a tensor in parts differs
     _counted: int = 0  # merger's: changed entries of the tensor in parts so far
+    # the patch's buffers, used again for the next item of the same size (fresh memory costs
+    # a page fault per 4 KiB: as much as finding and gathering the entries): the merger's
+    # mask, and the values' storage a file writer is done with (one: two are ever in use)
+    _mask: np.ndarray | None = None
+    _spare: deque = field(default_factory=lambda: deque(maxlen=1))
 
     @functools.cached_property
     def regex(self) -> re.Pattern | None:
@@ -251,8 +257,8 @@ class _Job:
         gives its entries even where none changed: the patch must see a tensor's last part."""
         flat_out = out.view(-1)
         collect = self.patch is not None
-        mask = np.empty(out.numel(), dtype=np.bool_) if collect else None
-        values = torch.empty(out.numel(), dtype=out.dtype) if collect else None
+        mask = self._mask_buffer(out.numel()) if collect else None
+        values = self._values_buffer(out.numel(), out.dtype) if collect else None
         kept = bit_ints(values) if collect else None
         changed = 0
         for start, new in chunks:
@@ -265,9 +271,28 @@ class _Job:
             changed += count
             flat_out[start:end] = new  # after the comparison: on the CPU `base` is `out`
         if not collect or (not changed and item.whole):
+            if collect:
+                self._spare.append(values.untyped_storage())
             return changed, None
         shape = tuple(self.base.tensors[item.key].shape)
         return changed, MaskedPatch(pack_mask(mask), values[:changed], shape, item.start, item.end)
+
+    def _mask_buffer(self, numel: int) -> np.ndarray:
+        if self._mask is None or self._mask.size != numel:
+            self._mask = None  # freed before its successor is taken
+            self._mask = np.empty(numel, dtype=np.bool_)
+        return self._mask
+
+    def _values_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        spare = self._spare.pop() if self._spare else None
+        if spare is None or spare.nbytes() != numel * dtype.itemsize:
+            return torch.empty(numel, dtype=dtype)
+        return torch.empty(0, dtype=dtype).set_(spare)
+
+    def written(self, entries: MaskedPatch) -> None:
+        """The writer is done with `entries` (a file writer keeps nothing of them)."""
+        if isinstance(self.patch, PatchWriter):
+            self._spare.append(entries.values.untyped_storage())
 
 
 def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str | Path],
@@ -373,6 +398,7 @@ def _write(job: _Job, out_dir: str | Path | None, max_shard_bytes: int, progress
                 writer.write(key, value)
             if entries is not None:
                 job.patch.add(job.names.param_of[key], entries)
+                job.written(entries)
             job.clock.add("write", t0)
 
         with ThreadPoolExecutor(1) as reads, ThreadPoolExecutor(1) as writes:
