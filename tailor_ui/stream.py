@@ -48,8 +48,9 @@ from tailor_ui.weights import parse_device
 
 CHUNK_ELEMS = 1 << 18  # entries per chunk of an element-wise merge (1 MiB in float32: in cache)
 # entries per part of a larger tensor that an element-wise merge reads, merges and writes
-# in parts (a multiple of 8, so a part's packed mask is whole bytes) (8 MiB in fp16): the pipeline's working set is bounded by the
-# part, not by the largest tensor (an embedding or output head is 60-250 MB)
+# in parts (8 MiB in fp16): the pipeline's working set is bounded by the part, not by the
+# largest tensor (an embedding or output head is 60-250 MB). A multiple of 8, so that a
+# part's packed mask for the patch is whole bytes.
 PART_ELEMS = 1 << 22
 
 
@@ -168,7 +169,8 @@ class _Job:
     _counted: int = 0  # merger's: changed entries of the tensor in parts so far
     # the patch's buffers, used again for the next item of the same size (fresh memory costs
     # a page fault per 4 KiB: as much as finding and gathering the entries): the merger's
-    # mask, and the values' storage a file writer is done with (one: two are ever in use)
+    # mask, and the values' storage a file writer is done with (one kept: at most two are in
+    # use, one being filled and one being written)
     _mask: np.ndarray | None = None
     _spare: deque = field(default_factory=lambda: deque(maxlen=1))
 
@@ -253,7 +255,7 @@ class _Job:
         the base values `out` still holds) and copying them for the patch, into a mask and a
         values buffer of the item's size (so the patch never takes more than 1 + b bytes per
         entry), packed after the last chunk. Compared and copied by numpy: torch's boolean
-        indexing took 6 ns per entry on one thread, numpy's `compress` takes under 1. A part
+        indexing took 6 ns per entry on one thread, numpy's `compress` about 1. A part
         gives its entries even where none changed: the patch must see a tensor's last part."""
         flat_out = out.view(-1)
         collect = self.patch is not None
