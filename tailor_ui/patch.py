@@ -49,16 +49,39 @@ class TensorPatch:
 
 @dataclass
 class MaskedPatch:
-    """A tensor's patch as a flat mask of its kept entries and their values in order: what a
-    streamed merge has in hand. Positions are computed only where something needs them
-    (int64 positions take 8 bytes per entry, the mask one)."""
+    """A tensor's patch as a streamed merge has it in hand: over flat entries [start, end) of
+    a tensor of `shape` (all of them, or one part of a tensor that comes in consecutive
+    parts), a packed mask of the kept entries, a bit per entry (little-endian, as the file's
+    "mask" encoding stores it), and their values in order. Positions are computed only where
+    something needs them (int64 positions take 64 bits per entry, the mask one)."""
 
-    mask: torch.Tensor  # bool, flat
-    values: torch.Tensor  # one per True entry, in order
-    shape: tuple[int, ...]
+    bits: torch.Tensor  # uint8, (end - start + 7) // 8
+    values: torch.Tensor  # one per set bit, in order
+    shape: tuple[int, ...]  # the whole tensor's
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
 
     def positions(self) -> TensorPatch:
-        return TensorPatch(index=self.mask.nonzero().flatten(), values=self.values, shape=self.shape)
+        """The whole tensor's patch by positions (a part has only some of them)."""
+        if (self.start, self.end) != (0, self.numel):
+            raise ValueError("positions are computed for a whole tensor, not a part")
+        return TensorPatch(index=torch.from_numpy(_set_bits(self.bits.numpy(), 0, self.numel)),
+                           values=self.values, shape=self.shape)
+
+
+def pack_mask(mask: np.ndarray) -> torch.Tensor:
+    """A boolean mask as `MaskedPatch.bits` (and the file's "mask" part) hold it."""
+    return torch.from_numpy(np.packbits(mask, bitorder="little"))
+
+
+def _set_bits(bits: np.ndarray, start: int, end: int) -> np.ndarray:
+    """The positions (int64, ascending) of the set bits among entries [start, end) of a
+    packed mask; `start` a multiple of 8."""
+    return np.unpackbits(bits[start // 8:(end + 7) // 8], count=end - start, bitorder="little").nonzero()[0] + start
 
 
 @dataclass
@@ -93,6 +116,12 @@ def bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         view = _INT_VIEW[a.element_size()]
         return a.view(view) != b.view(view)
     return a != b
+
+
+def bit_ints(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's entries, flat, as integers of their width (a view, no copy): they
+    compare equal where the entries are equal bit for bit, so -0.0 and NaNs count."""
+    return t.reshape(-1).view(_INT_VIEW[t.element_size()]).numpy()
 
 
 def changed_entries(base: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -211,6 +240,9 @@ def check_fits(shapes: Mapping[str, tuple[int, ...]], patch: "Patch | PatchFile"
 # int32/int64 positions, and `<name>::values`) is still read.
 
 _GAP_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+# entries of a packed mask turned into positions at a time (a multiple of 8), so encoding a
+# tensor's gaps holds a few such steps' positions, not the tensor's
+MASK_STEP = 1 << 16
 
 
 def _gap_dtype(largest: int) -> torch.dtype:
@@ -231,18 +263,10 @@ def encoded_sizes(count: int, numel: int, value_bytes: int, largest_gap: int) ->
     return sizes
 
 
-def encode(tp: TensorPatch | MaskedPatch) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def encode(tp: TensorPatch) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The smallest encoding of a tensor's patch: its header entry and its stored parts."""
     numel, count = int(torch.Size(tp.shape).numel()), tp.values.numel()
     entry = {"shape": list(tp.shape), "dtype": DTYPE_NAMES[tp.values.dtype], "count": count}
-    if isinstance(tp, MaskedPatch):
-        if count == numel:
-            return {**entry, "encoding": "dense", "first": 0}, {"values": tp.values.contiguous()}
-        if count - 1 > (numel + 7) // 8:  # every gap takes a byte at least: the mask is smaller
-            packed = np.packbits(tp.mask.numpy(), bitorder="little")
-            return ({**entry, "encoding": "mask", "first": 0},
-                    {"values": tp.values.contiguous(), "mask": torch.from_numpy(packed)})
-        tp = tp.positions()
     index, values = _ascending(tp)
     gaps = index.diff() if count else index
     largest = int(gaps.max()) if gaps.numel() else 0
@@ -255,8 +279,38 @@ def encode(tp: TensorPatch | MaskedPatch) -> tuple[dict[str, Any], dict[str, tor
     elif encoding == "mask":
         mask = torch.zeros(numel, dtype=torch.bool)
         mask[index] = True
-        parts["mask"] = torch.from_numpy(np.packbits(mask.numpy(), bitorder="little"))
+        parts["mask"] = pack_mask(mask.numpy())
     return entry, parts
+
+
+def _masked_encoding(bits: np.ndarray, count: int, numel: int, value_bytes: int) -> tuple[str, int, int]:
+    """`encode`'s choice for a packed mask of `count` kept entries: the encoding, the first
+    kept position and the largest gap (both found only where gaps may be smallest)."""
+    if count == numel:
+        return "dense", 0, 0
+    if count - 1 > (numel + 7) // 8:  # every gap takes a byte at least: the mask is smaller
+        return "mask", 0, 0
+    first = next(int(p[0]) for p in _positions(bits, numel) if p.size)
+    largest = max((int(g.max()) for g in _gaps(bits, numel)), default=0)
+    sizes = encoded_sizes(count, numel, value_bytes, largest)
+    encoding = min(sizes, key=sizes.__getitem__)  # as `encode` chooses
+    return encoding, first if encoding == "gaps" else 0, largest
+
+
+def _positions(bits: np.ndarray, numel: int) -> Iterator[np.ndarray]:
+    """The set bits' positions, `MASK_STEP` entries of the mask at a time."""
+    for start in range(0, numel, MASK_STEP):
+        yield _set_bits(bits, start, min(start + MASK_STEP, numel))
+
+
+def _gaps(bits: np.ndarray, numel: int) -> Iterator[np.ndarray]:
+    """The distances between consecutive set bits (int64), a step of the mask at a time."""
+    previous = None
+    for positions in _positions(bits, numel):
+        if positions.size > (previous is None):  # none before the first position
+            yield np.diff(positions) if previous is None else np.diff(positions, prepend=previous)
+        if positions.size:
+            previous = positions[-1:]
 
 
 def _ascending(tp: TensorPatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,11 +361,32 @@ def header_room(names: Iterable[str]) -> int:
     return sum(5 * len(name) + 400 for name in names) + 16 * 2**10
 
 
+def writer_bytes(numel: int) -> int:
+    """What a `PatchWriter` holds at worst besides the part it is given, for a tensor of
+    `numel` entries: the tensor's packed mask, filled part by part, and what turning a mask
+    into gaps takes (a step's unpacked mask, then at most three int64 arrays of positions
+    or gaps, one more while they are diffed, and the narrowed gaps: 33 bytes per entry)."""
+    return (numel + 7) // 8 + 33 * MASK_STEP
+
+
+@dataclass
+class _Open:
+    """A tensor whose masked parts are coming; its values go to the file as they come."""
+
+    name: str
+    shape: tuple[int, ...]
+    bits: torch.Tensor  # the whole tensor's packed mask, filled part by part
+    dtype: torch.dtype
+    at: int  # where its values start in the data
+    count: int = 0
+    next: int = 0  # the flat entry its next part starts at
+
+
 class PatchWriter:
     """Writes tensors' patches to the file as they come, behind `header_bytes` kept for
     the header; `finish` writes the header in front (where it outgrew that room, or the
     data is small, the data is copied once behind it). Nothing but the tensor being added
-    is held."""
+    is held (for a tensor in parts, the part and the tensor's packed mask)."""
 
     def __init__(self, path: Path, header_bytes: int = 0) -> None:
         self.path = path
@@ -322,23 +397,83 @@ class PatchWriter:
         self._file = open(path, "wb")
         self._file.seek(8 + self._room)
         self._offset = 0
+        self._open: _Open | None = None
 
     def add(self, name: str, tp: TensorPatch | MaskedPatch) -> None:
-        if name in self.entries:
-            raise ValueError(f"{name} is in the patch already")
+        """A tensor's patch. A `MaskedPatch` may come in consecutive parts: the values are
+        written as they come, the mask or gaps after the last part, so the file's bytes are
+        the same however the tensor was split (and a tensor whose parts keep nothing is left
+        out)."""
+        if isinstance(tp, MaskedPatch):
+            self._add_masked(name, tp)
+            return
+        self._check_new(name)
         entry, parts = encode(tp)
         self.entries[name] = entry
         for part, tensor in parts.items():
-            raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            self._file.write(raw)
-            self._table[f"{name}::{part}"] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": [tensor.numel()],
-                                             "data_offsets": [self._offset, self._offset + len(raw)]}
-            self._offset += len(raw)
+            start = self._offset
+            self._append(tensor)
+            self._record(f"{name}::{part}", tensor.dtype, tensor.numel(), start)
+
+    def _check_new(self, name: str) -> None:
+        if name in self.entries:
+            raise ValueError(f"{name} is in the patch already")
+        if self._open is not None:
+            raise ValueError(f"{self._open.name} is missing its last part")
+
+    def _append(self, tensor: torch.Tensor) -> None:
+        raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        self._file.write(raw)
+        self._offset += len(raw)
+
+    def _record(self, key: str, dtype: torch.dtype, count: int, start: int) -> None:
+        """The table's entry for a stored part: `count` entries from `start` up to here."""
+        self._table[key] = {"dtype": DTYPE_NAMES[dtype], "shape": [count], "data_offsets": [start, self._offset]}
+
+    def _add_masked(self, name: str, tp: MaskedPatch) -> None:
+        if tp.start == 0:
+            self._check_new(name)
+            whole = tp.end == tp.numel
+            bits = tp.bits if whole else torch.zeros((tp.numel + 7) // 8, dtype=torch.uint8)
+            self._open = _Open(name, tuple(tp.shape), bits, tp.values.dtype, self._offset)
+        opened = self._open
+        if opened is None or opened.name != name or tp.start != opened.next or tp.start % 8:
+            raise ValueError(f"{name}: parts come in order, each from a whole byte of the mask")
+        if opened.bits is not tp.bits:
+            opened.bits[tp.start // 8:tp.start // 8 + tp.bits.numel()] = tp.bits
+        self._append(tp.values)
+        opened.count += tp.values.numel()
+        opened.next = tp.end
+        if tp.end == tp.numel:
+            self._open = None
+            if opened.count:
+                self._close(opened)
+
+    def _close(self, t: _Open) -> None:
+        """A masked tensor's last part is in: its entry, and the mask or the gaps
+        (computed from the mask a step at a time) behind its values."""
+        numel = int(torch.Size(t.shape).numel())
+        self._record(f"{t.name}::values", t.dtype, t.count, t.at)
+        bits = t.bits.numpy()
+        encoding, first, largest = _masked_encoding(bits, t.count, numel, t.dtype.itemsize)
+        self.entries[t.name] = {"shape": list(t.shape), "dtype": DTYPE_NAMES[t.dtype], "count": t.count,
+                                "encoding": encoding, "first": first}
+        start = self._offset
+        if encoding == "mask":
+            self._append(t.bits)
+            self._record(f"{t.name}::mask", t.bits.dtype, t.bits.numel(), start)
+        elif encoding == "gaps":
+            dtype = _gap_dtype(largest)
+            for gaps in _gaps(bits, numel):
+                self._append(torch.from_numpy(gaps).to(dtype))
+            self._record(f"{t.name}::gaps", dtype, t.count - 1, start)
 
     def counts(self) -> dict[str, int]:
         return {name: entry["count"] for name, entry in self.entries.items()}
 
     def finish(self) -> None:
+        if self._open is not None:
+            raise ValueError(f"{self._open.name} is missing its last part")
         info = {"format": FORMAT, "tensors": self.entries, "metadata": self.metadata}
         header = {"__metadata__": {"tailor_ui": json.dumps(info)}, **self._table}
         raw = json.dumps(header, separators=(",", ":")).encode()

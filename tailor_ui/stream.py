@@ -5,8 +5,8 @@ name together, one tensor at a time, with one shard file open per model
 (`tailor_ui.checkpoint`); each merged tensor goes straight into a sharded output whose
 headers are planned up front (the output has the base's names, shapes and dtypes), so peak
 memory is a few tensors' working set (one read ahead, one merged, one being written), not
-the model's; without a patch, large tensors merged entry by entry go in parts
-(`PART_ELEMS`), so it is a few parts'.
+the model's; large tensors merged entry by entry go in parts (`PART_ELEMS`), so it is a
+few parts' (where the patch is collected in memory, not written to its file, they go whole).
 
 Each tensor goes through `tailor_ui.routing.route_tensor`, the routing `run_method` uses
 too (the method's per-tensor merge from the registry, the `others` policy, `union` of
@@ -20,6 +20,7 @@ import functools
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tailor_ui.adapter import open_finetuned
@@ -38,15 +40,17 @@ from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
 from tailor_ui.memory import PeakMemory, release_large_frees, run_overhead_mb
 from tailor_ui.methods import REGISTRY
-from tailor_ui.patch import MaskedPatch, Patch, PatchFile, PatchWriter, bits_differ, check_fits
+from tailor_ui.patch import (MaskedPatch, Patch, PatchFile, PatchWriter, bit_ints, check_fits, pack_mask,
+                             writer_bytes)
 from tailor_ui.routing import merged_chunks, runs_elementwise, with_patch
 from tailor_ui.settings import Settings
 from tailor_ui.weights import parse_device
 
 CHUNK_ELEMS = 1 << 18  # entries per chunk of an element-wise merge (1 MiB in float32: in cache)
-# entries per part of a larger tensor that an element-wise merge without a patch reads,
-# merges and writes in parts (8 MiB in fp16): the pipeline's working set is bounded by the
-# part, not by the largest tensor (an embedding or output head is 60-250 MB)
+# entries per part of a larger tensor that an element-wise merge reads, merges and writes
+# in parts (8 MiB in fp16): the pipeline's working set is bounded by the part, not by the
+# largest tensor (an embedding or output head is 60-250 MB). A multiple of 8, so that a
+# part's packed mask for the patch is whole bytes.
 PART_ELEMS = 1 << 22
 
 
@@ -62,10 +66,7 @@ def memory_bound_bytes(numel: int, base_bytes: int, n_models: int, method: str,
     method's own per model (scores, masks and top-k indices: `Method.temporaries`, ~4 for
     TIES and magnitude). Element-wise methods, and those that run by chunks themselves
     (`Method.chunks`: TIES, DARE), compute on chunks of `chunk_elems` entries, so their
-    temporaries are bounded by the chunk, not the tensor. With `patch`, the
-    changed entries' mask (a byte each) and values, and what encoding them takes at worst
-    (a packed mask, or the positions of at most one entry in 8 and their gaps: 2 bytes per
-    entry of the tensor).
+    temporaries are bounded by the chunk, not the tensor. With `patch`, `patch_bytes`.
     """
     info = REGISTRY[method]
     temps = 4 * (3 * n_models + 4 + info.temporaries * n_models)
@@ -76,25 +77,28 @@ def memory_bound_bytes(numel: int, base_bytes: int, n_models: int, method: str,
 
 
 def patch_bytes(numel: int, base_bytes: int) -> int:
-    """A tensor's patch in hand (mask and values buffers) and being encoded, at worst."""
-    return numel * (1 + base_bytes + 2)
+    """A tensor's (or part's) patch in hand: the changed entries' mask (a byte each), the
+    values buffer, and the mask packed (a bit each)."""
+    return numel * (1 + base_bytes) + (numel + 7) // 8
 
 
-def pipeline_bound_bytes(tensors: Sequence[tuple[int, int]], n_models: int, method: str,
+def pipeline_bound_bytes(tensors: Sequence[tuple[int, int, int]], n_models: int, method: str,
                          chunk_elems: int | None = None, patch: bool = False) -> int:
-    """Working set of the streamed merge over `tensors` ((entries, bytes per entry) in
-    checkpoint order): at worst, tensor i + 1 read (base and models), tensor i merged
-    (`memory_bound_bytes`) and tensor i − 1 being written (with its patch)."""
+    """Working set of the streamed merge over `tensors` ((entries, bytes per entry, entries
+    of the whole tensor) of each tensor or part, in checkpoint order): at worst, tensor i + 1
+    read (base and models), tensor i merged (`memory_bound_bytes`) and tensor i − 1 being
+    written, with its patch and what the patch's writer holds for its whole tensor."""
     def read(k: int) -> int:
         return tensors[k][0] * tensors[k][1] * (n_models + 1) if 0 <= k < len(tensors) else 0
 
     def written(k: int) -> int:
         if not 0 <= k < len(tensors):
             return 0
-        return tensors[k][0] * tensors[k][1] + (patch_bytes(*tensors[k]) if patch else 0)
+        numel, size, whole = tensors[k]
+        return numel * size + (patch_bytes(numel, size) + writer_bytes(whole) if patch else 0)
 
     return max((read(i + 1) + memory_bound_bytes(numel, size, n_models, method, chunk_elems, patch)
-                + written(i - 1) for i, (numel, size) in enumerate(tensors)), default=0)
+                + written(i - 1) for i, (numel, size, _) in enumerate(tensors)), default=0)
 
 
 @dataclass
@@ -163,6 +167,12 @@ class _Job:
     tensors_checked: int = 0  # tensors of the base found in the written folder
     _changed: dict[str, bool] = field(default_factory=dict)  # reader's: a tensor in parts differs
     _counted: int = 0  # merger's: changed entries of the tensor in parts so far
+    # the patch's buffers, used again for the next item of the same size (fresh memory costs
+    # a page fault per 4 KiB: as much as finding and gathering the entries): the merger's
+    # mask, and the values' storage a file writer is done with (one kept: at most two are in
+    # use, one being filled and one being written)
+    _mask: np.ndarray | None = None
+    _spare: deque = field(default_factory=lambda: deque(maxlen=1))
 
     @functools.cached_property
     def regex(self) -> re.Pattern | None:
@@ -232,34 +242,59 @@ class _Job:
                                    selected, self.chunk_elems,
                                    None if item.whole else self._changed[item.key])
             if chunks is not None:
-                changed, entries = self._take(b, on_device, chunks)
+                changed, entries = self._take(b, item, chunks)
                 self._counted = (0 if item.start == 0 else self._counted) + changed
                 if item.end == item.numel:  # the tensor is done
                     self.tally.add(item.key, name, item.numel, self._counted, selected)
         self.clock.add("merge", t0)
         return b, entries
 
-    def _take(self, out: torch.Tensor, base: torch.Tensor, chunks: Iterator[tuple[int, torch.Tensor]]
+    def _take(self, out: torch.Tensor, item: _Item, chunks: Iterator[tuple[int, torch.Tensor]]
               ) -> tuple[int, MaskedPatch | None]:
-        """Write each chunk into `out` after counting its changed entries and copying them
-        for the patch (into a mask and a values buffer of the tensor's size, so the patch
-        never takes more than 1 + b bytes per entry)."""
-        flat_out, flat_base = out.view(-1), base.reshape(-1)
-        mask = torch.empty(out.numel(), dtype=torch.bool) if self.patch is not None else None
-        values = torch.empty(out.numel(), dtype=out.dtype) if self.patch is not None else None
+        """Write each chunk into `out` after counting its changed entries (bit for bit against
+        the base values `out` still holds) and copying them for the patch, into a mask and a
+        values buffer of the item's size (so the patch never takes more than 1 + b bytes per
+        entry), packed after the last chunk. Compared and copied by numpy: torch's boolean
+        indexing took 6 ns per entry on one thread, numpy's `compress` about 1. A part
+        gives its entries even where none changed: the patch must see a tensor's last part."""
+        flat_out = out.view(-1)
+        collect = self.patch is not None
+        mask = self._mask_buffer(out.numel()) if collect else None
+        values = self._values_buffer(out.numel(), out.dtype) if collect else None
+        kept = bit_ints(values) if collect else None
         changed = 0
         for start, new in chunks:
             end = start + new.numel()
-            differs = bits_differ(flat_base[start:end], new)
-            count = int(torch.count_nonzero(differs))
-            if mask is not None:
-                mask[start:end] = differs
-                values[changed:changed + count] = new if count == new.numel() else new[differs]
+            now, was = bit_ints(new.cpu()), bit_ints(flat_out[start:end].cpu())  # no copies on the CPU
+            differs = np.not_equal(was, now, out=mask[start:end] if collect else None)
+            count = int(np.count_nonzero(differs))
+            if collect:
+                np.compress(differs, now, out=kept[changed:changed + count])
             changed += count
             flat_out[start:end] = new  # after the comparison: on the CPU `base` is `out`
-        if not changed or mask is None:
+        if not collect or (not changed and item.whole):
+            if collect:
+                self._spare.append(values.untyped_storage())
             return changed, None
-        return changed, MaskedPatch(mask=mask, values=values[:changed], shape=tuple(out.shape))
+        shape = tuple(self.base.tensors[item.key].shape)
+        return changed, MaskedPatch(pack_mask(mask), values[:changed], shape, item.start, item.end)
+
+    def _mask_buffer(self, numel: int) -> np.ndarray:
+        if self._mask is None or self._mask.size != numel:
+            self._mask = None  # freed before its successor is taken
+            self._mask = np.empty(numel, dtype=np.bool_)
+        return self._mask
+
+    def _values_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        spare = self._spare.pop() if self._spare else None
+        if spare is None or spare.nbytes() != numel * dtype.itemsize:
+            return torch.empty(numel, dtype=dtype)
+        return torch.empty(0, dtype=dtype).set_(spare)
+
+    def written(self, entries: MaskedPatch) -> None:
+        """The writer is done with `entries` (a file writer keeps nothing of them)."""
+        if isinstance(self.patch, PatchWriter):
+            self._spare.append(entries.values.untyped_storage())
 
 
 def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str | Path],
@@ -283,7 +318,8 @@ def stream_merge(base_dir: str | Path, finetuned_dirs: str | Path | Sequence[str
         raise UserError("give at least one fine-tuned model")
     start = time.perf_counter()
     job = _open(base_dir, dirs, settings, parse_device(device), chunk_elems, patch)
-    if patch is None and all(type(c) is Checkpoint for c in job.tuned):  # an adapter reads whole tensors
+    # an adapter reads whole tensors; a collected patch takes them whole (a file, in parts)
+    if not isinstance(patch, Patch) and all(type(c) is Checkpoint for c in job.tuned):
         job.part_elems = PART_ELEMS
     return _run(job, start, out_dir, max_shard_bytes, progress, should_stop, str(base_dir),
                 [str(d) for d in dirs])
@@ -364,6 +400,7 @@ def _write(job: _Job, out_dir: str | Path | None, max_shard_bytes: int, progress
                 writer.write(key, value)
             if entries is not None:
                 job.patch.add(job.names.param_of[key], entries)
+                job.written(entries)
             job.clock.add("write", t0)
 
         with ThreadPoolExecutor(1) as reads, ThreadPoolExecutor(1) as writes:
@@ -401,9 +438,9 @@ def _report(job: _Job, meter: PeakMemory, files: list[str], seconds: float, base
     numel = sum(torch.Size(t.shape).numel() for t in tensors.values())
     # what goes through the pipeline at once: tensors, or their parts
     items = job.items()
-    sizes = [(item.end - item.start, tensors[item.key].dtype.itemsize) for item in items]
+    sizes = [(item.end - item.start, tensors[item.key].dtype.itemsize, item.numel) for item in items]
     entries = sum(t["changed"] for t in tally.per_tensor.values())
-    largest_numel, largest_size = max(sizes, key=lambda s: s[0] * s[1], default=(0, 0))
+    largest_numel, largest_size, _ = max(sizes, key=lambda s: s[0] * s[1], default=(0, 0, 0))
     method, n, collects = job.settings.method, len(job.tuned), job.patch is not None
     bound = memory_bound_bytes(largest_numel, largest_size, n, method, job.chunk_elems, collects)
     pipeline = pipeline_bound_bytes(sizes, n, method, job.chunk_elems, collects)

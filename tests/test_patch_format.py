@@ -3,6 +3,7 @@ encoding, empty, all kept, 1-D, fp16/bf16), format-1 files still read, streamed 
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,8 +11,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from tailor_ui.errors import UserError
-from tailor_ui.patch import (LEGACY_FORMAT, Patch, PatchFile, TensorPatch, encode, header_room,
-                             load_patch, patch_writer, save_patch)
+from tailor_ui.patch import (LEGACY_FORMAT, MaskedPatch, Patch, PatchFile, TensorPatch, encode, header_room,
+                             _masked_encoding, load_patch, pack_mask, patch_writer, save_patch)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INT_VIEW = {4: torch.int32, 2: torch.int16}
@@ -190,3 +191,124 @@ def test_a_small_patch_is_not_padded_to_its_room(tmp_path):
         writer.add("w", tp)
     assert (tmp_path / "p.safetensors").stat().st_size < 2_000
     assert same(load_patch(tmp_path / "p.safetensors").tensors["w"], tp)
+
+
+# ------------------------------------------------------------ masked parts (streamed merges)
+
+def masked_parts(tp: TensorPatch, part: int) -> list[MaskedPatch]:
+    """`tp` as a streamed merge hands it to the writer: packed masks and values over
+    consecutive parts of `part` entries (the whole tensor where `part` is 0)."""
+    numel = tp.numel
+    mask = np.zeros(numel, dtype=bool)
+    mask[tp.index.numpy()] = True
+    pieces, before = [], 0
+    for start in range(0, numel, part or numel):
+        end = min(start + (part or numel), numel)
+        count = int(mask[start:end].sum())
+        pieces.append(MaskedPatch(pack_mask(mask[start:end]), tp.values[before:before + count], tp.shape,
+                                  start, end))
+        before += count
+    return pieces
+
+
+def written(path, patches: dict, part: int = 0, room: int = 0) -> bytes:
+    """The file of `patches` given as masked parts of `part` entries (0: whole), or by
+    positions (-1; leaving out, as masked parts do, a tensor that keeps nothing)."""
+    with patch_writer(path, room) as writer:
+        writer.metadata = {"method": "test"}
+        for name, tp in patches.items():
+            for piece in masked_parts(tp, part) if part >= 0 else [tp] if tp.index.numel() else []:
+                writer.add(name, piece)
+    return path.read_bytes()
+
+
+@settings(max_examples=80, deadline=None)
+@given(numel=st.integers(2, 400), fraction=st.floats(0, 1), clustered=st.booleans(),
+       part=st.sampled_from([0, 8, 16, 48, 400]), step=st.sampled_from([8, 24, 1 << 16]),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_masked_parts_give_the_bytes_of_the_patch_by_positions(tmp_path_factory, numel, fraction, clustered,
+                                                               part, step, dtype, seed):
+    """However a tensor is split into parts, and however its mask is stepped through for
+    the gaps, the writer stores what `encode` stores for the same entries by positions:
+    every encoding (gaps of any width, mask, dense, one entry, none), kept entries spread
+    out or in one run."""
+    import tailor_ui.patch as patch_module
+
+    count = round(fraction * numel)
+    tp = random_patch((numel,), count, dtype, seed)
+    if clustered:  # one run of kept entries, far from the start: long gaps either side
+        tp.index = torch.arange(numel - count, numel)
+    root = tmp_path_factory.mktemp("m")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(patch_module, "MASK_STEP", step)
+        streamed = written(root / "parts.safetensors", {"w": tp, "b": tp}, part)
+    assert streamed == written(root / "positions.safetensors", {"w": tp, "b": tp}, part=-1)
+
+
+def test_a_whole_one_entry_tensor_from_a_mask_is_dense():
+    """The one case where a mask and positions store differently (as they always have): a
+    tensor of one entry, kept, is "dense" from a mask and "gaps" (no gaps) by positions;
+    both take the value's bytes alone."""
+    tp = TensorPatch(index=torch.tensor([0]), values=torch.tensor([2.5]), shape=(1,))
+    assert encode(tp)[0]["encoding"] == "gaps" and not encode(tp)[1]["gaps"].numel()
+    assert _masked_encoding(pack_mask(np.ones(1, dtype=bool)).numpy(), 1, 1, 4)[0] == "dense"
+
+
+def test_gap_widths_and_first_positions_from_masks_in_parts(tmp_path):
+    """Gaps wider than a byte that straddle parts and mask steps, and a first position in a
+    later part: the same file as by positions."""
+    import tailor_ui.patch as patch_module
+
+    for spacing, width in [(200, "U8"), (300, "I16"), (40_000, "I32")]:
+        tp = TensorPatch(index=torch.arange(5 * spacing, 15 * spacing, spacing), values=torch.ones(10),
+                         shape=(16 * spacing,))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(patch_module, "MASK_STEP", 64)
+            streamed = written(tmp_path / "parts.safetensors", {"w": tp}, part=256)
+        assert streamed == written(tmp_path / "positions.safetensors", {"w": tp}, part=-1)
+        file = PatchFile(tmp_path / "parts.safetensors")
+        assert file.entries["w"]["encoding"] == "gaps" and file.entries["w"]["first"] == 5 * spacing
+        assert file._handle.get_slice("w::gaps").get_dtype() == width
+        assert same(file.read("w"), tp)
+
+
+def test_masked_parts_must_come_whole_and_in_order(tmp_path):
+    tp = random_patch((64,), 30, torch.float16)
+    first, second, last = masked_parts(tp, 24)
+    unaligned = MaskedPatch(second.bits, second.values, (64,), 20, 48)
+    for pieces, error in [([second], "in order"), ([first, last], "in order"), ([first, unaligned], "in order"),
+                          ([first, first], "missing its last part"), ([first, tp], "missing its last part"),
+                          ([first], "missing its last part")]:
+        with pytest.raises(ValueError, match=error), patch_writer(tmp_path / "p.safetensors") as writer:
+            for piece in pieces:
+                writer.add("w", piece)
+    assert not list(tmp_path.iterdir())  # nothing left behind
+
+
+def golden_patch() -> dict[str, TensorPatch]:
+    """One tensor per encoding, from integer arithmetic alone (no random generator)."""
+    def spread(numel, index, dtype):
+        index = torch.as_tensor(index)
+        return TensorPatch(index=index, values=(index.double() * 0.37 - 5).to(dtype), shape=(numel,))
+
+    return {"gaps.u8": spread(4096, torch.arange(3, 4096, 97), torch.float16),
+            "gaps.i16": spread(20_000, torch.arange(11, 20_000, 700), torch.bfloat16),
+            "one": spread(500, [499], torch.float32),
+            "mask": spread(4096, torch.arange(0, 4096, 3), torch.float16),
+            "dense": spread(100, torch.arange(100), torch.bfloat16)}
+
+
+# the golden patch's file (with `written`'s metadata) as format 2 was written before masked
+# parts existed, by positions and from whole masks alike
+GOLDEN_SHA256 = "107518badaf3165c93e420b1c3dc3af7b8638d99179e63082fac65feefe947e9"
+
+
+@pytest.mark.parametrize("part", [-1, 0, 64])
+def test_the_file_format_keeps_its_bytes(tmp_path, part):
+    """A fixed patch's file, written by positions or from masks (whole or in parts), has
+    the bytes it has always had: readers of older files and of files streamed elsewhere
+    rely on them."""
+    import hashlib
+
+    data = written(tmp_path / "p.safetensors", golden_patch(), part, room=header_room(golden_patch()))
+    assert hashlib.sha256(data).hexdigest() == GOLDEN_SHA256

@@ -465,16 +465,26 @@ def test_gpu_compute_matches_cpu(disk_models, tmp_path):
                           _streamed_params(tmp_path / f"{method}-gpu", d["base"]))
 
 
-def test_a_streamed_patch_file_equals_the_collected_patch_saved(disk_models, tmp_path):
-    """A `patch_writer` takes each tensor's entries into the file as the merge makes them:
-    the same bytes as collecting the patch in memory and saving it."""
+@pytest.mark.parametrize("settings, part_elems", [(Settings(method="ties", keep=0.3), None),
+                                                 (Settings(method="task_arithmetic", lam=0.6, others="linear"), 16),
+                                                 (Settings(method="magnitude", keep=0.05, others="finetuned"), 64)],
+                         ids=["whole", "parts", "sparse-parts"])
+def test_a_streamed_patch_file_equals_the_collected_patch_saved(disk_models, tmp_path, monkeypatch, settings,
+                                                                part_elems):
+    """A `patch_writer` takes each tensor's entries into the file as the merge makes them,
+    in parts where the merge reads the tensor in parts: the same bytes as collecting the
+    patch in memory (tensors whole) and saving it."""
+    import tailor_ui.stream as stream
+
+    if part_elems:
+        monkeypatch.setattr(stream, "PART_ELEMS", part_elems)
     d = disk_models
-    settings = Settings(method="ties", keep=0.3)
     collected = Patch(tensors={})
-    stream_merge(d["base"], [d["ft_a"], d["ft_b"]], settings, None, patch=collected)
+    stream_merge(d["base"], [d["ft_a"], d["ft_b"]], settings, None, patch=collected, chunk_elems=40)
     save_patch(collected, tmp_path / "collected.safetensors")
     with patch_writer(tmp_path / "streamed.safetensors") as writer:
-        stream_merge(d["base"], [d["ft_a"], d["ft_b"]], settings, None, patch=writer)
+        report = stream_merge(d["base"], [d["ft_a"], d["ft_b"]], settings, None, patch=writer, chunk_elems=40)
+    assert (report["tensors_in_parts"] > 0) == bool(part_elems)
     assert writer.counts() == collected.counts() and collected.num_entries > 0
     assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "collected.safetensors").read_bytes()
 
