@@ -63,7 +63,7 @@ def run_tailor(pair: Pair, k: int, calib: Sequence[Batch], linears: Sequence[str
     plan = _plan(pair, linears, cache, run, sequential)
     out = _tailored(pair, k, linears, calib, before, cache, run, plan, sequential)
     if hits < len(linears):  # a re-threshold of cached scores computes (and predicts) nothing
-        _predict_memory(pair, linears, calib, run, out, before, sequential)
+        _predict_memory(pair, linears, calib, run, out, before, sequential, plan)
     return out
 
 
@@ -81,7 +81,8 @@ def _tailored(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch]
 
 
 def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], run: MethodRun,
-                    out: dict[str, TensorPatch], before: dict[str, TensorPatch], sequential: bool) -> None:
+                    out: dict[str, TensorPatch], before: dict[str, TensorPatch], sequential: bool,
+                    plan: LayerPlan | None) -> None:
     """What the run held beyond the loaded models, term by term (`memory_terms_mb`), for
     the path that ran: the cached layer inputs, the largest block's working set while its
     Hessians are gathered (its fine-tuned values written in, the values they displaced,
@@ -120,11 +121,12 @@ def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], 
         + sum(tp.index.nbytes + tp.values.nbytes * (2 if sequential and not onloaded else 1) for tp in patches)}
     if onloaded:  # base and fine-tuned values of the largest tensor, and one half-precision read
         terms["one tensor read"] = 2.5 * max(p.element_size() * p.numel() for p in pair.base.parameters())
-    if onloaded and layerwise:  # a driven layer's untailored weights, held while it runs
+    if onloaded and layerwise and plan is not None:  # a driven layer's untailored weights, held while it runs
         tailored = {f"{n}.weight" for n in linears}
+        layers = pair.base.get_submodule(plan.stack)
         terms["one layer's other weights"] = max(
-            sum(p.element_size() * p.numel() for n, p in pair.base.get_submodule(b).named_parameters(prefix=b)
-                if n not in tailored) for b in {block_name(n) for n in linears} - {None})
+            sum(p.element_size() * p.numel() for n, p in layers[i].named_parameters(prefix=f"{plan.stack}.{i}")
+                if n not in tailored) for i in range(plan.first, plan.last + 1))
     run.report["memory_terms_mb"] = {name: value / 2**20 for name, value in terms.items()}
 
 
