@@ -24,6 +24,7 @@ import torch
 
 from tailor_ui.control import Cancelled, StopCheck
 from tailor_ui.data import Example, load_image
+from tailor_ui.memory import return_freed_heap
 from tailor_ui.names import block_name, component
 from tailor_ui.pair import Pair
 from tailor_ui.prompts import Batch, encode_with_answers
@@ -274,6 +275,8 @@ def capture_layer_inputs(model: torch.nn.Module, plan: LayerPlan, batches: Seque
                     model(**inputs, **no_cache)
                 except _ForwardDone:
                     pass
+                if check["on"]:  # the check's forward went further: its freed activations go back
+                    return_freed_heap()
                 check["on"] = False
                 if "reason" in check:
                     return str(check["reason"])
