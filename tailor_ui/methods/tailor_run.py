@@ -258,7 +258,8 @@ def _sequential_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[B
     it runs once more to make the next layer's inputs. What is written in (`before`: the
     other tensors' patch) is written where it runs and taken out once it has run: the
     front's until the first layer's inputs are captured, a layer's until its outputs are
-    made (an onloaded base holds no finished layer)."""
+    made (an onloaded base holds no finished layer). An onloaded layer's other weights are
+    read from the checkpoint once for both its runs (`weights.onloaded`)."""
     front = set(front_params(pair.base, plan))
     with ExitStack() as written:
         written.enter_context(applied(pair.base, _part(before, front.__contains__)))
@@ -277,8 +278,7 @@ def _sequential_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[B
         done: dict[str, TensorPatch] = {}
         with ExitStack() as written:
             written.enter_context(applied(pair.base, _part(before, _in_layer(plan, i))))
-            # what the layer's runs read and nothing writes in, once for all its batches and both runs
-            tailored = {f"{n}.weight" for n in plan.layers.get(i, [])}
+            tailored = {f"{n}.weight" for n in plan.layers.get(i, [])}  # hold values of their own
             written.enter_context(onloaded(pair.base, _layer_params(plan, i, layers[i], tailored.__contains__)))
             if i in plan.layers:
                 hessians_of = _layer_hessians(pair.base, layers[i], sets, run, advance=False)
