@@ -3,6 +3,7 @@ the same run: stage by stage, against one plain forward, with peak memory and ag
 
     python bench/tailor_layerwise.py --size s --baseline main --results bench/results/tailor_layerwise_s.json
     python bench/tailor_layerwise.py --size m --baseline none --depth 2 --threads 1
+    python bench/tailor_layerwise.py --size m --baseline none --in-memory --calib 16 --threads 1
 
 1. Builds a random LLaVA-shaped pair with make_random_model.py's preset (`--size`, fp16 on
    disk; the fine-tune moved every entry of the decoder layers) with the demo's processor,
@@ -16,7 +17,11 @@ the same run: stage by stage, against one plain forward, with peak memory and ag
 4. Compares the two patches: kept entries in common per tensor (the smallest share) and
    the largest value difference among them.
 
-5. With `--depth 2`, also runs the working tree's command on a pair with twice the decoder
+5. With `--in-memory`, also runs the working tree's command with `--in-memory` (the base
+   loaded whole) on the same pair: the same calibration without onloading, so the two
+   runs' calibration stages say what onloading costs.
+
+6. With `--depth 2`, also runs the working tree's command on a pair with twice the decoder
    layers (make_random_model.py's `depth`) and reports its peak RSS against the first
    pair's (`depth_peak_ratio`; the target is at most 1.10). `--baseline none` skips the
    baseline run.
@@ -127,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline", default="main", help="git revision of the code to compare with (none: no baseline run)")
     p.add_argument("--depth", type=int, default=1,
                    help="also run on a pair with this many times the decoder layers (1: no such run)")
+    p.add_argument("--in-memory", action="store_true",
+                   help="also run the working tree's command with --in-memory (the base loaded whole)")
     run_options(p, calib=32, threads=(2, "OMP_NUM_THREADS of every measured process"),
                 work=Path("/tmp/bench/tailor_layerwise"))
     args = p.parse_args(argv)
@@ -135,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     calib = write_calibration(args.work / "calib", args.calib, VISION[args.size]["image"])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     jobs = [] if args.baseline == "none" else [("baseline", export(args.baseline, args.work / "baseline"), 1)]
-    jobs += [("layerwise", ROOT, 1)] + ([(f"layerwise-depth-{args.depth}", ROOT, args.depth)] if args.depth > 1 else [])
+    jobs += [("layerwise", ROOT, 1)] + ([("layerwise-in-memory", ROOT, 1)] if args.in_memory else [])
+    jobs += [(f"layerwise-depth-{args.depth}", ROOT, args.depth)] if args.depth > 1 else []
     pairs: dict[int, tuple[dict, Path, Path, int]] = {}
     runs = {}
     for label, code, depth in jobs:
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         text, _, _ = run([sys.executable, "-c", _FORWARD, str(base), str(calib), str(args.batch_size)], ROOT, env)
         forward = json.loads(text.strip().splitlines()[-1])
         out = args.work / f"out-{label}"
-        cmd = tailor_command(base, ft, calib, out, args)
+        cmd = tailor_command(base, ft, calib, out, args) + (["--in-memory"] if label.endswith("in-memory") else [])
         r = runs[label] = {**tailor_run(code, cmd, out, env), "command": " ".join(cmd[1:]), "plain_forward": forward,
                            "parameters": info["parameters"], "model_bytes_on_disk": disk,
                            "load_average_after": os.getloadavg()}

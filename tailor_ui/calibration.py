@@ -245,7 +245,9 @@ def capture_layer_inputs(model: torch.nn.Module, plan: LayerPlan, batches: Seque
     called with. The first batch runs on to the plan's last layer, checking that every
     layer's input is the previous layer's output and its other arguments the first's: a
     model that does more between its layers (or calls them differently) is refused (the
-    reason is returned)."""
+    reason is returned). Only the first layer computes in that check: the layers after it
+    stand in with their input as their output (`_standing_in`), since what is checked
+    is what the model does between its layers, and a layer's own work is redone anyway."""
     layers = model.get_submodule(plan.stack)
     found = LayerInputs()
     check: dict[str, Any] = {"on": plan.last > plan.first}
@@ -263,7 +265,7 @@ def capture_layer_inputs(model: torch.nn.Module, plan: LayerPlan, batches: Seque
         handles += _checking_hooks(layers, plan, found, check)
     no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _standing_in(layers, range(plan.first + 1, plan.last), check):
             for batch in batches:
                 if should_stop is not None and should_stop():
                     raise Cancelled
@@ -273,6 +275,8 @@ def capture_layer_inputs(model: torch.nn.Module, plan: LayerPlan, batches: Seque
                     model(**inputs, **no_cache)
                 except _ForwardDone:
                     pass
+                if check["on"]:  # the check's forward went further: its freed activations go back
+                    return_freed_heap()
                 check["on"] = False
                 if "reason" in check:
                     return str(check["reason"])
@@ -290,8 +294,8 @@ def _checking_hooks(layers: torch.nn.ModuleList, plan: LayerPlan, found: LayerIn
     layer's output (and its other arguments with the first layer's), stopping the
     forward at the plan's last layer or at the first difference (`check["reason"]`)."""
     def output(_module: torch.nn.Module, _args: tuple, out: Any) -> None:
+        check.setdefault("first output", out)
         check["out"] = layer_output(out)
-        return_freed_heap()  # the layer's activations: what the heap keeps would grow with depth
 
     def compare(index: int) -> Callable:
         def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -311,6 +315,30 @@ def _checking_hooks(layers: torch.nn.ModuleList, plan: LayerPlan, found: LayerIn
     return [h for i in range(plan.first, plan.last) for h in (
         layers[i].register_forward_hook(output),
         layers[i + 1].register_forward_pre_hook(compare(i + 1), with_kwargs=True))]
+
+
+@contextmanager
+def _standing_in(layers: torch.nn.ModuleList, indices: range, check: dict[str, Any]) -> Iterator[None]:
+    """The layers at `indices` return their hidden-state input instead of computing, in the
+    first checked layer's output's structure (`check["first output"]`: a tensor, or a
+    tuple whose other items are kept); their hooks still run."""
+    def stand_in(*args: Any, **kwargs: Any) -> Any:
+        hidden = _layer_call(args, kwargs)[0]
+        out = check["first output"]
+        return (hidden, *out[1:]) if isinstance(out, (tuple, list)) else hidden
+
+    # accelerate may have set the layer's own `forward` (its hook's): that is put back
+    saved = {i: layers[i].__dict__.get("forward") for i in indices}
+    for i in indices:
+        layers[i].forward = stand_in
+    try:
+        yield
+    finally:
+        for i, forward in saved.items():
+            if forward is None:
+                del layers[i].forward
+            else:
+                layers[i].forward = forward
 
 
 def _layer_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict[str, Any]]:

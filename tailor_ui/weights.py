@@ -59,16 +59,19 @@ def read_param(model: torch.nn.Module, name: str) -> torch.Tensor:
     return hook.weights_map[key].detach()
 
 
-def writable_param(model: torch.nn.Module, name: str) -> torch.Tensor:
+def writable_param(model: torch.nn.Module, name: str, *, overwrite: bool = False) -> torch.Tensor:
     """The tensor holding a parameter's value, to write into in place: the parameter itself,
     or the offloaded copy its hook loads before each forward (disk: held in memory until
-    `release` or `drop`)."""
+    `release` or `drop`). With `overwrite` (every entry is about to be written) a copy not
+    held yet starts empty instead of reading the file for values that would be lost."""
     param = model.get_parameter(name)
     if param.device.type != "meta":
         return param.data
     loader, memory, full = _memory(model, name)
     if full not in memory:
-        memory[full] = loader[full].detach().clone()
+        device = getattr(loader, "device", None) or "cpu"  # where the loader puts what it reads
+        memory[full] = (torch.empty(param.shape, dtype=param.dtype, device=device) if overwrite
+                        else loader[full].detach().clone())
         if not hasattr(loader, _HELD):
             setattr(loader, _HELD, set())
         getattr(loader, _HELD).add(full)
@@ -115,6 +118,26 @@ def release(model: torch.nn.Module) -> None:
                 loader.state_dict.pop(key, None)
             if hasattr(loader, _HELD):
                 getattr(loader, _HELD).clear()
+
+
+@contextmanager
+def onloaded(model: torch.nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """The named parameters that only their files hold (`on_disk_only`) read once and held
+    in memory for the body, so accelerate's hooks take the held value at every forward
+    instead of reading and converting the file again; let go of after (they read their
+    files again). Others (resident, or held already) are left as they are."""
+    taken = []
+    try:
+        for name in names:
+            if on_disk_only(model, name):  # asked here: a tied name is held by its first
+                loader, memory, full = _memory(model, name)
+                memory[full] = loader[full].detach()
+                taken.append(name)
+        yield
+    finally:
+        for name in taken:
+            _, memory, full = _memory(model, name)
+            memory.pop(full, None)
 
 
 def compute_device(model: torch.nn.Module, name: str) -> torch.device:
@@ -165,7 +188,7 @@ def holding(model: torch.nn.Module, names: Sequence[str], value_of: Callable[[st
             for name in names:
                 if on_disk_only(model, name):
                     dropped.add(name)
-                storage = writable_param(model, name)
+                storage = writable_param(model, name, overwrite=name in dropped)
                 if original_of is None and name not in dropped:
                     saved[name] = storage.to("cpu", copy=True)
                 written.append(name)

@@ -50,9 +50,10 @@ def both_paths(pair: Pair, settings: Settings, calibration, **options):
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family_pair(request):
     """A family's tiny model with every layer of its tuned stack fine-tuned (families.py
-    tunes the last one; several layers make the next layer's inputs matter)."""
+    tunes the last one; several layers make the next layer's inputs matter, and with three
+    a layer stands in for itself in the capture's check)."""
     family = FAMILIES[request.param]
-    base = family.build(seed=0)
+    base = family.build(seed=0, layers=3)
     tuned = finetune_like(base, family.finetuned.replace(r"\.1\.", r"\.\d\."), seed=1)
     return request.param, Pair(base=base, finetuned=[tuned], processor=None), \
         family.batches(base.config, n=2, batch_size=2, seed=3)
@@ -67,7 +68,7 @@ def test_every_family_runs_layer_by_layer_with_the_reference_patch(family_pair, 
     if name in FALLS_BACK:
         assert pipeline == {"path": "whole model", "reason": FALLS_BACK[name]}
     else:
-        assert pipeline["path"] == "layer-wise" and pipeline["layers"].endswith(".0-1"), pipeline
+        assert pipeline["path"] == "layer-wise" and pipeline["layers"].endswith(".0-2"), pipeline
     assert_agree(reference.patch, got.patch, share=1.0)
 
 
@@ -119,25 +120,39 @@ def test_the_front_of_the_model_runs_once_per_batch_and_each_layer_at_most_twice
     assert not pair.cache  # a one-shot run keeps no scores
 
 
-def test_a_model_that_changes_the_hidden_states_between_layers_falls_back():
+def _shift_hidden(_module, args, kwargs):
+    return (args[0] + 0.5, *args[1:]) if args else args, (
+        kwargs if args else {**kwargs, "hidden_states": kwargs["hidden_states"] + 0.5})
+
+
+def _shift_positions(_module, args, kwargs):
+    cos, sin = kwargs["position_embeddings"]
+    return args, {**kwargs, "position_embeddings": (sin, cos)}
+
+
+@pytest.mark.parametrize("layers, at, change, reason", [
+    (2, 1, _shift_hidden, "the model changes the hidden states between layers 0 and 1"),
+    # the check computes layer 0 alone; the layers after it stand in for themselves
+    (4, 2, _shift_hidden, "the model changes the hidden states between layers 1 and 2"),
+    (4, 3, _shift_positions, "layer 3 is called with other arguments than layer 0")])
+def test_a_model_that_does_more_between_its_layers_falls_back(layers, at, change, reason):
     """As Qwen3-VL adds visual features after early layers: driving the layers alone would
     miss it, so the run goes the whole-model way, and says why."""
-    base = build_llava(seed=0)
+    base = build_llava(seed=0, layers=layers)
     tuned = finetune_like(base, r"^model\.language_model\.layers\.", seed=1)
     batches = llava_batches(base.config, 2)
     pair = Pair(base=base, finetuned=[tuned], processor=None)
     expected = run_method(pair, Settings(keep=0.1), [batches], layerwise=False, keep_scores=False).patch
-    shift = lambda _module, args: (args[0] + 0.5, *args[1:])  # noqa: E731
     for model in (base, tuned):
-        model.model.language_model.layers[1].register_forward_pre_hook(shift)
+        model.model.language_model.layers[at].register_forward_pre_hook(change, with_kwargs=True)
     shifted = run_method(pair, Settings(keep=0.1), [batches], layerwise=False, keep_scores=False).patch
     for hessians in ("sequential", "one-pass"):
         got = run_method(pair, Settings(keep=0.1, hessians=hessians), [batches], keep_scores=False)
-        assert got.report["pipeline"] == {
-            "path": "whole model", "reason": "the model changes the hidden states between layers 0 and 1"}
+        assert got.report["pipeline"] == {"path": "whole model", "reason": reason}
         if hessians == "sequential":
             assert_agree(shifted, got.patch, share=1.0)
-    assert any(not torch.equal(expected.tensors[n].index, shifted.tensors[n].index) for n in expected.tensors)
+    assert any(not torch.equal(expected.tensors[n].index, shifted.tensors[n].index)
+               or not torch.equal(expected.tensors[n].values, shifted.tensors[n].values) for n in expected.tensors)
 
 
 def test_linears_before_the_decoder_go_first_on_the_whole_model(decoder_pair):

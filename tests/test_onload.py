@@ -6,6 +6,7 @@ the model's depth, and the `tailor` command saves today's model from it."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def assert_same_patch(want, got) -> None:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_onloads_with_todays_patch_written_as_it_goes(family, hessians, tmp_path):
     spec = FAMILIES[family]
-    base = spec.build(seed=0)
+    base = spec.build(seed=0, layers=3)  # three: a layer stands in for itself in the capture's check
     tuned = finetune_like(base, spec.finetuned.replace(r"\.1\.", r"\.\d\."), seed=1)
     base_dir, ft_dir = saved_pair(tmp_path, base, tuned)
     batches = spec.batches(base.config, n=2, batch_size=2, seed=3)
@@ -97,6 +98,42 @@ def test_what_the_base_holds_does_not_grow_with_depth(tmp_path):
     whole = peak(2, False), peak(4, False)
     assert 0 < onloaded[1] <= 1.1 * onloaded[0]
     assert whole[1] > 1.3 * whole[0] and onloaded[1] < 0.5 * whole[1]
+
+
+@pytest.mark.parametrize("hessians", ["sequential", "one-pass"])
+def test_each_driven_layer_reads_its_weights_once_whatever_the_number_of_batches(hessians, tmp_path, monkeypatch):
+    """Reads from the checkpoint per parameter over a run on three batches: a driven
+    layer's untailored weights (its norms) once for all its batches and both runs; each
+    tailored linear once to be scored and, in sequential mode, once to have its patch
+    written in for the layer's outputs (its Hessians are taken with fine-tuned values
+    that no base read is made for). The capture's check computes the first driven layer
+    alone (once more); what comes after the last layer is never read."""
+    from accelerate.utils.offload import OffloadedWeightsLoader
+
+    base = build_llava(seed=0, hidden=64, intermediate=128, layers=4)
+    tuned = finetune_like(base, r"language_model\.layers\.\d+\.(self_attn|mlp)\.", seed=1)
+    base_dir, ft_dir = saved_pair(tmp_path, base, tuned)
+    pair = load_pair(base_dir, ft_dir, lazy=True, onload=True)
+    pair.changed()  # reads every tensor once, before any run (and is kept)
+    reads: Counter[str] = Counter()
+    read = OffloadedWeightsLoader.__getitem__
+
+    def counted(loader: OffloadedWeightsLoader, key: str):
+        reads[key] += key not in loader.state_dict
+        return read(loader, key)
+
+    monkeypatch.setattr(OffloadedWeightsLoader, "__getitem__", counted)
+    got = run_method(pair, Settings(keep=0.1, hessians=hessians), [llava_batches(base.config, 3)],
+                     keep_scores=False, patch_path=tmp_path / "patch.safetensors")
+    assert got.report["pipeline"]["path"] == "layer-wise"
+    tailored = set(pair.changed())  # the decoder layers' linears
+    per_linear = 2 if hessians == "sequential" else 1
+    stack = "model.language_model.layers"
+    for i in range(4):
+        names = [f"{stack}.{i}.{n}" for n, _ in base.model.language_model.layers[i].named_parameters()]
+        want = {n: (per_linear if n in tailored else 1) + (i == 0) for n in names}
+        assert {n: reads[n] for n in names} == want, i
+    assert reads["model.language_model.norm.weight"] == reads["lm_head.weight"] == 0
 
 
 def test_tailor_saves_todays_model_and_patch_from_an_onloaded_base(disk_pair, tmp_path):

@@ -35,7 +35,7 @@ from tailor_ui.memory import layer_activation_bytes, linear_working_bytes, retur
 from tailor_ui.names import block_name, layer_groups
 from tailor_ui.pair import Pair
 from tailor_ui.patch import Patch, TensorPatch, applied, tensor_patch
-from tailor_ui.weights import compute_device, holding
+from tailor_ui.weights import compute_device, holding, onloaded
 
 Hessians = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]  # target, anchor (or empty)
 HessiansOf = Callable[[list[str]], Hessians]
@@ -63,7 +63,7 @@ def run_tailor(pair: Pair, k: int, calib: Sequence[Batch], linears: Sequence[str
     plan = _plan(pair, linears, cache, run, sequential)
     out = _tailored(pair, k, linears, calib, before, cache, run, plan, sequential)
     if hits < len(linears):  # a re-threshold of cached scores computes (and predicts) nothing
-        _predict_memory(pair, linears, calib, run, out, before, sequential)
+        _predict_memory(pair, linears, calib, run, out, before, sequential, plan)
     return out
 
 
@@ -81,7 +81,8 @@ def _tailored(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch]
 
 
 def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], run: MethodRun,
-                    out: dict[str, TensorPatch], before: dict[str, TensorPatch], sequential: bool) -> None:
+                    out: dict[str, TensorPatch], before: dict[str, TensorPatch], sequential: bool,
+                    plan: LayerPlan | None) -> None:
     """What the run held beyond the loaded models, term by term (`memory_terms_mb`), for
     the path that ran: the cached layer inputs, the largest block's working set while its
     Hessians are gathered (its fine-tuned values written in, the values they displaced,
@@ -91,7 +92,8 @@ def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], 
     An onloaded base (`Pair.loading`) holds none of its weights: a linear's base values are
     a fresh read, the largest tensor is read from disk, converted and compared with the
     fine-tuned one's, and nothing displaced is parked; where finished patches go to a file
-    as they are made, only the largest layer's is held."""
+    as they are made, only the largest layer's is held. A driven layer holds its untailored
+    weights (norms, linears left out) for its runs."""
     s = run.settings
     shapes = {n: tuple(pair.base.get_parameter(f"{n}.weight").shape) for n in linears}
     size = pair.base.get_parameter(f"{linears[0]}.weight").element_size()
@@ -119,6 +121,12 @@ def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], 
         + sum(tp.index.nbytes + tp.values.nbytes * (2 if sequential and not onloaded else 1) for tp in patches)}
     if onloaded:  # base and fine-tuned values of the largest tensor, and one half-precision read
         terms["one tensor read"] = 2.5 * max(p.element_size() * p.numel() for p in pair.base.parameters())
+    if onloaded and layerwise and plan is not None:  # a driven layer's untailored weights, held while it runs
+        tailored = {f"{n}.weight" for n in linears}
+        layers = pair.base.get_submodule(plan.stack)
+        terms["one layer's other weights"] = max(
+            sum(p.element_size() * p.numel() for n, p in layers[i].named_parameters(prefix=f"{plan.stack}.{i}")
+                if n not in tailored) for i in range(plan.first, plan.last + 1))
     run.report["memory_terms_mb"] = {name: value / 2**20 for name, value in terms.items()}
 
 
@@ -250,7 +258,8 @@ def _sequential_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[B
     it runs once more to make the next layer's inputs. What is written in (`before`: the
     other tensors' patch) is written where it runs and taken out once it has run: the
     front's until the first layer's inputs are captured, a layer's until its outputs are
-    made (an onloaded base holds no finished layer)."""
+    made (an onloaded base holds no finished layer). An onloaded layer's other weights are
+    read from the checkpoint once for both its runs (`weights.onloaded`)."""
     front = set(front_params(pair.base, plan))
     with ExitStack() as written:
         written.enter_context(applied(pair.base, _part(before, front.__contains__)))
@@ -269,6 +278,8 @@ def _sequential_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[B
         done: dict[str, TensorPatch] = {}
         with ExitStack() as written:
             written.enter_context(applied(pair.base, _part(before, _in_layer(plan, i))))
+            tailored = {f"{n}.weight" for n in plan.layers.get(i, [])}  # hold values of their own
+            written.enter_context(onloaded(pair.base, _layer_params(plan, i, layers[i], tailored.__contains__)))
             if i in plan.layers:
                 hessians_of = _layer_hessians(pair.base, layers[i], sets, run, advance=False)
                 done = _tailor_block(pair, k, plan.layers[i], cache, run, hessians_of, written)
@@ -300,6 +311,12 @@ def _part(patch: dict[str, TensorPatch], keep: Callable[[str], bool]) -> Patch:
 
 def _in_layer(plan: LayerPlan, i: int) -> Callable[[str], bool]:
     return lambda name: name.startswith(f"{plan.stack}.{i}.")
+
+
+def _layer_params(plan: LayerPlan, i: int, layer: torch.nn.Module, skip: Callable[[str], bool]) -> list[str]:
+    """Driven layer i's parameters (full names), less those `skip` names."""
+    names = (f"{plan.stack}.{i}.{n}" for n, _ in layer.named_parameters())
+    return [n for n in names if not skip(n)]
 
 
 def _tailor_block(pair: Pair, k: int, group: list[str], cache: dict, run: MethodRun, hessians_of: HessiansOf,
@@ -394,7 +411,8 @@ def _one_pass_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[Bat
         run.check()
         run.progress(f"tailoring layer {i}", i - plan.first, plan.last - plan.first + 1)
         names = plan.layers.get(i, [])
-        with run.timed("calibration"), holding(pair.base, driven[i], value):
+        with run.timed("calibration"), holding(pair.base, driven[i], value), onloaded(
+                pair.base, _layer_params(plan, i, layers[i], set(driven[i]).__contains__)):
             hessians, anchors = _layer_hessians(pair.base, layers[i], sets, run, advance=i < plan.last)(
                 [n for n in names if n not in cache])
         out.update(_hand_over(run, _score_and_tailor(pair, k, names, hessians, anchors, cache, run)))
