@@ -49,23 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# Each visitor's session holds Gradio's config of every component (~240 dicts): with a
-# hundred, a pass over the old generation took 0.1–0.6 s holding the interpreter lock, and
-# the default thresholds ran one every few seconds while visitors arrived (gc.callbacks in
-# bench/load_soak.py's server). Collections ~30× rarer: generation 0 every 20,000
-# allocations instead of 700.
-GC_THRESHOLDS = (20_000, 10, 10)
-
-
 def collect_after_first_page(gate: threading.Event) -> None:
     """Turn the collector back on once the first page is up: one full pass (≈ 0.35 s over
     the half a million objects of start-up) that would otherwise fall while the page loads,
     then freeze the survivors (the libraries, the page, the demo pair live as long as the
-    process), so later passes skip them, and make later passes rarer (`GC_THRESHOLDS`)."""
+    process), so later passes skip them."""
     gate.wait()
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
     gc.enable()
 
 

@@ -106,15 +106,13 @@ def test_docker_command_starts_the_app_and_stops_on_sigterm(tmp_path):
 
 def test_the_collector_comes_back_after_the_first_page():
     """app.py starts with the cyclic collector off (start-up speed); once the first page is
-    up, garbage cycles of start-up are collected, the survivors frozen, collection back on,
-    less often than Python's default."""
+    up, garbage cycles of start-up are collected, the survivors frozen, collection back on."""
     import app
 
     class Node:
         pass
 
     gate = threading.Event()
-    thresholds = gc.get_threshold()
     gc.disable()
     try:
         waiter = threading.Thread(target=app.collect_after_first_page, args=(gate,), daemon=True)
@@ -129,11 +127,8 @@ def test_the_collector_comes_back_after_the_first_page():
         waiter.join(10)
         assert not waiter.is_alive() and gc.isenabled()
         assert alive() is None and gc.get_freeze_count() > 0
-        # rarer passes: each over a hundred visitors' session state held the lock for 0.1–0.6 s
-        assert gc.get_threshold() == app.GC_THRESHOLDS and app.GC_THRESHOLDS[0] > 10 * thresholds[0]
     finally:
         gc.unfreeze()
-        gc.set_threshold(*thresholds)
         gc.enable()
 
 
