@@ -136,8 +136,7 @@ def onloaded(model: torch.nn.Module, names: Sequence[str]) -> Iterator[None]:
         yield
     finally:
         for name in taken:
-            _, memory, full = _memory(model, name)
-            memory.pop(full, None)
+            drop(model, name)
 
 
 def compute_device(model: torch.nn.Module, name: str) -> torch.device:
