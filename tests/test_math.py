@@ -100,6 +100,27 @@ def test_compensation_reverts_exactly_and_only_patch_carries_it(sign):
     assert not torch.equal(new[keep], w_ft[keep])  # the patch was decorated
 
 
+@pytest.mark.parametrize("sign", ["obs", "released"])
+@pytest.mark.parametrize("block_size", [1, 7, 128])
+def test_lazy_batches_equal_the_plain_column_by_column_update(sign, block_size):
+    """SparseGPT's lazy batches reorder the arithmetic, not the result: each column in turn
+    takes its target, and its scaled error moves every later column along the factor's row."""
+    w_pre, w_ft, _, h = layer(rows=37, cols=300)
+    factor = inverse_hessian_factor(h)
+    keep = torch.rand(w_ft.shape, generator=torch.Generator().manual_seed(1)) < 0.2
+    step = 1.0 if sign == "obs" else -1.0
+    w = w_ft.double().clone()
+    f = factor.double()
+    for j in range(w.shape[1]):
+        target = torch.where(keep[:, j], w[:, j], w_pre[:, j].double())
+        err = (w[:, j] - target) / f[j, j]
+        w[:, j:] -= step * torch.outer(err, f[j, j:])
+        w[:, j] = target
+    new = compensate(w_pre, w_ft, keep, factor, sign, block_size)
+    assert torch.allclose(new.double(), w, rtol=1e-4, atol=1e-4)
+    assert torch.equal(new[~keep], w_pre[~keep])
+
+
 def test_keep_all_gives_finetuned_and_keep_none_gives_base():
     w_pre, w_ft, _, h = layer()
     factor = inverse_hessian_factor(h)
