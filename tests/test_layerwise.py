@@ -87,6 +87,30 @@ def test_variants_agree_with_the_reference(decoder_pair, decoder_batches, settin
         assert got.report["pipeline"]["path"] == "layer-wise"
 
 
+# which input each Llama linear reads: q/k/v one, gate/up one
+READS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "heads",
+         "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "down"}
+
+
+@pytest.mark.parametrize("compensation", ["greedy", "anchored"])
+@pytest.mark.parametrize("hessians", ["sequential", "one-pass"])
+def test_linears_that_read_one_input_share_one_factor(decoder_pair, decoder_batches, monkeypatch,
+                                                      compensation, hessians):
+    """The float64 inversion is most of the scoring time: one per distinct input of a layer."""
+    import tailor_ui.methods.tailor_run as tailor_run
+
+    made = []
+    real = tailor_run.inverse_hessian_factor
+    monkeypatch.setattr(tailor_run, "inverse_hessian_factor", lambda h, damp=0.01: made.append(1) or real(h, damp))
+    anchor = llava_batches(decoder_pair.base.config, 2, seed=5)
+    result = run_method(decoder_pair, Settings(keep=0.1, hessians=hessians, compensation=compensation),
+                        [decoder_batches], anchor=anchor, keep_scores=False)
+    linears = [name.removesuffix(".weight") for name in result.patch.tensors
+               if name.removesuffix(".weight").rsplit(".", 1)[1] in READS]
+    inputs = {(name.rsplit(".", 2)[0], READS[name.rsplit(".", 1)[1]]) for name in linears}
+    assert len(linears) > len(inputs) and len(made) == len(inputs)
+
+
 def _count_calls(module: torch.nn.Module) -> list[int]:
     """Calls entered (a forward stopped inside counts)."""
     calls = [0]

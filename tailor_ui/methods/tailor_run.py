@@ -357,8 +357,9 @@ def _one_pass(pair: Pair, k: int, linears: Sequence[str], calib: Sequence[Batch]
         with run.timed("calibration"), finetuned_model(pair, k) as model:
             hessians, anchors = _whole_model_hessians(model, calib, run)(missing)
     if needs_every_score(run.settings):
+        shared = _SharedFactor()
         for name in linears:
-            _score_read(pair, k, name, hessians, anchors, cache, run)
+            _score_read(pair, k, name, hessians, anchors, cache, run, shared)
         return _ranked(pair, k, linears, cache, run)
     return _score_and_tailor(pair, k, linears, hessians, anchors, cache, run)
 
@@ -367,9 +368,10 @@ def _score_and_tailor(pair: Pair, k: int, linears: Sequence[str], hessians: dict
                       run: MethodRun) -> dict[str, TensorPatch]:
     """Each linear read, scored where its Hessian is given (else cached) and tailored."""
     out = {}
+    shared = _SharedFactor()
     for name in linears:
         run.check()
-        w_pre, w_ft = _score_read(pair, k, name, hessians, anchors, cache, run)
+        w_pre, w_ft = _score_read(pair, k, name, hessians, anchors, cache, run, shared)
         out[f"{name}.weight"] = _tailor_tensor(w_pre, w_ft, cache[name], run)
         del w_pre, w_ft  # before the next linear's are read
         _forget(cache, [name], run)
@@ -377,11 +379,28 @@ def _score_and_tailor(pair: Pair, k: int, linears: Sequence[str], hessians: dict
 
 
 def _score_read(pair: Pair, k: int, name: str, hessians: dict, anchors: dict, cache: dict,
-                run: MethodRun) -> tuple[torch.Tensor, torch.Tensor]:
+                run: MethodRun, shared: "_SharedFactor") -> tuple[torch.Tensor, torch.Tensor]:
     w_pre, [w_ft] = pair_values(pair, f"{name}.weight", [k])
     if name in hessians:
-        cache[name] = _score(w_pre, w_ft, hessians.pop(name), anchors.pop(name, None), run)
+        cache[name] = _score(w_pre, w_ft, hessians.pop(name), anchors.pop(name, None), run, shared)
     return w_pre, w_ft
+
+
+class _SharedFactor:
+    """The factor of the Hessian last scored. Linears that read the same input (q/k/v,
+    gate/up) are given one Hessian tensor and come one after another, so they take one
+    factor (the float64 inversions are most of the scoring time); only the last is held."""
+
+    def __init__(self) -> None:
+        self._of: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._factor: torch.Tensor | None = None
+
+    def get(self, hessian: torch.Tensor, anchor: torch.Tensor | None,
+            make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self._of is None or self._of[0] is not hessian or self._of[1] is not anchor:
+            self._of = self._factor = None  # let the last go before the next is made
+            self._factor, self._of = make(), (hessian, anchor)
+        return self._factor
 
 
 def _one_pass_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[Batch], cache: dict,
@@ -484,15 +503,15 @@ def _mapped(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _score(w_pre: torch.Tensor, w_ft: torch.Tensor, hessian: torch.Tensor,
-           anchor_hessian: torch.Tensor | None, run: MethodRun) -> _Scored:
+           anchor_hessian: torch.Tensor | None, run: MethodRun, shared: _SharedFactor) -> _Scored:
     s = run.settings
     with run.timed("scores"):
-        hessian, damp = hessian.to(w_pre.device), s.damp
+        given, hessian, damp = hessian, hessian.to(w_pre.device), s.damp
         if anchor_hessian is not None:
             w_ft, hessian = anchored_problem(w_pre, w_ft.float(), hessian, anchor_hessian,
                                              s.anchor_weight, s.damp)
             damp = 0.0  # A holds the target Hessian's damping already
-        factor = inverse_hessian_factor(hessian, damp)
+        factor = shared.get(given, anchor_hessian, lambda: inverse_hessian_factor(hessian, damp))
         scores = tensor_scores(w_pre, w_ft, factor, s.sensitivity, s.block_size)
         entry = _Scored(factor.cpu(), scores.to("cpu"), hessian.cpu() if _holds_hessians(s) else None,
                         w_ft.cpu() if anchor_hessian is not None else None)
