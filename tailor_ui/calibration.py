@@ -124,7 +124,11 @@ class _InputSums:
         rows = _token_rows(x, self.mask if component(name) == "language" else None)
         acc = self.sums.get(name)
         xtx = rows.T @ rows
-        self.sums[name] = xtx if acc is None else acc + xtx
+        if acc is None:
+            self.sums[name] = xtx
+        else:
+            with torch.inference_mode():  # in place: no third in×in matrix (the same sums)
+                acc.add_(xtx)
         self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
 
     def hessians(self) -> dict[str, torch.Tensor]:

@@ -111,6 +111,27 @@ def test_linears_that_read_one_input_share_one_factor(decoder_pair, decoder_batc
     assert len(linears) > len(inputs) and len(made) == len(inputs)
 
 
+def test_a_shared_factor_holds_no_hessian_and_is_made_again_for_another():
+    import gc
+    import weakref
+
+    from tailor_ui.methods.tailor_run import _SharedFactor
+
+    shared, made = _SharedFactor(), []
+    make = lambda: made.append(1) or torch.zeros(1)  # noqa: E731
+    h, anchor = torch.eye(3), torch.eye(3)
+    first = shared.get(h, None, make)
+    assert shared.get(h, None, make) is first and len(made) == 1
+    shared.get(h, anchor, make)  # the same target Hessian in another problem
+    assert len(made) == 2
+    gone = weakref.ref(h)
+    del h
+    gc.collect()
+    assert gone() is None  # the factor's Hessian went with its last reader
+    shared.get(torch.eye(3), anchor, make)
+    assert len(made) == 3
+
+
 def _count_calls(module: torch.nn.Module) -> list[int]:
     """Calls entered (a forward stopped inside counts)."""
     calls = [0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -389,18 +390,26 @@ def _score_read(pair: Pair, k: int, name: str, hessians: dict, anchors: dict, ca
 class _SharedFactor:
     """The factor of the Hessian last scored. Linears that read the same input (q/k/v,
     gate/up) are given one Hessian tensor and come one after another, so they take one
-    factor (the float64 inversions are most of the scoring time); only the last is held."""
+    factor (the float64 inversions are most of the scoring time); only the last is held,
+    and not its Hessian (weak references: a Hessian goes when its last linear is scored)."""
 
     def __init__(self) -> None:
-        self._of: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._of: tuple[weakref.ref, weakref.ref | None] | None = None
         self._factor: torch.Tensor | None = None
 
     def get(self, hessian: torch.Tensor, anchor: torch.Tensor | None,
             make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if self._of is None or self._of[0] is not hessian or self._of[1] is not anchor:
+        if not self._holds(hessian, anchor):
             self._of = self._factor = None  # let the last go before the next is made
-            self._factor, self._of = make(), (hessian, anchor)
+            self._factor = make()
+            self._of = (weakref.ref(hessian), None if anchor is None else weakref.ref(anchor))
         return self._factor
+
+    def _holds(self, hessian: torch.Tensor, anchor: torch.Tensor | None) -> bool:
+        if self._of is None:
+            return False
+        of_hessian, of_anchor = self._of
+        return of_hessian() is hessian and (None if of_anchor is None else of_anchor()) is anchor
 
 
 def _one_pass_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[Batch], cache: dict,
