@@ -34,43 +34,28 @@ def damped_hessian(hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Upper Cholesky factor U of the damped Hessian's inverse, UᵀU = H⁻¹ (`damped_hessian`).
+    """Upper Cholesky factor of H⁻¹ of the damped Hessian (`damped_hessian`).
 
-    Made without forming H⁻¹: with J the reversal of order, the lower Cholesky factor L of
-    JHJ gives H = RRᵀ with R = JLJ upper, so H⁻¹ = (R⁻¹)ᵀR⁻¹ and U = R⁻¹ (the factor is
-    unique: R⁻¹ is upper with a positive diagonal). One factorisation and one triangular
-    inverse, ⅔n³ flops, where inverting H and factoring that takes 4⁄3n³ (2.5 × slower at
-    n = 5632 on 2 cores, the widest input of a 1 B model; the float32 results agree to the
-    last bit on all but a few entries in 10⁵, which differ by one).
+    By way of H⁻¹, as SparseGPT makes it. One Cholesky factorisation of the reversed H and
+    a triangular inverse give the same factor in half the flops (2.5 × faster at a
+    5632-wide input on 2 cores), but it differs in the last bit on about 2 entries in 10⁵,
+    which decides near-ties at the keep threshold the other way: patches would no longer
+    equal those of earlier releases (docs/results.md#scores-compensation).
     """
-    # each float64 in×in matrix goes as soon as the next is made: at most two live at once
-    # (a quarter of a gigabyte each for a 5632-wide input)
-    reversed_h = damped_hessian(hessian, damp).flip(0, 1)
+    h = damped_hessian(hessian, damp)
     try:
-        lower = torch.linalg.cholesky(reversed_h)
+        lower = torch.linalg.cholesky(h)
     except torch.linalg.LinAlgError:
         raise ValueError("the Hessian is not positive definite even after damping; "
                          "raise the damping or use more calibration data") from None
-    del reversed_h
-    r = lower.flip(0, 1)
+    # each float64 in×in matrix goes as soon as the next is made: at most two live at once
+    # (a quarter of a gigabyte each for a 5632-wide input)
+    del h
+    inverse = torch.cholesky_inverse(lower)
     del lower
-    return _upper_triangular_inverse(r).float()
-
-
-def _upper_triangular_inverse(r: torch.Tensor) -> torch.Tensor:
-    """R⁻¹ of an upper triangular float64 R with a positive diagonal (R is overwritten on a
-    CPU). LAPACK's triangular inverse (⅓n³ flops) through SciPy on a CPU, which torch does
-    not expose; a triangular solve against the identity (n³) on other devices."""
-    if r.device.type != "cpu":
-        return torch.linalg.solve_triangular(r, torch.eye(r.shape[0], dtype=r.dtype, device=r.device),
-                                             upper=True)
-    from scipy.linalg.lapack import dtrtri
-
-    # R row-major is Rᵀ column-major: inverting that lower factor in place leaves R⁻¹ row-major
-    inverse_t, info = dtrtri(r.numpy().T, lower=1, overwrite_c=1)
-    if info != 0:
-        raise ValueError(f"the Hessian's factor is singular (LAPACK dtrtri: {info})")
-    return torch.from_numpy(inverse_t.T)
+    upper = torch.linalg.cholesky(inverse, upper=True)
+    del inverse
+    return upper.float()
 
 
 @dataclass
