@@ -2,7 +2,7 @@
 
 Starts `python app.py` on 127.0.0.1 (or uses --url, which must be a loopback address),
 waits for the demo pair, then starts --visitors visitors over --ramp seconds. Each is its
-own gradio_client session and loops until --minutes are up over a mixed stream: a tailor
+own gradio_client session (threads of --processes processes) and loops until --minutes are up over a mixed stream: a tailor
 (random method and keep), a small sweep, a short fine-tune, a compare, an export of its
 last patch. It waits for each job, polling /job_status as its `retry_after` says. A
 monitor samples GET /healthz every 0.5 s and the server's RSS every 2 s. Everything
@@ -161,6 +161,20 @@ class Run:
         self.kills: list[dict] = []  # workers the monitor killed (--kill-at)
         self.killed_seen = None  # a counter both processes share: jobs that failed as killed
 
+    def portable(self) -> dict:
+        """What the visitors recorded, to send from their process to the main one."""
+        return {"outcomes": list(self.outcomes.items()), "refusals": self.refusals, "errors": self.errors,
+                "start_s": self.start_s, "first_call_s": self.first_call_s, "job_s": self.job_s,
+                "no_start": self.no_start}
+
+    def merge(self, other: dict) -> None:
+        self.outcomes.update(dict(other["outcomes"]))
+        for key in ("refusals", "errors", "start_s", "first_call_s"):
+            getattr(self, key).extend(other[key])
+        for kind, seconds in other["job_s"].items():
+            self.job_s.setdefault(kind, []).extend(seconds)
+        self.no_start += other["no_start"]
+
     def count(self, kind: str, outcome: str, seconds: float | None = None) -> None:
         with self.lock:
             self.outcomes[(kind, outcome)] += 1
@@ -242,6 +256,25 @@ def monitor(url: str, pid: int | None, stop, t0: float, kill_at: float | None, k
                             "workers_mb": round(workers, 1)})
     out.put({"healthz_s": run.healthz_s, "healthz_failed": run.healthz_failed, "rss": run.rss,
              "kills": run.kills})
+
+
+def visitors(indices: list[int], url: str, image: str, starts: list[float], deadline: float, grace: float,
+             killed_seen, out) -> None:
+    """In a process of its own: visitors `indices`, each a thread from its wall-clock time in
+    `starts` (several processes, so one interpreter lock does not queue every client's Python
+    work: a browser visitor has a machine of its own); what they saw goes to `out`."""
+    run = Run()
+    run.killed_seen = killed_seen
+    threads = []
+    for i in indices:
+        time.sleep(max(0.0, starts[i] - time.time()))
+        thread = threading.Thread(target=visitor, args=(i, url, image, run, deadline, grace), daemon=True)
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join(max(0.0, deadline + grace + 30 - time.time()))
+    with run.lock:
+        out.put(run.portable())
 
 
 def visitor(index: int, url: str, image: str, run: Run, deadline: float, grace: float) -> None:
@@ -376,6 +409,7 @@ def report(args, run: Run, seconds: float) -> dict:
         "visitors": args.visitors, "minutes": args.minutes, "ramp_s": args.ramp, "grace_s": args.grace,
         "wall_s": round(seconds, 1), "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
         "worker_processes": os.environ.get("MTS_WORKERS", "1") not in ("0", "false", "no"),
+        "visitor_processes": min(args.processes, args.visitors),
         "jobs": {"total": dict(total), "by_kind": outcomes},
         "visitors_that_could_not_start": run.no_start, "workers_killed": run.kills,
         "start_s": summary(run.start_s), "first_call_s": summary(run.first_call_s),
@@ -395,11 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=1.0)
     parser.add_argument("--ramp", type=float, default=10.0, help="seconds over which visitors arrive")
     parser.add_argument("--grace", type=float, default=60.0, help="seconds in-flight jobs get after the end")
+    parser.add_argument("--processes", type=int, default=4,
+                        help="processes the visitors are spread over (threads in each)")
     parser.add_argument("--soak", action="store_true", help="check the RSS target too")
     parser.add_argument("--kill-at", type=float, help="SIGKILL a computing job worker this many seconds in")
     parser.add_argument("--url", help="a running dashboard on the loopback address (default: start one)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
     if not 1 <= args.visitors <= MAX_VISITORS or not 0 < args.minutes <= MAX_MINUTES:
         parser.error(f"--visitors 1..{MAX_VISITORS}, --minutes up to {MAX_MINUTES}")
     if args.url and urllib.parse.urlparse(args.url).hostname not in LOOPBACK:
@@ -422,16 +460,20 @@ def main(argv: list[str] | None = None) -> int:
         watcher = spawn.Process(target=monitor, args=(url, server.pid if server else None, watched, t0,
                                                       args.kill_at, run.killed_seen, seen), daemon=True)
         watcher.start()
-        deadline = time.time() + args.ramp + args.minutes * 60
-        threads = []
-        for i in range(args.visitors):
-            thread = threading.Thread(target=visitor, args=(i, url, image, run, deadline, args.grace),
-                                      daemon=True)
-            thread.start()
-            threads.append(thread)
-            time.sleep(args.ramp / args.visitors)
-        for thread in threads:
-            thread.join(max(0.0, deadline + args.grace + 30 - time.time()))
+        begin = time.time()
+        deadline = begin + args.ramp + args.minutes * 60
+        starts = [begin + i * args.ramp / args.visitors for i in range(args.visitors)]
+        lots = min(args.processes, args.visitors)
+        reports = spawn.Queue()
+        groups = [spawn.Process(target=visitors, args=(list(range(p, args.visitors, lots)), url, image, starts,
+                                                       deadline, args.grace, run.killed_seen, reports), daemon=True)
+                  for p in range(lots)]
+        for group in groups:
+            group.start()
+        for _ in groups:
+            run.merge(reports.get(timeout=max(1.0, deadline + args.grace + 60 - time.time())))
+        for group in groups:
+            group.join(10)
         watched.set()
         for key, value in seen.get(timeout=60).items():
             setattr(run, key, value)
