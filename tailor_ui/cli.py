@@ -560,7 +560,7 @@ def _tailor(args: argparse.Namespace) -> int:
 
         pair = load_pair(args.base, args.finetuned, lazy=not args.in_memory,
                          onload=not args.in_memory and not needs_every_score(settings), **_load_options(args))
-        onloaded = pair.loading["base"] == "onloaded"
+        onloaded = pair.onloaded
         bar, update = _progress_bar()
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
@@ -604,7 +604,7 @@ def _save_tailored(pair, patch, folder: Path) -> int | None:
     from tailor_ui.outputs import save_tailored
     from tailor_ui.stream import stream_apply_patch
 
-    if pair.loading["base"] != "onloaded":
+    if not pair.onloaded:
         return save_tailored(pair, patch, folder)
     return stream_apply_patch(pair.loading["from"], patch, folder)["tensors_checked"]
 

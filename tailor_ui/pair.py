@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -318,6 +319,13 @@ def onload_model(folder: str, dtype: str, device: str) -> torch.nn.Module | str:
     return model.eval()
 
 
+class BaseLoading(StrEnum):
+    """How a pair's base is held (`Pair.loading["base"]`, and report.json's `base_loading`)."""
+
+    IN_MEMORY = "in memory"
+    ONLOADED = "onloaded"  # read module by module from its checkpoint as it runs
+
+
 @dataclass
 class Pair:
     """A base model, one or more fine-tuned models of it, and the shared processor."""
@@ -336,8 +344,12 @@ class Pair:
     base_checkpoint: LazyWeights | None = None
     # how the base is held: {"base": "in memory"} (with why, where onloading was asked for),
     # or {"base": "onloaded", "from": its safetensors folder, "device": where modules run}
-    loading: dict[str, str] = field(default_factory=lambda: {"base": "in memory"})
+    loading: dict[str, str] = field(default_factory=lambda: {"base": BaseLoading.IN_MEMORY})
     _changed: list[str] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def onloaded(self) -> bool:
+        return self.loading["base"] == BaseLoading.ONLOADED
 
     def base_params(self) -> dict[str, torch.Tensor]:
         return dict(self.base.named_parameters())
@@ -435,7 +447,7 @@ def load_pair(base: str, finetuned: str | list[str], *, lazy: bool = False, onlo
                                                               allowed_roots=roots))
         before_loading()
     report(f"loading the base model {base}", 1, 2 + len(specs))
-    base_model, loading = _onloaded(base, roots, load_options) if onload else (None, {"base": "in memory"})
+    base_model, loading = _onloaded(base, roots, load_options) if onload else (None, {"base": BaseLoading.IN_MEMORY})
     if base_model is not None:
         processor = _load_processor(resolve_source(base, allowed_roots=roots),
                                     load_options.get("trust_remote_code", False))
@@ -480,16 +492,16 @@ def _onloaded(spec: str, roots: list[Path] | None, load_options: dict[str, Any]
     """The base onloaded from its safetensors (`onload_model`), or None and why not."""
     folder = weights_folder(resolve_source(spec, allowed_roots=roots))
     if folder is None:
-        return None, {"base": "in memory", "why": "the base has no safetensors weights to read module by module"}
+        return None, {"base": BaseLoading.IN_MEMORY, "why": "the base has no safetensors weights to read module by module"}
     device = load_options.get("device", "cpu")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        return None, {"base": "in memory", "why": f"device {device!r} is not available"}  # loading says so
+        return None, {"base": BaseLoading.IN_MEMORY, "why": f"device {device!r} is not available"}  # loading says so
     found = onload_model(folder, load_options.get("dtype", "float32"), device)
     if isinstance(found, str):
-        return None, {"base": "in memory", "why": found}
-    return found, {"base": "onloaded", "from": folder, "device": device}
+        return None, {"base": BaseLoading.IN_MEMORY, "why": found}
+    return found, {"base": BaseLoading.ONLOADED, "from": folder, "device": device}
 
 
 def _base_checkpoint(spec: str, base_model: torch.nn.Module, roots: list[Path] | None) -> LazyWeights | None:

@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -46,6 +47,13 @@ def pair_values(pair: Pair, name: str, models: Sequence[int]) -> tuple[torch.Ten
     """A parameter's base and fine-tuned values, on the device its layer computes on."""
     device = compute_device(pair.base, name)
     return pair.base_value(name).to(device), [pair.finetuned_value(k, name, device) for k in models]
+
+
+class Pipeline(StrEnum):
+    """Which path a Model Tailor run took (report.json's `pipeline.path`)."""
+
+    LAYER_WISE = "layer-wise"  # the front once, then one decoder layer at a time
+    WHOLE_MODEL = "whole model"  # forwards of the whole model (the reference; the fallback)
 
 
 def run_tailor(pair: Pair, k: int, calib: Sequence[Batch], linears: Sequence[str],
@@ -99,9 +107,9 @@ def _predict_memory(pair: Pair, linears: Sequence[str], calib: Sequence[Batch], 
     shapes = {n: tuple(pair.base.get_parameter(f"{n}.weight").shape) for n in linears}
     size = pair.base.get_parameter(f"{linears[0]}.weight").element_size()
     sets = 2 if s.anchored else 1
-    onloaded = pair.loading["base"] == "onloaded"
+    onloaded = pair.onloaded
     entry = {n: scored_bytes(*shapes[n], hessian=_holds_hessians(s), target=s.anchored) for n in linears}
-    layerwise = run.report["pipeline"]["path"] == "layer-wise"
+    layerwise = run.report["pipeline"]["path"] == Pipeline.LAYER_WISE
     if layerwise or sequential:  # one block's fine-tuned values written in, its Hessians
         block = max(size * sum(shapes[n][0] * shapes[n][1] for n in g) + 4 * sets * sum(shapes[n][1] ** 2 for n in g)
                     for g in layer_groups(linears))
@@ -153,16 +161,16 @@ def _plan(pair: Pair, linears: Sequence[str], cache: dict, run: MethodRun, seque
     else:
         plan = plan_layers(pair.base, linears)
         if isinstance(plan, LayerPlan):
-            run.report["pipeline"] = {"path": "layer-wise", "layers": f"{plan.stack}.{plan.first}-{plan.last}",
+            run.report["pipeline"] = {"path": Pipeline.LAYER_WISE, "layers": f"{plan.stack}.{plan.first}-{plan.last}",
                                       "whole_model_linears": len(plan.prefix)}
             return plan
         reason = plan
-    run.report["pipeline"] = {"path": "whole model", "reason": reason}
+    _fallback(run, reason)
     return None
 
 
 def _fallback(run: MethodRun, reason: str) -> None:
-    run.report["pipeline"] = {"path": "whole model", "reason": reason}
+    run.report["pipeline"] = {"path": Pipeline.WHOLE_MODEL, "reason": reason}
 
 
 def _cache_key(s: Any, k: int, calib: Sequence[Batch], anchor: Sequence[Batch], sequential: bool) -> tuple:
