@@ -381,12 +381,13 @@ def refused(run: Run, kind: str, message: str, seconds: float) -> None:
     run.count(kind, "refused" if reason else "error")
     with run.lock:
         if reason:
-            run.refusals.append({"s": seconds, "reason": message[:160]})
+            run.refusals.append({"s": seconds, "at": time.time(), "reason": message[:160]})
         else:
             run.errors.append(f"{kind}: {message[:200]}")
 
 
-def report(args, run: Run, seconds: float) -> dict:
+def report(args, run: Run, seconds: float, begin: float) -> dict:
+    """The run's figures; `begin`: the wall-clock time the first visitor set out."""
     outcomes: dict[str, dict[str, int]] = {}
     for (kind, outcome), n in sorted(run.outcomes.items()):
         outcomes.setdefault(kind, {})[outcome] = n
@@ -418,6 +419,10 @@ def report(args, run: Run, seconds: float) -> dict:
         "start_s": summary(run.start_s), "first_call_s": summary(run.first_call_s),
         "job_s": {kind: summary(v) for kind, v in run.job_s.items()},
         "refusals": {"n": len(run.refusals), "s": summary(refusal_s),
+                     "over_target": sum(s >= TARGETS["refusal_max_s"] for s in refusal_s),
+                     # when the slowest came, seconds from the first visitor's start
+                     "slowest": [{"s": round(r["s"], 3), "t_s": round(r["at"] - begin, 1)}
+                                 for r in sorted(run.refusals, key=lambda r: -r["s"])[:10]],
                      "reasons": sorted({r["reason"] for r in run.refusals})[:5]},
         "healthz_s": summary(run.healthz_s), "healthz_failed": run.healthz_failed,
         "rss_mb": {"after_1_min": rss_1min, "end": rss_end,
@@ -481,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in seen.get(timeout=60).items():
             setattr(run, key, value)
         watcher.join(10)
-        result = report(args, run, time.perf_counter() - t0)
+        result = report(args, run, time.perf_counter() - t0, begin)
     finally:
         if watched is not None:
             watched.set()
@@ -491,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2))
     brief = {k: result[k] for k in ("jobs", "visitors_that_could_not_start", "first_call_s", "healthz_s",
                                     "checks")}
-    brief["refusals"] = {k: result["refusals"][k] for k in ("n", "s")}
+    brief["refusals"] = {k: result["refusals"][k] for k in ("n", "s", "over_target")}
     brief["workers_killed"] = result["workers_killed"]
     brief["rss_mb"] = {k: result["rss_mb"][k] for k in ("after_1_min", "end", "max")}
     print(json.dumps(brief, indent=2))
