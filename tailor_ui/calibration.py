@@ -127,8 +127,7 @@ class _InputSums:
         if acc is None:
             self.sums[name] = xtx
         else:
-            with torch.inference_mode():  # in place: no third in×in matrix (the same sums)
-                acc.add_(xtx)
+            acc.add_(xtx)  # in place: no third in×in matrix (the same sums)
         self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
 
     def hessians(self) -> dict[str, torch.Tensor]:
