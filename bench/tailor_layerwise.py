@@ -19,7 +19,8 @@ the same run: stage by stage, against one plain forward, with peak memory and ag
 
 5. With `--in-memory`, also runs the working tree's command with `--in-memory` (the base
    loaded whole) on the same pair: the same calibration without onloading, so the two
-   runs' calibration stages say what onloading costs.
+   runs' calibration stages say what onloading costs. With `--one-pass`, also runs it with
+   `--hessians one-pass` (one run of each layer instead of two).
 
 6. With `--depth 2`, also runs the working tree's command on a pair with twice the decoder
    layers (make_random_model.py's `depth`) and reports its peak RSS against the first
@@ -27,7 +28,8 @@ the same run: stage by stage, against one plain forward, with peak memory and ag
    baseline run.
 
 Stages come from each run's report.json (`timings_s`: calibration = every forward the run
-made, scores, selection, compensation, merge of the other tensors); `outside_engine_s` is
+made and its XᵀX sums, reading weights = parameters read from their files while it runs,
+scores, selection, compensation, merge of the other tensors); `outside_engine_s` is
 the command's wall time less the engine's: start-up, loading and writing the outputs.
 Peak RSS is the process's (os.wait4), divided by the checkpoint's bytes on disk.
 """
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="also run on a pair with this many times the decoder layers (1: no such run)")
     p.add_argument("--in-memory", action="store_true",
                    help="also run the working tree's command with --in-memory (the base loaded whole)")
+    p.add_argument("--one-pass", action="store_true",
+                   help="also run the working tree's command with --hessians one-pass")
     run_options(p, calib=32, threads=(2, "OMP_NUM_THREADS of every measured process"),
                 work=Path("/tmp/bench/tailor_layerwise"))
     args = p.parse_args(argv)
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     jobs = [] if args.baseline == "none" else [("baseline", export(args.baseline, args.work / "baseline"), 1)]
     jobs += [("layerwise", ROOT, 1)] + ([("layerwise-in-memory", ROOT, 1)] if args.in_memory else [])
+    jobs += [("layerwise-one-pass", ROOT, 1)] if args.one_pass else []
     jobs += [(f"layerwise-depth-{args.depth}", ROOT, args.depth)] if args.depth > 1 else []
     pairs: dict[int, tuple[dict, Path, Path, int]] = {}
     runs = {}
@@ -157,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         forward = json.loads(text.strip().splitlines()[-1])
         out = args.work / f"out-{label}"
         cmd = tailor_command(base, ft, calib, out, args) + (["--in-memory"] if label.endswith("in-memory") else [])
+        if label.endswith("one-pass"):
+            cmd[cmd.index("--hessians") + 1] = "one-pass"
         r = runs[label] = {**tailor_run(code, cmd, out, env), "command": " ".join(cmd[1:]), "plain_forward": forward,
                            "parameters": info["parameters"], "model_bytes_on_disk": disk,
                            "load_average_after": os.getloadavg()}

@@ -24,6 +24,7 @@ import torch
 
 from tailor_ui.control import Cancelled, StopCheck
 from tailor_ui.data import Example, load_image
+from tailor_ui.gram import add_gram_upper, mirror_upper
 from tailor_ui.memory import return_freed_heap
 from tailor_ui.names import block_name, component
 from tailor_ui.pair import Pair
@@ -122,12 +123,9 @@ class _InputSums:
         # the attention mask describes the text sequence only: a vision or bridge layer
         # whose input happens to have the same shape must not be masked by it
         rows = _token_rows(x, self.mask if component(name) == "language" else None)
-        acc = self.sums.get(name)
-        xtx = rows.T @ rows
-        if acc is None:
-            self.sums[name] = xtx
-        else:
-            acc.add_(xtx)  # in place: no third in×in matrix (the same sums)
+        if name not in self.sums:
+            self.sums[name] = rows.new_zeros(rows.shape[1], rows.shape[1])
+        add_gram_upper(self.sums[name], rows)  # in place, the upper triangle: half the work
         self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
 
     def hessians(self) -> dict[str, torch.Tensor]:
@@ -138,7 +136,7 @@ class _InputSums:
         # in place: the sums are the only copy
         with torch.inference_mode():  # they were made in it
             for name, total in self.sums.items():
-                total.mul_(2.0).div_(self.counts[name])
+                mirror_upper(total).mul_(2.0).div_(self.counts[name])
         return {n: self.sums[self.owner[n]] for n in self.watched}
 
 

@@ -115,7 +115,7 @@ class Settings:
                                  noun="Hessian mode", advanced=True,
                                  words={"sequential": "each layer's after the earlier layers were "
                                                       "patched (authors' order; every change recomputes)",
-                                        "one-pass": "all from the base at once (scores are cached: a "
+                                        "one-pass": "all from the fine-tuned model at once (scores are cached: a "
                                                     "new keep or alpha re-thresholds them)"})
     damp: float = knob(0.01, "Hessian damping, as a fraction of its mean diagonal", label="Damping",
                        noun="damping", range=(0.0, 10.0), advanced=True)

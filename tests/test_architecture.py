@@ -30,7 +30,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("tailor_ui.pair",),
     ("tailor_ui.patch", "tailor_ui.checkpoint", "tailor_ui.adapter", "tailor_ui.adapter_fit",
      "tailor_ui.data", "tailor_ui.prompts", "tailor_ui.memory"),
-    ("tailor_ui.errors", "tailor_ui.control", "tailor_ui.names", "tailor_ui.weights", "tailor_ui.io"),
+    ("tailor_ui.errors", "tailor_ui.control", "tailor_ui.names", "tailor_ui.weights", "tailor_ui.io",
+     "tailor_ui.gram"),
 ]
 
 

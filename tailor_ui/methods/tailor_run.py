@@ -18,7 +18,7 @@ import os
 import tempfile
 import weakref
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
@@ -288,7 +288,7 @@ def _sequential_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[B
         with ExitStack() as written:
             written.enter_context(applied(pair.base, _part(before, _in_layer(plan, i))))
             tailored = {f"{n}.weight" for n in plan.layers.get(i, [])}  # hold values of their own
-            written.enter_context(onloaded(pair.base, _layer_params(plan, i, layers[i], tailored.__contains__)))
+            _read(written, run, onloaded(pair.base, _layer_params(plan, i, layers[i], tailored.__contains__)))
             if i in plan.layers:
                 hessians_of = _layer_hessians(pair.base, layers[i], sets, run, advance=False)
                 done = _tailor_block(pair, k, plan.layers[i], cache, run, hessians_of, written)
@@ -299,6 +299,13 @@ def _sequential_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[B
         out.update(_hand_over(run, done))
         return_freed_heap()
     return out
+
+
+def _read(stack: ExitStack, run: MethodRun, weights: AbstractContextManager) -> None:
+    """Enter `weights` (it reads parameters from their files) on `stack`, timed as its own
+    stage: reading is not calibration, which counts the forwards and the sums alone."""
+    with run.timed("reading weights"):
+        stack.enter_context(weights)
 
 
 def _hand_over(run: MethodRun, done: dict[str, TensorPatch]) -> dict[str, TensorPatch]:
@@ -338,9 +345,11 @@ def _tailor_block(pair: Pair, k: int, group: list[str], cache: dict, run: Method
     hessians: dict[str, torch.Tensor] = {}
     anchors: dict[str, torch.Tensor] = {}
     if todo:
-        with run.timed("calibration"), holding(pair.base, [f"{n}.weight" for n in todo],
-                                               lambda name: pair.finetuned_value(k, name)):
-            hessians, anchors = hessians_of(todo)
+        with ExitStack() as held:
+            _read(held, run, holding(pair.base, [f"{n}.weight" for n in todo],
+                                     lambda name: pair.finetuned_value(k, name)))
+            with run.timed("calibration"):
+                hessians, anchors = hessians_of(todo)
     done = _score_and_tailor(pair, k, group, hessians, anchors, cache, run)
     tailored.enter_context(applied(pair.base, Patch(tensors=done)))
     return done
@@ -447,10 +456,12 @@ def _one_pass_layerwise(pair: Pair, k: int, plan: LayerPlan, calib: Sequence[Bat
         run.check()
         run.progress(f"tailoring layer {i}", i - plan.first, plan.last - plan.first + 1)
         names = plan.layers.get(i, [])
-        with run.timed("calibration"), holding(pair.base, driven[i], value), onloaded(
-                pair.base, _layer_params(plan, i, layers[i], set(driven[i]).__contains__)):
-            hessians, anchors = _layer_hessians(pair.base, layers[i], sets, run, advance=i < plan.last)(
-                [n for n in names if n not in cache])
+        with ExitStack() as held:
+            _read(held, run, holding(pair.base, driven[i], value))
+            _read(held, run, onloaded(pair.base, _layer_params(plan, i, layers[i], set(driven[i]).__contains__)))
+            with run.timed("calibration"):
+                hessians, anchors = _layer_hessians(pair.base, layers[i], sets, run, advance=i < plan.last)(
+                    [n for n in names if n not in cache])
         out.update(_hand_over(run, _score_and_tailor(pair, k, names, hessians, anchors, cache, run)))
         return_freed_heap()
     return out
