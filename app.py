@@ -3,7 +3,7 @@
 The built-in demo pair loads first (in a thread, so a slow load cannot hold the page back
 longer than MTS_DEMO_WAIT seconds), then Gradio is imported and the page built, so the
 first page opens with the pair ready: about 4 s on 2 CPU cores (bench/startup.py). The
-cyclic garbage collector stays off until that page is up.
+cyclic garbage collector stays off until the page is built.
 
 Environment: MTS_HOST / MTS_PORT (or GRADIO_SERVER_NAME / GRADIO_SERVER_PORT),
 MTS_DEVICE (auto | cpu | cuda), MTS_DEMO_DIR, MTS_WORKDIR (session files),
@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 if __name__ == "__main__":
     # Start-up allocates hundreds of thousands of long-lived objects (module code, classes);
     # the cyclic collector would traverse them all again and again: a quarter of the start-up's
-    # CPU (bench/startup.py). It resumes after the first page (collect_after_first_page).
+    # CPU (bench/startup.py). It resumes before the server listens (collect_start_up).
     gc.disable()
     from tailor_ui.app.ui import lean_import
 
@@ -49,12 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def collect_after_first_page(gate: threading.Event) -> None:
-    """Turn the collector back on once the first page is up: one full pass (≈ 0.35 s over
-    the half a million objects of start-up) that would otherwise fall while the page loads,
-    then freeze the survivors (the libraries, the page, the demo pair live as long as the
-    process), so later passes skip them."""
-    gate.wait()
+def collect_start_up() -> None:
+    """One full pass over start-up's objects (≈ 0.35 s on an idle machine), then freeze the
+    survivors (the libraries, the page, the demo pair live as long as the process) so later
+    passes skip them, and turn the collector back on. Before the server listens: taken
+    after the first page instead, under 100 arriving visitors this pass held the interpreter
+    for 1.2 s and refusals waited behind it (docs/results.md#load)."""
     gc.collect()
     gc.freeze()
     gc.enable()
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
 
     demo = build_app(studio)  # every event sets its own concurrency; no queue() (saves a rebuild)
     print(f"page built {time.perf_counter() - START:.1f} s after start", flush=True)
+    collect_start_up()
     try:
         demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True,
                     **launch_options(studio))
@@ -108,7 +109,6 @@ def main(argv: list[str] | None = None) -> None:
         opener = threading.Timer(float(os.environ.get("MTS_WARM_DELAY", "20")), studio.warm_gate.set)
         opener.daemon = True
         opener.start()
-        threading.Thread(target=collect_after_first_page, args=(studio.warm_gate,), daemon=True).start()
         demo.block_thread()
     finally:
         studio.close()

@@ -16,7 +16,9 @@ no job: when no job fails as killed within KILL_SETTLE_S, the monitor records th
 `missed` and kills again.
 
 Reports jobs done / failed / lost / refused (with the refusal's latency and reason),
-start and first-call latency, /healthz percentiles, RSS over time, and the targets:
+start and first-call latency, /healthz percentiles, RSS over time, the generator's own
+stalls (a visitor process not running for STALL_S or more; each of the slowest refusals
+names the longest stall of any visitor process during its wait), and the targets:
 
     python bench/load_soak.py --visitors 100 --minutes 10           # load
     python bench/load_soak.py --visitors 20 --minutes 30 --soak --kill-at 900   # soak, and a fault
@@ -56,6 +58,7 @@ STREAM = ["tailor", "sweep", "finetune", "compare", "export"]
 EMPTY = {"Textbox": "", "File": None, "Files": None}
 REFUSALS = ("queue is full", "jobs waiting")  # the runner's two refusals
 KILL_SETTLE_S = 15  # a killed job's visitor sees it fail within this (it polls a running job every second)
+STALL_S = 0.1  # a generator process whose 20 ms sleep overran by this much was stalled (not scheduled, or a long pass of its collector)
 TARGETS = {"first_call_p99_s": 3.0, "healthz_p99_s": 0.25, "refusal_max_s": 0.5, "soak_rss_growth_mb": 200}
 
 
@@ -160,16 +163,17 @@ class Run:
         self.no_start = 0
         self.kills: list[dict] = []  # workers the monitor killed (--kill-at)
         self.killed_seen = None  # a counter both processes share: jobs that failed as killed
+        self.stalls: list[dict] = []  # when a generator process could not run (`watch_stalls`)
 
     def portable(self) -> dict:
         """What the visitors recorded, to send from their process to the main one."""
         return {"outcomes": list(self.outcomes.items()), "refusals": self.refusals, "errors": self.errors,
                 "start_s": self.start_s, "first_call_s": self.first_call_s, "job_s": self.job_s,
-                "no_start": self.no_start}
+                "no_start": self.no_start, "stalls": self.stalls}
 
     def merge(self, other: dict) -> None:
         self.outcomes.update(dict(other["outcomes"]))
-        for key in ("refusals", "errors", "start_s", "first_call_s"):
+        for key in ("refusals", "errors", "start_s", "first_call_s", "stalls"):
             getattr(self, key).extend(other[key])
         for kind, seconds in other["job_s"].items():
             self.job_s.setdefault(kind, []).extend(seconds)
@@ -258,6 +262,18 @@ def monitor(url: str, pid: int | None, stop, t0: float, kill_at: float | None, k
              "kills": run.kills})
 
 
+def watch_stalls(run: Run, stop: threading.Event) -> None:
+    """Note every time this process's 20 ms sleep overran by STALL_S or more: the load
+    generator was not running then, so a slow answer it timed may be its own delay."""
+    while not stop.is_set():
+        start = time.perf_counter()
+        time.sleep(0.02)
+        late = time.perf_counter() - start - 0.02
+        if late >= STALL_S:
+            with run.lock:
+                run.stalls.append({"late_s": late, "at": time.time()})
+
+
 def visitors(indices: list[int], url: str, image: str, starts: list[float], deadline: float, grace: float,
              killed_seen, out) -> None:
     """In a process of its own: visitors `indices`, each a thread from its wall-clock time in
@@ -265,6 +281,8 @@ def visitors(indices: list[int], url: str, image: str, starts: list[float], dead
     work: a browser visitor has a machine of its own); what they saw goes to `out`."""
     run = Run()
     run.killed_seen = killed_seen
+    watching = threading.Event()
+    threading.Thread(target=watch_stalls, args=(run, watching), daemon=True).start()
     threads = []
     for i in indices:
         time.sleep(max(0.0, starts[i] - time.time()))
@@ -273,6 +291,7 @@ def visitors(indices: list[int], url: str, image: str, starts: list[float], dead
         threads.append(thread)
     for thread in threads:
         thread.join(max(0.0, deadline + grace + 30 - time.time()))
+    watching.set()
     with run.lock:
         out.put(run.portable())
 
@@ -386,6 +405,13 @@ def refused(run: Run, kind: str, message: str, seconds: float) -> None:
             run.errors.append(f"{kind}: {message[:200]}")
 
 
+def stalled_during(stalls: list[dict], refusal: dict) -> float:
+    """The longest generator stall that overlapped the refusal's wait (0 when none did)."""
+    began = refusal["at"] - refusal["s"]
+    return max((x["late_s"] for x in stalls if x["at"] > began and x["at"] - x["late_s"] - 0.02 < refusal["at"]),
+               default=0.0)
+
+
 def report(args, run: Run, seconds: float, begin: float) -> dict:
     """The run's figures; `begin`: the wall-clock time the first visitor set out."""
     outcomes: dict[str, dict[str, int]] = {}
@@ -421,9 +447,14 @@ def report(args, run: Run, seconds: float, begin: float) -> dict:
         "refusals": {"n": len(run.refusals), "s": summary(refusal_s),
                      "over_target": sum(s >= TARGETS["refusal_max_s"] for s in refusal_s),
                      # when the slowest came, seconds from the first visitor's start
-                     "slowest": [{"s": round(r["s"], 3), "t_s": round(r["at"] - begin, 1)}
+                     # and whether a generator process stalled while it waited
+                     "slowest": [{"s": round(r["s"], 3), "t_s": round(r["at"] - begin, 1),
+                                  "generator_stalled_s": round(stalled_during(run.stalls, r), 3)}
                                  for r in sorted(run.refusals, key=lambda r: -r["s"])[:10]],
                      "reasons": sorted({r["reason"] for r in run.refusals})[:5]},
+        "generator_stalls": {"n": len(run.stalls), "max_s": round(max((x["late_s"] for x in run.stalls), default=0), 3),
+                             "slowest": [{"late_s": round(x["late_s"], 3), "t_s": round(x["at"] - begin, 1)}
+                                         for x in sorted(run.stalls, key=lambda x: -x["late_s"])[:10]]},
         "healthz_s": summary(run.healthz_s), "healthz_failed": run.healthz_failed,
         "rss_mb": {"after_1_min": rss_1min, "end": rss_end,
                    "max": max((r["server_mb"] for r in run.rss), default=None), "series": run.rss},
