@@ -57,6 +57,7 @@ STREAM = ["tailor", "sweep", "finetune", "compare", "export"]
 # sample file on the internet)
 EMPTY = {"Textbox": "", "File": None, "Files": None}
 REFUSALS = ("queue is full", "jobs waiting")  # the runner's two refusals
+KILLED = "killed by SIGKILL"  # what a job whose worker was killed fails with
 KILL_SETTLE_S = 15  # a killed job's visitor sees it fail within this (it polls a running job every second)
 STALL_S = 0.1  # a generator process whose 20 ms sleep overran by this much was stalled (not scheduled, or a long pass of its collector)
 TARGETS = {"first_call_p99_s": 3.0, "healthz_p99_s": 0.25, "refusal_max_s": 0.5, "soak_rss_growth_mb": 200}
@@ -336,6 +337,11 @@ def visitor(index: int, url: str, image: str, run: Run, deadline: float, grace: 
                 continue
             job_id = submit(client, kind, rng)
         except AppError as exc:
+            if KILLED in str(exc):  # a compare computes in a worker too, and fails at once
+                run.count(kind, "killed")
+                with run.lock:
+                    run.errors.append(f"{kind}: {str(exc)[:200]}")
+                continue
             refused(run, kind, str(exc), time.perf_counter() - began)
             wait = re.search(r"try again in (\d+(?:\.\d+)?) s", str(exc))
             if wait:  # as the refusal says, as a polite client does (with jitter)
@@ -347,7 +353,7 @@ def visitor(index: int, url: str, image: str, run: Run, deadline: float, grace: 
                 run.errors.append(f"{kind}: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         outcome, error = follow(client, job_id, deadline + grace)
-        if outcome == "failed" and error and "killed by SIGKILL" in error:
+        if outcome == "failed" and error and KILLED in error:
             outcome = "killed"
         run.count(kind, outcome, time.perf_counter() - began)
         if error:

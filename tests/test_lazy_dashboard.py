@@ -66,7 +66,7 @@ def handles(disk_pair):
 
 
 def test_an_own_pair_holds_one_model_and_reads_the_fine_tuned_one(handles, disk_pair):
-    lazy, loaded = handles["lazy"].pair, handles["loaded"].pair
+    lazy = handles["lazy"].pair
     assert isinstance(lazy.finetuned[0], LazyWeights) and lazy.base_checkpoint is not None
     with Checkpoint(disk_pair / "base") as checkpoint:
         model_bytes = sum(t.nbytes for t in checkpoint.tensors.values())
