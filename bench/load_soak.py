@@ -59,6 +59,7 @@ EMPTY = {"Textbox": "", "File": None, "Files": None}
 REFUSALS = ("queue is full", "jobs waiting")  # the runner's two refusals
 KILLED = "killed by SIGKILL"  # what a job whose worker was killed fails with
 KILL_SETTLE_S = 15  # a killed job's visitor sees it fail within this (it polls a running job every second)
+STALL_TICK_S = 0.02  # how often a generator process checks that it runs (`watch_stalls`)
 STALL_S = 0.1  # a generator process whose 20 ms sleep overran by this much was stalled (not scheduled, or a long pass of its collector)
 TARGETS = {"first_call_p99_s": 3.0, "healthz_p99_s": 0.25, "refusal_max_s": 0.5, "soak_rss_growth_mb": 200}
 
@@ -264,12 +265,12 @@ def monitor(url: str, pid: int | None, stop, t0: float, kill_at: float | None, k
 
 
 def watch_stalls(run: Run, stop: threading.Event) -> None:
-    """Note every time this process's 20 ms sleep overran by STALL_S or more: the load
+    """Note every time this process's STALL_TICK_S sleep overran by STALL_S or more: the load
     generator was not running then, so a slow answer it timed may be its own delay."""
     while not stop.is_set():
         start = time.perf_counter()
-        time.sleep(0.02)
-        late = time.perf_counter() - start - 0.02
+        time.sleep(STALL_TICK_S)
+        late = time.perf_counter() - start - STALL_TICK_S
         if late >= STALL_S:
             with run.lock:
                 run.stalls.append({"late_s": late, "at": time.time()})
@@ -337,22 +338,20 @@ def visitor(index: int, url: str, image: str, run: Run, deadline: float, grace: 
                 continue
             job_id = submit(client, kind, rng)
         except AppError as exc:
-            if KILLED in str(exc):  # a compare computes in a worker too, and fails at once
-                run.count(kind, "killed")
-                with run.lock:
-                    run.errors.append(f"{kind}: {str(exc)[:200]}")
+            if KILLED not in str(exc):
+                refused(run, kind, str(exc), time.perf_counter() - began)
+                wait = re.search(r"try again in (\d+(?:\.\d+)?) s", str(exc))
+                if wait:  # as the refusal says, as a polite client does (with jitter)
+                    time.sleep(float(wait.group(1)) * rng.uniform(0.8, 1.2))
                 continue
-            refused(run, kind, str(exc), time.perf_counter() - began)
-            wait = re.search(r"try again in (\d+(?:\.\d+)?) s", str(exc))
-            if wait:  # as the refusal says, as a polite client does (with jitter)
-                time.sleep(float(wait.group(1)) * rng.uniform(0.8, 1.2))
-            continue
+            outcome, error = "failed", str(exc)  # a compare computes in a worker too, and fails at once
         except Exception as exc:
             run.count(kind, "error")
             with run.lock:
                 run.errors.append(f"{kind}: {type(exc).__name__}: {str(exc)[:200]}")
             continue
-        outcome, error = follow(client, job_id, deadline + grace)
+        else:
+            outcome, error = follow(client, job_id, deadline + grace)
         if outcome == "failed" and error and KILLED in error:
             outcome = "killed"
         run.count(kind, outcome, time.perf_counter() - began)
@@ -414,7 +413,7 @@ def refused(run: Run, kind: str, message: str, seconds: float) -> None:
 def stalled_during(stalls: list[dict], refusal: dict) -> float:
     """The longest generator stall that overlapped the refusal's wait (0 when none did)."""
     began = refusal["at"] - refusal["s"]
-    return max((x["late_s"] for x in stalls if x["at"] > began and x["at"] - x["late_s"] - 0.02 < refusal["at"]),
+    return max((x["late_s"] for x in stalls if x["at"] > began and x["at"] - x["late_s"] - STALL_TICK_S < refusal["at"]),
                default=0.0)
 
 
