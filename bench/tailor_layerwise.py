@@ -28,8 +28,9 @@ the same run: stage by stage, against one plain forward, with peak memory and ag
    baseline run.
 
 Stages come from each run's report.json (`timings_s`: calibration = every forward the run
-made and its XᵀX sums, reading weights = parameters read from their files while it runs,
-scores, selection, compensation, merge of the other tensors); `outside_engine_s` is
+made and its XᵀX sums, split in `calibration_parts_s`; reading weights = parameters read
+from their files while it runs, scores, selection, compensation, merge of the other
+tensors); `outside_engine_s` is
 the command's wall time less the engine's: start-up, loading and writing the outputs.
 Peak RSS is the process's (os.wait4), divided by the checkpoint's bytes on disk.
 """
@@ -128,6 +129,19 @@ def tailor_run(code: Path, cmd: list[str], out: Path, env: dict[str, str]) -> di
             "memory_terms_mb": report.get("memory_terms_mb")}
 
 
+def calibration_parts(timings: dict[str, float]) -> dict[str, float]:
+    """The calibration stage in its parts: the front, the XᵀX sums, the runs that make the next
+    layer's inputs (sequential mode), and what is left, the forwards that feed the sums
+    (one-pass: the same runs also make the next layer's inputs). Empty for a run whose report
+    has no sums stage (code before it)."""
+    if "calibration: XᵀX sums" not in timings:
+        return {}
+    parts = {part: timings.get(f"calibration: {part}", 0.0)
+             for part in ("up to the first layer", "XᵀX sums", "next layer's inputs")}
+    parts["forwards for the Hessians"] = timings["calibration"] - sum(parts.values())
+    return {part: round(seconds, 2) for part, seconds in parts.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="s", help="make_random_model.py preset (tiny, s, m, 1b)")
@@ -168,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                            "parameters": info["parameters"], "model_bytes_on_disk": disk,
                            "load_average_after": os.getloadavg()}
         r["calibration_over_forward"] = round(r["timings_s"].get("calibration", 0.0) / forward["forward_s"], 2)
+        r["calibration_parts_s"] = calibration_parts(r["timings_s"])
         r["peak_rss_over_model_bytes"] = round(r["peak_rss_mb"] * 2**20 / disk, 2)
     result = {"size": args.size, "parameters": pairs[1][0]["parameters"], "model_bytes_on_disk": pairs[1][3],
               "calibration_examples": args.calib, "batch_size": args.batch_size, "threads": args.threads,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,9 @@ from tailor_ui.weights import to_model
 
 # examples a command-line merge, sweep or search reads from each calibration file at most
 CALIBRATION_LIMIT = 128
+
+# the clock the XᵀX sums are timed on (a run's stage), so a report can tell them from the forwards
+SumsClock = Callable[[], AbstractContextManager[None]]
 
 
 class _ForwardDone(Exception):
@@ -53,10 +56,10 @@ def calibration_batches(processor: Any, examples: Sequence[Example], batch_size:
 
 
 def collect_hessians(model: torch.nn.Module, module_names: Sequence[str], batches: Sequence[Batch],
-                     *, stop_early: bool = True, should_stop: StopCheck | None = None
-                     ) -> dict[str, torch.Tensor]:
+                     *, stop_early: bool = True, should_stop: StopCheck | None = None,
+                     clock: SumsClock | None = None) -> dict[str, torch.Tensor]:
     """Hessians (float32, on each layer's device) of the named nn.Linear modules."""
-    with torch.inference_mode(), watching(model, module_names, stop_early) as sums:
+    with torch.inference_mode(), watching(model, module_names, stop_early, clock) as sums:
         for batch in batches:
             if should_stop is not None and should_stop():
                 raise Cancelled
@@ -70,15 +73,17 @@ def collect_hessians(model: torch.nn.Module, module_names: Sequence[str], batche
 
 
 @contextmanager
-def watching(model: torch.nn.Module, module_names: Sequence[str], stop_early: bool) -> Iterator[_InputSums]:
+def watching(model: torch.nn.Module, module_names: Sequence[str], stop_early: bool,
+             clock: SumsClock | None = None) -> Iterator[_InputSums]:
     """Input sums of the named nn.Linear modules of `model` over the forwards run inside
-    (start each with `new_pass`); with `stop_early` a forward ends once all have fired."""
+    (start each with `new_pass`); with `stop_early` a forward ends once all have fired.
+    The sums' own work is timed on `clock`."""
     modules = dict(model.named_modules())
     watched = {name: modules[name] for name in module_names}
     for name, module in watched.items():
         if not isinstance(module, torch.nn.Linear):
             raise ValueError(f"{name} is not a linear layer")
-    sums = _InputSums(list(watched), stop_early)
+    sums = _InputSums(list(watched), stop_early, clock or nullcontext)
     handles = [m.register_forward_pre_hook(sums.hook(n)) for n, m in watched.items()]
     try:
         yield sums
@@ -91,9 +96,10 @@ def watching(model: torch.nn.Module, module_names: Sequence[str], stop_early: bo
 class _InputSums:
     """XᵀX and row counts per accumulator while batches pass; one accumulator per input."""
 
-    def __init__(self, watched: list[str], stop_early: bool) -> None:
+    def __init__(self, watched: list[str], stop_early: bool, clock: SumsClock) -> None:
         self.watched = watched
         self.stop_early = stop_early
+        self.clock = clock
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.owner: dict[str, str] = {}  # layer → the layer whose accumulator it shares
@@ -120,12 +126,13 @@ class _InputSums:
         self.fired.add(name)
         if self.owner[name] != name:
             return
-        # the attention mask describes the text sequence only: a vision or bridge layer
-        # whose input happens to have the same shape must not be masked by it
-        rows = _token_rows(x, self.mask if component(name) == "language" else None)
-        if name not in self.sums:
-            self.sums[name] = rows.new_zeros(rows.shape[1], rows.shape[1])
-        add_gram_upper(self.sums[name], rows)  # in place, the upper triangle: half the work
+        with _timed_on(self.clock, x.device):
+            # the attention mask describes the text sequence only: a vision or bridge layer
+            # whose input happens to have the same shape must not be masked by it
+            rows = _token_rows(x, self.mask if component(name) == "language" else None)
+            if name not in self.sums:
+                self.sums[name] = rows.new_zeros(rows.shape[1], rows.shape[1])
+            add_gram_upper(self.sums[name], rows)  # in place, the upper triangle: half the work
         self.counts[name] = self.counts.get(name, 0) + rows.shape[0]
 
     def hessians(self) -> dict[str, torch.Tensor]:
@@ -136,8 +143,21 @@ class _InputSums:
         # in place: the sums are the only copy
         with torch.inference_mode():  # they were made in it
             for name, total in self.sums.items():
-                mirror_upper(total).mul_(2.0).div_(self.counts[name])
+                with _timed_on(self.clock, total.device):
+                    mirror_upper(total).mul_(2.0).div_(self.counts[name])
         return {n: self.sums[self.owner[n]] for n in self.watched}
+
+
+@contextmanager
+def _timed_on(clock: SumsClock, device: torch.device) -> Iterator[None]:
+    """`clock` around work on `device`; a GPU's queue is drained on entry and exit, or its
+    time would land in whichever stage next waits for it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with clock():
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 def _token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -372,11 +392,12 @@ def layer_output(out: Any) -> torch.Tensor:
 
 
 def run_layer(model: torch.nn.Module, layer: torch.nn.Module, inputs: LayerInputs, *, advance: bool,
-              watch: Sequence[str] = (), should_stop: StopCheck | None = None) -> dict[str, torch.Tensor]:
+              watch: Sequence[str] = (), should_stop: StopCheck | None = None,
+              clock: SumsClock | None = None) -> dict[str, torch.Tensor]:
     """Run one layer on every cached batch: the Hessians of the watched linears (the
     layer's own) and, with `advance`, its outputs become the inputs held for the next
     layer. Without `advance` a batch stops as soon as every watched linear fired."""
-    with torch.inference_mode(), watching(model, watch, stop_early=not advance) as sums:
+    with torch.inference_mode(), watching(model, watch, not advance, clock) as sums:
         for b, hidden in enumerate(inputs.hidden):
             if should_stop is not None and should_stop():
                 raise Cancelled

@@ -7,6 +7,7 @@ model that does more between its layers than call them falls back, saying why.""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from dataclasses import replace
 
@@ -109,6 +110,23 @@ def test_linears_that_read_one_input_share_one_factor(decoder_pair, decoder_batc
                if name.removesuffix(".weight").rsplit(".", 1)[1] in READS]
     inputs = {(name.rsplit(".", 2)[0], READS[name.rsplit(".", 1)[1]]) for name in linears}
     assert len(linears) > len(inputs) and len(made) == len(inputs)
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_the_sums_are_a_timed_part_of_calibration(decoder_pair, decoder_batches, monkeypatch, layerwise):
+    """The report's `calibration: XᵀX sums` holds every product the sums took (each made to
+    take 20 ms here) and nothing of the forwards around them."""
+    import tailor_ui.calibration as calibration
+
+    products = []
+    real = calibration.add_gram_upper
+    monkeypatch.setattr(calibration, "add_gram_upper",
+                        lambda acc, rows: products.append(time.sleep(0.02)) or real(acc, rows))
+    result = run_method(decoder_pair, Settings(keep=0.1), [decoder_batches], layerwise=layerwise, keep_scores=False)
+    timings = result.report["timings_s"]
+    assert products and 0.02 * len(products) <= timings["calibration: XᵀX sums"] < timings["calibration"]
+    assert timings["calibration: XᵀX sums"] < 0.02 * len(products) + 0.5 * (timings["calibration"]
+                                                                          - 0.02 * len(products))
 
 
 def test_a_shared_factor_holds_no_hessian_and_is_made_again_for_another():

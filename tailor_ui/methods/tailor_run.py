@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tailor_ui.calibration import (LayerInputs, LayerPlan, capture_layer_inputs, collect_hessians,
+from tailor_ui.calibration import (LayerInputs, LayerPlan, SumsClock, capture_layer_inputs, collect_hessians,
                                    finetuned_model, front_params, plan_layers, run_layer)
 from tailor_ui.methods.exact import (anchored_problem, compensate_exact, compensate_in_sparsegpt_order,
                                      tailor_block_scorer)
@@ -212,10 +212,10 @@ def _whole_model_hessians(model: torch.nn.Module, calib: Sequence[Batch], run: M
     """Each named linear's Hessian on the target batches and, for anchored compensation, on
     the original-task ones (empty otherwise), from forwards of `model` up to those linears."""
     def of(names: list[str]) -> Hessians:
-        target = collect_hessians(model, names, calib, should_stop=run.should_stop)
+        target = collect_hessians(model, names, calib, should_stop=run.should_stop, clock=_sums_clock(run))
         if not run.settings.anchored:
             return target, {}
-        return target, collect_hessians(model, names, run.anchor, should_stop=run.should_stop)
+        return target, collect_hessians(model, names, run.anchor, should_stop=run.should_stop, clock=_sums_clock(run))
     return of
 
 
@@ -223,10 +223,15 @@ def _layer_hessians(model: torch.nn.Module, layer: torch.nn.Module, sets: Sequen
                     run: MethodRun, advance: bool) -> HessiansOf:
     """The same from one layer run on each set's cached inputs (target, then anchor)."""
     def of(names: list[str]) -> Hessians:
-        found = [run_layer(model, layer, inputs, advance=advance, watch=names, should_stop=run.should_stop)
-                 for inputs in sets]
+        found = [run_layer(model, layer, inputs, advance=advance, watch=names, should_stop=run.should_stop,
+                           clock=_sums_clock(run)) for inputs in sets]
         return found[0], found[1] if len(found) > 1 else {}
     return of
+
+
+def _sums_clock(run: MethodRun) -> SumsClock:
+    """The XᵀX sums' share of calibration, a stage of its own: the rest is forwards."""
+    return lambda: run.timed("calibration: XᵀX sums")
 
 
 def _capture(pair: Pair, plan: LayerPlan, calib: Sequence[Batch], run: MethodRun
