@@ -18,7 +18,7 @@ import torch
 
 from tailor_ui.control import Progress, StopCheck, never_stop, no_progress
 from tailor_ui.errors import UserError
-from tailor_ui.memory import PeakMemory, release_large_frees, run_overhead_mb
+from tailor_ui.memory import PeakMemory, predicted_peak_mb, release_large_frees
 from tailor_ui.methods import REGISTRY
 from tailor_ui.methods.method import Method, MethodRun
 from tailor_ui.methods.tailor_run import pair_values
@@ -111,8 +111,7 @@ def run_method(pair: Pair, settings: Settings, calibration: Sequence[Sequence[Ba
     report["memory"] = meter.report()
     terms = report.get("memory_terms_mb")
     if terms is not None:  # the run's terms, on what the process held when it started
-        report["memory"]["predicted_peak_mb"] = (report["memory"]["rss_at_start_mb"] + sum(terms.values())
-                                                 + run_overhead_mb())
+        report["memory"]["predicted_peak_mb"] = predicted_peak_mb(meter.rss_at_start_mb, sum(terms.values()))
     if reads_before is not None:
         report["finetuned_reads"] = _lazy_reads(pair) - reads_before
     return Result(patch=patch, report=report)

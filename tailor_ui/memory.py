@@ -31,10 +31,11 @@ ALLOCATOR_SLACK_BYTES = 32 * 2**20
 KERNEL_CODE_BYTES = 16 * 2**20
 
 
-def run_overhead_mb() -> float:
-    """What a run holds beyond its tensors, in MiB: the allocator's slack and the kernels'
-    code."""
-    return (ALLOCATOR_SLACK_BYTES + KERNEL_CODE_BYTES) / 2**20
+def predicted_peak_mb(rss_at_start_mb: float, held_mb: float) -> float:
+    """A run's predicted peak RSS in MiB: what the process held when the run started, what
+    the run's path holds at its fullest (`held_mb`, from its own terms), and what any run
+    holds beyond its tensors (the allocator's slack, the kernels' code)."""
+    return rss_at_start_mb + held_mb + (ALLOCATOR_SLACK_BYTES + KERNEL_CODE_BYTES) / 2**20
 
 
 def peak_rss_mb() -> float:

@@ -38,7 +38,7 @@ from tailor_ui.control import Cancelled, Progress, StopCheck, never_stop, no_pro
 from tailor_ui.engine import patch_metadata
 from tailor_ui.errors import UserError
 from tailor_ui.io import atomic_path
-from tailor_ui.memory import PeakMemory, release_large_frees, run_overhead_mb
+from tailor_ui.memory import PeakMemory, predicted_peak_mb, release_large_frees
 from tailor_ui.methods import REGISTRY
 from tailor_ui.patch import (MaskedPatch, Patch, PatchFile, PatchWriter, bit_ints, check_fits, pack_mask,
                              writer_bytes)
@@ -452,7 +452,7 @@ def _report(job: _Job, meter: PeakMemory, files: list[str], seconds: float, base
               "patch_held_mb": held,
               # the stack (torch, transformers) at start, the three stages in flight, the
               # allocator's slack and the kernels' code, the patch held
-              "predicted_peak_mb": meter.rss_at_start_mb + pipeline / 2**20 + run_overhead_mb() + held}
+              "predicted_peak_mb": predicted_peak_mb(meter.rss_at_start_mb, pipeline / 2**20 + held)}
     return {"settings": job.settings.to_dict(), "base": base_id, "finetuned": finetuned_ids,
             "streamed": True, "device": str(job.device), "tensors_total": len(keys),
             "tensors_in_parts": len({i.key for i in items if not i.whole}),
