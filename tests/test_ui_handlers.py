@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
+import signal
+import sys
 import threading
 import uuid
 import weakref
@@ -17,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import DEMO, request_for
+from conftest import DEMO, ROOT, request_for
 from tailor_ui.control import Cancelled
 from tailor_ui.errors import UserError
 from tailor_ui.app.jobs import CANCELLED, DONE, FAILED
@@ -28,6 +31,7 @@ from tailor_ui.evaluation.sweep import parse_numbers, sweep_grid
 from tailor_ui.app.service.config import default_settings
 from tailor_ui.app.ui.tailor import build_settings
 from tailor_ui.app.ui import models as models_tab
+from tailor_ui.app.service import compare as compare_service
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +345,29 @@ def test_compare_side_by_side(app):
         app.compare.compare(None, "caption", "", request=request)
     with pytest.raises(gr.Error, match="type a question"):
         app.compare.compare(image, "question", "  ", request=request)
+
+
+def test_a_compare_whose_worker_is_killed_fails_at_once_with_the_kill_message(app, monkeypatch):
+    """A compare computes in a worker process, as a polled job does: killed there, it fails
+    at once with the worker's message, which bench/load_soak.py counts as a kill (`KILLED`)
+    and not as an error (a soak once killed a second worker for want of that)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from load_soak import KILLED
+
+    server = os.getpid()
+
+    def killed(*_args):
+        assert os.getpid() != server, "the compare ran in the server's process"
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(compare_service, "answers", killed)
+    image_path, question = app.studio.demo.examples[0]
+    image, request = Image.open(image_path).convert("RGB"), new_request()
+    with pytest.raises(gr.Error) as error:
+        app.compare.compare(image, "question", question or "what is it?", request=request)
+    assert KILLED in str(error.value) and "run it again" in str(error.value)
+    monkeypatch.undo()  # the next compare gets a fresh worker
+    assert all(app.compare.compare(image, "question", question or "what is it?", request=request)[:3])
 
 
 # -- Forgetting -----------------------------------------------------------------------------
