@@ -83,7 +83,7 @@ def watching(model: torch.nn.Module, module_names: Sequence[str], stop_early: bo
     for name, module in watched.items():
         if not isinstance(module, torch.nn.Linear):
             raise ValueError(f"{name} is not a linear layer")
-    sums = _InputSums(list(watched), stop_early, clock or nullcontext)
+    sums = _InputSums(list(watched), stop_early, clock)
     handles = [m.register_forward_pre_hook(sums.hook(n)) for n, m in watched.items()]
     try:
         yield sums
@@ -96,7 +96,7 @@ def watching(model: torch.nn.Module, module_names: Sequence[str], stop_early: bo
 class _InputSums:
     """XᵀX and row counts per accumulator while batches pass; one accumulator per input."""
 
-    def __init__(self, watched: list[str], stop_early: bool, clock: SumsClock) -> None:
+    def __init__(self, watched: list[str], stop_early: bool, clock: SumsClock | None) -> None:
         self.watched = watched
         self.stop_early = stop_early
         self.clock = clock
@@ -149,14 +149,15 @@ class _InputSums:
 
 
 @contextmanager
-def _timed_on(clock: SumsClock, device: torch.device) -> Iterator[None]:
+def _timed_on(clock: SumsClock | None, device: torch.device) -> Iterator[None]:
     """`clock` around work on `device`; a GPU's queue is drained on entry and exit, or its
-    time would land in whichever stage next waits for it."""
-    if device.type == "cuda":
+    time would land in whichever stage next waits for it (without a clock, nothing waits)."""
+    drain = clock is not None and device.type == "cuda"
+    if drain:
         torch.cuda.synchronize(device)
-    with clock():
+    with (clock or nullcontext)():
         yield
-        if device.type == "cuda":
+        if drain:
             torch.cuda.synchronize(device)
 
 
