@@ -30,8 +30,8 @@ the same run: stage by stage, against one plain forward, with peak memory and ag
 Stages come from each run's report.json (`timings_s`: calibration = every forward the run
 made and its XᵀX sums, split in `calibration_parts_s`; reading weights = parameters read
 from their files while it runs, scores, selection, compensation, merge of the other
-tensors); `outside_engine_s` is
-the command's wall time less the engine's: start-up, loading and writing the outputs.
+tensors); `outside_engine_s` is the command's wall time less the engine's: start-up,
+loading and writing the outputs.
 Peak RSS is the process's (os.wait4), divided by the checkpoint's bytes on disk.
 """
 

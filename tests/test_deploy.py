@@ -122,7 +122,7 @@ def test_start_up_garbage_is_collected_and_the_survivors_frozen():
         del node
         app.collect_start_up()
         assert alive() is None and gc.isenabled()
-        assert any(o is kept for o in gc.get_objects()) is False  # frozen: no pass visits it
+        assert not any(o is kept for o in gc.get_objects())  # frozen: no pass visits it
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
